@@ -1,0 +1,85 @@
+"""The errors mqstore raises.
+
+Every error derives from :class:`MQStoreError`. Errors caused by the caller (bad input, a stale
+lease) change no state. Errors that mean the store's data is damaged (:class:`Corruption`) name
+the damaged place. Anything else escaping mqstore (``AssertionError`` included) is a bug.
+"""
+
+from __future__ import annotations
+
+
+class MQStoreError(Exception):
+    """Base class of every error mqstore raises on purpose."""
+
+
+class InvalidArgument(MQStoreError, ValueError):
+    """The caller passed something mqstore does not accept. Nothing was changed."""
+
+
+class Corruption(MQStoreError):
+    """Stored bytes failed validation (checksum, framing, authentication tag).
+
+    ``index`` is the log index of the damaged record when it is known, ``reason`` says what is
+    wrong with it. A corrupt record is never reported as absent.
+    """
+
+    def __init__(self, reason: str, index: int | None = None) -> None:
+        self.reason = reason
+        self.index = index
+        super().__init__(reason if index is None else f"log index {index}: {reason}")
+
+    def with_index(self, index: int) -> Corruption:
+        """The same error, naming ``index`` (used by callers that know where the bytes came from)."""
+        return Corruption(self.reason, index)
+
+
+class DecryptionFailed(Corruption):
+    """A record's authentication tag did not verify: wrong key, wrong message id or tampering."""
+
+
+class KeyError_(MQStoreError):
+    """Base of key-management errors (named with a trailing underscore to avoid the builtin)."""
+
+
+class WrongKey(KeyError_):
+    """The key-encryption key does not open this store's keys."""
+
+
+class KeyFileError(KeyError_):
+    """The key file is missing, malformed, or has unsafe permissions."""
+
+
+class UnknownKey(KeyError_):
+    """A record names a key id or dictionary id this store does not have."""
+
+
+class StoreLocked(MQStoreError):
+    """Another process has this store open for writing."""
+
+
+class StoreClosed(MQStoreError):
+    """The store was closed (or the process forked after opening it)."""
+
+
+class Overloaded(MQStoreError):
+    """A bounded queue stayed full for longer than the caller was willing to wait."""
+
+
+class NotFound(MQStoreError, LookupError):
+    """The named object (log index, message, key) does not exist."""
+
+
+__all__ = [
+    "Corruption",
+    "DecryptionFailed",
+    "InvalidArgument",
+    "KeyError_",
+    "KeyFileError",
+    "MQStoreError",
+    "NotFound",
+    "Overloaded",
+    "StoreClosed",
+    "StoreLocked",
+    "UnknownKey",
+    "WrongKey",
+]

@@ -1,0 +1,92 @@
+"""Every limit mqstore enforces, in one place.
+
+Names carry their unit last (``_bytes_max``, ``_count_max``, ``_ms``). Limits that depend on
+each other are asserted together at the bottom of this module, so a change that breaks a
+relation fails at import time instead of in production.
+
+Why these values:
+- ``MESSAGE_BYTES_MAX`` (50 MiB) is above every common MTA default (Postfix 10 MB, Exchange
+  35 MB, Gmail 25 MB) so the spool never refuses what the MTA accepted; it is small enough that
+  one message cannot stall the group-commit writer for long.
+- ``RECIPIENTS_MAX`` (1000) is Postfix's ``smtpd_recipient_limit`` default.
+- ``ADDRESS_BYTES_MAX`` (320) is 64 (local part) + 1 + 255 (domain), RFC 5321 section 4.5.3.1.
+"""
+
+from __future__ import annotations
+
+# --- record framing (mqstore.codec) -------------------------------------------------------------
+
+#: Size of the fixed record header, in bytes (see mqstore/codec/_types.py for the layout).
+RECORD_HEADER_BYTES = 40
+
+#: Largest message body (raw RFC 5322 bytes) accepted.
+MESSAGE_BYTES_MAX = 50 * 1024 * 1024
+
+#: Largest encoded envelope.
+ENVELOPE_BYTES_MAX = 512 * 1024
+
+#: Bytes the sealing layer adds around a payload: message id (16) + namespace length (1) +
+#: namespace (<= NAMESPACE_BYTES_MAX) + nonce (12) + GCM tag (16), rounded up generously.
+SEAL_OVERHEAD_BYTES_MAX = 1024
+
+#: Largest record payload the codec encodes or accepts while decoding. zstd output of an
+#: incompressible input can exceed its input by a small bound, which the margin covers.
+RECORD_PAYLOAD_BYTES_MAX = MESSAGE_BYTES_MAX + ENVELOPE_BYTES_MAX + SEAL_OVERHEAD_BYTES_MAX + 64 * 1024
+
+# --- envelope -----------------------------------------------------------------------------------
+
+RECIPIENTS_MAX = 1000
+ADDRESS_BYTES_MAX = 320
+DOMAIN_BYTES_MAX = 255
+LOCAL_PART_BYTES_MAX = 64
+NAMESPACE_BYTES_MAX = 64
+IDEMPOTENCY_KEY_BYTES_MAX = 256
+PRIORITY_MIN = -128
+PRIORITY_MAX = 127
+#: Times are milliseconds since the Unix epoch, stored as signed 64-bit integers.
+TIME_MS_MAX = 2**63 - 1
+
+# --- log store (mqstore.store) ------------------------------------------------------------------
+
+#: Initial LMDB map size. The map grows on MapFullError (doubling) up to MAP_SIZE_BYTES_MAX.
+MAP_SIZE_BYTES_DEFAULT = 256 * 1024 * 1024
+MAP_SIZE_BYTES_MIN = 1024 * 1024
+MAP_SIZE_BYTES_MAX = 1 << 40  # 1 TiB of address space; LMDB only uses disk for pages written.
+
+#: Pending write requests the group-commit writer accepts before callers block (back-pressure).
+WRITE_QUEUE_ITEMS_MAX = 4096
+#: Write requests the writer drains into one transaction.
+WRITE_BATCH_ITEMS_MAX = 1024
+#: Payload bytes the writer drains into one transaction (a request is never split).
+WRITE_BATCH_BYTES_MAX = 64 * 1024 * 1024
+#: Records one append call may carry.
+APPEND_RECORDS_MAX = 4096
+#: How long a caller waits for room in a full write queue before ``Overloaded`` is raised.
+WRITE_QUEUE_WAIT_MS = 30_000
+
+#: Records returned by one range read.
+READ_RANGE_RECORDS_MAX = 65_536
+
+# --- compression and encryption (mqstore.crypto) -----------------------------------------------
+
+ZSTD_LEVEL_MIN = 1
+ZSTD_LEVEL_MAX = 19
+ZSTD_LEVEL_DEFAULT = 3
+DICTIONARY_BYTES_MAX = 1024 * 1024
+DICTIONARY_SAMPLES_MIN = 8
+DICTIONARY_SAMPLES_MAX = 100_000
+KEYS_PER_NAMESPACE_MAX = 10_000
+
+# --- relations ----------------------------------------------------------------------------------
+
+assert RECORD_PAYLOAD_BYTES_MAX < 2**32, "payload length is a u32 in the record header"
+assert MESSAGE_BYTES_MAX + ENVELOPE_BYTES_MAX + SEAL_OVERHEAD_BYTES_MAX <= RECORD_PAYLOAD_BYTES_MAX
+assert RECIPIENTS_MAX * (ADDRESS_BYTES_MAX + 2) + 4096 <= ENVELOPE_BYTES_MAX
+assert LOCAL_PART_BYTES_MAX + 1 + DOMAIN_BYTES_MAX <= ADDRESS_BYTES_MAX
+assert ADDRESS_BYTES_MAX < 2**16 and IDEMPOTENCY_KEY_BYTES_MAX < 2**16, "u16 length prefixes"
+assert NAMESPACE_BYTES_MAX < 2**8, "u8 length prefix"
+assert -(2**7) <= PRIORITY_MIN < PRIORITY_MAX < 2**7, "priority is an i8"
+assert MAP_SIZE_BYTES_MIN <= MAP_SIZE_BYTES_DEFAULT <= MAP_SIZE_BYTES_MAX
+assert WRITE_BATCH_ITEMS_MAX <= WRITE_QUEUE_ITEMS_MAX
+assert RECORD_PAYLOAD_BYTES_MAX <= WRITE_BATCH_BYTES_MAX, "one largest record must fit a batch"
+assert ZSTD_LEVEL_MIN <= ZSTD_LEVEL_DEFAULT <= ZSTD_LEVEL_MAX
