@@ -1,0 +1,200 @@
+"""Namespace keys: creation, wrapping under the KEK, lookup, rotation and shredding.
+
+A namespace key is 32 random bytes with a store-wide key id (u32, from 1). It is persisted only in
+wrapped form (by a :class:`~mqstore.crypto.providers.KeyProvider`), inside a KEY log record and the
+``keys`` table, so replicas that share the KEK can open each other's records. Rotation adds a new
+key id for the namespace; new records use the newest key, old ones keep decrypting with theirs.
+Shredding forgets a key's wrapped bytes: every record sealed under it becomes unreadable.
+
+The per-message data key is HKDF-SHA256 (RFC 5869) of the namespace key with ``info`` = the
+message id. HKDF's extract step depends only on the namespace key, so its output (the PRK) is
+cached per key id and each message costs one HMAC (the expand step).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import struct
+import threading
+from dataclasses import dataclass
+
+from mqstore.crypto.providers import KeyProvider
+from mqstore.errors import Corruption, MQStoreError, UnknownKey
+
+NAMESPACE_KEY_BYTES = 32
+#: HKDF salt for per-message data keys. Changing it makes every stored record unreadable.
+HKDF_SALT = b"mqstore-v1 message data key"
+#: Namespace names starting with this prefix are reserved for mqstore's own records.
+SYSTEM_NAMESPACE = "__system__"
+
+_EVENT_VERSION = 1
+ACTION_CREATE = 1
+ACTION_SHRED = 2
+_EVENT_HEAD = struct.Struct("<BBIqB")  # version, action, key id, created_at_ms, namespace length
+
+
+class KeyShredded(MQStoreError):
+    """The key a record was sealed under has been shredded: the record can never be read again."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEvent:
+    """A KEY log record: a namespace key created (with its wrapped bytes) or shredded."""
+
+    action: int
+    key_id: int
+    namespace: str
+    created_at_ms: int
+    wrapped: bytes = b""
+
+    def encode(self) -> bytes:
+        ns = self.namespace.encode("utf-8")
+        head = _EVENT_HEAD.pack(_EVENT_VERSION, self.action, self.key_id, self.created_at_ms, len(ns))
+        return head + ns + struct.pack("<H", len(self.wrapped)) + self.wrapped
+
+    @classmethod
+    def decode(cls, payload: bytes) -> KeyEvent:
+        try:
+            version, action, key_id, created, ns_len = _EVENT_HEAD.unpack_from(payload, 0)
+            off = _EVENT_HEAD.size
+            namespace = payload[off : off + ns_len].decode("utf-8")
+            off += ns_len
+            (wrapped_len,) = struct.unpack_from("<H", payload, off)
+            off += 2
+            wrapped = bytes(payload[off : off + wrapped_len])
+            off += wrapped_len
+        except (struct.error, UnicodeDecodeError) as exc:
+            raise Corruption(f"malformed key event: {exc}") from None
+        if version != _EVENT_VERSION or action not in (ACTION_CREATE, ACTION_SHRED) or off != len(payload):
+            raise Corruption(f"malformed key event (version {version}, action {action})")
+        if len(namespace.encode("utf-8")) != ns_len or len(wrapped) != wrapped_len:
+            raise Corruption("malformed key event: truncated")
+        return cls(action, key_id, namespace, created, wrapped)
+
+
+def wrap_context(key_id: int, namespace: str) -> bytes:
+    """What a namespace key's wrapping is bound to: moving it to another id or namespace fails."""
+    return b"ns-key:" + struct.pack(">I", key_id) + namespace.encode("utf-8")
+
+
+def hkdf_extract(key: bytes) -> bytes:
+    """RFC 5869 HKDF-Extract with SHA-256 and mqstore's fixed salt."""
+    return hmac.digest(HKDF_SALT, key, "sha256")
+
+
+def hkdf_expand_32(prk: bytes, info: bytes) -> bytes:
+    """RFC 5869 HKDF-Expand for L = 32 with SHA-256: a single block, T(1) = HMAC(PRK, info | 0x01)."""
+    return hmac.digest(prk, info + b"\x01", "sha256")
+
+
+class KeyRing:
+    """The namespace keys of one store, wrapped at rest, unwrapped lazily and cached in memory.
+
+    Thread safe. Mutations come only from applying KEY events (:meth:`apply`), so every replica
+    that applies the same log holds the same key ids.
+    """
+
+    def __init__(self, provider: KeyProvider) -> None:
+        self.provider = provider
+        self._lock = threading.Lock()
+        self._events: dict[int, KeyEvent] = {}  # key id -> its CREATE event
+        self._shredded: set[int] = set()
+        self._current: dict[str, int] = {}  # namespace -> newest live key id
+        self._prk: dict[int, bytes] = {}  # key id -> HKDF PRK (derived from the unwrapped key)
+
+    # --- mutations (from the log) ----------------------------------------------------------------
+
+    def new_key_event(self, namespace: str, now_ms: int) -> KeyEvent:
+        """A CREATE event for a fresh random key of ``namespace`` (not yet applied)."""
+        with self._lock:
+            key_id = max(self._events, default=0) + 1
+        secret = os.urandom(NAMESPACE_KEY_BYTES)
+        wrapped = self.provider.wrap(secret, wrap_context(key_id, namespace))
+        return KeyEvent(ACTION_CREATE, key_id, namespace, now_ms, wrapped)
+
+    def check_applicable(self, event: KeyEvent) -> None:
+        """Raise if ``event`` cannot be applied to the current key set (no state changed)."""
+        with self._lock:
+            if event.action == ACTION_CREATE and event.key_id in self._events:
+                raise UnknownKey(f"key id {event.key_id} already exists")
+            if event.action == ACTION_SHRED and event.key_id not in self._events:
+                raise UnknownKey(f"cannot shred key id {event.key_id}: no such key")
+
+    def apply(self, event: KeyEvent) -> None:
+        self.check_applicable(event)
+        with self._lock:
+            if event.action == ACTION_CREATE:
+                self._events[event.key_id] = event
+                if event.key_id > self._current.get(event.namespace, 0):
+                    self._current[event.namespace] = event.key_id
+            else:
+                self._shredded.add(event.key_id)
+                self._prk.pop(event.key_id, None)
+                live = [
+                    k
+                    for k, e in self._events.items()
+                    if e.namespace == event.namespace and k not in self._shredded
+                ]
+                if live:
+                    self._current[event.namespace] = max(live)
+                else:
+                    self._current.pop(event.namespace, None)
+
+    # --- lookups -----------------------------------------------------------------------------------
+
+    def current_key_id(self, namespace: str) -> int | None:
+        """The key id new records of ``namespace`` are sealed under, or None if it has none yet."""
+        return self._current.get(namespace)
+
+    def key_ids(self, namespace: str | None = None) -> list[int]:
+        with self._lock:
+            return sorted(k for k, e in self._events.items() if namespace is None or e.namespace == namespace)
+
+    def event(self, key_id: int) -> KeyEvent:
+        try:
+            return self._events[key_id]
+        except KeyError:
+            raise UnknownKey(f"key id {key_id} is not known to this store") from None
+
+    def is_shredded(self, key_id: int) -> bool:
+        return key_id in self._shredded
+
+    def namespace_of(self, key_id: int) -> str:
+        return self.event(key_id).namespace
+
+    def prk(self, key_id: int) -> bytes:
+        """HKDF PRK of key ``key_id`` (unwrapping the key on first use)."""
+        prk = self._prk.get(key_id)
+        if prk is not None:
+            return prk
+        if key_id in self._shredded:
+            event = self.event(key_id)
+            raise KeyShredded(f"key id {key_id} of namespace {event.namespace!r} was shredded")
+        event = self.event(key_id)
+        secret = self.provider.unwrap(event.wrapped, wrap_context(key_id, event.namespace))
+        if len(secret) != NAMESPACE_KEY_BYTES:
+            raise Corruption(f"key id {key_id} unwrapped to {len(secret)} bytes")
+        prk = hkdf_extract(secret)
+        with self._lock:
+            if key_id not in self._shredded:
+                self._prk[key_id] = prk
+        return prk
+
+    def data_key(self, key_id: int, message_id: bytes) -> bytes:
+        """The per-message AES-256 key: HKDF-SHA256(namespace key, salt, info = message id)."""
+        return hkdf_expand_32(self.prk(key_id), message_id)
+
+
+__all__ = [
+    "ACTION_CREATE",
+    "ACTION_SHRED",
+    "HKDF_SALT",
+    "SYSTEM_NAMESPACE",
+    "KeyEvent",
+    "KeyRing",
+    "KeyShredded",
+    "hkdf_expand_32",
+    "hkdf_extract",
+    "wrap_context",
+]

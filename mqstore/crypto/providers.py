@@ -1,0 +1,160 @@
+"""Key providers: where the key-encryption key (KEK) lives.
+
+mqstore never stores a data key in the clear. Namespace keys are wrapped (encrypted) by a key
+provider and only the wrapped form is written to the store. A provider is anything with
+``wrap``/``unwrap``: the default reads a KEK from a key file; a KMS or HSM provider implements the
+same two methods by calling its service, so the KEK never has to leave it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from mqstore.errors import KeyFileError, WrongKey
+
+KEK_BYTES = 32
+_WRAP_VERSION = 1
+_WRAP_AAD_PREFIX = b"mqstore-wrap-v1:"
+_KEY_FILE_HEADER = "mqstore-kek-v1"
+
+
+@runtime_checkable
+class KeyProvider(Protocol):
+    """Wraps and unwraps small secrets (namespace keys) under a key-encryption key."""
+
+    @property
+    def description(self) -> str:
+        """Where the KEK comes from, for error messages (never the key itself)."""
+        ...
+
+    def wrap(self, secret: bytes, context: bytes) -> bytes:
+        """Encrypt ``secret``; ``context`` is bound to the result (unwrap must give the same one)."""
+        ...
+
+    def unwrap(self, wrapped: bytes, context: bytes) -> bytes:
+        """Decrypt what :meth:`wrap` produced; raise :class:`~mqstore.errors.WrongKey` if this
+        provider's KEK did not wrap it or the context differs."""
+        ...
+
+
+class AesKeyProvider:
+    """A provider holding a 32-byte KEK in memory; wraps with AES-256-GCM.
+
+    Wrapped form: ``version (1) | nonce (12) | ciphertext + tag``; the AAD is a fixed prefix plus
+    the caller's context, so a wrapped key copied to another key id does not unwrap.
+    """
+
+    def __init__(self, kek: bytes, description: str = "an in-memory key") -> None:
+        if not isinstance(kek, bytes) or len(kek) != KEK_BYTES:
+            raise KeyFileError(f"a key-encryption key is {KEK_BYTES} bytes")
+        self._aead = AESGCM(kek)
+        self._description = description
+
+    @property
+    def description(self) -> str:
+        return self._description
+
+    def wrap(self, secret: bytes, context: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return bytes([_WRAP_VERSION]) + nonce + self._aead.encrypt(nonce, secret, _WRAP_AAD_PREFIX + context)
+
+    def unwrap(self, wrapped: bytes, context: bytes) -> bytes:
+        if len(wrapped) < 1 + 12 + 16 or wrapped[0] != _WRAP_VERSION:
+            raise WrongKey(f"wrapped key for {context!r} is malformed (unknown version or too short)")
+        try:
+            return self._aead.decrypt(wrapped[1:13], wrapped[13:], _WRAP_AAD_PREFIX + context)
+        except InvalidTag:
+            raise WrongKey(
+                f"the key-encryption key from {self._description} does not open {context!r}: "
+                "this store was created with a different key"
+            ) from None
+
+
+def _check_key_file_mode(path: Path, mode: int) -> None:
+    # Refuse what other local users could read or change. Group read stays allowed so a
+    # service group may share a key file; world access and group write never are.
+    if not stat.S_ISREG(mode):
+        raise KeyFileError(f"key file {path} is not a regular file")
+    if mode & 0o007:
+        raise KeyFileError(
+            f"key file {path} is accessible to every user (mode {stat.S_IMODE(mode):04o}); "
+            f"run `chmod 600 {path}`"
+        )
+    if mode & 0o020:
+        raise KeyFileError(
+            f"key file {path} is writable by its group (mode {stat.S_IMODE(mode):04o}); "
+            f"run `chmod 600 {path}`"
+        )
+
+
+def read_key_file(path: str | os.PathLike[str]) -> bytes:
+    """Read a KEK from a key file, refusing unsafe permissions and malformed contents."""
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise KeyFileError(f"key file {p} does not exist") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot open key file {p}: {exc.strerror}") from None
+    try:
+        _check_key_file_mode(p, os.fstat(fd).st_mode)
+        raw = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    text = raw.decode("ascii", errors="replace").strip()
+    header, _, hex_key = text.partition(":")
+    if header != _KEY_FILE_HEADER:
+        raise KeyFileError(f"key file {p} is not an mqstore key file (expected '{_KEY_FILE_HEADER}:<hex>')")
+    try:
+        kek = bytes.fromhex(hex_key.strip())
+    except ValueError:
+        raise KeyFileError(f"key file {p}: the key is not hexadecimal") from None
+    if len(kek) != KEK_BYTES:
+        raise KeyFileError(f"key file {p}: the key is {len(kek)} bytes, expected {KEK_BYTES}")
+    return kek
+
+
+def create_key_file(path: str | os.PathLike[str]) -> Path:
+    """Create a new random KEK in ``path`` with mode 0600. Never overwrites an existing file."""
+    p = Path(path)
+    kek = os.urandom(KEK_BYTES)
+    try:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise KeyFileError(f"key file {p} already exists; refusing to overwrite a key") from None
+    try:
+        os.fchmod(fd, 0o600)  # the umask could have narrowed it; never widened, but be explicit
+        os.write(fd, f"{_KEY_FILE_HEADER}:{kek.hex()}\n".encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dir_fd = os.open(p.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the new name must survive a crash too
+    finally:
+        os.close(dir_fd)
+    return p
+
+
+class FileKeyProvider(AesKeyProvider):
+    """The default provider: a KEK read from a key file (mode 0600, see :func:`read_key_file`)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        super().__init__(read_key_file(self.path), description=f"key file {self.path}")
+
+
+__all__ = [
+    "KEK_BYTES",
+    "AesKeyProvider",
+    "FileKeyProvider",
+    "KeyProvider",
+    "create_key_file",
+    "read_key_file",
+]
