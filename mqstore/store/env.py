@@ -1,0 +1,250 @@
+"""The LMDB environment of one store: flags, the process lock, map growth, read transactions.
+
+Environment flags, set explicitly (never left to library defaults):
+
+``sync=True``
+    fsync the data file on every commit: a commit that returned is on disk.
+``metasync=True``
+    fsync the meta page too; with ``metasync=False`` the last commit can be lost on power failure.
+``writemap=False``
+    write through ``write(2)``, not a writable mmap: a stray pointer write cannot reach the file,
+    and a full disk is an error returned by commit instead of a SIGBUS.
+``meminit=True``
+    zero malloc'd pages before writing them: with ``meminit=False`` old heap bytes (decrypted
+    mail) could end up in unused parts of pages on disk.
+``max_spare_txns=0``
+    no cached read transactions: a cached read transaction keeps a reader slot (and so old pages)
+    alive; mqstore keeps read transactions short instead.
+``readahead=False``
+    the log is read by random index more than scanned; readahead wastes page cache.
+``lock=True``
+    LMDB's own reader/writer locking stays on. On top of it, ``mqstore.lock`` (an exclusive
+    ``flock``) keeps a second process from opening the same store for writing.
+
+``reader_check()`` runs at open to clear reader slots left by crashed processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from mqstore import limits
+from mqstore.errors import InvalidArgument, StoreClosed, StoreLocked
+
+#: Named databases of a store (see ../shared/DESIGN.md "Storage").
+DATABASES = (
+    b"log",  # u64 big-endian index -> framed record
+    b"meta",  # hard state, configuration, log bounds
+    b"keys",  # wrapped namespace keys, KEK check
+    b"dicts",  # compression dictionaries (framed, sealed DICTIONARY records)
+    b"quarantine",  # u64 big-endian index -> why the record at that index is corrupt
+    b"messages",
+    b"recipients",
+    b"ready",
+    b"by_domain",
+    b"dedup",
+    b"holds",
+    b"audit",
+    b"leases",
+    b"expiry",
+    b"stats",
+)
+MAX_DBS = 32
+LOCK_FILE = "mqstore.lock"
+
+
+class _ReadGate:
+    """Lets many read transactions run, but none while the map is being resized.
+
+    LMDB's ``mdb_env_set_mapsize`` may only be called with no transaction active in the process.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._resizing = False
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._resizing = True
+            while self._readers:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._resizing = False
+                self._cond.notify_all()
+
+
+class Environment:
+    """An open LMDB environment with mqstore's flags, databases and process lock."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        map_size: int = limits.MAP_SIZE_BYTES_DEFAULT,
+        map_size_max: int = limits.MAP_SIZE_BYTES_MAX,
+        readonly: bool = False,
+        create: bool = True,
+    ) -> None:
+        if not isinstance(map_size, int) or not limits.MAP_SIZE_BYTES_MIN <= map_size <= map_size_max:
+            raise InvalidArgument(
+                f"map_size must be {limits.MAP_SIZE_BYTES_MIN}..{map_size_max} bytes, not {map_size!r}"
+            )
+        if map_size_max > limits.MAP_SIZE_BYTES_MAX:
+            raise InvalidArgument(f"map_size_max must be at most {limits.MAP_SIZE_BYTES_MAX}")
+        self.path = Path(path)
+        self.readonly = readonly
+        self.map_size_max = map_size_max
+        self._pid = os.getpid()
+        self._lock_fd: int | None = None
+        self._closed = False
+        self.gate = _ReadGate()
+        if not self.path.exists():
+            if readonly or not create:
+                raise InvalidArgument(f"store {self.path} does not exist")
+            self.path.mkdir(parents=True, mode=0o700)
+        elif not self.path.is_dir():
+            raise InvalidArgument(f"store path {self.path} exists and is not a directory")
+        if not readonly:
+            self._take_lock()
+        try:
+            # A store that already has a bigger map keeps it: LMDB adopts the larger size on open.
+            self.env = lmdb.open(
+                str(self.path),
+                map_size=map_size,
+                subdir=True,
+                readonly=readonly,
+                create=not readonly,
+                sync=True,
+                metasync=True,
+                writemap=False,
+                meminit=True,
+                map_async=False,
+                readahead=False,
+                max_spare_txns=0,
+                max_dbs=MAX_DBS,
+                max_readers=256,
+                lock=True,
+                mode=0o600,
+            )
+            self.env.reader_check()
+            self.dbs: dict[bytes, Any] = {}
+            if readonly:
+                for name in DATABASES:
+                    # A read-only open cannot create databases: a store without one of them was
+                    # never written by this version, and callers check ``name in dbs``.
+                    with contextlib.suppress(lmdb.NotFoundError):
+                        self.dbs[name] = self.env.open_db(name, create=False)
+            else:
+                with self.env.begin(write=True) as txn:
+                    for name in DATABASES:
+                        self.dbs[name] = self.env.open_db(name, txn=txn, create=True)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    # --- process lock --------------------------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        lock_path = self.path / LOCK_FILE
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreLocked(
+                f"store {self.path} is open for writing by another process (pid {holder}); "
+                "stop it first, or open read-only"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # --- transactions --------------------------------------------------------------------------
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed(f"store {self.path} is closed")
+        if os.getpid() != self._pid:
+            # LMDB environments must never be used across fork(): the child would share locks
+            # and the mmap with the parent.
+            raise StoreClosed(f"store {self.path} was opened in process {self._pid}; reopen it after fork()")
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Any]:
+        """A short read transaction (never held across a map resize)."""
+        self.check_open()
+        with self.gate.reading():
+            try:
+                txn = self.env.begin(write=False, buffers=False)
+            except lmdb.MapResizedError:
+                # Another process grew the map; adopt its size and retry once.
+                self.env.set_mapsize(0)
+                txn = self.env.begin(write=False, buffers=False)
+            try:
+                yield txn
+            finally:
+                txn.abort()
+
+    def map_size(self) -> int:
+        return int(self.env.info()["map_size"])
+
+    def grow(self) -> int:
+        """Double the map (up to ``map_size_max``); returns the new size.
+
+        Called by the writer thread after a ``MapFullError`` aborted its transaction.
+        """
+        current = self.map_size()
+        if current >= self.map_size_max:
+            raise lmdb.MapFullError(
+                f"store {self.path} reached its maximum map size ({self.map_size_max} bytes)"
+            )
+        new = min(current * 2, self.map_size_max)
+        with self.gate.exclusive():
+            self.env.set_mapsize(new)
+        return new
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if os.getpid() == self._pid:
+            self.env.close()
+            self._release_lock()
+
+
+__all__ = ["DATABASES", "LOCK_FILE", "Environment"]

@@ -1,0 +1,863 @@
+"""The append-only log on LMDB: records, message records, keys, dictionaries, scans.
+
+``LogStore`` owns one store directory. Writes go through the group-commit writer thread
+(:mod:`mqstore.store.writer`) as *write functions* that receive a :class:`WriteContext`; reads use
+short read transactions from any thread. Every record read is CRC-checked by the codec; a record
+that fails is recorded in the ``quarantine`` table and raised as :class:`Corruption` naming its
+index, never reported as absent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+import lmdb
+
+from mqstore import codec, limits, validate
+from mqstore.codec import Envelope, Record, RecordType
+from mqstore.crypto.keyring import SYSTEM_NAMESPACE, KeyEvent, KeyRing
+from mqstore.crypto.providers import FileKeyProvider, KeyProvider, create_key_file
+from mqstore.crypto.seal import Sealed, Sealer, train_dictionary
+from mqstore.errors import (
+    Corruption,
+    InvalidArgument,
+    MQStoreError,
+    NotFound,
+    UnknownKey,
+    WrongKey,
+)
+from mqstore.ids import MessageIdGenerator
+from mqstore.store.env import Environment
+from mqstore.store.writer import Pending, WriteFn, Writer
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_KEY_FILE = "kek.key"
+_U64 = struct.Struct(">Q")
+_MAP_GROW_ATTEMPTS = 40  # doubling from 1 MiB reaches 1 TiB in 20 steps; twice that is a bug
+_META_FIRST_INDEX = b"log.first"  # lowest index not compacted away
+_META_TERM = b"log.term"  # term stamped on records appended by this (single-node) store
+_META_DICT = b"dict.current"
+_META_CREATED = b"store.created_ms"
+_META_FORMAT = b"store.format"
+_KEYS_KEK_CHECK = b"kek-check"
+_KEK_CHECK_PLAINTEXT = b"mqstore key-encryption key check v1"
+_KEYS_PREFIX = b"k"
+_SCAN_CHUNK = 4096  # records per read transaction while scanning: keep readers short
+
+
+def index_key(index: int) -> bytes:
+    """The LMDB key of log index ``index`` (big-endian, so byte order is index order)."""
+    return _U64.pack(index)
+
+
+def key_index(key: bytes) -> int:
+    return int(_U64.unpack(key)[0])
+
+
+def _wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Appended(NamedTuple):
+    index: int  # type: ignore[assignment]  # the log index (shadows tuple.index on purpose)
+    message_id: bytes
+
+
+class Staged(NamedTuple):
+    """A message validated and encoded, not yet sealed."""
+
+    envelope: Envelope
+    plaintext: bytes  # encoded envelope followed by the raw message
+
+
+def _seal_request(staged: Staged) -> tuple[int, str, bytes, bytes]:
+    env = staged.envelope
+    return (RecordType.ENQUEUE, env.namespace, env.message_id, staged.plaintext)
+
+
+class Prepared(NamedTuple):
+    """A message validated, encoded and sealed, ready for the writer."""
+
+    message_id: bytes
+    envelope: Envelope
+    sealed: Sealed
+
+
+class StoredMessage(NamedTuple):
+    index: int  # type: ignore[assignment]
+    term: int
+    envelope: Envelope
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to append (see :meth:`LogStore.append_messages`). Times in ms since the epoch."""
+
+    mail_from: str
+    recipients: Sequence[str]
+    data: bytes
+    namespace: str = "default"
+    priority: int = 0
+    not_before_ms: int = 0
+    expires_at_ms: int = 0
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ScanReport:
+    """Result of :meth:`LogStore.scan`: how many records were read and which are damaged."""
+
+    records_checked: int
+    first_index: int
+    last_index: int
+    corrupt: tuple[tuple[int, str], ...]
+
+    @property
+    def clean(self) -> bool:
+        return not self.corrupt
+
+
+class _Batch:
+    """State of one writer transaction, shared by the write functions of a batch."""
+
+    __slots__ = ("hooks", "next_index", "term")
+
+    def __init__(self, next_index: int, term: int) -> None:
+        self.next_index = next_index
+        self.term = term
+        self.hooks: list[Callable[[], None]] = []
+
+
+class WriteContext:
+    """What a write function gets: the (nested) write transaction and log-append helpers.
+
+    A write function must only touch the store through this context and must be re-runnable:
+    a full map, or another function of the batch refusing, aborts the transaction and runs the
+    batch again. When a function raises, nothing it wrote is kept.
+    """
+
+    __slots__ = ("_batch", "dbs", "now_ms", "sealed", "store", "txn")
+
+    def __init__(self, store: LogStore, txn: Any, batch: _Batch, now_ms: int, sealed: list[Sealed]) -> None:
+        self.store = store
+        self.txn = txn
+        self.dbs = store.env.dbs
+        self._batch = batch
+        self.now_ms = now_ms
+        #: What the writer sealed for this request (see ``Writer.submit(seal=...)``), in order.
+        self.sealed = sealed
+
+    @property
+    def next_index(self) -> int:
+        return self._batch.next_index
+
+    @property
+    def term(self) -> int:
+        return self._batch.term
+
+    def append(self, rtype: int, payload: bytes, *, flags: int = 0, key_id: int = 0, dict_id: int = 0) -> int:
+        """Append one record at the next index; returns the index."""
+        index = self._batch.next_index
+        framed = codec.encode_record(rtype, flags, self._batch.term, index, key_id, dict_id, payload)
+        if not self.txn.put(_U64.pack(index), framed, db=self.dbs[b"log"], append=True):
+            raise AssertionError(f"log index {index} already exists")
+        self._batch.next_index = index + 1
+        return index
+
+    def append_many(self, rtype: int, items: Sequence[tuple[int, int, int, bytes]]) -> range:
+        """Append records ``(flags, key_id, dict_id, payload)`` of one type; returns their indices."""
+        first = self._batch.next_index
+        term = self._batch.term
+        framed = codec.encode_records(
+            [(rtype, f, term, first + i, k, d, p) for i, (f, k, d, p) in enumerate(items)]
+        )
+        put = self.txn.put
+        db = self.dbs[b"log"]
+        pack = _U64.pack
+        for i, value in enumerate(framed):
+            if not put(pack(first + i), value, db=db, append=True):
+                raise AssertionError(f"log index {first + i} already exists")
+        self._batch.next_index = first + len(framed)
+        return range(first, first + len(framed))
+
+    def append_framed(self, records: Sequence[bytes], first_index: int) -> None:
+        """Append records already framed elsewhere (replication): they must continue the log."""
+        if first_index != self._batch.next_index:
+            raise AssertionError(f"append at {first_index} but the log continues at {self._batch.next_index}")
+        db = self.dbs[b"log"]
+        for i, value in enumerate(records):
+            if not self.txn.put(_U64.pack(first_index + i), value, db=db, append=True):
+                raise AssertionError(f"log index {first_index + i} already exists")
+        self._batch.next_index = first_index + len(records)
+
+    def truncate_suffix(self, from_index: int) -> int:
+        """Delete every record at ``from_index`` or later; returns how many were deleted."""
+        first = self.store._first_index
+        if from_index < first:
+            raise InvalidArgument(f"cannot truncate to {from_index}: the log starts at {first}")
+        db = self.dbs[b"log"]
+        with self.txn.cursor(db=db) as cur:
+            doomed = list(cur.iternext(values=False)) if cur.set_range(_U64.pack(from_index)) else []
+        for key in doomed:
+            self.txn.delete(key, db=db)
+        deleted = len(doomed)
+        self._batch.next_index = min(self._batch.next_index, from_index)
+        return deleted
+
+    def set_term(self, term: int) -> None:
+        self.txn.put(_META_TERM, _U64.pack(term), db=self.dbs[b"meta"])
+        self._batch.term = term
+
+    def get(self, db: bytes, key: bytes) -> bytes | None:
+        value = self.txn.get(key, db=self.dbs[db])
+        return None if value is None else bytes(value)
+
+    def put(self, db: bytes, key: bytes, value: bytes) -> None:
+        self.txn.put(key, value, db=self.dbs[db])
+
+    def delete(self, db: bytes, key: bytes) -> bool:
+        return bool(self.txn.delete(key, db=self.dbs[db]))
+
+    def on_commit(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` in the writer thread once this batch committed (never if it did not)."""
+        self._batch.hooks.append(hook)
+
+
+class LogStore:
+    """An encrypted, compressed, crash-safe append-only log in one directory.
+
+    ``key_provider`` supplies the key-encryption key. Without one, ``key_file`` is read; without
+    either, the store uses ``<path>/kek.key``, creating it for a new store with a warning (fine
+    for trying mqstore; production keys belong outside the data directory).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        key_provider: KeyProvider | None = None,
+        key_file: str | os.PathLike[str] | None = None,
+        map_size: int = limits.MAP_SIZE_BYTES_DEFAULT,
+        map_size_max: int = limits.MAP_SIZE_BYTES_MAX,
+        compression_level: int = limits.ZSTD_LEVEL_DEFAULT,
+        readonly: bool = False,
+        create: bool = True,
+        clock_ms: Callable[[], int] | None = None,
+        write_queue_items_max: int = limits.WRITE_QUEUE_ITEMS_MAX,
+    ) -> None:
+        self.path = Path(path)
+        #: Write transactions committed since opening (group commit makes it < writes).
+        self.commits = 0
+        self.readonly = readonly
+        self.clock_ms = clock_ms or _wall_clock_ms
+        is_new = not (self.path / "data.mdb").exists()
+        if is_new and (readonly or not create):
+            raise NotFound(f"no store at {self.path}")
+        if key_provider is not None and key_file is not None:
+            raise InvalidArgument("give key_provider or key_file, not both")
+        self.env = Environment(self.path, map_size=map_size, map_size_max=map_size_max, readonly=readonly)
+        try:
+            provider = key_provider or self._default_provider(key_file, is_new)
+            self.keyring = KeyRing(provider)
+            self.sealer = Sealer(self.keyring, compression_level)
+            self.ids = MessageIdGenerator(self.clock_ms)
+            self._key_lock = threading.Lock()
+            self._quarantine_mem: dict[int, str] = {}
+            self._first_index, self._last_index, self._term = self._load_bounds()
+            self._check_kek(is_new)
+            self._load_keys_and_dictionaries()
+            self.writer: Writer | None = None
+            if not readonly:
+                self.writer = Writer(
+                    self._run_batch, name=f"mqstore-writer:{self.path.name}", queue_items_max=write_queue_items_max
+                )
+        except BaseException:
+            self.env.close()
+            raise
+
+    # --- opening ---------------------------------------------------------------------------------
+
+    def _default_provider(self, key_file: str | os.PathLike[str] | None, is_new: bool) -> KeyProvider:
+        if key_file is not None:
+            return FileKeyProvider(key_file)
+        default = self.path / DEFAULT_KEY_FILE
+        if is_new and not default.exists():
+            create_key_file(default)
+            warnings.warn(
+                f"mqstore created a key-encryption key in {default}, inside the data directory: "
+                "fine for trying mqstore, but production keys belong elsewhere (pass key_file= or a "
+                "key provider), so that a copy of the data is not a copy of the key",
+                stacklevel=4,
+            )
+        return FileKeyProvider(default)
+
+    def _load_bounds(self) -> tuple[int, int, int]:
+        with self.env.read() as txn:
+            raw_first = txn.get(_META_FIRST_INDEX, db=self.env.dbs[b"meta"])
+            first = _U64.unpack(raw_first)[0] if raw_first else 1
+            raw_term = txn.get(_META_TERM, db=self.env.dbs[b"meta"])
+            term = _U64.unpack(raw_term)[0] if raw_term else 0
+            last = first - 1
+            if b"log" in self.env.dbs:
+                with txn.cursor(db=self.env.dbs[b"log"]) as cur:
+                    if cur.last():
+                        last = max(last, key_index(cur.key()))
+        return first, last, term
+
+    def _check_kek(self, is_new: bool) -> None:
+        provider = self.keyring.provider
+        with self.env.read() as txn:
+            raw = txn.get(_KEYS_KEK_CHECK, db=self.env.dbs[b"keys"]) if b"keys" in self.env.dbs else None
+        if raw is None:
+            if self.readonly:
+                raise NotFound(f"{self.path} is not an mqstore store (no key check record)")
+            check = provider.wrap(_KEK_CHECK_PLAINTEXT, _KEYS_KEK_CHECK)
+            with self.env.env.begin(write=True) as txn:
+                txn.put(_KEYS_KEK_CHECK, check, db=self.env.dbs[b"keys"])
+                txn.put(_META_FORMAT, bytes([codec.FORMAT_VERSION]), db=self.env.dbs[b"meta"])
+                txn.put(_META_CREATED, _U64.pack(self.clock_ms()), db=self.env.dbs[b"meta"])
+            return
+        try:
+            ok = provider.unwrap(bytes(raw), _KEYS_KEK_CHECK) == _KEK_CHECK_PLAINTEXT
+        except WrongKey:
+            ok = False
+        if not ok:
+            raise WrongKey(
+                f"the key-encryption key from {provider.description} is not the one store {self.path} "
+                "was created with; nothing was read or written"
+            )
+
+    def _load_keys_and_dictionaries(self) -> None:
+        with self.env.read() as txn:
+            events = [
+                KeyEvent.decode(bytes(v))
+                for k, v in txn.cursor(db=self.env.dbs[b"keys"])
+                if k.startswith(_KEYS_PREFIX) and len(k) == 5
+            ]
+            dict_records = [bytes(v) for _, v in txn.cursor(db=self.env.dbs[b"dicts"])]
+            raw_dict = txn.get(_META_DICT, db=self.env.dbs[b"meta"])
+        for event in sorted(events, key=lambda e: e.key_id):
+            self.keyring.apply(event)
+        for framed in dict_records:
+            record = codec.decode_record(framed)
+            opened = self.sealer.open(record)
+            self.sealer.add_dictionary(_dict_id_of(opened.message_id), opened.plaintext)
+        if raw_dict:
+            self.sealer.use_dictionary(int(_U64.unpack(raw_dict)[0]))
+
+    # --- writing -----------------------------------------------------------------------------------
+
+    def _writer(self) -> Writer:
+        self.env.check_open()
+        if self.writer is None:
+            raise InvalidArgument(f"store {self.path} is open read-only")
+        return self.writer
+
+    def write(self, fn: WriteFn[T], *, size: int = 0) -> T:
+        """Run ``fn(ctx)`` in the next group commit; returns once it is durable (or raises)."""
+        return self._writer().write(fn, size=size)
+
+    def submit(
+        self,
+        fn: WriteFn[T],
+        *,
+        size: int = 0,
+        callback: Callable[[Pending[T]], None] | None = None,
+        seal: list[tuple[int, str, bytes, bytes]] | None = None,
+    ) -> Pending[T]:
+        """Like :meth:`write` but returns at once; wait on the result or pass a callback.
+
+        ``seal`` lists ``(record type, namespace, message id, plaintext)`` for the writer to seal
+        before running ``fn``, which finds the results in ``ctx.sealed``.
+        """
+        return self._writer().submit(fn, size=size, callback=callback, seal=seal)
+
+    def _run_batch(self, batch: list[Pending[Any]]) -> None:
+        """Run a batch of write functions in one transaction and commit it (one fsync).
+
+        All functions share the transaction. If one raises, the transaction is aborted, that
+        function gets its exception, and the batch runs again without it: a refused write leaves
+        no trace, and the others still commit together. (Nested transactions would do the same
+        per function, but each one releases and re-takes the GIL twice, which under many callers
+        costs more than the rare re-run.) If the map is full, it grows and the batch runs again.
+
+        Requests that asked for sealing are sealed first, all in one call: one thread compressing
+        and encrypting a batch beats many caller threads each doing a little, because CPython's
+        threads hand the GIL back and forth at every zstd call (measured: 16 threads seal about
+        3x slower in total than one).
+        """
+        env = self.env.env
+        self._seal_batch(batch)
+        live = [item for item in batch if item.error is None]
+        grow_attempts = 0
+        while live:
+            state = _Batch(self._last_index + 1, self._term)
+            now_ms = self.clock_ms()
+            failed: Pending[Any] | None = None
+            try:
+                txn = env.begin(write=True)
+                try:
+                    for item in live:
+                        try:
+                            item.result = item.fn(WriteContext(self, txn, state, now_ms, item.sealed))
+                        except lmdb.MapFullError:
+                            raise
+                        except Exception as exc:
+                            item.error = exc
+                            failed = item
+                            break
+                    if failed is None:
+                        txn.commit()
+                    else:
+                        txn.abort()
+                except BaseException:
+                    txn.abort()
+                    raise
+            except lmdb.MapFullError:
+                grow_attempts += 1
+                if grow_attempts > _MAP_GROW_ATTEMPTS:
+                    raise AssertionError("the map kept filling up after growing it repeatedly") from None
+                new_size = self.env.grow()
+                log.info("store %s: map full, grown to %d bytes; retrying the batch", self.path, new_size)
+                continue
+            except lmdb.Error as exc:
+                # Disk full, I/O error: nothing of this batch is committed; every caller hears it.
+                for item in live:
+                    item.result = None
+                    item.error = MQStoreError(f"write failed, nothing was committed: {exc}")
+                return
+            if failed is not None:
+                live.remove(failed)
+                for item in live:
+                    item.result = None
+                continue
+            self.commits += 1
+            self._last_index = state.next_index - 1
+            self._term = state.term
+            for hook in state.hooks:
+                hook()
+            return
+
+    def _seal_batch(self, batch: list[Pending[Any]]) -> None:
+        """Seal what the batch's requests asked for, in one call (compression uses every core);
+        a request that cannot be sealed fails alone."""
+        wanting = [item for item in batch if item.seal]
+        if not wanting:
+            return
+        try:
+            sealed = self.sealer.seal_many([req for item in wanting for req in item.seal or ()])
+        except Exception:
+            # Somebody's request is bad: seal each one alone so only that request fails.
+            for item in wanting:
+                try:
+                    item.sealed = self.sealer.seal_many(item.seal or [])
+                except Exception as exc:
+                    item.error = exc
+            return
+        offset = 0
+        for item in wanting:
+            n = len(item.seal or ())
+            item.sealed = sealed[offset : offset + n]
+            offset += n
+
+    def append(
+        self, rtype: int, payloads: Sequence[bytes], *, flags: int = 0, key_id: int = 0, dict_id: int = 0
+    ) -> list[int]:
+        """Append records of type ``rtype`` (unsealed payloads) durably; returns their indices."""
+        if not isinstance(payloads, (list, tuple)) or not payloads:
+            raise InvalidArgument("payloads must be a non-empty list of bytes")
+        if len(payloads) > limits.APPEND_RECORDS_MAX:
+            raise InvalidArgument(f"{len(payloads)} records in one append; the limit is {limits.APPEND_RECORDS_MAX}")
+        items = [(flags, key_id, dict_id, p) for p in payloads]
+        # Validate by framing once here, in the caller's thread, so bad input fails before the
+        # writer sees it (the writer frames again with the real indices).
+        codec.encode_records([(rtype, flags, 0, 1, key_id, dict_id, p) for p in payloads])
+        size = sum(len(p) for p in payloads)
+        return list(self.write(lambda ctx: ctx.append_many(rtype, items), size=size))
+
+    # --- messages ------------------------------------------------------------------------------------
+
+    def stage_messages(self, messages: Sequence[NewMessage]) -> list[Staged]:
+        """Validate messages and encode their envelopes (in the caller's thread; no state changes
+        except creating a namespace's first key). Raises InvalidArgument naming the bad field."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise InvalidArgument("messages must be a non-empty list")
+        if len(messages) > limits.APPEND_RECORDS_MAX:
+            raise InvalidArgument(f"{len(messages)} messages in one call; the limit is {limits.APPEND_RECORDS_MAX}")
+        now = self.clock_ms()
+        staged = []
+        encode = codec.encode_envelope
+        integer = validate.integer
+        ids = self.ids.next_many(len(messages))
+        for i, m in enumerate(messages):
+            if not isinstance(m, NewMessage):
+                raise InvalidArgument(f"messages[{i}] must be a NewMessage, not {type(m).__name__}")
+            envelope = Envelope(
+                ids[i],
+                validate.namespace(m.namespace),
+                validate.address(m.mail_from, "mail_from", allow_null=True),
+                validate.recipients(m.recipients),
+                integer(m.priority, "priority", limits.PRIORITY_MIN, limits.PRIORITY_MAX),
+                now,
+                integer(m.not_before_ms, "not_before_ms", 0, limits.TIME_MS_MAX),
+                integer(m.expires_at_ms, "expires_at_ms", 0, limits.TIME_MS_MAX),
+                validate.idempotency_key(m.idempotency_key),
+            )
+            staged.append(Staged(envelope, encode(envelope) + validate.data(m.data)))
+        self.ensure_keys({st.envelope.namespace for st in staged})
+        return staged
+
+    def prepare_messages(self, messages: Sequence[NewMessage]) -> list[Prepared]:
+        """Validate, encode and seal messages in the caller's thread (for callers that ship
+        sealed records elsewhere; :meth:`append_messages` seals in the writer instead)."""
+        staged = self.stage_messages(messages)
+        sealed = self.sealer.seal_many([_seal_request(st) for st in staged])
+        return [Prepared(st.envelope.message_id, st.envelope, sl) for st, sl in zip(staged, sealed, strict=True)]
+
+    def append_messages(self, messages: Sequence[NewMessage]) -> list[Appended]:
+        """Append messages as ENQUEUE records in one durable commit (compressed, encrypted).
+
+        The caller's thread validates; the writer compresses and encrypts the whole group-commit
+        batch at once (CPython threads that each compress a little contend for the GIL so much
+        that 16 of them seal slower than one), then appends and commits.
+        """
+        staged = self.stage_messages(messages)
+
+        def fn(ctx: WriteContext) -> range:
+            return ctx.append_many(RecordType.ENQUEUE, ctx.sealed)
+
+        size = sum(len(st.plaintext) for st in staged)
+        indices = self._writer().write(fn, size=size, seal=[_seal_request(st) for st in staged])
+        return [Appended(i, st.envelope.message_id) for i, st in zip(indices, staged, strict=True)]
+
+    def append_message(self, **fields: Any) -> Appended:
+        return self.append_messages([NewMessage(**fields)])[0]
+
+    def open_message(self, record: Record) -> StoredMessage:
+        """Decrypt and decode an ENQUEUE record."""
+        if record.type != RecordType.ENQUEUE:
+            raise InvalidArgument(f"log index {record.index} is a {_type_name(record.type)} record, not a message")
+        opened = self.sealer.open(record)
+        try:
+            envelope, used = codec.decode_envelope(opened.plaintext)
+        except Corruption as exc:
+            raise exc.with_index(record.index) from None
+        if envelope.message_id != opened.message_id or envelope.namespace != opened.namespace:
+            raise Corruption("envelope does not match the sealed message id or namespace", record.index)
+        return StoredMessage(record.index, record.term, envelope, opened.plaintext[used:])
+
+    def read_message(self, index: int) -> StoredMessage:
+        return self.open_message(self.read(index))
+
+    # --- keys and dictionaries -----------------------------------------------------------------
+
+    def ensure_keys(self, namespaces: Iterable[str]) -> None:
+        """Create a key for every namespace that has none yet (one durable commit each)."""
+        for ns in namespaces:
+            if self.keyring.current_key_id(ns) is None:
+                with self._key_lock:  # two threads must not both create a namespace's first key
+                    if self.keyring.current_key_id(ns) is None:
+                        self.rotate_key(ns)
+
+    def rotate_key(self, namespace: str) -> int:
+        """Add a new key for ``namespace``; new records use it, old ones keep theirs. Returns its id."""
+        if namespace != SYSTEM_NAMESPACE:
+            validate.namespace(namespace)
+        if len(self.keyring.key_ids(namespace)) >= limits.KEYS_PER_NAMESPACE_MAX:
+            raise InvalidArgument(f"namespace {namespace!r} has {limits.KEYS_PER_NAMESPACE_MAX} keys already")
+        event = self.keyring.new_key_event(namespace, self.clock_ms())
+
+        def fn(ctx: WriteContext) -> int:
+            self.keyring.check_applicable(event)
+            payload = event.encode()
+            ctx.append(RecordType.KEY, payload)
+            ctx.put(b"keys", _KEYS_PREFIX + struct.pack(">I", event.key_id), payload)
+            ctx.on_commit(lambda: self.keyring.apply(event))
+            return event.key_id
+
+        return self.write(fn)
+
+    def add_dictionary(self, data: bytes) -> int:
+        """Store a zstd dictionary (sealed, replicated as a DICTIONARY record); returns its id.
+
+        The dictionary is not used until :meth:`use_dictionary` is called with its id.
+        """
+        if not isinstance(data, bytes) or not 0 < len(data) <= limits.DICTIONARY_BYTES_MAX:
+            raise InvalidArgument(f"a dictionary is 1..{limits.DICTIONARY_BYTES_MAX} bytes")
+        self.ensure_keys([SYSTEM_NAMESPACE])
+
+        def fn(ctx: WriteContext) -> int:
+            dict_id = max(self.sealer.dictionary_ids(), default=0) + 1
+            sealed = self.sealer.seal(RecordType.DICTIONARY, SYSTEM_NAMESPACE, _dict_message_id(dict_id), data)
+            index = ctx.append(RecordType.DICTIONARY, sealed.payload, flags=sealed.flags,
+                               key_id=sealed.key_id, dict_id=sealed.dict_id)
+            framed = codec.encode_record(RecordType.DICTIONARY, sealed.flags, ctx.term, index,
+                                         sealed.key_id, sealed.dict_id, sealed.payload)
+            ctx.put(b"dicts", struct.pack(">I", dict_id), framed)
+            ctx.on_commit(lambda: self.sealer.add_dictionary(dict_id, data))
+            return dict_id
+
+        return self.write(fn)
+
+    def train_dictionary(self, samples: list[bytes], size_bytes: int = 112_640) -> int:
+        """Train a dictionary from sample messages, store it, and return its id (not yet in use)."""
+        return self.add_dictionary(train_dictionary(samples, size_bytes))
+
+    def use_dictionary(self, dict_id: int) -> None:
+        """Compress new records with dictionary ``dict_id`` (0: none). Persisted."""
+        if dict_id != 0 and dict_id not in self.sealer.dictionary_ids():
+            raise UnknownKey(f"dictionary id {dict_id} is not known to this store")
+
+        def fn(ctx: WriteContext) -> None:
+            ctx.put(b"meta", _META_DICT, _U64.pack(dict_id))
+            ctx.on_commit(lambda: self.sealer.use_dictionary(dict_id))
+
+        self.write(fn)
+
+    # --- reading -------------------------------------------------------------------------------------
+
+    @property
+    def first_index(self) -> int:
+        """Lowest index still in the log (compaction removes what is below)."""
+        return self._first_index
+
+    @property
+    def last_index(self) -> int:
+        """Highest committed index (``first_index - 1`` when the log is empty)."""
+        return self._last_index
+
+    def _decode(self, raw: bytes | None, index: int) -> Record:
+        if raw is None:
+            if self._first_index <= index <= self._last_index:
+                # Inside the log's bounds a record can only be missing if something deleted it
+                # behind mqstore's back: that is damage, not absence.
+                self._record_corrupt(index, "record missing from the log")
+                raise Corruption("record missing from the log", index)
+            raise NotFound(f"log index {index} is not in the log ({self._first_index}..{self._last_index})")
+        try:
+            return codec.decode_record(raw, index)
+        except Corruption as exc:
+            self._record_corrupt(index, exc.reason)
+            raise exc.with_index(index) from None
+
+    def read(self, index: int) -> Record:
+        """The record at ``index`` (CRC-verified)."""
+        if isinstance(index, bool) or not isinstance(index, int) or index < 1:
+            raise InvalidArgument(f"a log index is an integer >= 1, not {index!r}")
+        with self.env.read() as txn:
+            raw = txn.get(_U64.pack(index), db=self.env.dbs[b"log"])
+        return self._decode(raw, index)
+
+    def read_range(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Record]:
+        """Records ``lo <= index < hi`` in order (at least one if any, then up to ``max_bytes``)."""
+        if lo < self._first_index or hi > self._last_index + 1 or lo > hi:
+            raise NotFound(
+                f"range {lo}..{hi} is outside the log ({self._first_index}..{self._last_index + 1})"
+            )
+        hi = min(hi, lo + limits.READ_RANGE_RECORDS_MAX)
+        out: list[Record] = []
+        total = 0
+        with self.env.read() as txn:
+            get = txn.get
+            db = self.env.dbs[b"log"]
+            for index in range(lo, hi):
+                raw = get(_U64.pack(index), db=db)
+                record = self._decode(raw, index)
+                total += len(record.payload) + codec.HEADER_SIZE
+                if out and max_bytes is not None and total > max_bytes:
+                    break
+                out.append(record)
+        return out
+
+    def term_at(self, index: int) -> int:
+        return self.read(index).term
+
+    def iter_records(self, lo: int | None = None, chunk: int = _SCAN_CHUNK) -> Iterator[Record]:
+        """Iterate the log from ``lo`` in chunks (each chunk its own short read transaction)."""
+        index = self._first_index if lo is None else lo
+        while index <= self._last_index:
+            batch = self.read_range(index, min(index + chunk, self._last_index + 1))
+            yield from batch
+            index = batch[-1].index + 1
+
+    # --- maintenance -----------------------------------------------------------------------------
+
+    def truncate_suffix(self, from_index: int) -> int:
+        """Delete every record at ``from_index`` or later (consensus: conflicting entries)."""
+        return self.write(lambda ctx: ctx.truncate_suffix(from_index))
+
+    def delete_prefix(self, upto_index: int, keep: Iterable[int] = ()) -> int:
+        """Delete records below ``upto_index`` except those in ``keep`` (compaction)."""
+        if upto_index > self._last_index + 1:
+            raise InvalidArgument(f"cannot compact to {upto_index}: the log ends at {self._last_index}")
+        keep_set = set(keep)
+
+        def fn(ctx: WriteContext) -> int:
+            db = ctx.dbs[b"log"]
+            doomed = []
+            with ctx.txn.cursor(db=db) as cur:
+                for key in cur.iternext(values=False):
+                    index = key_index(key)
+                    if index >= upto_index:
+                        break
+                    if index not in keep_set:
+                        doomed.append(key)
+            for key in doomed:
+                ctx.txn.delete(key, db=db)
+            deleted = len(doomed)
+            new_first = max(self._first_index, upto_index)
+            ctx.put(b"meta", _META_FIRST_INDEX, _U64.pack(new_first))
+
+            def hook() -> None:
+                self._first_index = new_first
+
+            ctx.on_commit(hook)
+            return deleted
+
+        return self.write(fn)
+
+    def _record_corrupt(self, index: int, reason: str) -> None:
+        if self._quarantine_mem.get(index) == reason:
+            return
+        self._quarantine_mem[index] = reason
+        log.error("store %s: log index %d is corrupt: %s", self.path, index, reason)
+        if self.writer is not None:
+            # Persist without waiting (a read must not block on the writer); if the queue is
+            # full the next read of the record records it again.
+            value = f"{self.clock_ms()} {reason}".encode()
+            self.writer.submit_nowait(lambda ctx: ctx.put(b"quarantine", _U64.pack(index), value))
+
+    def quarantined(self) -> dict[int, str]:
+        """Indices found corrupt (persisted ones and those found since opening) and why."""
+        out: dict[int, str] = {}
+        with self.env.read() as txn:
+            if b"quarantine" in self.env.dbs:
+                for k, v in txn.cursor(db=self.env.dbs[b"quarantine"]):
+                    out[key_index(k)] = bytes(v).decode("utf-8", "replace").partition(" ")[2]
+        out.update(self._quarantine_mem)
+        return dict(sorted(out.items()))
+
+    def scan(self, progress: Callable[[int, int], None] | None = None) -> ScanReport:
+        """Read and verify every record (CRC, framing, index); report every damaged one.
+
+        Corrupt records are recorded in the quarantine list. ``progress(done, total)`` is called
+        after each chunk.
+        """
+        corrupt: list[tuple[int, str]] = []
+        checked = 0
+        first, last = self._first_index, self._last_index
+        total = max(0, last - first + 1)
+        expected = first
+        db = self.env.dbs[b"log"]
+        position: bytes | None = None
+        done = False
+        while not done:
+            with self.env.read() as txn, txn.cursor(db=db) as cur:
+                ok = cur.set_range(position) if position is not None else cur.first()
+                if position is not None and ok and cur.key() == position:
+                    ok = cur.next()
+                n = 0
+                while ok and n < _SCAN_CHUNK:
+                    index = key_index(cur.key())
+                    if index >= first:
+                        while expected < index and expected <= last:
+                            corrupt.append((expected, "record missing from the log"))
+                            expected += 1
+                        expected = max(expected, index + 1)
+                    try:
+                        codec.decode_record(cur.value(), index)
+                    except Corruption as exc:
+                        corrupt.append((index, exc.reason))
+                    checked += 1
+                    n += 1
+                    position = cur.key()
+                    ok = cur.next()
+                done = not ok
+            if progress is not None:
+                progress(min(checked, total), total)
+        while expected <= last:
+            corrupt.append((expected, "record missing from the log"))
+            expected += 1
+        for index, reason in corrupt:
+            self._record_corrupt(index, reason)
+        return ScanReport(checked, first, last, tuple(sorted(corrupt)))
+
+    # --- meta ----------------------------------------------------------------------------------------
+
+    def meta_get(self, key: bytes) -> bytes | None:
+        with self.env.read() as txn:
+            value = txn.get(key, db=self.env.dbs[b"meta"])
+        return None if value is None else bytes(value)
+
+    def meta_put(self, key: bytes, value: bytes) -> None:
+        self.write(lambda ctx: ctx.put(b"meta", key, value))
+
+    def stats(self) -> dict[str, int]:
+        info = self.env.env.info()
+        data_file = self.path / "data.mdb"
+        return {
+            "first_index": self._first_index,
+            "last_index": self._last_index,
+            "map_size_bytes": int(info["map_size"]),
+            "file_size_bytes": data_file.stat().st_size if data_file.exists() else 0,
+            "quarantined": len(self.quarantined()),
+        }
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Finish queued writes, stop the writer and close the environment. Idempotent."""
+        if self.writer is not None:
+            self.writer.stop()
+        self.env.close()
+
+    def __enter__(self) -> LogStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _dict_message_id(dict_id: int) -> bytes:
+    # Dictionaries are sealed like messages; their "message id" is fixed by their dictionary id.
+    return b"mqstore-dict" + struct.pack(">I", dict_id)
+
+
+def _dict_id_of(message_id: bytes) -> int:
+    if not message_id.startswith(b"mqstore-dict"):
+        raise Corruption("dictionary record has a foreign message id")
+    return int(struct.unpack(">I", message_id[12:16])[0])
+
+
+def _type_name(rtype: int) -> str:
+    try:
+        return RecordType(rtype).name
+    except ValueError:
+        return f"type-{rtype}"
+
+
+__all__ = [
+    "Appended",
+    "LogStore",
+    "NewMessage",
+    "Prepared",
+    "ScanReport",
+    "Staged",
+    "StoredMessage",
+    "WriteContext",
+    "index_key",
+    "key_index",
+]

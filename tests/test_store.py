@@ -1,0 +1,391 @@
+"""The log on LMDB: appends, reads, group commit, map growth, locking, corruption, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import pytest
+
+from mqstore import limits
+from mqstore.codec import RecordType, decode_record, encode_record
+from mqstore.errors import (
+    Corruption,
+    InvalidArgument,
+    NotFound,
+    Overloaded,
+    StoreClosed,
+    StoreLocked,
+)
+from mqstore.store import LogStore, NewMessage, WriteContext
+from mqstore.testing.mail import MailFactory
+
+
+def _msg(**kw: object) -> NewMessage:
+    fields: dict[str, object] = {"mail_from": "a@example.org", "recipients": ["b@example.net"], "data": b"hi"}
+    fields.update(kw)
+    return NewMessage(**fields)  # type: ignore[arg-type]
+
+
+def test_environment_flags_are_the_durable_ones(store: LogStore) -> None:
+    flags = store.env.env.flags()
+    assert flags["sync"] and flags["metasync"] and flags["meminit"]
+    assert not flags["writemap"] and not flags["map_async"]
+
+
+def test_append_and_read_back(store: LogStore) -> None:
+    assert (store.first_index, store.last_index) == (1, 0)
+    assert store.append(RecordType.BLOB, [b"one", b"two"]) == [1, 2]
+    assert store.append(RecordType.BLOB, [b"three"]) == [3]
+    assert [r.payload for r in store.read_range(1, 4)] == [b"one", b"two", b"three"]
+    assert store.read(2).index == 2 and store.read(2).type == RecordType.BLOB
+    assert store.last_index == 3
+    with pytest.raises(NotFound, match="not in the log"):
+        store.read(4)
+
+
+def test_read_range_respects_max_bytes(store: LogStore) -> None:
+    store.append(RecordType.BLOB, [b"x" * 100] * 10)
+    got = store.read_range(1, 11, max_bytes=300)
+    assert [r.index for r in got] == [1, 2]
+    assert len(store.read_range(1, 11, max_bytes=1)) == 1  # always at least one
+
+
+def test_records_and_messages_survive_reopen(store_path: Path, key_file: Path) -> None:
+    mail = MailFactory(2)
+    bodies = [mail.message(2048) for _ in range(20)]
+    with LogStore(store_path, key_file=key_file) as s:
+        s.append(RecordType.BLOB, [b"blob"])
+        appended = s.append_messages([_msg(data=b, priority=i % 3, namespace="tenant-a") for i, b in enumerate(bodies)])
+    with LogStore(store_path, key_file=key_file) as s:
+        # Index 2 holds the KEY record of tenant-a's new key; the messages follow it.
+        assert [a.index for a in appended] == list(range(3, 23))
+        assert s.last_index == 22
+        assert s.read(2).type == RecordType.KEY
+        for i, a in enumerate(appended):
+            m = s.read_message(a.index)
+            assert m.data == bodies[i]
+            assert m.envelope.message_id == a.message_id
+            assert m.envelope.namespace == "tenant-a" and m.envelope.priority == i % 3
+            assert m.envelope.recipients == ("b@example.net",)
+        assert s.append(RecordType.BLOB, [b"after"]) == [23]
+
+
+def test_message_envelope_fields_round_trip(store: LogStore) -> None:
+    a = store.append_messages(
+        [
+            _msg(
+                mail_from="",
+                recipients=["x@example.net", "用户@例子.测试"],
+                priority=-5,
+                not_before_ms=123,
+                expires_at_ms=456,
+                idempotency_key="key-1",
+            )
+        ]
+    )[0]
+    env = store.read_message(a.index).envelope
+    assert env.mail_from == "" and env.recipients == ("x@example.net", "用户@例子.测试")
+    assert (env.priority, env.not_before_ms, env.expires_at_ms, env.idempotency_key) == (-5, 123, 456, "key-1")
+    assert env.created_at_ms > 0
+
+
+def test_reading_a_non_message_as_message_is_refused(store: LogStore) -> None:
+    store.append(RecordType.BLOB, [b"x"])
+    with pytest.raises(InvalidArgument, match="BLOB record, not a message"):
+        store.read_message(1)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"recipients": []}, "at least one recipient"),
+        ({"recipients": "b@example.net"}, "must be a list"),
+        ({"recipients": ["not-an-address"]}, "local@domain"),
+        ({"recipients": ["a b@example.net"]}, "not allowed"),
+        ({"recipients": ["x@exa mple.net"]}, "not a valid domain"),
+        ({"recipients": ["<x@example.net>"]}, "not allowed"),
+        ({"recipients": ["x@example.net", "x@example.net"]}, "listed twice"),
+        ({"recipients": [f"r{i}@example.net" for i in range(limits.RECIPIENTS_MAX + 1)]}, "the limit is"),
+        ({"recipients": ["x" * 65 + "@example.net"]}, "local part is 65 bytes"),
+        ({"recipients": [42]}, "must be a string"),
+        ({"mail_from": None}, "must be a string"),
+        ({"mail_from": "nobody"}, "local@domain"),
+        ({"data": "text, not bytes"}, "must be bytes"),
+        ({"namespace": ""}, "not valid"),
+        ({"namespace": "__system__"}, "not valid"),
+        ({"namespace": "a/b"}, "not valid"),
+        ({"priority": 1000}, "priority must be in"),
+        ({"priority": "high"}, "must be an integer"),
+        ({"not_before_ms": -1}, "not_before_ms must be in"),
+        ({"expires_at_ms": 1.5}, "must be an integer"),
+        ({"idempotency_key": ""}, "must not be empty"),
+        ({"idempotency_key": "k" * 257}, "the limit is 256"),
+        ({"recipients": ["\udcff@example.net"]}, "lone surrogate"),
+    ],
+)
+def test_bad_message_input_is_refused_and_nothing_is_written(
+    store: LogStore, fields: dict[str, object], message: str
+) -> None:
+    store.append(RecordType.BLOB, [b"before"])
+    with pytest.raises(InvalidArgument, match=message):
+        store.append_messages([_msg(), _msg(**fields)])  # the good one is not written either
+    assert store.last_index == 1
+
+
+def test_oversized_message_is_refused(store: LogStore) -> None:
+    with pytest.raises(InvalidArgument, match=f"the limit is {limits.MESSAGE_BYTES_MAX}"):
+        store.append_messages([_msg(data=b"x" * (limits.MESSAGE_BYTES_MAX + 1))])
+    assert store.last_index == 0
+
+
+def test_bad_raw_appends_are_refused(store: LogStore) -> None:
+    with pytest.raises(InvalidArgument):
+        store.append(RecordType.BLOB, [])
+    with pytest.raises(InvalidArgument):
+        store.append(RecordType.BLOB, ["str"])  # type: ignore[list-item]
+    with pytest.raises(InvalidArgument):
+        store.append(999, [b"x"])
+    with pytest.raises(InvalidArgument):
+        store.append(RecordType.BLOB, [b"x"] * (limits.APPEND_RECORDS_MAX + 1))
+    with pytest.raises(InvalidArgument):
+        store.append_messages([object()])  # type: ignore[list-item]
+    with pytest.raises(InvalidArgument):
+        store.read(0)
+    assert store.last_index == 0
+
+
+def test_group_commit_shares_one_transaction(store: LogStore) -> None:
+    """While the writer is busy, concurrent appends queue up and commit together."""
+    gate = threading.Event()
+    started = threading.Event()
+
+    def blocker(ctx: WriteContext) -> int:
+        started.set()
+        gate.wait(10)
+        return ctx.append(RecordType.BLOB, b"first")
+
+    first = store.submit(blocker)
+    assert started.wait(10)
+    commits_before = store.commits
+    results: list[list[int]] = []
+    threads = [
+        threading.Thread(target=lambda i=i: results.append(store.append(RecordType.BLOB, [b"t%d" % i])))
+        for i in range(16)
+    ]
+    for t in threads:
+        t.start()
+    while store.writer is not None and store.writer.queued() < 16:
+        threading.Event().wait(0.01)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert first.wait() == 1
+    indices = sorted(i for r in results for i in r)
+    assert indices == list(range(2, 18))  # distinct, contiguous
+    # The blocked batch committed once; the 16 waiting appends shared one more commit.
+    assert store.commits - commits_before == 2
+    assert sorted(store.read(i).payload for i in indices) == sorted(b"t%d" % i for i in range(16))
+
+
+def test_a_failing_write_rolls_back_only_itself(store: LogStore) -> None:
+    gate = threading.Event()
+
+    def blocker(ctx: WriteContext) -> None:
+        gate.wait(10)
+
+    def good(ctx: WriteContext) -> int:
+        return ctx.append(RecordType.BLOB, b"good")
+
+    def bad(ctx: WriteContext) -> int:
+        ctx.append(RecordType.BLOB, b"bad")
+        ctx.put(b"meta", b"test.bad", b"1")
+        raise InvalidArgument("refused after writing")
+
+    p0 = store.submit(blocker)
+    p1, p2, p3 = store.submit(good), store.submit(bad), store.submit(good)
+    gate.set()
+    p0.wait()
+    assert p1.wait() == 1
+    with pytest.raises(InvalidArgument, match="refused after writing"):
+        p2.wait()
+    assert p3.wait() == 2  # the bad write's index was given back
+    assert [r.payload for r in store.read_range(1, 3)] == [b"good", b"good"]
+    assert store.meta_get(b"test.bad") is None
+
+
+def test_full_write_queue_gives_overloaded(store_path: Path, key_file: Path) -> None:
+    with LogStore(store_path, key_file=key_file, write_queue_items_max=4) as s:
+        gate = threading.Event()
+        s.submit(lambda ctx: gate.wait(10))
+        while s.writer is not None and s.writer.queued():
+            threading.Event().wait(0.01)
+        pending = [s.submit(lambda ctx: ctx.append(RecordType.BLOB, b"q")) for _ in range(4)]
+        with pytest.raises(Overloaded, match="write queue stayed full"):
+            s.writer.submit(lambda ctx: None, wait_ms=50)  # type: ignore[union-attr]
+        gate.set()
+        assert [p.wait() for p in pending] == [1, 2, 3, 4]
+
+
+def test_map_grows_without_losing_the_write(store_path: Path, key_file: Path) -> None:
+    payload = os.urandom(200_000)
+    with LogStore(store_path, key_file=key_file, map_size=limits.MAP_SIZE_BYTES_MIN) as s:
+        before = s.stats()["map_size_bytes"]
+        indices = [s.append(RecordType.BLOB, [payload])[0] for _ in range(30)]  # ~6 MB into 1 MiB
+        assert s.stats()["map_size_bytes"] > before
+        assert all(s.read(i).payload == payload for i in indices)
+    with LogStore(store_path, key_file=key_file, map_size=limits.MAP_SIZE_BYTES_MIN) as s:
+        assert s.last_index == 30 and s.read(30).payload == payload
+
+
+def test_map_size_max_is_enforced(store_path: Path, key_file: Path) -> None:
+    with LogStore(store_path, key_file=key_file, map_size=1 << 20, map_size_max=2 << 20) as s:
+        s.append(RecordType.BLOB, [b"small"])
+        with pytest.raises(Exception, match="maximum map size"):
+            for _ in range(40):
+                s.append(RecordType.BLOB, [os.urandom(200_000)])
+        assert s.read(1).payload == b"small"
+
+
+def test_second_writer_is_locked_out(store: LogStore, store_path: Path, key_file: Path) -> None:
+    with pytest.raises(StoreLocked, match=f"pid {os.getpid()}"):
+        LogStore(store_path, key_file=key_file)
+    code = (
+        "import sys\nfrom mqstore.store import LogStore\nfrom mqstore.errors import StoreLocked\n"
+        f"try:\n    LogStore({str(store_path)!r}, key_file={str(key_file)!r})\n"
+        "except StoreLocked as e:\n    print('locked', e)\n    sys.exit(3)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3, out.stderr
+    assert "open for writing by another process" in out.stdout
+
+
+def test_read_only_open_works_beside_the_writer(store: LogStore, store_path: Path, key_file: Path) -> None:
+    store.append(RecordType.BLOB, [b"visible"])
+    # LMDB allows one environment per process, so the reader is another process (like the CLI).
+    code = (
+        "from mqstore.store import LogStore\nfrom mqstore.codec import RecordType\n"
+        f"s = LogStore({str(store_path)!r}, key_file={str(key_file)!r}, readonly=True)\n"
+        "print(s.read(1).payload.decode())\n"
+        "try:\n    s.append(RecordType.BLOB, [b'nope'])\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "visible"
+    assert lines[1].startswith("InvalidArgument") and "read-only" in lines[1]
+    assert store.last_index == 1
+
+
+def test_store_refuses_use_after_close_and_after_fork(store_path: Path, key_file: Path) -> None:
+    s = LogStore(store_path, key_file=key_file)
+    s.append(RecordType.BLOB, [b"x"])
+    pid = os.fork()
+    if pid == 0:  # child: the inherited environment must not be used
+        try:
+            s.read(1)
+        except StoreClosed:
+            os._exit(0)
+        os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    s.close()
+    with pytest.raises(StoreClosed):
+        s.read(1)
+
+
+def test_default_key_file_is_created_with_a_warning(tmp_path: Path) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with LogStore(tmp_path / "s") as s:
+            s.append(RecordType.BLOB, [b"x"])
+    assert any("production keys belong elsewhere" in str(w.message) for w in caught)
+    assert (tmp_path / "s" / "kek.key").stat().st_mode & 0o777 == 0o600
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with LogStore(tmp_path / "s") as s:  # reopening uses it silently
+            assert s.read(1).payload == b"x"
+    assert not caught
+
+
+def test_truncate_suffix_and_delete_prefix(store: LogStore) -> None:
+    store.append(RecordType.BLOB, [b"%d" % i for i in range(1, 11)])
+    assert store.truncate_suffix(8) == 3
+    assert store.last_index == 7
+    assert store.append(RecordType.BLOB, [b"new8"]) == [8]
+    assert store.delete_prefix(5, keep=[2]) == 3  # 1, 3, 4 go; 2 is kept
+    assert store.first_index == 5
+    assert store.read(2).payload == b"2"
+    with pytest.raises(NotFound):
+        store.read(3)
+    assert [r.payload for r in store.read_range(5, 9)] == [b"5", b"6", b"7", b"new8"]
+    with pytest.raises(InvalidArgument):
+        store.truncate_suffix(3)
+    assert store.scan().clean
+
+
+def _flip_in_file(path: Path, needle: bytes, offset: int) -> int:
+    """Flip one byte at ``offset`` after every occurrence of ``needle`` in the file."""
+    raw = bytearray(path.read_bytes())
+    count = 0
+    pos = raw.find(needle)
+    while pos >= 0:
+        raw[pos + offset] ^= 0x40
+        count += 1
+        pos = raw.find(needle, pos + 1)
+    path.write_bytes(bytes(raw))
+    return count
+
+
+def test_corrupt_record_is_named_by_index_and_listed_by_scan(store_path: Path, key_file: Path) -> None:
+    with LogStore(store_path, key_file=key_file) as s:
+        s.append(RecordType.BLOB, [b"payload-%03d-" % i * 20 for i in range(1, 51)])
+        s.append_messages([_msg(data=MailFactory(3).message(2048)) for _ in range(5)])
+        victim_message = s.read(53)
+        header = encode_record(*victim_message)[:36]
+    assert _flip_in_file(store_path / "data.mdb", b"payload-017-", 3) >= 1
+    assert _flip_in_file(store_path / "data.mdb", header, 60) >= 1  # inside the sealed payload
+    with LogStore(store_path, key_file=key_file) as s:
+        assert s.read(16).payload.startswith(b"payload-016-")
+        with pytest.raises(Corruption, match="log index 17: checksum mismatch") as err:
+            s.read(17)
+        assert err.value.index == 17
+        with pytest.raises(Corruption, match="log index 53"):
+            s.read_message(53)
+        with pytest.raises(Corruption, match="log index 17"):
+            s.read_range(10, 20)
+        report = s.scan()
+        assert [i for i, _ in report.corrupt] == [17, 53]
+        assert not report.clean and report.records_checked == 56  # 50 blobs, 1 KEY, 5 messages
+        assert set(s.quarantined()) == {17, 53}
+    with LogStore(store_path, key_file=key_file) as s:  # the quarantine list is persistent
+        assert set(s.quarantined()) == {17, 53}
+
+
+def test_deleted_record_inside_the_log_is_corruption_not_absence(store: LogStore) -> None:
+    store.append(RecordType.BLOB, [b"a", b"b", b"c"])
+    with store.env.env.begin(write=True) as txn:  # damage behind mqstore's back
+        txn.delete((2).to_bytes(8, "big"), db=store.env.dbs[b"log"])
+    with pytest.raises(Corruption, match="log index 2: record missing"):
+        store.read(2)
+    assert store.scan().corrupt == ((2, "record missing from the log"),)
+
+
+def test_scan_reports_progress(store: LogStore) -> None:
+    store.append(RecordType.BLOB, [b"x"] * 3000)
+    store.append(RecordType.BLOB, [b"y"] * 3000)
+    seen: list[tuple[int, int]] = []
+    report = store.scan(progress=lambda done, total: seen.append((done, total)))
+    assert report.clean and report.records_checked == 6000
+    assert seen[-1] == (6000, 6000) and len(seen) >= 2
+
+
+def test_decode_of_stored_bytes_matches_read(store: LogStore) -> None:
+    store.append(RecordType.BLOB, [b"abc"])
+    with store.env.read() as txn:
+        raw = txn.get((1).to_bytes(8, "big"), db=store.env.dbs[b"log"])
+    assert decode_record(raw, 1) == store.read(1)
