@@ -13,6 +13,7 @@ from mqstore.errors import (
     MQStoreError,
     NotFound,
     Overloaded,
+    StaleLease,
     StoreClosed,
     StoreLocked,
     UnknownKey,
@@ -21,17 +22,28 @@ from mqstore.errors import (
 
 __version__ = "0.1.0"
 
+from mqstore.api import Lease, Message, MessageSummary, Page, QShape, RecipientStatus, Store, open
+
 __all__ = [
     "Corruption",
     "DecryptionFailed",
     "InvalidArgument",
     "KeyFileError",
+    "Lease",
     "MQStoreError",
+    "Message",
+    "MessageSummary",
     "NotFound",
     "Overloaded",
+    "Page",
+    "QShape",
+    "RecipientStatus",
+    "StaleLease",
+    "Store",
     "StoreClosed",
     "StoreLocked",
     "UnknownKey",
     "WrongKey",
     "__version__",
+    "open",
 ]

@@ -69,6 +69,11 @@ class NotFound(MQStoreError, LookupError):
     """The named object (log index, message, key) does not exist."""
 
 
+class StaleLease(MQStoreError):
+    """The lease token is unknown, expired or settled, or does not hold these recipients.
+    Nothing was changed."""
+
+
 __all__ = [
     "Corruption",
     "DecryptionFailed",
@@ -78,6 +83,7 @@ __all__ = [
     "MQStoreError",
     "NotFound",
     "Overloaded",
+    "StaleLease",
     "StoreClosed",
     "StoreLocked",
     "UnknownKey",

@@ -46,16 +46,21 @@ DATABASES = (
     b"keys",  # wrapped namespace keys, KEK check
     b"dicts",  # compression dictionaries (framed, sealed DICTIONARY records)
     b"quarantine",  # u64 big-endian index -> why the record at that index is corrupt
+    # Queue state, derived only by applying the log (layouts in mqstore/queue/model.py):
     b"messages",
     b"recipients",
     b"ready",
-    b"by_domain",
-    b"dedup",
-    b"holds",
-    b"audit",
+    b"ready_dom",
     b"leases",
+    b"lease_due",
     b"expiry",
+    b"retention",
+    b"live",
+    b"msg_ns",
+    b"dedup",
+    b"dedup_exp",
     b"stats",
+    b"policies",
 )
 MAX_DBS = 32
 LOCK_FILE = "mqstore.lock"

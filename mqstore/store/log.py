@@ -50,6 +50,7 @@ _META_FIRST_INDEX = b"log.first"  # lowest index not compacted away
 _META_TERM = b"log.term"  # term stamped on records appended by this (single-node) store
 _META_DICT = b"dict.current"
 _META_CREATED = b"store.created_ms"
+_META_STAMP = b"stamp.last_ms"  # the latest time stamped on a batch: stamps never go backwards
 _META_FORMAT = b"store.format"
 _KEYS_KEK_CHECK = b"kek-check"
 _KEK_CHECK_PLAINTEXT = b"mqstore key-encryption key check v1"
@@ -277,6 +278,8 @@ class LogStore:
             self._key_lock = threading.Lock()
             self._quarantine_mem: dict[int, str] = {}
             self._first_index, self._last_index, self._term = self._load_bounds()
+            raw_stamp = self.meta_get(_META_STAMP)
+            self._last_stamp_ms = _U64.unpack(raw_stamp)[0] if raw_stamp else 0
             self._check_kek(is_new)
             self._load_keys_and_dictionaries()
             self.writer: Writer | None = None
@@ -366,9 +369,15 @@ class LogStore:
             raise InvalidArgument(f"store {self.path} is open read-only")
         return self.writer
 
-    def write(self, fn: WriteFn[T], *, size: int = 0) -> T:
-        """Run ``fn(ctx)`` in the next group commit; returns once it is durable (or raises)."""
-        return self._writer().write(fn, size=size)
+    def write(
+        self, fn: WriteFn[T], *, size: int = 0, seal: list[tuple[int, str, bytes, bytes]] | None = None
+    ) -> T:
+        """Run ``fn(ctx)`` in the next group commit; returns once it is durable (or raises).
+
+        ``seal`` lists ``(record type, namespace, message id, plaintext)`` for the writer to seal
+        first (batched with the other requests); ``fn`` finds the results in ``ctx.sealed``.
+        """
+        return self._writer().write(fn, size=size, seal=seal)
 
     def submit(
         self,
@@ -405,7 +414,9 @@ class LogStore:
         grow_attempts = 0
         while live:
             state = _Batch(self._last_index + 1, self._term)
-            now_ms = self.clock_ms()
+            # The batch's time stamp: a wall clock set back (or a restart on a machine whose
+            # clock is behind) must not move time backwards for what the writer decides.
+            now_ms = max(self.clock_ms(), self._last_stamp_ms)
             failed: Pending[Any] | None = None
             try:
                 txn = env.begin(write=True)
@@ -420,6 +431,8 @@ class LogStore:
                             failed = item
                             break
                     if failed is None:
+                        if now_ms != self._last_stamp_ms:
+                            txn.put(_META_STAMP, _U64.pack(now_ms), db=self.env.dbs[b"meta"])
                         txn.commit()
                     else:
                         txn.abort()
@@ -445,6 +458,7 @@ class LogStore:
                     item.result = None
                 continue
             self.commits += 1
+            self._last_stamp_ms = now_ms
             self._last_index = state.next_index - 1
             self._term = state.term
             for hook in state.hooks:
@@ -729,6 +743,57 @@ class LogStore:
 
         return self.write(fn)
 
+    def compact(
+        self, upto_index: int, keep: Callable[[WriteContext, int, bytes], bool], chunk: int = 10_000
+    ) -> int:
+        """Delete records below ``upto_index`` for which ``keep(ctx, index, raw)`` is false.
+
+        Runs in chunks of ``chunk`` records, one short write transaction each, so appends go on
+        in between; returns how many records were deleted. Kept records stay readable by index.
+        """
+        if upto_index > self._last_index + 1:
+            raise InvalidArgument(f"cannot compact to {upto_index}: the log ends at {self._last_index}")
+        deleted = 0
+        position = b""
+
+        def step(ctx: WriteContext) -> tuple[int, bytes | None]:
+            db = ctx.dbs[b"log"]
+            doomed = []
+            seen = 0
+            last_key = None
+            with ctx.txn.cursor(db=db) as cur:
+                ok = cur.set_range(position) if position else cur.first()
+                while ok and seen < chunk:
+                    key = bytes(cur.key())
+                    index = key_index(key)
+                    if index >= upto_index:
+                        ok = False
+                        break
+                    if not keep(ctx, index, bytes(cur.value())):
+                        doomed.append(key)
+                    last_key = key
+                    seen += 1
+                    ok = cur.next()
+            for key in doomed:
+                ctx.txn.delete(key, db=db)
+            if not ok or last_key is None:
+                new_first = max(self._first_index, upto_index)
+                ctx.put(b"meta", _META_FIRST_INDEX, _U64.pack(new_first))
+
+                def hook() -> None:
+                    self._first_index = new_first
+
+                ctx.on_commit(hook)
+                return len(doomed), None
+            return len(doomed), last_key + b"\x00"
+
+        while True:
+            n, nxt = self.write(step)
+            deleted += n
+            if nxt is None:
+                return deleted
+            position = nxt
+
     def _record_corrupt(self, index: int, reason: str) -> None:
         if self._quarantine_mem.get(index) == reason:
             return
@@ -796,6 +861,11 @@ class LogStore:
         return ScanReport(checked, first, last, tuple(sorted(corrupt)))
 
     # --- meta ----------------------------------------------------------------------------------------
+
+    @property
+    def last_stamp_ms(self) -> int:
+        """The time stamped on the last committed batch (never decreases)."""
+        return self._last_stamp_ms
 
     def meta_get(self, key: bytes) -> bytes | None:
         with self.env.read() as txn:

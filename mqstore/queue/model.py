@@ -1,0 +1,447 @@
+"""Rows of the queue's state tables and payloads of its log entries, with their encodings.
+
+Every integer is little-endian; times are milliseconds since the Unix epoch. Each encoding starts
+with a version byte so fields can be added later. Index keys are big-endian so that bytewise
+order is numeric order.
+
+Tables (LMDB databases, see mqstore/store/env.py):
+
+``messages``    message id -> MessageRow
+``recipients``  message id + ordinal (u16 BE) -> RecipientRow
+``ready``       ns NUL prio_inv(u8) due(u64 BE) mid ordinal -> domain     (queued/deferred, not held)
+``ready_dom``   ns NUL domain NUL prio_inv due mid ordinal -> b""         (same, by domain)
+``leases``      token (u64 BE) -> LeaseRow
+``lease_due``   deadline (u64 BE) token -> b""
+``expiry``      expires_at (u64 BE) mid -> b""                           (unfinished messages)
+``retention``   retain_until (u64 BE) mid -> b""                         (finished messages)
+``live``        mid -> b""                                               (unfinished messages)
+``msg_ns``      ns NUL mid -> b""
+``dedup``       ns NUL idempotency key -> mid + created (i64)
+``dedup_exp``   until (u64 BE) ns NUL key -> b""
+``stats``       ns NUL counter name -> i64
+``policies``    ns -> PolicyRow
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from mqstore.errors import Corruption
+
+# --- recipient states ---------------------------------------------------------------------------
+
+QUEUED = 1
+LEASED = 2
+DEFERRED = 3
+DELIVERED = 4
+BOUNCED = 5
+EXPIRED = 6
+STATE_NAMES = {QUEUED: "queued", LEASED: "leased", DEFERRED: "deferred", DELIVERED: "delivered",
+               BOUNCED: "bounced", EXPIRED: "expired"}
+STATE_BY_NAME = {name: code for code, name in STATE_NAMES.items()}
+FINAL = frozenset((DELIVERED, BOUNCED, EXPIRED))
+WAITING = frozenset((QUEUED, DEFERRED))  # in the ready index unless the message is held
+
+# message flags
+HELD = 0x01
+FINISHED = 0x02
+
+U64 = struct.Struct(">Q")
+U16BE = struct.Struct(">H")
+
+
+def mid_ord(mid: bytes, ordinal: int) -> bytes:
+    return mid + U16BE.pack(ordinal)
+
+
+def ns_key(namespace: str) -> bytes:
+    return namespace.encode("utf-8") + b"\x00"
+
+
+def prio_inv(priority: int) -> int:
+    """Priority -128..127 as one byte where the highest priority sorts first."""
+    return 127 - priority
+
+
+def ready_key(ns0: bytes, priority: int, due_ms: int, mid: bytes, ordinal: int) -> bytes:
+    return ns0 + bytes((prio_inv(priority),)) + U64.pack(max(due_ms, 0)) + mid + U16BE.pack(ordinal)
+
+
+def ready_dom_key(ns0: bytes, domain: str, priority: int, due_ms: int, mid: bytes, ordinal: int) -> bytes:
+    return ns0 + domain.encode("utf-8") + b"\x00" + ready_key(b"", priority, due_ms, mid, ordinal)
+
+
+def time_key(time_ms: int, suffix: bytes) -> bytes:
+    return U64.pack(max(time_ms, 0)) + suffix
+
+
+def domain_of(address: str) -> str:
+    """The lower-cased domain of an address (the part after the last @)."""
+    return address.rpartition("@")[2].lower()
+
+
+class _Reader:
+    __slots__ = ("buf", "off", "what")
+
+    def __init__(self, buf: bytes, what: str) -> None:
+        self.buf = buf
+        self.off = 0
+        self.what = what
+
+    def unpack(self, fmt: struct.Struct) -> tuple[Any, ...]:
+        try:
+            out = fmt.unpack_from(self.buf, self.off)
+        except struct.error:
+            raise Corruption(f"{self.what} is truncated") from None
+        self.off += fmt.size
+        return out
+
+    def take(self, n: int) -> bytes:
+        if self.off + n > len(self.buf):
+            raise Corruption(f"{self.what} is truncated")
+        out = self.buf[self.off : self.off + n]
+        self.off += n
+        return out
+
+    def text8(self) -> str:
+        (n,) = self.unpack(_B)
+        return self._text(n)
+
+    def text16(self) -> str:
+        (n,) = self.unpack(_H)
+        return self._text(n)
+
+    def bytes16(self) -> bytes:
+        (n,) = self.unpack(_H)
+        return self.take(n)
+
+    def _text(self, n: int) -> str:
+        try:
+            return self.take(n).decode("utf-8")
+        except UnicodeDecodeError:
+            raise Corruption(f"{self.what} holds invalid UTF-8") from None
+
+    def ordinals(self) -> tuple[int, ...]:
+        (n,) = self.unpack(_H)
+        return struct.unpack_from(f"<{n}H", self.take(2 * n)) if n else ()
+
+    def done(self) -> None:
+        if self.off != len(self.buf):
+            raise Corruption(f"{self.what} has {len(self.buf) - self.off} trailing bytes")
+
+
+_B = struct.Struct("<B")
+_H = struct.Struct("<H")
+
+
+def _text8(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return bytes((len(b),)) + b
+
+
+def _text16(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return _H.pack(len(b)) + b
+
+
+def _bytes16(b: bytes) -> bytes:
+    return _H.pack(len(b)) + b
+
+
+def _ordinals(ords: tuple[int, ...]) -> bytes:
+    return _H.pack(len(ords)) + struct.pack(f"<{len(ords)}H", *ords)
+
+
+def _version(r: _Reader, expected: int) -> None:
+    (v,) = r.unpack(_B)
+    if v != expected:
+        raise Corruption(f"{r.what} has unknown version {v}")
+
+
+# --- rows -----------------------------------------------------------------------------------------
+
+_MSG = struct.Struct("<BBbH6HQqqqqI")
+
+
+@dataclass(slots=True)
+class MessageRow:
+    namespace: str
+    priority: int
+    n_rcpts: int
+    enqueue_index: int
+    created_ms: int
+    expires_at_ms: int
+    size_bytes: int
+    idempotency_key: str = ""
+    flags: int = 0
+    counts: list[int] = field(default_factory=lambda: [0] * 6)  # recipients per state 1..6
+    finished_ms: int = 0
+    retain_until_ms: int = 0
+
+    @property
+    def held(self) -> bool:
+        return bool(self.flags & HELD)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.flags & FINISHED)
+
+    def count(self, state: int) -> int:
+        return self.counts[state - 1]
+
+    def encode(self) -> bytes:
+        return (
+            _MSG.pack(1, self.flags, self.priority, self.n_rcpts, *self.counts, self.enqueue_index,
+                      self.created_ms, self.expires_at_ms, self.finished_ms, self.retain_until_ms, self.size_bytes)
+            + _text8(self.namespace)
+            + _text16(self.idempotency_key)
+        )
+
+    @classmethod
+    def decode(cls, buf: bytes) -> MessageRow:
+        r = _Reader(buf, "message row")
+        v, flags, prio, n, c1, c2, c3, c4, c5, c6, index, created, expires, finished, retain, size = r.unpack(_MSG)
+        if v != 1:
+            raise Corruption(f"message row has unknown version {v}")
+        ns = r.text8()
+        idem = r.text16()
+        r.done()
+        return cls(ns, prio, n, index, created, expires, size, idem, flags, [c1, c2, c3, c4, c5, c6], finished, retain)
+
+
+_RCPT = struct.Struct("<BBHqQq")
+
+
+@dataclass(slots=True)
+class RecipientRow:
+    state: int
+    domain: str
+    attempts: int = 0
+    due_ms: int = 0  # when QUEUED/DEFERRED: when it may be leased
+    token: int = 0  # when LEASED: the lease's fencing token
+    deadline_ms: int = 0  # when LEASED: the lease deadline
+    reason: bytes = b""  # last reason, sealed (it may name addresses)
+
+    def encode(self) -> bytes:
+        return (
+            _RCPT.pack(1, self.state, self.attempts, self.due_ms, self.token, self.deadline_ms)
+            + _text8(self.domain)
+            + _bytes16(self.reason)
+        )
+
+    @classmethod
+    def decode(cls, buf: bytes) -> RecipientRow:
+        r = _Reader(buf, "recipient row")
+        v, state, attempts, due, token, deadline = r.unpack(_RCPT)
+        if v != 1:
+            raise Corruption(f"recipient row has unknown version {v}")
+        domain = r.text8()
+        reason = r.bytes16()
+        r.done()
+        return cls(state, domain, attempts, due, token, deadline, reason)
+
+
+_LEASE = struct.Struct("<B16sq")
+
+
+@dataclass(slots=True)
+class LeaseRow:
+    mid: bytes
+    deadline_ms: int
+    ordinals: tuple[int, ...]
+    worker: str
+
+    def encode(self) -> bytes:
+        return _LEASE.pack(1, self.mid, self.deadline_ms) + _ordinals(self.ordinals) + _text8(self.worker)
+
+    @classmethod
+    def decode(cls, buf: bytes) -> LeaseRow:
+        r = _Reader(buf, "lease row")
+        v, mid, deadline = r.unpack(_LEASE)
+        if v != 1:
+            raise Corruption(f"lease row has unknown version {v}")
+        ords = r.ordinals()
+        worker = r.text8()
+        r.done()
+        return cls(mid, deadline, tuple(ords), worker)
+
+
+_POLICY = struct.Struct("<Bqqq")
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Per-namespace queue policy. An empty ``backoff_ms`` means Postfix's doubling backoff."""
+
+    backoff_ms: tuple[int, ...] = ()
+    lifetime_ms: int = 5 * 24 * 3600 * 1000  # Postfix maximal_queue_lifetime: 5 days
+    retention_ms: int = 0  # keep finished messages this long before compaction
+    dedup_window_ms: int = 24 * 3600 * 1000
+
+    def encode(self) -> bytes:
+        return (
+            _POLICY.pack(1, self.lifetime_ms, self.retention_ms, self.dedup_window_ms)
+            + _H.pack(len(self.backoff_ms))
+            + struct.pack(f"<{len(self.backoff_ms)}q", *self.backoff_ms)
+        )
+
+    @classmethod
+    def decode(cls, buf: bytes) -> Policy:
+        r = _Reader(buf, "policy")
+        v, lifetime, retention, window = r.unpack(_POLICY)
+        if v != 1:
+            raise Corruption(f"policy has unknown version {v}")
+        (n,) = r.unpack(_H)
+        backoff = struct.unpack_from(f"<{n}q", r.take(8 * n)) if n else ()
+        r.done()
+        return cls(tuple(backoff), lifetime, retention, window)
+
+
+# --- entries (log record payloads) -----------------------------------------------------------------
+
+_LEASE_ENTRY = struct.Struct("<Bqq16s")
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseEntry:
+    """LEASE: grant ``ordinals`` of message ``mid`` to ``worker`` until ``deadline_ms``.
+    The fencing token is the record's log index."""
+
+    now_ms: int
+    deadline_ms: int
+    mid: bytes
+    ordinals: tuple[int, ...]
+    worker: str
+
+    def encode(self) -> bytes:
+        return _LEASE_ENTRY.pack(1, self.now_ms, self.deadline_ms, self.mid) + _ordinals(self.ordinals) + _text8(
+            self.worker
+        )
+
+    @classmethod
+    def decode(cls, buf: bytes) -> LeaseEntry:
+        r = _Reader(buf, "lease entry")
+        v, now, deadline, mid = r.unpack(_LEASE_ENTRY)
+        if v != 1:
+            raise Corruption(f"lease entry has unknown version {v}")
+        ords = r.ordinals()
+        worker = r.text8()
+        r.done()
+        return cls(now, deadline, mid, tuple(ords), worker)
+
+
+_SETTLE = struct.Struct("<BqQ")
+
+
+@dataclass(frozen=True, slots=True)
+class SettleEntry:
+    """ACK / DEFER / BOUNCE of ``ordinals`` under lease ``token``. DEFER carries the next attempt
+    time of each ordinal; DEFER and BOUNCE carry the (sealed) reason."""
+
+    now_ms: int
+    token: int
+    ordinals: tuple[int, ...]
+    next_attempt_ms: tuple[int, ...] = ()
+    reason: bytes = b""
+
+    def encode(self) -> bytes:
+        return (
+            _SETTLE.pack(1, self.now_ms, self.token)
+            + _ordinals(self.ordinals)
+            + _H.pack(len(self.next_attempt_ms))
+            + struct.pack(f"<{len(self.next_attempt_ms)}q", *self.next_attempt_ms)
+            + _bytes16(self.reason)
+        )
+
+    @classmethod
+    def decode(cls, buf: bytes) -> SettleEntry:
+        r = _Reader(buf, "settle entry")
+        v, now, token = r.unpack(_SETTLE)
+        if v != 1:
+            raise Corruption(f"settle entry has unknown version {v}")
+        ords = r.ordinals()
+        (n,) = r.unpack(_H)
+        nxt = struct.unpack_from(f"<{n}q", r.take(8 * n)) if n else ()
+        reason = r.bytes16()
+        r.done()
+        return cls(now, token, tuple(ords), tuple(nxt), reason)
+
+
+_ADMIN = struct.Struct("<Bq16s")
+
+
+@dataclass(frozen=True, slots=True)
+class AdminEntry:
+    """HOLD / RELEASE / REQUEUE / DELETE of one message."""
+
+    now_ms: int
+    mid: bytes
+
+    def encode(self) -> bytes:
+        return _ADMIN.pack(1, self.now_ms, self.mid)
+
+    @classmethod
+    def decode(cls, buf: bytes) -> AdminEntry:
+        r = _Reader(buf, "admin entry")
+        v, now, mid = r.unpack(_ADMIN)
+        if v != 1:
+            raise Corruption(f"admin entry has unknown version {v}")
+        r.done()
+        return cls(now, mid)
+
+
+# EXPIRE / COMPACT items
+EXPIRE_LEASE = 1  # value: token (u64 BE)
+EXPIRE_MESSAGE = 2  # value: message id
+COMPACT_MESSAGE = 1  # value: message id
+COMPACT_DEDUP = 2  # value: the dedup key (ns NUL key)
+
+_MAINT = struct.Struct("<BqH")
+
+
+@dataclass(frozen=True, slots=True)
+class MaintenanceEntry:
+    """EXPIRE (lease deadlines, message lifetimes) or COMPACT (retention passed) of many items."""
+
+    now_ms: int
+    items: tuple[tuple[int, bytes], ...]
+
+    def encode(self) -> bytes:
+        out = [_MAINT.pack(1, self.now_ms, len(self.items))]
+        for kind, value in self.items:
+            out.append(bytes((kind,)) + _bytes16(value))
+        return b"".join(out)
+
+    @classmethod
+    def decode(cls, buf: bytes) -> MaintenanceEntry:
+        r = _Reader(buf, "maintenance entry")
+        v, now, n = r.unpack(_MAINT)
+        if v != 1:
+            raise Corruption(f"maintenance entry has unknown version {v}")
+        items = []
+        for _ in range(n):
+            (kind,) = r.unpack(_B)
+            items.append((kind, r.bytes16()))
+        r.done()
+        return cls(now, tuple(items))
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyEntry:
+    now_ms: int
+    namespace: str
+    policy: Policy
+
+    def encode(self) -> bytes:
+        return struct.pack("<Bq", 1, self.now_ms) + _text8(self.namespace) + self.policy.encode()
+
+    @classmethod
+    def decode(cls, buf: bytes) -> PolicyEntry:
+        r = _Reader(buf, "policy entry")
+        v, now = r.unpack(struct.Struct("<Bq"))
+        if v != 1:
+            raise Corruption(f"policy entry has unknown version {v}")
+        ns = r.text8()
+        return cls(now, ns, Policy.decode(buf[r.off :]))
