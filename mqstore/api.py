@@ -528,10 +528,13 @@ class Store:
         lifetime: float | None = None,
         retention: float | None = None,
         dedup_window: float | None = None,
+        expired_retention: float | None = None,
     ) -> Policy:
         """Set a namespace's retry schedule (seconds; the last step repeats; None keeps Postfix's
-        doubling 300..4000 s), message lifetime, retention of finished messages and idempotency
-        window. Applies to messages enqueued (lifetime) or finished (retention) afterwards."""
+        doubling 300..4000 s), message lifetime, retention of finished messages, idempotency
+        window, and how long a message that expired is kept for the MTA's DSN (it may delete it
+        sooner). Applies to messages enqueued (lifetime) or finished (retention) afterwards.
+        Arguments left as None keep their current value."""
         validate.namespace(namespace)
         old = self._policy(namespace)
         if backoff is not None:
@@ -548,6 +551,7 @@ class Store:
             lifetime_ms=ms_or(old.lifetime_ms, lifetime, "lifetime", False),
             retention_ms=ms_or(old.retention_ms, retention, "retention", True),
             dedup_window_ms=ms_or(old.dedup_window_ms, dedup_window, "dedup_window", True),
+            expired_retention_ms=ms_or(old.expired_retention_ms, expired_retention, "expired_retention", True),
         )
 
         def fn(ctx: WriteContext) -> None:

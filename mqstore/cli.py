@@ -1,6 +1,6 @@
 """The ``mqstore`` command.
 
-``mqstore demo``     open (or create) the embedded default store and show it working.
+``mqstore demo``     open (or create) the embedded default queue and run it through a cycle.
 ``mqstore scan``     verify every record of a stopped store's log (exit code 0 = clean).
 
 Every command takes ``--json`` for scripts; human output otherwise.
@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,50 +40,65 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], lines: Sequence[str
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mqstore.store import LogStore, NewMessage
+    """Run the embedded queue through a full cycle on the default store and report it."""
+    import mqstore
     from mqstore.testing.mail import MailFactory
 
     data_dir = Path(args.data_dir)
-    with LogStore(data_dir, key_file=args.key_file) as store:
+    with mqstore.open(data_dir, key_file=args.key_file) as store:
         mail = MailFactory(seed=int(time.time()))
         batch = [
-            NewMessage(
-                mail_from="demo@example.org",
-                recipients=[mail.address(), mail.address()],
-                data=mail.message(2048),
-                namespace="default",
-            )
+            {"mail_from": "demo@example.org", "recipients": [mail.address(), mail.address()],
+             "data": mail.message(2048)}
             for _ in range(args.messages)
         ]
         t0 = time.perf_counter()
-        appended = store.append_messages(batch)
-        elapsed = time.perf_counter() - t0
-        first = store.read_message(appended[0].index)
-        record = store.read(appended[0].index)
-        report = store.scan()
+        ids = store.enqueue_many(batch)
+        enqueue_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        leases = store.lease("demo-worker", max_messages=args.messages, lease_seconds=60)
+        lease_s = time.perf_counter() - t0
+        delivered = deferred = 0
+        for i, lease in enumerate(leases):
+            if i % 4 == 3:
+                store.defer(lease.token, reason="451 4.7.1 greylisted, try again later")
+                deferred += 1
+            else:
+                store.ack(lease.token)
+                delivered += 1
         stats = store.stats()
-        payload = {
-            "data_dir": str(data_dir.resolve()),
-            "codec": codec.IMPLEMENTATION,
-            "appended": len(appended),
-            "append_seconds": elapsed,
-            "first_index": stats["first_index"],
-            "last_index": stats["last_index"],
-            "stored_bytes_first": len(record.payload) + codec.HEADER_SIZE,
-            "raw_bytes_first": len(first.data),
-            "scan_clean": report.clean,
-            "records_checked": report.records_checked,
-        }
-        lines = [
-            f"mqstore {__version__} — embedded store at {payload['data_dir']} (codec: {codec.IMPLEMENTATION})",
-            f"appended {len(appended)} messages in one durable commit ({elapsed * 1000:.1f} ms)",
-            f"log now holds indices {stats['first_index']}..{stats['last_index']}",
-            f"first message: {len(first.data)} bytes raw, {payload['stored_bytes_first']} bytes stored "
-            f"(compressed + encrypted), recipients {', '.join(first.envelope.recipients)}",
-            f"scan: {report.records_checked} records verified, "
-            + ("clean" if report.clean else f"{len(report.corrupt)} corrupt"),
-        ]
-        _emit(args, payload, lines)
+        shape = store.qshape()
+        report = store.log.scan()
+        first = store.get(ids[0])
+    payload = {
+        "data_dir": str(data_dir.resolve()),
+        "codec": codec.IMPLEMENTATION,
+        "enqueued": len(ids),
+        "enqueue_seconds": enqueue_s,
+        "leased": len(leases),
+        "lease_seconds": lease_s,
+        "delivered": delivered,
+        "deferred": deferred,
+        "stats": stats,
+        "qshape": {"buckets": shape.buckets, "total": shape.total, "domains": shape.domains},
+        "scan_clean": report.clean,
+        "records_checked": report.records_checked,
+    }
+    lines = [
+        f"mqstore {__version__}: embedded queue at {payload['data_dir']} (codec: {codec.IMPLEMENTATION})",
+        f"enqueued {len(ids)} messages in one durable commit ({enqueue_s * 1000:.1f} ms), "
+        f"leased {len(leases)} ({lease_s * 1000:.1f} ms); delivered {delivered}, deferred {deferred}",
+        f"first message {first.message_id}: {first.size} bytes, recipients "
+        + ", ".join(f"{r.address} ({r.state})" for r in first.recipients),
+        "recipients by state: " + ", ".join(f"{k} {v}" for k, v in stats["recipients"].items() if v),
+        f"messages stored: {stats['messages']} ({stats['bytes']} bytes raw), "
+        f"oldest unfinished: {stats['oldest_age_seconds']:.0f} s",
+        "waiting by domain (qshape): "
+        + (", ".join(f"{d} {sum(c)}" for d, c in list(shape.domains.items())[:5]) or "none"),
+        f"log scan: {report.records_checked} records verified, "
+        + ("clean" if report.clean else f"{len(report.corrupt)} corrupt"),
+    ]
+    _emit(args, payload, lines)
     return 0 if report.clean else 1
 
 
@@ -126,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Behave like a Unix tool: a closed pipe (mqstore ... | head) ends quietly; warnings are one line.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    warnings.formatwarning = lambda message, *_a, **_k: f"mqstore: warning: {message}\n"
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

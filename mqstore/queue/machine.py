@@ -168,9 +168,12 @@ def _maybe_finish(kv: KV, c: Counters, mid: bytes, row: MessageRow, now_ms: int)
     if sum(row.counts[s - 1] for s in FINAL) != row.n_rcpts:
         return
     policy = get_policy(kv, row.namespace)
+    retention = policy.retention_ms
+    if row.count(EXPIRED):
+        retention = max(retention, policy.expired_retention_ms)
     row.flags |= FINISHED
     row.finished_ms = now_ms
-    row.retain_until_ms = now_ms + policy.retention_ms
+    row.retain_until_ms = now_ms + retention
     kv.delete(b"live", mid)
     if row.expires_at_ms:
         kv.delete(b"expiry", time_key(row.expires_at_ms, mid))

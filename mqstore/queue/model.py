@@ -268,7 +268,7 @@ class LeaseRow:
         return cls(mid, deadline, tuple(ords), worker)
 
 
-_POLICY = struct.Struct("<Bqqq")
+_POLICY = struct.Struct("<Bqqqq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,10 +279,13 @@ class Policy:
     lifetime_ms: int = 5 * 24 * 3600 * 1000  # Postfix maximal_queue_lifetime: 5 days
     retention_ms: int = 0  # keep finished messages this long before compaction
     dedup_window_ms: int = 24 * 3600 * 1000
+    #: A message that finished with expired recipients is kept at least this long, so the MTA
+    #: can find it (``list(state="expired")``) and send the delay DSN; it deletes it when done.
+    expired_retention_ms: int = 7 * 24 * 3600 * 1000
 
     def encode(self) -> bytes:
         return (
-            _POLICY.pack(1, self.lifetime_ms, self.retention_ms, self.dedup_window_ms)
+            _POLICY.pack(1, self.lifetime_ms, self.retention_ms, self.dedup_window_ms, self.expired_retention_ms)
             + _H.pack(len(self.backoff_ms))
             + struct.pack(f"<{len(self.backoff_ms)}q", *self.backoff_ms)
         )
@@ -290,13 +293,13 @@ class Policy:
     @classmethod
     def decode(cls, buf: bytes) -> Policy:
         r = _Reader(buf, "policy")
-        v, lifetime, retention, window = r.unpack(_POLICY)
+        v, lifetime, retention, window, expired_retention = r.unpack(_POLICY)
         if v != 1:
             raise Corruption(f"policy has unknown version {v}")
         (n,) = r.unpack(_H)
         backoff = struct.unpack_from(f"<{n}q", r.take(8 * n)) if n else ()
         r.done()
-        return cls(tuple(backoff), lifetime, retention, window)
+        return cls(tuple(backoff), lifetime, retention, window, expired_retention)
 
 
 # --- entries (log record payloads) -----------------------------------------------------------------
