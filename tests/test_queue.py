@@ -4,6 +4,7 @@ retention, idempotency, listing, qshape, stats, restart persistence and bad inpu
 from __future__ import annotations
 
 from collections.abc import Iterator
+import time
 from pathlib import Path
 
 import pytest
@@ -410,9 +411,7 @@ def test_clock_set_back_does_not_move_time_backwards(qpath: Path, kek: Path, clo
 def test_background_maintenance_expires_leases(qpath: Path, kek: Path) -> None:
     with mqstore.open(qpath, key_file=kek) as s:
         mid = _enqueue(s, recipients=["a@x.example"])
-        (lease,) = s.lease("w", lease_seconds=0.2)
-        import time
-
+        assert len(s.lease("w", lease_seconds=0.2)) == 1
         deadline = time.time() + 10
         while s.get(mid).recipients[0].state == "leased" and time.time() < deadline:
             time.sleep(0.05)
@@ -439,7 +438,9 @@ def test_background_maintenance_expires_leases(qpath: Path, kek: Path) -> None:
         ({"idempotency_key": ""}, "idempotency_key"),
     ],
 )
-def test_bad_enqueue_input_is_refused_and_nothing_changes(store: Store, kwargs: dict[str, object], message: str) -> None:
+def test_bad_enqueue_input_is_refused_and_nothing_changes(
+    store: Store, kwargs: dict[str, object], message: str
+) -> None:
     _enqueue(store)
     last, stats = store.log.last_index, store.stats()["recipients"]
     fields: dict[str, object] = {"mail_from": "a@example.org", "recipients": ["b@example.net"], "data": b"x"}
