@@ -3,8 +3,8 @@ retention, idempotency, listing, qshape, stats, restart persistence and bad inpu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
