@@ -228,3 +228,37 @@ def test_no_plaintext_in_the_lmdb_files(store_path: Path, key_file: Path) -> Non
     assert b"Quarterly results" not in raw
     assert recipient.encode() not in raw
     assert b"cfo@example.org" not in raw
+
+
+class FakeKms:
+    """A stand-in for a KMS: the KEK never leaves it; it only wraps and unwraps on request."""
+
+    def __init__(self) -> None:
+        self._inner = AesKeyProvider(os.urandom(32), "fake KMS key arn:test")
+        self.calls: list[str] = []
+
+    @property
+    def description(self) -> str:
+        return "fake KMS key arn:test"
+
+    def wrap(self, secret: bytes, context: bytes) -> bytes:
+        self.calls.append("wrap")
+        return self._inner.wrap(secret, context)
+
+    def unwrap(self, wrapped: bytes, context: bytes) -> bytes:
+        self.calls.append("unwrap")
+        return self._inner.unwrap(wrapped, context)
+
+
+def test_a_kms_style_key_provider_plugs_in(store_path: Path) -> None:
+    kms = FakeKms()
+    with LogStore(store_path, key_provider=kms) as s:
+        a = s.append_message(mail_from="a@example.org", recipients=["b@example.net"], data=b"via kms")
+    assert "wrap" in kms.calls
+    assert not (store_path / "kek.key").exists()  # no key file when a provider is given
+    kms.calls.clear()
+    with LogStore(store_path, key_provider=kms) as s:
+        assert s.read_message(a.index).data == b"via kms"
+    assert "unwrap" in kms.calls
+    with pytest.raises(WrongKey, match="fake KMS"):
+        LogStore(store_path, key_provider=FakeKms())  # another KMS key does not open it
