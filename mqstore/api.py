@@ -329,14 +329,13 @@ class Store:
             for st, sealed, size in zip(staged, ctx.sealed, sizes, strict=True):
                 env = st.envelope
                 if env.idempotency_key:
-                    dup = machine.find_duplicate(kv, env.namespace, env.idempotency_key, ctx.now_ms)
+                    dup = machine.find_duplicate(kv, env.namespace, env.idempotency_key, env.created_at_ms)
                     if dup is not None:
                         out.append(dup)
                         continue
                 index = ctx.append(RecordType.ENQUEUE, sealed.payload, flags=sealed.flags,
                                    key_id=sealed.key_id, dict_id=sealed.dict_id)
-                machine.apply_enqueue(kv, c, index, env, size)
-                out.append(env.message_id)
+                out.append(machine.apply_enqueue(kv, c, index, env, size))
             c.flush(kv)
             return out
 

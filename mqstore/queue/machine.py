@@ -184,11 +184,19 @@ def _maybe_finish(kv: KV, c: Counters, mid: bytes, row: MessageRow, now_ms: int)
 # --- apply ------------------------------------------------------------------------------------------
 
 
-def apply_enqueue(kv: KV, c: Counters, index: int, env: Envelope, size_bytes: int) -> bool:
-    """ENQUEUE: a new message with all recipients QUEUED. False if the id already exists."""
+def apply_enqueue(kv: KV, c: Counters, index: int, env: Envelope, size_bytes: int) -> bytes:
+    """ENQUEUE: a new message with all recipients QUEUED. Returns the id the enqueue resolved to:
+    its own, or that of the earlier message with the same idempotency key (still inside its
+    window, judged at this entry's time), in which case nothing changes. The check is part of
+    applying, so two enqueues with one key that were both accepted before either was applied
+    (on a replicated leader, say) still store one message."""
     mid = env.message_id
+    if env.idempotency_key:
+        dup = find_duplicate(kv, env.namespace, env.idempotency_key, env.created_at_ms)
+        if dup is not None:
+            return dup
     if kv.get(b"messages", mid) is not None:
-        return False
+        return mid
     n = len(env.recipients)
     row = MessageRow(
         namespace=env.namespace,
@@ -221,7 +229,7 @@ def apply_enqueue(kv: KV, c: Counters, index: int, env: Envelope, size_bytes: in
     c.add(env.namespace, _STATS_LIVE, 1)
     c.add(env.namespace, _STATS_STORED, 1)
     c.add(env.namespace, _STATS_BYTES, size_bytes)
-    return True
+    return mid
 
 
 def find_duplicate(kv: KV, namespace: str, key: str, now_ms: int) -> bytes | None:
