@@ -23,7 +23,7 @@ from typing import Any
 from mqstore import limits, validate
 from mqstore.codec import Flags, Record, RecordType
 from mqstore.crypto import KeyProvider
-from mqstore.errors import Corruption, InvalidArgument, NotFound, StaleLease
+from mqstore.errors import InvalidArgument, NotFound, StaleLease
 from mqstore.ids import format_id, id_time_ms, parse_id
 from mqstore.queue import machine
 from mqstore.queue.kv import LmdbKV, prefix_end
@@ -34,6 +34,7 @@ from mqstore.queue.model import (
     STATE_NAMES,
     AdminEntry,
     LeaseEntry,
+    LeaseRow,
     MaintenanceEntry,
     MessageRow,
     Policy,
@@ -368,7 +369,7 @@ class Store:
         if domain is not None:
             domain = validate.domain(domain, "domain").lower()
 
-        def fn(ctx: WriteContext) -> list[tuple[int, bytes, tuple[int, ...], int]]:
+        def fn(ctx: WriteContext) -> list[tuple[int, bytes, machine.Grant, int]]:
             kv = self._kv(ctx)
             c = Counters()
             self._expire_in(ctx, kv, c)
@@ -376,40 +377,46 @@ class Store:
             for plan in machine.plan_lease(kv, ctx.now_ms, max_messages, namespace, domain):
                 entry = LeaseEntry(ctx.now_ms, ctx.now_ms + lease_ms, plan.mid, plan.ordinals, worker)
                 token = ctx.append(RecordType.LEASE, entry.encode())
-                granted = machine.apply_lease(kv, c, token, entry)
-                if granted:
-                    grants.append((token, plan.mid, granted, entry.deadline_ms))
+                grant = machine.apply_lease(kv, c, token, entry)
+                if grant.ordinals:
+                    grants.append((token, plan.mid, grant, entry.deadline_ms))
             c.flush(kv)
             return grants
 
         grants = self.log.write(fn)
-        return [self._build_lease(*g) for g in grants]
+        return self._build_leases(grants)
 
-    def _build_lease(self, token: int, mid: bytes, ordinals: tuple[int, ...], deadline_ms: int) -> Lease:
+    def _build_leases(self, grants: list[tuple[int, bytes, machine.Grant, int]]) -> list[Lease]:
+        """Lease objects for committed grants: one read transaction, each body decrypted once."""
+        if not grants:
+            return []
+        log_db = self.log.env.dbs[b"log"]
+        out = []
         with self.log.env.read() as txn:
-            kv = LmdbKV(txn, self.log.env.dbs)
-            row = machine.get_message(kv, mid)
-            if row is None:
-                raise Corruption(f"leased message {format_id(mid)} has no state row")
-            rcpts = dict(machine.recipients_of(kv, mid))
-        stored = self.log.read_message(row.enqueue_index)
-        env = stored.envelope
-        self._remember_recipients(mid, env.recipients)
-        return Lease(
-            message_id=format_id(mid),
-            token=token,
-            namespace=env.namespace,
-            mail_from=env.mail_from,
-            recipients=tuple(env.recipients[o] for o in ordinals),
-            data=stored.data,
-            attempts=max((rcpts[o].attempts for o in ordinals if o in rcpts), default=0),
-            deadline=deadline_ms / 1000,
-            priority=env.priority,
-        )
+            get = txn.get
+            for token, mid, grant, deadline_ms in grants:
+                index = grant.enqueue_index
+                stored = self.log.open_message(self.log.decode_raw(get(index.to_bytes(8, "big"), db=log_db), index))
+                env = stored.envelope
+                self._remember_recipients(mid, env.recipients)
+                out.append(
+                    Lease(
+                        message_id=format_id(mid),
+                        token=token,
+                        namespace=env.namespace,
+                        mail_from=env.mail_from,
+                        recipients=tuple(env.recipients[o] for o in grant.ordinals),
+                        data=stored.data,
+                        attempts=grant.attempts,
+                        deadline=deadline_ms / 1000,
+                        priority=env.priority,
+                    )
+                )
+        return out
 
     def _ordinals(
         self, kv: LmdbKV, token: int, recipients: Iterable[str] | None
-    ) -> tuple[MessageRow, bytes, tuple[int, ...]]:
+    ) -> tuple[MessageRow, LeaseRow, tuple[int, ...]]:
         lease, ords = machine.check_settle(kv, token, None)
         row = machine.get_message(kv, lease.mid)
         if row is None:
@@ -427,7 +434,7 @@ class Store:
                 raise StaleLease(f"lease {token} does not hold recipient(s) {unknown}")
             ords = tuple(by_address[a] for a in wanted)
             machine.check_settle(kv, token, ords)
-        return row, lease.mid, ords
+        return row, lease, ords
 
     def _settle(
         self, rtype: RecordType, token: int, recipients: Iterable[str] | None, reason: str | None
@@ -437,7 +444,8 @@ class Store:
 
         def fn(ctx: WriteContext) -> None:
             kv = self._kv(ctx)
-            row, mid, ords = self._ordinals(kv, token, recipients)
+            row, lease, ords = self._ordinals(kv, token, recipients)
+            mid = lease.mid
             nxt: tuple[int, ...] = ()
             if rtype == RecordType.DEFER:
                 policy = machine.get_policy(kv, row.namespace)
@@ -449,7 +457,7 @@ class Store:
             entry = SettleEntry(ctx.now_ms, token, ords, nxt, sealed)
             ctx.append(rtype, entry.encode())
             c = Counters()
-            if not machine.apply_settle(kv, c, rtype, entry):
+            if not machine.apply_settle(kv, c, rtype, entry, checked=lease):
                 raise AssertionError("a settle entry checked under the write lock did not apply")
             c.flush(kv)
 
@@ -478,10 +486,10 @@ class Store:
             kv = self._kv(ctx)
             c = Counters()
             for token in tokens:
-                _, ords = machine.check_settle(kv, token, None)
+                lease, ords = machine.check_settle(kv, token, None)
                 entry = SettleEntry(ctx.now_ms, token, ords)
                 ctx.append(RecordType.ACK, entry.encode())
-                if not machine.apply_settle(kv, c, RecordType.ACK, entry):
+                if not machine.apply_settle(kv, c, RecordType.ACK, entry, checked=lease):
                     raise StaleLease(f"lease {token} could not be settled")
             c.flush(kv)
 
@@ -557,6 +565,7 @@ class Store:
             entry = PolicyEntry(ctx.now_ms, namespace, policy)
             ctx.append(RecordType.POLICY, entry.encode())
             machine.apply_policy(self._kv(ctx), entry)
+            self._policies.pop(namespace, None)
 
         self.log.write(fn)
         self._policies[namespace] = policy

@@ -60,16 +60,17 @@ class MessageIdGenerator:
             self._last = max(self._last, value)
 
 
+# Two characters per 10 bits: 13 table lookups format an id (ids are formatted on every lease).
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
+
+
 def format_id(message_id: bytes) -> str:
     """The 26-character printable form of a 16-byte id."""
     if len(message_id) != MESSAGE_ID_BYTES:
         raise InvalidArgument(f"a message id is {MESSAGE_ID_BYTES} bytes, not {len(message_id)}")
     value = int.from_bytes(message_id, "big")
-    chars = []
-    for _ in range(MESSAGE_ID_CHARS):
-        chars.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+    pairs = _PAIRS
+    return "".join([pairs[(value >> shift) & 1023] for shift in range(120, -10, -10)])
 
 
 def parse_id(text: str) -> bytes:

@@ -35,15 +35,16 @@ class LmdbKV:
         self._txn = txn
         self._dbs = dbs
 
+    # Positional arguments: py-lmdb parses keywords noticeably slower, and these are hot.
     def get(self, table: bytes, key: bytes) -> bytes | None:
-        value = self._txn.get(key, db=self._dbs[table])
+        value = self._txn.get(key, None, self._dbs[table])
         return None if value is None else bytes(value)
 
     def put(self, table: bytes, key: bytes, value: bytes) -> None:
-        self._txn.put(key, value, db=self._dbs[table])
+        self._txn.put(key, value, True, True, False, self._dbs[table])
 
     def delete(self, table: bytes, key: bytes) -> bool:
-        return bool(self._txn.delete(key, db=self._dbs[table]))
+        return bool(self._txn.delete(key, b"", self._dbs[table]))
 
     def scan(self, table: bytes, start: bytes, stop: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
         with self._txn.cursor(db=self._dbs[table]) as cur:

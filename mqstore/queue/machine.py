@@ -71,12 +71,22 @@ _STATS_BYTES = "bytes"
 
 
 class Counters:
-    """Stats deltas of one write, flushed once (one read-modify-write per counter touched)."""
+    """Stats deltas of one write, flushed once (one read-modify-write per counter touched).
 
-    __slots__ = ("deltas",)
+    Also caches namespace policies for the write (they change only through POLICY entries,
+    which update the cache as they are applied)."""
+
+    __slots__ = ("deltas", "policies")
 
     def __init__(self) -> None:
         self.deltas: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.policies: dict[str, Policy] = {}
+
+    def policy(self, kv: KV, namespace: str) -> Policy:
+        policy = self.policies.get(namespace)
+        if policy is None:
+            policy = self.policies[namespace] = get_policy(kv, namespace)
+        return policy
 
     def add(self, namespace: str, name: str, delta: int) -> None:
         self.deltas[(namespace, name)] += delta
@@ -167,7 +177,7 @@ def _maybe_finish(kv: KV, c: Counters, mid: bytes, row: MessageRow, now_ms: int)
         return
     if sum(row.counts[s - 1] for s in FINAL) != row.n_rcpts:
         return
-    policy = get_policy(kv, row.namespace)
+    policy = c.policy(kv, row.namespace)
     retention = policy.retention_ms
     if row.count(EXPIRED):
         retention = max(retention, policy.expired_retention_ms)
@@ -222,7 +232,7 @@ def apply_enqueue(kv: KV, c: Counters, index: int, env: Envelope, size_bytes: in
         kv.put(b"expiry", time_key(env.expires_at_ms, mid), b"")
     if env.idempotency_key:
         dkey = ns0 + env.idempotency_key.encode()
-        until = env.created_at_ms + get_policy(kv, env.namespace).dedup_window_ms
+        until = env.created_at_ms + c.policy(kv, env.namespace).dedup_window_ms
         kv.put(b"dedup", dkey, mid + U64.pack(until))
         kv.put(b"dedup_exp", time_key(until, dkey), b"")
     c.state(env.namespace, QUEUED, n)
@@ -241,16 +251,30 @@ def find_duplicate(kv: KV, namespace: str, key: str, now_ms: int) -> bytes | Non
     return mid if now_ms < until else None
 
 
-def apply_lease(kv: KV, c: Counters, token: int, e: LeaseEntry) -> tuple[int, ...]:
-    """LEASE: grant the entry's recipients that are still waiting and due; returns those granted.
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a LEASE entry granted: the ordinals, the most attempts among them, and where the
+    message's body is (so the lease can be built without reading the state again)."""
+
+    ordinals: tuple[int, ...]
+    attempts: int = 0
+    enqueue_index: int = 0
+
+
+_NO_GRANT = Grant(())
+
+
+def apply_lease(kv: KV, c: Counters, token: int, e: LeaseEntry) -> Grant:
+    """LEASE: grant the entry's recipients that are still waiting and due; returns the grant.
 
     A recipient already leased (or final, or held) is skipped, so a recipient is never leased to
     two workers at once even if two grants for it were planned concurrently.
     """
     row = get_message(kv, e.mid)
     if row is None or row.held:
-        return ()
+        return _NO_GRANT
     granted = []
+    attempts = 0
     for ordinal in e.ordinals:
         rcpt = get_recipient(kv, e.mid, ordinal)
         if rcpt is None or rcpt.state not in WAITING or rcpt.due_ms > e.now_ms:
@@ -262,11 +286,13 @@ def apply_lease(kv: KV, c: Counters, token: int, e: LeaseEntry) -> tuple[int, ..
         rcpt.deadline_ms = e.deadline_ms
         kv.put(b"recipients", mid_ord(e.mid, ordinal), rcpt.encode())
         granted.append(ordinal)
-    if granted:
-        kv.put(b"messages", e.mid, row.encode())
-        kv.put(b"leases", U64.pack(token), LeaseRow(e.mid, e.deadline_ms, tuple(granted), e.worker).encode())
-        kv.put(b"lease_due", time_key(e.deadline_ms, U64.pack(token)), b"")
-    return tuple(granted)
+        attempts = max(attempts, rcpt.attempts)
+    if not granted:
+        return _NO_GRANT
+    kv.put(b"messages", e.mid, row.encode())
+    kv.put(b"leases", U64.pack(token), LeaseRow(e.mid, e.deadline_ms, tuple(granted), e.worker).encode())
+    kv.put(b"lease_due", time_key(e.deadline_ms, U64.pack(token)), b"")
+    return Grant(tuple(granted), attempts, row.enqueue_index)
 
 
 def check_settle(kv: KV, token: int, ordinals: Iterable[int] | None) -> tuple[LeaseRow, tuple[int, ...]]:
@@ -293,12 +319,18 @@ def check_settle(kv: KV, token: int, ordinals: Iterable[int] | None) -> tuple[Le
 _SETTLE_STATE = {RecordType.ACK: DELIVERED, RecordType.BOUNCE: BOUNCED, RecordType.DEFER: DEFERRED}
 
 
-def apply_settle(kv: KV, c: Counters, rtype: int, e: SettleEntry) -> bool:
-    """ACK / DEFER / BOUNCE. All or nothing: False (and no change) if the lease is stale."""
-    try:
-        lease, ords = check_settle(kv, e.token, e.ordinals)
-    except StaleLease:
-        return False
+def apply_settle(kv: KV, c: Counters, rtype: int, e: SettleEntry, checked: LeaseRow | None = None) -> bool:
+    """ACK / DEFER / BOUNCE. All or nothing: False (and no change) if the lease is stale.
+
+    ``checked`` is the lease row when the caller has just verified the entry with
+    :func:`check_settle` in this same transaction (it saves reading it again)."""
+    if checked is not None:
+        lease, ords = checked, e.ordinals
+    else:
+        try:
+            lease, ords = check_settle(kv, e.token, e.ordinals)
+        except StaleLease:
+            return False
     row = get_message(kv, lease.mid)
     if row is None:
         return False
@@ -491,8 +523,10 @@ def apply_compact(kv: KV, c: Counters, e: MaintenanceEntry) -> int:
     return done
 
 
-def apply_policy(kv: KV, e: PolicyEntry) -> None:
+def apply_policy(kv: KV, e: PolicyEntry, c: Counters | None = None) -> None:
     kv.put(b"policies", e.namespace.encode(), e.policy.encode())
+    if c is not None:
+        c.policies[e.namespace] = e.policy
 
 
 # --- planning (read-only) ---------------------------------------------------------------------------
@@ -614,6 +648,7 @@ def next_timer_ms(kv: KV) -> int | None:
 
 __all__ = [
     "Counters",
+    "Grant",
     "LeasePlan",
     "StaleLease",
     "apply_admin",
@@ -684,7 +719,7 @@ def apply_entry(kv: KV, c: Counters, index: int, rtype: int, entry: object) -> o
         return apply_compact(kv, c, entry)
     if rtype == RecordType.POLICY:
         assert isinstance(entry, PolicyEntry)
-        apply_policy(kv, entry)
+        apply_policy(kv, entry, c)
         return True
     if rtype in PASSIVE_TYPES:
         return None

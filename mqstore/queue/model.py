@@ -201,13 +201,22 @@ class MessageRow:
 
     @classmethod
     def decode(cls, buf: bytes) -> MessageRow:
-        r = _Reader(buf, "message row")
-        v, flags, prio, n, c1, c2, c3, c4, c5, c6, index, created, expires, finished, retain, size = r.unpack(_MSG)
-        if v != 1:
-            raise Corruption(f"message row has unknown version {v}")
-        ns = r.text8()
-        idem = r.text16()
-        r.done()
+        # Hot path (every queue operation reads rows): parse directly, validate at the end.
+        try:
+            v, flags, prio, n, c1, c2, c3, c4, c5, c6, index, created, expires, finished, retain, size = (
+                _MSG.unpack_from(buf, 0)
+            )
+            off = _MSG.size
+            ns_len = buf[off]
+            ns = buf[off + 1 : off + 1 + ns_len].decode("utf-8")
+            off += 1 + ns_len
+            (idem_len,) = _H.unpack_from(buf, off)
+            idem = buf[off + 2 : off + 2 + idem_len].decode("utf-8")
+            end = off + 2 + idem_len
+        except (struct.error, IndexError, UnicodeDecodeError):
+            raise Corruption("message row is truncated or not valid UTF-8") from None
+        if v != 1 or end != len(buf):
+            raise Corruption(f"message row has unknown version {v} or a bad length")
         return cls(ns, prio, n, index, created, expires, size, idem, flags, [c1, c2, c3, c4, c5, c6], finished, retain)
 
 
@@ -233,13 +242,19 @@ class RecipientRow:
 
     @classmethod
     def decode(cls, buf: bytes) -> RecipientRow:
-        r = _Reader(buf, "recipient row")
-        v, state, attempts, due, token, deadline = r.unpack(_RCPT)
-        if v != 1:
-            raise Corruption(f"recipient row has unknown version {v}")
-        domain = r.text8()
-        reason = r.bytes16()
-        r.done()
+        try:
+            v, state, attempts, due, token, deadline = _RCPT.unpack_from(buf, 0)
+            off = _RCPT.size
+            dom_len = buf[off]
+            domain = buf[off + 1 : off + 1 + dom_len].decode("utf-8")
+            off += 1 + dom_len
+            (reason_len,) = _H.unpack_from(buf, off)
+            reason = buf[off + 2 : off + 2 + reason_len]
+            end = off + 2 + reason_len
+        except (struct.error, IndexError, UnicodeDecodeError):
+            raise Corruption("recipient row is truncated or not valid UTF-8") from None
+        if v != 1 or end != len(buf):
+            raise Corruption(f"recipient row has unknown version {v} or a bad length")
         return cls(state, domain, attempts, due, token, deadline, reason)
 
 

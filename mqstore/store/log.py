@@ -667,6 +667,11 @@ class LogStore:
             self._record_corrupt(index, exc.reason)
             raise exc.with_index(index) from None
 
+    def decode_raw(self, raw: bytes | None, index: int) -> Record:
+        """Decode bytes read from the ``log`` table at ``index`` (CRC-checked; quarantined and
+        raised as Corruption when damaged; NotFound when absent below or above the log)."""
+        return self._decode(raw, index)
+
     def read(self, index: int) -> Record:
         """The record at ``index`` (CRC-verified)."""
         if isinstance(index, bool) or not isinstance(index, int) or index < 1:
