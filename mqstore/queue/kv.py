@@ -46,6 +46,13 @@ class LmdbKV:
     def delete(self, table: bytes, key: bytes) -> bool:
         return bool(self._txn.delete(key, b"", self._dbs[table]))
 
+    def last(self, table: bytes) -> tuple[bytes, bytes] | None:
+        """The item with the greatest key, if any."""
+        with self._txn.cursor(db=self._dbs[table]) as cur:
+            if not cur.last():
+                return None
+            return bytes(cur.key()), bytes(cur.value())
+
     def scan(self, table: bytes, start: bytes, stop: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
         with self._txn.cursor(db=self._dbs[table]) as cur:
             if not cur.set_range(start):

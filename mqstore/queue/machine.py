@@ -186,7 +186,7 @@ def _maybe_finish(kv: KV, c: Counters, mid: bytes, row: MessageRow, now_ms: int)
     row.retain_until_ms = now_ms + retention
     kv.delete(b"live", mid)
     if row.expires_at_ms:
-        kv.delete(b"expiry", time_key(row.expires_at_ms, mid))
+        kv.delete(b"expiry", time_key(row.expires_at_ms, mid))  # may be gone already
     kv.put(b"retention", time_key(row.retain_until_ms, mid), b"")
     c.add(row.namespace, _STATS_LIVE, -1)
 
@@ -232,6 +232,9 @@ def apply_enqueue(kv: KV, c: Counters, index: int, env: Envelope, size_bytes: in
         kv.put(b"expiry", time_key(env.expires_at_ms, mid), b"")
     if env.idempotency_key:
         dkey = ns0 + env.idempotency_key.encode()
+        old = kv.get(b"dedup", dkey)
+        if old is not None:  # the key's earlier window passed (else this was a duplicate)
+            kv.delete(b"dedup_exp", time_key(U64.unpack(old[16:24])[0], dkey))
         until = env.created_at_ms + c.policy(kv, env.namespace).dedup_window_ms
         kv.put(b"dedup", dkey, mid + U64.pack(until))
         kv.put(b"dedup_exp", time_key(until, dkey), b"")
@@ -490,6 +493,9 @@ def _expire_message(kv: KV, c: Counters, mid: bytes, now_ms: int) -> int:
     row = get_message(kv, mid)
     if row is None or row.finished or not row.expires_at_ms or now_ms < row.expires_at_ms:
         return 0
+    # The lifetime is handled once: recipients leased now expire when their lease ends (the
+    # settle and lease-expiry paths check expires_at), so nothing stays due in the index.
+    kv.delete(b"expiry", time_key(row.expires_at_ms, mid))
     for ordinal, rcpt in recipients_of(kv, mid):
         if rcpt.state in WAITING:
             if not row.held:
@@ -513,13 +519,15 @@ def apply_compact(kv: KV, c: Counters, e: MaintenanceEntry) -> int:
                 remove_message(kv, c, value, row)
                 done += 1
         elif kind == COMPACT_DEDUP:
-            raw = kv.get(b"dedup", value)
-            if raw is not None:
-                until = U64.unpack(raw[16:24])[0]
-                if until <= e.now_ms:
-                    kv.delete(b"dedup", value)
-                    kv.delete(b"dedup_exp", time_key(until, value))
-                    done += 1
+            # ``value`` is the dedup_exp key: window end (u64 BE) + dedup key.
+            until, dkey = U64.unpack(value[:8])[0], value[8:]
+            if until > e.now_ms:
+                continue
+            kv.delete(b"dedup_exp", value)
+            raw = kv.get(b"dedup", dkey)
+            if raw is not None and U64.unpack(raw[16:24])[0] <= e.now_ms:
+                kv.delete(b"dedup", dkey)
+            done += 1
     return done
 
 
@@ -630,7 +638,7 @@ def plan_compact(kv: KV, now_ms: int, limit: int) -> list[tuple[int, bytes]]:
         if len(items) >= limit:
             return items
     for key, _ in kv.scan(b"dedup_exp", b"", U64.pack(now_ms + 1)):
-        items.append((COMPACT_DEDUP, key[8:]))
+        items.append((COMPACT_DEDUP, key))
         if len(items) >= limit:
             break
     return items

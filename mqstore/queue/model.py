@@ -414,7 +414,7 @@ class AdminEntry:
 EXPIRE_LEASE = 1  # value: token (u64 BE)
 EXPIRE_MESSAGE = 2  # value: message id
 COMPACT_MESSAGE = 1  # value: message id
-COMPACT_DEDUP = 2  # value: the dedup key (ns NUL key)
+COMPACT_DEDUP = 2  # value: the dedup_exp key (window end u64 BE + ns NUL key)
 
 _MAINT = struct.Struct("<BqH")
 
