@@ -162,35 +162,14 @@ class QShape:
 # --- the store ------------------------------------------------------------------------------------
 
 
-class Store:
-    """An embedded mail queue in one directory. Thread safe; also a context manager.
+class QueueBase:
+    """What the embedded store and a cluster node's queue share: argument checks, the read side
+    (get, list, qshape, stats) and turning grants into leases. Subclasses implement the writes
+    (``enqueue_many``, ``lease``, ``_settle``, ``ack_many``, ``_admin``, ``set_namespace_policy``)."""
 
-    ``clock`` (epoch seconds) is injectable for tests; the state machine itself only uses times
-    stamped into log entries by the writer. ``background=True`` runs a maintenance thread that
-    expires leases and messages and compacts finished ones when they fall due.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        key_file: str | os.PathLike[str] | None = None,
-        key_provider: KeyProvider | None = None,
-        clock: Callable[[], float] | None = None,
-        background: bool = True,
-        compression_level: int = limits.ZSTD_LEVEL_DEFAULT,
-        map_size: int = limits.MAP_SIZE_BYTES_DEFAULT,
-    ) -> None:
-        self._clock = clock or time.time
-        self.log = LogStore(
-            path,
-            key_file=key_file,
-            key_provider=key_provider,
-            clock_ms=lambda: _ms(self._clock()),
-            compression_level=compression_level,
-            map_size=map_size,
-        )
-        self.path = Path(path)
+    def __init__(self, log: LogStore, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.log = log
         with self.log.env.read() as txn:  # ids stay increasing across restarts and clock steps
             newest = LmdbKV(txn, self.log.env.dbs).last(b"messages")
         if newest is not None:
@@ -198,13 +177,6 @@ class Store:
         self._rcpt_cache: OrderedDict[bytes, tuple[str, ...]] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._policies: dict[str, Policy] = {}
-        self._compacted_at = self.log.last_index
-        self._closed = threading.Event()
-        self._wake = threading.Event()
-        self._maintainer: threading.Thread | None = None
-        if background:
-            self._maintainer = threading.Thread(target=self._maintain_loop, name="mqstore-maintenance", daemon=True)
-            self._maintainer.start()
 
     # --- helpers ---------------------------------------------------------------------------------
 
@@ -260,38 +232,8 @@ class Store:
             return message_id
         return parse_id(message_id)  # type: ignore[arg-type]
 
-    # --- enqueue -----------------------------------------------------------------------------------
-
-    def enqueue(
-        self,
-        mail_from: str,
-        recipients: Sequence[str],
-        data: bytes,
-        namespace: str = "default",
-        priority: int = 0,
-        not_before: float | _dt.datetime | None = None,
-        expires_in: float | None = None,
-        idempotency_key: str | None = None,
-    ) -> str:
-        """Store a message durably; returns its id. With an ``idempotency_key`` seen within the
-        namespace's window, returns the earlier message's id and stores nothing."""
-        return self.enqueue_many(
-            [
-                {
-                    "mail_from": mail_from,
-                    "recipients": recipients,
-                    "data": data,
-                    "namespace": namespace,
-                    "priority": priority,
-                    "not_before": not_before,
-                    "expires_in": expires_in,
-                    "idempotency_key": idempotency_key,
-                }
-            ]
-        )[0]
-
-    def enqueue_many(self, messages: Sequence[Mapping[str, Any]]) -> list[str]:
-        """Store several messages in one durable commit; returns their ids in order."""
+    def _new_messages(self, messages: Sequence[Mapping[str, Any]]) -> list[NewMessage]:
+        """Check enqueue arguments (dicts with enqueue's keyword names) and resolve defaults."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise InvalidArgument("messages must be a non-empty list of dicts")
         now = self._now_ms()
@@ -324,46 +266,13 @@ class Store:
                     idempotency_key=m.get("idempotency_key"),
                 )
             )
-        staged = self.log.stage_messages(new)
-        sizes = [len(n.data) for n in new]
+        return new
 
-        def fn(ctx: WriteContext) -> list[bytes]:
-            kv = self._kv(ctx)
-            c = Counters()
-            out = []
-            for st, sealed, size in zip(staged, ctx.sealed, sizes, strict=True):
-                env = st.envelope
-                if env.idempotency_key:
-                    dup = machine.find_duplicate(kv, env.namespace, env.idempotency_key, env.created_at_ms)
-                    if dup is not None:
-                        out.append(dup)
-                        continue
-                index = ctx.append(RecordType.ENQUEUE, sealed.payload, flags=sealed.flags,
-                                   key_id=sealed.key_id, dict_id=sealed.dict_id)
-                out.append(machine.apply_enqueue(kv, c, index, env, size))
-            c.flush(kv)
-            return out
-
-        requests = [(int(RecordType.ENQUEUE), st.envelope.namespace, st.envelope.message_id, st.plaintext)
-                    for st in staged]
-        mids = self.log.write(fn, size=sum(sizes), seal=requests)
-        for st in staged:
-            self._remember_recipients(st.envelope.message_id, st.envelope.recipients)
-        self._wake.set()
-        return [format_id(m) for m in mids]
-
-    # --- leasing and settling --------------------------------------------------------------------
-
-    def lease(
-        self,
-        worker: str,
-        max_messages: int = 100,
-        lease_seconds: float = 300,
-        namespace: str | None = None,
-        domain: str | None = None,
-    ) -> list[Lease]:
-        """Lease due recipients: highest priority first, then the longest waiting. Each lease is
-        one message's due recipients (only those in ``domain`` when given)."""
+    @staticmethod
+    def _lease_args(
+        worker: str, max_messages: int, lease_seconds: float, namespace: str | None, domain: str | None
+    ) -> tuple[int, str | None]:
+        """Check lease arguments; returns the lease length in ms and the normalised domain."""
         if not isinstance(worker, str) or not worker or len(worker.encode()) > 64:
             raise InvalidArgument("worker must be a name of 1..64 bytes")
         validate.integer(max_messages, "max_messages", 1, limits.APPEND_RECORDS_MAX)
@@ -372,23 +281,109 @@ class Store:
             validate.namespace(namespace)
         if domain is not None:
             domain = validate.domain(domain, "domain").lower()
+        return lease_ms, domain
 
-        def fn(ctx: WriteContext) -> list[tuple[int, bytes, machine.Grant, int]]:
-            kv = self._kv(ctx)
-            c = Counters()
-            self._expire_in(ctx, kv, c)
-            grants = []
-            for plan in machine.plan_lease(kv, ctx.now_ms, max_messages, namespace, domain):
-                entry = LeaseEntry(ctx.now_ms, ctx.now_ms + lease_ms, plan.mid, plan.ordinals, worker)
-                token = ctx.append(RecordType.LEASE, entry.encode())
-                grant = machine.apply_lease(kv, c, token, entry)
-                if grant.ordinals:
-                    grants.append((token, plan.mid, grant, entry.deadline_ms))
-            c.flush(kv)
-            return grants
+    @staticmethod
+    def _check_reason(reason: str | None) -> None:
+        if reason is not None and (not isinstance(reason, str) or len(reason.encode("utf-8", "replace")) > 4096):
+            raise InvalidArgument("reason must be a string of at most 4096 bytes")
 
-        grants = self.log.write(fn)
-        return self._build_leases(grants)
+    def _new_policy(
+        self,
+        namespace: str,
+        backoff: Sequence[float] | None,
+        lifetime: float | None,
+        retention: float | None,
+        dedup_window: float | None,
+        expired_retention: float | None,
+    ) -> Policy:
+        """The namespace's policy with the given changes (None keeps a value), checked."""
+        validate.namespace(namespace)
+        old = self._policy(namespace)
+        if backoff is not None:
+            if isinstance(backoff, (str, bytes)) or not isinstance(backoff, Sequence) or len(backoff) > 64:
+                raise InvalidArgument("backoff must be a list of at most 64 delays in seconds")
+            schedule = tuple(_ms(_seconds(s, f"backoff[{i}]")) for i, s in enumerate(backoff))
+        else:
+            schedule = old.backoff_ms
+
+        def ms_or(old_ms: int, value: float | None, name: str, allow_zero: bool) -> int:
+            return old_ms if value is None else _ms(_seconds(value, name, allow_zero=allow_zero))
+
+        return Policy(
+            backoff_ms=schedule,
+            lifetime_ms=ms_or(old.lifetime_ms, lifetime, "lifetime", False),
+            retention_ms=ms_or(old.retention_ms, retention, "retention", True),
+            dedup_window_ms=ms_or(old.dedup_window_ms, dedup_window, "dedup_window", True),
+            expired_retention_ms=ms_or(old.expired_retention_ms, expired_retention, "expired_retention", True),
+        )
+
+    # --- writes (subclasses) ---------------------------------------------------------------------
+
+    def enqueue_many(self, messages: Sequence[Mapping[str, Any]]) -> list[str]:
+        raise NotImplementedError
+
+    def _settle(self, rtype: RecordType, token: int, recipients: Iterable[str] | None, reason: str | None) -> None:
+        raise NotImplementedError
+
+    def _admin(self, rtype: RecordType, message_id: str) -> None:
+        raise NotImplementedError
+
+    def enqueue(
+        self,
+        mail_from: str,
+        recipients: Sequence[str],
+        data: bytes,
+        namespace: str = "default",
+        priority: int = 0,
+        not_before: float | _dt.datetime | None = None,
+        expires_in: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Store a message durably; returns its id. With an ``idempotency_key`` seen within the
+        namespace's window, returns the earlier message's id and stores nothing."""
+        return self.enqueue_many(
+            [
+                {
+                    "mail_from": mail_from,
+                    "recipients": recipients,
+                    "data": data,
+                    "namespace": namespace,
+                    "priority": priority,
+                    "not_before": not_before,
+                    "expires_in": expires_in,
+                    "idempotency_key": idempotency_key,
+                }
+            ]
+        )[0]
+
+    def ack(self, token: int, recipients: Iterable[str] | None = None) -> None:
+        """Mark the lease's recipients (all, or those listed) delivered. Raises StaleLease if the
+        token is unknown, expired or does not hold them; nothing changes then."""
+        self._settle(RecordType.ACK, token, recipients, None)
+
+    def defer(self, token: int, recipients: Iterable[str] | None = None, reason: str = "") -> None:
+        """Retry the recipients later (backoff per namespace policy); keeps ``reason``."""
+        self._settle(RecordType.DEFER, token, recipients, reason)
+
+    def bounce(self, token: int, recipients: Iterable[str] | None = None, reason: str = "") -> None:
+        """Mark the recipients permanently failed; keeps ``reason`` (for the DSN)."""
+        self._settle(RecordType.BOUNCE, token, recipients, reason)
+
+    def hold(self, message_id: str) -> None:
+        """Stop leasing the message until :meth:`release` (leases already granted stay valid)."""
+        self._admin(RecordType.HOLD, message_id)
+
+    def release(self, message_id: str) -> None:
+        self._admin(RecordType.RELEASE, message_id)
+
+    def requeue(self, message_id: str) -> None:
+        """Make the message's deferred recipients due now."""
+        self._admin(RecordType.REQUEUE, message_id)
+
+    def delete(self, message_id: str) -> None:
+        """Remove the message (its leases become stale)."""
+        self._admin(RecordType.DELETE, message_id)
 
     def _build_leases(self, grants: list[tuple[int, bytes, machine.Grant, int]]) -> list[Lease]:
         """Lease objects for committed grants: one read transaction, each body decrypted once."""
@@ -439,212 +434,6 @@ class Store:
             ords = tuple(by_address[a] for a in wanted)
             machine.check_settle(kv, token, ords)
         return row, lease, ords
-
-    def _settle(
-        self, rtype: RecordType, token: int, recipients: Iterable[str] | None, reason: str | None
-    ) -> None:
-        if reason is not None and (not isinstance(reason, str) or len(reason.encode("utf-8", "replace")) > 4096):
-            raise InvalidArgument("reason must be a string of at most 4096 bytes")
-
-        def fn(ctx: WriteContext) -> None:
-            kv = self._kv(ctx)
-            row, lease, ords = self._ordinals(kv, token, recipients)
-            mid = lease.mid
-            nxt: tuple[int, ...] = ()
-            if rtype == RecordType.DEFER:
-                policy = machine.get_policy(kv, row.namespace)
-                rcpts = dict(machine.recipients_of(kv, mid))
-                nxt = tuple(
-                    ctx.now_ms + machine.backoff_ms(policy, rcpts[o].attempts + 1, mid, o) for o in ords
-                )
-            sealed = self._seal_reason(row.namespace, mid, reason or "")
-            entry = SettleEntry(ctx.now_ms, token, ords, nxt, sealed)
-            ctx.append(rtype, entry.encode())
-            c = Counters()
-            if not machine.apply_settle(kv, c, rtype, entry, checked=lease):
-                raise AssertionError("a settle entry checked under the write lock did not apply")
-            c.flush(kv)
-
-        self.log.write(fn)
-
-    def ack(self, token: int, recipients: Iterable[str] | None = None) -> None:
-        """Mark the lease's recipients (all, or those listed) delivered. Raises StaleLease if the
-        token is unknown, expired or does not hold them; nothing changes then."""
-        self._settle(RecordType.ACK, token, recipients, None)
-
-    def defer(self, token: int, recipients: Iterable[str] | None = None, reason: str = "") -> None:
-        """Retry the recipients later (backoff per namespace policy); keeps ``reason``."""
-        self._settle(RecordType.DEFER, token, recipients, reason)
-
-    def bounce(self, token: int, recipients: Iterable[str] | None = None, reason: str = "") -> None:
-        """Mark the recipients permanently failed; keeps ``reason`` (for the DSN)."""
-        self._settle(RecordType.BOUNCE, token, recipients, reason)
-
-    def ack_many(self, tokens: Iterable[int]) -> None:
-        """Mark every recipient of each lease delivered, in one durable commit (all or nothing)."""
-        tokens = list(tokens)
-        if not tokens:
-            return
-
-        def fn(ctx: WriteContext) -> None:
-            kv = self._kv(ctx)
-            c = Counters()
-            for token in tokens:
-                lease, ords = machine.check_settle(kv, token, None)
-                entry = SettleEntry(ctx.now_ms, token, ords)
-                ctx.append(RecordType.ACK, entry.encode())
-                if not machine.apply_settle(kv, c, RecordType.ACK, entry, checked=lease):
-                    raise StaleLease(f"lease {token} could not be settled")
-            c.flush(kv)
-
-        self.log.write(fn)
-
-    # --- administration --------------------------------------------------------------------------
-
-    def _admin(self, rtype: RecordType, message_id: str) -> None:
-        mid = self._mid(message_id)
-
-        def fn(ctx: WriteContext) -> None:
-            kv = self._kv(ctx)
-            if kv.get(b"messages", mid) is None:
-                raise NotFound(f"no message {format_id(mid)}")
-            entry = AdminEntry(ctx.now_ms, mid)
-            ctx.append(rtype, entry.encode())
-            c = Counters()
-            machine.apply_admin(kv, c, rtype, entry)
-            c.flush(kv)
-
-        self.log.write(fn)
-
-    def hold(self, message_id: str) -> None:
-        """Stop leasing the message until :meth:`release` (leases already granted stay valid)."""
-        self._admin(RecordType.HOLD, message_id)
-
-    def release(self, message_id: str) -> None:
-        self._admin(RecordType.RELEASE, message_id)
-
-    def requeue(self, message_id: str) -> None:
-        """Make the message's deferred recipients due now."""
-        self._admin(RecordType.REQUEUE, message_id)
-
-    def delete(self, message_id: str) -> None:
-        """Remove the message (its leases become stale)."""
-        self._admin(RecordType.DELETE, message_id)
-
-    def set_namespace_policy(
-        self,
-        namespace: str,
-        *,
-        backoff: Sequence[float] | None = None,
-        lifetime: float | None = None,
-        retention: float | None = None,
-        dedup_window: float | None = None,
-        expired_retention: float | None = None,
-    ) -> Policy:
-        """Set a namespace's retry schedule (seconds; the last step repeats; None keeps Postfix's
-        doubling 300..4000 s), message lifetime, retention of finished messages, idempotency
-        window, and how long a message that expired is kept for the MTA's DSN (it may delete it
-        sooner). Applies to messages enqueued (lifetime) or finished (retention) afterwards.
-        Arguments left as None keep their current value."""
-        validate.namespace(namespace)
-        old = self._policy(namespace)
-        if backoff is not None:
-            if isinstance(backoff, (str, bytes)) or not isinstance(backoff, Sequence) or len(backoff) > 64:
-                raise InvalidArgument("backoff must be a list of at most 64 delays in seconds")
-            schedule = tuple(_ms(_seconds(s, f"backoff[{i}]")) for i, s in enumerate(backoff))
-        else:
-            schedule = old.backoff_ms
-        def ms_or(old_ms: int, value: float | None, name: str, allow_zero: bool) -> int:
-            return old_ms if value is None else _ms(_seconds(value, name, allow_zero=allow_zero))
-
-        policy = Policy(
-            backoff_ms=schedule,
-            lifetime_ms=ms_or(old.lifetime_ms, lifetime, "lifetime", False),
-            retention_ms=ms_or(old.retention_ms, retention, "retention", True),
-            dedup_window_ms=ms_or(old.dedup_window_ms, dedup_window, "dedup_window", True),
-            expired_retention_ms=ms_or(old.expired_retention_ms, expired_retention, "expired_retention", True),
-        )
-
-        def fn(ctx: WriteContext) -> None:
-            entry = PolicyEntry(ctx.now_ms, namespace, policy)
-            ctx.append(RecordType.POLICY, entry.encode())
-            machine.apply_policy(self._kv(ctx), entry)
-            self._policies.pop(namespace, None)
-
-        self.log.write(fn)
-        self._policies[namespace] = policy
-        return policy
-
-    # --- maintenance -----------------------------------------------------------------------------
-
-    def _expire_in(self, ctx: WriteContext, kv: LmdbKV, c: Counters) -> int:
-        items = machine.plan_expire(kv, ctx.now_ms, _MAINTENANCE_ITEMS_MAX)
-        if not items:
-            return 0
-        entry = MaintenanceEntry(ctx.now_ms, tuple(items))
-        ctx.append(RecordType.EXPIRE, entry.encode())
-        return machine.apply_expire(kv, c, entry)
-
-    def maintain(self) -> dict[str, int]:
-        """Expire leases and messages that are due, compact finished messages whose retention
-        passed, and compact the log when it has grown. Returns what was done."""
-        done = {"expired": 0, "compacted": 0, "log_records_removed": 0}
-
-        def fn(ctx: WriteContext) -> tuple[int, int]:
-            kv = self._kv(ctx)
-            c = Counters()
-            expired = self._expire_in(ctx, kv, c)
-            compacted = 0
-            items = machine.plan_compact(kv, ctx.now_ms, _MAINTENANCE_ITEMS_MAX)
-            if items:
-                entry = MaintenanceEntry(ctx.now_ms, tuple(items))
-                ctx.append(RecordType.COMPACT, entry.encode())
-                compacted = machine.apply_compact(kv, c, entry)
-            c.flush(kv)
-            return expired, compacted
-
-        while True:
-            expired, compacted = self.log.write(fn)
-            done["expired"] += expired
-            done["compacted"] += compacted
-            if expired < _MAINTENANCE_ITEMS_MAX and compacted < _MAINTENANCE_ITEMS_MAX:
-                break
-        if self.log.last_index - self._compacted_at >= _LOG_COMPACT_EVERY:
-            done["log_records_removed"] = self.compact_log()
-        return done
-
-    def compact_log(self) -> int:
-        """Drop log records no longer needed: every record already applied except the ENQUEUE
-        records (message bodies) of messages still in the store. Returns how many were removed."""
-        upto = self.log.last_index + 1
-
-        def keep(ctx: WriteContext, index: int, raw: bytes) -> bool:
-            if raw[3] != RecordType.ENQUEUE or len(raw) < 56:
-                return False
-            # The sealed payload starts with the message id (readable without decrypting).
-            return ctx.txn.get(raw[40:56], db=ctx.dbs[b"messages"]) is not None
-
-        removed = self.log.compact(upto, keep)
-        self._compacted_at = upto - 1
-        return removed
-
-    def _maintain_loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                with self.log.env.read() as txn:
-                    due = machine.next_timer_ms(LmdbKV(txn, self.log.env.dbs))
-                now = self._now_ms()
-                if due is not None and due <= now:
-                    self.maintain()
-                    continue
-                wait = 1.0 if due is None else min(1.0, max(0.01, (due - now) / 1000))
-            except Exception:
-                if self._closed.is_set():
-                    return
-                log.exception("mqstore maintenance failed; retrying in 1 s")
-                wait = 1.0
-            self._wake.wait(wait)
-            self._wake.clear()
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -846,6 +635,270 @@ class Store:
             "log": self.log.stats(),
         }
 
+
+
+class Store(QueueBase):
+    """An embedded mail queue in one directory. Thread safe; also a context manager.
+
+    ``clock`` (epoch seconds) is injectable for tests; the state machine itself only uses times
+    stamped into log entries by the writer. ``background=True`` runs a maintenance thread that
+    expires leases and messages and compacts finished ones when they fall due.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        key_file: str | os.PathLike[str] | None = None,
+        key_provider: KeyProvider | None = None,
+        clock: Callable[[], float] | None = None,
+        background: bool = True,
+        compression_level: int = limits.ZSTD_LEVEL_DEFAULT,
+        map_size: int = limits.MAP_SIZE_BYTES_DEFAULT,
+    ) -> None:
+        clock = clock or time.time
+        log_store = LogStore(
+            path,
+            key_file=key_file,
+            key_provider=key_provider,
+            clock_ms=lambda: _ms(clock()),
+            compression_level=compression_level,
+            map_size=map_size,
+        )
+        super().__init__(log_store, clock)
+        self.path = Path(path)
+        self._compacted_at = self.log.last_index
+        self._closed = threading.Event()
+        self._wake = threading.Event()
+        self._maintainer: threading.Thread | None = None
+        if background:
+            self._maintainer = threading.Thread(target=self._maintain_loop, name="mqstore-maintenance", daemon=True)
+            self._maintainer.start()
+
+    # --- enqueue -----------------------------------------------------------------------------------
+
+    def enqueue_many(self, messages: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Store several messages in one durable commit; returns their ids in order."""
+        new = self._new_messages(messages)
+        staged = self.log.stage_messages(new)
+        sizes = [len(n.data) for n in new]
+
+        def fn(ctx: WriteContext) -> list[bytes]:
+            kv = self._kv(ctx)
+            c = Counters()
+            out = []
+            for st, sealed, size in zip(staged, ctx.sealed, sizes, strict=True):
+                env = st.envelope
+                if env.idempotency_key:
+                    dup = machine.find_duplicate(kv, env.namespace, env.idempotency_key, env.created_at_ms)
+                    if dup is not None:
+                        out.append(dup)
+                        continue
+                index = ctx.append(RecordType.ENQUEUE, sealed.payload, flags=sealed.flags,
+                                   key_id=sealed.key_id, dict_id=sealed.dict_id)
+                out.append(machine.apply_enqueue(kv, c, index, env, size))
+            c.flush(kv)
+            return out
+
+        requests = [(int(RecordType.ENQUEUE), st.envelope.namespace, st.envelope.message_id, st.plaintext)
+                    for st in staged]
+        mids = self.log.write(fn, size=sum(sizes), seal=requests)
+        for st in staged:
+            self._remember_recipients(st.envelope.message_id, st.envelope.recipients)
+        self._wake.set()
+        return [format_id(m) for m in mids]
+
+    # --- leasing and settling --------------------------------------------------------------------
+
+    def lease(
+        self,
+        worker: str,
+        max_messages: int = 100,
+        lease_seconds: float = 300,
+        namespace: str | None = None,
+        domain: str | None = None,
+    ) -> list[Lease]:
+        """Lease due recipients: highest priority first, then the longest waiting. Each lease is
+        one message's due recipients (only those in ``domain`` when given)."""
+        lease_ms, domain = self._lease_args(worker, max_messages, lease_seconds, namespace, domain)
+
+        def fn(ctx: WriteContext) -> list[tuple[int, bytes, machine.Grant, int]]:
+            kv = self._kv(ctx)
+            c = Counters()
+            self._expire_in(ctx, kv, c)
+            grants = []
+            for plan in machine.plan_lease(kv, ctx.now_ms, max_messages, namespace, domain):
+                entry = LeaseEntry(ctx.now_ms, ctx.now_ms + lease_ms, plan.mid, plan.ordinals, worker)
+                token = ctx.append(RecordType.LEASE, entry.encode())
+                grant = machine.apply_lease(kv, c, token, entry)
+                if grant.ordinals:
+                    grants.append((token, plan.mid, grant, entry.deadline_ms))
+            c.flush(kv)
+            return grants
+
+        grants = self.log.write(fn)
+        return self._build_leases(grants)
+
+    def _settle(
+        self, rtype: RecordType, token: int, recipients: Iterable[str] | None, reason: str | None
+    ) -> None:
+        self._check_reason(reason)
+
+        def fn(ctx: WriteContext) -> None:
+            kv = self._kv(ctx)
+            row, lease, ords = self._ordinals(kv, token, recipients)
+            mid = lease.mid
+            nxt: tuple[int, ...] = ()
+            if rtype == RecordType.DEFER:
+                policy = machine.get_policy(kv, row.namespace)
+                rcpts = dict(machine.recipients_of(kv, mid))
+                nxt = tuple(
+                    ctx.now_ms + machine.backoff_ms(policy, rcpts[o].attempts + 1, mid, o) for o in ords
+                )
+            sealed = self._seal_reason(row.namespace, mid, reason or "")
+            entry = SettleEntry(ctx.now_ms, token, ords, nxt, sealed)
+            ctx.append(rtype, entry.encode())
+            c = Counters()
+            if not machine.apply_settle(kv, c, rtype, entry, checked=lease):
+                raise AssertionError("a settle entry checked under the write lock did not apply")
+            c.flush(kv)
+
+        self.log.write(fn)
+
+    def ack_many(self, tokens: Iterable[int]) -> None:
+        """Mark every recipient of each lease delivered, in one durable commit (all or nothing)."""
+        tokens = list(tokens)
+        if not tokens:
+            return
+
+        def fn(ctx: WriteContext) -> None:
+            kv = self._kv(ctx)
+            c = Counters()
+            for token in tokens:
+                lease, ords = machine.check_settle(kv, token, None)
+                entry = SettleEntry(ctx.now_ms, token, ords)
+                ctx.append(RecordType.ACK, entry.encode())
+                if not machine.apply_settle(kv, c, RecordType.ACK, entry, checked=lease):
+                    raise StaleLease(f"lease {token} could not be settled")
+            c.flush(kv)
+
+        self.log.write(fn)
+
+    # --- administration --------------------------------------------------------------------------
+
+    def _admin(self, rtype: RecordType, message_id: str) -> None:
+        mid = self._mid(message_id)
+
+        def fn(ctx: WriteContext) -> None:
+            kv = self._kv(ctx)
+            if kv.get(b"messages", mid) is None:
+                raise NotFound(f"no message {format_id(mid)}")
+            entry = AdminEntry(ctx.now_ms, mid)
+            ctx.append(rtype, entry.encode())
+            c = Counters()
+            machine.apply_admin(kv, c, rtype, entry)
+            c.flush(kv)
+
+        self.log.write(fn)
+
+    def set_namespace_policy(
+        self,
+        namespace: str,
+        *,
+        backoff: Sequence[float] | None = None,
+        lifetime: float | None = None,
+        retention: float | None = None,
+        dedup_window: float | None = None,
+        expired_retention: float | None = None,
+    ) -> Policy:
+        """Set a namespace's retry schedule (seconds; the last step repeats; None keeps Postfix's
+        doubling 300..4000 s), message lifetime, retention of finished messages, idempotency
+        window, and how long a message that expired is kept for the MTA's DSN (it may delete it
+        sooner). Applies to messages enqueued (lifetime) or finished (retention) afterwards.
+        Arguments left as None keep their current value."""
+        policy = self._new_policy(namespace, backoff, lifetime, retention, dedup_window, expired_retention)
+
+        def fn(ctx: WriteContext) -> None:
+            entry = PolicyEntry(ctx.now_ms, namespace, policy)
+            ctx.append(RecordType.POLICY, entry.encode())
+            machine.apply_policy(self._kv(ctx), entry)
+            self._policies.pop(namespace, None)
+
+        self.log.write(fn)
+        self._policies[namespace] = policy
+        return policy
+
+    # --- maintenance -----------------------------------------------------------------------------
+
+    def _expire_in(self, ctx: WriteContext, kv: LmdbKV, c: Counters) -> int:
+        items = machine.plan_expire(kv, ctx.now_ms, _MAINTENANCE_ITEMS_MAX)
+        if not items:
+            return 0
+        entry = MaintenanceEntry(ctx.now_ms, tuple(items))
+        ctx.append(RecordType.EXPIRE, entry.encode())
+        return machine.apply_expire(kv, c, entry)
+
+    def maintain(self) -> dict[str, int]:
+        """Expire leases and messages that are due, compact finished messages whose retention
+        passed, and compact the log when it has grown. Returns what was done."""
+        done = {"expired": 0, "compacted": 0, "log_records_removed": 0}
+
+        def fn(ctx: WriteContext) -> tuple[int, int]:
+            kv = self._kv(ctx)
+            c = Counters()
+            expired = self._expire_in(ctx, kv, c)
+            compacted = 0
+            items = machine.plan_compact(kv, ctx.now_ms, _MAINTENANCE_ITEMS_MAX)
+            if items:
+                entry = MaintenanceEntry(ctx.now_ms, tuple(items))
+                ctx.append(RecordType.COMPACT, entry.encode())
+                compacted = machine.apply_compact(kv, c, entry)
+            c.flush(kv)
+            return expired, compacted
+
+        while True:
+            expired, compacted = self.log.write(fn)
+            done["expired"] += expired
+            done["compacted"] += compacted
+            if expired < _MAINTENANCE_ITEMS_MAX and compacted < _MAINTENANCE_ITEMS_MAX:
+                break
+        if self.log.last_index - self._compacted_at >= _LOG_COMPACT_EVERY:
+            done["log_records_removed"] = self.compact_log()
+        return done
+
+    def compact_log(self) -> int:
+        """Drop log records no longer needed: every record already applied except the ENQUEUE
+        records (message bodies) of messages still in the store. Returns how many were removed."""
+        upto = self.log.last_index + 1
+
+        def keep(ctx: WriteContext, index: int, raw: bytes) -> bool:
+            if raw[3] != RecordType.ENQUEUE or len(raw) < 56:
+                return False
+            # The sealed payload starts with the message id (readable without decrypting).
+            return ctx.txn.get(raw[40:56], db=ctx.dbs[b"messages"]) is not None
+
+        removed = self.log.compact(upto, keep)
+        self._compacted_at = upto - 1
+        return removed
+
+    def _maintain_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                with self.log.env.read() as txn:
+                    due = machine.next_timer_ms(LmdbKV(txn, self.log.env.dbs))
+                now = self._now_ms()
+                if due is not None and due <= now:
+                    self.maintain()
+                    continue
+                wait = 1.0 if due is None else min(1.0, max(0.01, (due - now) / 1000))
+            except Exception:
+                if self._closed.is_set():
+                    return
+                log.exception("mqstore maintenance failed; retrying in 1 s")
+                wait = 1.0
+            self._wake.wait(wait)
+            self._wake.clear()
+
     # --- lifecycle -------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -876,4 +929,4 @@ def open(path: str | os.PathLike[str] = "mqstore-data", **options: Any) -> Store
     return Store(path, **options)
 
 
-__all__ = ["Lease", "Message", "MessageSummary", "Page", "QShape", "RecipientStatus", "Store", "open"]
+__all__ = ["Lease", "Message", "MessageSummary", "Page", "QShape", "QueueBase", "RecipientStatus", "Store", "open"]

@@ -69,6 +69,21 @@ class NotFound(MQStoreError, LookupError):
     """The named object (log index, message, key) does not exist."""
 
 
+class NotLeader(MQStoreError):
+    """This node is not the leader; ``leader_id``/``leader_address`` name the one it knows (0/""
+    when it knows none). Nothing was changed: retry at the leader."""
+
+    def __init__(self, message: str, leader_id: int = 0, leader_address: str = "") -> None:
+        super().__init__(message)
+        self.leader_id = leader_id
+        self.leader_address = leader_address
+
+
+class Unavailable(MQStoreError):
+    """The cluster cannot serve the request right now (no leader, shutting down, timed out
+    waiting for a quorum). Retrying later is safe: writes carry idempotency keys."""
+
+
 class StaleLease(MQStoreError):
     """The lease token is unknown, expired or settled, or does not hold these recipients.
     Nothing was changed."""
@@ -82,10 +97,12 @@ __all__ = [
     "KeyFileError",
     "MQStoreError",
     "NotFound",
+    "NotLeader",
     "Overloaded",
     "StaleLease",
     "StoreClosed",
     "StoreLocked",
+    "Unavailable",
     "UnknownKey",
     "WrongKey",
 ]

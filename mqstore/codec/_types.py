@@ -74,6 +74,7 @@ class RecordType(IntEnum):
     KEY = 17  # key rotation / shredding events
     BLOB = 18  # an opaque payload (tests, benchmarks, tools)
     DICTIONARY = 19  # a trained zstd dictionary, sealed under the store's system key
+    MEMBERS = 20  # cluster directory: a member's site and advertised address
 
 
 class Flags(IntFlag):

@@ -586,10 +586,16 @@ def _due_in_namespace(kv: KV, ns: str, domain: str | None, now_ms: int) -> Itera
 
 
 def plan_lease(
-    kv: KV, now_ms: int, max_messages: int, namespace: str | None = None, domain: str | None = None
+    kv: KV,
+    now_ms: int,
+    max_messages: int,
+    namespace: str | None = None,
+    domain: str | None = None,
+    exclude: set[bytes] | None = None,
 ) -> list[LeasePlan]:
     """Choose up to ``max_messages`` messages with due recipients: highest priority first, then
     the longest-due; each plan holds all of that message's due recipients (in ``domain`` if given).
+    Messages in ``exclude`` are skipped (a replicated leader's grants not yet applied).
     """
     spaces = [namespace] if namespace is not None else namespaces(kv)
     streams = [_due_in_namespace(kv, ns, domain, now_ms) for ns in spaces]
@@ -598,7 +604,7 @@ def plan_lease(
     plans: list[LeasePlan] = []
     picked: list[bytes] = []
     for _sort, mid, _ordinal in candidates:
-        if mid in seen:
+        if mid in seen or (exclude and mid in exclude):
             continue
         seen.add(mid)
         picked.append(mid)
@@ -686,7 +692,9 @@ __all__ = [
 _ADMIN_TYPES = frozenset((RecordType.HOLD, RecordType.RELEASE, RecordType.REQUEUE, RecordType.DELETE))
 _SETTLE_TYPES = frozenset((RecordType.ACK, RecordType.DEFER, RecordType.BOUNCE))
 #: Record types that carry no queue state (framework records).
-PASSIVE_TYPES = frozenset((RecordType.NOOP, RecordType.CONFIG, RecordType.KEY, RecordType.BLOB, RecordType.DICTIONARY))
+PASSIVE_TYPES = frozenset(
+    (RecordType.NOOP, RecordType.CONFIG, RecordType.KEY, RecordType.BLOB, RecordType.DICTIONARY, RecordType.MEMBERS)
+)
 
 
 def decode_entry(rtype: int, payload: bytes) -> object:

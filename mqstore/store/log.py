@@ -194,6 +194,20 @@ class WriteContext:
         self._batch.next_index = first + len(framed)
         return range(first, first + len(framed))
 
+    def append_entry(
+        self, term: int, index: int, rtype: int, payload: bytes, *, flags: int = 0, key_id: int = 0, dict_id: int = 0
+    ) -> None:
+        """Append a record whose term and index the caller decided (a replicated log entry).
+        It must continue the log: truncate a conflicting suffix first."""
+        if index != self._batch.next_index:
+            raise AssertionError(f"entry {index} does not continue the log (next is {self._batch.next_index})")
+        framed = codec.encode_record(rtype, flags, term, index, key_id, dict_id, payload)
+        if not self.txn.put(_U64.pack(index), framed, db=self.dbs[b"log"], append=True):
+            raise AssertionError(f"log index {index} already exists")
+        self._batch.next_index = index + 1
+        if term > self._batch.term:
+            self._batch.term = term
+
     def append_framed(self, records: Sequence[bytes], first_index: int) -> None:
         """Append records already framed elsewhere (replication): they must continue the log."""
         if first_index != self._batch.next_index:
@@ -283,6 +297,9 @@ class LogStore:
             self._check_kek(is_new)
             self._load_keys_and_dictionaries()
             self.writer: Writer | None = None
+            #: Creates a namespace's key when it has none. A replicated node replaces it: its
+            #: keys are created by committing a KEY entry through consensus, not appended here.
+            self.key_creator: Callable[[str], object] | None = None
             if not readonly:
                 self.writer = Writer(
                     self._run_batch, name=f"mqstore-writer:{self.path.name}", queue_items_max=write_queue_items_max
@@ -584,7 +601,7 @@ class LogStore:
             if self.keyring.current_key_id(ns) is None:
                 with self._key_lock:  # two threads must not both create a namespace's first key
                     if self.keyring.current_key_id(ns) is None:
-                        self.rotate_key(ns)
+                        (self.key_creator or self.rotate_key)(ns)
 
     def rotate_key(self, namespace: str) -> int:
         """Add a new key for ``namespace``; new records use it, old ones keep theirs. Returns its id."""
@@ -666,6 +683,11 @@ class LogStore:
         except Corruption as exc:
             self._record_corrupt(index, exc.reason)
             raise exc.with_index(index) from None
+
+    @staticmethod
+    def frame(record: Record) -> bytes:
+        """The stored (framed, CRC'd) bytes of ``record``."""
+        return codec.encode_record(*record)
 
     def decode_raw(self, raw: bytes | None, index: int) -> Record:
         """Decode bytes read from the ``log`` table at ``index`` (CRC-checked; quarantined and
