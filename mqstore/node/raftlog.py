@@ -1,0 +1,157 @@
+"""The consensus core's storage on a node: the Raft log is mqstore's LMDB log.
+
+Raft entries are log records: an entry's term and index are the record header's, its type is the
+record type, and its payload is the record's flags, key id and dictionary id (10 bytes, so a
+sealed record can be re-framed byte for byte on every replica) followed by the record payload.
+The entries the consensus core writes itself (NOOP, CONFIG) are plain records: their payload is
+the record payload as is.
+The hard state (term, vote, commit), the configuration, the applied index and the latest snapshot's
+metadata live in the ``meta`` table, written in the same transaction as what they describe.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from mqstore.codec import Record, RecordType
+from mqstore.consensus.raft import decode_conf_state, decode_snapshot_meta, encode_conf_state, encode_snapshot_meta
+from mqstore.consensus.storage import limit_size
+from mqstore.consensus.types import Compacted, ConfState, Entry, HardState, Snapshot, SnapshotMeta, Unavailable
+from mqstore.store import LogStore, WriteContext
+
+META_HARD_STATE = b"raft.hard_state"
+META_CONF_STATE = b"raft.conf_state"
+META_APPLIED = b"raft.applied"
+META_SNAPSHOT = b"raft.snapshot"  # index, term, conf state of the latest snapshot / compaction point
+
+_HARD = struct.Struct(">QQQ")
+_APPLIED = struct.Struct(">Q")
+_RECORD_META = struct.Struct("<HII")  # flags, key id, dict id
+RECORD_META_BYTES = _RECORD_META.size
+
+
+def entry_payload(flags: int, key_id: int, dict_id: int, payload: bytes) -> bytes:
+    """What a proposal carries for a record: its header fields the leader does not assign."""
+    return _RECORD_META.pack(flags, key_id, dict_id) + payload
+
+
+_CORE_TYPES = frozenset((RecordType.NOOP, RecordType.CONFIG))
+
+
+def split_payload(rtype: int, entry_payload_bytes: bytes) -> tuple[int, int, int, bytes]:
+    if rtype in _CORE_TYPES:
+        return 0, 0, 0, entry_payload_bytes
+    flags, key_id, dict_id = _RECORD_META.unpack_from(entry_payload_bytes)
+    return flags, key_id, dict_id, entry_payload_bytes[RECORD_META_BYTES:]
+
+
+def entry_to_record(entry: Entry) -> Record:
+    flags, key_id, dict_id, payload = split_payload(entry.rtype, entry.payload)
+    return Record(entry.rtype, flags, entry.term, entry.index, key_id, dict_id, payload)
+
+
+def record_to_entry(record: Record) -> Entry:
+    if record.type in _CORE_TYPES:
+        payload = record.payload
+    else:
+        payload = entry_payload(record.flags, record.key_id, record.dict_id, record.payload)
+    return Entry(term=record.term, index=record.index, rtype=record.type, payload=payload)
+
+
+class LmdbRaftStorage:
+    """``mqstore.consensus.storage.Storage`` over a :class:`LogStore` (read side), plus the
+    write-side helpers the node uses inside its persist transaction."""
+
+    def __init__(self, log: LogStore) -> None:
+        self.log = log
+
+    # --- Storage ------------------------------------------------------------------------------
+
+    def initial_state(self) -> tuple[HardState, ConfState]:
+        raw = self.log.meta_get(META_HARD_STATE)
+        hard = HardState(*_HARD.unpack(raw)) if raw else HardState()
+        raw_conf = self.log.meta_get(META_CONF_STATE)
+        conf = decode_conf_state(raw_conf) if raw_conf else ConfState()
+        return hard, conf
+
+    def snapshot_meta(self) -> SnapshotMeta:
+        raw = self.log.meta_get(META_SNAPSHOT)
+        return decode_snapshot_meta(raw) if raw else SnapshotMeta(index=0, term=0, conf_state=ConfState())
+
+    def applied_index(self) -> int:
+        raw = self.log.meta_get(META_APPLIED)
+        return int(_APPLIED.unpack(raw)[0]) if raw else 0
+
+    def first_index(self) -> int:
+        return self.snapshot_meta().index + 1
+
+    def last_index(self) -> int:
+        return max(self.log.last_index, self.snapshot_meta().index)
+
+    def term(self, index: int) -> int:
+        snap = self.snapshot_meta()
+        if index == snap.index:
+            return snap.term
+        if index < snap.index:
+            raise Compacted(f"term of {index}: compacted up to {snap.index}")
+        if index > self.log.last_index:
+            raise Unavailable(f"term of {index}: last index is {self.log.last_index}")
+        return self.log.term_at(index)
+
+    def entries(self, lo: int, hi: int, max_size: int) -> list[Entry]:
+        snap = self.snapshot_meta()
+        if lo <= snap.index:
+            raise Compacted(f"entries from {lo}: compacted up to {snap.index}")
+        if hi > self.log.last_index + 1:
+            raise Unavailable(f"entries up to {hi - 1}: last index is {self.log.last_index}")
+        if lo >= hi:
+            return []
+        return limit_size([record_to_entry(r) for r in self.log.read_range(lo, hi, max_size)], max_size)
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.snapshot_meta())
+
+    # --- writes (inside the node's persist transaction) ------------------------------------------
+
+    @staticmethod
+    def append(ctx: WriteContext, entries: list[Entry]) -> None:
+        """Append entries, replacing a conflicting suffix (never a committed one: the core only
+        hands out entries from the first index where its log differs from what was persisted)."""
+        if not entries:
+            return
+        first = entries[0].index
+        if first < ctx.next_index:
+            ctx.truncate_suffix(first)
+        for e in entries:
+            flags, key_id, dict_id, payload = split_payload(e.rtype, e.payload)
+            ctx.append_entry(e.term, e.index, e.rtype, payload, flags=flags, key_id=key_id, dict_id=dict_id)
+
+    @staticmethod
+    def set_hard_state(ctx: WriteContext, hard: HardState) -> None:
+        ctx.put(b"meta", META_HARD_STATE, _HARD.pack(hard.term, hard.vote, hard.commit))
+
+    @staticmethod
+    def set_conf_state(ctx: WriteContext, conf: ConfState) -> None:
+        ctx.put(b"meta", META_CONF_STATE, encode_conf_state(conf))
+
+    @staticmethod
+    def set_applied(ctx: WriteContext, index: int) -> None:
+        ctx.put(b"meta", META_APPLIED, _APPLIED.pack(index))
+
+    @staticmethod
+    def set_snapshot_meta(ctx: WriteContext, meta: SnapshotMeta) -> None:
+        ctx.put(b"meta", META_SNAPSHOT, encode_snapshot_meta(meta))
+
+
+__all__ = [
+    "META_APPLIED",
+    "META_CONF_STATE",
+    "META_HARD_STATE",
+    "META_SNAPSHOT",
+    "RECORD_META_BYTES",
+    "LmdbRaftStorage",
+    "entry_payload",
+    "entry_to_record",
+    "record_to_entry",
+    "split_payload",
+]

@@ -1,0 +1,653 @@
+"""The node runtime: drives the consensus core over the LMDB log, the network and the clock.
+
+One thread (the *raft thread*) owns the :class:`~mqstore.consensus.raft.RawNode`. It takes
+messages from peers, client operations, ticks and reads from one inbox, and runs the Ready loop:
+
+1. persist the Ready's entries and hard state **and** apply its committed entries to the queue
+   state machine, in one LMDB transaction (one fsync; the applied index is in it too);
+2. only then send its messages (so nothing is acknowledged before it is durable);
+3. answer the clients whose entries were applied; ``advance``.
+
+Client operations are *planned* on the leader against the applied state (which recipients to
+lease, whether a token is stale) and turned into log entries; their results come from applying
+those entries, so every replica computes the same thing. Operations that arrive while a Ready is
+being persisted share the next one: concurrent client writes share one commit and one
+replication round (group commit on the leader).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mqstore.codec import RecordType
+from mqstore.config import NodeConfig
+from mqstore.consensus import raft as raftcore
+from mqstore.consensus.raft import Config as RaftConfig
+from mqstore.consensus.raft import RawNode, decode_conf_change
+from mqstore.consensus.types import (
+    ConfChange,
+    ConfState,
+    HardState,
+    Message,
+    ProposalDropped,
+    Ready,
+    Role,
+    Snapshot,
+    SnapshotMeta,
+)
+from mqstore.consensus.types import NotLeader as CoreNotLeader
+from mqstore.crypto import KeyProvider
+from mqstore.errors import InvalidArgument, MQStoreError, NotLeader, Unavailable
+from mqstore.node.raftlog import LmdbRaftStorage, entry_payload
+from mqstore.node.replica import Applier, MemberInfo, read_members
+from mqstore.node.transport import ChannelFactory, Transport, insecure_channel
+from mqstore.queue.kv import LmdbKV
+from mqstore.store import LogStore, WriteContext
+
+log = logging.getLogger(__name__)
+
+META_NODE_ID = b"node.id"
+META_CLUSTER_ID = b"cluster.id"
+META_REMOVED = b"cluster.removed"  # node ids that left: never reused
+META_STAMP = b"raft.stamp_ms"  # the largest time stamp applied: a new leader never stamps earlier
+BOOTSTRAP_INDEX = 1
+INBOX_ITEMS_PER_LOOP_MAX = 4096
+OPERATION_TIMEOUT_S = 10.0
+_U64 = struct.Struct(">Q")
+
+
+class NotBootstrapped(MQStoreError):
+    """The data directory holds no cluster state: bootstrap a new cluster or join one."""
+
+
+# --- data directory setup ----------------------------------------------------------------------
+
+
+def _open_log(config: NodeConfig, key_provider: KeyProvider | None, create: bool) -> LogStore:
+    if key_provider is not None:
+        return LogStore(config.data_dir, key_provider=key_provider, create=create)
+    return LogStore(config.data_dir, key_file=config.key_file, create=create)
+
+
+def _initialize(
+    config: NodeConfig, cluster_id: str, conf: ConfState | None, key_provider: KeyProvider | None
+) -> None:
+    if (Path(config.data_dir) / "data.mdb").exists():
+        raise InvalidArgument(f"{config.data_dir} already holds a store: refusing to overwrite it")
+    store = _open_log(config, key_provider, create=True)
+    try:
+        storage = LmdbRaftStorage(store)
+
+        def fn(ctx: WriteContext) -> None:
+            ctx.put(b"meta", META_NODE_ID, _U64.pack(config.node_id))
+            ctx.put(b"meta", META_CLUSTER_ID, cluster_id.encode())
+            if conf is not None:
+                raftcore.validate_conf(conf)
+                meta = SnapshotMeta(index=BOOTSTRAP_INDEX, term=1, conf_state=conf)
+                storage.set_snapshot_meta(ctx, meta)
+                storage.set_conf_state(ctx, conf)
+                storage.set_hard_state(ctx, HardState(term=1, vote=0, commit=BOOTSTRAP_INDEX))
+                storage.set_applied(ctx, BOOTSTRAP_INDEX)
+                ctx.put(b"meta", b"log.first", _U64.pack(BOOTSTRAP_INDEX + 1))
+                members = [(config.node_id, config.site, config.address)]
+                members += [(p.id, p.site, p.address) for p in config.peers]
+                for node_id, site, address in members:
+                    info = MemberInfo(node_id, site, address)
+                    ctx.put(b"meta", b"member." + str(node_id).encode(), info.encode())
+
+        store.write(fn)
+    finally:
+        store.close()
+
+
+def bootstrap(config: NodeConfig, cluster_id: str, key_provider: KeyProvider | None = None) -> ConfState:
+    """Create a new cluster's first state in an empty data dir. Every initial member runs this
+    with the same member list (its own node plus ``peers``) and cluster id."""
+    sites = sorted({(config.node_id, config.site), *((p.id, p.site) for p in config.peers)})
+    distinct = len({s for _, s in sites})
+    # min_sites defaults to 2, or 1 for a cluster in a single site (a one-node trial, say).
+    min_sites = config.min_sites if config.min_sites is not None else (2 if distinct > 1 else 1)
+    conf = ConfState(voters=frozenset(n for n, _ in sites), sites=tuple(sites), min_sites=min_sites)
+    _initialize(config, cluster_id, conf, key_provider)  # validates the placement rules
+    return conf
+
+
+def prepare_join(config: NodeConfig, cluster_id: str, key_provider: KeyProvider | None = None) -> None:
+    """Prepare an empty data dir for a node being added to an existing cluster (``cluster add``
+    on the leader): it starts empty and receives the leader's snapshot."""
+    _initialize(config, cluster_id, None, key_provider)
+
+
+# --- operations ------------------------------------------------------------------------------------
+
+Plan = list[tuple[int, bytes]]  # (record type, entry payload) to propose
+
+
+@dataclass(slots=True)
+class Operation:
+    """A client request the raft thread turns into log entries. ``plan`` runs in the raft
+    thread on the leader (it may raise to refuse the request, nothing changes); ``finish`` turns
+    the applied entries' results into the answer."""
+
+    plan: Callable[[Node], Plan]
+    #: Turns ``[(log index, apply result), ...]`` (one per planned entry, in order) into the answer.
+    finish: Callable[[list[tuple[int, object]]], object] = lambda results: results
+    future: Future[object] = field(default_factory=Future)
+    indices: list[tuple[int, int]] = field(default_factory=list)
+    results: dict[int, object] = field(default_factory=dict)
+    reserved: set[bytes] = field(default_factory=set)
+
+
+class Node:
+    """A storage node: one member of a replicated mqstore cluster."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        key_provider: KeyProvider | None = None,
+        channel_factory: ChannelFactory = insecure_channel,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        if not (Path(config.data_dir) / "data.mdb").exists():
+            raise NotBootstrapped(
+                f"{config.data_dir} is empty: run `mqstore bootstrap` to create a new cluster, or "
+                "`mqstore join` to add this node to an existing one (an empty data dir never joins by accident)"
+            )
+        self.log = _open_log(config, key_provider, create=False)
+        try:
+            raw_id = self.log.meta_get(META_NODE_ID)
+            if raw_id is None:
+                raise NotBootstrapped(f"{config.data_dir} is not a cluster node's data dir")
+            stored_id = _U64.unpack(raw_id)[0]
+            if stored_id != config.node_id:
+                raise InvalidArgument(
+                    f"{config.data_dir} belongs to node {stored_id}, but the config says node {config.node_id}"
+                )
+            self.cluster_id = (self.log.meta_get(META_CLUSTER_ID) or b"").decode()
+            if config.cluster_id and config.cluster_id != self.cluster_id:
+                raise InvalidArgument(
+                    f"{config.data_dir} belongs to cluster {self.cluster_id!r}, the config says {config.cluster_id!r}"
+                )
+            self.storage = LmdbRaftStorage(self.log)
+            self.applier = Applier(self.log)
+            applied = self.storage.applied_index()
+            self.raw = RawNode(
+                RaftConfig(id=config.node_id, election_tick=config.election_tick, heartbeat_tick=1, applied=applied),
+                self.storage,
+                random.Random(os.urandom(16)),
+            )
+            raw_stamp = self.log.meta_get(META_STAMP)
+            self.stamp_ms = _U64.unpack(raw_stamp)[0] if raw_stamp else 0
+            self.members: dict[int, MemberInfo] = read_members(self.log)
+        except BaseException:
+            self.log.close()
+            raise
+        self.transport = Transport(self.cluster_id, self._address_of, self._unreachable, channel_factory)
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._pending: dict[int, tuple[int, Operation]] = {}  # index -> (term, operation)
+        self._reserved: set[bytes] = set()  # messages with a lease planned but not applied yet
+        self._reads: dict[bytes, Future[int]] = {}
+        self._read_waiters: list[tuple[int, Future[int]]] = []
+        self._applied = applied
+        self._role = Role.FOLLOWER
+        self._leader = 0
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"mqstore-raft-{config.node_id}", daemon=True)
+        self._status_lock = threading.Lock()
+        self.on_apply: Callable[[int], None] | None = None  # test hook: called after each apply
+
+    # --- public ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def node_id(self) -> int:
+        return self.config.node_id
+
+    @property
+    def is_leader(self) -> bool:
+        return self._role == Role.LEADER
+
+    @property
+    def leader_id(self) -> int:
+        return self._leader
+
+    @property
+    def applied_index(self) -> int:
+        return self._applied
+
+    def leader_address(self) -> str:
+        return self._address_of(self._leader, for_clients=True) or "" if self._leader else ""
+
+    def receive(self, message: Message) -> None:
+        """A message from a peer (called by the Raft service)."""
+        self._inbox.put(("msg", message))
+
+    def submit(self, op: Operation, timeout: float = OPERATION_TIMEOUT_S) -> object:
+        """Run ``op`` on the leader and wait for its entries to be applied here."""
+        if self._stopping.is_set():
+            raise Unavailable(f"node {self.node_id} is shutting down")
+        if not self.is_leader:
+            raise self._not_leader()
+        self._inbox.put(("op", op))
+        try:
+            return op.future.result(timeout)
+        except TimeoutError:
+            raise Unavailable(
+                f"no quorum confirmed the write within {timeout:.0f} s (leader {self._leader}); it may "
+                "still commit: retry with the same idempotency key"
+            ) from None
+
+    def read_barrier(self, timeout: float = OPERATION_TIMEOUT_S) -> None:
+        """Wait until a linearizable read of the local state is possible (ReadIndex): the leader
+        confirms it still leads and this node has applied everything committed before the call."""
+        if not self.is_leader:
+            raise self._not_leader()
+        future: Future[int] = Future()
+        self._inbox.put(("read", future))
+        try:
+            future.result(timeout)
+        except TimeoutError:
+            raise Unavailable("the leader could not confirm its leadership in time") from None
+
+    def call(self, fn: Callable[[], object], timeout: float = OPERATION_TIMEOUT_S) -> object:
+        """Run ``fn`` in the raft thread (membership changes, leader transfer) and return its result."""
+        future: Future[object] = Future()
+        self._inbox.put(("call", (fn, future)))
+        return future.result(timeout)
+
+    def hand_over_leadership(self, timeout: float = 5.0) -> bool:
+        """If leader, transfer leadership to the most up-to-date voter and wait for it to take
+        over. Returns True when this node is no longer leader."""
+        if not self.is_leader or len(self.raw.conf_state.voters) < 2:
+            return not self.is_leader
+        try:
+            self.call(self._transfer_to_best, timeout=1.0)
+        except Exception:
+            log.warning("node %d: leadership transfer failed", self.node_id, exc_info=True)
+            return False
+        deadline = time.monotonic() + timeout
+        while self.is_leader and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not self.is_leader
+
+    def stop(self, transfer_leadership: bool = True, timeout: float = 5.0) -> None:
+        """Stop: hand leadership to another voter first (when leader), then stop the raft thread,
+        the transport and the store."""
+        if self._stopping.is_set():
+            return
+        if transfer_leadership:
+            self.hand_over_leadership(timeout)
+        self._stopping.set()
+        self._inbox.put(("stop", None))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.transport.close()
+        self._fail_all(Unavailable(f"node {self.node_id} stopped"))
+        self.log.close()
+        self._stopped.set()
+
+    def status(self) -> dict[str, Any]:
+        raw = self.raw
+        with self._status_lock:
+            conf = raw.conf_state
+            progress = raw.progress() if self.is_leader else {}
+            return {
+                "node_id": self.node_id,
+                "site": self.config.site,
+                "role": self._role.name.lower().replace("_", "-"),
+                "term": raw.term,
+                "leader_id": self._leader,
+                "leader_address": self.leader_address(),
+                "commit_index": raw.commit_index,
+                "applied_index": self._applied,
+                "first_index": self.storage.first_index(),
+                "last_index": raw.last_index,
+                "min_sites": conf.min_sites,
+                "members": [
+                    {
+                        "id": n,
+                        "site": site,
+                        "address": self._address_of(n, for_clients=True) or "",
+                        "voter": n in conf.voters or n in conf.voters_outgoing,
+                        "match_index": getattr(progress.get(n), "match", 0),
+                    }
+                    for n, site in conf.sites
+                ],
+            }
+
+    # --- helpers for operations (raft thread) ---------------------------------------------------
+
+    def now_ms(self) -> int:
+        """The time stamp for new entries: never earlier than anything applied or in the log."""
+        self.stamp_ms = max(self.stamp_ms, round(self.clock() * 1000))
+        return self.stamp_ms
+
+    def read_state(self) -> _ReadView:
+        return _ReadView(self.log)
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _not_leader(self) -> NotLeader:
+        if self._leader:
+            return NotLeader(
+                f"node {self.node_id} is not the leader; node {self._leader} is",
+                self._leader,
+                self.leader_address(),
+            )
+        return NotLeader(f"node {self.node_id} is not the leader and knows of none right now")
+
+    def _address_of(self, node_id: int, for_clients: bool = False) -> str | None:
+        if node_id == self.node_id:
+            return self.config.address
+        if not for_clients:
+            local = self.config.peer_address(node_id)
+            if local:
+                return local  # a local override (e.g. a proxy) for this link
+        info = self.members.get(node_id)
+        if info is not None:
+            return info.address
+        return self.config.peer_address(node_id)
+
+    def _unreachable(self, peer: int) -> None:
+        self._inbox.put(("unreachable", peer))
+
+    def _run(self) -> None:
+        tick_s = self.config.heartbeat_ms / 1000
+        next_tick = time.monotonic() + tick_s
+        try:
+            while not self._stopping.is_set():
+                timeout = max(0.0, next_tick - time.monotonic())
+                try:
+                    items = [self._inbox.get(timeout=timeout)]
+                except queue.Empty:
+                    items = []
+                while items and len(items) < INBOX_ITEMS_PER_LOOP_MAX:
+                    try:
+                        items.append(self._inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                for kind, item in items:
+                    if kind == "stop":
+                        return
+                    self._handle(kind, item)
+                now = time.monotonic()
+                if now >= next_tick:
+                    self.raw.tick()
+                    next_tick = now + tick_s
+                while self.raw.has_ready():
+                    self._process_ready()
+        except BaseException:
+            log.exception("node %d: raft thread failed; the node stops", self.node_id)
+            self._stopping.set()
+            self._fail_all(Unavailable(f"node {self.node_id} failed"))
+
+    def _handle(self, kind: str, item: Any) -> None:
+        if kind == "msg":
+            try:
+                self.raw.step(item)
+            except (InvalidArgument, AssertionError):
+                raise
+            except MQStoreError as exc:
+                log.debug("node %d: dropped message %s: %s", self.node_id, item.type, exc)
+        elif kind == "op":
+            self._start_op(item)
+        elif kind == "read":
+            if not self.is_leader:
+                item.set_exception(self._not_leader())
+                return
+            context = uuid.uuid4().bytes
+            try:
+                self.raw.read_index(context)
+            except CoreNotLeader:
+                item.set_exception(self._not_leader())
+                return
+            self._reads[context] = item
+        elif kind == "call":
+            fn, future = item
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+        elif kind == "unreachable":
+            self.raw.report_unreachable(item)
+
+    def _start_op(self, op: Operation) -> None:
+        if not self.is_leader:
+            op.future.set_exception(self._not_leader())
+            return
+        try:
+            plan = op.plan(self)
+        except BaseException as exc:
+            op.future.set_exception(exc)
+            return
+        if not plan:
+            op.future.set_result(op.finish([]))
+            return
+        try:
+            for rtype, payload in plan:
+                self.raw.propose(rtype, payload)
+                index, term = self.raw.last_index, self.raw.term
+                op.indices.append((index, term))
+                self._pending[index] = (term, op)
+        except (ProposalDropped, CoreNotLeader) as exc:
+            # Entries proposed before the refusal still commit; the caller retries the whole
+            # operation (enqueues carry idempotency keys, so nothing is stored twice).
+            for index, _ in op.indices:
+                self._pending.pop(index, None)
+            self._release(op)
+            op.future.set_exception(Unavailable(f"the leader refused the write for now: {exc}"))
+            return
+        self._reserved |= op.reserved
+
+    def _release(self, op: Operation) -> None:
+        self._reserved -= op.reserved
+        op.reserved = set()
+
+    def _process_ready(self) -> None:
+        rd: Ready = self.raw.ready()
+        if rd.soft_state is not None:
+            self._on_soft_state(*rd.soft_state)
+        if rd.snapshot is not None:
+            self._install_snapshot(rd.snapshot)
+        conf_after: ConfState | None = None
+        for e in rd.committed_entries:
+            if e.rtype == RecordType.CONFIG:
+                conf_after = self.raw.apply_conf_change(decode_conf_change(e.payload))
+        entries = rd.entries
+        committed = rd.committed_entries
+        hard = rd.hard_state
+        stamp = self.stamp_ms
+
+        def fn(ctx: WriteContext) -> dict[int, object]:
+            self.storage.append(ctx, entries)
+            if hard is not None:
+                self.storage.set_hard_state(ctx, hard)
+            results = self.applier.apply(ctx, committed)
+            if committed:
+                self.storage.set_applied(ctx, committed[-1].index)
+                ctx.put(b"meta", META_STAMP, _U64.pack(stamp))
+            if conf_after is not None:
+                self.storage.set_conf_state(ctx, conf_after)
+            return results
+
+        if entries or hard is not None or committed or conf_after is not None:
+            results = self.log.write(fn, size=sum(len(e.payload) for e in entries))
+        else:
+            results = {}
+        self.transport.send(rd.messages)
+        if committed:
+            self._applied = committed[-1].index
+            for e in committed:
+                if e.rtype == RecordType.MEMBERS:
+                    self.members = read_members(self.log)
+                    break
+            self._finish_applied(committed, results)
+        for rs in rd.read_states:
+            future = self._reads.pop(rs.context, None)
+            if future is not None:
+                self._read_waiters.append((rs.index, future))
+        if self._read_waiters:
+            ready = [(i, f) for i, f in self._read_waiters if i <= self._applied]
+            self._read_waiters = [(i, f) for i, f in self._read_waiters if i > self._applied]
+            for _, f in ready:
+                f.set_result(self._applied)
+        with self._status_lock:
+            self.raw.advance(rd)
+        if committed and self.on_apply is not None:
+            self.on_apply(self._applied)
+
+    def _finish_applied(self, committed: list[Any], results: dict[int, object]) -> None:
+        for e in committed:
+            pending = self._pending.pop(e.index, None)
+            if pending is None:
+                continue
+            term, op = pending
+            if e.term != term:
+                # Another leader's entry took this index: our proposal was lost.
+                for index, _ in op.indices:
+                    self._pending.pop(index, None)
+                self._release(op)
+                if not op.future.done():
+                    op.future.set_exception(Unavailable("leadership changed before the write committed: retry"))
+                continue
+            op.results[e.index] = results.get(e.index)
+            if len(op.results) == len(op.indices) and not op.future.done():
+                self._release(op)
+                try:
+                    op.future.set_result(op.finish([(i, op.results[i]) for i, _ in op.indices]))
+                except BaseException as exc:
+                    op.future.set_exception(exc)
+
+    def _on_soft_state(self, leader: int, role: Role) -> None:
+        was_leader = self._role == Role.LEADER
+        self._leader = leader
+        self._role = role
+        if role == Role.LEADER and not was_leader:
+            log.info("node %d: leader in term %d", self.node_id, self.raw.term)
+            self._raise_stamp_from_log()
+            mine = self.members.get(self.node_id)
+            if mine is None or mine.address != self.config.address or mine.site != self.config.site:
+                # Advertise this node's address to clients through the replicated directory.
+                self._inbox.put(("op", Operation(plan=lambda node: node._plan_member(self.node_id))))
+        if was_leader and role != Role.LEADER:
+            log.info("node %d: no longer leader (leader now %d)", self.node_id, leader)
+            for future in self._reads.values():
+                future.set_exception(self._not_leader())
+            self._reads.clear()
+
+    def _plan_member(self, node_id: int) -> Plan:
+        info = MemberInfo(node_id, self.config.site, self.config.address)
+        return [(RecordType.MEMBERS, entry_payload(0, 0, 0, info.encode()))]
+
+    def _raise_stamp_from_log(self) -> None:
+        """A new leader stamps no earlier than the entries already in its log (the previous
+        leader's, applied or not), so time in the state machine never goes backwards."""
+        lo = max(self._applied - 64, self.storage.first_index())
+        try:
+            for e in self.raw.entries(lo, self.raw.last_index + 1):
+                self.stamp_ms = max(self.stamp_ms, entry_stamp_ms(e.rtype, e.payload))
+        except MQStoreError:
+            pass
+
+    def _install_snapshot(self, snapshot: Snapshot) -> None:
+        meta = snapshot.meta
+        if meta.index != BOOTSTRAP_INDEX:
+            raise AssertionError("installing a data snapshot is done by the snapshot transfer, not here")
+
+        def fn(ctx: WriteContext) -> None:
+            self.storage.set_snapshot_meta(ctx, meta)
+            self.storage.set_conf_state(ctx, meta.conf_state)
+            self.storage.set_applied(ctx, meta.index)
+            ctx.put(b"meta", b"log.first", _U64.pack(meta.index + 1))
+
+        self.log.write(fn)
+
+    def _transfer_to_best(self) -> int:
+        progress = self.raw.progress()
+        voters = [n for n in self.raw.conf_state.voters if n != self.node_id]
+        if not voters:
+            raise InvalidArgument("no other voter to transfer leadership to")
+        best = max(voters, key=lambda n: getattr(progress.get(n), "match", 0))
+        self.raw.transfer_leadership(best)
+        return best
+
+    def _fail_all(self, exc: Exception) -> None:
+        for _, op in list(self._pending.values()):
+            if not op.future.done():
+                op.future.set_exception(exc)
+        self._pending.clear()
+        for future in self._reads.values():
+            if not future.done():
+                future.set_exception(exc)
+        self._reads.clear()
+        for _, future in self._read_waiters:
+            if not future.done():
+                future.set_exception(exc)
+        self._read_waiters.clear()
+
+    # --- operations used by the cluster queue ----------------------------------------------------
+
+    def propose_conf_change(self, cc: ConfChange) -> None:
+        self.raw.propose_conf_change(cc)
+
+
+class _ReadView:
+    """A short read transaction over the applied state, as a KV (use as a context manager)."""
+
+    def __init__(self, log: LogStore) -> None:
+        self._log = log
+        self._cm: Any = None
+
+    def __enter__(self) -> LmdbKV:
+        self._cm = self._log.env.read()
+        txn = self._cm.__enter__()
+        return LmdbKV(txn, self._log.env.dbs)
+
+    def __exit__(self, *exc: object) -> None:
+        self._cm.__exit__(*exc)
+
+
+_STAMPED = frozenset(
+    (RecordType.LEASE, RecordType.ACK, RecordType.DEFER, RecordType.BOUNCE, RecordType.HOLD, RecordType.RELEASE,
+     RecordType.REQUEUE, RecordType.DELETE, RecordType.EXPIRE, RecordType.COMPACT, RecordType.POLICY)
+)
+
+
+def entry_stamp_ms(rtype: int, payload: bytes) -> int:
+    """The time stamped on an entry (0 when it has none): queue entries start with a version byte
+    and the i64 stamp; a message's id carries its creation time."""
+    body = payload[10:]  # after the record meta (flags, key id, dict id)
+    if rtype in _STAMPED and len(body) >= 9:
+        return int.from_bytes(body[1:9], "little", signed=True)
+    if rtype == RecordType.ENQUEUE and len(body) >= 16:
+        return int.from_bytes(body[:6], "big")
+    return 0
+
+
+__all__ = [
+    "BOOTSTRAP_INDEX",
+    "Node",
+    "NotBootstrapped",
+    "Operation",
+    "bootstrap",
+    "entry_stamp_ms",
+    "prepare_join",
+]

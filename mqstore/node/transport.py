@@ -1,0 +1,142 @@
+"""Sending the consensus core's messages to peers over gRPC.
+
+One long-lived client stream (``Raft.Send``) per peer, fed by a bounded queue and a sender thread.
+A node dials each peer at the address in its own configuration when one is given there (a local
+override, e.g. a proxy in a test), otherwise at the address the member directory advertises.
+Messages that cannot be delivered are dropped: Raft retransmits, and the core is told the peer is
+unreachable so it stops streaming to it optimistically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from mqstore.consensus.types import Message
+from mqstore.node.wire import message_to_proto
+from mqstore.proto import raft_pb2, raft_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+PEER_QUEUE_MESSAGES_MAX = 4096
+GRPC_MESSAGE_BYTES_MAX = 64 * 1024 * 1024
+_RECONNECT_DELAY_S = (0.05, 1.0)  # first and longest wait between connection attempts
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES_MAX),
+    ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES_MAX),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+ChannelFactory = Callable[[str], grpc.Channel]
+
+
+def insecure_channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+class _Peer:
+    def __init__(self, transport: Transport, peer_id: int) -> None:
+        self.transport = transport
+        self.peer_id = peer_id
+        self.queue: queue.Queue[raft_pb2.RaftMessage | None] = queue.Queue(maxsize=PEER_QUEUE_MESSAGES_MAX)
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name=f"mqstore-peer-{peer_id}", daemon=True)
+        self.thread.start()
+
+    def send(self, message: raft_pb2.RaftMessage) -> bool:
+        try:
+            self.queue.put_nowait(message)
+            return True
+        except queue.Full:
+            return False
+
+    def stop(self) -> None:
+        self.stopped = True
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(None)
+
+    def _messages(self) -> Iterator[raft_pb2.RaftMessage]:
+        while not self.stopped:
+            try:
+                item = self.queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if item is None:
+                return
+            yield item
+
+    def _run(self) -> None:
+        delay = _RECONNECT_DELAY_S[0]
+        while not self.stopped:
+            address = self.transport.address_of(self.peer_id)
+            if address is None:
+                time.sleep(delay)
+                continue
+            channel = self.transport.channel_factory(address)
+            try:
+                raft_pb2_grpc.RaftStub(channel).Send(self._messages(), wait_for_ready=False)
+                delay = _RECONNECT_DELAY_S[0]
+            except grpc.RpcError as exc:
+                if not self.stopped:
+                    log.debug("peer %d at %s: stream ended: %s", self.peer_id, address, exc.code())
+                    self.transport.on_unreachable(self.peer_id)
+                    time.sleep(delay)
+                    delay = min(delay * 2, _RECONNECT_DELAY_S[1])
+            finally:
+                channel.close()
+
+
+class Transport:
+    """Delivers messages to peers; thread safe."""
+
+    def __init__(
+        self,
+        cluster_id: str,
+        address_of: Callable[[int], str | None],
+        on_unreachable: Callable[[int], None],
+        channel_factory: ChannelFactory = insecure_channel,
+    ) -> None:
+        self.cluster_id = cluster_id
+        self.address_of = address_of
+        self.on_unreachable = on_unreachable
+        self.channel_factory = channel_factory
+        self._peers: dict[int, _Peer] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self.dropped = 0
+
+    def send(self, messages: list[Message]) -> None:
+        for m in messages:
+            peer = self._peer(m.to)
+            if peer is None or not peer.send(message_to_proto(m, self.cluster_id)):
+                self.dropped += 1
+
+    def _peer(self, peer_id: int) -> _Peer | None:
+        with self._lock:
+            if self._closed:
+                return None
+            peer = self._peers.get(peer_id)
+            if peer is None:
+                peer = self._peers[peer_id] = _Peer(self, peer_id)
+            return peer
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            peers = list(self._peers.values())
+        for p in peers:
+            p.stop()
+        for p in peers:
+            p.thread.join(2)
+
+
+__all__ = ["CHANNEL_OPTIONS", "GRPC_MESSAGE_BYTES_MAX", "Transport", "insecure_channel"]
