@@ -10,17 +10,22 @@ the same exception type as the embedded API; ``NotLeader`` adds ``mqstore-leader
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
+import os
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
 from mqstore import errors
 from mqstore.api import Lease, Message, MessageSummary
+from mqstore.codec import crc32c
 from mqstore.config import NodeConfig
 from mqstore.consensus.types import ConfChange, ConfChangeItem, ConfChangeType, InvalidConfig, ProposalDropped
 from mqstore.node.cluster_queue import ClusterQueue
@@ -384,7 +389,46 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
         return raft_pb2.SendAck()
 
     def InstallSnapshot(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "snapshot transfer is not implemented yet")
+        """Receive a snapshot into ``snapshots/incoming-*``, checking every chunk's CRC32C, the
+        offsets and the whole file's SHA-256, then hand it to the node (which installs it when
+        its consensus core decides to)."""
+        node = self.node
+        target: Path | None = node.snapshot_dir / f"incoming-{uuid.uuid4().hex}.mdb"
+        assert target is not None
+        digest = hashlib.sha256()
+        header = None
+        offset = 0
+        path = target
+        try:
+            with path.open("wb") as f:
+                for chunk in request_iterator:
+                    if chunk.cluster_id != node.cluster_id or chunk.to != node.node_id:
+                        return raft_pb2.SnapshotAck(ok=False, error="snapshot for another cluster or node")
+                    if header is None:
+                        if not chunk.meta:
+                            return raft_pb2.SnapshotAck(ok=False, error="first chunk carries no metadata")
+                        header = raft_pb2.RaftMessage.FromString(chunk.meta)
+                    if chunk.offset != offset or crc32c(chunk.data) != chunk.crc32c:
+                        error = f"chunk at {chunk.offset} is damaged or out of order"
+                        return raft_pb2.SnapshotAck(ok=False, error=error)
+                    f.write(chunk.data)
+                    digest.update(chunk.data)
+                    offset += len(chunk.data)
+                    if chunk.last:
+                        if chunk.sha256 != digest.digest():
+                            return raft_pb2.SnapshotAck(ok=False, error="snapshot checksum mismatch")
+                        f.flush()
+                        os.fsync(f.fileno())
+                        message = message_from_proto(header)
+                        if message.snapshot is None:
+                            return raft_pb2.SnapshotAck(ok=False, error="snapshot metadata missing")
+                        node.receive_snapshot(message, path)
+                        target = None  # the node owns it now
+                        return raft_pb2.SnapshotAck(ok=True)
+            return raft_pb2.SnapshotAck(ok=False, error="stream ended before the last chunk")
+        finally:
+            if target is not None:
+                target.unlink(missing_ok=True)
 
 
 class NodeServer:

@@ -22,9 +22,11 @@ from mqstore.store import LogStore, WriteContext
 META_HARD_STATE = b"raft.hard_state"
 META_CONF_STATE = b"raft.conf_state"
 META_APPLIED = b"raft.applied"
-META_SNAPSHOT = b"raft.snapshot"  # index, term, conf state of the latest snapshot / compaction point
+META_SNAPSHOT = b"raft.snapshot"  # index, term, conf state of the latest snapshot
+META_COMPACTED = b"raft.compacted"  # index, term of the compaction point (entries up to it are gone)
 
 _HARD = struct.Struct(">QQQ")
+_POINT = struct.Struct(">QQ")
 _APPLIED = struct.Struct(">Q")
 _RECORD_META = struct.Struct("<HII")  # flags, key id, dict id
 RECORD_META_BYTES = _RECORD_META.size
@@ -82,26 +84,35 @@ class LmdbRaftStorage:
         raw = self.log.meta_get(META_APPLIED)
         return int(_APPLIED.unpack(raw)[0]) if raw else 0
 
+    def compacted(self) -> tuple[int, int]:
+        """(index, term) of the compaction point: entries up to it are not in the log."""
+        raw = self.log.meta_get(META_COMPACTED)
+        if raw:
+            index, term = _POINT.unpack(raw)
+            return int(index), int(term)
+        snap = self.snapshot_meta()
+        return snap.index, snap.term
+
     def first_index(self) -> int:
-        return self.snapshot_meta().index + 1
+        return self.compacted()[0] + 1
 
     def last_index(self) -> int:
-        return max(self.log.last_index, self.snapshot_meta().index)
+        return max(self.log.last_index, self.compacted()[0])
 
     def term(self, index: int) -> int:
-        snap = self.snapshot_meta()
-        if index == snap.index:
-            return snap.term
-        if index < snap.index:
-            raise Compacted(f"term of {index}: compacted up to {snap.index}")
+        point, point_term = self.compacted()
+        if index == point:
+            return point_term
+        if index < point:
+            raise Compacted(f"term of {index}: compacted up to {point}")
         if index > self.log.last_index:
             raise Unavailable(f"term of {index}: last index is {self.log.last_index}")
         return self.log.term_at(index)
 
     def entries(self, lo: int, hi: int, max_size: int) -> list[Entry]:
-        snap = self.snapshot_meta()
-        if lo <= snap.index:
-            raise Compacted(f"entries from {lo}: compacted up to {snap.index}")
+        point = self.compacted()[0]
+        if lo <= point:
+            raise Compacted(f"entries from {lo}: compacted up to {point}")
         if hi > self.log.last_index + 1:
             raise Unavailable(f"entries up to {hi - 1}: last index is {self.log.last_index}")
         if lo >= hi:
@@ -142,9 +153,14 @@ class LmdbRaftStorage:
     def set_snapshot_meta(ctx: WriteContext, meta: SnapshotMeta) -> None:
         ctx.put(b"meta", META_SNAPSHOT, encode_snapshot_meta(meta))
 
+    @staticmethod
+    def set_compacted(ctx: WriteContext, index: int, term: int) -> None:
+        ctx.put(b"meta", META_COMPACTED, _POINT.pack(index, term))
+
 
 __all__ = [
     "META_APPLIED",
+    "META_COMPACTED",
     "META_CONF_STATE",
     "META_HARD_STATE",
     "META_SNAPSHOT",

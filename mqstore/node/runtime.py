@@ -64,6 +64,11 @@ META_REMOVED = b"cluster.removed"  # node ids that left: never reused
 META_STAMP = b"raft.stamp_ms"  # the largest time stamp applied: a new leader never stamps earlier
 BOOTSTRAP_INDEX = 1
 INBOX_ITEMS_PER_LOOP_MAX = 4096
+#: A snapshot (a compacted copy of the store) is taken every this many applied entries; then the
+#: log is compacted, keeping this many entries so a follower a little behind needs no snapshot.
+SNAPSHOT_EVERY_ENTRIES = 20_000
+KEEP_ENTRIES_AFTER_SNAPSHOT = 5_000
+SNAPSHOT_DIR = "snapshots"
 OPERATION_TIMEOUT_S = 10.0
 _U64 = struct.Struct(">Q")
 
@@ -160,9 +165,15 @@ class Node:
         clock: Callable[[], float] = time.time,
         key_provider: KeyProvider | None = None,
         channel_factory: ChannelFactory = insecure_channel,
+        snapshot_every: int = SNAPSHOT_EVERY_ENTRIES,
+        keep_entries: int = KEEP_ENTRIES_AFTER_SNAPSHOT,
     ) -> None:
+        if snapshot_every < 1 or keep_entries < 0:
+            raise InvalidArgument("snapshot_every must be >= 1 and keep_entries >= 0")
         self.config = config
         self.clock = clock
+        self.snapshot_every = snapshot_every
+        self.keep_entries = keep_entries
         if not (Path(config.data_dir) / "data.mdb").exists():
             raise NotBootstrapped(
                 f"{config.data_dir} is empty: run `mqstore bootstrap` to create a new cluster, or "
@@ -198,6 +209,10 @@ class Node:
             self.log.close()
             raise
         self.transport = Transport(self.cluster_id, self._address_of, self._unreachable, channel_factory)
+        self.snapshot_dir = Path(config.data_dir) / SNAPSHOT_DIR
+        self.snapshot_dir.mkdir(mode=0o700, exist_ok=True)
+        self._snapshot_index = self.storage.snapshot_meta().index
+        self._incoming: dict[int, Path] = {}  # snapshot index -> received data file
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._pending: dict[int, tuple[int, Operation]] = {}  # index -> (term, operation)
         self._reserved: set[bytes] = set()  # messages with a lease planned but not applied yet
@@ -428,6 +443,14 @@ class Node:
                 future.set_exception(exc)
         elif kind == "unreachable":
             self.raw.report_unreachable(item)
+        elif kind == "snapshot-received":
+            message, path = item
+            assert message.snapshot is not None
+            self._incoming[message.snapshot.meta.index] = path
+            self.raw.step(message)
+        elif kind == "snapshot-sent":
+            peer, ok = item
+            self.raw.report_snapshot(peer, ok)
 
     def _start_op(self, op: Operation) -> None:
         if not self.is_leader:
@@ -492,7 +515,11 @@ class Node:
             results = self.log.write(fn, size=sum(len(e.payload) for e in entries))
         else:
             results = {}
-        self.transport.send(rd.messages)
+        regular = [m for m in rd.messages if m.snapshot is None or m.snapshot.meta.index == BOOTSTRAP_INDEX]
+        self.transport.send(regular)
+        for m in rd.messages:
+            if m.snapshot is not None and m.snapshot.meta.index != BOOTSTRAP_INDEX:
+                self._send_snapshot(m)
         if committed:
             self._applied = committed[-1].index
             for e in committed:
@@ -513,6 +540,8 @@ class Node:
             self.raw.advance(rd)
         if committed and self.on_apply is not None:
             self.on_apply(self._applied)
+        if self._applied - self._snapshot_index >= self.snapshot_every:
+            self.create_snapshot()
 
     def _finish_applied(self, committed: list[Any], results: dict[int, object]) -> None:
         for e in committed:
@@ -568,17 +597,95 @@ class Node:
             pass
 
     def _install_snapshot(self, snapshot: Snapshot) -> None:
+        """Make the leader's snapshot this node's state (the core decided to restore it)."""
         meta = snapshot.meta
         if meta.index != BOOTSTRAP_INDEX:
-            raise AssertionError("installing a data snapshot is done by the snapshot transfer, not here")
+            path = self._incoming.pop(meta.index, None)
+            if path is None:
+                raise AssertionError(f"no data received for the snapshot at {meta.index}")
+            self.log.replace_data(path)
+            self.applier = Applier(self.log)
+            for other in self._incoming.values():
+                other.unlink(missing_ok=True)
+            self._incoming.clear()
+        hard = HardState(term=self.raw.term, vote=self.raw.vote, commit=max(self.raw.commit_index, meta.index))
 
         def fn(ctx: WriteContext) -> None:
+            ctx.put(b"meta", META_NODE_ID, _U64.pack(self.node_id))  # the copy names the leader
             self.storage.set_snapshot_meta(ctx, meta)
+            self.storage.set_compacted(ctx, meta.index, meta.term)
             self.storage.set_conf_state(ctx, meta.conf_state)
             self.storage.set_applied(ctx, meta.index)
+            self.storage.set_hard_state(ctx, hard)
+            if ctx.next_index > meta.index + 1:
+                ctx.truncate_suffix(meta.index + 1)  # the leader's entries after the snapshot point
             ctx.put(b"meta", b"log.first", _U64.pack(meta.index + 1))
 
         self.log.write(fn)
+        self.log.reset_bounds()
+        self._applied = meta.index
+        self._snapshot_index = meta.index
+        raw_stamp = self.log.meta_get(META_STAMP)
+        if raw_stamp:
+            self.stamp_ms = max(self.stamp_ms, _U64.unpack(raw_stamp)[0])
+        self.members = read_members(self.log)
+        log.info("node %d: installed the snapshot at index %d (term %d)", self.node_id, meta.index, meta.term)
+
+    def create_snapshot(self) -> SnapshotMeta:
+        """Raft thread, between Readys (so the copy is exactly the applied state): copy the store
+        to ``snapshots/snap-<index>.mdb``, record it as the latest snapshot, then compact the log
+        up to ``keep_entries`` before it (message bodies still referenced are kept)."""
+        index = self._applied
+        term = self.storage.term(index)
+        meta = SnapshotMeta(index=index, term=term, conf_state=self.raw.conf_state)
+        work = self.snapshot_dir / f"tmp-{index}-{uuid.uuid4().hex[:8]}"
+        copied = self.log.copy_to(work)
+        final = self.snapshot_dir / f"snap-{index:020d}.mdb"
+        os.replace(copied, final)
+        work.rmdir()
+        self.log.write(lambda ctx: self.storage.set_snapshot_meta(ctx, meta))
+        self._snapshot_index = index
+        for old in self.snapshot_dir.glob("snap-*.mdb"):
+            if old != final:
+                old.unlink(missing_ok=True)
+        upto = index - self.keep_entries
+        if upto > self.storage.compacted()[0]:
+            point_term = self.storage.term(upto)
+            self.log.write(lambda ctx: self.storage.set_compacted(ctx, upto, point_term))
+            threading.Thread(target=self._compact_log, args=(upto,), daemon=True).start()
+        log.info("node %d: snapshot at index %d; log compacted up to %d", self.node_id, index, max(upto, 0))
+        return meta
+
+    def _compact_log(self, upto: int) -> None:
+        """Delete records up to ``upto`` except message bodies still referenced (their state
+        rows point at them). Runs beside the raft thread: those records are below the
+        compaction point, which nothing reads any more."""
+
+        def keep(ctx: WriteContext, index: int, raw: bytes) -> bool:
+            if raw[3] != RecordType.ENQUEUE or len(raw) < 56:
+                return False
+            return ctx.txn.get(raw[40:56], db=ctx.dbs[b"messages"]) is not None
+
+        try:
+            self.log.compact(upto + 1, keep)
+        except MQStoreError:
+            log.warning("node %d: log compaction failed (it is retried after the next snapshot)", self.node_id)
+
+    def snapshot_file(self, index: int) -> Path:
+        return self.snapshot_dir / f"snap-{index:020d}.mdb"
+
+    def _send_snapshot(self, message: Message) -> None:
+        assert message.snapshot is not None
+        path = self.snapshot_file(message.snapshot.meta.index)
+
+        def done(ok: bool) -> None:
+            self._inbox.put(("snapshot-sent", (message.to, ok)))
+
+        self.transport.send_snapshot(message, path, done)
+
+    def receive_snapshot(self, message: Message, path: Path) -> None:
+        """The Raft service received and verified a snapshot's data in ``path``."""
+        self._inbox.put(("snapshot-received", (message, path)))
 
     def _transfer_to_best(self) -> int:
         progress = self.raw.progress()

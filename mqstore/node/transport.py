@@ -10,14 +10,17 @@ unreachable so it stops streaming to it optimistically.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 
+from mqstore.codec import crc32c
 from mqstore.consensus.types import Message
 from mqstore.node.wire import message_to_proto
 from mqstore.proto import raft_pb2, raft_pb2_grpc
@@ -95,6 +98,37 @@ class _Peer:
                 channel.close()
 
 
+SNAPSHOT_CHUNK_BYTES = 1 << 20
+SNAPSHOT_TIMEOUT_S = 600.0
+
+
+def _snapshot_chunks(message: Message, path: Path, cluster_id: str) -> Iterator[raft_pb2.SnapshotChunk]:
+    header = message_to_proto(message, cluster_id).SerializeToString()
+    digest = hashlib.sha256()
+    offset = 0
+    with path.open("rb") as f:
+        first = True
+        while True:
+            data = f.read(SNAPSHOT_CHUNK_BYTES)
+            digest.update(data)
+            last = len(data) < SNAPSHOT_CHUNK_BYTES
+            yield raft_pb2.SnapshotChunk(
+                cluster_id=cluster_id,
+                to=message.to,
+                meta=header if first else b"",
+                offset=offset,
+                data=data,
+                crc32c=crc32c(data),
+                last=last,
+                sha256=digest.digest() if last else b"",
+                **{"from": message.frm},
+            )
+            offset += len(data)
+            first = False
+            if last:
+                return
+
+
 class Transport:
     """Delivers messages to peers; thread safe."""
 
@@ -112,6 +146,7 @@ class Transport:
         self._peers: dict[int, _Peer] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._snapshots_in_flight: set[int] = set()
         self.dropped = 0
 
     def send(self, messages: list[Message]) -> None:
@@ -129,6 +164,39 @@ class Transport:
                 peer = self._peers[peer_id] = _Peer(self, peer_id)
             return peer
 
+    def send_snapshot(self, message: Message, path: Path, done: Callable[[bool], None]) -> None:
+        """Stream the snapshot file ``path`` to ``message.to`` (InstallSnapshot, checksummed
+        chunks) in a thread; ``done(ok)`` reports the outcome. One transfer per peer at a time."""
+        with self._lock:
+            if self._closed or message.to in self._snapshots_in_flight:
+                return
+            self._snapshots_in_flight.add(message.to)
+
+        def run() -> None:
+            ok = False
+            try:
+                address = self.address_of(message.to)
+                if address is None:
+                    return
+                channel = self.channel_factory(address)
+                try:
+                    ack = raft_pb2_grpc.RaftStub(channel).InstallSnapshot(
+                        _snapshot_chunks(message, path, self.cluster_id), timeout=SNAPSHOT_TIMEOUT_S
+                    )
+                    ok = bool(ack.ok)
+                    if not ok:
+                        log.warning("peer %d refused the snapshot: %s", message.to, ack.error)
+                finally:
+                    channel.close()
+            except (grpc.RpcError, OSError) as exc:
+                log.warning("sending the snapshot to peer %d failed: %s", message.to, exc)
+            finally:
+                with self._lock:
+                    self._snapshots_in_flight.discard(message.to)
+                done(ok)
+
+        threading.Thread(target=run, name=f"mqstore-snapshot-to-{message.to}", daemon=True).start()
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -139,4 +207,4 @@ class Transport:
             p.thread.join(2)
 
 
-__all__ = ["CHANNEL_OPTIONS", "GRPC_MESSAGE_BYTES_MAX", "Transport", "insecure_channel"]
+__all__ = ["CHANNEL_OPTIONS", "GRPC_MESSAGE_BYTES_MAX", "SNAPSHOT_CHUNK_BYTES", "Transport", "insecure_channel"]

@@ -130,6 +130,7 @@ class Environment:
         self._lock_fd: int | None = None
         self._closed = False
         self.gate = _ReadGate()
+        self.dbs: dict[bytes, Any] = {}
         if not self.path.exists():
             if readonly or not create:
                 raise InvalidArgument(f"store {self.path} does not exist")
@@ -138,41 +139,65 @@ class Environment:
             raise InvalidArgument(f"store path {self.path} exists and is not a directory")
         if not readonly:
             self._take_lock()
+        self._map_size = map_size
         try:
-            # A store that already has a bigger map keeps it: LMDB adopts the larger size on open.
-            self.env = lmdb.open(
-                str(self.path),
-                map_size=map_size,
-                subdir=True,
-                readonly=readonly,
-                create=not readonly,
-                sync=True,
-                metasync=True,
-                writemap=False,
-                meminit=True,
-                map_async=False,
-                readahead=False,
-                max_spare_txns=0,
-                max_dbs=MAX_DBS,
-                max_readers=256,
-                lock=True,
-                mode=0o600,
-            )
-            self.env.reader_check()
-            self.dbs: dict[bytes, Any] = {}
-            if readonly:
-                for name in DATABASES:
-                    # A read-only open cannot create databases: a store without one of them was
-                    # never written by this version, and callers check ``name in dbs``.
-                    with contextlib.suppress(lmdb.NotFoundError):
-                        self.dbs[name] = self.env.open_db(name, create=False)
-            else:
-                with self.env.begin(write=True) as txn:
-                    for name in DATABASES:
-                        self.dbs[name] = self.env.open_db(name, txn=txn, create=True)
+            self._open_lmdb()
         except BaseException:
             self._release_lock()
             raise
+
+    def _open_lmdb(self) -> None:
+        # A store that already has a bigger map keeps it: LMDB adopts the larger size on open.
+        self.env = lmdb.open(
+            str(self.path),
+            map_size=self._map_size,
+            subdir=True,
+            readonly=self.readonly,
+            create=not self.readonly,
+            sync=True,
+            metasync=True,
+            writemap=False,
+            meminit=True,
+            map_async=False,
+            readahead=False,
+            max_spare_txns=0,
+            max_dbs=MAX_DBS,
+            max_readers=256,
+            lock=True,
+            mode=0o600,
+        )
+        self.env.reader_check()
+        self.dbs = {}
+        if self.readonly:
+            for name in DATABASES:
+                # A read-only open cannot create databases: a store without one of them was
+                # never written by this version, and callers check ``name in dbs``.
+                with contextlib.suppress(lmdb.NotFoundError):
+                    self.dbs[name] = self.env.open_db(name, create=False)
+        else:
+            with self.env.begin(write=True) as txn:
+                for name in DATABASES:
+                    self.dbs[name] = self.env.open_db(name, txn=txn, create=True)
+
+    def replace_data(self, data_file: Path) -> None:
+        """Swap the whole database for ``data_file`` (a verified copy of another store, e.g. a
+        snapshot from the leader). The caller must have stopped every writer; readers wait."""
+        self.check_open()
+        with self.gate.exclusive():
+            self.env.close()
+            os.replace(data_file, self.path / "data.mdb")
+            dir_fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # the rename is durable before anything relies on it
+            finally:
+                os.close(dir_fd)
+            self._open_lmdb()
+
+    def copy_to(self, target: Path) -> None:
+        """A consistent, compacted copy of the database (one read transaction) in ``target``."""
+        self.check_open()
+        with self.gate.reading():
+            self.env.copy(str(target), compact=True)
 
     # --- process lock --------------------------------------------------------------------------
 

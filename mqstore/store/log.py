@@ -913,6 +913,37 @@ class LogStore:
             "quarantined": len(self.quarantined()),
         }
 
+    # --- whole-store copies (snapshots) ----------------------------------------------------------
+
+    def copy_to(self, directory: Path) -> Path:
+        """A consistent, compacted copy of this store's database: ``directory/data.mdb``.
+        Call it when no write is in flight if the copy must match a known state exactly."""
+        directory.mkdir(parents=True, exist_ok=False)
+        self.env.copy_to(directory)
+        return directory / "data.mdb"
+
+    def reset_bounds(self) -> None:
+        """Re-read the log bounds after the log was rewritten wholesale (snapshot install)."""
+        self._first_index, self._last_index, self._term = self._load_bounds()
+
+    def replace_data(self, data_file: Path) -> None:
+        """Replace this store's whole database by ``data_file`` (a copy of another store of the
+        same cluster, i.e. under the same KEK). Stops and restarts the writer; reloads the log
+        bounds, keys and dictionaries."""
+        if self.readonly or self.writer is None:
+            raise InvalidArgument(f"store {self.path} is open read-only")
+        self.writer.stop()
+        self.env.replace_data(data_file)
+        self._first_index, self._last_index, self._term = self._load_bounds()
+        raw_stamp = self.meta_get(_META_STAMP)
+        self._last_stamp_ms = max(self._last_stamp_ms, _U64.unpack(raw_stamp)[0] if raw_stamp else 0)
+        self._check_kek(is_new=False)
+        self.keyring = KeyRing(self.keyring.provider)
+        self.sealer = Sealer(self.keyring, self.sealer.level)
+        self._load_keys_and_dictionaries()
+        self._quarantine_mem.clear()
+        self.writer = Writer(self._run_batch, name=f"mqstore-writer:{self.path.name}")
+
     # --- lifecycle ----------------------------------------------------------------------------------
 
     def close(self) -> None:
