@@ -665,6 +665,12 @@ class Store(QueueBase):
             compression_level=compression_level,
             map_size=map_size,
         )
+        if log_store.meta_get(b"node.id") is not None:
+            log_store.close()
+            raise InvalidArgument(
+                f"{path} is the data dir of a cluster node: write to it through the node (mqstore.Client), "
+                "not as an embedded store (that would bypass replication)"
+            )
         super().__init__(log_store, clock)
         self.path = Path(path)
         self._compacted_at = self.log.last_index
