@@ -170,10 +170,6 @@ class QueueBase:
     def __init__(self, log: LogStore, clock: Callable[[], float]) -> None:
         self._clock = clock
         self.log = log
-        with self.log.env.read() as txn:  # ids stay increasing across restarts and clock steps
-            newest = LmdbKV(txn, self.log.env.dbs).last(b"messages")
-        if newest is not None:
-            self.log.ids.observe(newest[0])
         self._rcpt_cache: OrderedDict[bytes, tuple[str, ...]] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._policies: dict[str, Policy] = {}

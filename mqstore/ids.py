@@ -53,6 +53,11 @@ class MessageIdGenerator:
             self._last = last
         return out
 
+    @property
+    def last(self) -> int:
+        """The largest id issued or observed (as an integer; 0 when none)."""
+        return self._last
+
     def observe(self, message_id: bytes) -> None:
         """Never generate an id <= ``message_id`` (used after reopening a store)."""
         value = int.from_bytes(message_id, "big")

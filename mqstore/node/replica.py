@@ -79,6 +79,7 @@ class Applier:
             rtype = entry.rtype
             if rtype == RecordType.ENQUEUE:
                 stored = self.log.open_message(entry_to_record(entry))
+                self.log.ids.observe(stored.envelope.message_id)  # a later leader issues larger ids
                 results[entry.index] = machine.apply_enqueue(kv, c, entry.index, stored.envelope, len(stored.data))
             elif rtype == RecordType.KEY:
                 results[entry.index] = self._apply_key(ctx, entry)

@@ -51,6 +51,9 @@ _META_TERM = b"log.term"  # term stamped on records appended by this (single-nod
 _META_DICT = b"dict.current"
 _META_CREATED = b"store.created_ms"
 _META_STAMP = b"stamp.last_ms"  # the latest time stamped on a batch: stamps never go backwards
+# The largest message id issued or seen: a reopened store never issues an id <= it, even if the
+# message that had it was deleted and the clock stands still or stepped back.
+_META_IDS = b"ids.last"
 _META_FORMAT = b"store.format"
 _KEYS_KEK_CHECK = b"kek-check"
 _KEK_CHECK_PLAINTEXT = b"mqstore key-encryption key check v1"
@@ -294,6 +297,10 @@ class LogStore:
             self._first_index, self._last_index, self._term = self._load_bounds()
             raw_stamp = self.meta_get(_META_STAMP)
             self._last_stamp_ms = _U64.unpack(raw_stamp)[0] if raw_stamp else 0
+            raw_ids = self.meta_get(_META_IDS)
+            if raw_ids:
+                self.ids.observe(raw_ids)
+            self._ids_persisted = self.ids.last
             self._check_kek(is_new)
             self._load_keys_and_dictionaries()
             self.writer: Writer | None = None
@@ -450,6 +457,9 @@ class LogStore:
                     if failed is None:
                         if now_ms != self._last_stamp_ms:
                             txn.put(_META_STAMP, _U64.pack(now_ms), db=self.env.dbs[b"meta"])
+                        ids_last = self.ids.last
+                        if ids_last != self._ids_persisted:
+                            txn.put(_META_IDS, ids_last.to_bytes(16, "big"), db=self.env.dbs[b"meta"])
                         txn.commit()
                     else:
                         txn.abort()
@@ -476,6 +486,7 @@ class LogStore:
                 continue
             self.commits += 1
             self._last_stamp_ms = now_ms
+            self._ids_persisted = ids_last
             self._last_index = state.next_index - 1
             self._term = state.term
             for hook in state.hooks:
