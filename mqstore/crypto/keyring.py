@@ -105,10 +105,16 @@ class KeyRing:
 
     # --- mutations (from the log) ----------------------------------------------------------------
 
-    def new_key_event(self, namespace: str, now_ms: int) -> KeyEvent:
-        """A CREATE event for a fresh random key of ``namespace`` (not yet applied)."""
+    def max_key_id(self) -> int:
         with self._lock:
-            key_id = max(self._events, default=0) + 1
+            return max(self._events, default=0)
+
+    def new_key_event(self, namespace: str, now_ms: int, key_id: int | None = None) -> KeyEvent:
+        """A CREATE event for a fresh random key of ``namespace`` (not yet applied), with the next
+        free key id unless ``key_id`` is given (a replicated leader allocates ids itself, so
+        keys planned before the previous ones were applied still get distinct ids)."""
+        if key_id is None:
+            key_id = self.max_key_id() + 1
         secret = os.urandom(NAMESPACE_KEY_BYTES)
         wrapped = self.provider.wrap(secret, wrap_context(key_id, namespace))
         return KeyEvent(ACTION_CREATE, key_id, namespace, now_ms, wrapped)

@@ -47,6 +47,7 @@ class ClusterQueue(QueueBase):
         super().__init__(node.log, node.clock)
         self.node = node
         node.log.key_creator = self._create_key
+        self._last_key_id = 0
         self._closed = threading.Event()
         self._maintainer: threading.Thread | None = None
         if maintenance:
@@ -63,19 +64,25 @@ class ClusterQueue(QueueBase):
 
     # --- keys --------------------------------------------------------------------------------------
 
+    def _key_plan(self, node: Node, namespace: str) -> Plan:
+        # Plans run one at a time in the raft thread: allocate ids past every key planned so far,
+        # applied or not, so two keys planned close together never share an id.
+        key_id = max(node.log.keyring.max_key_id(), self._last_key_id) + 1
+        self._last_key_id = key_id
+        event = node.log.keyring.new_key_event(namespace, node.now_ms(), key_id)
+        return [_plain(RecordType.KEY, event.encode())]
+
     def _create_key(self, namespace: str) -> object:
         def plan(node: Node) -> Plan:
             if node.log.keyring.current_key_id(namespace) is not None:
                 return []
-            event = node.log.keyring.new_key_event(namespace, node.now_ms())
-            return [_plain(RecordType.KEY, event.encode())]
+            return self._key_plan(node, namespace)
 
         return self.node.submit(Operation(plan=plan))
 
     def rotate_key(self, namespace: str) -> int:
         def plan(node: Node) -> Plan:
-            event = node.log.keyring.new_key_event(namespace, node.now_ms())
-            return [_plain(RecordType.KEY, event.encode())]
+            return self._key_plan(node, namespace)
 
         def finish(results: list[tuple[int, object]]) -> object:
             return results[0][1]

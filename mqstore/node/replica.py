@@ -101,8 +101,10 @@ class Applier:
     def _apply_key(self, ctx: WriteContext, entry: Entry) -> int:
         event = KeyEvent.decode(entry_to_record(entry).payload)
         keyring = self.log.keyring
-        if event.key_id in keyring.key_ids() and event.action == 1:
-            return event.key_id  # already known (replayed after a restart)
+        if event.action == 1 and event.key_id in keyring.key_ids():
+            if keyring.event(event.key_id) == event:
+                return event.key_id  # the same event again: nothing to do
+            raise Corruption(f"KEY entry {entry.index} reuses key id {event.key_id} for another key")
         keyring.check_applicable(event)
         ctx.put(b"keys", b"k" + struct.pack(">I", event.key_id), event.encode())
         ctx.on_commit(lambda: keyring.apply(event))
