@@ -67,18 +67,40 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     context.abort(code, str(exc) or type(exc).__name__)
 
 
+class InFlight:
+    """Counts client calls being served, so a graceful stop can wait for them to finish."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.count = 0
+
+    def __enter__(self) -> None:
+        with self._cond:
+            self.count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self.count -= 1
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.count == 0, timeout)
+
+
 def handled(fn: F) -> F:
-    """Map mqstore errors raised by a servicer method to gRPC statuses."""
+    """Map mqstore errors raised by a servicer method to gRPC statuses (and count the call)."""
 
     @functools.wraps(fn)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return fn(self, request, context)
-        except (errors.MQStoreError, InvalidConfig, ProposalDropped) as exc:
-            _abort(context, exc)
-        except ValueError as exc:  # e.g. a protobuf field out of range
-            _abort(context, errors.InvalidArgument(str(exc)))
-        return None
+        with self.in_flight:
+            try:
+                return fn(self, request, context)
+            except (errors.MQStoreError, InvalidConfig, ProposalDropped) as exc:
+                _abort(context, exc)
+            except ValueError as exc:  # e.g. a protobuf field out of range
+                _abort(context, errors.InvalidArgument(str(exc)))
+            return None
 
     return wrapper  # type: ignore[return-value]
 
@@ -159,8 +181,9 @@ def _summary_proto(s: MessageSummary) -> queue_pb2.MessageSummary:
 
 
 class QueueService(queue_pb2_grpc.QueueServicer):  # type: ignore[misc]
-    def __init__(self, queue: ClusterQueue) -> None:
+    def __init__(self, queue: ClusterQueue, in_flight: InFlight) -> None:
         self.queue = queue
+        self.in_flight = in_flight
 
     @handled
     def Enqueue(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -185,6 +208,8 @@ class QueueService(queue_pb2_grpc.QueueServicer):  # type: ignore[misc]
                     with lock:
                         pending.append(request)
                         lock.notify()
+            except grpc.RpcError:
+                pass  # the client went away or the call was aborted: nothing more to read
             finally:
                 with lock:
                     done = True
@@ -289,21 +314,37 @@ class QueueService(queue_pb2_grpc.QueueServicer):  # type: ignore[misc]
 
     @handled
     def SetNamespacePolicy(self, request: Any, context: grpc.ServicerContext) -> Any:
-        self.queue.set_namespace_policy(
+        def keep_or_seconds(ms: int, name: str) -> float | None:
+            if ms < -1:
+                raise errors.InvalidArgument(f"{name} must be >= 0 ms, or -1 to keep the current value")
+            return None if ms == -1 else ms / 1000
+
+        if request.reset_backoff and request.backoff_ms:
+            raise errors.InvalidArgument("give backoff_ms or reset_backoff, not both")
+        if request.lifetime_ms < 0:
+            raise errors.InvalidArgument("lifetime_ms must be > 0, or 0 to keep the current value")
+        policy = self.queue.set_namespace_policy(
             request.namespace,
-            backoff=[ms / 1000 for ms in request.backoff_ms] or None,
+            backoff=[] if request.reset_backoff else ([ms / 1000 for ms in request.backoff_ms] or None),
             lifetime=request.lifetime_ms / 1000 if request.lifetime_ms else None,
-            retention=request.retention_ms / 1000 if request.retention_ms >= 0 else None,
-            dedup_window=request.dedup_window_ms / 1000 if request.dedup_window_ms >= 0 else None,
-            expired_retention=request.expired_retention_ms / 1000 if request.expired_retention_ms >= 0 else None,
+            retention=keep_or_seconds(request.retention_ms, "retention_ms"),
+            dedup_window=keep_or_seconds(request.dedup_window_ms, "dedup_window_ms"),
+            expired_retention=keep_or_seconds(request.expired_retention_ms, "expired_retention_ms"),
         )
-        return queue_pb2.PolicyResponse()
+        return queue_pb2.PolicyResponse(
+            backoff_ms=list(policy.backoff_ms),
+            lifetime_ms=policy.lifetime_ms,
+            retention_ms=policy.retention_ms,
+            dedup_window_ms=policy.dedup_window_ms,
+            expired_retention_ms=policy.expired_retention_ms,
+        )
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
-    def __init__(self, node: Node, queue: ClusterQueue) -> None:
+    def __init__(self, node: Node, queue: ClusterQueue, in_flight: InFlight) -> None:
         self.node = node
         self.queue = queue
+        self.in_flight = in_flight
 
     @handled
     def Status(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -439,8 +480,9 @@ class NodeServer:
         self.node = Node(config, **node_options)
         self.queue = ClusterQueue(self.node)
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS)
-        queue_pb2_grpc.add_QueueServicer_to_server(QueueService(self.queue), self.grpc)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.node, self.queue), self.grpc)
+        self.in_flight = InFlight()
+        queue_pb2_grpc.add_QueueServicer_to_server(QueueService(self.queue, self.in_flight), self.grpc)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.node, self.queue, self.in_flight), self.grpc)
         raft_pb2_grpc.add_RaftServicer_to_server(RaftService(self.node), self.grpc)
         self.port = self.grpc.add_insecure_port(config.listen)
         if self.port == 0:
@@ -455,8 +497,9 @@ class NodeServer:
         """Graceful (SIGTERM): hand leadership to another voter while everything still runs, stop
         taking new calls and let in-flight ones finish, then stop the node."""
         self.node.hand_over_leadership(grace)
-        stopped = self.grpc.stop(grace)
-        stopped.wait(grace)
+        self.grpc.stop(grace)  # refuses new calls; peers' Raft streams would last the whole grace...
+        self.in_flight.wait_idle(grace)  # ...so wait only for the client calls being served
+        self.grpc.stop(0).wait(grace)
         self.queue.close()
         self.node.stop(transfer_leadership=False)
 

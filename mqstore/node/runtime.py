@@ -316,6 +316,7 @@ class Node:
             self._thread.join(timeout)
         self.transport.close()
         self._fail_all(Unavailable(f"node {self.node_id} stopped"))
+        self._role, self._leader = Role.FOLLOWER, 0  # a stopped node leads nothing
         self.log.close()
         self._stopped.set()
 

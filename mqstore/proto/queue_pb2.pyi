@@ -269,21 +269,33 @@ class StatsResponse(_message.Message):
     def __init__(self, json: _Optional[str] = ...) -> None: ...
 
 class PolicyRequest(_message.Message):
-    __slots__ = ("namespace", "backoff_ms", "lifetime_ms", "retention_ms", "dedup_window_ms", "expired_retention_ms")
+    __slots__ = ("namespace", "backoff_ms", "lifetime_ms", "retention_ms", "dedup_window_ms", "expired_retention_ms", "reset_backoff")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     BACKOFF_MS_FIELD_NUMBER: _ClassVar[int]
     LIFETIME_MS_FIELD_NUMBER: _ClassVar[int]
     RETENTION_MS_FIELD_NUMBER: _ClassVar[int]
     DEDUP_WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
     EXPIRED_RETENTION_MS_FIELD_NUMBER: _ClassVar[int]
+    RESET_BACKOFF_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     backoff_ms: _containers.RepeatedScalarFieldContainer[int]
     lifetime_ms: int
     retention_ms: int
     dedup_window_ms: int
     expired_retention_ms: int
-    def __init__(self, namespace: _Optional[str] = ..., backoff_ms: _Optional[_Iterable[int]] = ..., lifetime_ms: _Optional[int] = ..., retention_ms: _Optional[int] = ..., dedup_window_ms: _Optional[int] = ..., expired_retention_ms: _Optional[int] = ...) -> None: ...
+    reset_backoff: bool
+    def __init__(self, namespace: _Optional[str] = ..., backoff_ms: _Optional[_Iterable[int]] = ..., lifetime_ms: _Optional[int] = ..., retention_ms: _Optional[int] = ..., dedup_window_ms: _Optional[int] = ..., expired_retention_ms: _Optional[int] = ..., reset_backoff: _Optional[bool] = ...) -> None: ...
 
 class PolicyResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("backoff_ms", "lifetime_ms", "retention_ms", "dedup_window_ms", "expired_retention_ms")
+    BACKOFF_MS_FIELD_NUMBER: _ClassVar[int]
+    LIFETIME_MS_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_MS_FIELD_NUMBER: _ClassVar[int]
+    DEDUP_WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_RETENTION_MS_FIELD_NUMBER: _ClassVar[int]
+    backoff_ms: _containers.RepeatedScalarFieldContainer[int]
+    lifetime_ms: int
+    retention_ms: int
+    dedup_window_ms: int
+    expired_retention_ms: int
+    def __init__(self, backoff_ms: _Optional[_Iterable[int]] = ..., lifetime_ms: _Optional[int] = ..., retention_ms: _Optional[int] = ..., dedup_window_ms: _Optional[int] = ..., expired_retention_ms: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,1318 @@
+"""gRPC clients for an mqstore cluster: :class:`Client` (blocking) and :class:`AsyncClient` (asyncio).
+
+Both mirror the embedded API (:mod:`mqstore.api`): the same method names, arguments, result types
+(:class:`~mqstore.api.Lease`, :class:`~mqstore.api.Message`, :class:`~mqstore.api.Page`, ...) and
+exceptions (:mod:`mqstore.errors`). Times are Unix epoch seconds and durations seconds, as in the
+embedded API (the wire uses milliseconds).
+
+Finding the leader
+    Give the client any node addresses (``"host:port"``). Calls go to the last node that answered
+    as leader. A follower answers ``NotLeader`` naming the leader: the client follows it at once
+    (adding its address to the list). When a node cannot be reached, is shutting down, or knows no
+    leader, the client tries the other nodes; once every node has been tried it waits (50 ms,
+    doubling to 1 s, with jitter) and starts another round, until ``timeout`` seconds have passed
+    since the call began. Then the call raises :class:`~mqstore.errors.Unavailable` (or
+    :class:`~mqstore.errors.NotLeader` when the last node asked knew no reachable leader). One
+    attempt may use half of ``timeout`` (at least 1 s), so a node that hangs leaves time for the
+    others: set ``timeout`` above twice the slowest call you expect (a large ``list``, say).
+
+Retries and duplicates
+    ``enqueue``, ``enqueue_many`` and ``enqueue_stream`` give every message that has no
+    ``idempotency_key`` a fresh random one *before* the first attempt and send exactly that key on
+    every retry, so a retry after a timeout or a leader change returns the original message id and
+    stores nothing twice. If a call still fails with ``Unavailable`` the message may or may not be
+    stored: callers that retry on their own should pass their own ``idempotency_key``.
+
+    ``lease`` is retried freely: a lease granted by an attempt whose answer was lost just expires.
+
+    ``enqueue_stream`` resends the messages that were sent but not answered, with their keys. If
+    the caller stops iterating early, messages already sent may be stored without their ids having
+    been yielded (give them your own keys to find them again).
+
+    ``ack``/``defer``/``bounce``/``ack_many`` (and the admin writes) are retried too. If an attempt
+    committed but its answer was lost (the leader failed right after committing), the retry finds
+    the lease already settled and raises :class:`~mqstore.errors.StaleLease`: after an ambiguous
+    failure StaleLease means "already settled, or expired" — the client does not guess which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as _dt
+import json
+import queue
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from mqstore import errors, ids, limits, validate
+from mqstore.api import Lease, Message, MessageSummary, Page, QShape, RecipientStatus, _seconds, _to_ms
+from mqstore.node.transport import CHANNEL_OPTIONS, GRPC_MESSAGE_BYTES_MAX
+from mqstore.proto import admin_pb2, admin_pb2_grpc, queue_pb2, queue_pb2_grpc
+from mqstore.queue.model import Policy
+
+#: First and longest wait between attempts when no node could serve a call.
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 1.0
+#: EnqueueStream: messages (and bytes) sent but not yet answered, at most.
+STREAM_WINDOW_MESSAGES = 8192
+STREAM_WINDOW_BYTES = 32 * 1024 * 1024
+_STREAM_OUTBOX_MAX = 1024  # messages read from the caller's iterable ahead of sending
+_STREAM_TICK_S = 0.1
+#: One attempt may use this share of the call's ``timeout`` (at least ATTEMPT_TIMEOUT_MIN_S).
+ATTEMPT_TIMEOUT_SHARE = 0.5
+ATTEMPT_TIMEOUT_MIN_S = 1.0
+
+#: The transport's options (message size limits, keepalive) plus a short reconnect backoff, so a
+#: restarted node is noticed within a second rather than gRPC's default of up to two minutes.
+CLIENT_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    *CHANNEL_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+ChannelFactory = Callable[[str], Any]  # address -> grpc.Channel (Client) or grpc.aio.Channel (AsyncClient)
+
+_ENQUEUE_FIELDS = frozenset(
+    ("mail_from", "recipients", "data", "namespace", "priority", "not_before", "expires_in", "idempotency_key")
+)
+
+
+def insecure_channel(address: str) -> Any:
+    """The default channel factory of :class:`Client` (plaintext)."""
+    return grpc.insecure_channel(address, options=CLIENT_CHANNEL_OPTIONS)
+
+
+def insecure_aio_channel(address: str) -> Any:
+    """The default channel factory of :class:`AsyncClient` (plaintext)."""
+    return grpc.aio.insecure_channel(address, options=CLIENT_CHANNEL_OPTIONS)
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+
+def _error_classes() -> dict[str, type[errors.MQStoreError]]:
+    out: dict[str, type[errors.MQStoreError]] = {}
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        if isinstance(cls, type) and issubclass(cls, errors.MQStoreError):
+            out[name] = cls
+    return out
+
+
+_ERROR_CLASSES = _error_classes()
+_BY_STATUS: dict[Any, type[errors.MQStoreError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.Unavailable,
+    grpc.StatusCode.CANCELLED: errors.Unavailable,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.Overloaded,
+    grpc.StatusCode.DATA_LOSS: errors.Corruption,
+}
+#: Failures that say nothing about the request itself: try again (elsewhere).
+_RETRY_STATUS = frozenset((grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED))
+_RETRY_ERRORS = frozenset(("NotLeader", "Unavailable", "ProposalDropped", "StoreClosed"))
+
+
+def _trailer(exc: Any, key: str) -> str:
+    try:
+        metadata = exc.trailing_metadata() or ()
+    except Exception:
+        return ""
+    for k, v in metadata:
+        if k == key:
+            return v if isinstance(v, str) else v.decode("utf-8", "replace")
+    return ""
+
+
+def _code(exc: Any) -> Any:
+    try:
+        return exc.code()
+    except Exception:
+        return grpc.StatusCode.UNKNOWN
+
+
+def _details(exc: Any) -> str:
+    try:
+        details = exc.details()
+    except Exception:
+        details = None
+    return str(details or _code(exc))
+
+
+def _map_error(exc: Any) -> errors.MQStoreError:
+    """The exception the embedded API would raise for a failed call (a ``grpc.RpcError``)."""
+    name = _trailer(exc, "mqstore-error")
+    details = _details(exc)
+    if name == "NotLeader":
+        leader_id = _trailer(exc, "mqstore-leader-id")
+        return errors.NotLeader(
+            details, int(leader_id) if leader_id.isdigit() else 0, _trailer(exc, "mqstore-leader")
+        )
+    cls = _ERROR_CLASSES.get(name) or _BY_STATUS.get(_code(exc), errors.MQStoreError)
+    try:
+        return cls(details)
+    except TypeError:  # a subclass with another constructor
+        return errors.MQStoreError(details)
+
+
+class _Stalled(grpc.RpcError):  # type: ignore[misc]
+    """A stream attempt that got no answer within the attempt's time (cancelled by the client)."""
+
+    def code(self) -> Any:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return "no answer on the stream in time"
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+
+def _retriable(exc: Any) -> bool:
+    name = _trailer(exc, "mqstore-error")
+    if name:
+        return name in _RETRY_ERRORS
+    # Without mqstore-error the failure came from gRPC itself, not the servicer: the connection
+    # broke (UNAVAILABLE), the deadline passed, the server shut down (CANCELLED), or, for grpc.aio
+    # streams whose connection broke while a request was being written, INTERNAL ("Internal error
+    # from Core", grpc/grpc#36066).
+    return _code(exc) in _RETRY_STATUS or _code(exc) == grpc.StatusCode.INTERNAL
+
+
+class _Router:
+    """Which node to call: the last one that answered as leader, else the addresses in turn.
+    Shared by all calls of a client (thread safe)."""
+
+    def __init__(self, addresses: str | Sequence[str]) -> None:
+        if isinstance(addresses, str):
+            addresses = [a for a in addresses.split(",") if a.strip()]
+        if isinstance(addresses, (bytes, bytearray)) or not isinstance(addresses, Sequence):
+            raise errors.InvalidArgument("addresses must be 'host:port' or a list of them")
+        clean = [a.strip() for a in addresses if isinstance(a, str) and a.strip()]
+        if not clean or len(clean) != len(addresses):
+            raise errors.InvalidArgument(f"addresses must be non-empty 'host:port' strings, not {addresses!r}")
+        self.addresses: list[str] = list(dict.fromkeys(clean))
+        self.leader: str | None = None
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def current(self) -> str:
+        with self._lock:
+            return self.leader or self.addresses[self._next % len(self.addresses)]
+
+    def succeeded(self, address: str) -> None:
+        with self._lock:
+            self.leader = address
+
+    def redirect(self, address: str) -> None:
+        with self._lock:
+            if address not in self.addresses:
+                self.addresses.append(address)
+            self.leader = address
+
+    def failed(self, address: str, skip: set[str]) -> str:
+        """``address`` could not serve a call: forget it as leader; returns the next node to try,
+        passing over those in ``skip`` unless that leaves none."""
+        with self._lock:
+            if self.leader == address:
+                self.leader = None
+            n = len(self.addresses)
+            start = self.addresses.index(address) + 1 if address in self.addresses else self._next + 1
+            order = [self.addresses[(start + i) % n] for i in range(n)]
+            choice = next((a for a in order if a not in skip), order[0])
+            self._next = self.addresses.index(choice)
+            return choice
+
+
+class _Attempts:
+    """The retry state of one call: which node to try next, the backoff, the time left."""
+
+    def __init__(self, router: _Router, timeout: float, address: str | None = None) -> None:
+        self.router = router
+        self.timeout = timeout
+        self.fixed = address is not None
+        self.address = address or router.current()
+        self.deadline = time.monotonic() + timeout
+        self.delay = BACKOFF_FIRST_S
+        self.redirects = 0
+        self.count = 0
+        self.unreachable: set[str] = set()  # nodes gRPC could not reach (or hung) during this call
+        self.tried: set[str] = set()  # nodes tried since the last backoff
+        self.last: errors.MQStoreError | None = None
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def attempt_limit(self) -> float:
+        """How long one attempt may take: part of the call's time, so that a node that hangs (a
+        machine gone without closing its connections) leaves time to try the others."""
+        return max(ATTEMPT_TIMEOUT_MIN_S, self.timeout * ATTEMPT_TIMEOUT_SHARE)
+
+    def attempt_timeout(self) -> float:
+        return max(0.001, min(self.remaining(), self.attempt_limit()))
+
+    def progress(self) -> None:
+        """The call made progress (a stream got an answer): its time and backoff start over."""
+        self.deadline = time.monotonic() + self.timeout
+        self.delay = BACKOFF_FIRST_S
+        self.redirects = 0
+        self.unreachable.clear()
+        self.tried.clear()
+
+    def failed(self, exc: BaseException) -> float:
+        """An attempt failed with ``exc``: raise the mapped error if retrying cannot help or time
+        is up; otherwise pick the node for the next attempt and return the seconds to wait."""
+        self.count += 1
+        if not isinstance(exc, grpc.RpcError):
+            raise exc
+        error = _map_error(exc)
+        if not _retriable(exc):
+            raise error from None
+        self.last = error
+        leader = error.leader_address if isinstance(error, errors.NotLeader) else ""
+        if not _trailer(exc, "mqstore-error"):
+            self.unreachable.add(self.address)  # gRPC's failure, not an answer from the node
+        self.tried.add(self.address)
+        # Follow a redirect at once, unless it names a node that could not be reached in this
+        # round (followers keep naming a crashed leader until they elect another) or redirects go
+        # round in circles (nodes naming each other during an election). Otherwise try the next
+        # node not yet tried in this round; once every candidate has been, back off and start a
+        # new round in which every node is a candidate again.
+        if (
+            not self.fixed
+            and leader
+            and leader != self.address
+            and leader not in self.unreachable
+            and self.redirects < 2 * len(self.router.addresses)
+        ):
+            self.redirects += 1
+            self.router.redirect(leader)
+            self.address = leader
+            wait = 0.0
+        else:
+            if not self.fixed:
+                self.address = self.router.failed(self.address, self.unreachable)
+            if self.fixed or self.address in self.tried:
+                self.tried.clear()  # a new round: every node is a candidate again
+                self.unreachable.clear()
+                wait = self._backoff()
+            else:
+                wait = 0.0
+        remaining = self.remaining()
+        if remaining <= 0.001:
+            raise self.give_up() from None
+        return min(wait, remaining)
+
+    def _backoff(self) -> float:
+        wait = self.delay * random.uniform(0.5, 1.0)  # jitter: many clients do not retry in step
+        self.delay = min(self.delay * 2, BACKOFF_MAX_S)
+        return wait
+
+    def check_time(self) -> None:
+        if self.remaining() <= 0.001:
+            raise self.give_up()
+
+    def give_up(self) -> errors.MQStoreError:
+        last = self.last
+        tried = f"{self.count} attempt(s) in {self.timeout:g} s"
+        if isinstance(last, errors.NotLeader):
+            return errors.NotLeader(f"no leader answered ({tried}); last: {last}", last.leader_id, last.leader_address)
+        return errors.Unavailable(f"no mqstore node could serve the call ({tried}); last error: {last}")
+
+
+# --- requests ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _building(what: str) -> Iterator[None]:
+    """Protobuf's complaints about a field's type or range, as InvalidArgument."""
+    try:
+        yield
+    except (TypeError, ValueError, OverflowError) as exc:
+        if isinstance(exc, errors.MQStoreError):
+            raise
+        raise errors.InvalidArgument(f"{what}: {exc}") from None
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def _positive_ms(seconds: float) -> int:
+    """A duration that must stay > 0 on the wire (where 0 means "the default")."""
+    return max(1, _ms(seconds))
+
+
+def _optional(value: Any, check: Callable[[Any, str], Any], name: str) -> str:
+    """A filter argument: None means any ("" on the wire); anything else must be valid."""
+    if value is None:
+        return ""
+    return str(check(value, name))
+
+
+def _new_message(m: object, i: int) -> Any:
+    """A message dict (enqueue's keyword names) as a NewMessage, with an idempotency key."""
+    if not isinstance(m, Mapping):
+        raise errors.InvalidArgument(f"messages[{i}] must be a dict, not {type(m).__name__}")
+    unknown = set(m) - _ENQUEUE_FIELDS
+    if unknown:
+        raise errors.InvalidArgument(f"messages[{i}] has unknown field(s) {sorted(unknown)}")
+    if "mail_from" not in m or "recipients" not in m or "data" not in m:
+        raise errors.InvalidArgument(f"messages[{i}] needs mail_from, recipients and data")
+    recipients = m["recipients"]
+    if isinstance(recipients, (str, bytes)) or not isinstance(recipients, Iterable):
+        raise errors.InvalidArgument(f"recipients must be a list of addresses, not {type(recipients).__name__}")
+    data = m["data"]
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise errors.InvalidArgument(f"data must be bytes (the raw RFC 5322 message), not {type(data).__name__}")
+    namespace = validate.namespace(m.get("namespace", "default"))
+    priority = validate.integer(m.get("priority", 0), "priority", limits.PRIORITY_MIN, limits.PRIORITY_MAX)
+    not_before = m.get("not_before")
+    not_before_ms = _to_ms(not_before, f"messages[{i}].not_before")
+    expires_in = m.get("expires_in")
+    expires_in_ms = 0 if expires_in is None else _positive_ms(_seconds(expires_in, f"messages[{i}].expires_in"))
+    key = m.get("idempotency_key")
+    key = uuid.uuid4().hex if key is None else validate.idempotency_key(key)
+    with _building(f"messages[{i}]"):
+        return queue_pb2.NewMessage(
+            mail_from=m["mail_from"],
+            recipients=list(recipients),
+            data=bytes(data),
+            namespace=namespace,
+            priority=priority,
+            not_before_ms=not_before_ms,
+            expires_in_ms=expires_in_ms,
+            idempotency_key=key,
+        )
+
+
+def _batch_request(messages: Sequence[Mapping[str, Any]]) -> Any:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise errors.InvalidArgument("messages must be a non-empty list of dicts")
+    request = queue_pb2.EnqueueBatchRequest(messages=[_new_message(m, i) for i, m in enumerate(messages)])
+    size = request.ByteSize()
+    if size > GRPC_MESSAGE_BYTES_MAX:
+        raise errors.InvalidArgument(
+            f"the batch is {size} bytes, over the {GRPC_MESSAGE_BYTES_MAX}-byte gRPC message limit: send fewer "
+            "messages per call (or use enqueue_stream)"
+        )
+    return request
+
+
+def _enqueue_dict(
+    mail_from: str,
+    recipients: Sequence[str],
+    data: bytes,
+    namespace: str,
+    priority: int,
+    not_before: float | _dt.datetime | None,
+    expires_in: float | None,
+    idempotency_key: str | None,
+) -> dict[str, Any]:
+    return {
+        "mail_from": mail_from,
+        "recipients": recipients,
+        "data": data,
+        "namespace": namespace,
+        "priority": priority,
+        "not_before": not_before,
+        "expires_in": expires_in,
+        "idempotency_key": idempotency_key,
+    }
+
+
+def _lease_request(
+    worker: str, max_messages: int, lease_seconds: float, namespace: str | None, domain: str | None
+) -> Any:
+    validate.integer(max_messages, "max_messages", 1, limits.APPEND_RECORDS_MAX)  # 0 would mean "100"
+    lease_ms = _positive_ms(_seconds(lease_seconds, "lease_seconds"))  # 0 would mean "300 s"
+    with _building("lease"):
+        return queue_pb2.LeaseRequest(
+            worker=worker,
+            max_messages=max_messages,
+            lease_ms=lease_ms,
+            namespace=_optional(namespace, validate.namespace, "namespace"),
+            domain=_optional(domain, validate.domain, "domain"),
+        )
+
+
+def _token(token: object) -> int:
+    if isinstance(token, bool) or not isinstance(token, int):
+        raise errors.InvalidArgument(f"a lease token is an integer, not {type(token).__name__}")
+    if not 0 <= token < 2**64:
+        raise errors.StaleLease(f"lease {token} does not exist")
+    return token
+
+
+def _settle_request(token: int, recipients: Iterable[str] | None, reason: str | None) -> Any:
+    wanted: list[str] = []
+    if recipients is not None:
+        if isinstance(recipients, str):
+            raise errors.InvalidArgument("recipients must be a list of addresses, not a string")
+        wanted = list(recipients)
+        if not wanted:  # on the wire, empty means "all of the lease's recipients"
+            raise errors.InvalidArgument("recipients is empty (pass None for all of the lease's recipients)")
+    if reason is not None and (not isinstance(reason, str) or len(reason.encode("utf-8", "replace")) > 4096):
+        raise errors.InvalidArgument("reason must be a string of at most 4096 bytes")
+    with _building("settle"):
+        return queue_pb2.SettleRequest(token=_token(token), recipients=wanted, reason=reason or "")
+
+
+def _message_id(message_id: object) -> str:
+    if isinstance(message_id, bytes) and len(message_id) == 16:
+        return ids.format_id(message_id)
+    if not isinstance(message_id, str):
+        raise errors.InvalidArgument(f"a message id is a string, not {type(message_id).__name__}")
+    return message_id
+
+
+def _list_request(
+    state: str | None,
+    namespace: str | None,
+    domain: str | None,
+    older_than: float | None,
+    limit: int,
+    after: str | None,
+) -> Any:
+    validate.integer(limit, "limit", 1, 100_000)
+    if state is not None and (not isinstance(state, str) or not state):
+        raise errors.InvalidArgument(f"state must be a recipient state, 'held', 'active' or 'done', not {state!r}")
+    older_ms = 0 if older_than is None else _ms(_seconds(older_than, "older_than", allow_zero=True))
+    if after is not None:
+        ids.parse_id(_message_id(after))
+    with _building("list"):
+        return queue_pb2.ListRequest(
+            state=state or "",
+            namespace=_optional(namespace, validate.namespace, "namespace"),
+            domain=_optional(domain, validate.domain, "domain"),
+            older_than_ms=older_ms,
+            limit=limit,
+            after="" if after is None else _message_id(after),
+        )
+
+
+def _policy_request(
+    namespace: str,
+    backoff: Sequence[float] | None,
+    lifetime: float | None,
+    retention: float | None,
+    dedup_window: float | None,
+    expired_retention: float | None,
+) -> Any:
+    backoff_ms: list[int] = []
+    if backoff is not None:
+        if isinstance(backoff, (str, bytes)) or not isinstance(backoff, Sequence) or len(backoff) > 64:
+            raise errors.InvalidArgument("backoff must be a list of at most 64 delays in seconds")
+        backoff_ms = [_positive_ms(_seconds(s, f"backoff[{i}]")) for i, s in enumerate(backoff)]
+
+    def keep_or_ms(value: float | None, name: str) -> int:
+        return -1 if value is None else _ms(_seconds(value, name, allow_zero=True))
+
+    with _building("set_namespace_policy"):
+        return queue_pb2.PolicyRequest(
+            namespace=namespace,
+            backoff_ms=backoff_ms,
+            reset_backoff=backoff is not None and not backoff,
+            lifetime_ms=0 if lifetime is None else _positive_ms(_seconds(lifetime, "lifetime")),
+            retention_ms=keep_or_ms(retention, "retention"),
+            dedup_window_ms=keep_or_ms(dedup_window, "dedup_window"),
+            expired_retention_ms=keep_or_ms(expired_retention, "expired_retention"),
+        )
+
+
+# --- answers ----------------------------------------------------------------------------------------
+
+
+def _policy(p: Any) -> Policy:
+    return Policy(
+        backoff_ms=tuple(p.backoff_ms),
+        lifetime_ms=p.lifetime_ms,
+        retention_ms=p.retention_ms,
+        dedup_window_ms=p.dedup_window_ms,
+        expired_retention_ms=p.expired_retention_ms,
+    )
+
+
+def _s(ms: int) -> float | None:
+    return ms / 1000 if ms else None
+
+
+def _lease(p: Any) -> Lease:
+    return Lease(
+        message_id=p.message_id,
+        token=p.token,
+        namespace=p.namespace,
+        mail_from=p.mail_from,
+        recipients=tuple(p.recipients),
+        data=p.data,
+        attempts=p.attempts,
+        deadline=p.deadline_ms / 1000,
+        priority=p.priority,
+    )
+
+
+def _message(p: Any) -> Message:
+    return Message(
+        message_id=p.message_id,
+        namespace=p.namespace,
+        mail_from=p.mail_from,
+        recipients=tuple(
+            RecipientStatus(
+                address=r.address,
+                state=r.state,
+                attempts=r.attempts,
+                next_attempt=_s(r.next_attempt_ms),
+                last_reason=r.last_reason or None,
+                lease_token=r.lease_token or None,
+                lease_deadline=_s(r.lease_deadline_ms),
+            )
+            for r in p.recipients
+        ),
+        data=p.data,
+        priority=p.priority,
+        created=p.created_ms / 1000,
+        not_before=_s(p.not_before_ms),
+        expires_at=_s(p.expires_at_ms),
+        held=p.held,
+        done=p.done,
+        size=p.size,
+        idempotency_key=p.idempotency_key or None,
+        retain_until=_s(p.retain_until_ms),
+    )
+
+
+def _page(p: Any) -> Page:
+    page = Page(
+        MessageSummary(
+            message_id=s.message_id,
+            namespace=s.namespace,
+            created=s.created_ms / 1000,
+            priority=s.priority,
+            size=s.size,
+            held=s.held,
+            done=s.done,
+            recipients=s.recipients,
+            states=dict(s.states),
+        )
+        for s in p.messages
+    )
+    page.next_after = p.next_after or None
+    return page
+
+
+def _qshape(p: Any) -> QShape:
+    return QShape(tuple(p.buckets), tuple(p.total), {row.domain: tuple(row.counts) for row in p.domains})
+
+
+def _status(p: Any) -> dict[str, Any]:
+    return {
+        "node_id": p.node_id,
+        "site": p.site,
+        "role": p.role,
+        "term": p.term,
+        "leader_id": p.leader_id,
+        "leader_address": p.leader_address,
+        "commit_index": p.commit_index,
+        "applied_index": p.applied_index,
+        "first_index": p.first_index,
+        "last_index": p.last_index,
+        "min_sites": p.min_sites,
+        "members": [
+            {"id": m.id, "site": m.site, "address": m.address, "voter": m.voter, "match_index": m.match_index}
+            for m in p.members
+        ],
+        "stats": json.loads(p.stats_json) if p.stats_json else {},
+        "disk_used_bytes": p.disk_used_bytes,
+    }
+
+
+class _Stubs:
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.queue = queue_pb2_grpc.QueueStub(channel)
+        self.admin = admin_pb2_grpc.AdminStub(channel)
+
+
+# --- EnqueueStream bookkeeping ------------------------------------------------------------------------
+
+
+class _StreamState:
+    """What an enqueue stream has sent but not had answered (``pending``, resent in order after a
+    failure, with the same idempotency keys) and what it has read ahead from the caller
+    (``outbox``). ``generation`` names the current attempt: an older attempt's request iterator
+    stops moving messages once it changes."""
+
+    def __init__(self) -> None:
+        self.outbox: deque[Any] = deque()
+        self.pending: deque[tuple[Any, int]] = deque()
+        self.pending_bytes = 0
+        self.source_done = False
+        self.source_error: BaseException | None = None
+        self.generation = 0
+        self.closed = False
+
+    def window_open(self) -> bool:
+        return not self.pending or (
+            len(self.pending) < STREAM_WINDOW_MESSAGES and self.pending_bytes < STREAM_WINDOW_BYTES
+        )
+
+    def take(self) -> Any:
+        """Move the next message from the outbox to pending (caller checked it can)."""
+        m = self.outbox.popleft()
+        size = len(m.data)
+        self.pending.append((m, size))
+        self.pending_bytes += size
+        return m
+
+    def answered(self) -> None:
+        if not self.pending:
+            raise errors.MQStoreError("EnqueueStream answered more messages than were sent")
+        _, size = self.pending.popleft()
+        self.pending_bytes -= size
+
+    def finished_early(self) -> errors.MQStoreError:
+        return errors.MQStoreError(
+            f"the server ended EnqueueStream with {len(self.pending)} message(s) unanswered"
+        )
+
+
+# --- the blocking client --------------------------------------------------------------------------------
+
+
+class Client:
+    """A blocking mqstore client (thread safe): the embedded API, served by a cluster.
+
+    ``addresses`` are any of the cluster's nodes (``"host:port"``, a list, or comma-separated).
+    ``timeout`` bounds each call, retries included. ``channel_factory(address)`` makes the gRPC
+    channel to a node (default: plaintext with :data:`CLIENT_CHANNEL_OPTIONS`; pass one that builds
+    ``grpc.secure_channel`` for TLS).
+    """
+
+    def __init__(
+        self,
+        addresses: str | list[str],
+        *,
+        timeout: float = 10.0,
+        channel_factory: ChannelFactory | None = None,
+    ) -> None:
+        self.timeout = _seconds(timeout, "timeout")
+        self._router = _Router(addresses)
+        self._channel_factory = channel_factory or insecure_channel
+        self._stubs: dict[str, _Stubs] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def addresses(self) -> list[str]:
+        """The nodes this client knows (the ones given, plus leaders it was redirected to)."""
+        return list(self._router.addresses)
+
+    @property
+    def leader(self) -> str | None:
+        """The address of the node that last answered as leader (None before the first call)."""
+        return self._router.leader
+
+    # --- plumbing --------------------------------------------------------------------------------
+
+    def _get_stubs(self, address: str) -> _Stubs:
+        with self._lock:
+            if self._closed:
+                raise errors.StoreClosed("the client was closed")
+            stubs = self._stubs.get(address)
+            if stubs is None:
+                stubs = self._stubs[address] = _Stubs(self._channel_factory(address))
+            return stubs
+
+    def _call(self, method: str, request: Any, *, admin: bool = False, address: str | None = None) -> Any:
+        attempts = _Attempts(self._router, self.timeout, address)
+        while True:
+            stubs = self._get_stubs(attempts.address)
+            rpc = getattr(stubs.admin if admin else stubs.queue, method)
+            try:
+                response = rpc(request, timeout=attempts.attempt_timeout(), wait_for_ready=False)
+            except grpc.RpcError as exc:
+                time.sleep(attempts.failed(exc))
+                attempts.check_time()
+                continue
+            if not admin:
+                self._router.succeeded(attempts.address)
+            return response
+
+    # --- enqueue -----------------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        mail_from: str,
+        recipients: Sequence[str],
+        data: bytes,
+        namespace: str = "default",
+        priority: int = 0,
+        not_before: float | _dt.datetime | None = None,
+        expires_in: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Store a message durably (a quorum holds it); returns its id. See the embedded API."""
+        m = _enqueue_dict(mail_from, recipients, data, namespace, priority, not_before, expires_in, idempotency_key)
+        request = queue_pb2.EnqueueRequest(message=_new_message(m, 0))
+        return str(self._call("Enqueue", request).message_id)
+
+    def enqueue_many(self, messages: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Store several messages in one replicated commit (all or nothing); their ids in order."""
+        response = self._call("EnqueueBatch", _batch_request(messages))
+        return list(response.message_ids)
+
+    def enqueue_stream(self, messages: Iterable[Mapping[str, Any]]) -> Iterator[str]:
+        """Enqueue messages (dicts, as for enqueue_many) from an iterable of any length over one
+        stream; yields their ids in order as they are stored (the server commits whatever has
+        arrived together). After a failure the unanswered messages are resent with the same
+        idempotency keys. ``timeout`` bounds the time without an answer while messages are
+        outstanding. A bad message raises InvalidArgument after the ids of those before it."""
+        stream = _StreamState()
+        cond = threading.Condition()
+        feeder = threading.Thread(
+            target=self._feed, args=(stream, cond, messages), name="mqstore-client-feeder", daemon=True
+        )
+        feeder.start()
+        call: Any = None
+        try:
+            attempts = _Attempts(self._router, self.timeout)
+            while True:
+                with cond:
+                    stream.generation += 1
+                    generation = stream.generation
+                    resend = [m for m, _ in stream.pending]
+                    cond.notify_all()
+                answers: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+                address = attempts.address
+                stubs = self._get_stubs(address)
+                call = stubs.queue.EnqueueStream(
+                    self._stream_requests(stream, cond, generation, resend), wait_for_ready=False
+                )
+                threading.Thread(
+                    target=_read_answers, args=(call, answers), name="mqstore-client-reader", daemon=True
+                ).start()
+                failure: BaseException | None = None
+                waiting_since = time.monotonic()
+                while failure is None:
+                    try:
+                        kind, value = answers.get(timeout=_STREAM_TICK_S)
+                    except queue.Empty:
+                        with cond:
+                            idle = not stream.pending
+                        if idle:
+                            attempts.progress()
+                            waiting_since = time.monotonic()
+                        elif time.monotonic() - waiting_since > attempts.attempt_limit():
+                            call.cancel()  # no answer for too long: try elsewhere
+                            failure = _Stalled()
+                        continue
+                    if kind == "id":
+                        with cond:
+                            stream.answered()
+                            cond.notify_all()
+                        self._router.succeeded(address)
+                        attempts.progress()
+                        waiting_since = time.monotonic()
+                        yield value
+                    elif kind == "end":
+                        with cond:
+                            if stream.pending:
+                                raise stream.finished_early()
+                            if stream.source_error is not None:
+                                raise stream.source_error
+                        return
+                    else:
+                        failure = value
+                call = None
+                time.sleep(attempts.failed(failure))
+                attempts.check_time()
+        finally:
+            with cond:
+                stream.closed = True
+                stream.generation += 1
+                cond.notify_all()
+            if call is not None:
+                call.cancel()
+
+    @staticmethod
+    def _feed(stream: _StreamState, cond: threading.Condition, messages: Iterable[Mapping[str, Any]]) -> None:
+        try:
+            for i, item in enumerate(messages):
+                m = _new_message(item, i)
+                with cond:
+                    while len(stream.outbox) >= _STREAM_OUTBOX_MAX and not stream.closed:
+                        cond.wait(_STREAM_TICK_S)
+                    if stream.closed:
+                        return
+                    stream.outbox.append(m)
+                    cond.notify_all()
+        except BaseException as exc:
+            with cond:
+                stream.source_error = exc
+        finally:
+            with cond:
+                stream.source_done = True
+                cond.notify_all()
+
+    @staticmethod
+    def _stream_requests(
+        stream: _StreamState, cond: threading.Condition, generation: int, resend: list[Any]
+    ) -> Iterator[Any]:
+        for m in resend:
+            yield queue_pb2.EnqueueRequest(message=m)
+        while True:
+            with cond:
+                while stream.generation == generation and not (
+                    (stream.outbox and stream.window_open()) or (stream.source_done and not stream.outbox)
+                ):
+                    cond.wait(_STREAM_TICK_S)
+                if stream.generation != generation or not stream.outbox:
+                    return
+                m = stream.take()
+            yield queue_pb2.EnqueueRequest(message=m)
+
+    # --- leasing and settling --------------------------------------------------------------------
+
+    def lease(
+        self,
+        worker: str,
+        max_messages: int = 100,
+        lease_seconds: float = 300,
+        namespace: str | None = None,
+        domain: str | None = None,
+    ) -> list[Lease]:
+        """Lease due recipients (highest priority first, then the longest waiting)."""
+        response = self._call("Lease", _lease_request(worker, max_messages, lease_seconds, namespace, domain))
+        return [_lease(p) for p in response.leases]
+
+    def ack(self, token: int, recipients: Iterable[str] | None = None) -> None:
+        """Mark the lease's recipients (all, or those listed) delivered."""
+        self._call("Ack", _settle_request(token, recipients, None))
+
+    def defer(self, token: int, recipients: Iterable[str] | None = None, reason: str = "") -> None:
+        """Retry the recipients later (backoff per namespace policy); keeps ``reason``."""
+        self._call("Defer", _settle_request(token, recipients, reason))
+
+    def bounce(self, token: int, recipients: Iterable[str] | None = None, reason: str = "") -> None:
+        """Mark the recipients permanently failed; keeps ``reason``."""
+        self._call("Bounce", _settle_request(token, recipients, reason))
+
+    def ack_many(self, tokens: Iterable[int]) -> None:
+        """Mark every recipient of each lease delivered, in one commit (all or nothing)."""
+        checked = [_token(t) for t in tokens]
+        if checked:
+            self._call("AckMany", queue_pb2.AckManyRequest(tokens=checked))
+
+    # --- reading and administration --------------------------------------------------------------
+
+    def get(self, message_id: str) -> Message:
+        """The message: envelope, raw bytes and every recipient's state."""
+        return _message(self._call("Get", queue_pb2.GetRequest(message_id=_message_id(message_id), include_data=True)))
+
+    def hold(self, message_id: str) -> None:
+        self._call("Hold", queue_pb2.MessageRef(message_id=_message_id(message_id)))
+
+    def release(self, message_id: str) -> None:
+        self._call("Release", queue_pb2.MessageRef(message_id=_message_id(message_id)))
+
+    def requeue(self, message_id: str) -> None:
+        self._call("Requeue", queue_pb2.MessageRef(message_id=_message_id(message_id)))
+
+    def delete(self, message_id: str) -> None:
+        self._call("Delete", queue_pb2.MessageRef(message_id=_message_id(message_id)))
+
+    def list(
+        self,
+        state: str | None = None,
+        namespace: str | None = None,
+        domain: str | None = None,
+        older_than: float | None = None,
+        limit: int = 1000,
+        after: str | None = None,
+    ) -> Page:
+        """Messages in id (= arrival) order, filtered, one page at a time (see the embedded API)."""
+        return _page(self._call("List", _list_request(state, namespace, domain, older_than, limit, after)))
+
+    def qshape(self, namespace: str | None = None) -> QShape:
+        ns = _optional(namespace, validate.namespace, "namespace")
+        return _qshape(self._call("QShape", queue_pb2.QShapeRequest(namespace=ns)))
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self._call("Stats", queue_pb2.StatsRequest()).json)
+        return result
+
+    def set_namespace_policy(
+        self,
+        namespace: str,
+        *,
+        backoff: Sequence[float] | None = None,
+        lifetime: float | None = None,
+        retention: float | None = None,
+        dedup_window: float | None = None,
+        expired_retention: float | None = None,
+    ) -> Policy:
+        """Change a namespace's policy (None keeps a value; ``backoff=[]`` restores Postfix's
+        doubling schedule); returns the resulting policy."""
+        request = _policy_request(namespace, backoff, lifetime, retention, dedup_window, expired_retention)
+        return _policy(self._call("SetNamespacePolicy", request))
+
+    def status(self, address: str | None = None) -> dict[str, Any]:
+        """Admin.Status of ``address``, or of the node the client talks to (the leader once known):
+        role, term, leader, indexes, members, queue stats (on the leader) and disk use."""
+        return _status(self._call("Status", admin_pb2.StatusRequest(), admin=True, address=address))
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            stubs, self._stubs = list(self._stubs.values()), {}
+        for s in stubs:
+            s.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _read_answers(call: Any, answers: queue.SimpleQueue[tuple[str, Any]]) -> None:
+    try:
+        for response in call:
+            answers.put(("id", response.message_id))
+        answers.put(("end", None))
+    except BaseException as exc:
+        answers.put(("error", exc))
+
+
+# --- the asyncio client -----------------------------------------------------------------------------
+
+
+class AsyncClient:
+    """The asyncio twin of :class:`Client` (grpc.aio): the same methods, as coroutines;
+    ``enqueue_stream`` is an async iterator. Use it from one event loop.
+    ``channel_factory(address)`` must return a ``grpc.aio.Channel``."""
+
+    def __init__(
+        self,
+        addresses: str | list[str],
+        *,
+        timeout: float = 10.0,
+        channel_factory: ChannelFactory | None = None,
+    ) -> None:
+        self.timeout = _seconds(timeout, "timeout")
+        self._router = _Router(addresses)
+        self._channel_factory = channel_factory or insecure_aio_channel
+        self._stubs: dict[str, _Stubs] = {}
+        self._closed = False
+
+    @property
+    def addresses(self) -> list[str]:
+        return list(self._router.addresses)
+
+    @property
+    def leader(self) -> str | None:
+        return self._router.leader
+
+    # --- plumbing --------------------------------------------------------------------------------
+
+    def _get_stubs(self, address: str) -> _Stubs:
+        if self._closed:
+            raise errors.StoreClosed("the client was closed")
+        stubs = self._stubs.get(address)
+        if stubs is None:
+            stubs = self._stubs[address] = _Stubs(self._channel_factory(address))
+        return stubs
+
+    async def _call(
+        self,
+        method: str,
+        request: Any,
+        *,
+        admin: bool = False,
+        address: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        attempts = _Attempts(self._router, self.timeout if timeout is None else timeout, address)
+        while True:
+            stubs = self._get_stubs(attempts.address)
+            rpc = getattr(stubs.admin if admin else stubs.queue, method)
+            try:
+                response = await rpc(request, timeout=attempts.attempt_timeout(), wait_for_ready=False)
+            except grpc.RpcError as exc:
+                await asyncio.sleep(attempts.failed(exc))
+                attempts.check_time()
+                continue
+            if not admin:
+                self._router.succeeded(attempts.address)
+            return response
+
+    # --- enqueue -----------------------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        mail_from: str,
+        recipients: Sequence[str],
+        data: bytes,
+        namespace: str = "default",
+        priority: int = 0,
+        not_before: float | _dt.datetime | None = None,
+        expires_in: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> str:
+        m = _enqueue_dict(mail_from, recipients, data, namespace, priority, not_before, expires_in, idempotency_key)
+        request = queue_pb2.EnqueueRequest(message=_new_message(m, 0))
+        return str((await self._call("Enqueue", request)).message_id)
+
+    async def enqueue_many(self, messages: Sequence[Mapping[str, Any]]) -> list[str]:
+        response = await self._call("EnqueueBatch", _batch_request(messages))
+        return list(response.message_ids)
+
+    async def enqueue_stream(
+        self, messages: Iterable[Mapping[str, Any]] | AsyncIterable[Mapping[str, Any]]
+    ) -> AsyncIterator[str]:
+        """Like :meth:`Client.enqueue_stream`; ``messages`` may be an iterable or async iterable."""
+        stream = _StreamState()
+        cond = asyncio.Condition()
+        feeder = asyncio.ensure_future(self._feed(stream, cond, messages))
+        call: Any = None
+        read: asyncio.Future[Any] | None = None
+        try:
+            attempts = _Attempts(self._router, self.timeout)
+            while True:
+                async with cond:
+                    stream.generation += 1
+                    generation = stream.generation
+                    resend = [m for m, _ in stream.pending]
+                    cond.notify_all()
+                if attempts.count or self._router.leader is None:
+                    # grpc.aio reports a stream that a follower refused while requests were being
+                    # written as INTERNAL, without the NotLeader trailers (grpc/grpc#36066): find
+                    # the leader with a unary call instead of guessing.
+                    await self._call("Stats", queue_pb2.StatsRequest(), timeout=max(attempts.remaining(), 0.001))
+                    attempts.address = self._router.current()
+                address = attempts.address
+                stubs = self._get_stubs(address)
+                call = stubs.queue.EnqueueStream(
+                    self._stream_requests(stream, cond, generation, resend), wait_for_ready=False
+                )
+                failure: BaseException | None = None
+                waiting_since = time.monotonic()
+                while failure is None:
+                    if read is None:
+                        read = asyncio.ensure_future(call.read())
+                    done, _ = await asyncio.wait({read}, timeout=_STREAM_TICK_S)
+                    if not done:
+                        if not stream.pending:
+                            attempts.progress()
+                            waiting_since = time.monotonic()
+                        elif time.monotonic() - waiting_since > attempts.attempt_limit():
+                            read.cancel()  # no answer for too long: try elsewhere
+                            read = None
+                            failure = _Stalled()
+                        continue
+                    finished, read = read, None
+                    try:
+                        response = finished.result()
+                    except grpc.RpcError as exc:
+                        failure = exc
+                        continue
+                    if response is grpc.aio.EOF:
+                        if stream.pending:
+                            raise stream.finished_early()
+                        if stream.source_error is not None:
+                            raise stream.source_error
+                        return
+                    async with cond:
+                        stream.answered()
+                        cond.notify_all()
+                    self._router.succeeded(address)
+                    attempts.progress()
+                    waiting_since = time.monotonic()
+                    yield response.message_id
+                call.cancel()
+                call = None
+                await asyncio.sleep(attempts.failed(failure))
+                attempts.check_time()
+        finally:
+            stream.closed = True
+            stream.generation += 1
+            if read is not None:
+                read.cancel()
+            if call is not None:
+                call.cancel()
+            feeder.cancel()
+            with contextlib.suppress(BaseException):
+                await feeder
+
+    @staticmethod
+    async def _feed(
+        stream: _StreamState,
+        cond: asyncio.Condition,
+        messages: Iterable[Mapping[str, Any]] | AsyncIterable[Mapping[str, Any]],
+    ) -> None:
+        async def put(m: Any) -> bool:
+            async with cond:
+                await cond.wait_for(lambda: len(stream.outbox) < _STREAM_OUTBOX_MAX or stream.closed)
+                if stream.closed:
+                    return False
+                stream.outbox.append(m)
+                cond.notify_all()
+                return True
+
+        try:
+            i = 0
+            if isinstance(messages, AsyncIterable):
+                async for item in messages:
+                    if not await put(_new_message(item, i)):
+                        return
+                    i += 1
+            else:
+                for item in messages:
+                    if not await put(_new_message(item, i)):
+                        return
+                    i += 1
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            stream.source_error = exc
+        finally:
+            stream.source_done = True
+            with contextlib.suppress(BaseException):
+                async with cond:
+                    cond.notify_all()
+
+    @staticmethod
+    async def _stream_requests(
+        stream: _StreamState, cond: asyncio.Condition, generation: int, resend: list[Any]
+    ) -> AsyncIterator[Any]:
+        for m in resend:
+            yield queue_pb2.EnqueueRequest(message=m)
+        while True:
+            async with cond:
+                await cond.wait_for(
+                    lambda: stream.generation != generation
+                    or (bool(stream.outbox) and stream.window_open())
+                    or (stream.source_done and not stream.outbox)
+                )
+                if stream.generation != generation or not stream.outbox:
+                    return
+                m = stream.take()
+            yield queue_pb2.EnqueueRequest(message=m)
+
+    # --- leasing and settling --------------------------------------------------------------------
+
+    async def lease(
+        self,
+        worker: str,
+        max_messages: int = 100,
+        lease_seconds: float = 300,
+        namespace: str | None = None,
+        domain: str | None = None,
+    ) -> list[Lease]:
+        response = await self._call("Lease", _lease_request(worker, max_messages, lease_seconds, namespace, domain))
+        return [_lease(p) for p in response.leases]
+
+    async def ack(self, token: int, recipients: Iterable[str] | None = None) -> None:
+        await self._call("Ack", _settle_request(token, recipients, None))
+
+    async def defer(self, token: int, recipients: Iterable[str] | None = None, reason: str = "") -> None:
+        await self._call("Defer", _settle_request(token, recipients, reason))
+
+    async def bounce(self, token: int, recipients: Iterable[str] | None = None, reason: str = "") -> None:
+        await self._call("Bounce", _settle_request(token, recipients, reason))
+
+    async def ack_many(self, tokens: Iterable[int]) -> None:
+        checked = [_token(t) for t in tokens]
+        if checked:
+            await self._call("AckMany", queue_pb2.AckManyRequest(tokens=checked))
+
+    # --- reading and administration --------------------------------------------------------------
+
+    async def get(self, message_id: str) -> Message:
+        request = queue_pb2.GetRequest(message_id=_message_id(message_id), include_data=True)
+        return _message(await self._call("Get", request))
+
+    async def hold(self, message_id: str) -> None:
+        await self._call("Hold", queue_pb2.MessageRef(message_id=_message_id(message_id)))
+
+    async def release(self, message_id: str) -> None:
+        await self._call("Release", queue_pb2.MessageRef(message_id=_message_id(message_id)))
+
+    async def requeue(self, message_id: str) -> None:
+        await self._call("Requeue", queue_pb2.MessageRef(message_id=_message_id(message_id)))
+
+    async def delete(self, message_id: str) -> None:
+        await self._call("Delete", queue_pb2.MessageRef(message_id=_message_id(message_id)))
+
+    async def list(
+        self,
+        state: str | None = None,
+        namespace: str | None = None,
+        domain: str | None = None,
+        older_than: float | None = None,
+        limit: int = 1000,
+        after: str | None = None,
+    ) -> Page:
+        return _page(await self._call("List", _list_request(state, namespace, domain, older_than, limit, after)))
+
+    async def qshape(self, namespace: str | None = None) -> QShape:
+        ns = _optional(namespace, validate.namespace, "namespace")
+        return _qshape(await self._call("QShape", queue_pb2.QShapeRequest(namespace=ns)))
+
+    async def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads((await self._call("Stats", queue_pb2.StatsRequest())).json)
+        return result
+
+    async def set_namespace_policy(
+        self,
+        namespace: str,
+        *,
+        backoff: Sequence[float] | None = None,
+        lifetime: float | None = None,
+        retention: float | None = None,
+        dedup_window: float | None = None,
+        expired_retention: float | None = None,
+    ) -> Policy:
+        request = _policy_request(namespace, backoff, lifetime, retention, dedup_window, expired_retention)
+        return _policy(await self._call("SetNamespacePolicy", request))
+
+    async def status(self, address: str | None = None) -> dict[str, Any]:
+        return _status(await self._call("Status", admin_pb2.StatusRequest(), admin=True, address=address))
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        self._closed = True
+        stubs, self._stubs = list(self._stubs.values()), {}
+        for s in stubs:
+            await s.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+__all__ = [
+    "BACKOFF_FIRST_S",
+    "BACKOFF_MAX_S",
+    "CLIENT_CHANNEL_OPTIONS",
+    "AsyncClient",
+    "ChannelFactory",
+    "Client",
+    "insecure_aio_channel",
+    "insecure_channel",
+]
