@@ -112,7 +112,9 @@ class ClusterQueue(QueueBase):
         def finish(results: list[tuple[int, object]]) -> list[str]:
             return [format_id(mid) for _, mid in results]  # type: ignore[arg-type]
 
-        ids = self.node.submit(Operation(plan=plan, finish=finish))
+        sizes = [len(n.data) for n in new]
+        hints: list[object] = [(st.envelope, size) for st, size in zip(staged, sizes, strict=True)]
+        ids = self.node.submit(Operation(plan=plan, finish=finish, hints=hints))
         for st in staged:
             self._remember_recipients(st.envelope.message_id, st.envelope.recipients)
         return ids  # type: ignore[return-value]

@@ -69,18 +69,29 @@ class Applier:
     def __init__(self, log: LogStore) -> None:
         self.log = log
 
-    def apply(self, ctx: WriteContext, entries: Iterable[Entry]) -> dict[int, object]:
+    def apply(
+        self, ctx: WriteContext, entries: Iterable[Entry], hints: dict[int, object] | None = None
+    ) -> dict[int, object]:
         """Apply ``entries`` in order; returns each entry's result by index (see
-        ``machine.apply_entry``; KEY -> key id, DICTIONARY -> dictionary id, others None)."""
+        ``machine.apply_entry``; KEY -> key id, DICTIONARY -> dictionary id, others None).
+
+        ``hints`` maps an ENQUEUE entry's index to its ``(Envelope, body size)`` when the caller
+        already has them (the leader that sealed the message): no decryption is needed then."""
+        hints = hints or {}
         kv = LmdbKV(ctx.txn, ctx.dbs)
         c = machine.Counters()
         results: dict[int, object] = {}
         for entry in entries:
             rtype = entry.rtype
             if rtype == RecordType.ENQUEUE:
-                stored = self.log.open_message(entry_to_record(entry))
-                self.log.ids.observe(stored.envelope.message_id)  # a later leader issues larger ids
-                results[entry.index] = machine.apply_enqueue(kv, c, entry.index, stored.envelope, len(stored.data))
+                hint = hints.get(entry.index)
+                if isinstance(hint, tuple):
+                    envelope, size = hint
+                else:
+                    stored = self.log.open_message(entry_to_record(entry))
+                    envelope, size = stored.envelope, len(stored.data)
+                self.log.ids.observe(envelope.message_id)  # a later leader issues larger ids
+                results[entry.index] = machine.apply_enqueue(kv, c, entry.index, envelope, size)
             elif rtype == RecordType.KEY:
                 results[entry.index] = self._apply_key(ctx, entry)
             elif rtype == RecordType.DICTIONARY:

@@ -153,6 +153,9 @@ class Operation:
     indices: list[tuple[int, int]] = field(default_factory=list)
     results: dict[int, object] = field(default_factory=dict)
     reserved: set[bytes] = field(default_factory=set)
+    #: Per planned entry (same order as the plan), what applying it can use instead of decoding
+    #: the entry again (the leader already has each new message's envelope); None: nothing.
+    hints: list[object] | None = None
 
 
 class Node:
@@ -215,6 +218,7 @@ class Node:
         self._incoming: dict[int, Path] = {}  # snapshot index -> received data file
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._pending: dict[int, tuple[int, Operation]] = {}  # index -> (term, operation)
+        self._hints: dict[int, tuple[int, object]] = {}  # index -> (term, what applying can reuse)
         self._reserved: set[bytes] = set()  # messages with a lease planned but not applied yet
         self._reads: dict[bytes, Future[int]] = {}
         self._read_waiters: list[tuple[int, Future[int]]] = []
@@ -466,11 +470,13 @@ class Node:
             op.future.set_result(op.finish([]))
             return
         try:
-            for rtype, payload in plan:
+            for k, (rtype, payload) in enumerate(plan):
                 self.raw.propose(rtype, payload)
                 index, term = self.raw.last_index, self.raw.term
                 op.indices.append((index, term))
                 self._pending[index] = (term, op)
+                if op.hints is not None and op.hints[k] is not None:
+                    self._hints[index] = (term, op.hints[k])
         except (ProposalDropped, CoreNotLeader) as exc:
             # Entries proposed before the refusal still commit; the caller retries the whole
             # operation (enqueues carry idempotency keys, so nothing is stored twice).
@@ -499,12 +505,17 @@ class Node:
         committed = rd.committed_entries
         hard = rd.hard_state
         stamp = self.stamp_ms
+        hints = {}
+        for e in committed:
+            hint = self._hints.pop(e.index, None)
+            if hint is not None and hint[0] == e.term:
+                hints[e.index] = hint[1]
 
         def fn(ctx: WriteContext) -> dict[int, object]:
             self.storage.append(ctx, entries)
             if hard is not None:
                 self.storage.set_hard_state(ctx, hard)
-            results = self.applier.apply(ctx, committed)
+            results = self.applier.apply(ctx, committed, hints)
             if committed:
                 self.storage.set_applied(ctx, committed[-1].index)
                 ctx.put(b"meta", META_STAMP, _U64.pack(stamp))
