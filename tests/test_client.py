@@ -344,6 +344,7 @@ def test_async_client_natively(cluster: Cluster) -> None:
 
     async def main() -> None:
         async with AsyncClient(cluster.all_addresses()) as c:
+            await c.set_namespace_policy(ns, retention=3600)  # finished messages stay countable
             ids = [mid async for mid in c.enqueue_stream(source())]
             assert len(ids) == 25
             more = await asyncio.gather(
