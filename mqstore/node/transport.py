@@ -67,13 +67,20 @@ class _Peer:
         with contextlib.suppress(queue.Full):
             self.queue.put_nowait(None)
 
-    def _messages(self) -> Iterator[raft_pb2.RaftMessage]:
-        while not self.stopped:
+    def _messages(self, done: threading.Event) -> Iterator[raft_pb2.RaftMessage]:
+        """The messages of one stream attempt. gRPC may keep reading an attempt's iterator from
+        a thread of its own after the call failed; ``done`` (set when the attempt ends) makes
+        such a reader put back what it took instead of consuming a later attempt's messages."""
+        while not self.stopped and not done.is_set():
             try:
                 item = self.queue.get(timeout=0.5)
             except queue.Empty:
                 continue
             if item is None:
+                return
+            if done.is_set():
+                with contextlib.suppress(queue.Full):
+                    self.queue.put_nowait(item)  # a message taken by a stale reader goes back
                 return
             yield item
 
@@ -85,8 +92,9 @@ class _Peer:
                 time.sleep(delay)
                 continue
             channel = self.transport.channel_factory(address)
+            done = threading.Event()
             try:
-                raft_pb2_grpc.RaftStub(channel).Send(self._messages(), wait_for_ready=False)
+                raft_pb2_grpc.RaftStub(channel).Send(self._messages(done), wait_for_ready=False)
                 delay = _RECONNECT_DELAY_S[0]
             except grpc.RpcError as exc:
                 if not self.stopped:
@@ -95,6 +103,7 @@ class _Peer:
                     time.sleep(delay)
                     delay = min(delay * 2, _RECONNECT_DELAY_S[1])
             finally:
+                done.set()
                 channel.close()
 
 

@@ -3,22 +3,36 @@
 Each node is a separate ``python -m mqstore serve --config nodeN.toml`` process with its own data
 dir; all share one KEK file. ``LocalCluster`` writes the configs, bootstraps the data dirs,
 starts, stops (SIGTERM), kills (SIGKILL), pauses (SIGSTOP/SIGCONT) and restarts nodes, and finds
-the leader. ``peer_address`` overrides let a test route any single link through a proxy.
+the leader. ``peer_address`` overrides let a test route any single link through a proxy:
+:meth:`LocalCluster.proxy_link` (or :meth:`LocalCluster.proxy_all_links`) does that with a
+:class:`~mqstore.testing.proxy.Proxy`, and :meth:`LocalCluster.isolate` / :meth:`LocalCluster.heal`
+cut and heal them. After a run, :meth:`LocalCluster.wait_converged`, :meth:`LocalCluster.scan` and
+:meth:`LocalCluster.state_digest` check that the replicas agree.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mqstore.crypto import create_key_file
+from mqstore.testing.proxy import Direction, Proxy
+
+#: The tables derived only by applying the log: equal on every replica at the same applied index.
+STATE_TABLES = (
+    b"messages", b"recipients", b"ready", b"ready_dom", b"leases", b"lease_due", b"expiry", b"retention",
+    b"live", b"msg_ns", b"dedup", b"dedup_exp", b"stats", b"policies",
+)
 
 
 def free_port() -> int:
@@ -26,6 +40,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` until it is true (returns True) or ``timeout`` seconds passed (False)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
 
 
 @dataclass
@@ -66,6 +91,8 @@ class LocalCluster:
         self.heartbeat_ms = heartbeat_ms
         self.env = {**os.environ, **(env or {})}
         self.nodes = {i + 1: NodeSpec(i + 1, site, free_port()) for i, site in enumerate(sites)}
+        #: Proxies made by proxy_link, by link (dialing node, dialed node).
+        self.proxies: dict[tuple[int, int], Proxy] = {}
 
     # --- configuration --------------------------------------------------------------------------
 
@@ -75,7 +102,10 @@ class LocalCluster:
     def data_dir(self, node_id: int) -> Path:
         return self.root / f"n{node_id}"
 
-    def write_config(self, node_id: int, members: list[int] | None = None) -> Path:
+    def write_config(self, node_id: int, members: list[int] | None = None, *, overrides: bool = True) -> Path:
+        """Write the node's config. With ``overrides`` (the default) a peer is dialed at the
+        node's ``peer_address`` for it when set; bootstrap writes the peers' own addresses (they
+        go into the replicated member directory, which clients are redirected through)."""
         spec = self.nodes[node_id]
         members = members if members is not None else list(self.nodes)
         lines = [
@@ -93,7 +123,7 @@ class LocalCluster:
             if peer_id == node_id:
                 continue
             peer = self.nodes[peer_id]
-            address = spec.peer_address.get(peer_id, peer.address)
+            address = spec.peer_address.get(peer_id, peer.address) if overrides else peer.address
             lines += ["", "[[peers]]", f"id = {peer_id}", f'site = "{peer.site}"', f'address = "{address}"']
         path = self.config_path(node_id)
         path.write_text("\n".join(lines) + "\n")
@@ -107,7 +137,7 @@ class LocalCluster:
 
     def bootstrap(self) -> None:
         for node_id in self.nodes:
-            self.write_config(node_id)
+            self.write_config(node_id, overrides=False)
             config = str(self.config_path(node_id))
             proc = self._mqstore("bootstrap", "--config", config, "--cluster-id", self.cluster_id)
             if proc.wait(60) != 0:
@@ -159,16 +189,88 @@ class LocalCluster:
         spec = self.nodes[node_id]
         return spec.process is not None and spec.process.poll() is None
 
+    def restart(self, node_id: int) -> None:
+        """Start a node that was killed or stopped (its config is written again)."""
+        self.kill(node_id)
+        self.start(node_id)
+
+    def site_nodes(self, site: str) -> list[int]:
+        return [n for n, spec in self.nodes.items() if spec.site == site]
+
+    def kill_site(self, site: str) -> list[int]:
+        """SIGKILL every node of ``site`` (at once, as a site-wide power loss would); their ids."""
+        victims = self.site_nodes(site)
+        for node_id in victims:
+            spec = self.nodes[node_id]
+            if spec.process is not None and spec.process.poll() is None:
+                spec.process.kill()
+        for node_id in victims:
+            self.kill(node_id)  # reap
+        return victims
+
     def close(self) -> None:
         for node_id in self.nodes:
             self.resume(node_id)
             self.kill(node_id)
+        for proxy in self.proxies.values():
+            proxy.close()
+        self.proxies.clear()
 
     def __enter__(self) -> LocalCluster:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # --- links through proxies -------------------------------------------------------------------
+
+    def proxy_link(self, src: int, dst: int) -> Proxy:
+        """Route what node ``src`` sends to node ``dst`` through a new :class:`Proxy` (returned;
+        also kept in ``proxies[(src, dst)]``). Takes effect when ``src`` (re)starts: call it after
+        :meth:`bootstrap` and before :meth:`start`. The reverse direction is a separate link."""
+        if src == dst or src not in self.nodes or dst not in self.nodes:
+            raise ValueError(f"no link {src} -> {dst} in a cluster of nodes {sorted(self.nodes)}")
+        old = self.proxies.pop((src, dst), None)
+        if old is not None:
+            old.close()
+        proxy = Proxy(self.nodes[dst].address, name=f"link-{src}-{dst}").start()
+        self.proxies[(src, dst)] = proxy
+        self.nodes[src].peer_address[dst] = proxy.address
+        return proxy
+
+    def proxy_all_links(self) -> dict[tuple[int, int], Proxy]:
+        """A proxy on every link, both directions (``n * (n - 1)`` proxies)."""
+        for src in self.nodes:
+            for dst in self.nodes:
+                if src != dst:
+                    self.proxy_link(src, dst)
+        return dict(self.proxies)
+
+    def links_of(self, node_id: int, *, outbound: bool = True, inbound: bool = True) -> list[Proxy]:
+        """The proxied links that ``node_id`` sends on (outbound) and/or receives on (inbound)."""
+        return [
+            p
+            for (src, dst), p in self.proxies.items()
+            if (outbound and src == node_id) or (inbound and dst == node_id)
+        ]
+
+    def isolate(
+        self, node_id: int, *, outbound: bool = True, inbound: bool = True, direction: Direction = "both"
+    ) -> None:
+        """Cut ``node_id``'s proxied links: all of them (a full partition of that node), or only
+        those it sends on (``inbound=False``) or receives on (``outbound=False``), an asymmetric
+        partition. Only links made with :meth:`proxy_link` can be cut."""
+        links = self.links_of(node_id, outbound=outbound, inbound=inbound)
+        if not links:
+            raise ValueError(f"node {node_id} has no proxied links: call proxy_link before starting it")
+        for proxy in links:
+            proxy.cut(direction)
+
+    def heal(self) -> None:
+        """Heal every proxied link (cuts, blackholes and delays end)."""
+        for proxy in self.proxies.values():
+            proxy.heal()
+            proxy.delay(0)
 
     # --- observation ----------------------------------------------------------------------------
 
@@ -204,5 +306,80 @@ class LocalCluster:
             return ""
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
+    def log_tails(self, lines: int = 40) -> str:
+        """Every node's log tail, headed by the node's id, site and state (for failure reports)."""
+        parts = []
+        for node_id, spec in self.nodes.items():
+            state = "running" if self.alive(node_id) else "down"
+            parts.append(f"----- node {node_id} (site {spec.site}, {state}) {spec.log_path} -----")
+            parts.append(self.log_tail(node_id, lines))
+        return "\n".join(parts)
 
-__all__ = ["LocalCluster", "NodeSpec", "free_port"]
+    def statuses(self, node_ids: list[int] | None = None) -> dict[int, dict[str, Any] | None]:
+        """Admin status of each running node (None for one that does not answer)."""
+        ids = node_ids or list(self.nodes)
+        return {n: self.status(n, timeout=2.0) if self.alive(n) else None for n in ids}
+
+    def wait_converged(self, timeout: float = 30.0, node_ids: list[int] | None = None) -> dict[int, int]:
+        """Wait until the running nodes (or ``node_ids``) agree on one leader and all have applied
+        everything it has committed: every applied index equals the leader's commit index, twice in
+        a row (maintenance may append an entry at any time). Returns node id -> applied index;
+        raises TimeoutError naming what differed."""
+        ids = node_ids or [n for n in self.nodes if self.alive(n)]
+        last: dict[int, dict[str, Any] | None] = {}
+        settled = 0
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            last = self.statuses(ids)
+            agree = all(st is not None for st in last.values())
+            if agree:
+                leaders = {st["leader_id"] for st in last.values() if st is not None}
+                commits = {st["commit_index"] for st in last.values() if st is not None and st["role"] == "leader"}
+                applied = {st["applied_index"] for st in last.values() if st is not None}
+                agree = len(leaders) == 1 and 0 not in leaders and len(commits) == 1 and applied == commits
+            settled = settled + 1 if agree else 0
+            if settled >= 2:
+                return {n: st["applied_index"] for n, st in last.items() if st is not None}
+            time.sleep(0.2)
+        keys = ("role", "term", "leader_id", "commit_index", "applied_index")
+        summary = {n: None if st is None else {k: st[k] for k in keys} for n, st in last.items()}
+        raise TimeoutError(f"nodes {ids} did not converge within {timeout} s: {summary}")
+
+    def scan(self, node_id: int) -> dict[str, Any]:
+        """``mqstore scan --json`` of a node's data dir (the node must be stopped): records_checked,
+        first_index, last_index, clean, corrupt."""
+        if self.alive(node_id):
+            raise RuntimeError(f"node {node_id} is running: stop it before scanning its data dir")
+        out = subprocess.run(
+            [sys.executable, "-m", "mqstore", "scan", "--data-dir", str(self.data_dir(node_id)),
+             "--key-file", str(self.key_file), "--json"],
+            capture_output=True, env=self.env, timeout=120,
+        )
+        try:
+            report: dict[str, Any] = json.loads(out.stdout)
+        except ValueError:
+            raise RuntimeError(f"mqstore scan of node {node_id} failed ({out.returncode}): {out.stderr!r}") from None
+        report["exit_code"] = out.returncode
+        return report
+
+    def state_digest(self, node_id: int) -> tuple[int, str]:
+        """(applied index, SHA-256 of the state tables) of a stopped node's data dir: replicas that
+        applied the same log have equal digests."""
+        from mqstore.node.raftlog import LmdbRaftStorage
+        from mqstore.store import LogStore
+
+        if self.alive(node_id):
+            raise RuntimeError(f"node {node_id} is running: stop it before reading its data dir")
+        digest = hashlib.sha256()
+        with LogStore(self.data_dir(node_id), key_file=self.key_file, readonly=True, create=False) as store:
+            applied = LmdbRaftStorage(store).applied_index()
+            with store.env.read() as txn:
+                for table in STATE_TABLES:
+                    digest.update(b"\x00table:" + table)
+                    with txn.cursor(db=store.env.dbs[table]) as cur:
+                        for key, value in cur:
+                            digest.update(len(key).to_bytes(4, "big") + key + len(value).to_bytes(4, "big") + value)
+        return applied, digest.hexdigest()
+
+
+__all__ = ["STATE_TABLES", "LocalCluster", "NodeSpec", "free_port", "wait_until"]
