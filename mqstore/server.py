@@ -381,6 +381,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         if op == admin_pb2.MembershipRequest.ADD_LEARNER:
             if not request.site or not request.address:
                 raise errors.InvalidArgument("adding a member needs its site and address")
+            if node_id in self.node.removed_ids():
+                raise errors.InvalidArgument(
+                    f"node id {node_id} was removed from this cluster; node ids are never reused: pick a new one"
+                )
+            if node_id in dict(self.node.raw.conf_state.sites):
+                raise errors.InvalidArgument(f"node {node_id} is already a member")
             info = MemberInfo(node_id, request.site, request.address)
             self.node.submit(Operation(plan=lambda n: [(20, entry_payload(0, 0, 0, info.encode()))]))
             item = ConfChangeItem(ConfChangeType.ADD_LEARNER, node_id, request.site)

@@ -38,6 +38,7 @@ from mqstore.consensus.raft import Config as RaftConfig
 from mqstore.consensus.raft import RawNode, decode_conf_change
 from mqstore.consensus.types import (
     ConfChange,
+    ConfChangeType,
     ConfState,
     HardState,
     Message,
@@ -251,6 +252,11 @@ class Node:
     @property
     def applied_index(self) -> int:
         return self._applied
+
+    def removed_ids(self) -> list[int]:
+        """Ids of members removed from the cluster: they are never given to a node again."""
+        raw = self.log.meta_get(META_REMOVED)
+        return [int(x) for x in raw.decode().split(",") if x] if raw else []
 
     def leader_address(self) -> str:
         return self._address_of(self._leader, for_clients=True) or "" if self._leader else ""
@@ -498,9 +504,12 @@ class Node:
         if rd.snapshot is not None:
             self._install_snapshot(rd.snapshot)
         conf_after: ConfState | None = None
+        removed: set[int] = set()
         for e in rd.committed_entries:
             if e.rtype == RecordType.CONFIG:
-                conf_after = self.raw.apply_conf_change(decode_conf_change(e.payload))
+                cc = decode_conf_change(e.payload)
+                conf_after = self.raw.apply_conf_change(cc)
+                removed |= {item.node for item in cc.items if item.type == ConfChangeType.REMOVE}
         entries = rd.entries
         committed = rd.committed_entries
         hard = rd.hard_state
@@ -521,6 +530,9 @@ class Node:
                 ctx.put(b"meta", META_STAMP, _U64.pack(stamp))
             if conf_after is not None:
                 self.storage.set_conf_state(ctx, conf_after)
+            if removed:
+                known = set(self.removed_ids())
+                ctx.put(b"meta", META_REMOVED, ",".join(str(n) for n in sorted(known | removed)).encode())
             return results
 
         if entries or hard is not None or committed or conf_after is not None:

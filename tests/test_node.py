@@ -1,0 +1,228 @@
+"""Storage nodes: configuration checks, bootstrap and join rules, snapshots and log compaction,
+membership changes, node id reuse, and the serve command's refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mqstore.client import Client
+from mqstore.config import ConfigError, NodeConfig, load, parse
+from mqstore.consensus.types import InvalidConfig
+from mqstore.crypto import create_key_file
+from mqstore.errors import InvalidArgument
+from mqstore.node.runtime import NotBootstrapped, Node, bootstrap, prepare_join
+from mqstore.server import NodeServer
+from mqstore.testing.cluster import free_port
+
+
+def _config(root: Path, key: Path, node_id: int, sites: dict[int, str], ports: dict[int, int],
+            members: list[int], **extra: Any) -> NodeConfig:
+    return parse(
+        {
+            "node_id": node_id,
+            "site": sites[node_id],
+            "listen": f"127.0.0.1:{ports[node_id]}",
+            "data_dir": str(root / f"n{node_id}"),
+            "key_file": str(key),
+            "peers": [
+                {"id": j, "site": sites[j], "address": f"127.0.0.1:{ports[j]}"} for j in members if j != node_id
+            ],
+            **extra,
+        }
+    )
+
+
+class InProcessCluster:
+    def __init__(self, root: Path, sites: dict[int, str], initial: list[int], **node_options: Any) -> None:
+        self.root = root
+        self.key = create_key_file(root / "kek.key")
+        self.sites = sites
+        self.ports = {i: free_port() for i in sites}
+        self.options = node_options
+        self.servers: dict[int, NodeServer] = {}
+        self.configs = {i: _config(root, self.key, i, sites, self.ports, initial) for i in initial}
+        for i in initial:
+            bootstrap(self.configs[i], "t")
+        for i in initial:
+            self.start(i)
+
+    def start(self, i: int) -> None:
+        self.servers[i] = NodeServer(self.configs[i], **self.options)
+        self.servers[i].start()
+
+    def stop(self, i: int) -> None:
+        self.servers.pop(i).stop(grace=1.0)
+
+    def leader(self, timeout: float = 15) -> NodeServer:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for s in self.servers.values():
+                if s.node.is_leader:
+                    return s
+            time.sleep(0.05)
+        raise AssertionError("no leader")
+
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{self.ports[i]}" for i in self.servers]
+
+    def wait_applied(self, i: int, index: int, timeout: float = 20) -> float:
+        start = time.monotonic()
+        while self.servers[i].node.applied_index < index:
+            if time.monotonic() - start > timeout:
+                raise AssertionError(f"node {i} applied {self.servers[i].node.applied_index}, wanted {index}")
+            time.sleep(0.05)
+        return time.monotonic() - start
+
+    def close(self) -> None:
+        for i in list(self.servers):
+            self.stop(i)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[InProcessCluster]:
+    c = InProcessCluster(tmp_path, {1: "a", 2: "b", 3: "c", 4: "c", 5: "b"}, [1, 2, 3], snapshot_every=40,
+                         keep_entries=10)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _messages(n: int, tag: str) -> list[dict[str, Any]]:
+    return [{"mail_from": "a@example.org", "recipients": [f"{tag}{i}@example.net"], "data": b"x" * 300}
+            for i in range(n)]
+
+
+def test_lagging_follower_catches_up_from_a_snapshot(cluster: InProcessCluster) -> None:
+    leader = cluster.leader()
+    victim = next(i for i in cluster.servers if i != leader.node.node_id)
+    cluster.stop(victim)
+    ids = []
+    with Client(cluster.addresses(), timeout=10) as client:
+        client.set_namespace_policy("default", retention=3600)
+        for k in range(40):
+            ids += client.enqueue_many(_messages(3, f"r{k}-"))
+    # The survivors took snapshots and compacted their logs past where the victim stopped.
+    assert leader.node.storage.first_index() > 50
+    cluster.start(victim)
+    took = cluster.wait_applied(victim, leader.node.applied_index)
+    node = cluster.servers[victim].node
+    assert node.storage.snapshot_meta().index > 1
+    with node.read_state() as kv:
+        stored = {bytes(k) for k, _ in kv.scan(b"messages", b"")}
+    assert len(stored) == len(ids) == 120
+    print(f"follower caught up from a snapshot in {took:.2f} s")
+    assert node.log.scan().clean
+
+
+def test_new_node_joins_as_learner_is_promoted_and_old_ids_are_never_reused(cluster: InProcessCluster) -> None:
+    with Client(cluster.addresses(), timeout=10) as client:
+        client.enqueue_many(_messages(60, "j"))
+    leader = cluster.leader()
+    cluster.configs[4] = _config(cluster.root, cluster.key, 4, cluster.sites, cluster.ports, [1, 2, 3, 4])
+    prepare_join(cluster.configs[4], "t")
+    cluster.start(4)
+    from mqstore.proto import admin_pb2, admin_pb2_grpc
+
+    import grpc
+
+    stub = admin_pb2_grpc.AdminStub(grpc.insecure_channel(leader.config.listen))
+    req = admin_pb2.MembershipRequest
+    stub.ChangeMembership(req(op=req.ADD_LEARNER, node_id=4, site="c", address=cluster.configs[4].listen))
+    cluster.wait_applied(4, leader.node.applied_index)
+    time.sleep(0.3)
+    stub.ChangeMembership(req(op=req.PROMOTE, node_id=4))
+    deadline = time.monotonic() + 10
+    while 4 not in leader.node.raw.conf_state.voters and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert 4 in leader.node.raw.conf_state.voters
+    # Remove node 4 again: its id can never come back.
+    stub.ChangeMembership(req(op=req.REMOVE, node_id=4))
+    deadline = time.monotonic() + 10
+    while 4 in dict(leader.node.raw.conf_state.sites) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert 4 not in dict(leader.node.raw.conf_state.sites)
+    assert 4 in leader.node.removed_ids()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ChangeMembership(req(op=req.ADD_LEARNER, node_id=4, site="c", address=cluster.configs[4].listen))
+    assert "never reused" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:  # the placement rules hold for membership changes too
+        stub.ChangeMembership(req(op=req.ADD_LEARNER, node_id=2, site="b", address="127.0.0.1:1"))
+    assert "already a member" in err.value.details()
+
+
+def test_bootstrap_refuses_a_site_majority_and_unsatisfiable_min_sites(tmp_path: Path) -> None:
+    key = create_key_file(tmp_path / "k")
+    ports = {1: 1, 2: 2, 3: 3}
+    with pytest.raises(InvalidConfig, match="site"):
+        bootstrap(_config(tmp_path, key, 1, {1: "a", 2: "a", 3: "b"}, ports, [1, 2, 3]), "t")
+    with pytest.raises(InvalidConfig, match="min_sites"):
+        bootstrap(_config(tmp_path / "x", key, 1, {1: "a", 2: "b", 3: "c"}, ports, [1, 2, 3], min_sites=4), "t")
+    # A one-node trial in one site gets min_sites 1 by default.
+    conf = bootstrap(_config(tmp_path / "y", key, 1, {1: "a"}, ports, [1]), "t")
+    assert conf.min_sites == 1 and conf.voters == {1}
+
+
+def test_data_dirs_are_never_used_by_accident(tmp_path: Path) -> None:
+    key = create_key_file(tmp_path / "k")
+    cfg = _config(tmp_path, key, 1, {1: "a"}, {1: free_port()}, [1])
+    with pytest.raises(NotBootstrapped, match="empty"):
+        Node(cfg)
+    bootstrap(cfg, "t")
+    with pytest.raises(InvalidArgument, match="already holds a store"):
+        bootstrap(cfg, "t")
+    other = _config(tmp_path, key, 7, {7: "a"}, {7: free_port()}, [7])
+    other = parse({**_as_dict(other), "data_dir": str(cfg.data_dir)})
+    with pytest.raises(InvalidArgument, match="belongs to node 1"):
+        Node(other)
+    wrong_cluster = parse({**_as_dict(cfg), "cluster_id": "another"})
+    with pytest.raises(InvalidArgument, match="belongs to cluster"):
+        Node(wrong_cluster)
+
+
+def _as_dict(cfg: NodeConfig) -> dict[str, Any]:
+    return {"node_id": cfg.node_id, "site": cfg.site, "listen": cfg.listen, "data_dir": str(cfg.data_dir),
+            "key_file": str(cfg.key_file)}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('node_id = 1\nsite = "a"\nlisten = "127.0.0.1:1"\n', "missing required key 'data_dir'"),
+        ('node_id = 0\nsite = "a"\nlisten = "127.0.0.1:1"\ndata_dir = "d"\n', "node_id must be an integer"),
+        ('node_id = 1\nsite = "a b"\nlisten = "127.0.0.1:1"\ndata_dir = "d"\n', "site must be a name"),
+        ('node_id = 1\nsite = "a"\nlisten = "nowhere"\ndata_dir = "d"\n', "listen must be 'host:port'"),
+        ('node_id = 1\nsite = "a"\nlisten = "127.0.0.1:1"\ndata_dir = "d"\nbogus = 1\n', "unknown key(s) ['bogus']"),
+        ('node_id = 1\nsite = "a"\nlisten = "127.0.0.1:1"\ndata_dir = "d"\n[[peers]]\nid = 1\nsite = "b"\n'
+         'address = "127.0.0.1:2"\n', "used twice"),
+        ('node_id = 1\nsite = "a"\nlisten = "127.0.0.1:1"\ndata_dir = "d"\n[[peers]]\nid = 2\nsite = "b"\n',
+         "peers[0]: missing 'address'"),
+        ("node_id = [", "not valid TOML"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_serve_refuses_an_empty_data_dir(tmp_path: Path) -> None:
+    key = create_key_file(tmp_path / "k")
+    path = tmp_path / "node.toml"
+    path.write_text(
+        f'node_id = 1\nsite = "a"\nlisten = "127.0.0.1:{free_port()}"\ndata_dir = "{tmp_path / "d"}"\n'
+        f'key_file = "{key}"\n'
+    )
+    out = subprocess.run([sys.executable, "-m", "mqstore", "serve", "--config", str(path)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2
+    assert "mqstore bootstrap" in out.stderr and "never joins by accident" in out.stderr
