@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from mqstore.client import Client
@@ -17,7 +18,8 @@ from mqstore.config import ConfigError, NodeConfig, load, parse
 from mqstore.consensus.types import InvalidConfig
 from mqstore.crypto import create_key_file
 from mqstore.errors import InvalidArgument
-from mqstore.node.runtime import NotBootstrapped, Node, bootstrap, prepare_join
+from mqstore.node.runtime import Node, NotBootstrapped, bootstrap, prepare_join
+from mqstore.proto import admin_pb2, admin_pb2_grpc
 from mqstore.server import NodeServer
 from mqstore.testing.cluster import free_port
 
@@ -129,10 +131,6 @@ def test_new_node_joins_as_learner_is_promoted_and_old_ids_are_never_reused(clus
     cluster.configs[4] = _config(cluster.root, cluster.key, 4, cluster.sites, cluster.ports, [1, 2, 3, 4])
     prepare_join(cluster.configs[4], "t")
     cluster.start(4)
-    from mqstore.proto import admin_pb2, admin_pb2_grpc
-
-    import grpc
-
     stub = admin_pb2_grpc.AdminStub(grpc.insecure_channel(leader.config.listen))
     req = admin_pb2.MembershipRequest
     stub.ChangeMembership(req(op=req.ADD_LEARNER, node_id=4, site="c", address=cluster.configs[4].listen))
