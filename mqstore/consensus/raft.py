@@ -957,17 +957,31 @@ class RawNode:
     def propose(self, rtype: int, payload: bytes) -> None:
         """Append an application entry. Raises ``NotLeader`` (with the leader this node knows of)
         on a non-leader and ``ProposalDropped`` when the leader cannot take it now."""
-        if rtype == CONFIG:
-            raise InvalidArgument("configuration changes go through propose_conf_change")
-        if not 0 < rtype < 256:
-            raise InvalidArgument(f"record type must be 1..255, got {rtype}")
+        self.propose_many([(rtype, payload)])
+
+    def propose_many(self, items: list[tuple[int, bytes]]) -> int:
+        """Append several application entries at once (all or none) and send them to each
+        follower in one append message where they fit; returns the index of the first one.
+        Raises like :meth:`propose`."""
+        if not items:
+            raise InvalidArgument("nothing to propose")
+        for rtype, _ in items:
+            if rtype == CONFIG:
+                raise InvalidArgument("configuration changes go through propose_conf_change")
+            if not 0 < rtype < 256:
+                raise InvalidArgument(f"record type must be 1..255, got {rtype}")
         self._check_can_propose()
-        entry = Entry(term=self._term, index=self._log.last_index() + 1, rtype=rtype, payload=payload)
-        if not self._increase_uncommitted(len(payload)):
+        first = self._log.last_index() + 1
+        entries = [
+            Entry(term=self._term, index=first + i, rtype=rtype, payload=payload)
+            for i, (rtype, payload) in enumerate(items)
+        ]
+        if not self._increase_uncommitted(sum(len(p) for _, p in items)):
             raise ProposalDropped(
                 f"{self._uncommitted_bytes} bytes are already waiting to commit (max {self._cfg.max_uncommitted_bytes})"
             )
-        self._append_entries([entry])
+        self._append_entries(entries)
+        return first
 
     def propose_conf_change(self, cc: ConfChange) -> None:
         """Propose a membership change. Raises ``NotLeader``, ``ProposalDropped`` (another change is

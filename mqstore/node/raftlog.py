@@ -62,10 +62,29 @@ def record_to_entry(record: Record) -> Entry:
 
 class LmdbRaftStorage:
     """``mqstore.consensus.storage.Storage`` over a :class:`LogStore` (read side), plus the
-    write-side helpers the node uses inside its persist transaction."""
+    write-side helpers the node uses inside its persist transaction.
+
+    The core asks for terms and bounds many times per message it sends, so the compaction point,
+    the snapshot metadata and the terms of recent entries are kept in memory, updated when the
+    transactions that change them commit (never before: a crash must not leave them ahead)."""
+
+    _TERMS_CACHED_MAX = 65_536
 
     def __init__(self, log: LogStore) -> None:
         self.log = log
+        self.reload()
+
+    def reload(self) -> None:
+        """Re-read what is cached (after the store's data was replaced by a snapshot)."""
+        raw = self.log.meta_get(META_SNAPSHOT)
+        self._snapshot = decode_snapshot_meta(raw) if raw else SnapshotMeta(index=0, term=0, conf_state=ConfState())
+        raw = self.log.meta_get(META_COMPACTED)
+        if raw:
+            index, term = _POINT.unpack(raw)
+            self._compacted = (int(index), int(term))
+        else:
+            self._compacted = (self._snapshot.index, self._snapshot.term)
+        self._terms: dict[int, int] = {}
 
     # --- Storage ------------------------------------------------------------------------------
 
@@ -77,8 +96,7 @@ class LmdbRaftStorage:
         return hard, conf
 
     def snapshot_meta(self) -> SnapshotMeta:
-        raw = self.log.meta_get(META_SNAPSHOT)
-        return decode_snapshot_meta(raw) if raw else SnapshotMeta(index=0, term=0, conf_state=ConfState())
+        return self._snapshot
 
     def applied_index(self) -> int:
         raw = self.log.meta_get(META_APPLIED)
@@ -86,31 +104,29 @@ class LmdbRaftStorage:
 
     def compacted(self) -> tuple[int, int]:
         """(index, term) of the compaction point: entries up to it are not in the log."""
-        raw = self.log.meta_get(META_COMPACTED)
-        if raw:
-            index, term = _POINT.unpack(raw)
-            return int(index), int(term)
-        snap = self.snapshot_meta()
-        return snap.index, snap.term
+        return self._compacted
 
     def first_index(self) -> int:
-        return self.compacted()[0] + 1
+        return self._compacted[0] + 1
 
     def last_index(self) -> int:
-        return max(self.log.last_index, self.compacted()[0])
+        return max(self.log.last_index, self._compacted[0])
 
     def term(self, index: int) -> int:
-        point, point_term = self.compacted()
+        point, point_term = self._compacted
         if index == point:
             return point_term
         if index < point:
             raise Compacted(f"term of {index}: compacted up to {point}")
         if index > self.log.last_index:
             raise Unavailable(f"term of {index}: last index is {self.log.last_index}")
-        return self.log.term_at(index)
+        term = self._terms.get(index)
+        if term is None:
+            term = self.log.term_at(index)
+        return term
 
     def entries(self, lo: int, hi: int, max_size: int) -> list[Entry]:
-        point = self.compacted()[0]
+        point = self._compacted[0]
         if lo <= point:
             raise Compacted(f"entries from {lo}: compacted up to {point}")
         if hi > self.log.last_index + 1:
@@ -120,22 +136,33 @@ class LmdbRaftStorage:
         return limit_size([record_to_entry(r) for r in self.log.read_range(lo, hi, max_size)], max_size)
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(self.snapshot_meta())
+        return Snapshot(self._snapshot)
 
     # --- writes (inside the node's persist transaction) ------------------------------------------
 
-    @staticmethod
-    def append(ctx: WriteContext, entries: list[Entry]) -> None:
+    def append(self, ctx: WriteContext, entries: list[Entry]) -> None:
         """Append entries, replacing a conflicting suffix (never a committed one: the core only
         hands out entries from the first index where its log differs from what was persisted)."""
         if not entries:
             return
         first = entries[0].index
-        if first < ctx.next_index:
+        truncated = first < ctx.next_index
+        if truncated:
             ctx.truncate_suffix(first)
         for e in entries:
             flags, key_id, dict_id, payload = split_payload(e.rtype, e.payload)
             ctx.append_entry(e.term, e.index, e.rtype, payload, flags=flags, key_id=key_id, dict_id=dict_id)
+        terms = {e.index: e.term for e in entries}
+
+        def remember() -> None:
+            if truncated:
+                for index in [i for i in self._terms if i >= first]:
+                    del self._terms[index]
+            if len(self._terms) + len(terms) > self._TERMS_CACHED_MAX:
+                self._terms.clear()
+            self._terms.update(terms)
+
+        ctx.on_commit(remember)
 
     @staticmethod
     def set_hard_state(ctx: WriteContext, hard: HardState) -> None:
@@ -149,13 +176,23 @@ class LmdbRaftStorage:
     def set_applied(ctx: WriteContext, index: int) -> None:
         ctx.put(b"meta", META_APPLIED, _APPLIED.pack(index))
 
-    @staticmethod
-    def set_snapshot_meta(ctx: WriteContext, meta: SnapshotMeta) -> None:
+    def set_snapshot_meta(self, ctx: WriteContext, meta: SnapshotMeta) -> None:
         ctx.put(b"meta", META_SNAPSHOT, encode_snapshot_meta(meta))
 
-    @staticmethod
-    def set_compacted(ctx: WriteContext, index: int, term: int) -> None:
+        def remember() -> None:
+            self._snapshot = meta
+
+        ctx.on_commit(remember)
+
+    def set_compacted(self, ctx: WriteContext, index: int, term: int) -> None:
         ctx.put(b"meta", META_COMPACTED, _POINT.pack(index, term))
+
+        def remember() -> None:
+            self._compacted = (index, term)
+            for old in [i for i in self._terms if i <= index]:
+                del self._terms[old]
+
+        ctx.on_commit(remember)
 
 
 __all__ = [

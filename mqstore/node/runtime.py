@@ -220,6 +220,7 @@ class Node:
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._pending: dict[int, tuple[int, Operation]] = {}  # index -> (term, operation)
         self._hints: dict[int, tuple[int, object]] = {}  # index -> (term, what applying can reuse)
+        self._new_ops: list[Operation] = []  # arrived in this loop iteration, proposed together
         self._reserved: set[bytes] = set()  # messages with a lease planned but not applied yet
         self._reads: dict[bytes, Future[int]] = {}
         self._read_waiters: list[tuple[int, Future[int]]] = []
@@ -414,6 +415,9 @@ class Node:
                     if kind == "stop":
                         return
                     self._handle(kind, item)
+                if self._new_ops:
+                    ops, self._new_ops = self._new_ops, []
+                    self._start_ops(ops)
                 now = time.monotonic()
                 if now >= next_tick:
                     self.raw.tick()
@@ -434,7 +438,7 @@ class Node:
             except MQStoreError as exc:
                 log.debug("node %d: dropped message %s: %s", self.node_id, item.type, exc)
         elif kind == "op":
-            self._start_op(item)
+            self._new_ops.append(item)
         elif kind == "read":
             if not self.is_leader:
                 item.set_exception(self._not_leader())
@@ -463,35 +467,43 @@ class Node:
             peer, ok = item
             self.raw.report_snapshot(peer, ok)
 
-    def _start_op(self, op: Operation) -> None:
+    def _start_ops(self, ops: list[Operation]) -> None:
+        """Plan every operation that arrived together and propose all their entries at once, so
+        they share one append message per follower (and one commit on each)."""
         if not self.is_leader:
-            op.future.set_exception(self._not_leader())
+            for op in ops:
+                op.future.set_exception(self._not_leader())
             return
+        planned: list[tuple[Operation, Plan]] = []
+        for op in ops:
+            try:
+                plan = op.plan(self)
+            except BaseException as exc:
+                op.future.set_exception(exc)
+                continue
+            if not plan:
+                op.future.set_result(op.finish([]))
+                continue
+            planned.append((op, plan))
+            self._reserved |= op.reserved  # later plans of this group must see these leases
+        if not planned:
+            return
+        items = [item for _, plan in planned for item in plan]
         try:
-            plan = op.plan(self)
-        except BaseException as exc:
-            op.future.set_exception(exc)
+            index = self.raw.propose_many(items)
+        except (ProposalDropped, CoreNotLeader) as exc:
+            for op, _ in planned:
+                self._release(op)
+                op.future.set_exception(Unavailable(f"the leader refused the write for now: {exc}"))
             return
-        if not plan:
-            op.future.set_result(op.finish([]))
-            return
-        try:
-            for k, (rtype, payload) in enumerate(plan):
-                self.raw.propose(rtype, payload)
-                index, term = self.raw.last_index, self.raw.term
+        term = self.raw.term
+        for op, plan in planned:
+            for k in range(len(plan)):
                 op.indices.append((index, term))
                 self._pending[index] = (term, op)
                 if op.hints is not None and op.hints[k] is not None:
                     self._hints[index] = (term, op.hints[k])
-        except (ProposalDropped, CoreNotLeader) as exc:
-            # Entries proposed before the refusal still commit; the caller retries the whole
-            # operation (enqueues carry idempotency keys, so nothing is stored twice).
-            for index, _ in op.indices:
-                self._pending.pop(index, None)
-            self._release(op)
-            op.future.set_exception(Unavailable(f"the leader refused the write for now: {exc}"))
-            return
-        self._reserved |= op.reserved
+                index += 1
 
     def _release(self, op: Operation) -> None:
         self._reserved -= op.reserved
@@ -628,6 +640,7 @@ class Node:
             if path is None:
                 raise AssertionError(f"no data received for the snapshot at {meta.index}")
             self.log.replace_data(path)
+            self.storage.reload()
             self.applier = Applier(self.log)
             for other in self._incoming.values():
                 other.unlink(missing_ok=True)
@@ -647,6 +660,7 @@ class Node:
 
         self.log.write(fn)
         self.log.reset_bounds()
+        self.storage.reload()
         self._applied = meta.index
         self._snapshot_index = meta.index
         raw_stamp = self.log.meta_get(META_STAMP)
