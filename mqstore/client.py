@@ -66,6 +66,8 @@ BACKOFF_MAX_S = 1.0
 STREAM_WINDOW_MESSAGES = 8192
 STREAM_WINDOW_BYTES = 32 * 1024 * 1024
 _STREAM_OUTBOX_MAX = 1024  # messages read from the caller's iterable ahead of sending
+#: Messages per EnqueueStream request frame: framing many per request saves per-message gRPC work.
+STREAM_FRAME_MESSAGES = 128
 _STREAM_TICK_S = 0.1
 #: One attempt may use this share of the call's ``timeout`` (at least ATTEMPT_TIMEOUT_MIN_S).
 ATTEMPT_TIMEOUT_SHARE = 0.5
@@ -666,13 +668,17 @@ class _StreamState:
             len(self.pending) < STREAM_WINDOW_MESSAGES and self.pending_bytes < STREAM_WINDOW_BYTES
         )
 
-    def take(self) -> Any:
-        """Move the next message from the outbox to pending (caller checked it can)."""
-        m = self.outbox.popleft()
-        size = len(m.data)
-        self.pending.append((m, size))
-        self.pending_bytes += size
-        return m
+    def take(self) -> list[Any]:
+        """Move up to a frame's worth of messages from the outbox to pending (the caller checked
+        the window is open; it may overshoot by less than a frame)."""
+        frame: list[Any] = []
+        while self.outbox and len(frame) < STREAM_FRAME_MESSAGES and self.window_open():
+            m = self.outbox.popleft()
+            size = len(m.data)
+            self.pending.append((m, size))
+            self.pending_bytes += size
+            frame.append(m)
+        return frame
 
     def answered(self) -> None:
         if not self.pending:
@@ -816,14 +822,15 @@ class Client:
                             call.cancel()  # no answer for too long: try elsewhere
                             failure = _Stalled()
                         continue
-                    if kind == "id":
+                    if kind == "ids":
                         with cond:
-                            stream.answered()
+                            for _ in value:
+                                stream.answered()
                             cond.notify_all()
                         self._router.succeeded(address)
                         attempts.progress()
                         waiting_since = time.monotonic()
-                        yield value
+                        yield from value
                     elif kind == "end":
                         with cond:
                             if stream.pending:
@@ -868,8 +875,8 @@ class Client:
     def _stream_requests(
         stream: _StreamState, cond: threading.Condition, generation: int, resend: list[Any]
     ) -> Iterator[Any]:
-        for m in resend:
-            yield queue_pb2.EnqueueRequest(message=m)
+        for k in range(0, len(resend), STREAM_FRAME_MESSAGES):
+            yield queue_pb2.EnqueueBatchRequest(messages=resend[k : k + STREAM_FRAME_MESSAGES])
         while True:
             with cond:
                 while stream.generation == generation and not (
@@ -878,8 +885,8 @@ class Client:
                     cond.wait(_STREAM_TICK_S)
                 if stream.generation != generation or not stream.outbox:
                     return
-                m = stream.take()
-            yield queue_pb2.EnqueueRequest(message=m)
+                frame = stream.take()
+            yield queue_pb2.EnqueueBatchRequest(messages=frame)
 
     # --- leasing and settling --------------------------------------------------------------------
 
@@ -990,7 +997,7 @@ class Client:
 def _read_answers(call: Any, answers: queue.SimpleQueue[tuple[str, Any]]) -> None:
     try:
         for response in call:
-            answers.put(("id", response.message_id))
+            answers.put(("ids", list(response.message_ids)))
         answers.put(("end", None))
     except BaseException as exc:
         answers.put(("error", exc))
@@ -1135,12 +1142,14 @@ class AsyncClient:
                             raise stream.source_error
                         return
                     async with cond:
-                        stream.answered()
+                        for _ in response.message_ids:
+                            stream.answered()
                         cond.notify_all()
                     self._router.succeeded(address)
                     attempts.progress()
                     waiting_since = time.monotonic()
-                    yield response.message_id
+                    for mid in response.message_ids:
+                        yield mid
                 call.cancel()
                 call = None
                 await asyncio.sleep(attempts.failed(failure))
@@ -1197,8 +1206,8 @@ class AsyncClient:
     async def _stream_requests(
         stream: _StreamState, cond: asyncio.Condition, generation: int, resend: list[Any]
     ) -> AsyncIterator[Any]:
-        for m in resend:
-            yield queue_pb2.EnqueueRequest(message=m)
+        for k in range(0, len(resend), STREAM_FRAME_MESSAGES):
+            yield queue_pb2.EnqueueBatchRequest(messages=resend[k : k + STREAM_FRAME_MESSAGES])
         while True:
             async with cond:
                 await cond.wait_for(
@@ -1208,8 +1217,8 @@ class AsyncClient:
                 )
                 if stream.generation != generation or not stream.outbox:
                     return
-                m = stream.take()
-            yield queue_pb2.EnqueueRequest(message=m)
+                frame = stream.take()
+            yield queue_pb2.EnqueueBatchRequest(messages=frame)
 
     # --- leasing and settling --------------------------------------------------------------------
 

@@ -196,7 +196,7 @@ class QueueService(queue_pb2_grpc.QueueServicer):  # type: ignore[misc]
         return queue_pb2.EnqueueBatchResponse(message_ids=ids)
 
     def EnqueueStream(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        """Batches whatever has arrived while the previous batch was committing."""
+        """Commits whatever has arrived (up to 4096 messages) while the previous commit ran."""
         pending: list[Any] = []
         lock = threading.Condition()
         done = False
@@ -206,7 +206,7 @@ class QueueService(queue_pb2_grpc.QueueServicer):  # type: ignore[misc]
             try:
                 for request in request_iterator:
                     with lock:
-                        pending.append(request)
+                        pending.extend(request.messages)
                         lock.notify()
             except grpc.RpcError:
                 pass  # the client went away or the call was aborted: nothing more to read
@@ -216,21 +216,21 @@ class QueueService(queue_pb2_grpc.QueueServicer):  # type: ignore[misc]
                     lock.notify()
 
         threading.Thread(target=reader, daemon=True).start()
-        while True:
-            with lock:
-                while not pending and not done:
-                    lock.wait()
-                batch, pending[:] = list(pending[:4096]), pending[4096:]
-                finished = done and not batch
-            if finished:
-                return
-            try:
-                ids = self.queue.enqueue_many([_message_dict(r.message) for r in batch])
-            except (errors.MQStoreError, ProposalDropped) as exc:
-                _abort(context, exc)
-                return
-            for mid in ids:
-                yield queue_pb2.EnqueueResponse(message_id=mid)
+        with self.in_flight:
+            while True:
+                with lock:
+                    while not pending and not done:
+                        lock.wait()
+                    batch, pending[:] = list(pending[:4096]), pending[4096:]
+                    finished = done and not batch
+                if finished:
+                    return
+                try:
+                    ids = self.queue.enqueue_many([_message_dict(m) for m in batch])
+                except (errors.MQStoreError, ProposalDropped) as exc:
+                    _abort(context, exc)
+                    return
+                yield queue_pb2.EnqueueBatchResponse(message_ids=ids)
 
     @handled
     def Lease(self, request: Any, context: grpc.ServicerContext) -> Any:

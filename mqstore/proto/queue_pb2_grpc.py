@@ -47,8 +47,8 @@ class QueueStub:
                 _registered_method=True)
         self.EnqueueStream = channel.stream_stream(
                 '/mqstore.v1.Queue/EnqueueStream',
-                request_serializer=queue__pb2.EnqueueRequest.SerializeToString,
-                response_deserializer=queue__pb2.EnqueueResponse.FromString,
+                request_serializer=queue__pb2.EnqueueBatchRequest.SerializeToString,
+                response_deserializer=queue__pb2.EnqueueBatchResponse.FromString,
                 _registered_method=True)
         self.Lease = channel.unary_unary(
                 '/mqstore.v1.Queue/Lease',
@@ -138,7 +138,8 @@ class QueueServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EnqueueStream(self, request_iterator, context):
-        """A stream of enqueues, answered in order; the server batches whatever arrives together.
+        """A stream of batches of messages; the ids come back in order, in frames of any size (the
+        server commits whatever has arrived together, across frames).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -243,8 +244,8 @@ def add_QueueServicer_to_server(servicer, server):
             ),
             'EnqueueStream': grpc.stream_stream_rpc_method_handler(
                     servicer.EnqueueStream,
-                    request_deserializer=queue__pb2.EnqueueRequest.FromString,
-                    response_serializer=queue__pb2.EnqueueResponse.SerializeToString,
+                    request_deserializer=queue__pb2.EnqueueBatchRequest.FromString,
+                    response_serializer=queue__pb2.EnqueueBatchResponse.SerializeToString,
             ),
             'Lease': grpc.unary_unary_rpc_method_handler(
                     servicer.Lease,
@@ -396,8 +397,8 @@ class Queue:
             request_iterator,
             target,
             '/mqstore.v1.Queue/EnqueueStream',
-            queue__pb2.EnqueueRequest.SerializeToString,
-            queue__pb2.EnqueueResponse.FromString,
+            queue__pb2.EnqueueBatchRequest.SerializeToString,
+            queue__pb2.EnqueueBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
