@@ -67,8 +67,8 @@ BOOTSTRAP_INDEX = 1
 INBOX_ITEMS_PER_LOOP_MAX = 4096
 #: A snapshot (a compacted copy of the store) is taken every this many applied entries; then the
 #: log is compacted, keeping this many entries so a follower a little behind needs no snapshot.
-SNAPSHOT_EVERY_ENTRIES = 20_000
-KEEP_ENTRIES_AFTER_SNAPSHOT = 5_000
+SNAPSHOT_EVERY_ENTRIES = 100_000
+KEEP_ENTRIES_AFTER_SNAPSHOT = 10_000
 SNAPSHOT_DIR = "snapshots"
 OPERATION_TIMEOUT_S = 10.0
 _U64 = struct.Struct(">Q")
