@@ -24,7 +24,18 @@ __version__ = "0.1.0"
 
 from mqstore.api import Lease, Message, MessageSummary, Page, QShape, RecipientStatus, Store, open
 
+
+def __getattr__(name: str) -> object:
+    # The network clients import grpc: only pay for it when they are used.
+    if name in ("Client", "AsyncClient"):
+        from mqstore import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'mqstore' has no attribute {name!r}")
+
 __all__ = [
+    "AsyncClient",
+    "Client",
     "Corruption",
     "DecryptionFailed",
     "InvalidArgument",
