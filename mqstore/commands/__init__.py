@@ -1,0 +1,1 @@
+"""Subcommands of the ``mqstore`` command (see mqstore/cli.py)."""

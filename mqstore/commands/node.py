@@ -1,0 +1,126 @@
+"""``mqstore serve``, ``bootstrap`` and ``join``: running storage nodes."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from mqstore.commands._common import default_data_dir, emit
+
+TRIAL_LISTEN = "127.0.0.1:7070"
+
+
+def _load_config(args: argparse.Namespace) -> Any:
+    from mqstore import config as cfg
+
+    if args.config:
+        return cfg.load(args.config)
+    # No config: a single-node trial store on 127.0.0.1 in the embedded default data dir.
+    return cfg.parse(
+        {
+            "node_id": 1,
+            "site": "local",
+            "listen": args.listen or TRIAL_LISTEN,
+            "data_dir": str(args.data_dir),
+            **({"key_file": args.key_file} if args.key_file else {}),
+        },
+        "<trial defaults>",
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run a storage node until SIGTERM/SIGINT (graceful: leadership handed over first)."""
+    import logging
+    import threading
+
+    from mqstore.node.runtime import bootstrap
+    from mqstore.server import NodeServer
+
+    config = _load_config(args)
+    logging.basicConfig(
+        level=getattr(logging, (args.log_level or config.log_level).upper()),
+        format="%(asctime)s %(levelname)s node=" + str(config.node_id) + " %(name)s: %(message)s",
+    )
+    if not args.config and not (Path(config.data_dir) / "data.mdb").exists():
+        bootstrap(config, "trial")
+        print(f"mqstore: bootstrapped a single-node trial store in {config.data_dir}", file=sys.stderr)
+    server = NodeServer(config)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    print(
+        f"mqstore: node {config.node_id} (site {config.site}) serving on {config.listen}, data in {config.data_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    stop.wait()
+    print(f"mqstore: node {config.node_id} shutting down", file=sys.stderr, flush=True)
+    server.stop()
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from mqstore import config as cfg
+    from mqstore.node.runtime import bootstrap
+
+    config = cfg.load(args.config)
+    conf = bootstrap(config, args.cluster_id)
+    payload = {
+        "node_id": config.node_id,
+        "cluster_id": args.cluster_id,
+        "voters": sorted(conf.voters),
+        "sites": dict(conf.sites),
+        "min_sites": conf.min_sites,
+        "data_dir": str(config.data_dir),
+    }
+    emit(args, payload, [
+        f"bootstrapped node {config.node_id} of new cluster {args.cluster_id!r} in {config.data_dir}",
+        f"voters {sorted(conf.voters)} in sites {sorted(set(dict(conf.sites).values()))}, min_sites {conf.min_sites}",
+    ])
+    return 0
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from mqstore import config as cfg
+    from mqstore.node.runtime import prepare_join
+
+    config = cfg.load(args.config)
+    prepare_join(config, args.cluster_id)
+    emit(args, {"node_id": config.node_id, "cluster_id": args.cluster_id, "data_dir": str(config.data_dir)}, [
+        f"prepared {config.data_dir} for node {config.node_id} to join cluster {args.cluster_id!r}:",
+        f"start it (mqstore serve --config {args.config}), then on the cluster: "
+        f"mqstore cluster add --id {config.node_id} --site {config.site} --address {config.address}",
+    ])
+    return 0
+
+
+def register(sub: Any) -> None:
+    serve = sub.add_parser(
+        "serve", help="run a storage node (no --config: a single-node trial store on 127.0.0.1:7070)"
+    )
+    serve.add_argument("--config", help="node configuration file (TOML)")
+    serve.add_argument("--data-dir", default=str(default_data_dir()), help="trial mode: data directory")
+    serve.add_argument("--key-file", default=None, help="trial mode: key file (default <data-dir>/kek.key)")
+    serve.add_argument("--listen", default=None, help=f"trial mode: address to listen on (default {TRIAL_LISTEN})")
+    serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve, json=False)
+
+    boot = sub.add_parser("bootstrap", help="create a new cluster: run on each initial member's empty data dir")
+    boot.add_argument("--config", required=True, help="node configuration file (TOML)")
+    boot.add_argument("--cluster-id", required=True, help="name of the new cluster (the same on every member)")
+    boot.add_argument("--json", action="store_true", help="machine-readable output")
+    boot.set_defaults(func=cmd_bootstrap)
+
+    join = sub.add_parser("join", help="prepare an empty data dir for a node to be added to a cluster")
+    join.add_argument("--config", required=True, help="node configuration file (TOML)")
+    join.add_argument("--cluster-id", required=True, help="the cluster to join")
+    join.add_argument("--json", action="store_true", help="machine-readable output")
+    join.set_defaults(func=cmd_join)
