@@ -11,6 +11,7 @@ import datetime as _dt
 import itertools
 import logging
 import os
+import shutil
 import struct
 import threading
 import time
@@ -21,24 +22,34 @@ from pathlib import Path
 from typing import Any
 
 from mqstore import limits, validate
+from mqstore.actor import LOCAL_ADMIN, Actor
 from mqstore.codec import Flags, Record, RecordType
+from mqstore.compliance import audit as audit_log
+from mqstore.compliance.rules import SYSTEM_ACTOR, ComplianceClock, Ctx, Mode, check_reason
+from mqstore.compliance.signing import load_or_create_signing_key
 from mqstore.crypto import KeyProvider
-from mqstore.errors import InvalidArgument, NotFound, StaleLease
+from mqstore.crypto.keyring import SYSTEM_NAMESPACE
+from mqstore.errors import Immutable, InvalidArgument, NotFound, PermissionDenied, StaleLease
 from mqstore.ids import format_id, id_time_ms, parse_id
 from mqstore.queue import machine
-from mqstore.queue.kv import LmdbKV, prefix_end
+from mqstore.queue.kv import KV, LmdbKV, prefix_end
 from mqstore.queue.machine import Counters
 from mqstore.queue.model import (
+    COMPACT_MESSAGE,
     FINAL,
     STATE_BY_NAME,
     STATE_NAMES,
     AdminEntry,
+    DenialEntry,
     LeaseEntry,
     LeaseRow,
+    LegalHoldEntry,
     MaintenanceEntry,
     MessageRow,
+    NamespaceEntry,
     Policy,
     PolicyEntry,
+    RetentionEntry,
     SettleEntry,
     ns_key,
 )
@@ -52,6 +63,7 @@ _LIST_SCAN_MAX = 200_000  # rows one list() call may examine before returning a 
 _READ_CHUNK = 2_000  # rows per read transaction in long scans
 _MAINTENANCE_ITEMS_MAX = 1_000  # expiry/compaction items per maintenance record
 _LOG_COMPACT_EVERY = 50_000  # compact the log after this many new records
+AUDIT_KEY_FILE = "audit-signing.key"  # an embedded store's audit signing key, in its directory
 _RECIPIENT_CACHE_MAX = 65_536
 
 
@@ -127,7 +139,11 @@ class Message:
     done: bool
     size: int
     idempotency_key: str | None
-    retain_until: float | None
+    retain_until: float | None  # finished: housekeeping may remove it from then on
+    retention_mode: str = "none"  # "none", "governance" or "compliance" (captured at enqueue)
+    locked_until: float | None = None  # immutable until then (compliance clock), if a mode is set
+    legal_holds: tuple[str, ...] = ()
+    key_id: int = 0  # the namespace key its body is sealed under
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,18 +177,98 @@ class QShape:
 
 # --- the store ------------------------------------------------------------------------------------
 
+_HMAC_INFO = b"mqstore-audit-hm"  # 16 bytes: the HKDF info deriving the address-HMAC key
+
+
+class AuditServices:
+    """The audit log's keys: the Ed25519 checkpoint signer, and the address-HMAC key, derived
+    from the store's first system key (replicated in the log, so every replica derives the same;
+    crypto-shredding a namespace key never touches it)."""
+
+    def __init__(self, log: LogStore, signer: Any) -> None:
+        self._store = log
+        # The AuditLog's own HMAC key is unused: addresses go through hmac_address below.
+        self.log = audit_log.AuditLog(signer, b"\x00" * 32)
+        self.signer = signer
+        self._hmac: audit_log.AuditLog | None = None
+
+    def hmac_address(self, address: str) -> str:
+        if self._hmac is None:
+            keyring = self._store.keyring  # looked up each time: restoring a copy replaces it
+            ids = keyring.key_ids(SYSTEM_NAMESPACE)
+            if not ids:
+                raise InvalidArgument("the store has no system key yet (it is created before the first message)")
+            self._hmac = audit_log.AuditLog(None, keyring.data_key(ids[0], _HMAC_INFO))
+        return self._hmac.hmac_address(address)
+
 
 class QueueBase:
     """What the embedded store and a cluster node's queue share: argument checks, the read side
     (get, list, qshape, stats) and turning grants into leases. Subclasses implement the writes
     (``enqueue_many``, ``lease``, ``_settle``, ``ack_many``, ``_admin``, ``set_namespace_policy``)."""
 
-    def __init__(self, log: LogStore, clock: Callable[[], float]) -> None:
+    def __init__(self, log: LogStore, clock: Callable[[], float], *, node_id: int = 0, site: str = "",
+                 monotonic: Callable[[], float] = time.monotonic, audit_signer: Any = None) -> None:
         self._clock = clock
         self.log = log
         self._rcpt_cache: OrderedDict[bytes, tuple[str, ...]] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._policies: dict[str, Policy] = {}
+        self.node_id = node_id
+        self.site = site
+        with log.env.read() as txn:
+            persisted = machine.compliance_clock_ms(LmdbKV(txn, log.env.dbs))
+        #: Time for retention decisions: never behind what was applied, never following the wall clock.
+        self.compliance_clock = ComplianceClock(persisted, _ms(clock()), monotonic)
+        self.audit = AuditServices(log, audit_signer)
+
+    # --- compliance helpers ----------------------------------------------------------------------
+
+    def _ctx(self, actor: Actor | None, bypass: bool = False, reason: str = "") -> Ctx:
+        """The request context stamped into an entry: who, from where, and both clocks."""
+        return Ctx(actor or LOCAL_ADMIN, self.node_id, self.site, _ms(self._clock()),
+                   self.compliance_clock.now_ms(), bypass, reason)
+
+    def _counters(self) -> Counters:
+        return Counters(self.audit.log, self.audit.hmac_address)
+
+    def _after_apply(self, c: Counters) -> None:
+        self.compliance_clock.observe(c.clock_ms)
+
+    @staticmethod
+    def _actor(actor: Actor | None) -> Actor | None:
+        if actor is not None and not isinstance(actor, Actor):
+            raise InvalidArgument(f"actor must be an mqstore.Actor, not {type(actor).__name__}")
+        return actor
+
+    def _require(self, actor: Actor | None, permission: str, namespace: str | None, op: str, target: str) -> None:
+        """Refuse (PermissionDenied, audited) a hot-path request the actor may not make."""
+        if actor is None or actor.can(permission, namespace):
+            return
+        reason = f"actor {actor.name!r} lacks the {permission!r} permission" + (
+            f" in namespace {namespace!r}" if namespace else "")
+        self._propose(RecordType.AUDIT, lambda now, ctx: DenialEntry(now, op, target, reason, ctx), actor)
+        raise PermissionDenied(reason)
+
+    def record_denial(self, op: str, target: str, reason: str, actor: Actor | None) -> None:
+        """Write a denied-request record to the audit log (a request refused before it reached
+        the queue, e.g. by a node's authentication or authorization at the edge)."""
+        self._propose(RecordType.AUDIT, lambda now, ctx: DenialEntry(now, op[:255], target, reason, ctx), actor)
+
+    @staticmethod
+    def _raise_denied(result: object) -> None:
+        if isinstance(result, machine.Denied):
+            if result.kind == "permission":
+                raise PermissionDenied(result.reason)
+            if result.kind == "invalid":
+                raise InvalidArgument(result.reason)
+            raise Immutable(result.reason)
+
+    def _propose(self, rtype: RecordType, make: Callable[[int, Ctx], object], actor: Actor | None,
+                 bypass: bool = False, reason: str = "", precheck: Callable[[KV], None] | None = None) -> object:
+        """Append one entry built by ``make(now_ms, ctx)`` (after ``precheck(kv)`` passes, under
+        the write lock) and apply it; returns what applying it returned."""
+        raise NotImplementedError
 
     # --- helpers ---------------------------------------------------------------------------------
 
@@ -292,6 +388,8 @@ class QueueBase:
         retention: float | None,
         dedup_window: float | None,
         expired_retention: float | None,
+        mode: str | Mode | None = None,
+        lock_retention: float | None = None,
     ) -> Policy:
         """The namespace's policy with the given changes (None keeps a value), checked."""
         validate.namespace(namespace)
@@ -306,24 +404,41 @@ class QueueBase:
         def ms_or(old_ms: int, value: float | None, name: str, allow_zero: bool) -> int:
             return old_ms if value is None else _ms(_seconds(value, name, allow_zero=allow_zero))
 
+        new_mode = old.mode if mode is None else int(Mode.parse(mode))
+        lock_ms = ms_or(old.lock_retention_ms, lock_retention, "retention", True)
+        if lock_ms > limits.LOCK_RETENTION_MS_MAX:
+            raise InvalidArgument(f"retention is at most {limits.LOCK_RETENTION_MS_MAX // 86_400_000} days")
+        if new_mode != Mode.NONE and lock_ms <= 0:
+            raise InvalidArgument(f"mode {Mode(new_mode).name.lower()} needs a retention period (retention_days > 0)")
         return Policy(
             backoff_ms=schedule,
             lifetime_ms=ms_or(old.lifetime_ms, lifetime, "lifetime", False),
             retention_ms=ms_or(old.retention_ms, retention, "retention", True),
             dedup_window_ms=ms_or(old.dedup_window_ms, dedup_window, "dedup_window", True),
             expired_retention_ms=ms_or(old.expired_retention_ms, expired_retention, "expired_retention", True),
+            mode=new_mode,
+            lock_retention_ms=lock_ms if new_mode != Mode.NONE else 0,
         )
 
     # --- writes (subclasses) ---------------------------------------------------------------------
 
-    def enqueue_many(self, messages: Sequence[Mapping[str, Any]]) -> list[str]:
+    def enqueue_many(self, messages: Sequence[Mapping[str, Any]], actor: Actor | None = None) -> list[str]:
         raise NotImplementedError
 
-    def _settle(self, rtype: RecordType, token: int, recipients: Iterable[str] | None, reason: str | None) -> None:
+    def _settle(self, rtype: RecordType, token: int, recipients: Iterable[str] | None, reason: str | None,
+                actor: Actor | None = None) -> None:
         raise NotImplementedError
 
-    def _admin(self, rtype: RecordType, message_id: str) -> None:
-        raise NotImplementedError
+    def _sync(self) -> None:
+        """Make local state current before planning from it (a cluster leader's read barrier)."""
+
+    def _check_enqueue(self, messages: Sequence[Mapping[str, Any]], actor: Actor | None) -> Actor | None:
+        actor = self._actor(actor)
+        if actor is not None:
+            for m in messages if isinstance(messages, (list, tuple)) else ():
+                ns = m.get("namespace", "default") if isinstance(m, Mapping) else "default"
+                self._require(actor, "enqueue", ns if isinstance(ns, str) else None, "enqueue", str(ns))
+        return actor
 
     def enqueue(
         self,
@@ -335,6 +450,7 @@ class QueueBase:
         not_before: float | _dt.datetime | None = None,
         expires_in: float | None = None,
         idempotency_key: str | None = None,
+        actor: Actor | None = None,
     ) -> str:
         """Store a message durably; returns its id. With an ``idempotency_key`` seen within the
         namespace's window, returns the earlier message's id and stores nothing."""
@@ -350,36 +466,283 @@ class QueueBase:
                     "expires_in": expires_in,
                     "idempotency_key": idempotency_key,
                 }
-            ]
+            ],
+            actor=actor,
         )[0]
 
-    def ack(self, token: int, recipients: Iterable[str] | None = None) -> None:
+    def ack(self, token: int, recipients: Iterable[str] | None = None, actor: Actor | None = None) -> None:
         """Mark the lease's recipients (all, or those listed) delivered. Raises StaleLease if the
         token is unknown, expired or does not hold them; nothing changes then."""
-        self._settle(RecordType.ACK, token, recipients, None)
+        self._settle(RecordType.ACK, token, recipients, None, actor)
 
-    def defer(self, token: int, recipients: Iterable[str] | None = None, reason: str = "") -> None:
+    def defer(self, token: int, recipients: Iterable[str] | None = None, reason: str = "",
+              actor: Actor | None = None) -> None:
         """Retry the recipients later (backoff per namespace policy); keeps ``reason``."""
-        self._settle(RecordType.DEFER, token, recipients, reason)
+        self._settle(RecordType.DEFER, token, recipients, reason, actor)
 
-    def bounce(self, token: int, recipients: Iterable[str] | None = None, reason: str = "") -> None:
+    def bounce(self, token: int, recipients: Iterable[str] | None = None, reason: str = "",
+               actor: Actor | None = None) -> None:
         """Mark the recipients permanently failed; keeps ``reason`` (for the DSN)."""
-        self._settle(RecordType.BOUNCE, token, recipients, reason)
+        self._settle(RecordType.BOUNCE, token, recipients, reason, actor)
 
-    def hold(self, message_id: str) -> None:
+    def hold(self, message_id: str, actor: Actor | None = None) -> None:
         """Stop leasing the message until :meth:`release` (leases already granted stay valid)."""
-        self._admin(RecordType.HOLD, message_id)
+        self._admin(RecordType.HOLD, message_id, actor)
 
-    def release(self, message_id: str) -> None:
-        self._admin(RecordType.RELEASE, message_id)
+    def release(self, message_id: str, actor: Actor | None = None) -> None:
+        self._admin(RecordType.RELEASE, message_id, actor)
 
-    def requeue(self, message_id: str) -> None:
+    def requeue(self, message_id: str, actor: Actor | None = None) -> None:
         """Make the message's deferred recipients due now."""
-        self._admin(RecordType.REQUEUE, message_id)
+        self._admin(RecordType.REQUEUE, message_id, actor)
 
-    def delete(self, message_id: str) -> None:
-        """Remove the message (its leases become stale)."""
-        self._admin(RecordType.DELETE, message_id)
+    def delete(self, message_id: str, actor: Actor | None = None, bypass_governance: bool = False,
+               reason: str | None = None) -> None:
+        """Remove the message (its leases become stale). Refused with :class:`Immutable` while
+        COMPLIANCE retention or any legal hold protects it, and under GOVERNANCE retention unless
+        the actor has the ``bypass_governance`` permission, passes ``bypass_governance=True`` and
+        gives a ``reason``. Every outcome is audited."""
+        self._admin(RecordType.DELETE, message_id, actor, bypass_governance, check_reason(bypass_governance, reason))
+
+    def _admin(self, rtype: RecordType, message_id: str, actor: Actor | None, bypass: bool = False,
+               reason: str = "") -> None:
+        mid = self._mid(message_id)
+        actor = self._actor(actor)
+
+        def precheck(kv: KV) -> None:
+            if kv.get(b"messages", mid) is None:
+                raise NotFound(f"no message {format_id(mid)}")
+
+        result = self._propose(rtype, lambda now, ctx: AdminEntry(now, mid, ctx), actor, bypass, reason, precheck)
+        self._raise_denied(result)
+        if result is False:
+            raise NotFound(f"no message {format_id(mid)}")
+
+    def set_namespace_policy(
+        self,
+        namespace: str,
+        *,
+        backoff: Sequence[float] | None = None,
+        lifetime: float | None = None,
+        retention: float | None = None,
+        dedup_window: float | None = None,
+        expired_retention: float | None = None,
+        mode: str | None = None,
+        lock_retention: float | None = None,
+        actor: Actor | None = None,
+        bypass_governance: bool = False,
+        reason: str | None = None,
+    ) -> Policy:
+        """Set a namespace's retry schedule (seconds; the last step repeats; None keeps Postfix's
+        doubling 300..4000 s), message lifetime, retention of finished messages (housekeeping),
+        idempotency window, how long a message that expired is kept for the MTA's DSN, and its
+        immutability ``mode`` ("none", "governance", "compliance") with the ``lock_retention``
+        (seconds) new messages get. Applies to messages enqueued (lifetime, lock) or finished
+        (retention) afterwards. Arguments left as None keep their current value. A namespace in
+        COMPLIANCE mode never leaves it nor shortens its lock (:class:`Immutable`)."""
+        actor = self._actor(actor)
+        why = check_reason(bypass_governance, reason)
+        self._sync()
+        self._policies.pop(namespace, None)
+        policy = self._new_policy(namespace, backoff, lifetime, retention, dedup_window, expired_retention,
+                                  mode, lock_retention)
+        try:
+            result = self._propose(RecordType.POLICY, lambda now, ctx: PolicyEntry(now, namespace, policy, ctx),
+                                   actor, bypass_governance, why)
+        finally:
+            self._policies.pop(namespace, None)
+        self._raise_denied(result)
+        return policy
+
+    def set_policy(self, namespace: str, mode: str = "none", retention_days: float | None = None, *,
+                   actor: Actor | None = None, bypass_governance: bool = False, reason: str | None = None) -> Policy:
+        """Set a namespace's immutability: ``mode`` "none", "governance" or "compliance" and the
+        retention (days) each new message gets from its enqueue. Existing messages keep theirs."""
+        if retention_days is not None:
+            retention_days = _seconds(retention_days, "retention_days", allow_zero=True) * 86_400
+        return self.set_namespace_policy(namespace, mode=mode, lock_retention=retention_days, actor=actor,
+                                         bypass_governance=bypass_governance, reason=reason)
+
+    # --- compliance --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _case(case: object) -> str:
+        if not isinstance(case, str) or not case.strip() or len(case.encode()) > limits.LEGAL_HOLD_CASE_BYTES_MAX:
+            raise InvalidArgument(f"case must be a non-empty id of at most {limits.LEGAL_HOLD_CASE_BYTES_MAX} bytes")
+        if any(ord(ch) < 32 for ch in case):
+            raise InvalidArgument("case must not contain control characters")
+        return case
+
+    def add_legal_hold(self, message_id: str, case: str, *, actor: Actor | None = None) -> None:
+        """Put the message under the legal hold ``case``: nothing deletes it, whatever its
+        retention and whoever asks, until every hold on it is removed. Needs ``legal_hold``."""
+        mid = self._mid(message_id)
+        case = self._case(case)
+        actor = self._actor(actor)
+
+        def precheck(kv: KV) -> None:
+            row = machine.get_message(kv, mid)
+            if row is None:
+                raise NotFound(f"no message {format_id(mid)}")
+            held = machine.holds_of(kv, mid)
+            if case not in held and len(held) >= limits.LEGAL_HOLDS_PER_MESSAGE_MAX:
+                raise InvalidArgument(f"message {format_id(mid)} has {len(held)} legal holds, the limit")
+
+        result = self._propose(RecordType.LEGAL_HOLD, lambda now, ctx: LegalHoldEntry(now, mid, case, True, ctx),
+                               actor, precheck=precheck)
+        self._raise_denied(result)
+        if result is False:
+            raise NotFound(f"no message {format_id(mid)}")
+
+    def remove_legal_hold(self, message_id: str, case: str, *, actor: Actor | None = None) -> None:
+        """Remove the legal hold ``case``; the message stays locked while any other hold remains."""
+        mid = self._mid(message_id)
+        case = self._case(case)
+        actor = self._actor(actor)
+
+        def precheck(kv: KV) -> None:
+            if kv.get(b"messages", mid) is None:
+                raise NotFound(f"no message {format_id(mid)}")
+            if case not in machine.holds_of(kv, mid):
+                raise NotFound(f"message {format_id(mid)} has no legal hold {case!r}")
+
+        result = self._propose(RecordType.LEGAL_HOLD, lambda now, ctx: LegalHoldEntry(now, mid, case, False, ctx),
+                               actor, precheck=precheck)
+        self._raise_denied(result)
+        if result is False:
+            raise NotFound(f"message {format_id(mid)} has no legal hold {case!r}")
+
+    def extend_retention(self, message_id: str, until: float | _dt.datetime, *, actor: Actor | None = None,
+                         bypass_governance: bool = False, reason: str | None = None) -> None:
+        """Set the message's retention end (epoch seconds or datetime, on the compliance clock).
+        Extending needs the ``retention`` permission; shortening is refused under COMPLIANCE and
+        needs a governance bypass under GOVERNANCE."""
+        mid = self._mid(message_id)
+        until_ms = _to_ms(until, "until")
+        if until_ms <= 0 or until_ms > limits.TIME_MS_MAX:
+            raise InvalidArgument("until must be a time after the epoch")
+        actor = self._actor(actor)
+        why = check_reason(bypass_governance, reason)
+
+        def precheck(kv: KV) -> None:
+            row = machine.get_message(kv, mid)
+            if row is None:
+                raise NotFound(f"no message {format_id(mid)}")
+            if not row.lock_mode:
+                raise InvalidArgument(f"message {format_id(mid)} is not under retention (its namespace had mode "
+                                      "'none' when it was enqueued)")
+
+        result = self._propose(RecordType.RETENTION, lambda now, ctx: RetentionEntry(now, mid, until_ms, ctx),
+                               actor, bypass_governance, why, precheck)
+        self._raise_denied(result)
+        if result is False:
+            raise NotFound(f"no message {format_id(mid)}")
+
+    def drop_namespace(self, namespace: str, *, actor: Actor | None = None) -> int:
+        """Remove every message of ``namespace``; refused (nothing removed) if any is under
+        retention or a legal hold. Returns how many messages were removed."""
+        validate.namespace(namespace)
+        actor = self._actor(actor)
+        result = self._propose(RecordType.DROP, lambda now, ctx: NamespaceEntry(now, namespace, ctx), actor)
+        self._raise_denied(result)
+        assert isinstance(result, int)
+        return result
+
+    def compact_messages(self, message_ids: Iterable[str], *, actor: Actor | None = None) -> int:
+        """Forced compaction: remove these finished messages now, before their housekeeping
+        retention ends (``delete`` permission). Retention locks and legal holds still apply:
+        a message they protect stays (each refusal audited). Returns how many were removed;
+        raises :class:`Immutable` when every one named was refused."""
+        if isinstance(message_ids, str):
+            raise InvalidArgument("message_ids must be a list of message ids, not a string")
+        mids = [self._mid(m) for m in message_ids]
+        if not mids or len(mids) > limits.APPEND_RECORDS_MAX:
+            raise InvalidArgument(f"give 1..{limits.APPEND_RECORDS_MAX} message ids")
+        actor = self._actor(actor)
+        items = tuple((COMPACT_MESSAGE, m) for m in mids)
+        result = self._propose(RecordType.COMPACT, lambda now, ctx: MaintenanceEntry(now, items, ctx), actor)
+        self._raise_denied(result)
+        assert isinstance(result, int)
+        return result
+
+    def _check_rotate(self, namespace: str, actor: Actor | None) -> None:
+        validate.namespace(namespace)
+        self._require(actor, "keys", namespace, "rotate_key", namespace)
+        if len(self.log.keyring.key_ids(namespace)) >= limits.KEYS_PER_NAMESPACE_MAX:
+            raise InvalidArgument(f"namespace {namespace!r} has {limits.KEYS_PER_NAMESPACE_MAX} keys already")
+
+    def _check_shred(self, key_id: int) -> str:
+        """The namespace of key ``key_id``, if it may be asked to be shredded (UnknownKey if none)."""
+        validate.integer(key_id, "key_id", 1, 2**32 - 1)
+        keyring = self.log.keyring
+        namespace = keyring.namespace_of(key_id)
+        if namespace == SYSTEM_NAMESPACE:
+            raise InvalidArgument("the system key cannot be shredded (the audit log and dictionaries use it)")
+        if keyring.is_shredded(key_id):
+            raise InvalidArgument(f"key {key_id} was shredded already")
+        return namespace
+
+    def rotate_key(self, namespace: str, *, actor: Actor | None = None) -> int:
+        raise NotImplementedError
+
+    def shred_key(self, key_id: int, *, actor: Actor | None = None) -> int:
+        raise NotImplementedError
+
+    def audit_records(self, after: int | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """Audit records with a sequence number above ``after``, oldest first (at most ``limit``)."""
+        if after is not None:
+            validate.integer(after, "after", 0, 2**63)
+        validate.integer(limit, "limit", 1, audit_log.AUDIT_READ_RECORDS_MAX)
+        self._sync()
+        with self.log.env.read() as txn:
+            return audit_log.records(LmdbKV(txn, self.log.env.dbs), after, limit)
+
+    def audit_head(self) -> int:
+        """The sequence number of the last audit record (0: none yet)."""
+        self._sync()
+        with self.log.env.read() as txn:
+            return audit_log.head(LmdbKV(txn, self.log.env.dbs)).seq
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        """Every namespace key: id, namespace, created, shredded, and whether new records use it."""
+        self._sync()
+        keyring = self.log.keyring
+        out = []
+        for key_id in keyring.key_ids():
+            event = keyring.event(key_id)
+            out.append({"key_id": key_id, "namespace": event.namespace, "created_ms": event.created_at_ms,
+                        "shredded": keyring.is_shredded(key_id),
+                        "current": keyring.current_key_id(event.namespace) == key_id})
+        return out
+
+    def get_policy(self, namespace: str) -> Policy:
+        """A namespace's policy (the defaults if none was set)."""
+        validate.namespace(namespace)
+        self._sync()
+        with self.log.env.read() as txn:
+            return machine.get_policy(LmdbKV(txn, self.log.env.dbs), namespace)
+
+    def audit_query(self, **filters: Any) -> list[dict[str, Any]]:
+        """Audit records matching ``filters`` (see :func:`mqstore.compliance.audit.query`)."""
+        self._sync()
+        with self.log.env.read() as txn:
+            return audit_log.query(LmdbKV(txn, self.log.env.dbs), **filters)
+
+    def audit_verify(self, trusted: audit_log.Checkpoint | None = None, public_key: Any = None,
+                     progress: Callable[[int, int], None] | None = None) -> audit_log.VerifyReport:
+        """Recompute the audit log (hash chain, Merkle checkpoints, signatures) and, with a
+        ``trusted`` checkpoint exported earlier, detect truncation or rewriting before it."""
+        key = public_key if public_key is not None else self.audit.log.public_key
+        with self.log.env.read() as txn:
+            return audit_log.verify(LmdbKV(txn, self.log.env.dbs), key, trusted, progress)
+
+    def audit_checkpoint(self, *, actor: Actor | None = None) -> audit_log.Checkpoint | None:
+        """Sign a checkpoint over every audit record so far (if any came since the last one) and
+        return the latest checkpoint with the signing public key, to keep somewhere safe."""
+        actor = self._actor(actor)
+        self._propose(RecordType.AUDIT, lambda now, ctx: DenialEntry(now, machine.CHECKPOINT_OP, "", "", ctx), actor)
+        with self.log.env.read() as txn:
+            return self.audit.log.export_checkpoint(LmdbKV(txn, self.log.env.dbs))
 
     def _build_leases(self, grants: list[tuple[int, bytes, machine.Grant, int]]) -> list[Lease]:
         """Lease objects for committed grants: one read transaction, each body decrypted once."""
@@ -442,6 +805,7 @@ class QueueBase:
             if row is None:
                 raise NotFound(f"no message {format_id(mid)}")
             rcpts = machine.recipients_of(kv, mid)
+            holds = machine.holds_of(kv, mid)
         stored = self.log.read_message(row.enqueue_index)
         env = stored.envelope
         statuses = []
@@ -472,6 +836,10 @@ class QueueBase:
             size=row.size_bytes,
             idempotency_key=env.idempotency_key,
             retain_until=row.retain_until_ms / 1000 if row.finished else None,
+            retention_mode=Mode(row.lock_mode).name.lower(),
+            locked_until=row.lock_until_ms / 1000 if row.lock_mode else None,
+            legal_holds=holds,
+            key_id=row.key_id,
         )
 
     def list(
@@ -637,8 +1005,11 @@ class Store(QueueBase):
     """An embedded mail queue in one directory. Thread safe; also a context manager.
 
     ``clock`` (epoch seconds) is injectable for tests; the state machine itself only uses times
-    stamped into log entries by the writer. ``background=True`` runs a maintenance thread that
-    expires leases and messages and compacts finished ones when they fall due.
+    stamped into log entries by the writer. ``monotonic`` drives the compliance clock (tests
+    inject it too). ``background=True`` runs a maintenance thread that expires leases and
+    messages and compacts finished ones when they fall due. The audit log's checkpoints are
+    signed with the Ed25519 key in ``audit_signing_key`` (default ``<path>/audit-signing.key``,
+    created on first open; keep a copy of its public key, or an exported checkpoint, elsewhere).
     """
 
     def __init__(
@@ -648,9 +1019,11 @@ class Store(QueueBase):
         key_file: str | os.PathLike[str] | None = None,
         key_provider: KeyProvider | None = None,
         clock: Callable[[], float] | None = None,
+        monotonic: Callable[[], float] | None = None,
         background: bool = True,
         compression_level: int = limits.ZSTD_LEVEL_DEFAULT,
         map_size: int = limits.MAP_SIZE_BYTES_DEFAULT,
+        audit_signing_key: str | os.PathLike[str] | None = None,
     ) -> None:
         clock = clock or time.time
         log_store = LogStore(
@@ -661,13 +1034,19 @@ class Store(QueueBase):
             compression_level=compression_level,
             map_size=map_size,
         )
-        if log_store.meta_get(b"node.id") is not None:
+        try:
+            if log_store.meta_get(b"node.id") is not None:
+                raise InvalidArgument(
+                    f"{path} is the data dir of a cluster node: write to it through the node (mqstore.Client), "
+                    "not as an embedded store (that would bypass replication)"
+                )
+            signer_path = Path(audit_signing_key) if audit_signing_key is not None else Path(path) / AUDIT_KEY_FILE
+            signer = load_or_create_signing_key(signer_path, create=audit_signing_key is None)
+            log_store.ensure_keys([SYSTEM_NAMESPACE])  # the audit's address-HMAC key derives from it
+        except BaseException:
             log_store.close()
-            raise InvalidArgument(
-                f"{path} is the data dir of a cluster node: write to it through the node (mqstore.Client), "
-                "not as an embedded store (that would bypass replication)"
-            )
-        super().__init__(log_store, clock)
+            raise
+        super().__init__(log_store, clock, monotonic=monotonic or time.monotonic, audit_signer=signer)
         self.path = Path(path)
         self._compacted_at = self.log.last_index
         self._closed = threading.Event()
@@ -677,34 +1056,57 @@ class Store(QueueBase):
             self._maintainer = threading.Thread(target=self._maintain_loop, name="mqstore-maintenance", daemon=True)
             self._maintainer.start()
 
+    def _propose(self, rtype: RecordType, make: Callable[[int, Ctx], object], actor: Actor | None,
+                 bypass: bool = False, reason: str = "", precheck: Callable[[KV], None] | None = None) -> object:
+        def fn(wctx: WriteContext) -> tuple[object, Counters]:
+            kv = self._kv(wctx)
+            if precheck is not None:
+                precheck(kv)
+            entry = make(wctx.now_ms, self._ctx(actor, bypass, reason))
+            index = wctx.append(rtype, entry.encode())  # type: ignore[attr-defined]
+            c = self._counters()
+            result = machine.apply_entry(kv, c, index, rtype, entry)
+            c.flush(kv)
+            return result, c
+
+        result, c = self.log.write(fn)
+        self._after_apply(c)
+        if rtype == RecordType.POLICY or rtype == RecordType.DROP:
+            self._policies.clear()
+        return result
+
     # --- enqueue -----------------------------------------------------------------------------------
 
-    def enqueue_many(self, messages: Sequence[Mapping[str, Any]]) -> list[str]:
+    def enqueue_many(self, messages: Sequence[Mapping[str, Any]], actor: Actor | None = None) -> list[str]:
         """Store several messages in one durable commit; returns their ids in order."""
+        actor = self._check_enqueue(messages, actor)
         new = self._new_messages(messages)
-        staged = self.log.stage_messages(new)
+        ctx = self._ctx(actor)
+        staged = self.log.stage_messages(new, ctx.encode())
         sizes = [len(n.data) for n in new]
 
-        def fn(ctx: WriteContext) -> list[bytes]:
-            kv = self._kv(ctx)
-            c = Counters()
+        def fn(wctx: WriteContext) -> tuple[list[bytes], Counters]:
+            kv = self._kv(wctx)
+            c = self._counters()
             out = []
-            for st, sealed, size in zip(staged, ctx.sealed, sizes, strict=True):
+            for st, sealed, size in zip(staged, wctx.sealed, sizes, strict=True):
                 env = st.envelope
                 if env.idempotency_key:
                     dup = machine.find_duplicate(kv, env.namespace, env.idempotency_key, env.created_at_ms)
                     if dup is not None:
                         out.append(dup)
                         continue
-                index = ctx.append(RecordType.ENQUEUE, sealed.payload, flags=sealed.flags,
-                                   key_id=sealed.key_id, dict_id=sealed.dict_id)
-                out.append(machine.apply_enqueue(kv, c, index, env, size))
+                index = wctx.append(RecordType.ENQUEUE, sealed.payload, flags=sealed.flags,
+                                    key_id=sealed.key_id, dict_id=sealed.dict_id)
+                c.index = index
+                out.append(machine.apply_enqueue(kv, c, index, env, size, ctx, sealed.key_id))
             c.flush(kv)
-            return out
+            return out, c
 
-        requests = [(int(RecordType.ENQUEUE), st.envelope.namespace, st.envelope.message_id, st.plaintext)
-                    for st in staged]
-        mids = self.log.write(fn, size=sum(sizes), seal=requests)
+        requests = [(int(RecordType.ENQUEUE), st.envelope.namespace, st.envelope.message_id, st.plaintext,
+                     st.flags) for st in staged]
+        mids, c = self.log.write(fn, size=sum(sizes), seal=requests)
+        self._after_apply(c)
         for st in staged:
             self._remember_recipients(st.envelope.message_id, st.envelope.recipients)
         self._wake.set()
@@ -719,35 +1121,44 @@ class Store(QueueBase):
         lease_seconds: float = 300,
         namespace: str | None = None,
         domain: str | None = None,
+        actor: Actor | None = None,
     ) -> list[Lease]:
         """Lease due recipients: highest priority first, then the longest waiting. Each lease is
         one message's due recipients (only those in ``domain`` when given)."""
         lease_ms, domain = self._lease_args(worker, max_messages, lease_seconds, namespace, domain)
+        actor = self._actor(actor)
+        self._require(actor, "lease", namespace, "lease", namespace or "*")
 
-        def fn(ctx: WriteContext) -> list[tuple[int, bytes, machine.Grant, int]]:
-            kv = self._kv(ctx)
-            c = Counters()
-            self._expire_in(ctx, kv, c)
+        def fn(wctx: WriteContext) -> tuple[list[tuple[int, bytes, machine.Grant, int]], Counters]:
+            kv = self._kv(wctx)
+            c = self._counters()
+            ctx = self._ctx(actor)
+            self._expire_in(wctx, kv, c)
             grants = []
-            for plan in machine.plan_lease(kv, ctx.now_ms, max_messages, namespace, domain):
-                entry = LeaseEntry(ctx.now_ms, ctx.now_ms + lease_ms, plan.mid, plan.ordinals, worker)
-                token = ctx.append(RecordType.LEASE, entry.encode())
+            for plan in machine.plan_lease(kv, wctx.now_ms, max_messages, namespace, domain):
+                entry = LeaseEntry(wctx.now_ms, wctx.now_ms + lease_ms, plan.mid, plan.ordinals, worker, ctx)
+                token = wctx.append(RecordType.LEASE, entry.encode())
+                c.index = token
                 grant = machine.apply_lease(kv, c, token, entry)
                 if grant.ordinals:
                     grants.append((token, plan.mid, grant, entry.deadline_ms))
             c.flush(kv)
-            return grants
+            return grants, c
 
-        grants = self.log.write(fn)
+        grants, c = self.log.write(fn)
+        self._after_apply(c)
         return self._build_leases(grants)
 
     def _settle(
-        self, rtype: RecordType, token: int, recipients: Iterable[str] | None, reason: str | None
+        self, rtype: RecordType, token: int, recipients: Iterable[str] | None, reason: str | None,
+        actor: Actor | None = None,
     ) -> None:
         self._check_reason(reason)
+        actor = self._actor(actor)
+        self._require(actor, "settle", None, RecordType(rtype).name.lower(), str(token))
 
-        def fn(ctx: WriteContext) -> None:
-            kv = self._kv(ctx)
+        def fn(wctx: WriteContext) -> Counters:
+            kv = self._kv(wctx)
             row, lease, ords = self._ordinals(kv, token, recipients)
             mid = lease.mid
             nxt: tuple[int, ...] = ()
@@ -755,89 +1166,112 @@ class Store(QueueBase):
                 policy = machine.get_policy(kv, row.namespace)
                 rcpts = dict(machine.recipients_of(kv, mid))
                 nxt = tuple(
-                    ctx.now_ms + machine.backoff_ms(policy, rcpts[o].attempts + 1, mid, o) for o in ords
+                    wctx.now_ms + machine.backoff_ms(policy, rcpts[o].attempts + 1, mid, o) for o in ords
                 )
             sealed = self._seal_reason(row.namespace, mid, reason or "")
-            entry = SettleEntry(ctx.now_ms, token, ords, nxt, sealed)
-            ctx.append(rtype, entry.encode())
-            c = Counters()
+            entry = SettleEntry(wctx.now_ms, token, ords, nxt, sealed, self._ctx(actor))
+            c = self._counters()
+            c.index = wctx.append(rtype, entry.encode())
             if not machine.apply_settle(kv, c, rtype, entry, checked=lease):
                 raise AssertionError("a settle entry checked under the write lock did not apply")
             c.flush(kv)
+            return c
 
-        self.log.write(fn)
+        self._after_apply(self.log.write(fn))
 
-    def ack_many(self, tokens: Iterable[int]) -> None:
+    def ack_many(self, tokens: Iterable[int], actor: Actor | None = None) -> None:
         """Mark every recipient of each lease delivered, in one durable commit (all or nothing)."""
         tokens = list(tokens)
         if not tokens:
             return
+        actor = self._actor(actor)
+        self._require(actor, "settle", None, "ack", ",".join(map(str, tokens[:8])))
 
-        def fn(ctx: WriteContext) -> None:
-            kv = self._kv(ctx)
-            c = Counters()
+        def fn(wctx: WriteContext) -> Counters:
+            kv = self._kv(wctx)
+            c = self._counters()
+            ctx = self._ctx(actor)
             for token in tokens:
                 lease, ords = machine.check_settle(kv, token, None)
-                entry = SettleEntry(ctx.now_ms, token, ords)
-                ctx.append(RecordType.ACK, entry.encode())
+                entry = SettleEntry(wctx.now_ms, token, ords, ctx=ctx)
+                c.index = wctx.append(RecordType.ACK, entry.encode())
                 if not machine.apply_settle(kv, c, RecordType.ACK, entry, checked=lease):
                     raise StaleLease(f"lease {token} could not be settled")
             c.flush(kv)
+            return c
 
-        self.log.write(fn)
+        self._after_apply(self.log.write(fn))
 
-    # --- administration --------------------------------------------------------------------------
+    # --- keys --------------------------------------------------------------------------------------
 
-    def _admin(self, rtype: RecordType, message_id: str) -> None:
-        mid = self._mid(message_id)
+    def rotate_key(self, namespace: str, *, actor: Actor | None = None) -> int:
+        """A new key for ``namespace``: new messages are sealed under it, old ones keep theirs
+        (and still decrypt). Needs the ``keys`` permission; audited. Returns the new key id."""
+        actor = self._actor(actor)
+        self._check_rotate(namespace, actor)
+        event = self.log.keyring.new_key_event(namespace, self._now_ms())
 
-        def fn(ctx: WriteContext) -> None:
-            kv = self._kv(ctx)
-            if kv.get(b"messages", mid) is None:
-                raise NotFound(f"no message {format_id(mid)}")
-            entry = AdminEntry(ctx.now_ms, mid)
-            ctx.append(rtype, entry.encode())
-            c = Counters()
-            machine.apply_admin(kv, c, rtype, entry)
+        def fn(wctx: WriteContext) -> tuple[int, Counters]:
+            ctx = self._ctx(actor)
+            c = self._counters()
+            c.index = wctx.next_index
+            # Audit first: a new key joins the keyring as it is stored, so nothing may fail after.
+            machine.apply_key_created(self._kv(wctx), c, event.key_id, namespace, ctx)
+            c.flush(self._kv(wctx))
+            self.log.apply_key_event(wctx, event, ctx.encode())
+            return event.key_id, c
+
+        key_id, c = self.log.write(fn)
+        self._after_apply(c)
+        return key_id
+
+    def shred_key(self, key_id: int, *, actor: Actor | None = None) -> int:
+        """Crypto-shred a namespace key: every record sealed under it becomes unreadable for
+        good. Allowed only when no message under it is retained, held or still in delivery;
+        finished messages under it are removed with it. Needs the ``keys`` permission; audited.
+        The wrapped key leaves the log at once (the log is compacted). Returns messages removed."""
+        actor = self._actor(actor)
+        namespace = self._check_shred(key_id)
+        keyring = self.log.keyring
+
+        def fn(wctx: WriteContext) -> tuple[object, Counters]:
+            kv = self._kv(wctx)
+            ctx = self._ctx(actor)
+            c = self._counters()
+            c.index = wctx.next_index
+            result = machine.apply_shred(kv, c, key_id, namespace, ctx)
             c.flush(kv)
+            if not isinstance(result, machine.Denied):
+                self.log.apply_key_event(wctx, keyring.shred_event(key_id, self._now_ms()), ctx.encode())
+            return result, c
 
-        self.log.write(fn)
+        result, c = self.log.write(fn)
+        self._after_apply(c)
+        self._raise_denied(result)
+        # The wrapped key must not survive anywhere in the files: drop the log records that held
+        # it, then rewrite the database compactly (freed pages keep old bytes until reused).
+        self.compact_log()
+        self._rewrite_compacted()
+        assert isinstance(result, int)
+        return result
 
-    def set_namespace_policy(
-        self,
-        namespace: str,
-        *,
-        backoff: Sequence[float] | None = None,
-        lifetime: float | None = None,
-        retention: float | None = None,
-        dedup_window: float | None = None,
-        expired_retention: float | None = None,
-    ) -> Policy:
-        """Set a namespace's retry schedule (seconds; the last step repeats; None keeps Postfix's
-        doubling 300..4000 s), message lifetime, retention of finished messages, idempotency
-        window, and how long a message that expired is kept for the MTA's DSN (it may delete it
-        sooner). Applies to messages enqueued (lifetime) or finished (retention) afterwards.
-        Arguments left as None keep their current value."""
-        policy = self._new_policy(namespace, backoff, lifetime, retention, dedup_window, expired_retention)
-
-        def fn(ctx: WriteContext) -> None:
-            entry = PolicyEntry(ctx.now_ms, namespace, policy)
-            ctx.append(RecordType.POLICY, entry.encode())
-            machine.apply_policy(self._kv(ctx), entry)
-            self._policies.pop(namespace, None)
-
-        self.log.write(fn)
-        self._policies[namespace] = policy
-        return policy
+    def _rewrite_compacted(self) -> None:
+        """Replace the database file by a compacted copy of itself (pauses writes briefly)."""
+        scratch = self.path / f".rewrite-{os.getpid()}-{threading.get_ident()}"
+        try:
+            data = self.log.copy_to(scratch)
+            self.log.replace_data(data)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     # --- maintenance -----------------------------------------------------------------------------
 
-    def _expire_in(self, ctx: WriteContext, kv: LmdbKV, c: Counters) -> int:
-        items = machine.plan_expire(kv, ctx.now_ms, _MAINTENANCE_ITEMS_MAX)
+    def _expire_in(self, wctx: WriteContext, kv: LmdbKV, c: Counters) -> int:
+        items = machine.plan_expire(kv, wctx.now_ms, _MAINTENANCE_ITEMS_MAX)
         if not items:
             return 0
-        entry = MaintenanceEntry(ctx.now_ms, tuple(items))
-        ctx.append(RecordType.EXPIRE, entry.encode())
+        entry = MaintenanceEntry(wctx.now_ms, tuple(items), self._ctx(SYSTEM_ACTOR))
+        c.index = wctx.append(RecordType.EXPIRE, entry.encode())
         return machine.apply_expire(kv, c, entry)
 
     def maintain(self) -> dict[str, int]:
@@ -845,21 +1279,23 @@ class Store(QueueBase):
         passed, and compact the log when it has grown. Returns what was done."""
         done = {"expired": 0, "compacted": 0, "log_records_removed": 0}
 
-        def fn(ctx: WriteContext) -> tuple[int, int]:
-            kv = self._kv(ctx)
-            c = Counters()
-            expired = self._expire_in(ctx, kv, c)
+        def fn(wctx: WriteContext) -> tuple[int, int, Counters]:
+            kv = self._kv(wctx)
+            c = self._counters()
+            expired = self._expire_in(wctx, kv, c)
             compacted = 0
-            items = machine.plan_compact(kv, ctx.now_ms, _MAINTENANCE_ITEMS_MAX)
+            items = machine.plan_compact(kv, wctx.now_ms, _MAINTENANCE_ITEMS_MAX)
             if items:
-                entry = MaintenanceEntry(ctx.now_ms, tuple(items))
-                ctx.append(RecordType.COMPACT, entry.encode())
-                compacted = machine.apply_compact(kv, c, entry)
+                entry = MaintenanceEntry(wctx.now_ms, tuple(items), self._ctx(SYSTEM_ACTOR))
+                c.index = wctx.append(RecordType.COMPACT, entry.encode())
+                result = machine.apply_compact(kv, c, entry)
+                compacted = result if isinstance(result, int) else 0
             c.flush(kv)
-            return expired, compacted
+            return expired, compacted, c
 
         while True:
-            expired, compacted = self.log.write(fn)
+            expired, compacted, c = self.log.write(fn)
+            self._after_apply(c)
             done["expired"] += expired
             done["compacted"] += compacted
             if expired < _MAINTENANCE_ITEMS_MAX and compacted < _MAINTENANCE_ITEMS_MAX:

@@ -38,6 +38,7 @@ Retries and duplicates
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import datetime as _dt
 import json
@@ -56,8 +57,11 @@ import grpc.aio
 from mqstore import errors, ids, limits, validate
 from mqstore.api import Lease, Message, MessageSummary, Page, QShape, RecipientStatus, _seconds, _to_ms
 from mqstore.node.transport import CHANNEL_OPTIONS, GRPC_MESSAGE_BYTES_MAX
-from mqstore.proto import admin_pb2, admin_pb2_grpc, queue_pb2, queue_pb2_grpc
+from mqstore.proto import admin_pb2, admin_pb2_grpc, compliance_pb2, compliance_pb2_grpc, queue_pb2, queue_pb2_grpc
 from mqstore.queue.model import Policy
+from mqstore.security.tls import ClientTLS
+from mqstore.security.tls import aio_channel_factory as tls_aio_channel_factory
+from mqstore.security.tls import channel_factory as tls_channel_factory
 
 #: First and longest wait between attempts when no node could serve a call.
 BACKOFF_FIRST_S = 0.05
@@ -119,6 +123,8 @@ _BY_STATUS: dict[Any, type[errors.MQStoreError]] = {
     grpc.StatusCode.CANCELLED: errors.Unavailable,
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.Overloaded,
     grpc.StatusCode.DATA_LOSS: errors.Corruption,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
 }
 #: Failures that say nothing about the request itself: try again (elsewhere).
 _RETRY_STATUS = frozenset((grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED))
@@ -545,6 +551,12 @@ def _policy(p: Any) -> Policy:
     )
 
 
+def _lock_policy(p: Any) -> Policy:
+    from mqstore.compliance.rules import Mode
+
+    return Policy(mode=int(Mode.parse(p.mode or "none")), lock_retention_ms=p.retention_ms)
+
+
 def _s(ms: int) -> float | None:
     return ms / 1000 if ms else None
 
@@ -590,6 +602,10 @@ def _message(p: Any) -> Message:
         size=p.size,
         idempotency_key=p.idempotency_key or None,
         retain_until=_s(p.retain_until_ms),
+        retention_mode=p.retention_mode or "none",
+        locked_until=_s(p.locked_until_ms),
+        legal_holds=tuple(p.legal_holds),
+        key_id=p.key_id,
     )
 
 
@@ -643,6 +659,7 @@ class _Stubs:
         self.channel = channel
         self.queue = queue_pb2_grpc.QueueStub(channel)
         self.admin = admin_pb2_grpc.AdminStub(channel)
+        self.compliance = compliance_pb2_grpc.ComplianceStub(channel)
 
 
 # --- EnqueueStream bookkeeping ------------------------------------------------------------------------
@@ -699,9 +716,11 @@ class Client:
     """A blocking mqstore client (thread safe): the embedded API, served by a cluster.
 
     ``addresses`` are any of the cluster's nodes (``"host:port"``, a list, or comma-separated).
-    ``timeout`` bounds each call, retries included. ``channel_factory(address)`` makes the gRPC
-    channel to a node (default: plaintext with :data:`CLIENT_CHANNEL_OPTIONS`; pass one that builds
-    ``grpc.secure_channel`` for TLS).
+    ``timeout`` bounds each call, retries included. ``tls`` (a
+    :class:`~mqstore.security.tls.ClientTLS`: the cluster CA, this client's certificate and key)
+    connects with mutual TLS, as nodes with ``[tls]`` require; without it the client speaks
+    plaintext (to ``insecure`` nodes). ``token`` sends ``authorization: Bearer <token>`` on every
+    call. ``channel_factory(address)`` replaces all that with channels of your own making.
     """
 
     def __init__(
@@ -710,9 +729,15 @@ class Client:
         *,
         timeout: float = 10.0,
         channel_factory: ChannelFactory | None = None,
+        tls: ClientTLS | None = None,
+        token: str | None = None,
     ) -> None:
         self.timeout = _seconds(timeout, "timeout")
         self._router = _Router(addresses)
+        if channel_factory is not None and (tls is not None or token is not None):
+            raise errors.InvalidArgument("give channel_factory, or tls/token, not both")
+        if channel_factory is None and (tls is not None or token is not None):
+            channel_factory = tls_channel_factory(tls, token, CLIENT_CHANNEL_OPTIONS)
         self._channel_factory = channel_factory or insecure_channel
         self._stubs: dict[str, _Stubs] = {}
         self._lock = threading.Lock()
@@ -739,11 +764,12 @@ class Client:
                 stubs = self._stubs[address] = _Stubs(self._channel_factory(address))
             return stubs
 
-    def _call(self, method: str, request: Any, *, admin: bool = False, address: str | None = None) -> Any:
+    def _call(self, method: str, request: Any, *, admin: bool = False, address: str | None = None,
+              compliance: bool = False) -> Any:
         attempts = _Attempts(self._router, self.timeout, address)
         while True:
             stubs = self._get_stubs(attempts.address)
-            rpc = getattr(stubs.admin if admin else stubs.queue, method)
+            rpc = getattr(stubs.compliance if compliance else stubs.admin if admin else stubs.queue, method)
             try:
                 response = rpc(request, timeout=attempts.attempt_timeout(), wait_for_ready=False)
             except grpc.RpcError as exc:
@@ -935,8 +961,11 @@ class Client:
     def requeue(self, message_id: str) -> None:
         self._call("Requeue", queue_pb2.MessageRef(message_id=_message_id(message_id)))
 
-    def delete(self, message_id: str) -> None:
-        self._call("Delete", queue_pb2.MessageRef(message_id=_message_id(message_id)))
+    def delete(self, message_id: str, bypass_governance: bool = False, reason: str | None = None) -> None:
+        """Remove the message; refused (Immutable) while retention or a legal hold protects it.
+        See the embedded API for the GOVERNANCE bypass."""
+        self._call("Delete", queue_pb2.MessageRef(message_id=_message_id(message_id),
+                                                  bypass_governance=bypass_governance, reason=reason or ""))
 
     def list(
         self,
@@ -973,6 +1002,75 @@ class Client:
         request = _policy_request(namespace, backoff, lifetime, retention, dedup_window, expired_retention)
         return _policy(self._call("SetNamespacePolicy", request))
 
+    # --- compliance (the embedded API's names; see mqstore.Store) -------------------------------
+
+    def _c(self, method: str, request: Any) -> Any:
+        return self._call(method, request, compliance=True)
+
+    def set_policy(self, namespace: str, mode: str = "none", retention_days: float | None = None, *,
+                   bypass_governance: bool = False, reason: str | None = None) -> Policy:
+        retention_ms = -1 if retention_days is None else round(float(retention_days) * 86_400_000)
+        p = self._c("SetPolicy", compliance_pb2.SetPolicyRequest(
+            namespace=namespace, mode=mode, retention_ms=retention_ms, bypass_governance=bypass_governance,
+            reason=reason or ""))
+        return _lock_policy(p)
+
+    def get_policy(self, namespace: str) -> Policy:
+        return _lock_policy(self._c("GetPolicy", compliance_pb2.NamespaceRef(namespace=namespace)))
+
+    def add_legal_hold(self, message_id: str, case: str) -> None:
+        self._c("AddLegalHold", compliance_pb2.LegalHoldRequest(message_id=_message_id(message_id), case=case))
+
+    def remove_legal_hold(self, message_id: str, case: str) -> None:
+        self._c("RemoveLegalHold", compliance_pb2.LegalHoldRequest(message_id=_message_id(message_id), case=case))
+
+    def extend_retention(self, message_id: str, until: float | _dt.datetime, *, bypass_governance: bool = False,
+                         reason: str | None = None) -> None:
+        until_s = until.timestamp() if isinstance(until, _dt.datetime) else float(until)
+        self._c("ExtendRetention", compliance_pb2.RetentionRequest(
+            message_id=_message_id(message_id), until_ms=round(until_s * 1000), bypass_governance=bypass_governance,
+            reason=reason or ""))
+
+    def drop_namespace(self, namespace: str) -> int:
+        return int(self._c("DropNamespace", compliance_pb2.NamespaceRef(namespace=namespace)).count)
+
+    def compact_messages(self, message_ids: Iterable[str]) -> int:
+        ids = [_message_id(m) for m in message_ids]
+        return int(self._c("CompactMessages", compliance_pb2.CompactRequest(message_ids=ids)).count)
+
+    def rotate_key(self, namespace: str) -> int:
+        return int(self._c("RotateKey", compliance_pb2.NamespaceRef(namespace=namespace)).count)
+
+    def shred_key(self, key_id: int) -> int:
+        return int(self._c("ShredKey", compliance_pb2.KeyRef(key_id=key_id)).count)
+
+    def list_keys(self) -> builtins.list[dict[str, Any]]:
+        keys = self._c("ListKeys", compliance_pb2.ListKeysRequest()).keys
+        return [{"key_id": k.key_id, "namespace": k.namespace, "created_ms": k.created_ms, "shredded": k.shredded,
+                 "current": k.current} for k in keys]
+
+    def audit_records(self, after: int | None = None, limit: int = 1000) -> builtins.list[dict[str, Any]]:
+        r = self._c("AuditRecords", compliance_pb2.AuditRecordsRequest(after=after or 0, limit=limit))
+        return [json.loads(x) for x in r.records_json]
+
+    def audit_query(self, where: Mapping[str, Any] | None = None, since_ms: int | None = None,
+                    until_ms: int | None = None, after: int | None = None,
+                    limit: int = 1000) -> builtins.list[dict[str, Any]]:
+        r = self._c("AuditQuery", compliance_pb2.AuditQueryRequest(
+            where_json=json.dumps(dict(where or {})), since_ms=since_ms or 0, until_ms=until_ms or 0,
+            after=after or 0, limit=limit))
+        return [json.loads(x) for x in r.records_json]
+
+    def audit_head(self) -> int:
+        return int(self._c("AuditHead", compliance_pb2.AuditHeadRequest()).seq)
+
+    def audit_checkpoint(self) -> Any:
+        """Sign a checkpoint over every audit record so far; returns it (an audit.Checkpoint)."""
+        from mqstore.compliance.audit import Checkpoint
+
+        text = self._c("AuditCheckpoint", compliance_pb2.CheckpointRequest()).checkpoint_json
+        return Checkpoint.from_json(text) if text else None
+
     def status(self, address: str | None = None) -> dict[str, Any]:
         """Admin.Status of ``address``, or of the node the client talks to (the leader once known):
         role, term, leader, indexes, members, queue stats (on the leader) and disk use."""
@@ -1008,8 +1106,8 @@ def _read_answers(call: Any, answers: queue.SimpleQueue[tuple[str, Any]]) -> Non
 
 class AsyncClient:
     """The asyncio twin of :class:`Client` (grpc.aio): the same methods, as coroutines;
-    ``enqueue_stream`` is an async iterator. Use it from one event loop.
-    ``channel_factory(address)`` must return a ``grpc.aio.Channel``."""
+    ``enqueue_stream`` is an async iterator. Use it from one event loop. ``tls`` and ``token`` as
+    for :class:`Client`; ``channel_factory(address)`` must return a ``grpc.aio.Channel``."""
 
     def __init__(
         self,
@@ -1017,9 +1115,15 @@ class AsyncClient:
         *,
         timeout: float = 10.0,
         channel_factory: ChannelFactory | None = None,
+        tls: ClientTLS | None = None,
+        token: str | None = None,
     ) -> None:
         self.timeout = _seconds(timeout, "timeout")
         self._router = _Router(addresses)
+        if channel_factory is not None and (tls is not None or token is not None):
+            raise errors.InvalidArgument("give channel_factory, or tls/token, not both")
+        if channel_factory is None and (tls is not None or token is not None):
+            channel_factory = tls_aio_channel_factory(tls, token, CLIENT_CHANNEL_OPTIONS)
         self._channel_factory = channel_factory or insecure_aio_channel
         self._stubs: dict[str, _Stubs] = {}
         self._closed = False
@@ -1322,6 +1426,7 @@ __all__ = [
     "AsyncClient",
     "ChannelFactory",
     "Client",
+    "ClientTLS",
     "insecure_aio_channel",
     "insecure_channel",
 ]

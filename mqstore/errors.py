@@ -84,6 +84,21 @@ class Unavailable(MQStoreError):
     waiting for a quorum). Retrying later is safe: writes carry idempotency keys."""
 
 
+class Immutable(MQStoreError):
+    """Immutability (retention, legal hold, COMPLIANCE mode) forbids this change. Nothing was
+    changed; the refusal was written to the audit log."""
+
+
+class PermissionDenied(MQStoreError):
+    """The actor lacks a permission this request needs. Nothing was changed; the refusal was
+    written to the audit log."""
+
+
+class Unauthenticated(MQStoreError):
+    """The caller presented no credentials a node accepts (no token, an unknown or revoked token,
+    a certificate that names no client). Nothing was changed; the refusal was audited."""
+
+
 class StaleLease(MQStoreError):
     """The lease token is unknown, expired or settled, or does not hold these recipients.
     Nothing was changed."""
@@ -92,6 +107,7 @@ class StaleLease(MQStoreError):
 __all__ = [
     "Corruption",
     "DecryptionFailed",
+    "Immutable",
     "InvalidArgument",
     "KeyError_",
     "KeyFileError",
@@ -99,9 +115,11 @@ __all__ = [
     "NotFound",
     "NotLeader",
     "Overloaded",
+    "PermissionDenied",
     "StaleLease",
     "StoreClosed",
     "StoreLocked",
+    "Unauthenticated",
     "Unavailable",
     "UnknownKey",
     "WrongKey",

@@ -77,6 +77,40 @@ DICTIONARY_SAMPLES_MIN = 8
 DICTIONARY_SAMPLES_MAX = 100_000
 KEYS_PER_NAMESPACE_MAX = 10_000
 
+# --- the network edge (mqstore.security.edge; each is a default that [limits] in the config lowers) --
+
+#: Messages one EnqueueBatch request (or one EnqueueStream frame) may carry.
+BATCH_MESSAGES_MAX = APPEND_RECORDS_MAX
+#: Largest gRPC request a node reads (bigger ones are refused by gRPC before any Python runs).
+REQUEST_BYTES_MAX = 64 * 1024 * 1024
+#: Requests per second one client (one identity; one connection when unauthenticated) may make
+#: on average, and the burst above that average it may use. A stream frame counts as a request.
+#: A call over the rate waits for its turn (back-pressure, no CPU spent) when the wait is short
+#: and the client has few calls waiting; otherwise it is refused (RESOURCE_EXHAUSTED).
+CLIENT_REQUESTS_PER_SECOND_DEFAULT = 5_000
+CLIENT_REQUESTS_BURST_DEFAULT = 10_000
+#: A request counts as one against its client's rate, plus one per this many bytes it carries
+#: (so a client cannot pour hundreds of megabytes a second into a node within its request rate).
+RATE_COST_BYTES = 64 * 1024
+#: Longest wait for its turn a unary call over its client's rate is given (else refused).
+RATE_WAIT_MS_MAX = 1_000
+#: Calls one client may have waiting for their turn at once (more: refused at once). Equal to the
+#: streams a connection may open, so one connection can never get a refusal flood going.
+CLIENT_WAITING_CALLS_MAX = 32
+#: Streams (EnqueueStream) one client may hold open at once.
+CLIENT_STREAMS_MAX_DEFAULT = 16
+#: Client calls a node serves at once; the rest of its gRPC threads are kept for its peers'
+#: replication streams and snapshots, so clients can never take every thread.
+SERVER_THREADS_DEFAULT = 128
+PEER_THREADS_RESERVED = 16
+#: HTTP/2 streams one connection may have open at once (bounds a flooding client's in-flight calls;
+#: a client's further calls queue on its side).
+CONNECTION_STREAMS_MAX = 32
+#: Identities the per-client rate limiter remembers (least recently seen ones are forgotten first).
+RATE_LIMITED_CLIENTS_MAX = 65_536
+#: Longest wait an EnqueueStream frame over its client's rate is held for, before the stream is refused.
+STREAM_THROTTLE_WAIT_MS_MAX = 5_000
+
 # --- relations ----------------------------------------------------------------------------------
 
 assert RECORD_PAYLOAD_BYTES_MAX < 2**32, "payload length is a u32 in the record header"
@@ -90,3 +124,18 @@ assert MAP_SIZE_BYTES_MIN <= MAP_SIZE_BYTES_DEFAULT <= MAP_SIZE_BYTES_MAX
 assert WRITE_BATCH_ITEMS_MAX <= WRITE_QUEUE_ITEMS_MAX
 assert RECORD_PAYLOAD_BYTES_MAX <= WRITE_BATCH_BYTES_MAX, "one largest record must fit a batch"
 assert ZSTD_LEVEL_MIN <= ZSTD_LEVEL_DEFAULT <= ZSTD_LEVEL_MAX
+assert BATCH_MESSAGES_MAX <= APPEND_RECORDS_MAX, "one batch is one append"
+assert MESSAGE_BYTES_MAX + ENVELOPE_BYTES_MAX <= REQUEST_BYTES_MAX, "one largest message fits one request"
+assert PEER_THREADS_RESERVED < SERVER_THREADS_DEFAULT
+assert CLIENT_REQUESTS_PER_SECOND_DEFAULT <= CLIENT_REQUESTS_BURST_DEFAULT
+
+# --- compliance -----------------------------------------------------------------------------------
+
+#: Longest retention a namespace (or one message) may be locked for: 100 years.
+LOCK_RETENTION_MS_MAX = 100 * 366 * 24 * 3600 * 1000
+#: Legal hold case ids are short labels ("SEC-2026-17").
+LEGAL_HOLD_CASE_BYTES_MAX = 256
+#: Legal holds one message may carry at once.
+LEGAL_HOLDS_PER_MESSAGE_MAX = 64
+assert CONNECTION_STREAMS_MAX <= CLIENT_WAITING_CALLS_MAX, "one connection's calls can all wait"
+assert CLIENT_WAITING_CALLS_MAX <= (SERVER_THREADS_DEFAULT - PEER_THREADS_RESERVED) // 2

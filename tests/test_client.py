@@ -70,6 +70,7 @@ class Cluster:
                         "listen": self.addresses[i],
                         "data_dir": str(root / f"n{i}"),
                         "key_file": str(key),
+                        "insecure": True,
                         "peers": [
                             {"id": j, "site": SITES[j], "address": self.addresses[j]} for j in SITES if j != i
                         ],

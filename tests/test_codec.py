@@ -329,7 +329,7 @@ ENCODE_ERRORS = [
     ((2**70, 0, 0, 1, 0, 0, b""), f"type {2**70} is not a known record type"),
     ((-1, 0, 0, 1, 0, 0, b""), "type -1 is not a known record type"),
     ((3, 1.0, 0, 1, 0, 0, b""), "flags must be an int, not float"),
-    ((3, 4, 0, 1, 0, 0, b""), "flags 0x0004 has undefined bits 0x0004 (defined: 0x0003)"),
+    ((3, 8, 0, 1, 0, 0, b""), "flags 0x0008 has undefined bits 0x0008 (defined: 0x0007)"),
     ((3, -1, 0, 1, 0, 0, b""), "flags must be in 0..65535, got -1"),
     ((3, 0x10000, 0, 1, 0, 0, b""), "flags must be in 0..65535, got 65536"),
     ((3, 0, -1, 1, 0, 0, b""), f"term must be in 0..{U64_MAX}, got -1"),

@@ -204,6 +204,13 @@ class Model:
     namespaces: set[str] = field(default_factory=set)  # namespaces that ever stored a message
     tokens: list[int] = field(default_factory=list)  # every token ever granted, in order
     ids: list[str] = field(default_factory=list)  # every id ever issued, in arrival order
+    #: Namespace keys: the store makes its system key (1) when created, then one per namespace
+    #: on first use, a batch's new namespaces in sorted order.
+    keys: dict[str, int] = field(default_factory=dict)
+
+    def assign_keys(self, namespaces: set[str]) -> None:
+        for ns in sorted(namespaces):
+            self.keys.setdefault(ns, 2 + len(self.keys))
 
     # -- enqueue --
 
@@ -408,6 +415,7 @@ class Model:
             size=len(m.data),
             idempotency_key=m.idempotency_key,
             retain_until=m.retain_until_ms / 1000 if m.done else None,
+            key_id=self.keys[m.namespace],
         )
 
     def summary(self, m: Msg) -> mqstore.MessageSummary:
@@ -563,6 +571,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     def _record_enqueued(self, specs: list[dict[str, Any]], ids: list[str]) -> None:
         assert len(ids) == len(specs)
+        self.model.assign_keys({spec["namespace"] for spec in specs})
         for spec, mid in zip(specs, ids, strict=True):
             earlier = self.model.duplicate_of(spec["namespace"], spec["idempotency_key"])
             if earlier is not None:

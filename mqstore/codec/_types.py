@@ -75,6 +75,8 @@ class RecordType(IntEnum):
     BLOB = 18  # an opaque payload (tests, benchmarks, tools)
     DICTIONARY = 19  # a trained zstd dictionary, sealed under the store's system key
     MEMBERS = 20  # cluster directory: a member's site and advertised address
+    AUDIT = 21  # a refused request: only the audit log records it
+    DROP = 22  # remove a whole namespace
 
 
 class Flags(IntFlag):
@@ -82,12 +84,13 @@ class Flags(IntFlag):
 
     COMPRESSED = 0x0001  # payload body was zstd-compressed before sealing
     ENCRYPTED = 0x0002  # payload is sealed with AES-256-GCM under ``key_id``
+    CONTEXT = 0x0004  # a sealed payload carries a plaintext, authenticated context block
 
 
 #: Every defined record type number, as a frozenset of ints (what the codecs accept).
 KNOWN_RECORD_TYPES: frozenset[int] = frozenset(int(t) for t in RecordType)
 #: Bitwise OR of every defined flag.
-KNOWN_FLAGS: int = int(Flags.COMPRESSED | Flags.ENCRYPTED)
+KNOWN_FLAGS: int = int(Flags.COMPRESSED | Flags.ENCRYPTED | Flags.CONTEXT)
 
 
 class Record(NamedTuple):

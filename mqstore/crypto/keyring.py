@@ -55,6 +55,15 @@ class KeyEvent:
 
     @classmethod
     def decode(cls, payload: bytes) -> KeyEvent:
+        event, used = cls.decode_prefix(payload)
+        if used != len(payload):
+            raise Corruption("malformed key event: trailing bytes")
+        return event
+
+    @classmethod
+    def decode_prefix(cls, payload: bytes) -> tuple[KeyEvent, int]:
+        """The event at the start of ``payload`` and how many bytes it used (a KEY record may
+        carry the request context after it)."""
         try:
             version, action, key_id, created, ns_len = _EVENT_HEAD.unpack_from(payload, 0)
             off = _EVENT_HEAD.size
@@ -66,11 +75,11 @@ class KeyEvent:
             off += wrapped_len
         except (struct.error, UnicodeDecodeError) as exc:
             raise Corruption(f"malformed key event: {exc}") from None
-        if version != _EVENT_VERSION or action not in (ACTION_CREATE, ACTION_SHRED) or off != len(payload):
+        if version != _EVENT_VERSION or action not in (ACTION_CREATE, ACTION_SHRED):
             raise Corruption(f"malformed key event (version {version}, action {action})")
         if len(namespace.encode("utf-8")) != ns_len or len(wrapped) != wrapped_len:
             raise Corruption("malformed key event: truncated")
-        return cls(action, key_id, namespace, created, wrapped)
+        return cls(action, key_id, namespace, created, wrapped), off
 
 
 def wrap_context(key_id: int, namespace: str) -> bytes:
@@ -118,6 +127,10 @@ class KeyRing:
         secret = os.urandom(NAMESPACE_KEY_BYTES)
         wrapped = self.provider.wrap(secret, wrap_context(key_id, namespace))
         return KeyEvent(ACTION_CREATE, key_id, namespace, now_ms, wrapped)
+
+    def shred_event(self, key_id: int, now_ms: int) -> KeyEvent:
+        """A SHRED event for key ``key_id`` (not yet applied)."""
+        return KeyEvent(ACTION_SHRED, key_id, self.namespace_of(key_id), now_ms)
 
     def check_applicable(self, event: KeyEvent) -> None:
         """Raise if ``event`` cannot be applied to the current key set (no state changed)."""

@@ -33,6 +33,9 @@ from mqstore.errors import Corruption, DecryptionFailed, InvalidArgument, Unknow
 
 NONCE_BYTES = 12
 TAG_BYTES = 16
+#: What :meth:`Sealer.seal_many` seals: record type, namespace, message id, plaintext, extra flags
+#: (``Flags.CONTEXT`` or 0; authenticated with the record).
+SealRequest = tuple[int, str, bytes, bytes, int]
 _AAD_HEAD = struct.Struct("<2sBBHII")  # magic, format version, type, flags, key id, dict id
 _COMPRESSED_ENCRYPTED = int(Flags.COMPRESSED | Flags.ENCRYPTED)
 _ENCRYPTED = int(Flags.ENCRYPTED)
@@ -187,6 +190,7 @@ class Sealer:
         *,
         compress: bool = True,
         dict_id: int | None = None,
+        extra_flags: int = 0,
     ) -> Sealed:
         """Compress (when it helps) and encrypt ``plaintext`` under ``namespace``'s current key.
 
@@ -194,10 +198,12 @@ class Sealer:
         """
         use_dict = self._default_dict_id if dict_id is None else dict_id
         packed = self._compressor(use_dict).compress(plaintext) if compress else None
-        return self._encrypt(rtype, namespace, message_id, plaintext, packed, use_dict, os.urandom(NONCE_BYTES))
+        return self._encrypt(rtype, namespace, message_id, plaintext, packed, use_dict, os.urandom(NONCE_BYTES),
+                             extra_flags)
 
-    def seal_many(self, items: Sequence[tuple[int, str, bytes, bytes]]) -> list[Sealed]:
-        """Seal ``(record type, namespace, message_id, plaintext)`` items, like :meth:`seal` each.
+    def seal_many(self, items: Sequence[SealRequest]) -> list[Sealed]:
+        """Seal ``(record type, namespace, message_id, plaintext, extra flags)`` items, like
+        :meth:`seal` each (extra flags, e.g. ``Flags.CONTEXT``, are authenticated with the record).
 
         zstd releases the GIL and AES-GCM does not. A large batch is cut into chunks that this
         thread and the pool's threads take in turn to compress; this thread encrypts the chunks
@@ -212,8 +218,8 @@ class Sealer:
 
         def seal_range(lo: int, packed: list[bytes]) -> list[Sealed]:
             return [
-                encrypt(rtype, ns, mid, plain, pk, use_dict, nonces[NONCE_BYTES * i : NONCE_BYTES * (i + 1)])
-                for i, (rtype, ns, mid, plain), pk in zip(
+                encrypt(rtype, ns, mid, plain, pk, use_dict, nonces[NONCE_BYTES * i : NONCE_BYTES * (i + 1)], extra)
+                for i, (rtype, ns, mid, plain, extra), pk in zip(
                     range(lo, lo + len(packed)), items[lo : lo + len(packed)], packed, strict=True
                 )
             ]
@@ -269,6 +275,7 @@ class Sealer:
         packed: bytes | None,
         dict_id: int,
         nonce: bytes,
+        extra_flags: int = 0,
     ) -> Sealed:
         key_id = self.keyring.current_key_id(namespace)
         if key_id is None:
@@ -280,6 +287,7 @@ class Sealer:
             flags, body = _COMPRESSED_ENCRYPTED, packed
         else:
             flags, body, dict_id = _ENCRYPTED, plaintext, 0  # incompressible: stored as is
+        flags |= extra_flags
         aad = _AAD_HEAD.pack(b"MQ", FORMAT_VERSION, rtype, flags, key_id, dict_id) + message_id + ns
         sealed = AESGCM(self.keyring.data_key(key_id, message_id)).encrypt(nonce, body, aad)
         return Sealed(flags, key_id, dict_id, b"".join((message_id, ns, nonce, sealed)))

@@ -11,24 +11,27 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from mqstore.actor import Actor
 from mqstore.api import QueueBase
 from mqstore.codec import RecordType
-from mqstore.errors import InvalidArgument, MQStoreError, NotFound, NotLeader, StaleLease, Unavailable
+from mqstore.compliance.rules import SYSTEM_ACTOR, Ctx
+from mqstore.crypto.keyring import SYSTEM_NAMESPACE
+from mqstore.errors import InvalidArgument, MQStoreError, NotLeader, StaleLease, Unavailable
 from mqstore.ids import format_id
 from mqstore.node.raftlog import entry_payload
 from mqstore.node.runtime import Node, Operation, Plan
 from mqstore.queue import machine
+from mqstore.queue.kv import KV
 from mqstore.queue.model import (
-    AdminEntry,
     LeaseEntry,
     MaintenanceEntry,
-    Policy,
-    PolicyEntry,
     SettleEntry,
 )
+from mqstore.security.auth import current_actor
+from mqstore.store.log import key_record_payload
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +46,11 @@ def _plain(rtype: int, payload: bytes) -> tuple[int, bytes]:
 class ClusterQueue(QueueBase):
     """The queue on one node. Thread safe; every call may raise NotLeader or Unavailable."""
 
-    def __init__(self, node: Node, maintenance: bool = True) -> None:
-        super().__init__(node.log, node.clock)
+    def __init__(self, node: Node, maintenance: bool = True, audit_signer: Any = None) -> None:
+        super().__init__(node.log, node.clock, node_id=node.node_id, site=node.config.site, audit_signer=audit_signer)
         self.node = node
+        node.applier.counters = self._counters
+        node.applier.on_applied = self._after_apply
         node.log.key_creator = self._create_key
         self._last_key_id = 0
         self._closed = threading.Event()
@@ -53,6 +58,11 @@ class ClusterQueue(QueueBase):
         if maintenance:
             self._maintainer = threading.Thread(target=self._maintain_loop, name="mqstore-maintenance", daemon=True)
             self._maintainer.start()
+
+    def _actor(self, actor: Actor | None) -> Actor | None:  # type: ignore[override]
+        """The given actor, else the one the node's edge authenticated for the call being served."""
+        actor = QueueBase._actor(actor)
+        return actor if actor is not None else current_actor.get()
 
     def _now_ms(self) -> int:
         return max(round(self._clock() * 1000), self.node.stamp_ms)
@@ -64,13 +74,13 @@ class ClusterQueue(QueueBase):
 
     # --- keys --------------------------------------------------------------------------------------
 
-    def _key_plan(self, node: Node, namespace: str) -> Plan:
+    def _key_plan(self, node: Node, namespace: str, ctx: Ctx | None = None) -> Plan:
         # Plans run one at a time in the raft thread: allocate ids past every key planned so far,
         # applied or not, so two keys planned close together never share an id.
         key_id = max(node.log.keyring.max_key_id(), self._last_key_id) + 1
         self._last_key_id = key_id
         event = node.log.keyring.new_key_event(namespace, node.now_ms(), key_id)
-        return [_plain(RecordType.KEY, event.encode())]
+        return [_plain(RecordType.KEY, key_record_payload(event, ctx.encode() if ctx is not None else b""))]
 
     def _create_key(self, namespace: str) -> object:
         def plan(node: Node) -> Plan:
@@ -80,9 +90,12 @@ class ClusterQueue(QueueBase):
 
         return self.node.submit(Operation(plan=plan))
 
-    def rotate_key(self, namespace: str) -> int:
+    def rotate_key(self, namespace: str, *, actor: Actor | None = None) -> int:
+        actor = self._actor(actor)
+        self._check_rotate(namespace, actor)
+
         def plan(node: Node) -> Plan:
-            return self._key_plan(node, namespace)
+            return self._key_plan(node, namespace, self._ctx(actor))
 
         def finish(results: list[tuple[int, object]]) -> object:
             return results[0][1]
@@ -91,17 +104,60 @@ class ClusterQueue(QueueBase):
         assert isinstance(key_id, int)
         return key_id
 
+    def shred_key(self, key_id: int, *, actor: Actor | None = None) -> int:
+        actor = self._actor(actor)
+        self._sync()
+        self._check_shred(key_id)
+
+        def plan(node: Node) -> Plan:
+            event = node.log.keyring.shred_event(key_id, node.now_ms())
+            return [_plain(RecordType.KEY, key_record_payload(event, self._ctx(actor).encode()))]
+
+        def finish(results: list[tuple[int, object]]) -> object:
+            return results[0][1]
+
+        result = self.node.submit(Operation(plan=plan, finish=finish))
+        self._raise_denied(result)
+        assert isinstance(result, int)
+        return result
+
+    # --- the generic write path -----------------------------------------------------------------
+
+    def _sync(self) -> None:
+        self.node.read_barrier()
+
+    def _propose(self, rtype: RecordType, make: Callable[[int, Ctx], object], actor: Actor | None,
+                 bypass: bool = False, reason: str = "", precheck: Callable[[KV], None] | None = None) -> object:
+        def plan(node: Node) -> Plan:
+            if precheck is not None:
+                with node.read_state() as kv:
+                    precheck(kv)
+            entry = make(node.now_ms(), self._ctx(actor, bypass, reason))
+            return [_plain(rtype, entry.encode())]  # type: ignore[attr-defined]
+
+        def finish(results: list[tuple[int, object]]) -> object:
+            return results[0][1] if results else None
+
+        result = self.node.submit(Operation(plan=plan, finish=finish))
+        if rtype in (RecordType.POLICY, RecordType.DROP):
+            self._policies.clear()
+        return result
+
     # --- enqueue -----------------------------------------------------------------------------------
 
-    def enqueue_many(self, messages: Sequence[Mapping[str, Any]]) -> list[str]:
+    def enqueue_many(self, messages: Sequence[Mapping[str, Any]], actor: Actor | None = None) -> list[str]:
         """Store messages; they are acknowledged once a quorum spanning min_sites sites holds them
         durably and the leader applied them. A retry with the same idempotency keys is safe."""
         if not self.node.is_leader:
             raise self.node._not_leader()
+        actor = self._check_enqueue(messages, actor)
         new = self._new_messages(messages)
-        staged = self.log.stage_messages(new)
+        self.log.ensure_keys([SYSTEM_NAMESPACE])  # the audit's address-HMAC key derives from it
+        ctx = self._ctx(actor)
+        staged = self.log.stage_messages(new, ctx.encode())
         sealed = self.log.sealer.seal_many(
-            [(int(RecordType.ENQUEUE), st.envelope.namespace, st.envelope.message_id, st.plaintext) for st in staged]
+            [(int(RecordType.ENQUEUE), st.envelope.namespace, st.envelope.message_id, st.plaintext, st.flags)
+             for st in staged]
         )
 
         def plan(node: Node) -> Plan:
@@ -113,7 +169,7 @@ class ClusterQueue(QueueBase):
             return [format_id(mid) for _, mid in results]  # type: ignore[arg-type]
 
         sizes = [len(n.data) for n in new]
-        hints: list[object] = [(st.envelope, size) for st, size in zip(staged, sizes, strict=True)]
+        hints: list[object] = [(st.envelope, size, ctx) for st, size in zip(staged, sizes, strict=True)]
         ids = self.node.submit(Operation(plan=plan, finish=finish, hints=hints))
         for st in staged:
             self._remember_recipients(st.envelope.message_id, st.envelope.recipients)
@@ -128,19 +184,24 @@ class ClusterQueue(QueueBase):
         lease_seconds: float = 300,
         namespace: str | None = None,
         domain: str | None = None,
+        actor: Actor | None = None,
     ) -> list[Any]:
         lease_ms, domain = self._lease_args(worker, max_messages, lease_seconds, namespace, domain)
+        actor = self._actor(actor)
+        self._require(actor, "lease", namespace, "lease", namespace or "*")
         op = Operation(plan=lambda node: [])
 
         def plan(node: Node) -> Plan:
             now = node.now_ms()
+            ctx = self._ctx(actor)
             out: Plan = []
             with node.read_state() as kv:
                 expire = machine.plan_expire(kv, now, _MAINTENANCE_ITEMS_MAX)
                 if expire:
-                    out.append(_plain(RecordType.EXPIRE, MaintenanceEntry(now, tuple(expire)).encode()))
+                    system = self._ctx(SYSTEM_ACTOR)
+                    out.append(_plain(RecordType.EXPIRE, MaintenanceEntry(now, tuple(expire), system).encode()))
                 for p in machine.plan_lease(kv, now, max_messages, namespace, domain, exclude=node._reserved):
-                    entry = LeaseEntry(now, now + lease_ms, p.mid, p.ordinals, worker)
+                    entry = LeaseEntry(now, now + lease_ms, p.mid, p.ordinals, worker, ctx)
                     out.append(_plain(RecordType.LEASE, entry.encode()))
                     op.reserved.add(p.mid)
                     deadlines[p.mid] = entry.deadline_ms
@@ -165,8 +226,11 @@ class ClusterQueue(QueueBase):
         raw = self.log.read(token).payload
         return LeaseEntry.decode(raw).mid
 
-    def _settle(self, rtype: RecordType, token: int, recipients: Iterable[str] | None, reason: str | None) -> None:
+    def _settle(self, rtype: RecordType, token: int, recipients: Iterable[str] | None, reason: str | None,
+                actor: Actor | None = None) -> None:
         self._check_reason(reason)
+        actor = self._actor(actor)
+        self._require(actor, "settle", None, RecordType(rtype).name.lower(), str(token))
         wanted = None if recipients is None else list(recipients) if not isinstance(recipients, str) else recipients
         if isinstance(wanted, str):
             raise InvalidArgument("recipients must be a list of addresses, not a string")
@@ -181,7 +245,7 @@ class ClusterQueue(QueueBase):
                     rcpts = dict(machine.recipients_of(kv, lease.mid))
                     nxt = tuple(now + machine.backoff_ms(policy, rcpts[o].attempts + 1, lease.mid, o) for o in ords)
             sealed = self._seal_reason(row.namespace, lease.mid, reason or "")
-            return [_plain(rtype, SettleEntry(now, token, ords, nxt, sealed).encode())]
+            return [_plain(rtype, SettleEntry(now, token, ords, nxt, sealed, self._ctx(actor)).encode())]
 
         def finish(results: list[tuple[int, object]]) -> None:
             if results and results[0][1] is not True:
@@ -189,20 +253,23 @@ class ClusterQueue(QueueBase):
 
         self.node.submit(Operation(plan=plan, finish=finish))
 
-    def ack_many(self, tokens: Iterable[int]) -> None:
+    def ack_many(self, tokens: Iterable[int], actor: Actor | None = None) -> None:
         """Settle every recipient of each lease as delivered. Each lease is checked when planned
         and again when applied: one that expired in between is not settled (StaleLease)."""
         tokens = list(tokens)
         if not tokens:
             return
+        actor = self._actor(actor)
+        self._require(actor, "settle", None, "ack", ",".join(map(str, tokens[:8])))
 
         def plan(node: Node) -> Plan:
             now = node.now_ms()
+            ctx = self._ctx(actor)
             out: Plan = []
             with node.read_state() as kv:
                 for token in tokens:
                     _, ords = machine.check_settle(kv, token, None)
-                    out.append(_plain(RecordType.ACK, SettleEntry(now, token, ords).encode()))
+                    out.append(_plain(RecordType.ACK, SettleEntry(now, token, ords, ctx=ctx).encode()))
             return out
 
         def finish(results: list[tuple[int, object]]) -> None:
@@ -212,44 +279,6 @@ class ClusterQueue(QueueBase):
 
         self.node.submit(Operation(plan=plan, finish=finish))
 
-    # --- administration --------------------------------------------------------------------------
-
-    def _admin(self, rtype: RecordType, message_id: str) -> None:
-        mid = self._mid(message_id)
-
-        def plan(node: Node) -> Plan:
-            with node.read_state() as kv:
-                if kv.get(b"messages", mid) is None:
-                    raise NotFound(f"no message {format_id(mid)}")
-            return [_plain(rtype, AdminEntry(node.now_ms(), mid).encode())]
-
-        def finish(results: list[tuple[int, object]]) -> None:
-            if results and results[0][1] is not True:
-                raise NotFound(f"no message {format_id(mid)}")
-
-        self.node.submit(Operation(plan=plan, finish=finish))
-
-    def set_namespace_policy(
-        self,
-        namespace: str,
-        *,
-        backoff: Sequence[float] | None = None,
-        lifetime: float | None = None,
-        retention: float | None = None,
-        dedup_window: float | None = None,
-        expired_retention: float | None = None,
-    ) -> Policy:
-        self.node.read_barrier()
-        self._policies.pop(namespace, None)
-        policy = self._new_policy(namespace, backoff, lifetime, retention, dedup_window, expired_retention)
-
-        def plan(node: Node) -> Plan:
-            return [_plain(RecordType.POLICY, PolicyEntry(node.now_ms(), namespace, policy).encode())]
-
-        self.node.submit(Operation(plan=plan))
-        self._policies.pop(namespace, None)
-        return policy
-
     # --- maintenance -----------------------------------------------------------------------------
 
     def maintain(self) -> dict[str, int]:
@@ -257,18 +286,19 @@ class ClusterQueue(QueueBase):
 
         def plan(node: Node) -> Plan:
             now = node.now_ms()
+            ctx = self._ctx(SYSTEM_ACTOR)
             out: Plan = []
             with node.read_state() as kv:
                 expire = machine.plan_expire(kv, now, _MAINTENANCE_ITEMS_MAX)
                 compact = machine.plan_compact(kv, now, _MAINTENANCE_ITEMS_MAX)
             if expire:
-                out.append(_plain(RecordType.EXPIRE, MaintenanceEntry(now, tuple(expire)).encode()))
+                out.append(_plain(RecordType.EXPIRE, MaintenanceEntry(now, tuple(expire), ctx).encode()))
             if compact:
-                out.append(_plain(RecordType.COMPACT, MaintenanceEntry(now, tuple(compact)).encode()))
+                out.append(_plain(RecordType.COMPACT, MaintenanceEntry(now, tuple(compact), ctx).encode()))
             return out
 
         def finish(results: list[tuple[int, object]]) -> dict[str, int]:
-            counts = [int(r) for _, r in results]  # type: ignore[call-overload]
+            counts = [r if isinstance(r, int) else 0 for _, r in results]
             return {"entries": len(results), "items": sum(counts)}
 
         return self.node.submit(Operation(plan=plan, finish=finish))  # type: ignore[return-value]

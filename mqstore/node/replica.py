@@ -9,12 +9,13 @@ sealed: a replica needs the cluster KEK (from its own key provider) to read thei
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from mqstore.codec import Record, RecordType
+from mqstore.compliance.rules import Ctx
 from mqstore.consensus.types import Entry
-from mqstore.crypto.keyring import KeyEvent
+from mqstore.crypto.keyring import ACTION_CREATE, KeyEvent
 from mqstore.errors import Corruption
 from mqstore.node.raftlog import entry_to_record
 from mqstore.queue import machine
@@ -64,10 +65,15 @@ def read_members(log: LogStore) -> dict[int, MemberInfo]:
 
 
 class Applier:
-    """Applies committed entries to a :class:`LogStore`'s state tables."""
+    """Applies committed entries to a :class:`LogStore`'s state tables.
+
+    ``counters`` makes the machine's per-write context (the node's queue sets one with the audit
+    log); ``on_applied`` hears about each applied batch after it commits (the compliance clock)."""
 
     def __init__(self, log: LogStore) -> None:
         self.log = log
+        self.counters: Callable[[], machine.Counters] = machine.Counters
+        self.on_applied: Callable[[machine.Counters], None] | None = None
 
     def apply(
         self, ctx: WriteContext, entries: Iterable[Entry], hints: dict[int, object] | None = None
@@ -75,25 +81,30 @@ class Applier:
         """Apply ``entries`` in order; returns each entry's result by index (see
         ``machine.apply_entry``; KEY -> key id, DICTIONARY -> dictionary id, others None).
 
-        ``hints`` maps an ENQUEUE entry's index to its ``(Envelope, body size)`` when the caller
-        already has them (the leader that sealed the message): no decryption is needed then."""
+        ``hints`` maps an ENQUEUE entry's index to its ``(Envelope, body size, request context)``
+        when the caller already has them (the leader that sealed the message): no decryption is
+        needed then."""
         hints = hints or {}
         kv = LmdbKV(ctx.txn, ctx.dbs)
-        c = machine.Counters()
+        c = self.counters()
         results: dict[int, object] = {}
         for entry in entries:
             rtype = entry.rtype
+            c.index = entry.index
             if rtype == RecordType.ENQUEUE:
                 hint = hints.get(entry.index)
+                record = entry_to_record(entry)
                 if isinstance(hint, tuple):
-                    envelope, size = hint
+                    envelope, size, request = hint
                 else:
-                    stored = self.log.open_message(entry_to_record(entry))
+                    stored = self.log.open_message(record)
                     envelope, size = stored.envelope, len(stored.data)
+                    request = Ctx.decode(stored.context) if stored.context else None
                 self.log.ids.observe(envelope.message_id)  # a later leader issues larger ids
-                results[entry.index] = machine.apply_enqueue(kv, c, entry.index, envelope, size)
+                results[entry.index] = machine.apply_enqueue(kv, c, entry.index, envelope, size, request,
+                                                             record.key_id)
             elif rtype == RecordType.KEY:
-                results[entry.index] = self._apply_key(ctx, entry)
+                results[entry.index] = self._apply_key(ctx, kv, c, entry)
             elif rtype == RecordType.DICTIONARY:
                 results[entry.index] = self._apply_dictionary(ctx, entry_to_record(entry))
             elif rtype == RecordType.MEMBERS:
@@ -107,19 +118,40 @@ class Applier:
                 decoded = machine.decode_entry(rtype, record.payload)
                 results[entry.index] = machine.apply_entry(kv, c, entry.index, rtype, decoded)
         c.flush(kv)
+        if self.on_applied is not None:
+            done = self.on_applied
+            ctx.on_commit(lambda: done(c))
         return results
 
-    def _apply_key(self, ctx: WriteContext, entry: Entry) -> int:
-        event = KeyEvent.decode(entry_to_record(entry).payload)
+    def _apply_key(self, ctx: WriteContext, kv: LmdbKV, c: machine.Counters, entry: Entry) -> object:
+        payload = entry_to_record(entry).payload
+        event, used = KeyEvent.decode_prefix(payload)
+        request: Ctx | None = None
+        if used < len(payload):
+            if len(payload) < used + 2:
+                raise Corruption(f"KEY entry {entry.index}: truncated request context")
+            (n,) = struct.unpack_from("<H", payload, used)
+            if used + 2 + n != len(payload):
+                raise Corruption(f"KEY entry {entry.index}: malformed request context")
+            request = Ctx.decode(payload[used + 2 :])
         keyring = self.log.keyring
-        if event.action == 1 and event.key_id in keyring.key_ids():
-            if keyring.event(event.key_id) == event:
-                return event.key_id  # the same event again: nothing to do
-            raise Corruption(f"KEY entry {entry.index} reuses key id {event.key_id} for another key")
+        if event.action == ACTION_CREATE:
+            if event.key_id in keyring.key_ids():
+                if keyring.event(event.key_id) == event:
+                    return event.key_id  # the same event again: nothing to do
+                raise Corruption(f"KEY entry {entry.index} reuses key id {event.key_id} for another key")
+            keyring.check_applicable(event)
+            # Audit first: a new key joins the keyring as it is stored, so nothing may fail after.
+            machine.apply_key_created(kv, c, event.key_id, event.namespace, request)
+            self.log.store_key_event(ctx, event)
+            return event.key_id
         keyring.check_applicable(event)
-        ctx.put(b"keys", b"k" + struct.pack(">I", event.key_id), event.encode())
-        ctx.on_commit(lambda: keyring.apply(event))
-        return event.key_id
+        if keyring.is_shredded(event.key_id):
+            return machine.Denied(f"key {event.key_id} was shredded already", "invalid")
+        result = machine.apply_shred(kv, c, event.key_id, event.namespace, request or Ctx())
+        if not isinstance(result, machine.Denied):
+            self.log.store_key_event(ctx, event)
+        return result
 
     def _apply_dictionary(self, ctx: WriteContext, record: Record) -> int:
         opened = self.log.sealer.open(record)

@@ -114,10 +114,14 @@ class AckManyRequest(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class MessageRef(_message.Message):
-    __slots__ = ("message_id",)
+    __slots__ = ("message_id", "bypass_governance", "reason")
     MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    BYPASS_GOVERNANCE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     message_id: str
-    def __init__(self, message_id: _Optional[str] = ...) -> None: ...
+    bypass_governance: bool
+    reason: str
+    def __init__(self, message_id: _Optional[str] = ..., bypass_governance: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AdminResponse(_message.Message):
     __slots__ = ()
@@ -142,7 +146,7 @@ class RecipientStatus(_message.Message):
     def __init__(self, address: _Optional[str] = ..., state: _Optional[str] = ..., attempts: _Optional[int] = ..., next_attempt_ms: _Optional[int] = ..., last_reason: _Optional[str] = ..., lease_token: _Optional[int] = ..., lease_deadline_ms: _Optional[int] = ...) -> None: ...
 
 class MessageInfo(_message.Message):
-    __slots__ = ("message_id", "namespace", "mail_from", "recipients", "data", "priority", "created_ms", "not_before_ms", "expires_at_ms", "held", "done", "size", "idempotency_key", "retain_until_ms")
+    __slots__ = ("message_id", "namespace", "mail_from", "recipients", "data", "priority", "created_ms", "not_before_ms", "expires_at_ms", "held", "done", "size", "idempotency_key", "retain_until_ms", "retention_mode", "locked_until_ms", "legal_holds", "key_id")
     MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     MAIL_FROM_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +161,10 @@ class MessageInfo(_message.Message):
     SIZE_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     RETAIN_UNTIL_MS_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_MODE_FIELD_NUMBER: _ClassVar[int]
+    LOCKED_UNTIL_MS_FIELD_NUMBER: _ClassVar[int]
+    LEGAL_HOLDS_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
     message_id: str
     namespace: str
     mail_from: str
@@ -171,7 +179,11 @@ class MessageInfo(_message.Message):
     size: int
     idempotency_key: str
     retain_until_ms: int
-    def __init__(self, message_id: _Optional[str] = ..., namespace: _Optional[str] = ..., mail_from: _Optional[str] = ..., recipients: _Optional[_Iterable[_Union[RecipientStatus, _Mapping]]] = ..., data: _Optional[bytes] = ..., priority: _Optional[int] = ..., created_ms: _Optional[int] = ..., not_before_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., held: _Optional[bool] = ..., done: _Optional[bool] = ..., size: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., retain_until_ms: _Optional[int] = ...) -> None: ...
+    retention_mode: str
+    locked_until_ms: int
+    legal_holds: _containers.RepeatedScalarFieldContainer[str]
+    key_id: int
+    def __init__(self, message_id: _Optional[str] = ..., namespace: _Optional[str] = ..., mail_from: _Optional[str] = ..., recipients: _Optional[_Iterable[_Union[RecipientStatus, _Mapping]]] = ..., data: _Optional[bytes] = ..., priority: _Optional[int] = ..., created_ms: _Optional[int] = ..., not_before_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., held: _Optional[bool] = ..., done: _Optional[bool] = ..., size: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., retain_until_ms: _Optional[int] = ..., retention_mode: _Optional[str] = ..., locked_until_ms: _Optional[int] = ..., legal_holds: _Optional[_Iterable[str]] = ..., key_id: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
     __slots__ = ("message_id", "include_data")
@@ -269,7 +281,7 @@ class StatsResponse(_message.Message):
     def __init__(self, json: _Optional[str] = ...) -> None: ...
 
 class PolicyRequest(_message.Message):
-    __slots__ = ("namespace", "backoff_ms", "lifetime_ms", "retention_ms", "dedup_window_ms", "expired_retention_ms", "reset_backoff")
+    __slots__ = ("namespace", "backoff_ms", "lifetime_ms", "retention_ms", "dedup_window_ms", "expired_retention_ms", "reset_backoff", "mode", "lock_retention_ms", "bypass_governance", "reason")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     BACKOFF_MS_FIELD_NUMBER: _ClassVar[int]
     LIFETIME_MS_FIELD_NUMBER: _ClassVar[int]
@@ -277,6 +289,10 @@ class PolicyRequest(_message.Message):
     DEDUP_WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
     EXPIRED_RETENTION_MS_FIELD_NUMBER: _ClassVar[int]
     RESET_BACKOFF_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    LOCK_RETENTION_MS_FIELD_NUMBER: _ClassVar[int]
+    BYPASS_GOVERNANCE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     backoff_ms: _containers.RepeatedScalarFieldContainer[int]
     lifetime_ms: int
@@ -284,7 +300,11 @@ class PolicyRequest(_message.Message):
     dedup_window_ms: int
     expired_retention_ms: int
     reset_backoff: bool
-    def __init__(self, namespace: _Optional[str] = ..., backoff_ms: _Optional[_Iterable[int]] = ..., lifetime_ms: _Optional[int] = ..., retention_ms: _Optional[int] = ..., dedup_window_ms: _Optional[int] = ..., expired_retention_ms: _Optional[int] = ..., reset_backoff: _Optional[bool] = ...) -> None: ...
+    mode: str
+    lock_retention_ms: int
+    bypass_governance: bool
+    reason: str
+    def __init__(self, namespace: _Optional[str] = ..., backoff_ms: _Optional[_Iterable[int]] = ..., lifetime_ms: _Optional[int] = ..., retention_ms: _Optional[int] = ..., dedup_window_ms: _Optional[int] = ..., expired_retention_ms: _Optional[int] = ..., reset_backoff: _Optional[bool] = ..., mode: _Optional[str] = ..., lock_retention_ms: _Optional[int] = ..., bypass_governance: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class PolicyResponse(_message.Message):
     __slots__ = ("backoff_ms", "lifetime_ms", "retention_ms", "dedup_window_ms", "expired_retention_ms")

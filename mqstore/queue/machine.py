@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import struct
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from mqstore.codec import Envelope, RecordType
+from mqstore.compliance import rules
+from mqstore.compliance.rules import SYSTEM_ACTOR, Ctx, Lock, Mode, Refusal
 from mqstore.errors import StaleLease
+from mqstore.ids import format_id
 from mqstore.queue.kv import KV, first, prefix_end
 from mqstore.queue.model import (
     BOUNCED,
@@ -41,13 +46,17 @@ from mqstore.queue.model import (
     U64,
     WAITING,
     AdminEntry,
+    DenialEntry,
     LeaseEntry,
     LeaseRow,
+    LegalHoldEntry,
     MaintenanceEntry,
     MessageRow,
+    NamespaceEntry,
     Policy,
     PolicyEntry,
     RecipientRow,
+    RetentionEntry,
     SettleEntry,
     domain_of,
     mid_ord,
@@ -70,17 +79,31 @@ _STATS_BYTES = "bytes"
 # --- counters ------------------------------------------------------------------------------------
 
 
+class AuditSink(Protocol):
+    """Where audit records go: appended in the same transaction as the change they describe
+    (if appending raises, the change is not made)."""
+
+    def append(self, kv: KV, fields: dict[str, Any], time_ms: int) -> int: ...
+
+    def checkpoint(self, kv: KV, time_ms: int) -> Any: ...
+
+
 class Counters:
-    """Stats deltas of one write, flushed once (one read-modify-write per counter touched).
+    """Per-write context of the machine: stats deltas, flushed once (one read-modify-write per
+    counter touched); cached namespace policies (they change only through POLICY entries, which
+    update the cache); the audit sink; and the highest compliance time applied (persisted, so the
+    compliance clock never goes back)."""
 
-    Also caches namespace policies for the write (they change only through POLICY entries,
-    which update the cache as they are applied)."""
+    __slots__ = ("audit", "clock_loaded", "clock_ms", "deltas", "hmac", "index", "policies")
 
-    __slots__ = ("deltas", "policies")
-
-    def __init__(self) -> None:
+    def __init__(self, audit: AuditSink | None = None, hmac: Callable[[str], str] | None = None) -> None:
         self.deltas: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.policies: dict[str, Policy] = {}
+        self.audit = audit
+        self.hmac = hmac  # recipient address -> keyed digest (audit records never hold addresses)
+        self.clock_ms = 0
+        self.clock_loaded = False
+        self.index = 0  # log index of the entry being applied
 
     def policy(self, kv: KV, namespace: str) -> Policy:
         policy = self.policies.get(namespace)
@@ -94,6 +117,10 @@ class Counters:
     def state(self, namespace: str, state: int, delta: int) -> None:
         self.deltas[(namespace, STATE_NAMES[state])] += delta
 
+    def observe(self, ctx: Ctx) -> None:
+        if ctx.compliance_ms > self.clock_ms:
+            self.clock_ms = ctx.compliance_ms
+
     def flush(self, kv: KV) -> None:
         for (ns, name), delta in self.deltas.items():
             if delta:
@@ -102,6 +129,18 @@ class Counters:
                 value = (int.from_bytes(old, "little", signed=True) if old else 0) + delta
                 kv.put(b"stats", key, value.to_bytes(8, "little", signed=True))
         self.deltas.clear()
+        if self.clock_ms and self.clock_ms > compliance_clock_ms(kv):
+            kv.put(b"qmeta", _CLOCK_KEY, _I64.pack(self.clock_ms))
+
+
+_CLOCK_KEY = b"compliance.clock"
+_I64 = struct.Struct("<q")
+
+
+def compliance_clock_ms(kv: KV) -> int:
+    """The highest compliance time any applied entry carried (0: none yet)."""
+    raw = kv.get(b"qmeta", _CLOCK_KEY)
+    return _I64.unpack(raw)[0] if raw else 0
 
 
 def read_stats(kv: KV) -> dict[str, dict[str, int]]:
@@ -187,14 +226,103 @@ def _maybe_finish(kv: KV, c: Counters, mid: bytes, row: MessageRow, now_ms: int)
     kv.delete(b"live", mid)
     if row.expires_at_ms:
         kv.delete(b"expiry", time_key(row.expires_at_ms, mid))  # may be gone already
-    kv.put(b"retention", time_key(row.retain_until_ms, mid), b"")
+    if not row.lock_mode or not has_holds(kv, mid):
+        kv.put(b"retention", time_key(_removable_at(row), mid), b"")
     c.add(row.namespace, _STATS_LIVE, -1)
+
+
+# --- compliance -------------------------------------------------------------------------------------
+#
+# Every change that could remove a message or weaken its protection decides through
+# rules.check, here, inside the transaction that applies the entry: the embedded API, gRPC, the
+# CLI, replication and maintenance all end up in these functions. A refusal changes nothing but
+# the audit log (written in the same transaction) and is returned as Denied.
+
+
+@dataclass(frozen=True, slots=True)
+class Denied:
+    """The enforcement function refused this entry: nothing changed except the audit log."""
+
+    reason: str
+    kind: str = "immutable"  # "permission", "immutable" or "invalid"
+
+
+def has_holds(kv: KV, mid: bytes) -> bool:
+    return first(kv, b"holds", mid, prefix_end(mid)) is not None
+
+
+def holds_of(kv: KV, mid: bytes) -> tuple[str, ...]:
+    """Case ids of the legal holds on a message, sorted."""
+    return tuple(key[16:].decode("utf-8") for key, _ in kv.scan(b"holds", mid, prefix_end(mid)))
+
+
+def lock_of(kv: KV, mid: bytes, row: MessageRow) -> Lock:
+    return Lock(row.namespace, Mode(row.lock_mode), row.lock_until_ms, holds_of(kv, mid) if row.lock_mode or
+                has_holds(kv, mid) else ())
+
+
+def _removable_at(row: MessageRow) -> int:
+    """When compaction should look at a finished message (its retention index time)."""
+    return max(row.retain_until_ms, row.lock_until_ms) if row.lock_mode else row.retain_until_ms
+
+
+def _lock_fields(lock: Lock) -> dict[str, Any]:
+    return {"mode": lock.mode.name.lower(), "retain_until_ms": lock.lock_until_ms, "holds": list(lock.holds)}
+
+
+def audit(kv: KV, c: Counters, ctx: Ctx, op: str, *, target: str = "", namespace: str = "",
+          outcome: str = "allowed", reason: str = "", before: dict[str, Any] | None = None,
+          after: dict[str, Any] | None = None, **extra: Any) -> None:
+    """Append one audit record (no-op without a sink)."""
+    if c.audit is None:
+        return
+    actor = ctx.actor
+    fields: dict[str, Any] = {
+        "op": op,
+        "target": target,
+        "namespace": namespace,
+        "outcome": outcome,
+        "reason": reason,
+        "actor": actor.name,
+        "auth": actor.auth,
+        "source": actor.source,
+        "node": ctx.node_id,
+        "site": ctx.site,
+        "index": c.index,
+        "wall": ctx.wall_ms,  # the record's "time" is the compliance clock
+        "bypass": ctx.bypass,
+        "bypass_reason": ctx.reason,
+    }
+    if before is not None:
+        fields["before"] = before
+    if after is not None:
+        fields["after"] = after
+    fields.update(extra)
+    # Records are stamped with the compliance clock, which never goes back in the audit log even
+    # when entries stamped by different writers (or without a clock) apply out of clock order.
+    c.observe(ctx)
+    if not c.clock_loaded:
+        c.clock_ms = max(c.clock_ms, compliance_clock_ms(kv))
+        c.clock_loaded = True
+    c.audit.append(kv, fields, c.clock_ms)
+
+
+def _deny(kv: KV, c: Counters, ctx: Ctx, op: str, refusal: Refusal, target: str, namespace: str,
+          before: dict[str, Any] | None = None, **extra: Any) -> Denied:
+    audit(kv, c, ctx, op, target=target, namespace=namespace, outcome="denied", reason=refusal.reason,
+          before=before, **extra)
+    return Denied(refusal.reason, refusal.kind)
+
+
+def _hmac_all(c: Counters, addresses: Iterable[str]) -> list[str]:
+    return [c.hmac(a) for a in addresses] if c.hmac is not None else []
 
 
 # --- apply ------------------------------------------------------------------------------------------
 
 
-def apply_enqueue(kv: KV, c: Counters, index: int, env: Envelope, size_bytes: int) -> bytes:
+def apply_enqueue(kv: KV, c: Counters, index: int, env: Envelope, size_bytes: int, ctx: Ctx | None = None,
+                  key_id: int = 0) -> bytes:
     """ENQUEUE: a new message with all recipients QUEUED. Returns the id the enqueue resolved to:
     its own, or that of the earlier message with the same idempotency key (still inside its
     window, judged at this entry's time), in which case nothing changes. The check is part of
@@ -217,7 +345,18 @@ def apply_enqueue(kv: KV, c: Counters, index: int, env: Envelope, size_bytes: in
         expires_at_ms=env.expires_at_ms,
         size_bytes=size_bytes,
         idempotency_key=env.idempotency_key or "",
+        key_id=key_id,
     )
+    policy = c.policy(kv, env.namespace)
+    if policy.mode:
+        # Retention runs on the compliance clock: the entry's, or (an entry without one) the
+        # later of its creation time and the highest compliance time applied so far.
+        if ctx is not None and ctx.compliance_ms:
+            start = ctx.compliance_ms
+        else:
+            start = max(env.created_at_ms, c.clock_ms, compliance_clock_ms(kv))
+        row.lock_mode = policy.mode
+        row.lock_until_ms = start + policy.lock_retention_ms
     row.counts[QUEUED - 1] = n
     due = max(env.not_before_ms, env.created_at_ms)
     ns0 = ns_key(env.namespace)
@@ -235,13 +374,19 @@ def apply_enqueue(kv: KV, c: Counters, index: int, env: Envelope, size_bytes: in
         old = kv.get(b"dedup", dkey)
         if old is not None:  # the key's earlier window passed (else this was a duplicate)
             kv.delete(b"dedup_exp", time_key(U64.unpack(old[16:24])[0], dkey))
-        until = env.created_at_ms + c.policy(kv, env.namespace).dedup_window_ms
+        until = env.created_at_ms + policy.dedup_window_ms
         kv.put(b"dedup", dkey, mid + U64.pack(until))
         kv.put(b"dedup_exp", time_key(until, dkey), b"")
     c.state(env.namespace, QUEUED, n)
     c.add(env.namespace, _STATS_LIVE, 1)
     c.add(env.namespace, _STATS_STORED, 1)
     c.add(env.namespace, _STATS_BYTES, size_bytes)
+    if ctx is not None:
+        c.observe(ctx)
+    if row.lock_mode:
+        audit(kv, c, ctx or Ctx(actor=SYSTEM_ACTOR), "enqueue", target=format_id(mid), namespace=env.namespace,
+              after=_lock_fields(Lock(env.namespace, Mode(row.lock_mode), row.lock_until_ms, ())),
+              recipients=_hmac_all(c, env.recipients), size=size_bytes, key_id=key_id)
     return mid
 
 
@@ -290,11 +435,15 @@ def apply_lease(kv: KV, c: Counters, token: int, e: LeaseEntry) -> Grant:
         kv.put(b"recipients", mid_ord(e.mid, ordinal), rcpt.encode())
         granted.append(ordinal)
         attempts = max(attempts, rcpt.attempts)
+    c.observe(e.ctx)
     if not granted:
         return _NO_GRANT
     kv.put(b"messages", e.mid, row.encode())
     kv.put(b"leases", U64.pack(token), LeaseRow(e.mid, e.deadline_ms, tuple(granted), e.worker).encode())
     kv.put(b"lease_due", time_key(e.deadline_ms, U64.pack(token)), b"")
+    if row.lock_mode:
+        audit(kv, c, e.ctx, "lease", target=format_id(e.mid), namespace=row.namespace, ordinals=granted,
+              worker=e.worker, token=token, deadline_ms=e.deadline_ms)
     return Grant(tuple(granted), attempts, row.enqueue_index)
 
 
@@ -368,6 +517,10 @@ def apply_settle(kv: KV, c: Counters, rtype: int, e: SettleEntry, checked: Lease
     _shrink_lease(kv, e.token, lease, ords)
     _maybe_finish(kv, c, lease.mid, row, e.now_ms)
     kv.put(b"messages", lease.mid, row.encode())
+    c.observe(e.ctx)
+    if row.lock_mode:
+        audit(kv, c, e.ctx, RecordType(rtype).name.lower(), target=format_id(lease.mid), namespace=row.namespace,
+              ordinals=list(ords), token=e.token, finished=row.finished)
     return True
 
 
@@ -380,11 +533,24 @@ def _shrink_lease(kv: KV, token: int, lease: LeaseRow, settled: tuple[int, ...])
         kv.delete(b"lease_due", time_key(lease.deadline_ms, U64.pack(token)))
 
 
-def apply_admin(kv: KV, c: Counters, rtype: int, e: AdminEntry) -> bool:
-    """HOLD / RELEASE / REQUEUE / DELETE. False if the message does not exist."""
+_ADMIN_PERMISSION = {RecordType.HOLD: "hold", RecordType.RELEASE: "release", RecordType.REQUEUE: "requeue",
+                     RecordType.DELETE: "delete"}
+
+
+def apply_admin(kv: KV, c: Counters, rtype: int, e: AdminEntry) -> bool | Denied:
+    """HOLD / RELEASE / REQUEUE / DELETE. False if the message does not exist; Denied if the
+    actor may not, or (DELETE) retention or a legal hold forbid it."""
+    c.observe(e.ctx)
     row = get_message(kv, e.mid)
     if row is None:
         return False
+    op = RecordType(rtype).name.lower()
+    lock = lock_of(kv, e.mid, row)
+    refusal = rules.check("delete" if rtype == RecordType.DELETE else "hold", e.ctx, lock,
+                          permission=_ADMIN_PERMISSION[RecordType(rtype)])
+    if refusal is not None:
+        return _deny(kv, c, e.ctx, op, refusal, format_id(e.mid), row.namespace, _lock_fields(lock))
+    audit(kv, c, e.ctx, op, target=format_id(e.mid), namespace=row.namespace, before=_lock_fields(lock))
     if rtype == RecordType.DELETE:
         remove_message(kv, c, e.mid, row)
         return True
@@ -432,7 +598,7 @@ def remove_message(kv: KV, c: Counters, mid: bytes, row: MessageRow) -> None:
     kv.delete(b"messages", mid)
     kv.delete(b"msg_ns", ns_key(row.namespace) + mid)
     if row.finished:
-        kv.delete(b"retention", time_key(row.retain_until_ms, mid))
+        kv.delete(b"retention", time_key(_removable_at(row), mid))
     else:
         kv.delete(b"live", mid)
         if row.expires_at_ms:
@@ -447,16 +613,17 @@ def apply_expire(kv: KV, c: Counters, e: MaintenanceEntry) -> int:
 
     Each item is re-checked against the entry's time, so applying it is safe even if the state
     changed since it was planned (the lease was settled meanwhile, say)."""
+    c.observe(e.ctx)
     done = 0
     for kind, value in e.items:
         if kind == EXPIRE_LEASE:
-            done += _expire_lease(kv, c, U64.unpack(value)[0], e.now_ms)
+            done += _expire_lease(kv, c, U64.unpack(value)[0], e.now_ms, e.ctx)
         elif kind == EXPIRE_MESSAGE:
-            done += _expire_message(kv, c, value, e.now_ms)
+            done += _expire_message(kv, c, value, e.now_ms, e.ctx)
     return done
 
 
-def _expire_lease(kv: KV, c: Counters, token: int, now_ms: int) -> int:
+def _expire_lease(kv: KV, c: Counters, token: int, now_ms: int, ctx: Ctx) -> int:
     raw = kv.get(b"leases", U64.pack(token))
     if raw is None:
         return 0
@@ -486,10 +653,13 @@ def _expire_lease(kv: KV, c: Counters, token: int, now_ms: int) -> int:
     kv.delete(b"lease_due", time_key(lease.deadline_ms, U64.pack(token)))
     _maybe_finish(kv, c, lease.mid, row, now_ms)
     kv.put(b"messages", lease.mid, row.encode())
+    if row.lock_mode:
+        audit(kv, c, ctx, "lease_expired", target=format_id(lease.mid), namespace=row.namespace,
+              ordinals=list(lease.ordinals), token=token)
     return 1
 
 
-def _expire_message(kv: KV, c: Counters, mid: bytes, now_ms: int) -> int:
+def _expire_message(kv: KV, c: Counters, mid: bytes, now_ms: int, ctx: Ctx) -> int:
     row = get_message(kv, mid)
     if row is None or row.finished or not row.expires_at_ms or now_ms < row.expires_at_ms:
         return 0
@@ -506,18 +676,51 @@ def _expire_message(kv: KV, c: Counters, mid: bytes, now_ms: int) -> int:
     # Leased recipients expire when their lease ends (deferred or timed out after expiry).
     _maybe_finish(kv, c, mid, row, now_ms)
     kv.put(b"messages", mid, row.encode())
+    if row.lock_mode:
+        audit(kv, c, ctx, "expire", target=format_id(mid), namespace=row.namespace)
     return 1
 
 
-def apply_compact(kv: KV, c: Counters, e: MaintenanceEntry) -> int:
-    """COMPACT: drop finished messages whose retention passed, and dedup keys past their window."""
+#: A finished message whose compaction was refused is looked at again after at least this long.
+_COMPACT_RETRY_MS = 60_000
+
+
+def apply_compact(kv: KV, c: Counters, e: MaintenanceEntry) -> int | Denied:
+    """COMPACT: drop finished messages whose retention passed, and dedup keys past their window.
+
+    Scheduled compaction (the maintenance actor) removes messages whose housekeeping retention
+    passed; a person's forced compaction needs the ``delete`` permission and skips housekeeping.
+    Either way a message under retention or a legal hold stays: the refusal is audited and the
+    message is looked at again when its lock should have ended. Returns items applied, or Denied
+    when a person's forced compaction refused every message it named."""
+    c.observe(e.ctx)
+    scheduled = e.ctx.actor == SYSTEM_ACTOR
+    if not scheduled:
+        refusal = rules.check("compact", e.ctx, None, permission="delete")
+        if refusal is not None:
+            return _deny(kv, c, e.ctx, "compact", refusal, f"{len(e.items)} item(s)", "")
     done = 0
+    denied: Denied | None = None
     for kind, value in e.items:
         if kind == COMPACT_MESSAGE:
             row = get_message(kv, value)
-            if row is not None and row.finished and row.retain_until_ms <= e.now_ms:
-                remove_message(kv, c, value, row)
-                done += 1
+            if row is None or not row.finished or (scheduled and row.retain_until_ms > e.now_ms):
+                continue
+            lock = lock_of(kv, value, row)
+            refusal = rules.check("compact", e.ctx, lock)
+            if refusal is not None:
+                denied = _deny(kv, c, e.ctx, "compact", refusal, format_id(value), row.namespace, _lock_fields(lock))
+                kv.delete(b"retention", time_key(_removable_at(row), value))
+                if not lock.holds:  # look again when the lock should have ended (a hold release re-adds it)
+                    row.retain_until_ms = e.now_ms + max(lock.lock_until_ms - e.ctx.compliance_ms, _COMPACT_RETRY_MS)
+                    kv.put(b"retention", time_key(_removable_at(row), value), b"")
+                    kv.put(b"messages", value, row.encode())
+                continue
+            if row.lock_mode or not scheduled:
+                audit(kv, c, e.ctx, "compact", target=format_id(value), namespace=row.namespace,
+                      before=_lock_fields(lock))
+            remove_message(kv, c, value, row)
+            done += 1
         elif kind == COMPACT_DEDUP:
             # ``value`` is the dedup_exp key: window end (u64 BE) + dedup key.
             until, dkey = U64.unpack(value[:8])[0], value[8:]
@@ -528,13 +731,185 @@ def apply_compact(kv: KV, c: Counters, e: MaintenanceEntry) -> int:
             if raw is not None and U64.unpack(raw[16:24])[0] <= e.now_ms:
                 kv.delete(b"dedup", dkey)
             done += 1
+    if denied is not None and not done and not scheduled:
+        return denied
     return done
 
 
-def apply_policy(kv: KV, e: PolicyEntry, c: Counters | None = None) -> None:
+def _policy_fields(p: Policy) -> dict[str, Any]:
+    return {"mode": Mode(p.mode).name.lower(), "lock_retention_ms": p.lock_retention_ms,
+            "lifetime_ms": p.lifetime_ms, "retention_ms": p.retention_ms}
+
+
+def apply_policy(kv: KV, e: PolicyEntry, c: Counters) -> bool | Denied:
+    """POLICY: a namespace's queue policy and immutability mode. A namespace in COMPLIANCE mode
+    never leaves it nor shortens its retention; weakening GOVERNANCE needs a bypass."""
+    c.observe(e.ctx)
+    current = get_policy(kv, e.namespace)
+    refusal = rules.check("policy", e.ctx, None, permission="policy", namespace=e.namespace,
+                          new_mode=Mode(e.policy.mode), new_default_ms=e.policy.lock_retention_ms,
+                          current_mode=Mode(current.mode), current_default_ms=current.lock_retention_ms)
+    if refusal is not None:
+        return _deny(kv, c, e.ctx, "policy", refusal, e.namespace, e.namespace, _policy_fields(current),
+                     requested=_policy_fields(e.policy))
     kv.put(b"policies", e.namespace.encode(), e.policy.encode())
-    if c is not None:
-        c.policies[e.namespace] = e.policy
+    c.policies[e.namespace] = e.policy
+    audit(kv, c, e.ctx, "policy", target=e.namespace, namespace=e.namespace, before=_policy_fields(current),
+          after=_policy_fields(e.policy))
+    return True
+
+
+def apply_legal_hold(kv: KV, c: Counters, e: LegalHoldEntry) -> bool | Denied:
+    """LEGAL_HOLD: add or remove the hold ``case``. False if the message does not exist or (remove)
+    has no such hold. A message with any hold is locked whatever its retention."""
+    c.observe(e.ctx)
+    row = get_message(kv, e.mid)
+    if row is None:
+        return False
+    lock = lock_of(kv, e.mid, row)
+    op = "legal_hold" if e.add else "release_legal_hold"
+    refusal = rules.check("hold" if e.add else "release_hold", e.ctx, lock, permission="legal_hold")
+    if refusal is not None:
+        return _deny(kv, c, e.ctx, op, refusal, format_id(e.mid), row.namespace, _lock_fields(lock), case=e.case)
+    key = e.mid + e.case.encode("utf-8")
+    present = kv.get(b"holds", key) is not None
+    if e.add == present:
+        return e.add  # already held: nothing to do (True); no such hold to release (False)
+    if e.add:
+        kv.put(b"holds", key, _I64.pack(e.ctx.compliance_ms) + e.ctx.actor.name.encode())
+        if row.finished and not lock.holds:
+            kv.delete(b"retention", time_key(_removable_at(row), e.mid))
+        holds = tuple(sorted((*lock.holds, e.case)))
+    else:
+        kv.delete(b"holds", key)
+        holds = tuple(h for h in lock.holds if h != e.case)
+        if row.finished and not holds:
+            kv.put(b"retention", time_key(_removable_at(row), e.mid), b"")
+    after = Lock(lock.namespace, lock.mode, lock.lock_until_ms, holds)
+    audit(kv, c, e.ctx, op, target=format_id(e.mid), namespace=row.namespace, before=_lock_fields(lock),
+          after=_lock_fields(after), case=e.case)
+    return True
+
+
+def apply_retention(kv: KV, c: Counters, e: RetentionEntry) -> bool | Denied:
+    """RETENTION: set a message's lock end. Extending is always allowed (``retention``
+    permission); shortening only in GOVERNANCE with a bypass, never under a legal hold."""
+    c.observe(e.ctx)
+    row = get_message(kv, e.mid)
+    if row is None:
+        return False
+    lock = lock_of(kv, e.mid, row)
+    refusal = rules.check("retention", e.ctx, lock, permission="retention", new_until_ms=e.until_ms)
+    if refusal is not None:
+        return _deny(kv, c, e.ctx, "retention", refusal, format_id(e.mid), row.namespace, _lock_fields(lock),
+                     requested_until_ms=e.until_ms)
+    if row.finished and not lock.holds:
+        kv.delete(b"retention", time_key(_removable_at(row), e.mid))
+    row.lock_until_ms = e.until_ms
+    if row.finished and not lock.holds:
+        kv.put(b"retention", time_key(_removable_at(row), e.mid), b"")
+    kv.put(b"messages", e.mid, row.encode())
+    after = Lock(lock.namespace, lock.mode, e.until_ms, lock.holds)
+    audit(kv, c, e.ctx, "retention", target=format_id(e.mid), namespace=row.namespace, before=_lock_fields(lock),
+          after=_lock_fields(after))
+    return True
+
+
+def _messages_in(kv: KV, namespace: str) -> list[tuple[bytes, MessageRow]]:
+    prefix = ns_key(namespace)
+    out = []
+    for key, _ in kv.scan(b"msg_ns", prefix, prefix_end(prefix)):
+        mid = key[len(prefix):]
+        row = get_message(kv, mid)
+        if row is not None:
+            out.append((mid, row))
+    return out
+
+
+def _first_refusal(kv: KV, op: str, ctx: Ctx, messages: list[tuple[bytes, MessageRow]]) -> tuple[Refusal, str] | None:
+    refused = []
+    for mid, row in messages:
+        refusal = rules.check(op, ctx, lock_of(kv, mid, row))
+        if refusal is not None:
+            refused.append((mid, refusal))
+    if not refused:
+        return None
+    mid, refusal = refused[0]
+    more = f" (and {len(refused) - 1} more locked message(s))" if len(refused) > 1 else ""
+    return Refusal(f"message {format_id(mid)}: {refusal.reason}{more}", refusal.kind), format_id(mid)
+
+
+def apply_drop(kv: KV, c: Counters, e: NamespaceEntry) -> int | Denied:
+    """DROP: remove every message of a namespace; refused (nothing removed) if any is retained
+    or held. Returns how many messages were removed."""
+    c.observe(e.ctx)
+    refusal = rules.check("drop", e.ctx, None, permission="delete", namespace=e.namespace)
+    if refusal is not None:
+        return _deny(kv, c, e.ctx, "drop_namespace", refusal, e.namespace, e.namespace)
+    messages = _messages_in(kv, e.namespace)
+    found = _first_refusal(kv, "drop", e.ctx, messages)
+    if found is not None:
+        return _deny(kv, c, e.ctx, "drop_namespace", found[0], e.namespace, e.namespace, first_locked=found[1])
+    for mid, row in messages:
+        remove_message(kv, c, mid, row)
+    audit(kv, c, e.ctx, "drop_namespace", target=e.namespace, namespace=e.namespace, removed=len(messages))
+    return len(messages)
+
+
+def check_shred(kv: KV, c: Counters, key_id: int, namespace: str, ctx: Ctx) -> list[bytes] | Denied:
+    """Whether namespace key ``key_id`` may be shredded: only when no message sealed under it is
+    retained, held or still in delivery. Returns the (finished, unlocked) messages under it, which
+    go with the key; a refusal is audited."""
+    refusal = rules.check("shred", ctx, None, permission="keys", namespace=namespace)
+    if refusal is not None:
+        return _deny(kv, c, ctx, "shred_key", refusal, str(key_id), namespace)
+    under = [(mid, row) for mid, row in _messages_in(kv, namespace) if row.key_id in (key_id, 0)]
+    found = _first_refusal(kv, "shred", ctx, under)
+    if found is not None:
+        return _deny(kv, c, ctx, "shred_key", found[0], str(key_id), namespace, first_locked=found[1])
+    live = [mid for mid, row in under if not row.finished]
+    if live:
+        return _deny(kv, c, ctx, "shred_key", Refusal(
+            f"{len(live)} message(s) sealed under key {key_id} are still being delivered "
+            f"(first: {format_id(live[0])}); shredding would make them unreadable", "invalid"), str(key_id), namespace)
+    return [mid for mid, _ in under]
+
+
+def apply_shred(kv: KV, c: Counters, key_id: int, namespace: str, ctx: Ctx) -> int | Denied:
+    """Shred a namespace key: the messages under it (finished, unlocked) go with it."""
+    c.observe(ctx)
+    found = check_shred(kv, c, key_id, namespace, ctx)
+    if isinstance(found, Denied):
+        return found
+    for mid in found:
+        row = get_message(kv, mid)
+        if row is not None:
+            remove_message(kv, c, mid, row)
+    audit(kv, c, ctx, "shred_key", target=str(key_id), namespace=namespace, removed=len(found))
+    return len(found)
+
+
+def apply_key_created(kv: KV, c: Counters, key_id: int, namespace: str, ctx: Ctx | None) -> None:
+    """A new namespace key (rotation): audited when someone asked for it."""
+    if ctx is not None:
+        c.observe(ctx)
+        audit(kv, c, ctx, "rotate_key", target=str(key_id), namespace=namespace)
+
+
+#: The AUDIT entry ``op`` that asks for a signed audit checkpoint (``audit export-checkpoint``).
+CHECKPOINT_OP = "audit_checkpoint"
+
+
+def apply_denial(kv: KV, c: Counters, e: DenialEntry) -> Denied | None:
+    """AUDIT: an entry only the audit log sees: a request refused before it became an entry of
+    its own (a permission check at the API), or a request for a checkpoint."""
+    c.observe(e.ctx)
+    if e.op == CHECKPOINT_OP:
+        if c.audit is not None:
+            audit(kv, c, e.ctx, CHECKPOINT_OP, target="audit")
+            c.audit.checkpoint(kv, c.clock_ms)
+        return None
+    return _deny(kv, c, e.ctx, e.op, Refusal(e.reason, "permission"), e.target, "")
 
 
 # --- planning (read-only) ---------------------------------------------------------------------------
@@ -661,22 +1036,34 @@ def next_timer_ms(kv: KV) -> int | None:
 
 
 __all__ = [
+    "AuditSink",
     "Counters",
+    "Denied",
     "Grant",
     "LeasePlan",
     "StaleLease",
     "apply_admin",
     "apply_compact",
+    "apply_denial",
+    "apply_drop",
     "apply_enqueue",
     "apply_expire",
     "apply_lease",
+    "apply_legal_hold",
     "apply_policy",
+    "apply_retention",
     "apply_settle",
+    "apply_shred",
+    "audit",
     "backoff_ms",
     "check_settle",
+    "check_shred",
+    "compliance_clock_ms",
     "find_duplicate",
     "get_message",
     "get_policy",
+    "holds_of",
+    "lock_of",
     "namespaces",
     "next_timer_ms",
     "plan_compact",
@@ -691,7 +1078,7 @@ __all__ = [
 
 _ADMIN_TYPES = frozenset((RecordType.HOLD, RecordType.RELEASE, RecordType.REQUEUE, RecordType.DELETE))
 _SETTLE_TYPES = frozenset((RecordType.ACK, RecordType.DEFER, RecordType.BOUNCE))
-#: Record types that carry no queue state (framework records).
+#: Record types that carry no queue state (framework records; KEY is applied by the store).
 PASSIVE_TYPES = frozenset(
     (RecordType.NOOP, RecordType.CONFIG, RecordType.KEY, RecordType.BLOB, RecordType.DICTIONARY, RecordType.MEMBERS)
 )
@@ -709,15 +1096,24 @@ def decode_entry(rtype: int, payload: bytes) -> object:
         return MaintenanceEntry.decode(payload)
     if rtype == RecordType.POLICY:
         return PolicyEntry.decode(payload)
+    if rtype == RecordType.LEGAL_HOLD:
+        return LegalHoldEntry.decode(payload)
+    if rtype == RecordType.RETENTION:
+        return RetentionEntry.decode(payload)
+    if rtype == RecordType.AUDIT:
+        return DenialEntry.decode(payload)
+    if rtype == RecordType.DROP:
+        return NamespaceEntry.decode(payload)
     raise AssertionError(f"record type {rtype} has no queue entry")
 
 
 def apply_entry(kv: KV, c: Counters, index: int, rtype: int, entry: object) -> object:
-    """Apply one decoded entry (``(Envelope, size)`` for ENQUEUE); returns what it did."""
+    """Apply one decoded entry (``(Envelope, size, ctx, key id)`` for ENQUEUE); returns what it did."""
+    c.index = index
     if rtype == RecordType.ENQUEUE:
         assert isinstance(entry, tuple)
-        env, size = entry
-        return apply_enqueue(kv, c, index, env, size)
+        env, size, ctx, key_id = entry
+        return apply_enqueue(kv, c, index, env, size, ctx, key_id)
     if rtype == RecordType.LEASE:
         assert isinstance(entry, LeaseEntry)
         return apply_lease(kv, c, index, entry)
@@ -735,8 +1131,19 @@ def apply_entry(kv: KV, c: Counters, index: int, rtype: int, entry: object) -> o
         return apply_compact(kv, c, entry)
     if rtype == RecordType.POLICY:
         assert isinstance(entry, PolicyEntry)
-        apply_policy(kv, entry, c)
-        return True
+        return apply_policy(kv, entry, c)
+    if rtype == RecordType.LEGAL_HOLD:
+        assert isinstance(entry, LegalHoldEntry)
+        return apply_legal_hold(kv, c, entry)
+    if rtype == RecordType.RETENTION:
+        assert isinstance(entry, RetentionEntry)
+        return apply_retention(kv, c, entry)
+    if rtype == RecordType.AUDIT:
+        assert isinstance(entry, DenialEntry)
+        return apply_denial(kv, c, entry)
+    if rtype == RecordType.DROP:
+        assert isinstance(entry, NamespaceEntry)
+        return apply_drop(kv, c, entry)
     if rtype in PASSIVE_TYPES:
         return None
     raise AssertionError(f"unknown record type {rtype}")

@@ -28,6 +28,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from mqstore.compliance.rules import Ctx
 from mqstore.errors import Corruption
 
 # --- recipient states ---------------------------------------------------------------------------
@@ -154,15 +155,14 @@ def _ordinals(ords: tuple[int, ...]) -> bytes:
     return _H.pack(len(ords)) + struct.pack(f"<{len(ords)}H", *ords)
 
 
-def _version(r: _Reader, expected: int) -> None:
-    (v,) = r.unpack(_B)
+def _version(v: int, expected: int, r: _Reader) -> None:
     if v != expected:
         raise Corruption(f"{r.what} has unknown version {v}")
 
 
 # --- rows -----------------------------------------------------------------------------------------
 
-_MSG = struct.Struct("<BBbH6HQqqqqI")
+_MSG = struct.Struct("<BBbH6HQqqqqIBqI")
 
 
 @dataclass(slots=True)
@@ -178,7 +178,10 @@ class MessageRow:
     flags: int = 0
     counts: list[int] = field(default_factory=lambda: [0] * 6)  # recipients per state 1..6
     finished_ms: int = 0
-    retain_until_ms: int = 0
+    retain_until_ms: int = 0  # finished: compaction may remove it from then on (housekeeping)
+    lock_mode: int = 0  # compliance.Mode captured at enqueue
+    lock_until_ms: int = 0  # immutable until then (compliance clock); extend only in COMPLIANCE
+    key_id: int = 0  # the namespace key its body is sealed under (crypto-shredding checks it)
 
     @property
     def held(self) -> bool:
@@ -193,8 +196,9 @@ class MessageRow:
 
     def encode(self) -> bytes:
         return (
-            _MSG.pack(1, self.flags, self.priority, self.n_rcpts, *self.counts, self.enqueue_index,
-                      self.created_ms, self.expires_at_ms, self.finished_ms, self.retain_until_ms, self.size_bytes)
+            _MSG.pack(2, self.flags, self.priority, self.n_rcpts, *self.counts, self.enqueue_index,
+                      self.created_ms, self.expires_at_ms, self.finished_ms, self.retain_until_ms, self.size_bytes,
+                      self.lock_mode, self.lock_until_ms, self.key_id)
             + _text8(self.namespace)
             + _text16(self.idempotency_key)
         )
@@ -203,9 +207,8 @@ class MessageRow:
     def decode(cls, buf: bytes) -> MessageRow:
         # Hot path (every queue operation reads rows): parse directly, validate at the end.
         try:
-            v, flags, prio, n, c1, c2, c3, c4, c5, c6, index, created, expires, finished, retain, size = (
-                _MSG.unpack_from(buf, 0)
-            )
+            (v, flags, prio, n, c1, c2, c3, c4, c5, c6, index, created, expires, finished, retain, size,
+             lock_mode, lock_until, key_id) = _MSG.unpack_from(buf, 0)
             off = _MSG.size
             ns_len = buf[off]
             ns = buf[off + 1 : off + 1 + ns_len].decode("utf-8")
@@ -215,9 +218,10 @@ class MessageRow:
             end = off + 2 + idem_len
         except (struct.error, IndexError, UnicodeDecodeError):
             raise Corruption("message row is truncated or not valid UTF-8") from None
-        if v != 1 or end != len(buf):
+        if v != 2 or end != len(buf):
             raise Corruption(f"message row has unknown version {v} or a bad length")
-        return cls(ns, prio, n, index, created, expires, size, idem, flags, [c1, c2, c3, c4, c5, c6], finished, retain)
+        return cls(ns, prio, n, index, created, expires, size, idem, flags, [c1, c2, c3, c4, c5, c6], finished, retain,
+                   lock_mode, lock_until, key_id)
 
 
 _RCPT = struct.Struct("<BBHqQq")
@@ -283,7 +287,7 @@ class LeaseRow:
         return cls(mid, deadline, tuple(ords), worker)
 
 
-_POLICY = struct.Struct("<Bqqqq")
+_POLICY = struct.Struct("<BqqqqBq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,10 +301,14 @@ class Policy:
     #: A message that finished with expired recipients is kept at least this long, so the MTA
     #: can find it (``list(state="expired")``) and send the delay DSN; it deletes it when done.
     expired_retention_ms: int = 7 * 24 * 3600 * 1000
+    #: Immutability (compliance.Mode) and the lock period new messages get (from enqueue).
+    mode: int = 0
+    lock_retention_ms: int = 0
 
     def encode(self) -> bytes:
         return (
-            _POLICY.pack(1, self.lifetime_ms, self.retention_ms, self.dedup_window_ms, self.expired_retention_ms)
+            _POLICY.pack(2, self.lifetime_ms, self.retention_ms, self.dedup_window_ms, self.expired_retention_ms,
+                         self.mode, self.lock_retention_ms)
             + _H.pack(len(self.backoff_ms))
             + struct.pack(f"<{len(self.backoff_ms)}q", *self.backoff_ms)
         )
@@ -308,16 +316,33 @@ class Policy:
     @classmethod
     def decode(cls, buf: bytes) -> Policy:
         r = _Reader(buf, "policy")
-        v, lifetime, retention, window, expired_retention = r.unpack(_POLICY)
-        if v != 1:
+        v, lifetime, retention, window, expired_retention, mode, lock_retention = r.unpack(_POLICY)
+        if v != 2:
             raise Corruption(f"policy has unknown version {v}")
         (n,) = r.unpack(_H)
         backoff = struct.unpack_from(f"<{n}q", r.take(8 * n)) if n else ()
         r.done()
-        return cls(tuple(backoff), lifetime, retention, window, expired_retention)
+        return cls(tuple(backoff), lifetime, retention, window, expired_retention, mode, lock_retention)
 
 
 # --- entries (log record payloads) -----------------------------------------------------------------
+#
+# Every entry ends with the request context (who asked, from which node and site, the wall and
+# compliance clocks, a bypass flag and reason): every replica applies and audits the same thing.
+
+
+#: An entry written without a request context (tests, old callers): the local administrator at
+#: compliance time 0, so nothing it asks can unlock a retained message.
+NO_CTX = Ctx()
+
+
+def _ctx(ctx: Ctx) -> bytes:
+    return _bytes16(ctx.encode())
+
+
+def _read_ctx(r: _Reader) -> Ctx:
+    return Ctx.decode(r.bytes16())
+
 
 _LEASE_ENTRY = struct.Struct("<Bqq16s")
 
@@ -332,22 +357,26 @@ class LeaseEntry:
     mid: bytes
     ordinals: tuple[int, ...]
     worker: str
+    ctx: Ctx = NO_CTX
 
     def encode(self) -> bytes:
-        return _LEASE_ENTRY.pack(1, self.now_ms, self.deadline_ms, self.mid) + _ordinals(self.ordinals) + _text8(
-            self.worker
+        return (
+            _LEASE_ENTRY.pack(2, self.now_ms, self.deadline_ms, self.mid)
+            + _ordinals(self.ordinals)
+            + _text8(self.worker)
+            + _ctx(self.ctx)
         )
 
     @classmethod
     def decode(cls, buf: bytes) -> LeaseEntry:
         r = _Reader(buf, "lease entry")
         v, now, deadline, mid = r.unpack(_LEASE_ENTRY)
-        if v != 1:
-            raise Corruption(f"lease entry has unknown version {v}")
+        _version(v, 2, r)
         ords = r.ordinals()
         worker = r.text8()
+        ctx = _read_ctx(r)
         r.done()
-        return cls(now, deadline, mid, tuple(ords), worker)
+        return cls(now, deadline, mid, tuple(ords), worker, ctx)
 
 
 _SETTLE = struct.Struct("<BqQ")
@@ -363,28 +392,30 @@ class SettleEntry:
     ordinals: tuple[int, ...]
     next_attempt_ms: tuple[int, ...] = ()
     reason: bytes = b""
+    ctx: Ctx = NO_CTX
 
     def encode(self) -> bytes:
         return (
-            _SETTLE.pack(1, self.now_ms, self.token)
+            _SETTLE.pack(2, self.now_ms, self.token)
             + _ordinals(self.ordinals)
             + _H.pack(len(self.next_attempt_ms))
             + struct.pack(f"<{len(self.next_attempt_ms)}q", *self.next_attempt_ms)
             + _bytes16(self.reason)
+            + _ctx(self.ctx)
         )
 
     @classmethod
     def decode(cls, buf: bytes) -> SettleEntry:
         r = _Reader(buf, "settle entry")
         v, now, token = r.unpack(_SETTLE)
-        if v != 1:
-            raise Corruption(f"settle entry has unknown version {v}")
+        _version(v, 2, r)
         ords = r.ordinals()
         (n,) = r.unpack(_H)
         nxt = struct.unpack_from(f"<{n}q", r.take(8 * n)) if n else ()
         reason = r.bytes16()
+        ctx = _read_ctx(r)
         r.done()
-        return cls(now, token, tuple(ords), tuple(nxt), reason)
+        return cls(now, token, tuple(ords), tuple(nxt), reason, ctx)
 
 
 _ADMIN = struct.Struct("<Bq16s")
@@ -396,18 +427,19 @@ class AdminEntry:
 
     now_ms: int
     mid: bytes
+    ctx: Ctx = NO_CTX
 
     def encode(self) -> bytes:
-        return _ADMIN.pack(1, self.now_ms, self.mid)
+        return _ADMIN.pack(2, self.now_ms, self.mid) + _ctx(self.ctx)
 
     @classmethod
     def decode(cls, buf: bytes) -> AdminEntry:
         r = _Reader(buf, "admin entry")
         v, now, mid = r.unpack(_ADMIN)
-        if v != 1:
-            raise Corruption(f"admin entry has unknown version {v}")
+        _version(v, 2, r)
+        ctx = _read_ctx(r)
         r.done()
-        return cls(now, mid)
+        return cls(now, mid, ctx)
 
 
 # EXPIRE / COMPACT items
@@ -425,25 +457,30 @@ class MaintenanceEntry:
 
     now_ms: int
     items: tuple[tuple[int, bytes], ...]
+    ctx: Ctx = NO_CTX
 
     def encode(self) -> bytes:
-        out = [_MAINT.pack(1, self.now_ms, len(self.items))]
+        out = [_MAINT.pack(2, self.now_ms, len(self.items))]
         for kind, value in self.items:
             out.append(bytes((kind,)) + _bytes16(value))
+        out.append(_ctx(self.ctx))
         return b"".join(out)
 
     @classmethod
     def decode(cls, buf: bytes) -> MaintenanceEntry:
         r = _Reader(buf, "maintenance entry")
         v, now, n = r.unpack(_MAINT)
-        if v != 1:
-            raise Corruption(f"maintenance entry has unknown version {v}")
+        _version(v, 2, r)
         items = []
         for _ in range(n):
             (kind,) = r.unpack(_B)
             items.append((kind, r.bytes16()))
+        ctx = _read_ctx(r)
         r.done()
-        return cls(now, tuple(items))
+        return cls(now, tuple(items), ctx)
+
+
+_STAMP = struct.Struct("<Bq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -451,15 +488,117 @@ class PolicyEntry:
     now_ms: int
     namespace: str
     policy: Policy
+    ctx: Ctx = NO_CTX
 
     def encode(self) -> bytes:
-        return struct.pack("<Bq", 1, self.now_ms) + _text8(self.namespace) + self.policy.encode()
+        return _STAMP.pack(2, self.now_ms) + _text8(self.namespace) + _bytes16(self.policy.encode()) + _ctx(self.ctx)
 
     @classmethod
     def decode(cls, buf: bytes) -> PolicyEntry:
         r = _Reader(buf, "policy entry")
-        v, now = r.unpack(struct.Struct("<Bq"))
-        if v != 1:
-            raise Corruption(f"policy entry has unknown version {v}")
+        v, now = r.unpack(_STAMP)
+        _version(v, 2, r)
         ns = r.text8()
-        return cls(now, ns, Policy.decode(buf[r.off :]))
+        policy = Policy.decode(r.bytes16())
+        ctx = _read_ctx(r)
+        r.done()
+        return cls(now, ns, policy, ctx)
+
+
+@dataclass(frozen=True, slots=True)
+class LegalHoldEntry:
+    """LEGAL_HOLD: add (``add``) or remove the hold named ``case`` on a message."""
+
+    now_ms: int
+    mid: bytes
+    case: str
+    add: bool
+    ctx: Ctx = NO_CTX
+
+    def encode(self) -> bytes:
+        return _ADMIN.pack(2, self.now_ms, self.mid) + bytes((int(self.add),)) + _text8(self.case) + _ctx(self.ctx)
+
+    @classmethod
+    def decode(cls, buf: bytes) -> LegalHoldEntry:
+        r = _Reader(buf, "legal hold entry")
+        v, now, mid = r.unpack(_ADMIN)
+        _version(v, 2, r)
+        (add,) = r.unpack(_B)
+        case = r.text8()
+        ctx = _read_ctx(r)
+        r.done()
+        return cls(now, mid, case, bool(add), ctx)
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionEntry:
+    """RETENTION: set a message's lock to ``until_ms`` (compliance clock)."""
+
+    now_ms: int
+    mid: bytes
+    until_ms: int
+    ctx: Ctx = NO_CTX
+
+    def encode(self) -> bytes:
+        return _ADMIN.pack(2, self.now_ms, self.mid) + struct.pack("<q", self.until_ms) + _ctx(self.ctx)
+
+    @classmethod
+    def decode(cls, buf: bytes) -> RetentionEntry:
+        r = _Reader(buf, "retention entry")
+        v, now, mid = r.unpack(_ADMIN)
+        _version(v, 2, r)
+        (until,) = r.unpack(struct.Struct("<q"))
+        ctx = _read_ctx(r)
+        r.done()
+        return cls(now, mid, until, ctx)
+
+
+@dataclass(frozen=True, slots=True)
+class DenialEntry:
+    """AUDIT: a refused request (nothing changes but the audit log): what, on what, why."""
+
+    now_ms: int
+    op: str
+    target: str
+    reason: str
+    ctx: Ctx = NO_CTX
+
+    def encode(self) -> bytes:
+        return (
+            _STAMP.pack(2, self.now_ms) + _text8(self.op) + _text16(self.target) + _text16(self.reason)
+            + _ctx(self.ctx)
+        )
+
+    @classmethod
+    def decode(cls, buf: bytes) -> DenialEntry:
+        r = _Reader(buf, "denial entry")
+        v, now = r.unpack(_STAMP)
+        _version(v, 2, r)
+        op = r.text8()
+        target = r.text16()
+        reason = r.text16()
+        ctx = _read_ctx(r)
+        r.done()
+        return cls(now, op, target, reason, ctx)
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceEntry:
+    """DROP: remove every message of a namespace (refused if any is locked or held)."""
+
+    now_ms: int
+    namespace: str
+    ctx: Ctx = NO_CTX
+
+    def encode(self) -> bytes:
+        return _STAMP.pack(2, self.now_ms) + _text8(self.namespace) + _ctx(self.ctx)
+
+    @classmethod
+    def decode(cls, buf: bytes) -> NamespaceEntry:
+        r = _Reader(buf, "namespace entry")
+        v, now = r.unpack(_STAMP)
+        _version(v, 2, r)
+        ns = r.text8()
+        ctx = _read_ctx(r)
+        r.done()
+        return cls(now, ns, ctx)

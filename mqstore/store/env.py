@@ -61,6 +61,11 @@ DATABASES = (
     b"dedup_exp",
     b"stats",
     b"policies",
+    b"holds",  # message id + case id -> when and by whom (legal holds)
+    b"qmeta",  # derived facts of the applied log (the compliance clock)
+    # Audit log (layouts in mqstore/compliance/audit.py), written with the changes it records:
+    b"audit",
+    b"audit_ckpt",
 )
 MAX_DBS = 32
 LOCK_FILE = "mqstore.lock"

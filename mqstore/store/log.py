@@ -23,10 +23,10 @@ from typing import Any, NamedTuple, TypeVar
 import lmdb
 
 from mqstore import codec, limits, validate
-from mqstore.codec import Envelope, Record, RecordType
-from mqstore.crypto.keyring import SYSTEM_NAMESPACE, KeyEvent, KeyRing
+from mqstore.codec import Envelope, Flags, Record, RecordType
+from mqstore.crypto.keyring import ACTION_CREATE, SYSTEM_NAMESPACE, KeyEvent, KeyRing
 from mqstore.crypto.providers import FileKeyProvider, KeyProvider, create_key_file
-from mqstore.crypto.seal import Sealed, Sealer, train_dictionary
+from mqstore.crypto.seal import Sealed, Sealer, SealRequest, train_dictionary
 from mqstore.errors import (
     Corruption,
     InvalidArgument,
@@ -58,6 +58,7 @@ _META_FORMAT = b"store.format"
 _KEYS_KEK_CHECK = b"kek-check"
 _KEK_CHECK_PLAINTEXT = b"mqstore key-encryption key check v1"
 _KEYS_PREFIX = b"k"
+_SHRED_PREFIX = b"s"  # key id -> its SHRED event (the CREATE entry then holds no wrapped key)
 _SCAN_CHUNK = 4096  # records per read transaction while scanning: keep readers short
 
 
@@ -83,12 +84,18 @@ class Staged(NamedTuple):
     """A message validated and encoded, not yet sealed."""
 
     envelope: Envelope
-    plaintext: bytes  # encoded envelope followed by the raw message
+    plaintext: bytes  # encoded envelope, [u16 length + request context,] the raw message
+    flags: int = 0  # Flags.CONTEXT when the plaintext carries a request context
 
 
-def _seal_request(staged: Staged) -> tuple[int, str, bytes, bytes]:
+def key_record_payload(event: KeyEvent, context: bytes = b"") -> bytes:
+    """A KEY record's payload: the event, then (if given) u16 length + the request context."""
+    return event.encode() + (struct.pack("<H", len(context)) + context if context else b"")
+
+
+def _seal_request(staged: Staged) -> tuple[int, str, bytes, bytes, int]:
     env = staged.envelope
-    return (RecordType.ENQUEUE, env.namespace, env.message_id, staged.plaintext)
+    return (RecordType.ENQUEUE, env.namespace, env.message_id, staged.plaintext, staged.flags)
 
 
 class Prepared(NamedTuple):
@@ -104,6 +111,7 @@ class StoredMessage(NamedTuple):
     term: int
     envelope: Envelope
     data: bytes
+    context: bytes = b""  # the encoded request context (who enqueued it, when), if recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +287,8 @@ class LogStore:
         self.path = Path(path)
         #: Write transactions committed since opening (group commit makes it < writes).
         self.commits = 0
+        #: Called with the seconds each transaction commit (its fsyncs) took (metrics); None: not timed.
+        self.commit_observer: Callable[[float], None] | None = None
         self.readonly = readonly
         self.clock_ms = clock_ms or _wall_clock_ms
         is_new = not (self.path / "data.mdb").exists()
@@ -372,11 +382,11 @@ class LogStore:
             events = [
                 KeyEvent.decode(bytes(v))
                 for k, v in txn.cursor(db=self.env.dbs[b"keys"])
-                if k.startswith(_KEYS_PREFIX) and len(k) == 5
+                if k[:1] in (_KEYS_PREFIX, _SHRED_PREFIX) and len(k) == 5
             ]
             dict_records = [bytes(v) for _, v in txn.cursor(db=self.env.dbs[b"dicts"])]
             raw_dict = txn.get(_META_DICT, db=self.env.dbs[b"meta"])
-        for event in sorted(events, key=lambda e: e.key_id):
+        for event in sorted(events, key=lambda e: (e.action != ACTION_CREATE, e.key_id)):
             self.keyring.apply(event)
         for framed in dict_records:
             record = codec.decode_record(framed)
@@ -394,7 +404,7 @@ class LogStore:
         return self.writer
 
     def write(
-        self, fn: WriteFn[T], *, size: int = 0, seal: list[tuple[int, str, bytes, bytes]] | None = None
+        self, fn: WriteFn[T], *, size: int = 0, seal: list[SealRequest] | None = None
     ) -> T:
         """Run ``fn(ctx)`` in the next group commit; returns once it is durable (or raises).
 
@@ -409,7 +419,7 @@ class LogStore:
         *,
         size: int = 0,
         callback: Callable[[Pending[T]], None] | None = None,
-        seal: list[tuple[int, str, bytes, bytes]] | None = None,
+        seal: list[SealRequest] | None = None,
     ) -> Pending[T]:
         """Like :meth:`write` but returns at once; wait on the result or pass a callback.
 
@@ -460,7 +470,13 @@ class LogStore:
                         ids_last = self.ids.last
                         if ids_last != self._ids_persisted:
                             txn.put(_META_IDS, ids_last.to_bytes(16, "big"), db=self.env.dbs[b"meta"])
-                        txn.commit()
+                        observer = self.commit_observer
+                        if observer is None:
+                            txn.commit()
+                        else:
+                            t0 = time.perf_counter()
+                            txn.commit()
+                            observer(time.perf_counter() - t0)
                     else:
                         txn.abort()
                 except BaseException:
@@ -532,9 +548,16 @@ class LogStore:
 
     # --- messages ------------------------------------------------------------------------------------
 
-    def stage_messages(self, messages: Sequence[NewMessage]) -> list[Staged]:
+    def stage_messages(self, messages: Sequence[NewMessage], context: bytes = b"") -> list[Staged]:
         """Validate messages and encode their envelopes (in the caller's thread; no state changes
-        except creating a namespace's first key). Raises InvalidArgument naming the bad field."""
+        except creating a namespace's first key). Raises InvalidArgument naming the bad field.
+
+        ``context`` (an encoded request context) is sealed with each message, between envelope
+        and body, so every replica applying it knows who enqueued it and when."""
+        if len(context) > 0xFFFF:
+            raise InvalidArgument("request context too large")
+        ctx_block = struct.pack("<H", len(context)) + context if context else b""
+        flags = int(Flags.CONTEXT) if context else 0
         if not isinstance(messages, (list, tuple)) or not messages:
             raise InvalidArgument("messages must be a non-empty list")
         if len(messages) > limits.APPEND_RECORDS_MAX:
@@ -558,8 +581,8 @@ class LogStore:
                 integer(m.expires_at_ms, "expires_at_ms", 0, limits.TIME_MS_MAX),
                 validate.idempotency_key(m.idempotency_key),
             )
-            staged.append(Staged(envelope, encode(envelope) + validate.data(m.data)))
-        self.ensure_keys({st.envelope.namespace for st in staged})
+            staged.append(Staged(envelope, encode(envelope) + ctx_block + validate.data(m.data), flags))
+        self.ensure_keys(sorted({st.envelope.namespace for st in staged}))  # key ids in a predictable order
         return staged
 
     def prepare_messages(self, messages: Sequence[NewMessage]) -> list[Prepared]:
@@ -599,7 +622,17 @@ class LogStore:
             raise exc.with_index(record.index) from None
         if envelope.message_id != opened.message_id or envelope.namespace != opened.namespace:
             raise Corruption("envelope does not match the sealed message id or namespace", record.index)
-        return StoredMessage(record.index, record.term, envelope, opened.plaintext[used:])
+        context = b""
+        if record.flags & Flags.CONTEXT:
+            plain = opened.plaintext
+            if len(plain) < used + 2:
+                raise Corruption("sealed message: request context truncated", record.index)
+            (n,) = struct.unpack_from("<H", plain, used)
+            context = plain[used + 2 : used + 2 + n]
+            used += 2 + n
+            if len(context) != n:
+                raise Corruption("sealed message: request context truncated", record.index)
+        return StoredMessage(record.index, record.term, envelope, opened.plaintext[used:], context)
 
     def read_message(self, index: int) -> StoredMessage:
         return self.open_message(self.read(index))
@@ -623,14 +656,34 @@ class LogStore:
         event = self.keyring.new_key_event(namespace, self.clock_ms())
 
         def fn(ctx: WriteContext) -> int:
-            self.keyring.check_applicable(event)
-            payload = event.encode()
-            ctx.append(RecordType.KEY, payload)
-            ctx.put(b"keys", _KEYS_PREFIX + struct.pack(">I", event.key_id), payload)
-            ctx.on_commit(lambda: self.keyring.apply(event))
+            self.apply_key_event(ctx, event)
             return event.key_id
 
         return self.write(fn)
+
+    def apply_key_event(self, ctx: WriteContext, event: KeyEvent, context: bytes = b"") -> int:
+        """Append a KEY record for ``event`` (followed by the request ``context`` when given) and
+        record it in the key table; returns the record's index. See :meth:`store_key_event`."""
+        self.keyring.check_applicable(event)
+        index = ctx.append(RecordType.KEY, key_record_payload(event, context))
+        self.store_key_event(ctx, event)
+        return index
+
+    def store_key_event(self, ctx: WriteContext, event: KeyEvent) -> None:
+        """Record a key event in the key table. A new key is usable at once (later records of
+        the same transaction may be sealed under it, and a replica may apply both together);
+        a shred replaces the wrapped key with nothing and takes effect when the shred commits."""
+        kid = struct.pack(">I", event.key_id)
+        if event.action == ACTION_CREATE:
+            ctx.put(b"keys", _KEYS_PREFIX + kid, event.encode())
+            if event.key_id not in self.keyring.key_ids():
+                self.keyring.apply(event)
+        else:
+            created = self.keyring.event(event.key_id)
+            gone = KeyEvent(ACTION_CREATE, created.key_id, created.namespace, created.created_at_ms, b"")
+            ctx.put(b"keys", _KEYS_PREFIX + kid, gone.encode())
+            ctx.put(b"keys", _SHRED_PREFIX + kid, event.encode())
+            ctx.on_commit(lambda: self.keyring.apply(event) if not self.keyring.is_shredded(event.key_id) else None)
 
     def add_dictionary(self, data: bytes) -> int:
         """Store a zstd dictionary (sealed, replicated as a DICTIONARY record); returns its id.
@@ -852,6 +905,30 @@ class LogStore:
                     out[key_index(k)] = bytes(v).decode("utf-8", "replace").partition(" ")[2]
         out.update(self._quarantine_mem)
         return dict(sorted(out.items()))
+
+    def rewrite_records(self, records: dict[int, bytes]) -> None:
+        """Put good copies of damaged records back (repair tools): ``records`` maps a log index to
+        the framed record for it (from a replica that has it committed). Each must decode with
+        its CRC and index; they replace what is stored at those indices in one durable commit,
+        and leave the quarantine list. The log's bounds do not change."""
+        for index, raw in records.items():
+            codec.decode_record(raw, index)  # raises Corruption: never write a bad copy
+
+        def fn(ctx: WriteContext) -> None:
+            for index, raw in sorted(records.items()):
+                if not self._first_index <= index <= self._last_index:
+                    raise InvalidArgument(f"log index {index} is outside the log ({self._first_index}.."
+                                          f"{self._last_index}): a repair only replaces records")
+                ctx.txn.put(_U64.pack(index), raw, db=ctx.dbs[b"log"])
+                ctx.delete(b"quarantine", _U64.pack(index))
+
+            def hook() -> None:
+                for index in records:
+                    self._quarantine_mem.pop(index, None)
+
+            ctx.on_commit(hook)
+
+        self.write(fn)
 
     def scan(self, progress: Callable[[int, int], None] | None = None) -> ScanReport:
         """Read and verify every record (CRC, framing, index); report every damaged one.

@@ -28,6 +28,7 @@ from mqstore import limits
 from mqstore.errors import MQStoreError, Overloaded, StoreClosed
 
 if TYPE_CHECKING:
+    from mqstore.crypto.seal import SealRequest
     from mqstore.store.log import WriteContext
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Pending(Generic[T]):
         fn: WriteFn[T],
         size: int,
         callback: Callable[[Pending[T]], None] | None,
-        seal: list[tuple[int, str, bytes, bytes]] | None = None,
+        seal: list[SealRequest] | None = None,
     ) -> None:
         self.fn = fn
         self.size = size
@@ -115,7 +116,7 @@ class Writer:
         size: int = 0,
         callback: Callable[[Pending[T]], None] | None = None,
         wait_ms: int = limits.WRITE_QUEUE_WAIT_MS,
-        seal: list[tuple[int, str, bytes, bytes]] | None = None,
+        seal: list[SealRequest] | None = None,
     ) -> Pending[T]:
         """Queue ``fn``; returns at once with a :class:`Pending` to wait on.
 
@@ -137,7 +138,7 @@ class Writer:
         return item
 
     def write(
-        self, fn: WriteFn[T], *, size: int = 0, seal: list[tuple[int, str, bytes, bytes]] | None = None
+        self, fn: WriteFn[T], *, size: int = 0, seal: list[SealRequest] | None = None
     ) -> T:
         """Run ``fn`` in the next committed batch and return its result (or raise its error)."""
         return self.submit(fn, size=size, seal=seal).wait()

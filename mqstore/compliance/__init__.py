@@ -1,0 +1,1 @@
+"""Compliance: immutability (retention modes, legal holds), the compliance clock, the audit log."""

@@ -1,0 +1,105 @@
+"""Compliance on a replicated cluster: refusals over gRPC and the CLI, and an audit log that is
+the same on every replica (it is derived from the replicated log)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_node import InProcessCluster
+
+from mqstore.client import Client
+from mqstore.compliance import audit, signing
+from mqstore.errors import Immutable, NotFound
+
+BODY = b"Subject: board minutes 51d2\r\n\r\nconfidential\r\n"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[InProcessCluster]:
+    c = InProcessCluster(tmp_path, {1: "a", 2: "b", 3: "c"}, [1, 2, 3])
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _audit_tables(cluster: InProcessCluster) -> dict[int, list[dict[str, object]]]:
+    out = {}
+    for i, server in cluster.servers.items():
+        with server.node.read_state() as kv:
+            out[i] = audit.records(kv, None, 100_000)
+    return out
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mqstore", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_compliance_refusals_over_grpc_and_cli_are_audited_on_every_replica(cluster: InProcessCluster) -> None:
+    cluster.leader()
+    addresses = ",".join(cluster.addresses())
+    with Client(cluster.addresses(), timeout=20) as client:
+        policy = client.set_policy("finance", mode="compliance", retention_days=2555)
+        assert policy.lock_retention_ms == 2555 * 86_400_000
+        mid = client.enqueue(mail_from="cfo@example.org", recipients=["board@example.net"], data=BODY,
+                             namespace="finance")
+        m = client.get(mid)
+        assert m.retention_mode == "compliance" and m.locked_until is not None
+        with pytest.raises(Immutable, match="COMPLIANCE retention"):
+            client.delete(mid)
+        with pytest.raises(Immutable):
+            client.delete(mid, bypass_governance=True, reason="try anyway")
+        assert client.compact_messages([mid]) == 0  # forced compaction only concerns finished messages
+        for lease in client.lease("w", namespace="finance"):
+            client.ack(lease.token)
+        assert client.get(mid).done
+        with pytest.raises(Immutable):
+            client.compact_messages([mid])
+        with pytest.raises(Immutable):
+            client.set_policy("finance", mode="governance", retention_days=1)
+        with pytest.raises(Immutable):
+            client.extend_retention(mid, until=m.locked_until - 86_400)
+        client.add_legal_hold(mid, case="SEC-2026-17")
+        assert client.get(mid).legal_holds == ("SEC-2026-17",)
+        with pytest.raises(NotFound):
+            client.remove_legal_hold(mid, case="NO-SUCH-CASE")
+
+        # the CLI against the running cluster goes through the same path
+        refused = _cli("delete", mid, "--server", addresses, "--json")
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        (refusal,) = json.loads(refused.stdout)["refusals"]
+        assert refusal["error"] == "Immutable" and "SEC-2026-17" in refusal["message"], refusal
+        shown = _cli("audit", "query", "--op", "delete", "--outcome", "denied", "--server", addresses, "--json")
+        assert shown.returncode == 0, shown.stderr
+        assert len(json.loads(shown.stdout)) == 3  # two client deletes and the CLI's
+
+        assert client.get(mid).data == BODY
+        head = client.audit_head()
+        ckpt = client.audit_checkpoint()
+        assert ckpt is not None and ckpt.size == head + 1  # the checkpoint request is audited too
+        assert ckpt.signature and ckpt.public_key  # signed with the node's audit key
+        last_index = cluster.leader().node.applied_index
+
+    for i in cluster.servers:
+        cluster.wait_applied(i, last_index)
+    tables = _audit_tables(cluster)
+    assert tables[1] == tables[2] == tables[3], "replicas derived different audit logs"
+    ops = [(r["op"], r["outcome"]) for r in tables[1]]
+    assert ops.count(("delete", "denied")) == 3
+    assert ("legal_hold", "allowed") in ops and ("policy", "denied") in ops and ("compact", "denied") in ops
+    keys = set()
+    for i, server in cluster.servers.items():
+        # each node signs its checkpoints with its own key (<data_dir>/audit-signing.key)
+        assert (Path(server.config.data_dir) / "audit-signing.key").exists()
+        public_key = server.queue.audit.log.public_key
+        keys.add(signing.public_key_hex(public_key))
+        with server.node.read_state() as kv:
+            report = audit.verify(kv, public_key)
+        assert report.ok, (i, report.problems)
+        assert report.checkpoints_checked >= 1 and report.signatures_checked >= 1
+    assert len(keys) == 3
