@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61\x64min.proto\x12\nmqstore.v1\"W\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05voter\x18\x04 \x01(\x08\x12\x13\n\x0bmatch_index\x18\x05 \x01(\x04\"\x0f\n\rStatusRequest\"\xb1\x02\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x04\x12\x11\n\tleader_id\x18\x05 \x01(\x04\x12\x16\n\x0eleader_address\x18\x06 \x01(\t\x12\x14\n\x0c\x63ommit_index\x18\x07 \x01(\x04\x12\x15\n\rapplied_index\x18\x08 \x01(\x04\x12\x13\n\x0b\x66irst_index\x18\t \x01(\x04\x12\x12\n\nlast_index\x18\n \x01(\x04\x12#\n\x07members\x18\x0b \x03(\x0b\x32\x12.mqstore.v1.Member\x12\x11\n\tmin_sites\x18\x0c \x01(\r\x12\x12\n\nstats_json\x18\r \x01(\t\x12\x17\n\x0f\x64isk_used_bytes\x18\x0e \x01(\x04\"\xb5\x01\n\x11MembershipRequest\x12,\n\x02op\x18\x01 \x01(\x0e\x32 .mqstore.v1.MembershipRequest.Op\x12\x0f\n\x07node_id\x18\x02 \x01(\x04\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\"B\n\x02Op\x12\x12\n\x0eOP_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x44\x44_LEARNER\x10\x01\x12\x0b\n\x07PROMOTE\x10\x02\x12\n\n\x06REMOVE\x10\x03\"9\n\x12MembershipResponse\x12#\n\x07members\x18\x01 \x03(\x0b\x32\x12.mqstore.v1.Member\"#\n\x15TransferLeaderRequest\x12\n\n\x02to\x18\x01 \x01(\x04\"+\n\x16TransferLeaderResponse\x12\x11\n\tleader_id\x18\x01 \x01(\x04\"\x11\n\x0fSnapshotRequest\"/\n\x10SnapshotResponse\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x32\xbb\x02\n\x05\x41\x64min\x12?\n\x06Status\x12\x19.mqstore.v1.StatusRequest\x1a\x1a.mqstore.v1.StatusResponse\x12Q\n\x10\x43hangeMembership\x12\x1d.mqstore.v1.MembershipRequest\x1a\x1e.mqstore.v1.MembershipResponse\x12W\n\x0eTransferLeader\x12!.mqstore.v1.TransferLeaderRequest\x1a\".mqstore.v1.TransferLeaderResponse\x12\x45\n\x08Snapshot\x12\x1b.mqstore.v1.SnapshotRequest\x1a\x1c.mqstore.v1.SnapshotResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61\x64min.proto\x12\nmqstore.v1\"W\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05voter\x18\x04 \x01(\x08\x12\x13\n\x0bmatch_index\x18\x05 \x01(\x04\"\x0f\n\rStatusRequest\"\x87\x03\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x04\x12\x11\n\tleader_id\x18\x05 \x01(\x04\x12\x16\n\x0eleader_address\x18\x06 \x01(\t\x12\x14\n\x0c\x63ommit_index\x18\x07 \x01(\x04\x12\x15\n\rapplied_index\x18\x08 \x01(\x04\x12\x13\n\x0b\x66irst_index\x18\t \x01(\x04\x12\x12\n\nlast_index\x18\n \x01(\x04\x12#\n\x07members\x18\x0b \x03(\x0b\x32\x12.mqstore.v1.Member\x12\x11\n\tmin_sites\x18\x0c \x01(\r\x12\x12\n\nstats_json\x18\r \x01(\t\x12\x17\n\x0f\x64isk_used_bytes\x18\x0e \x01(\x04\x12\x12\n\ncluster_id\x18\x0f \x01(\t\x12\x13\n\x0bremoved_ids\x18\x10 \x03(\x04\x12\x16\n\x0esnapshot_index\x18\x11 \x01(\x04\x12\x13\n\x0bquarantined\x18\x12 \x01(\x04\"\xb5\x01\n\x11MembershipRequest\x12,\n\x02op\x18\x01 \x01(\x0e\x32 .mqstore.v1.MembershipRequest.Op\x12\x0f\n\x07node_id\x18\x02 \x01(\x04\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\"B\n\x02Op\x12\x12\n\x0eOP_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x44\x44_LEARNER\x10\x01\x12\x0b\n\x07PROMOTE\x10\x02\x12\n\n\x06REMOVE\x10\x03\"9\n\x12MembershipResponse\x12#\n\x07members\x18\x01 \x03(\x0b\x32\x12.mqstore.v1.Member\"#\n\x15TransferLeaderRequest\x12\n\n\x02to\x18\x01 \x01(\x04\"+\n\x16TransferLeaderResponse\x12\x11\n\tleader_id\x18\x01 \x01(\x04\"\x11\n\x0fSnapshotRequest\"/\n\x10SnapshotResponse\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\"%\n\x12ReadRecordsRequest\x12\x0f\n\x07indices\x18\x01 \x03(\x04\"7\n\tRawRecord\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\xa1\x01\n\x13ReadRecordsResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12\x14\n\x0c\x63ommit_index\x18\x03 \x01(\x04\x12\x13\n\x0b\x66irst_index\x18\x04 \x01(\x04\x12\x12\n\nlast_index\x18\x05 \x01(\x04\x12&\n\x07records\x18\x06 \x03(\x0b\x32\x15.mqstore.v1.RawRecord\"?\n\rRepairRequest\x12\x0f\n\x07indices\x18\x01 \x03(\x04\x12\x0c\n\x04scan\x18\x02 \x01(\x08\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"%\n\x0eRepairResponse\x12\x13\n\x0breport_json\x18\x01 \x01(\t\"6\n\x08Progress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\"\x0f\n\rVerifyRequest\"J\n\x0bVerifyEvent\x12&\n\x08progress\x18\x01 \x01(\x0b\x32\x14.mqstore.v1.Progress\x12\x13\n\x0breport_json\x18\x02 \x01(\t\";\n\rBackupRequest\x12\x19\n\x11min_applied_index\x18\x01 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x02 \x01(\r\"S\n\x0b\x42\x61\x63kupChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12&\n\x08progress\x18\x03 \x01(\x0b\x32\x14.mqstore.v1.Progress\"5\n\x11StateShapeRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\"\"\n\x12StateShapeResponse\x12\x0c\n\x04json\x18\x01 \x01(\t\"$\n\x0eHistoryRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\"\x1f\n\x0fHistoryResponse\x12\x0c\n\x04json\x18\x01 \x01(\t2\xe4\x05\n\x05\x41\x64min\x12?\n\x06Status\x12\x19.mqstore.v1.StatusRequest\x1a\x1a.mqstore.v1.StatusResponse\x12Q\n\x10\x43hangeMembership\x12\x1d.mqstore.v1.MembershipRequest\x1a\x1e.mqstore.v1.MembershipResponse\x12W\n\x0eTransferLeader\x12!.mqstore.v1.TransferLeaderRequest\x1a\".mqstore.v1.TransferLeaderResponse\x12\x45\n\x08Snapshot\x12\x1b.mqstore.v1.SnapshotRequest\x1a\x1c.mqstore.v1.SnapshotResponse\x12N\n\x0bReadRecords\x12\x1e.mqstore.v1.ReadRecordsRequest\x1a\x1f.mqstore.v1.ReadRecordsResponse\x12?\n\x06Repair\x12\x19.mqstore.v1.RepairRequest\x1a\x1a.mqstore.v1.RepairResponse\x12>\n\x06Verify\x12\x19.mqstore.v1.VerifyRequest\x1a\x17.mqstore.v1.VerifyEvent0\x01\x12>\n\x06\x42\x61\x63kup\x12\x19.mqstore.v1.BackupRequest\x1a\x17.mqstore.v1.BackupChunk0\x01\x12I\n\x0eMessageHistory\x12\x1a.mqstore.v1.HistoryRequest\x1a\x1b.mqstore.v1.HistoryResponse\x12K\n\nStateShape\x12\x1d.mqstore.v1.StateShapeRequest\x1a\x1e.mqstore.v1.StateShapeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,21 +37,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_start=116
   _globals['_STATUSREQUEST']._serialized_end=131
   _globals['_STATUSRESPONSE']._serialized_start=134
-  _globals['_STATUSRESPONSE']._serialized_end=439
-  _globals['_MEMBERSHIPREQUEST']._serialized_start=442
-  _globals['_MEMBERSHIPREQUEST']._serialized_end=623
-  _globals['_MEMBERSHIPREQUEST_OP']._serialized_start=557
-  _globals['_MEMBERSHIPREQUEST_OP']._serialized_end=623
-  _globals['_MEMBERSHIPRESPONSE']._serialized_start=625
-  _globals['_MEMBERSHIPRESPONSE']._serialized_end=682
-  _globals['_TRANSFERLEADERREQUEST']._serialized_start=684
-  _globals['_TRANSFERLEADERREQUEST']._serialized_end=719
-  _globals['_TRANSFERLEADERRESPONSE']._serialized_start=721
-  _globals['_TRANSFERLEADERRESPONSE']._serialized_end=764
-  _globals['_SNAPSHOTREQUEST']._serialized_start=766
-  _globals['_SNAPSHOTREQUEST']._serialized_end=783
-  _globals['_SNAPSHOTRESPONSE']._serialized_start=785
-  _globals['_SNAPSHOTRESPONSE']._serialized_end=832
-  _globals['_ADMIN']._serialized_start=835
-  _globals['_ADMIN']._serialized_end=1150
+  _globals['_STATUSRESPONSE']._serialized_end=525
+  _globals['_MEMBERSHIPREQUEST']._serialized_start=528
+  _globals['_MEMBERSHIPREQUEST']._serialized_end=709
+  _globals['_MEMBERSHIPREQUEST_OP']._serialized_start=643
+  _globals['_MEMBERSHIPREQUEST_OP']._serialized_end=709
+  _globals['_MEMBERSHIPRESPONSE']._serialized_start=711
+  _globals['_MEMBERSHIPRESPONSE']._serialized_end=768
+  _globals['_TRANSFERLEADERREQUEST']._serialized_start=770
+  _globals['_TRANSFERLEADERREQUEST']._serialized_end=805
+  _globals['_TRANSFERLEADERRESPONSE']._serialized_start=807
+  _globals['_TRANSFERLEADERRESPONSE']._serialized_end=850
+  _globals['_SNAPSHOTREQUEST']._serialized_start=852
+  _globals['_SNAPSHOTREQUEST']._serialized_end=869
+  _globals['_SNAPSHOTRESPONSE']._serialized_start=871
+  _globals['_SNAPSHOTRESPONSE']._serialized_end=918
+  _globals['_READRECORDSREQUEST']._serialized_start=920
+  _globals['_READRECORDSREQUEST']._serialized_end=957
+  _globals['_RAWRECORD']._serialized_start=959
+  _globals['_RAWRECORD']._serialized_end=1014
+  _globals['_READRECORDSRESPONSE']._serialized_start=1017
+  _globals['_READRECORDSRESPONSE']._serialized_end=1178
+  _globals['_REPAIRREQUEST']._serialized_start=1180
+  _globals['_REPAIRREQUEST']._serialized_end=1243
+  _globals['_REPAIRRESPONSE']._serialized_start=1245
+  _globals['_REPAIRRESPONSE']._serialized_end=1282
+  _globals['_PROGRESS']._serialized_start=1284
+  _globals['_PROGRESS']._serialized_end=1338
+  _globals['_VERIFYREQUEST']._serialized_start=1340
+  _globals['_VERIFYREQUEST']._serialized_end=1355
+  _globals['_VERIFYEVENT']._serialized_start=1357
+  _globals['_VERIFYEVENT']._serialized_end=1431
+  _globals['_BACKUPREQUEST']._serialized_start=1433
+  _globals['_BACKUPREQUEST']._serialized_end=1492
+  _globals['_BACKUPCHUNK']._serialized_start=1494
+  _globals['_BACKUPCHUNK']._serialized_end=1577
+  _globals['_STATESHAPEREQUEST']._serialized_start=1579
+  _globals['_STATESHAPEREQUEST']._serialized_end=1632
+  _globals['_STATESHAPERESPONSE']._serialized_start=1634
+  _globals['_STATESHAPERESPONSE']._serialized_end=1668
+  _globals['_HISTORYREQUEST']._serialized_start=1670
+  _globals['_HISTORYREQUEST']._serialized_end=1706
+  _globals['_HISTORYRESPONSE']._serialized_start=1708
+  _globals['_HISTORYRESPONSE']._serialized_end=1739
+  _globals['_ADMIN']._serialized_start=1742
+  _globals['_ADMIN']._serialized_end=2482
 # @@protoc_insertion_point(module_scope)

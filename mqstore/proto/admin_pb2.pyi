@@ -27,7 +27,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node_id", "site", "role", "term", "leader_id", "leader_address", "commit_index", "applied_index", "first_index", "last_index", "members", "min_sites", "stats_json", "disk_used_bytes")
+    __slots__ = ("node_id", "site", "role", "term", "leader_id", "leader_address", "commit_index", "applied_index", "first_index", "last_index", "members", "min_sites", "stats_json", "disk_used_bytes", "cluster_id", "removed_ids", "snapshot_index", "quarantined")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,10 @@ class StatusResponse(_message.Message):
     MIN_SITES_FIELD_NUMBER: _ClassVar[int]
     STATS_JSON_FIELD_NUMBER: _ClassVar[int]
     DISK_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_IDS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     site: str
     role: str
@@ -56,7 +60,11 @@ class StatusResponse(_message.Message):
     min_sites: int
     stats_json: str
     disk_used_bytes: int
-    def __init__(self, node_id: _Optional[int] = ..., site: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., leader_address: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., first_index: _Optional[int] = ..., last_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., min_sites: _Optional[int] = ..., stats_json: _Optional[str] = ..., disk_used_bytes: _Optional[int] = ...) -> None: ...
+    cluster_id: str
+    removed_ids: _containers.RepeatedScalarFieldContainer[int]
+    snapshot_index: int
+    quarantined: int
+    def __init__(self, node_id: _Optional[int] = ..., site: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., leader_address: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., first_index: _Optional[int] = ..., last_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., min_sites: _Optional[int] = ..., stats_json: _Optional[str] = ..., disk_used_bytes: _Optional[int] = ..., cluster_id: _Optional[str] = ..., removed_ids: _Optional[_Iterable[int]] = ..., snapshot_index: _Optional[int] = ..., quarantined: _Optional[int] = ...) -> None: ...
 
 class MembershipRequest(_message.Message):
     __slots__ = ("op", "node_id", "site", "address")
@@ -109,3 +117,117 @@ class SnapshotResponse(_message.Message):
     index: int
     term: int
     def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ...) -> None: ...
+
+class ReadRecordsRequest(_message.Message):
+    __slots__ = ("indices",)
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, indices: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RawRecord(_message.Message):
+    __slots__ = ("index", "data", "error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    data: bytes
+    error: str
+    def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ReadRecordsResponse(_message.Message):
+    __slots__ = ("node_id", "cluster_id", "commit_index", "first_index", "last_index", "records")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FIRST_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAST_INDEX_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    node_id: int
+    cluster_id: str
+    commit_index: int
+    first_index: int
+    last_index: int
+    records: _containers.RepeatedCompositeFieldContainer[RawRecord]
+    def __init__(self, node_id: _Optional[int] = ..., cluster_id: _Optional[str] = ..., commit_index: _Optional[int] = ..., first_index: _Optional[int] = ..., last_index: _Optional[int] = ..., records: _Optional[_Iterable[_Union[RawRecord, _Mapping]]] = ...) -> None: ...
+
+class RepairRequest(_message.Message):
+    __slots__ = ("indices", "scan", "dry_run")
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    SCAN_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    indices: _containers.RepeatedScalarFieldContainer[int]
+    scan: bool
+    dry_run: bool
+    def __init__(self, indices: _Optional[_Iterable[int]] = ..., scan: _Optional[bool] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class RepairResponse(_message.Message):
+    __slots__ = ("report_json",)
+    REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
+    report_json: str
+    def __init__(self, report_json: _Optional[str] = ...) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("phase", "done", "total")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    done: int
+    total: int
+    def __init__(self, phase: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+
+class VerifyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VerifyEvent(_message.Message):
+    __slots__ = ("progress", "report_json")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
+    progress: Progress
+    report_json: str
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., report_json: _Optional[str] = ...) -> None: ...
+
+class BackupRequest(_message.Message):
+    __slots__ = ("min_applied_index", "wait_ms")
+    MIN_APPLIED_INDEX_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    min_applied_index: int
+    wait_ms: int
+    def __init__(self, min_applied_index: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
+
+class BackupChunk(_message.Message):
+    __slots__ = ("data", "offset", "progress")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    offset: int
+    progress: Progress
+    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
+
+class StateShapeRequest(_message.Message):
+    __slots__ = ("namespace", "state")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    state: str
+    def __init__(self, namespace: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+
+class StateShapeResponse(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...
+
+class HistoryRequest(_message.Message):
+    __slots__ = ("message_id",)
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    message_id: str
+    def __init__(self, message_id: _Optional[str] = ...) -> None: ...
+
+class HistoryResponse(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...

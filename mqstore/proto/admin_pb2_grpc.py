@@ -55,6 +55,36 @@ class AdminStub:
                 request_serializer=admin__pb2.SnapshotRequest.SerializeToString,
                 response_deserializer=admin__pb2.SnapshotResponse.FromString,
                 _registered_method=True)
+        self.ReadRecords = channel.unary_unary(
+                '/mqstore.v1.Admin/ReadRecords',
+                request_serializer=admin__pb2.ReadRecordsRequest.SerializeToString,
+                response_deserializer=admin__pb2.ReadRecordsResponse.FromString,
+                _registered_method=True)
+        self.Repair = channel.unary_unary(
+                '/mqstore.v1.Admin/Repair',
+                request_serializer=admin__pb2.RepairRequest.SerializeToString,
+                response_deserializer=admin__pb2.RepairResponse.FromString,
+                _registered_method=True)
+        self.Verify = channel.unary_stream(
+                '/mqstore.v1.Admin/Verify',
+                request_serializer=admin__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=admin__pb2.VerifyEvent.FromString,
+                _registered_method=True)
+        self.Backup = channel.unary_stream(
+                '/mqstore.v1.Admin/Backup',
+                request_serializer=admin__pb2.BackupRequest.SerializeToString,
+                response_deserializer=admin__pb2.BackupChunk.FromString,
+                _registered_method=True)
+        self.MessageHistory = channel.unary_unary(
+                '/mqstore.v1.Admin/MessageHistory',
+                request_serializer=admin__pb2.HistoryRequest.SerializeToString,
+                response_deserializer=admin__pb2.HistoryResponse.FromString,
+                _registered_method=True)
+        self.StateShape = channel.unary_unary(
+                '/mqstore.v1.Admin/StateShape',
+                request_serializer=admin__pb2.StateShapeRequest.SerializeToString,
+                response_deserializer=admin__pb2.StateShapeResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -84,6 +114,42 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadRecords(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Repair(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Verify(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Backup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MessageHistory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StateShape(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +172,36 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Snapshot,
                     request_deserializer=admin__pb2.SnapshotRequest.FromString,
                     response_serializer=admin__pb2.SnapshotResponse.SerializeToString,
+            ),
+            'ReadRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadRecords,
+                    request_deserializer=admin__pb2.ReadRecordsRequest.FromString,
+                    response_serializer=admin__pb2.ReadRecordsResponse.SerializeToString,
+            ),
+            'Repair': grpc.unary_unary_rpc_method_handler(
+                    servicer.Repair,
+                    request_deserializer=admin__pb2.RepairRequest.FromString,
+                    response_serializer=admin__pb2.RepairResponse.SerializeToString,
+            ),
+            'Verify': grpc.unary_stream_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=admin__pb2.VerifyRequest.FromString,
+                    response_serializer=admin__pb2.VerifyEvent.SerializeToString,
+            ),
+            'Backup': grpc.unary_stream_rpc_method_handler(
+                    servicer.Backup,
+                    request_deserializer=admin__pb2.BackupRequest.FromString,
+                    response_serializer=admin__pb2.BackupChunk.SerializeToString,
+            ),
+            'MessageHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.MessageHistory,
+                    request_deserializer=admin__pb2.HistoryRequest.FromString,
+                    response_serializer=admin__pb2.HistoryResponse.SerializeToString,
+            ),
+            'StateShape': grpc.unary_unary_rpc_method_handler(
+                    servicer.StateShape,
+                    request_deserializer=admin__pb2.StateShapeRequest.FromString,
+                    response_serializer=admin__pb2.StateShapeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +312,168 @@ class Admin:
             '/mqstore.v1.Admin/Snapshot',
             admin__pb2.SnapshotRequest.SerializeToString,
             admin__pb2.SnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mqstore.v1.Admin/ReadRecords',
+            admin__pb2.ReadRecordsRequest.SerializeToString,
+            admin__pb2.ReadRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Repair(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mqstore.v1.Admin/Repair',
+            admin__pb2.RepairRequest.SerializeToString,
+            admin__pb2.RepairResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mqstore.v1.Admin/Verify',
+            admin__pb2.VerifyRequest.SerializeToString,
+            admin__pb2.VerifyEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mqstore.v1.Admin/Backup',
+            admin__pb2.BackupRequest.SerializeToString,
+            admin__pb2.BackupChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MessageHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mqstore.v1.Admin/MessageHistory',
+            admin__pb2.HistoryRequest.SerializeToString,
+            admin__pb2.HistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StateShape(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mqstore.v1.Admin/StateShape',
+            admin__pb2.StateShapeRequest.SerializeToString,
+            admin__pb2.StateShapeResponse.FromString,
             options,
             channel_credentials,
             insecure,

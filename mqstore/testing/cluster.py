@@ -81,7 +81,15 @@ class LocalCluster:
         election_tick: int = 10,
         heartbeat_ms: int = 100,
         env: dict[str, str] | None = None,
+        tls: bool = False,
+        extra_config: str = "",
+        token: str | None = None,
     ) -> None:
+        """``tls``: a CA and node certificates in ``root/certs`` (mutual TLS everywhere; the
+        cluster's own calls use the client certificate ``certs/client-admin``); otherwise the
+        nodes are plaintext (``insecure = true``). ``extra_config`` is TOML appended to every
+        node's config (``[limits]``, ``[auth]``, ``[metrics]``, ...; it must start with a table).
+        ``token``: the bearer token the cluster's own calls send (when ``[auth]`` needs one)."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.key_file = create_key_file(self.root / "kek.key")
@@ -91,6 +99,18 @@ class LocalCluster:
         self.heartbeat_ms = heartbeat_ms
         self.env = {**os.environ, **(env or {})}
         self.nodes = {i + 1: NodeSpec(i + 1, site, free_port()) for i, site in enumerate(sites)}
+        self.tls = tls
+        self.extra_config = extra_config
+        self.token = token
+        self.certs = self.root / "certs"
+        if tls:
+            from mqstore.security.certs import CA, init_ca
+
+            init_ca(self.certs, overwrite=True)
+            ca = CA.load(self.certs)
+            for node_id in self.nodes:
+                ca.issue_node(node_id, self.certs)
+            ca.issue_client("admin", self.certs, roles=["admin", "reader", "producer", "worker", "compliance"])
         #: Proxies made by proxy_link, by link (dialing node, dialed node).
         self.proxies: dict[tuple[int, int], Proxy] = {}
 
@@ -119,12 +139,19 @@ class LocalCluster:
         ]
         if self.min_sites is not None:
             lines.append(f"min_sites = {self.min_sites}")
+        if not self.tls:
+            lines.append("insecure = true")
         for peer_id in members:
             if peer_id == node_id:
                 continue
             peer = self.nodes[peer_id]
             address = spec.peer_address.get(peer_id, peer.address) if overrides else peer.address
             lines += ["", "[[peers]]", f"id = {peer_id}", f'site = "{peer.site}"', f'address = "{address}"']
+        if self.tls:
+            lines += ["", "[tls]", f'ca = "{self.certs / "ca.pem"}"', f'cert = "{self.certs / f"node-{node_id}.pem"}"',
+                      f'key = "{self.certs / f"node-{node_id}.key"}"']
+        if self.extra_config:
+            lines += ["", self.extra_config]
         path = self.config_path(node_id)
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -277,11 +304,21 @@ class LocalCluster:
     def addresses(self, node_ids: list[int] | None = None) -> list[str]:
         return [self.nodes[i].address for i in (node_ids or list(self.nodes))]
 
+    def client_options(self) -> dict[str, Any]:
+        """``tls`` and ``token`` for :class:`mqstore.client.Client` (what the cluster's own calls use)."""
+        out: dict[str, Any] = {"token": self.token} if self.token else {}
+        if self.tls:
+            from mqstore.security.tls import ClientTLS
+
+            out["tls"] = ClientTLS(self.certs / "ca.pem", self.certs / "client-admin.pem",
+                                   self.certs / "client-admin.key")
+        return out
+
     def status(self, node_id: int, timeout: float = 2.0) -> dict[str, Any] | None:
         from mqstore.client import Client
 
         try:
-            with Client([self.nodes[node_id].address], timeout=timeout) as client:
+            with Client([self.nodes[node_id].address], timeout=timeout, **self.client_options()) as client:
                 return client.status(self.nodes[node_id].address)
         except Exception:
             return None
@@ -381,5 +418,54 @@ class LocalCluster:
                             digest.update(len(key).to_bytes(4, "big") + key + len(value).to_bytes(4, "big") + value)
         return applied, digest.hexdigest()
 
+
+    # --- operations drills (mqstore/ops, tests/test_drills.py) ----------------------------------
+
+    def add_node(self, site: str) -> int:
+        """A new node (the next id never used in this cluster, a new port) in ``site``, with its
+        config written (every other node as a peer); its data dir is not prepared. Returns its id."""
+        node_id = max(self.nodes) + 1
+        self.nodes[node_id] = NodeSpec(node_id, site, free_port())
+        self.write_config(node_id)
+        return node_id
+
+    def wipe(self, node_id: int) -> None:
+        """Delete a (killed) node's data dir: a lost disk."""
+        import shutil
+
+        if self.alive(node_id):
+            raise RuntimeError(f"node {node_id} is running: kill it before wiping its data dir")
+        shutil.rmtree(self.data_dir(node_id))
+
+    def corrupt_record(self, node_id: int, index: int, offset: int = -1) -> int:
+        """Flip one bit of the stored log record at ``index`` in node ``node_id``'s data dir, as bit
+        rot would (through LMDB's own locking, so the node may be running). ``offset`` into the
+        framed record (default: its last byte). Returns the record's type."""
+        import lmdb
+
+        env = lmdb.open(str(self.data_dir(node_id)), max_dbs=64, subdir=True, create=False)
+        try:
+            db = env.open_db(b"log", create=False)
+            with env.begin(write=True) as txn:
+                key = index.to_bytes(8, "big")
+                raw = txn.get(key, db=db)
+                if raw is None:
+                    raise KeyError(f"node {node_id} has no log record at {index}")
+                damaged = bytearray(raw)
+                damaged[offset] ^= 0x01
+                txn.put(key, bytes(damaged), db=db)
+                return int(raw[3])
+        finally:
+            env.close()
+
+    def mqstore(self, *args: str, timeout: float = 120, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run the ``mqstore`` command (this Python's) with the cluster's environment."""
+        return subprocess.run([sys.executable, "-m", "mqstore", *args], capture_output=True, text=True,
+                              env=self.env, timeout=timeout, input=input)
+
+    def servers(self, node_ids: list[int] | None = None) -> str:
+        """``--server`` value: the running nodes' (or ``node_ids``') addresses, comma-separated."""
+        ids = node_ids or [n for n in self.nodes if self.alive(n)]
+        return ",".join(self.nodes[n].address for n in ids)
 
 __all__ = ["STATE_TABLES", "LocalCluster", "NodeSpec", "free_port", "wait_until"]

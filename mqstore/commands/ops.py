@@ -1,0 +1,1024 @@
+"""Operator commands: inspect and fix a spool from a shell, on a running cluster (``--server``) or
+on a stopped node's data dir (``--data-dir``, or ``--config`` for a node's config file).
+
+``status``, ``queue list``, ``message show``, ``qshape``; bulk ``hold``, ``release``, ``requeue``,
+``delete``, ``bounce``; ``verify``, ``repair``, ``backup``, ``restore``, ``recover``; ``cluster
+add|remove|promote|transfer-leader``. The logic lives in :mod:`mqstore.ops`; this module parses
+arguments, picks the target and prints (a human table, or JSON with ``--json``). Exit codes: 0
+success, 1 a problem was found (a store that is not clean, records left unrepaired, a bulk change
+refused for some messages), 2 an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from mqstore.commands._common import default_data_dir, emit
+from mqstore.errors import InvalidArgument, MQStoreError, NotFound
+from mqstore.ops.progress import Progress
+
+SERVER_ENV = "MQSTORE_SERVER"
+DEFAULT_PAGE = 100
+BULK_OPS = ("hold", "release", "requeue", "delete", "bounce")
+
+# --- targets ---------------------------------------------------------------------------------------
+
+
+def add_target_args(p: argparse.ArgumentParser, *, server: bool = True, offline: bool = True) -> None:
+    """--server (a running cluster) or --data-dir/--config (a store on disk), --key-file, --json."""
+    if server:
+        p.add_argument("--server", default=None,
+                       help=f"a running cluster: any node's host:port, or several comma-separated (${SERVER_ENV})")
+        p.add_argument("--timeout", type=float, default=15.0, help="seconds per call, retries included (default 15)")
+    if offline:
+        p.add_argument("--data-dir", default=None,
+                       help="a store on disk: a stopped node's data dir or an embedded store "
+                       f"(default {default_data_dir()})")
+        p.add_argument("--config", default=None, help="a node's config file: its data_dir and key_file")
+        p.add_argument("--key-file", default=None,
+                       help="key-encryption key file (default: the config's, or <data-dir>/kek.key)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (no progress bar)")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from mqstore import config as cfg
+
+    return cfg.load(args.config) if getattr(args, "config", None) else None
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    if getattr(args, "data_dir", None):
+        return Path(args.data_dir)
+    conf = _config(args)
+    if conf is not None:
+        return Path(conf.data_dir)
+    return default_data_dir()
+
+
+def _key_file(args: argparse.Namespace) -> str | None:
+    if getattr(args, "key_file", None):
+        return str(args.key_file)
+    conf = _config(args)
+    if conf is not None and conf.key_file is not None:
+        return str(conf.key_file)
+    return None
+
+
+def _remote(args: argparse.Namespace) -> bool:
+    """Whether the command talks to a cluster: --server, or $MQSTORE_SERVER when no store on disk
+    is named (an explicit --data-dir/--config wins over the environment)."""
+    on_disk = getattr(args, "data_dir", None) or getattr(args, "config", None)
+    if getattr(args, "server", None) and on_disk:
+        raise InvalidArgument("give --server (a running cluster) or --data-dir/--config (a store on disk), not both")
+    if not getattr(args, "server", None) and not on_disk and os.environ.get(SERVER_ENV) and hasattr(args, "server"):
+        args.server = os.environ[SERVER_ENV]
+    return bool(getattr(args, "server", None))
+
+
+def client_from_args(args: argparse.Namespace, addresses: str | list[str] | None = None) -> Any:
+    """The client for ``--server`` (or ``addresses``). The one place these commands build a
+    client: transport options (TLS, tokens) belong here."""
+    from mqstore.client import Client
+
+    return Client(addresses if addresses is not None else args.server, timeout=args.timeout)
+
+
+class Target:
+    """What a command works on: ``queue`` has the queue API (get/list/qshape/stats and the admin
+    writes) of a cluster client, an embedded store, or a read-only view of a store on disk."""
+
+    def __init__(self, args: argparse.Namespace, *, write: bool = False) -> None:
+        self.args = args
+        self.client: Any = None
+        self.log: Any = None
+        self.queue: Any = None
+        self._store: Any = None
+        if _remote(args):
+            self.client = client_from_args(args)
+            self.queue = self.client
+            self.where = f"cluster at {args.server}"
+            return
+        path = _data_dir(args)
+        self.where = str(path)
+        key = _key_file(args)
+        if write:
+            import mqstore
+
+            self._store = mqstore.open(path, key_file=key, background=False)
+            self.queue = self._store
+            self.log = self._store.log
+        else:
+            from mqstore.api import QueueBase
+            from mqstore.store import LogStore
+
+            if not (path / "data.mdb").exists():
+                raise NotFound(f"no mqstore store at {path}")
+            self.log = LogStore(path, key_file=key, readonly=True, create=False)
+            self.queue = QueueBase(self.log, time.time)
+
+    @property
+    def remote(self) -> bool:
+        return self.client is not None
+
+    def history(self, message_id: str) -> dict[str, Any]:
+        if self.client is not None:
+            from mqstore.ops import remote
+
+            return remote.history(self.client, message_id)
+        from mqstore.ids import parse_id
+        from mqstore.ops.inspect import message_history
+        from mqstore.queue import machine
+        from mqstore.queue.kv import LmdbKV
+
+        with self.log.env.read() as txn:
+            row = machine.get_message(LmdbKV(txn, self.log.env.dbs), parse_id(message_id))
+        result = message_history(self.log, message_id, row.enqueue_index if row else None)
+        result["exists"] = row is not None
+        return result
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        elif self._store is not None:
+            self._store.close()
+        elif self.log is not None:
+            self.log.close()
+
+    def __enter__(self) -> Target:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- formatting ------------------------------------------------------------------------------------
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: Sequence[int] = ()) -> list[str]:
+    cells = [[str(c) for c in headers]] + [[("-" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    out = []
+    for row in cells:
+        out.append("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths,
+                                                                                                        strict=True)))
+                   .rstrip())
+    return out
+
+
+def age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def duration(text: str) -> float:
+    """'90', '90s', '15m', '2h', '3d' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    value = text.strip().lower()
+    try:
+        if value and value[-1] in units:
+            return float(value[:-1]) * units[value[-1]]
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 90, 15m, 2h, 3d)") from None
+
+
+def _phase_progress(bar: Progress) -> Callable[[str, int, int], None]:
+    current = {"phase": ""}
+
+    def update(phase: str, done: int, total: int) -> None:
+        if phase != current["phase"]:
+            current["phase"] = phase
+            bar.phase(f"{phase}:")
+        bar.update(done, total)
+
+    return update
+
+
+# --- status ----------------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if _remote(args):
+        from mqstore.ops import remote
+
+        with client_from_args(args) as client:
+            st = remote.cluster_status(client, client.addresses[0])
+        st["target"] = args.server
+    else:
+        from mqstore.ops.facts import store_facts
+
+        st = store_facts(_data_dir(args), int(time.time() * 1000))
+    emit(args, st, _status_lines(st))
+    return 0
+
+
+def _status_lines(st: dict[str, Any]) -> list[str]:
+    lines = []
+    if "node_id" in st:
+        role = st["role"]
+        where = f" ({st['kind']})" if "kind" in st else ""
+        lines.append(f"node {st['node_id']}{' (site ' + st['site'] + ')' if st.get('site') else ''}: {role}{where}, "
+                     f"term {st['term']}, cluster {st.get('cluster_id') or '?'}")
+        if st.get("leader_id"):
+            lines.append(f"leader: node {st['leader_id']} at {st.get('leader_address') or '?'}")
+        elif "leader_error" in st:
+            lines.append(f"leader: none known ({st['leader_error']})")
+        lines.append(f"commit index {st['commit_index']}, applied {st['applied_index']}, log "
+                     f"{st['first_index']}..{st['last_index']}, snapshot at {st.get('snapshot_index', 0)}, "
+                     f"min_sites {st.get('min_sites', '?')}")
+        rows = []
+        for m in st.get("members", []):
+            me = " *" if m["id"] == st["node_id"] else ""
+            lead = " (leader)" if m["id"] == st.get("leader_id") else ""
+            rows.append([f"{m['id']}{me}", m["site"], ("voter" if m["voter"] else "learner") + lead, m["address"],
+                         m.get("match_index", "-"), m.get("lag", "-")])
+        if rows:
+            lines += ["members:", *("  " + r for r in table(["ID", "SITE", "ROLE", "ADDRESS", "MATCH", "LAG"], rows,
+                                                            right=(4, 5)))]
+        if st.get("removed_ids"):
+            lines.append(f"removed node ids (never reused): {', '.join(map(str, st['removed_ids']))}")
+    else:
+        lines.append(f"{st.get('kind', 'store')} store at {st.get('data_dir')}: log {st['first_index']}.."
+                     f"{st['last_index']}")
+    stats = st.get("stats") or {}
+    if stats:
+        r = stats.get("recipients", {})
+        lines.append("recipients: " + ", ".join(f"{k} {v}" for k, v in r.items()))
+        lines.append(f"messages: {stats.get('messages', 0)} stored, {stats.get('messages_active', 0)} active; "
+                     f"{size(stats.get('bytes', 0))} of mail; "
+                     f"oldest unfinished {age(stats.get('oldest_age_seconds', 0))}")
+    elif "node_id" in st:
+        lines.append("queue counts: not available (no leader)")
+    damaged = st.get("quarantined")
+    lines.append(f"disk used: {size(st.get('disk_used_bytes', 0))}"
+                 + (f"; {damaged} record(s) quarantined as damaged: run mqstore repair" if damaged else ""))
+    for rec in st.get("recoveries", []):
+        lines.append(f"RECOVERY {rec.get('action')} at {_ts(rec.get('time_ms', 0))} by {rec.get('operator')}: "
+                     f"{rec.get('reason')}")
+    if st.get("restored_from"):
+        src = st["restored_from"]
+        lines.append(f"restored from a backup of {src.get('source', {})} at applied index {src.get('applied_index')}")
+    return lines
+
+
+def _ts(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+
+
+# --- queue list / message show / qshape ------------------------------------------------------------
+
+
+def add_filter_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("filters (combined with AND)")
+    g.add_argument("--state", help="a recipient state (queued, leased, deferred, delivered, bounced, expired), "
+                   "or held, active, done")
+    g.add_argument("--namespace", help="only this namespace (queue/tenant)")
+    g.add_argument("--domain", help="a recipient domain")
+    g.add_argument("--sender", help="the envelope sender (mail_from); slower: every candidate's envelope is read")
+    g.add_argument("--older-than", type=duration, metavar="AGE", help="at least this old (90, 15m, 2h, 3d)")
+    g.add_argument("--newer-than", type=duration, metavar="AGE", help="at most this old")
+    g.add_argument("--id-prefix", help="message ids starting with this (ids sort by arrival time)")
+
+
+def _filter(args: argparse.Namespace) -> Any:
+    from mqstore.ops.inspect import Filter
+
+    return Filter(state=args.state, namespace=args.namespace, domain=args.domain, older_than=args.older_than,
+                  newer_than=args.newer_than, id_prefix=args.id_prefix, sender=args.sender)
+
+
+def _sender_of(target: Target) -> Callable[[str], str]:
+    def sender(message_id: str) -> str:
+        return str(target.queue.get(message_id).mail_from)
+
+    return sender
+
+
+def _summary_row(d: dict[str, Any]) -> list[object]:
+    states = " ".join(f"{k}:{v}" for k, v in d["states"].items())
+    flags = ("H" if d["held"] else "") + ("D" if d["done"] else "")
+    return [d["message_id"], age(d["age_seconds"]), d["namespace"], d["priority"], size(d["size"]), d["recipients"],
+            flags or "-", states]
+
+
+def cmd_queue_list(args: argparse.Namespace) -> int:
+    from mqstore.ops.inspect import iter_matching, summary_dict
+
+    if not 1 <= args.limit <= 100_000:
+        raise InvalidArgument("--limit must be 1..100000")
+    with Target(args) as target:
+        flt = _filter(args)
+        items = iter_matching(target.queue, flt, after=args.after, page_size=min(args.limit, 1000) if not args.all
+                              else 1000, sender_of=_sender_of(target) if flt.sender else None)
+        if args.all:
+            return _list_all(args, items)
+        page: list[dict[str, Any]] = []
+        next_after = None
+        for summary, cursor in items:
+            if len(page) >= args.limit:
+                break
+            page.append(summary_dict(summary))
+            next_after = cursor
+        else:
+            next_after = None
+        if len(page) < args.limit:
+            next_after = None
+    headers = ["ID", "AGE", "NAMESPACE", "PRIO", "SIZE", "RCPTS", "FLAGS", "STATES"]
+    lines = table(headers, [_summary_row(d) for d in page], right=(3, 4, 5)) if page else ["no messages match"]
+    if next_after:
+        lines.append(f"more: mqstore queue list ... --after {next_after}")
+    emit(args, {"messages": page, "count": len(page), "next_after": next_after}, lines)
+    return 0
+
+
+def _list_all(args: argparse.Namespace, items: Iterator[tuple[Any, str | None]]) -> int:
+    """Every match, streamed (memory stays at one page): JSON written as it goes, or a table
+    printed in blocks."""
+    from mqstore.ops.inspect import summary_dict
+
+    out = sys.stdout
+    count = 0
+    if args.json:
+        out.write('{"messages": [')
+        for summary, _ in items:
+            out.write((",\n  " if count else "\n  ") + json.dumps(summary_dict(summary), sort_keys=True))
+            count += 1
+        out.write(f'\n], "count": {count}, "next_after": null}}\n')
+        return 0
+    headers = ["ID", "AGE", "NAMESPACE", "PRIO", "SIZE", "RCPTS", "FLAGS", "STATES"]
+    block: list[list[object]] = []
+    for summary, _ in items:
+        block.append(_summary_row(summary_dict(summary)))
+        count += 1
+        if len(block) >= 1000:
+            print("\n".join(table(headers, block, right=(3, 4, 5))))
+            block = []
+    if block:
+        print("\n".join(table(headers, block, right=(3, 4, 5))))
+    print(f"{count} message(s)")
+    return 0
+
+
+def _message_dict(m: Any) -> dict[str, Any]:
+    return {
+        "message_id": m.message_id,
+        "namespace": m.namespace,
+        "mail_from": m.mail_from,
+        "priority": m.priority,
+        "created": m.created,
+        "not_before": m.not_before,
+        "expires_at": m.expires_at,
+        "held": m.held,
+        "done": m.done,
+        "size": m.size,
+        "idempotency_key": m.idempotency_key,
+        "retain_until": m.retain_until,
+        "recipients": [
+            {"address": r.address, "state": r.state, "attempts": r.attempts, "next_attempt": r.next_attempt,
+             "last_reason": r.last_reason, "lease_token": r.lease_token, "lease_deadline": r.lease_deadline}
+            for r in m.recipients
+        ],
+    }
+
+
+def cmd_message_show(args: argparse.Namespace) -> int:
+    with Target(args) as target:
+        try:
+            message = target.queue.get(args.message_id)
+        except NotFound:
+            if args.raw or args.no_history:
+                raise
+            gone = target.history(args.message_id)
+            if not gone["events"]:
+                raise
+            emit(args, {"message_id": args.message_id, "stored": False, "history": gone},
+                 [f"message {args.message_id} is not stored (any more); what the log still shows:",
+                  *_history_lines(gone)])
+            return 1
+        if args.raw:
+            data = message.data
+            if args.out:
+                Path(args.out).write_bytes(data)
+            else:
+                sys.stdout.buffer.write(data)
+                sys.stdout.flush()
+            return 0
+        hist = None if args.no_history else target.history(args.message_id)
+    payload = _message_dict(message)
+    payload["stored"] = True
+    if hist is not None:
+        payload["history"] = hist
+    lines = [
+        f"message {message.message_id}  namespace {message.namespace}  priority {message.priority}",
+        f"from <{message.mail_from}>, {size(message.size)}, created {_ts(int(message.created * 1000))} "
+        f"({age(time.time() - message.created)} ago)"
+        + (", HELD" if message.held else "") + (", finished" if message.done else ""),
+    ]
+    if message.expires_at:
+        lines.append(f"expires {_ts(int(message.expires_at * 1000))}")
+    rows = []
+    for r in message.recipients:
+        when = _ts(int(r.next_attempt * 1000)) if r.next_attempt else (
+            f"lease {r.lease_token} until {_ts(int(r.lease_deadline * 1000))}" if r.lease_token else "-")
+        rows.append([r.address, r.state, r.attempts, when, r.last_reason or ""])
+    lines += table(["RECIPIENT", "STATE", "ATTEMPTS", "NEXT / LEASE", "LAST REASON"], rows, right=(2,))
+    if hist is not None:
+        lines.append("history:")
+        lines += _history_lines(hist)
+    emit(args, payload, lines)
+    return 0
+
+
+def _history_lines(hist: dict[str, Any]) -> list[str]:
+    def show(key: str, value: Any) -> str:
+        if key.endswith("_ms"):
+            values = value if isinstance(value, list) else [value]
+            return f"{key[:-3]} {', '.join(_ts(int(v)) for v in values)}"
+        if isinstance(value, list):
+            return f"{key} {', '.join(str(v) for v in value)}"
+        return f"{key} {value}"
+
+    lines = []
+    for e in hist["events"]:
+        detail = ", ".join(show(k, v) for k, v in e.items()
+                           if k not in ("index", "time_ms", "event") and v not in (None, [], ""))
+        lines.append(f"  {_ts(e['time_ms']) if e.get('time_ms') else '?':19}  #{e['index']:<8} {e['event']}"
+                     + (f": {detail}" if detail else ""))
+    lines += [f"  note: {n}" for n in hist.get("notes", [])]
+    return lines or ["  (no events in the log)"]
+
+
+def cmd_qshape(args: argparse.Namespace) -> int:
+    with Target(args) as target:
+        if args.state is None:
+            shape = target.queue.qshape(args.namespace)
+            buckets, total = list(shape.buckets), list(shape.total)
+            domains = [(d, list(c)) for d, c in shape.domains.items()]
+        else:
+            if target.remote:
+                from mqstore.ops import remote
+
+                result = remote.state_shape(target.client, args.namespace, args.state)
+            else:
+                from mqstore.ops.inspect import qshape_by_state
+
+                now_ms = max(int(time.time() * 1000), target.log.last_stamp_ms)
+                result = qshape_by_state(target.log, args.namespace, args.state, now_ms)
+            buckets, total = result["buckets"], result["total"]
+            domains = list(result["domains"].items())
+    shown = domains[: args.top] if args.top else domains
+    what = {None: "waiting recipients (queued and deferred, not held)", "queued": "queued recipients",
+            "deferred": "deferred recipients", "held": "waiting recipients of held messages"}[args.state]
+    payload = {"state": args.state or "waiting", "buckets_minutes": buckets, "total": total,
+               "domains": dict(domains)}
+    headers = ["DOMAIN", "T", *buckets]
+    rows = [["TOTAL", sum(total), *total]] + [[d, sum(c), *c] for d, c in shown]
+    lines = table(headers, rows, right=tuple(range(1, len(headers))))
+    if len(domains) > len(shown):
+        lines.append(f"... {len(domains) - len(shown)} more domain(s) (--top 0 shows all)")
+    lines.append(f"{what} by domain and age in minutes")
+    emit(args, payload, lines)
+    return 0
+
+
+# --- bulk changes -----------------------------------------------------------------------------------
+
+
+def _ids_from(args: argparse.Namespace) -> list[str]:
+    from mqstore.ids import format_id, parse_id
+
+    ids: list[str] = []
+    for item in args.ids:
+        if item == "-":
+            ids += [line.split()[0] for line in sys.stdin if line.strip() and not line.startswith("#")]
+        else:
+            ids.append(item)
+    return [format_id(parse_id(i)) for i in ids]  # fail on a bad id before changing anything
+
+
+def _would_change(op: str, held: bool, done: bool, states: dict[str, int]) -> bool:
+    if op == "hold":
+        return not held and not done
+    if op == "release":
+        return held
+    if op == "requeue":
+        return states.get("deferred", 0) > 0
+    if op == "bounce":
+        return any(states.get(s, 0) for s in ("queued", "leased", "deferred"))
+    return True  # delete
+
+
+def _states_of(message: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in message.recipients:
+        out[r.state] = out.get(r.state, 0) + 1
+    return out
+
+
+def cmd_bulk(args: argparse.Namespace) -> int:
+    op = args.command
+    flt = _filter(args)
+    if args.ids and not flt.is_empty():
+        raise InvalidArgument("give message ids or filters, not both")
+    if not args.ids and flt.is_empty() and not args.all:
+        raise InvalidArgument(f"{op} what? give message ids (or - to read them from stdin), filters, or --all")
+    ids = _ids_from(args) if args.ids else None
+    with Target(args, write=not args.dry_run) as target:
+        action = _bulk_action(target, op, args)
+        counts = {"matched": 0, "would_change": 0, "changed": 0, "unchanged": 0, "missing": 0, "refused": 0}
+        refusals: list[dict[str, str]] = []
+        bar = Progress.for_args(args, f"{op}:")
+
+        def candidates() -> Iterator[tuple[str, bool | None]]:
+            if ids is not None:
+                for mid in ids:
+                    yield mid, None
+                return
+            from mqstore.ops.inspect import iter_matching
+
+            for summary, _ in iter_matching(target.queue, flt, sender_of=_sender_of(target) if flt.sender else None):
+                yield summary.message_id, _would_change(op, summary.held, summary.done, dict(summary.states))
+
+        with bar:
+            for mid, change in candidates():
+                if change is None:
+                    try:
+                        m = target.queue.get(mid)
+                    except NotFound:
+                        counts["missing"] += 1
+                        bar.update(counts["matched"] + counts["missing"], len(ids or ()))
+                        continue
+                    change = _would_change(op, m.held, m.done, _states_of(m))
+                counts["matched"] += 1
+                if change:
+                    counts["would_change"] += 1
+                if not change:
+                    counts["unchanged"] += 1
+                elif not args.dry_run:
+                    try:
+                        action(mid)
+                        counts["changed"] += 1
+                    except NotFound:
+                        counts["missing"] += 1
+                    except MQStoreError as exc:
+                        counts["refused"] += 1
+                        if len(refusals) < 1000:
+                            refusals.append({"message_id": mid, "error": type(exc).__name__, "message": str(exc)})
+                bar.update(counts["matched"] + counts["missing"], len(ids or ()))
+    payload = {"operation": op, "dry_run": args.dry_run, "selection": "ids" if ids is not None else flt.describe(),
+               **counts, "refusals": refusals}
+    if args.dry_run:
+        lines = [f"dry run: {op} would change {counts['would_change']} of {counts['matched']} matching message(s)"
+                 + (f"; {counts['missing']} id(s) not found" if counts["missing"] else "")]
+    else:
+        lines = [f"{op}: changed {counts['changed']} of {counts['matched']} matching message(s)"
+                 + (f", {counts['unchanged']} needed no change" if counts["unchanged"] else "")
+                 + (f", {counts['missing']} not found" if counts["missing"] else "")
+                 + (f", {counts['refused']} REFUSED" if counts["refused"] else "")]
+        lines += [f"  {r['message_id']}: {r['error']}: {r['message']}" for r in refusals[:50]]
+    emit(args, payload, lines)
+    return 1 if counts["refused"] or (ids is not None and counts["missing"]) else 0
+
+
+def _bulk_action(target: Target, op: str, args: argparse.Namespace) -> Callable[[str], None]:
+    queue = target.queue
+    if op == "bounce":
+        bounce = getattr(queue, "bounce_message", None)
+        if bounce is None:
+            if args.dry_run:
+                return lambda mid: None
+            raise InvalidArgument(
+                "bounce needs an operator 'bounce a whole message' operation, which this version's queue API does "
+                "not have yet: bounce through the worker that holds the lease (Queue.Bounce), or delete"
+            )
+        reason = args.reason or "bounced by the operator"
+        return lambda mid: bounce(mid, reason=reason)
+    if op == "delete" and args.bypass_governance:
+        if not args.reason:
+            raise InvalidArgument("--bypass-governance needs --reason")
+        return lambda mid: queue.delete(mid, bypass_governance=True, reason=args.reason)
+    fn: Callable[[str], None] = getattr(queue, op)
+    return fn
+
+
+# --- verify / repair -------------------------------------------------------------------------------
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    bar = Progress.for_args(args, "verify")
+    with bar:
+        if _remote(args):
+            from mqstore.ops import remote
+
+            with client_from_args(args) as client:
+                report = remote.verify(client, client.addresses[0], _phase_progress(bar))
+            lines = _verify_lines(report)
+        else:
+            from mqstore.ops.verify import verify_path
+
+            result = verify_path(_data_dir(args), key_file=_key_file(args), progress=_phase_progress(bar),
+                                 replay=not args.no_replay, scratch_dir=Path(args.scratch) if args.scratch else None)
+            report = result.to_dict()
+            lines = result.lines()
+    emit(args, report, lines)
+    return 0 if report["clean"] else 1
+
+
+def _verify_lines(report: dict[str, Any]) -> list[str]:
+    from mqstore.ops.verify import VerifyReport
+
+    r = VerifyReport(**{k: report[k] for k in ("records_checked", "first_index", "last_index", "applied_index",
+                                                "messages_checked", "sealed_checked", "replayed", "replay_note",
+                                                "audit", "problems")})
+    r.problems_total = report["problems_total"]
+    r.by_check.update(report["problems_by_check"])
+    lines = r.lines()
+    if "node_id" in report:
+        lines.insert(0, f"node {report['node_id']} (a consistent copy of its store, checked inside the node):")
+    return lines
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    indices = sorted(set(args.index or []))
+    if _remote(args):
+        if args.rebuild_state:
+            raise InvalidArgument("--rebuild-state works on a stopped node's data dir (--data-dir/--config)")
+        from mqstore.ops import remote
+
+        with client_from_args(args) as client:
+            report = remote.repair(client, client.addresses[0], indices, scan=not args.no_scan, dry_run=args.dry_run)
+        lines = _repair_lines(report)
+        emit(args, report, lines)
+        return 1 if report["unresolved"] else 0
+    from mqstore.ops import repair
+    from mqstore.store import LogStore
+
+    path = _data_dir(args)
+    report = {}
+    with LogStore(path, key_file=_key_file(args), create=False) as log:
+        damaged = repair.find_damaged(log, indices, scan=not args.no_scan)
+        report = {"damaged": 0, "repaired": 0, "unresolved": [], "records": [], "notes": []}
+        if damaged:
+            with _offline_fetch(args, log) as fetch:
+                report = repair.repair_records(log, damaged, fetch, dry_run=args.dry_run)
+        if args.rebuild_state:
+            if args.dry_run:
+                from mqstore.ops.verify import replay_problem
+
+                why = replay_problem(log)
+                report["rebuild_state"] = {"possible": why is None, "why_not": why}
+            else:
+                bar = Progress.for_args(args, "rebuilding state tables")
+                with bar:
+                    report["rebuild_state"] = repair.rebuild_state(log, bar.update)
+    lines = _repair_lines(report)
+    emit(args, report, lines)
+    return 1 if report["unresolved"] else 0
+
+
+@contextlib.contextmanager
+def _offline_fetch(args: argparse.Namespace, log: Any) -> Iterator[Any]:
+    """Where a stopped node gets good copies: --peer addresses, else its members' addresses."""
+    from mqstore.ops import facts, remote
+
+    raft = facts.raft_facts(log.env)
+    peers = list(args.peer or [])
+    cluster_id = raft.cluster_id if raft is not None else ""
+    if not peers and raft is not None:
+        peers = [addr for n, (_, addr) in sorted(raft.members.items()) if n != raft.node_id and addr]
+    if not peers:
+        def nowhere(indices: list[int]) -> tuple[dict[int, tuple[bytes, str]], list[str]]:
+            return {}, ["no peers to fetch from: an embedded store has no replicas (restore a backup), "
+                        "or pass --peer host:port"]
+
+        yield nowhere
+        return
+    with client_from_args(args, peers) as client:
+        yield remote.peer_fetcher(client, peers, cluster_id)
+
+
+def _repair_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    if "node_id" in report:
+        lines.append(f"node {report['node_id']}:")
+    if not report.get("records"):
+        lines.append("no damaged records found")
+    for r in report.get("records", []):
+        lines.append(f"log index {r['index']}: {r['damage']} -> {r['status']}"
+                     + (f" from {r['source']}" if r.get("source") else "") + (f" ({r['problem']})" if r.get("problem")
+                                                                             else ""))
+    lines += [f"note: {n}" for n in report.get("notes", [])]
+    rb = report.get("rebuild_state")
+    if rb:
+        if "possible" in rb:
+            lines.append("state tables: " + ("can be rebuilt from the log" if rb["possible"] else
+                                             f"cannot be rebuilt: {rb['why_not']}"))
+        else:
+            lines.append(f"state tables rebuilt from log entries {rb['from_index']}..{rb['to_index']} "
+                         f"({rb['entries_applied']} applied)")
+    if report.get("unresolved"):
+        lines.append(f"UNRESOLVED: {len(report['unresolved'])} record(s) could not be repaired: "
+                     f"{', '.join(map(str, report['unresolved'][:20]))}")
+    elif report.get("dry_run"):
+        lines.append(f"dry run: {report.get('would_repair', 0)} record(s) would be repaired")
+    return lines
+
+
+# --- backup / restore --------------------------------------------------------------------------------
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from mqstore.ops import backup
+
+    out = Path(args.out)
+    bar = Progress.for_args(args, "backup", unit="B")
+    with bar:
+        if _remote(args):
+            from mqstore.ops import remote
+
+            with client_from_args(args) as client:
+                address = client.addresses[0]
+                point = 0
+                if not args.no_wait:
+                    # Everything acknowledged before now is committed at or below the leader's
+                    # commit index: the node copied must have applied that far.
+                    point = remote.leader_status(client)["commit_index"]
+                remote.backup(client, address, out, min_applied_index=point, wait_s=args.wait,
+                              progress=lambda _p, done, total: bar.update(done, total))
+        else:
+            backup.backup_local(_data_dir(args), out, progress=bar.update)
+        bar.phase("checking the backup")
+        header, trailer = backup.check_file(out, progress=bar.update)
+    payload = {"file": str(out), "file_bytes": out.stat().st_size, "header": header, "sha256": trailer["sha256"]}
+    src = header["source"]
+    emit(args, payload, [
+        f"backup of {src.get('kind')} {src.get('node_id') or src.get('data_dir', '')} written to {out} "
+        f"({size(out.stat().st_size)}, database {size(header['data_bytes'])})",
+        f"consistent at applied index {header['applied_index']} (log {header['first_index']}..{header['last_index']}), "
+        f"{header['messages']} messages ({header['messages_active']} active)",
+        f"sha256 {trailer['sha256']} (checked)",
+    ])
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from mqstore.ops import backup
+
+    conf = _config(args)
+    if args.cluster_id and conf is None:
+        raise InvalidArgument("--cluster-id (seeding a new cluster from the backup) needs --config for the new node")
+    path = Path(args.data_dir) if args.data_dir else (Path(conf.data_dir) if conf is not None else None)
+    if path is None:
+        raise InvalidArgument("restore into which directory? give --data-dir (or --config)")
+    bar = Progress.for_args(args, "restore", unit="B")
+    with bar:
+        header = backup.restore(Path(args.input), path, progress=bar.update)
+        seeded = None
+        if args.cluster_id:
+            from mqstore.ops.recover import reseed
+
+            seeded = reseed(conf, args.cluster_id, action="seed-from-backup", data_dir=path, keep_unapplied=False,
+                            reason=f"restored from {args.input} (backup of {header['source']})")
+        report = None
+        if not args.no_verify:
+            from mqstore.ops.verify import verify_path
+
+            bar.phase("verify:")
+            result = verify_path(path, key_file=_key_file(args), progress=_phase_progress(bar))
+            report = result.to_dict()
+    payload = {"data_dir": str(path), "header": header, "verify": report, "seeded": seeded}
+    lines = [f"restored {args.input} into {path}: applied index {header['applied_index']}, "
+             f"{header['messages']} messages"]
+    if seeded:
+        lines.append(f"seeded node {seeded['node_id']} as the only voter of new cluster {seeded['cluster_id']!r}: "
+                     "start it, then add nodes with mqstore recover")
+    else:
+        lines.append("the restored store belongs to no cluster: inspect it with --data-dir, open it as an embedded "
+                     "store, or seed a new cluster from it (restore --config ... --cluster-id ...)")
+    if report is not None:
+        lines.append("verify: " + ("clean" if report["clean"] else f"NOT CLEAN ({report['problems_total']} problems)"))
+    emit(args, payload, lines)
+    return 0 if report is None or report["clean"] else 1
+
+
+# --- recover / cluster ----------------------------------------------------------------------------------
+
+
+FORCE_FLAG = "--i-understand-acknowledged-writes-may-be-lost"
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from mqstore import config as cfg
+    from mqstore.ops import recover
+
+    conf = cfg.load(args.config)
+    if args.force_new_cluster:
+        if args.server:
+            raise InvalidArgument("--force-new-cluster works on a stopped survivor's data dir (no --server)")
+        if not args.confirm:
+            raise InvalidArgument(
+                f"--force-new-cluster rewrites the membership to this node alone: entries the lost members held "
+                f"and this node did not are gone for good. Confirm with {FORCE_FLAG} and --reason")
+        if not args.reason:
+            raise InvalidArgument("--force-new-cluster needs --reason (it is recorded)")
+        print("mqstore: WARNING: forcing a new cluster from the survivor's data: this is never automatic, it is "
+              "recorded, and acknowledged writes that only the lost members held are lost", file=sys.stderr)
+        entry = recover.force_new_cluster(conf, args.reason)
+        emit(args, entry, [
+            f"node {entry['node_id']} is now the only voter of cluster {entry['cluster_id']!r} "
+            f"(term {entry['term']}, applied {entry['applied_index']})",
+            f"removed for good: {', '.join(map(str, entry['removed_ids'])) or 'none'}"
+            + (f"; log cut from index {entry['log_cut_from']} (an unapplied membership change)"
+               if entry["log_cut_from"] else ""),
+            f"recorded in the store and in {Path(conf.data_dir) / recover.RECOVERY_FILE}",
+            f"next: start it (mqstore serve --config {args.config}), then add new nodes with mqstore recover",
+        ])
+        return 0
+    args.server = args.server or os.environ.get(SERVER_ENV)
+    if not args.server:
+        raise InvalidArgument("recover needs --server (the surviving cluster), or --force-new-cluster")
+    bar = Progress.for_args(args, "recover")
+
+    def say(text: str) -> None:
+        if not args.json:
+            bar.close()
+            print(f"mqstore: {text}", file=sys.stderr, flush=True)
+
+    with client_from_args(args) as client, bar:
+        result = recover.replace_node(client, conf, replace=args.replace, wait_s=args.wait, say=say,
+                                      progress=lambda _p, done, total: bar.update(done, total))
+    emit(args, result, [*result["steps"], f"node {result['node_id']} is a voter of cluster {result['cluster_id']!r}"])
+    return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from mqstore.ops import remote
+
+    args.server = args.server or os.environ.get(SERVER_ENV)
+    if not args.server:
+        raise InvalidArgument(f"cluster commands need --server (a running cluster) or ${SERVER_ENV}")
+    with client_from_args(args) as client:
+        if args.cluster_command == "transfer-leader":
+            to = remote.transfer_leader(client, args.to or 0)
+            emit(args, {"leader_id": to}, [f"leadership is being handed to node {to}"])
+            return 0
+        if args.cluster_command == "add":
+            members = remote.change_membership(client, "add", args.id, args.site, args.address)
+            text = f"node {args.id} added as a learner; once it caught up: mqstore cluster promote --id {args.id}"
+        elif args.cluster_command == "promote":
+            members = remote.change_membership(client, "promote", args.id)
+            text = f"node {args.id} is being promoted to voter"
+        else:
+            members = remote.change_membership(client, "remove", args.id)
+            text = f"node {args.id} is being removed (its id is never reused)"
+    rows = [[m["id"], m["site"], "voter" if m["voter"] else "learner", m["address"]] for m in members]
+    emit(args, {"members": members}, [text, *table(["ID", "SITE", "ROLE", "ADDRESS"], rows)])
+    return 0
+
+
+# --- registration ------------------------------------------------------------------------------------
+
+
+def register(sub: Any) -> None:
+    st = sub.add_parser("status", help="node role, term, leader, indexes, members and lag, queue counts, disk use")
+    add_target_args(st)
+    st.set_defaults(func=cmd_status)
+
+    queue = sub.add_parser("queue", help="list messages in the queue")
+    qsub = queue.add_subparsers(dest="queue_command", required=True)
+    ls = qsub.add_parser("list", help="messages in arrival order, filtered, a page at a time (or --all)")
+    add_target_args(ls)
+    add_filter_args(ls)
+    ls.add_argument("--limit", type=int, default=DEFAULT_PAGE, help=f"page size (default {DEFAULT_PAGE})")
+    ls.add_argument("--after", help="continue after this message id (the last one of the previous page)")
+    ls.add_argument("--all", action="store_true", help="every match, streamed (JSON is written as it goes)")
+    ls.set_defaults(func=cmd_queue_list)
+
+    message = sub.add_parser("message", help="one message")
+    msub = message.add_subparsers(dest="message_command", required=True)
+    show = msub.add_parser("show", help="envelope, recipients' states and the message's history")
+    show.add_argument("message_id")
+    add_target_args(show)
+    show.add_argument("--raw", action="store_true", help="write the decrypted RFC 5322 message to stdout (or --out)")
+    show.add_argument("--out", help="with --raw: write to this file")
+    show.add_argument("--no-history", action="store_true", help="skip the history (it reads the log)")
+    show.set_defaults(func=cmd_message_show)
+
+    qs = sub.add_parser("qshape", help="waiting recipients by domain and age (like Postfix's qshape)")
+    add_target_args(qs)
+    qs.add_argument("--namespace")
+    qs.add_argument("--state", choices=["queued", "deferred", "held"],
+                    help="only queued, only deferred, or the held messages' recipients (default: all waiting)")
+    qs.add_argument("--top", type=int, default=20, help="domains shown (default 20; 0: all)")
+    qs.set_defaults(func=cmd_qshape)
+
+    helps = {
+        "hold": "stop leasing messages until released",
+        "release": "release held messages",
+        "requeue": "make deferred recipients due now",
+        "delete": "delete messages (compliance rules apply)",
+        "bounce": "bounce every unfinished recipient of messages",
+    }
+    for op in BULK_OPS:
+        p = sub.add_parser(op, help=f"{helps[op]}: by id (args, or - for stdin) or by filter")
+        p.add_argument("ids", nargs="*", metavar="ID", help="message ids; - reads ids from stdin (one per line)")
+        add_target_args(p)
+        add_filter_args(p)
+        p.add_argument("--all", action="store_true", help="every message (when no filter or id is given)")
+        p.add_argument("--dry-run", action="store_true", help="only count what would change")
+        if op == "delete":
+            p.add_argument("--bypass-governance", action="store_true",
+                           help="delete under GOVERNANCE retention (needs the permission; audited)")
+        if op in ("delete", "bounce"):
+            p.add_argument("--reason", help="why (kept with the bounce; required with --bypass-governance)")
+        p.set_defaults(func=cmd_bulk, command=op)
+
+    ver = sub.add_parser("verify", help="full check of a store: record CRCs, decryption, state vs log, audit chain")
+    add_target_args(ver)
+    ver.add_argument("--no-replay", action="store_true", help="skip rebuilding the state from the log to compare")
+    ver.add_argument("--scratch", help="directory for the replay's scratch copy (default: the temp dir)")
+    ver.set_defaults(func=cmd_verify)
+
+    rep = sub.add_parser("repair", help="fetch good copies of damaged records from peers; rebuild state tables")
+    add_target_args(rep)
+    rep.add_argument("--index", type=int, action="append", help="a log index to repair (repeatable)")
+    rep.add_argument("--no-scan", action="store_true", help="only the quarantined and --index records (no full scan)")
+    rep.add_argument("--peer", action="append", help="offline: a peer's host:port (default: the node's members)")
+    rep.add_argument("--rebuild-state", action="store_true",
+                     help="offline: drop the state tables and apply the log again (needs the whole log)")
+    rep.add_argument("--dry-run", action="store_true", help="report what would be done")
+    rep.set_defaults(func=cmd_repair)
+
+    bk = sub.add_parser("backup", help="a consistent online snapshot to a file (compressed, checksummed)")
+    add_target_args(bk)
+    bk.add_argument("--out", required=True, help="the backup file to write (never overwritten)")
+    bk.add_argument("--no-wait", action="store_true",
+                    help="--server: copy the node as it is (default: first wait until it applied the leader's commit)")
+    bk.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the node to catch up (default 30)")
+    bk.set_defaults(func=cmd_backup)
+
+    rs = sub.add_parser("restore", help="restore a backup into a new directory (and verify it)")
+    rs.add_argument("--in", dest="input", required=True, help="the backup file")
+    rs.add_argument("--data-dir", help="the new store directory (must hold no store)")
+    rs.add_argument("--config", help="a new node's config: restore into its data_dir (with --cluster-id: seed)")
+    rs.add_argument("--cluster-id", help="seed a NEW cluster from the backup, with the --config node as only voter")
+    rs.add_argument("--key-file", help="the store's KEK, to verify (default: the config's, or <data-dir>/kek.key)")
+    rs.add_argument("--no-verify", action="store_true", help="skip verifying the restored store")
+    rs.add_argument("--json", action="store_true", help="machine-readable output")
+    rs.set_defaults(func=cmd_restore)
+
+    rc = sub.add_parser("recover", help="rebuild a lost node from its peers under a new node id; or, "
+                        "after losing a majority, --force-new-cluster on a survivor (explicit, recorded)")
+    rc.add_argument("--config", required=True,
+                    help="the new node's config (or, with --force-new-cluster, the survivor's)")
+    rc.add_argument("--server", default=None, help=f"the surviving cluster (any node; default ${SERVER_ENV})")
+    rc.add_argument("--timeout", type=float, default=15.0, help="seconds per call")
+    rc.add_argument("--replace", type=int, help="the failed node's id: removed once the new node is a voter")
+    rc.add_argument("--wait", type=float, default=600.0, help="seconds to wait for each step (default 600)")
+    rc.add_argument("--force-new-cluster", action="store_true",
+                    help="majority lost: make this stopped survivor the only member (never automatic)")
+    rc.add_argument(FORCE_FLAG, dest="confirm", action="store_true", help="confirm --force-new-cluster")
+    rc.add_argument("--reason", help="why (recorded with --force-new-cluster)")
+    rc.add_argument("--json", action="store_true", help="machine-readable output")
+    rc.set_defaults(func=cmd_recover)
+
+    cl = sub.add_parser("cluster", help="membership through consensus: add, promote, remove, transfer-leader")
+    csub = cl.add_subparsers(dest="cluster_command", required=True)
+    add = csub.add_parser("add", help="add a node as a learner (prepare it with mqstore join, start it)")
+    add.add_argument("--id", type=int, required=True)
+    add.add_argument("--site", required=True)
+    add.add_argument("--address", required=True, help="its advertised host:port")
+    pro = csub.add_parser("promote", help="make a caught-up learner a voter (placement rules checked)")
+    pro.add_argument("--id", type=int, required=True)
+    rem = csub.add_parser("remove", help="remove a member (its id is never reused)")
+    rem.add_argument("--id", type=int, required=True)
+    tl = csub.add_parser("transfer-leader", help="hand leadership to a voter (default: the most up-to-date)")
+    tl.add_argument("--to", type=int, default=0)
+    for p in (add, pro, rem, tl):
+        add_target_args(p, offline=False)
+        p.set_defaults(func=cmd_cluster)
+
+
+__all__ = ["Target", "add_filter_args", "add_target_args", "client_from_args", "register"]

@@ -1,0 +1,277 @@
+"""Backups: a consistent copy of a store, compressed, checksummed, in one file; and restore.
+
+File format (version 1), integers little-endian::
+
+    16 B   magic            b"MQSTORE-BACKUP\\n\\x01"
+    u32    header length, u32 CRC32C of the header, header (JSON: source, indexes, counts)
+    frames, each:  u32 raw length (> 0), u32 compressed length, u32 CRC32C of the compressed
+                   bytes, zstd-compressed bytes of the next piece of the database file
+    end:           u32 0, u32 trailer length, u32 CRC32C of the trailer, trailer (JSON:
+                   SHA-256 and size of the whole database file, frame count)
+
+The database file is an LMDB copy taken in one read transaction (``mdb_env_copy2`` with
+compaction), so it is one consistent state of the store: for a node, the state tables, the
+applied index and the log as of one commit. Records stay as they are on disk (sealed): a backup
+holds no key, and restoring it needs the store's KEK to read messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import zstandard
+
+from mqstore import __version__
+from mqstore.codec import crc32c
+from mqstore.errors import Corruption, InvalidArgument
+from mqstore.ops.facts import (
+    META_CLUSTER_ID,
+    META_NODE_ID,
+    META_RESTORED_FROM,
+    log_bounds,
+    open_env,
+    queue_counts,
+    raft_facts,
+)
+
+MAGIC = b"MQSTORE-BACKUP\n\x01"
+FORMAT_VERSION = 1
+FRAME_RAW_BYTES = 4 * 1024 * 1024
+ZSTD_LEVEL = 3
+_U32 = struct.Struct("<I")
+_FRAME = struct.Struct("<III")
+_HEADER_BYTES_MAX = 1 << 20
+_TRAILER_BYTES_MAX = 1 << 16
+
+ProgressFn = Callable[[int, int], None]
+
+
+def copy_store(source: Path, work_dir: Path) -> Path:
+    """A consistent, compacted copy of the store in ``source`` (running or not; no key needed):
+    ``work_dir/data.mdb``."""
+    with open_env(source) as env:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        env.copy_to(work_dir)
+    return work_dir / "data.mdb"
+
+
+def describe_copy(copy_dir: Path, source: dict[str, Any]) -> dict[str, Any]:
+    """The backup header for the copy in ``copy_dir``: where it came from and what it holds."""
+    data_file = copy_dir / "data.mdb"
+    with open_env(copy_dir) as env:
+        first, last = log_bounds(env)
+        raft = raft_facts(env)
+        counts = queue_counts(env, int(time.time() * 1000))
+    header: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "mqstore_version": __version__,
+        "created_ms": int(time.time() * 1000),
+        "source": dict(source),
+        "first_index": first,
+        "last_index": last,
+        "applied_index": raft.applied_index if raft is not None else last,
+        "commit_index": raft.commit_index if raft is not None else last,
+        "term": raft.term if raft is not None else 0,
+        "messages": counts["messages"],
+        "messages_active": counts["messages_active"],
+        "data_bytes": data_file.stat().st_size,
+    }
+    if raft is not None:
+        header["source"].setdefault("node_id", raft.node_id)
+        header["source"].setdefault("cluster_id", raft.cluster_id)
+        header["source"]["kind"] = "node" if raft.node_id else header["source"].get("kind", "store")
+    else:
+        header["source"].setdefault("kind", "store")
+    return header
+
+
+def backup_bytes(data_file: Path, header: dict[str, Any], progress: ProgressFn | None = None) -> Iterator[bytes]:
+    """The backup file of ``data_file``, piece by piece (memory stays at one frame)."""
+    head = json.dumps(header, sort_keys=True).encode()
+    yield MAGIC + _U32.pack(len(head)) + _U32.pack(crc32c(head)) + head
+    total = data_file.stat().st_size
+    digest = hashlib.sha256()
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    done = frames = 0
+    with data_file.open("rb") as f:
+        while True:
+            raw = f.read(FRAME_RAW_BYTES)
+            if not raw:
+                break
+            digest.update(raw)
+            packed = compressor.compress(raw)
+            frames += 1
+            done += len(raw)
+            yield _FRAME.pack(len(raw), len(packed), crc32c(packed)) + packed
+            if progress is not None:
+                progress(done, total)
+    trailer = json.dumps({"sha256": digest.hexdigest(), "data_bytes": done, "frames": frames}).encode()
+    yield _FRAME.pack(0, len(trailer), crc32c(trailer)) + trailer
+
+
+def _read_exact(src: BinaryIO, n: int, offset: int, what: str) -> bytes:
+    data = src.read(n)
+    if len(data) != n:
+        raise Corruption(f"backup ends early at byte {offset + len(data)} (in {what})")
+    return data
+
+
+def read_backup(
+    src: BinaryIO, target: BinaryIO | None = None, progress: ProgressFn | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check a backup stream end to end (every CRC, the SHA-256 of the data) and write the database
+    file to ``target`` if given. Returns (header, trailer). Raises Corruption naming the offset."""
+    magic = src.read(len(MAGIC))
+    if magic != MAGIC:
+        raise Corruption("not an mqstore backup (bad magic), or a backup format this version does not read")
+    offset = len(MAGIC)
+    length, crc = struct.unpack("<II", _read_exact(src, 8, offset, "header"))
+    if length > _HEADER_BYTES_MAX:
+        raise Corruption(f"backup header length {length} is implausible")
+    offset += 8
+    head = _read_exact(src, length, offset, "header")
+    if crc32c(head) != crc:
+        raise Corruption(f"backup header at byte {offset} fails its CRC")
+    header: dict[str, Any] = json.loads(head)
+    offset += length
+    if header.get("format") != FORMAT_VERSION:
+        raise Corruption(f"backup format {header.get('format')} is not supported (this version reads 1)")
+    total = int(header.get("data_bytes", 0))
+    digest = hashlib.sha256()
+    decompressor = zstandard.ZstdDecompressor()
+    done = 0
+    while True:
+        raw_len, packed_len, crc = _FRAME.unpack(_read_exact(src, _FRAME.size, offset, "frame header"))
+        frame_at = offset
+        offset += _FRAME.size
+        if raw_len == 0:
+            if packed_len > _TRAILER_BYTES_MAX:
+                raise Corruption(f"backup trailer length {packed_len} is implausible")
+            tail = _read_exact(src, packed_len, offset, "trailer")
+            if crc32c(tail) != crc:
+                raise Corruption(f"backup trailer at byte {offset} fails its CRC")
+            trailer: dict[str, Any] = json.loads(tail)
+            break
+        if raw_len > FRAME_RAW_BYTES or packed_len > 2 * FRAME_RAW_BYTES:
+            raise Corruption(f"backup frame at byte {frame_at} has implausible lengths")
+        packed = _read_exact(src, packed_len, offset, "frame")
+        if crc32c(packed) != crc:
+            raise Corruption(f"backup frame at byte {frame_at} fails its CRC (damaged file)")
+        try:
+            raw = decompressor.decompress(packed, max_output_size=raw_len)
+        except zstandard.ZstdError as exc:
+            raise Corruption(f"backup frame at byte {frame_at} does not decompress: {exc}") from None
+        if len(raw) != raw_len:
+            raise Corruption(f"backup frame at byte {frame_at} decompresses to the wrong size")
+        offset += packed_len
+        digest.update(raw)
+        done += raw_len
+        if target is not None:
+            target.write(raw)
+        if progress is not None:
+            progress(done, total)
+    if src.read(1):
+        raise Corruption(f"backup has bytes after its trailer (at byte {offset + packed_len})")
+    if trailer.get("data_bytes") != done or digest.hexdigest() != trailer.get("sha256"):
+        raise Corruption("backup data does not match its SHA-256 checksum")
+    if total and total != done:
+        raise Corruption(f"backup holds {done} bytes of data; its header says {total}")
+    return header, trailer
+
+
+def backup_local(source: Path, out: Path, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Back up the store in ``source`` (a stopped node, an embedded store, or a running embedded
+    store read beside its writer) to ``out``. Returns the header."""
+    if out.exists():
+        raise InvalidArgument(f"{out} exists: refusing to overwrite a backup")
+    with tempfile.TemporaryDirectory(prefix="mqstore-backup-", dir=out.parent) as tmp:
+        copy = copy_store(source, Path(tmp) / "copy")
+        header = describe_copy(Path(tmp) / "copy", {"kind": "store", "data_dir": str(source.resolve())})
+        write_file(out, backup_bytes(copy, header, progress))
+    return header
+
+
+def write_file(out: Path, pieces: Iterator[bytes]) -> int:
+    """Write ``pieces`` to ``out`` durably: a temporary name, fsync, rename, fsync of the directory.
+    Returns the size written."""
+    partial = out.with_name(out.name + ".partial")
+    size = 0
+    try:
+        with partial.open("xb") as f:
+            for piece in pieces:
+                f.write(piece)
+                size += len(piece)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    _fsync_dir(out.parent)
+    return size
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_file(path: Path, progress: ProgressFn | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    with path.open("rb") as f:
+        return read_backup(f, None, progress)
+
+
+def restore(backup: Path, data_dir: Path, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Restore ``backup`` into the new store directory ``data_dir`` (it must hold no store).
+
+    The restored store is no cluster member: the node identity of a node's backup is removed (a
+    restored copy started as its old node would hold less than that node acknowledged), and the
+    backup's header is recorded in ``meta``. Open it offline (``--data-dir``), as an embedded store,
+    or seed a new cluster from it (``mqstore restore --config ... --cluster-id ...``).
+    """
+    if (data_dir / "data.mdb").exists():
+        raise InvalidArgument(f"{data_dir} already holds a store: restore into a new directory")
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    partial = data_dir / "data.mdb.partial"
+    try:
+        with backup.open("rb") as src, partial.open("xb") as dst:
+            header, _ = read_backup(src, dst, progress)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.chmod(partial, 0o600)
+        os.replace(partial, data_dir / "data.mdb")
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    _fsync_dir(data_dir)
+    with open_env(data_dir, readonly=False) as env, env.env.begin(write=True) as txn:
+        meta = env.dbs[b"meta"]
+        txn.delete(META_NODE_ID, db=meta)
+        txn.delete(META_CLUSTER_ID, db=meta)
+        txn.put(META_RESTORED_FROM, json.dumps(header, sort_keys=True).encode(), db=meta)
+    return header
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "backup_bytes",
+    "backup_local",
+    "check_file",
+    "copy_store",
+    "describe_copy",
+    "read_backup",
+    "restore",
+    "write_file",
+]

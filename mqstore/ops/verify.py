@@ -1,0 +1,592 @@
+"""``mqstore verify``: a full check of one store, reporting every problem with where it is.
+
+Phases (each reports progress):
+
+``records``   every log record: CRC32C, framing, its index, none missing inside the log's bounds;
+``decrypt``   every sealed record opens (AES-GCM tag, decompression, envelope) — messages,
+              dictionaries, the sealed reasons of defers and bounces — and key events decode;
+``state``     the state tables agree with each other and with the log: every message row points at
+              the ENQUEUE record of that message, its recipient rows match the envelope and the
+              row's counts, each index (ready, ready_dom, live, msg_ns, expiry, retention, leases,
+              lease_due) holds exactly what the rows imply, and the stats counters add up;
+``replay``    when the log still holds every entry since the store began (no compaction yet), the
+              state tables are rebuilt from the log in a scratch directory and compared table by
+              table, key by key;
+``audit``     the compliance audit chain, when the store has one.
+
+The store is read in read-only mode; nothing is written to it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mqstore import codec
+from mqstore.codec import Flags, Record, RecordType
+from mqstore.crypto.keyring import KeyEvent
+from mqstore.errors import Corruption, MQStoreError
+from mqstore.ids import format_id
+from mqstore.ops.facts import STATE_TABLES, open_env
+from mqstore.queue import machine
+from mqstore.queue.kv import LmdbKV
+from mqstore.queue.model import (
+    FINAL,
+    LEASED,
+    STATE_NAMES,
+    U64,
+    WAITING,
+    LeaseRow,
+    MessageRow,
+    RecipientRow,
+    domain_of,
+    mid_ord,
+    ns_key,
+    ready_dom_key,
+    ready_key,
+    time_key,
+)
+from mqstore.store import LogStore, WriteContext
+
+PROBLEMS_LISTED_MAX = 10_000  # problems reported word for word (the rest are counted)
+_CHUNK = 4096
+_U64 = struct.Struct(">Q")
+
+PhaseProgress = Callable[[str, int, int], None]
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    records_checked: int = 0
+    first_index: int = 0
+    last_index: int = 0
+    applied_index: int = 0
+    messages_checked: int = 0
+    sealed_checked: int = 0
+    replayed: bool = False
+    replay_note: str = ""
+    audit: dict[str, Any] | None = None
+    problems: list[dict[str, Any]] = field(default_factory=list)
+    problems_total: int = 0
+    by_check: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    @property
+    def clean(self) -> bool:
+        return self.problems_total == 0
+
+    def add(self, check: str, problem: str, *, index: int | None = None, table: str | None = None,
+            key: bytes | None = None, message_id: bytes | None = None) -> None:
+        self.problems_total += 1
+        self.by_check[check] += 1
+        if len(self.problems) >= PROBLEMS_LISTED_MAX:
+            return
+        item: dict[str, Any] = {"check": check, "problem": problem, "index": index}
+        if table is not None:
+            item["table"] = table
+        if key is not None:
+            item["key"] = key.hex()
+        if message_id is not None:
+            item["message_id"] = format_id(message_id)
+        self.problems.append(item)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "clean": self.clean,
+            "records_checked": self.records_checked,
+            "first_index": self.first_index,
+            "last_index": self.last_index,
+            "applied_index": self.applied_index,
+            "messages_checked": self.messages_checked,
+            "sealed_checked": self.sealed_checked,
+            "replayed": self.replayed,
+            "replay_note": self.replay_note,
+            "audit": self.audit,
+            "problems_total": self.problems_total,
+            "problems_by_check": dict(self.by_check),
+            "problems": list(self.problems),
+        }
+
+    def lines(self) -> list[str]:
+        out = [f"{self.records_checked} records checked (log {self.first_index}..{self.last_index}, "
+               f"applied {self.applied_index}); {self.sealed_checked} sealed records opened; "
+               f"{self.messages_checked} messages checked against the log"]
+        out.append("replay: " + ("state tables rebuilt from the log and compared" if self.replayed
+                                 else f"not done: {self.replay_note}"))
+        if self.audit is not None:
+            out.append("audit chain: " + ("ok" if self.audit.get("ok") else "PROBLEMS")
+                       + (f" ({self.audit.get('records_checked', 0)} records)" if "records_checked" in self.audit
+                          else f" ({self.audit.get('note', '')})"))
+        for p in self.problems:
+            where = f"log index {p['index']}" if p.get("index") is not None else "-"
+            extra = "".join(f" {k}={p[k]}" for k in ("table", "message_id", "key") if k in p)
+            out.append(f"[{p['check']}] {where}: {p['problem']}{extra}")
+        if self.problems_total > len(self.problems):
+            out.append(f"... and {self.problems_total - len(self.problems)} more problem(s)")
+        out.append("clean" if self.clean else f"NOT CLEAN: {self.problems_total} problem(s) "
+                   + ", ".join(f"{k} {v}" for k, v in sorted(self.by_check.items())))
+        return out
+
+
+@dataclass(slots=True)
+class _Sealed:
+    """What the log says about a message: from its ENQUEUE record."""
+
+    mid: bytes
+    namespace: str
+    domains: tuple[str, ...]
+    size: int
+
+
+def _raw_records(log: LogStore) -> Iterator[list[tuple[int, bytes]]]:
+    """Every stored record (including message bodies kept below the compaction point), in chunks,
+    each chunk from its own short read transaction."""
+    db = log.env.dbs[b"log"]
+    position: bytes | None = None
+    while True:
+        chunk: list[tuple[int, bytes]] = []
+        with log.env.read() as txn, txn.cursor(db=db) as cur:
+            ok = cur.set_range(position) if position is not None else cur.first()
+            if ok and position is not None and bytes(cur.key()) == position:
+                ok = cur.next()
+            while ok and len(chunk) < _CHUNK:
+                chunk.append((int(_U64.unpack(bytes(cur.key()))[0]), bytes(cur.value())))
+                ok = cur.next()
+        if not chunk:
+            return
+        yield chunk
+        position = _U64.pack(chunk[-1][0])
+        if len(chunk) < _CHUNK:
+            return
+
+
+def applied_index_of(log: LogStore) -> int:
+    raw = log.meta_get(b"raft.applied")
+    return int(_U64.unpack(raw)[0]) if raw else log.last_index
+
+
+def _is_node_log(log: LogStore) -> bool:
+    return log.meta_get(b"raft.applied") is not None or log.meta_get(b"raft.hard_state") is not None
+
+
+def replay_problem(log: LogStore) -> str | None:
+    """Why the state tables cannot be rebuilt from this store's log (None: they can)."""
+    first = log.first_index
+    if _is_node_log(log):
+        # A node's log starts at 2 (index 1 is the bootstrap configuration); a node that installed
+        # a snapshot, or compacted after its own, starts later.
+        if first > 2:
+            return (f"the log starts at index {first}: entries up to {first - 1} were compacted into a snapshot, "
+                    "so the state cannot be derived from the log alone")
+        return None
+    if first > 1:
+        return (f"the log starts at index {first}: records up to {first - 1} were compacted away "
+                "(finished messages), so the state cannot be derived from the log alone")
+    return None
+
+
+def _check_sealed(log: LogStore, report: VerifyReport, record: Record, seen: dict[int, _Sealed]) -> None:
+    rtype = record.type
+    try:
+        if rtype == RecordType.ENQUEUE:
+            stored = log.open_message(record)
+            env = stored.envelope
+            seen[record.index] = _Sealed(env.message_id, env.namespace, tuple(domain_of(a) for a in env.recipients),
+                                         len(stored.data))
+            report.sealed_checked += 1
+        elif rtype == RecordType.DICTIONARY:
+            log.sealer.open(record)
+            report.sealed_checked += 1
+        elif rtype == RecordType.KEY:
+            KeyEvent.decode(record.payload)
+        elif rtype in (RecordType.DEFER, RecordType.BOUNCE):
+            entry: Any = machine.decode_entry(rtype, record.payload)
+            blob = entry.reason
+            if blob:
+                (key_id,) = struct.unpack_from("<I", blob)
+                log.sealer.open(Record(RecordType.DEFER, int(Flags.ENCRYPTED), 0, 0, key_id, 0, blob[4:]))
+                report.sealed_checked += 1
+        elif rtype not in machine.PASSIVE_TYPES:
+            machine.decode_entry(rtype, record.payload)
+    except MQStoreError as exc:
+        what = "cannot be opened" if rtype in (RecordType.ENQUEUE, RecordType.DICTIONARY) else "does not decode"
+        report.add("decrypt", f"{RecordType(rtype).name} record {what}: {exc}", index=record.index)
+    except AssertionError as exc:  # a record type the queue does not know
+        report.add("decrypt", f"record of type {rtype} does not decode: {exc}", index=record.index)
+
+
+def _check_records(log: LogStore, report: VerifyReport, progress: PhaseProgress) -> dict[int, _Sealed]:
+    first, last = log.first_index, log.last_index
+    report.first_index, report.last_index = first, last
+    total = max(0, last - first + 1)
+    expected = first
+    seen: dict[int, _Sealed] = {}
+    for chunk in _raw_records(log):
+        for index, raw in chunk:
+            if index >= first:
+                while expected < index and expected <= last:
+                    report.add("records", "record missing from the log", index=expected)
+                    expected += 1
+                expected = max(expected, index + 1)
+            report.records_checked += 1
+            try:
+                record = codec.decode_record(raw, index)
+            except Corruption as exc:
+                report.add("records", exc.reason, index=index)
+                continue
+            _check_sealed(log, report, record, seen)
+        progress("records", min(report.records_checked, total), total)
+    while expected <= last:
+        report.add("records", "record missing from the log", index=expected)
+        expected += 1
+    return seen
+
+
+def _check_state(log: LogStore, report: VerifyReport, seen: dict[int, _Sealed], progress: PhaseProgress) -> None:
+    """Rows against the log and each index against the rows, in one read transaction."""
+    with log.env.read() as txn:
+        kv = LmdbKV(txn, log.env.dbs)
+        total = txn.stat(log.env.dbs[b"messages"])["entries"]
+        stats: dict[tuple[str, str], int] = defaultdict(int)
+        expect = {name: 0 for name in ("ready", "ready_dom", "live", "msg_ns", "retention", "leases_rcpts")}
+        done = 0
+        for mid, value in kv.scan(b"messages", b""):
+            done += 1
+            if done % _CHUNK == 0:
+                progress("state", done, total)
+            report.messages_checked += 1
+            try:
+                row = MessageRow.decode(value)
+            except Corruption as exc:
+                report.add("state", f"message row does not decode: {exc.reason}", table="messages", message_id=mid)
+                continue
+            _check_message(kv, report, mid, row, seen, stats, expect)
+        progress("state", done, total)
+        _check_indexes(kv, report, expect)
+        _check_stats(kv, report, stats)
+
+
+def _check_message(
+    kv: LmdbKV, report: VerifyReport, mid: bytes, row: MessageRow, seen: dict[int, _Sealed],
+    stats: dict[tuple[str, str], int], expect: dict[str, int],
+) -> None:
+    idx = row.enqueue_index
+    sealed = seen.get(idx)
+
+    def bad(problem: str, table: str = "messages") -> None:
+        report.add("state", problem, index=idx, table=table, message_id=mid)
+
+    if sealed is None:
+        bad(f"its ENQUEUE record (index {idx}) is missing, damaged or not a message")
+    elif sealed.mid != mid:
+        bad(f"its ENQUEUE record (index {idx}) holds message {format_id(sealed.mid)}")
+        sealed = None
+    elif sealed.namespace != row.namespace:
+        bad(f"namespace {row.namespace!r} differs from the envelope's {sealed.namespace!r}")
+    if sealed is not None and sealed.size != row.size_bytes:
+        bad(f"size {row.size_bytes} differs from the stored body's {sealed.size}")
+    ns = row.namespace
+    rcpts = machine.recipients_of(kv, mid)
+    if len(rcpts) != row.n_rcpts or [o for o, _ in rcpts] != list(range(row.n_rcpts)):
+        bad(f"{len(rcpts)} recipient rows for {row.n_rcpts} recipients", "recipients")
+    if sealed is not None and len(sealed.domains) != row.n_rcpts:
+        bad(f"{row.n_rcpts} recipients in the row, {len(sealed.domains)} in the envelope")
+    counts = [0] * 6
+    ns0 = ns_key(ns)
+    for ordinal, r in rcpts:
+        if not 1 <= r.state <= 6:
+            bad(f"recipient {ordinal} has unknown state {r.state}", "recipients")
+            continue
+        counts[r.state - 1] += 1
+        stats[(ns, STATE_NAMES[r.state])] += 1
+        if sealed is not None and ordinal < len(sealed.domains) and r.domain != sealed.domains[ordinal]:
+            bad(f"recipient {ordinal}: domain {r.domain!r} differs from the envelope's", "recipients")
+        in_ready = kv.get(b"ready", ready_key(ns0, row.priority, r.due_ms, mid, ordinal)) is not None
+        in_dom = kv.get(b"ready_dom", ready_dom_key(ns0, r.domain, row.priority, r.due_ms, mid, ordinal)) is not None
+        should = r.state in WAITING and not row.held
+        if should:
+            expect["ready"] += 1
+            expect["ready_dom"] += 1
+        if in_ready != should:
+            bad(f"recipient {ordinal} ({STATE_NAMES[r.state]}{', held' if row.held else ''}) is "
+                f"{'in' if in_ready else 'missing from'} the ready index", "ready")
+        if in_dom != should:
+            bad(f"recipient {ordinal} is {'in' if in_dom else 'missing from'} the by-domain ready index", "ready_dom")
+        if r.state == LEASED:
+            raw = kv.get(b"leases", U64.pack(r.token))
+            lease = LeaseRow.decode(raw) if raw is not None else None
+            if lease is None or lease.mid != mid or ordinal not in lease.ordinals:
+                bad(f"recipient {ordinal} is leased under token {r.token}, which holds no such lease", "leases")
+            else:
+                expect["leases_rcpts"] += 1
+        elif r.state in FINAL and r.token:
+            bad(f"recipient {ordinal} is {STATE_NAMES[r.state]} but still names lease {r.token}", "recipients")
+    if counts != list(row.counts):
+        bad(f"per-state counts {list(row.counts)} differ from its recipients' states {counts}")
+    expect["msg_ns"] += 1
+    if kv.get(b"msg_ns", ns0 + mid) is None:
+        bad("missing from the by-namespace index", "msg_ns")
+    finished_by_counts = sum(counts[s - 1] for s in FINAL) == row.n_rcpts
+    if row.finished != finished_by_counts and rcpts:
+        bad("finished flag disagrees with its recipients' states")
+    live = kv.get(b"live", mid) is not None
+    if live == row.finished:
+        bad("in the live index though finished" if live else "missing from the live index though unfinished", "live")
+    if row.finished:
+        expect["retention"] += 1
+        if kv.get(b"retention", time_key(row.retain_until_ms, mid)) is None:
+            bad("finished but missing from the retention index", "retention")
+    else:
+        expect["live"] += 1
+        stats[(ns, "messages.live")] += 1
+    stats[(ns, "messages.stored")] += 1
+    stats[(ns, "bytes")] += row.size_bytes
+
+
+def _check_indexes(kv: LmdbKV, report: VerifyReport, expect: dict[str, int]) -> None:
+    """Entries of each index that no row accounts for (the per-row pass found the missing ones)."""
+
+    def stray(table: str, key: bytes, mid: bytes | None, problem: str) -> None:
+        report.add("state", problem, table=table, key=key, message_id=mid)
+
+    def message(mid: bytes) -> MessageRow | None:
+        raw = kv.get(b"messages", mid)
+        try:
+            return None if raw is None else MessageRow.decode(raw)
+        except Corruption:
+            return None
+
+    for table in ("ready", "ready_dom"):
+        count = 0
+        for _ in kv.scan(table.encode(), b""):
+            count += 1
+            if count > expect[table]:
+                break
+        if count > expect[table]:
+            # Find the strays: entries whose recipient is not waiting at that due time.
+            for key, _ in kv.scan(table.encode(), b""):
+                rest = key.partition(b"\x00")[2]
+                if table == "ready_dom":
+                    _, _, rest = rest.partition(b"\x00")
+                mid, ordinal, due = rest[9:25], int.from_bytes(rest[25:27], "big"), U64.unpack(rest[1:9])[0]
+                raw = kv.get(b"recipients", mid_ord(mid, ordinal))
+                r = RecipientRow.decode(raw) if raw is not None else None
+                row = message(mid)
+                if r is None or row is None or r.state not in WAITING or row.held or r.due_ms != due:
+                    stray(table, key, mid, "index entry for a recipient that is not waiting (or another due time)")
+    for table, expected_key in (("live", "live"), ("msg_ns", "msg_ns"), ("retention", "retention")):
+        count = sum(1 for _ in kv.scan(table.encode(), b""))
+        if count > expect[expected_key]:
+            for key, _ in kv.scan(table.encode(), b""):
+                mid = key[-16:]
+                row = message(mid)
+                if row is None:
+                    stray(table, key, mid, "index entry for a message that does not exist")
+                elif table == "live" and row.finished:
+                    stray(table, key, mid, "live index entry for a finished message")
+                elif table == "retention" and (not row.finished or key[:8] != U64.pack(row.retain_until_ms)):
+                    stray(table, key, mid, "retention entry that does not match the message")
+    for key, _ in kv.scan(b"expiry", b""):
+        mid = key[8:24]
+        row = message(mid)
+        if row is None or row.finished or not row.expires_at_ms or key[:8] != U64.pack(row.expires_at_ms):
+            stray("expiry", key, mid, "expiry entry that does not match an unfinished message")
+    leases = 0
+    for key, value in kv.scan(b"leases", b""):
+        lease = LeaseRow.decode(value)
+        leases += len(lease.ordinals)
+        if kv.get(b"lease_due", time_key(lease.deadline_ms, key)) is None:
+            stray("leases", key, lease.mid, f"lease {U64.unpack(key)[0]} has no deadline entry")
+    for key, _ in kv.scan(b"lease_due", b""):
+        if kv.get(b"leases", key[8:16]) is None:
+            stray("lease_due", key, None, f"deadline entry for lease {U64.unpack(key[8:16])[0]}, which does not exist")
+    if leases != expect["leases_rcpts"]:
+        report.add("state", f"leases hold {leases} recipient(s); {expect['leases_rcpts']} recipients are leased",
+                   table="leases")
+
+
+def _check_stats(kv: LmdbKV, report: VerifyReport, stats: dict[tuple[str, str], int]) -> None:
+    stored = machine.read_stats(kv)
+    names = [*STATE_NAMES.values(), "messages.live", "messages.stored", "bytes"]
+    for ns in sorted(set(stored) | {n for n, _ in stats}):
+        for name in names:
+            have = stored.get(ns, {}).get(name, 0)
+            want = stats.get((ns, name), 0)
+            if have != want:
+                report.add("state", f"namespace {ns!r}: counter {name} is {have}, the rows add up to {want}",
+                           table="stats")
+
+
+# --- replay ------------------------------------------------------------------------------------------
+
+
+def applier_for(log: LogStore) -> Any:
+    """The node's applier over ``log``: the one function that applies a committed log record to
+    the state tables (the embedded store applies the same records with the same machine)."""
+    from mqstore.node.replica import Applier
+
+    return Applier(log)
+
+
+def replay_chunk(applier: Any, ctx: WriteContext, records: list[Record]) -> int:
+    """Apply ``records`` (in order) inside the write transaction ``ctx``; returns how many."""
+    from mqstore.node.raftlog import record_to_entry
+
+    applier.apply(ctx, [record_to_entry(r) for r in records])
+    return len(records)
+
+
+def _iter_log(log: LogStore, lo: int, hi: int) -> Iterator[list[Record]]:
+    index = lo
+    while index <= hi:
+        batch = log.read_range(index, min(index + _CHUNK, hi + 1))
+        yield batch
+        index = batch[-1].index + 1
+
+
+def _replay_and_compare(
+    log: LogStore, report: VerifyReport, applied: int, scratch_parent: Path | None, progress: PhaseProgress
+) -> None:
+    """Apply the whole log again into a scratch store (same key), then compare state tables."""
+    tmp = Path(tempfile.mkdtemp(prefix="mqstore-verify-", dir=scratch_parent))
+    try:
+        scratch = LogStore(tmp / "store", key_provider=log.keyring.provider)
+        try:
+            applier = applier_for(scratch)
+            first = log.first_index
+            total = max(0, applied - first + 1)
+            done = 0
+            for batch in _iter_log(log, first, applied):
+
+                def apply(ctx: WriteContext, batch: list[Record] = batch) -> int:
+                    return replay_chunk(applier, ctx, batch)
+
+                done += scratch.write(apply)
+                progress("replay", done, total)
+            with log.env.read() as txn, scratch.env.read() as stxn:
+                for name in STATE_TABLES:
+                    if name in log.env.dbs:
+                        _compare_table(report, name, txn, log.env.dbs[name], stxn, scratch.env.dbs[name])
+            report.replayed = True
+        finally:
+            scratch.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_ZERO_COUNTER = (0).to_bytes(8, "little", signed=True)
+
+
+def _compare_table(report: VerifyReport, name: bytes, txn: Any, db: Any, scratch: Any, sdb: Any) -> None:
+    """Report every key whose presence or value differs. A stats counter that is zero counts as
+    absent: whether a zero is stored depends on how writes were grouped into transactions."""
+    table = name.decode()
+    zero = _ZERO_COUNTER if name == b"stats" else None
+    with txn.cursor(db=db) as a, scratch.cursor(db=sdb) as b:
+        ok_a, ok_b = a.first(), b.first()
+        while ok_a or ok_b:
+            ka = bytes(a.key()) if ok_a else None
+            kb = bytes(b.key()) if ok_b else None
+            if kb is None or (ka is not None and ka < kb):
+                assert ka is not None
+                problem = "present in the store but not derived from the log"
+                skip = bytes(a.value()) == zero
+                ok_a = a.next()
+                key = ka
+                if skip:
+                    continue
+            elif ka is None or kb < ka:
+                problem = "derived from the log but missing from the store"
+                skip = bytes(b.value()) == zero
+                ok_b = b.next()
+                key = kb
+                if skip:
+                    continue
+            else:
+                same = bytes(a.value()) == bytes(b.value())
+                ok_a, ok_b = a.next(), b.next()
+                if same:
+                    continue
+                problem = "value differs from the one derived from the log"
+                key = ka
+            report.add("replay", problem, table=table, key=key)
+
+
+def verify_store(
+    log: LogStore,
+    *,
+    progress: PhaseProgress | None = None,
+    replay: bool = True,
+    scratch_dir: Path | None = None,
+) -> VerifyReport:
+    """Run every check on ``log`` (open it read-only, with its key) and return the report."""
+    report = VerifyReport()
+    prog = progress or (lambda phase, done, total: None)
+    applied = applied_index_of(log)
+    report.applied_index = applied
+    seen = _check_records(log, report, prog)
+    _check_state(log, report, seen, prog)
+    seen.clear()
+    why = replay_problem(log)
+    if not replay:
+        report.replay_note = "skipped (--no-replay)"
+    elif why is not None:
+        report.replay_note = why
+    elif report.by_check.get("records"):
+        report.replay_note = "skipped: damaged records must be repaired first"
+    else:
+        try:
+            _replay_and_compare(log, report, applied, scratch_dir, prog)
+        except MQStoreError as exc:
+            report.replay_note = f"failed: {exc}"
+            report.add("replay", f"replaying the log failed: {exc}", index=getattr(exc, "index", None))
+    _check_audit(log, report, prog)
+    return report
+
+
+def _check_audit(log: LogStore, report: VerifyReport, progress: PhaseProgress) -> None:
+    if b"audit" not in log.env.dbs:
+        report.audit = {"note": "this store has no audit log"}
+        return
+    try:
+        from mqstore.compliance import audit
+    except ImportError:  # pragma: no cover - compliance is part of mqstore
+        report.audit = {"note": "audit verification is not available"}
+        return
+    with log.env.read() as txn:
+        result = audit.verify(LmdbKV(txn, log.env.dbs), None,
+                              progress=lambda done, total: progress("audit", done, total))
+    report.audit = result.to_dict()
+    for text in result.problems:
+        report.add("audit", text, index=None)
+
+
+def verify_path(
+    path: Path,
+    *,
+    key_file: str | None = None,
+    key_provider: Any = None,
+    progress: PhaseProgress | None = None,
+    replay: bool = True,
+    scratch_dir: Path | None = None,
+) -> VerifyReport:
+    """Verify the store in ``path`` (stopped, or read beside its writer), opened read-only."""
+    with open_env(path):
+        pass  # a clear NotFound when there is no store
+    if key_provider is not None:
+        log = LogStore(path, key_provider=key_provider, readonly=True, create=False)
+    else:
+        log = LogStore(path, key_file=key_file, readonly=True, create=False)
+    try:
+        return verify_store(log, progress=progress, replay=replay, scratch_dir=scratch_dir)
+    finally:
+        log.close()
+
+
+__all__ = ["VerifyReport", "applied_index_of", "applier_for", "replay_chunk", "replay_problem", "verify_path",
+           "verify_store"]
