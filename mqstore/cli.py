@@ -21,7 +21,13 @@ from mqstore.commands._common import DEFAULT_DATA_DIR, default_data_dir, emit
 from mqstore.errors import MQStoreError
 
 #: Modules that add subcommands (in help order).
-COMMAND_MODULES = ("mqstore.commands.local", "mqstore.commands.node")
+COMMAND_MODULES = (
+    "mqstore.commands.local",
+    "mqstore.commands.node",
+    "mqstore.commands.ops",
+    "mqstore.commands.compliance",
+    "mqstore.commands.security",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,8 @@ Example ``node.toml``::
     advertise = "127.0.0.1:7001"      # address peers and clients use (default: listen)
     data_dir  = "/var/lib/mqstore/n1"
     key_file  = "/etc/mqstore/kek.key"
+    audit_signing_key = "/etc/mqstore/audit-1.key"   # Ed25519 key signing this node's audit
+                                      # checkpoints (default: <data_dir>/audit-signing.key, created)
     min_sites = 2                     # an index commits only when voters in 2 sites hold it
                                       # (default: 2, or 1 when all members share one site)
 
@@ -15,6 +17,36 @@ Example ``node.toml``::
     id      = 2
     site    = "fra"
     address = "127.0.0.1:7002"        # where THIS node dials peer 2 (may be a local proxy)
+
+Security and operations (see README, "Security and operations of nodes")::
+
+    insecure = false                  # true: plaintext everything (tests, trials); loudly warned
+    [tls]                             # required unless insecure = true
+    ca   = "/etc/mqstore/ca.pem"      # the cluster CA: peers and clients must present a cert it signed
+    cert = "/etc/mqstore/node-1.pem"  # this node's certificate (names node 1: mqstore certs issue node)
+    key  = "/etc/mqstore/node-1.key"
+    [auth]
+    tokens_file = "/etc/mqstore/tokens.json"   # bearer tokens, hashed (mqstore tokens add|list|remove)
+    anonymous = false                 # calls without credentials act with every role (default:
+                                      # true only when insecure and no tokens_file)
+    [[auth.clients]]                  # roles of a client certificate's name (overrides its own)
+    name = "mta-1"
+    roles = ["producer"]
+    namespaces = ["default"]          # omit: every namespace
+    [limits]                          # refused at the edge (defaults: mqstore/limits.py)
+    message_bytes_max = 52428800
+    recipients_max = 1000
+    batch_messages_max = 4096
+    request_bytes_max = 67108864
+    requests_per_second = 5000        # per client; unary calls over it get RESOURCE_EXHAUSTED
+    requests_burst = 10000
+    streams_per_client_max = 16
+    deadline_required = true          # Queue calls without a deadline are refused
+    [metrics]
+    listen = "127.0.0.1:9464"         # Prometheus endpoint (/metrics); omit: none
+    [health]
+    disk_free_min_bytes = 1073741824  # NOT_SERVING (and enqueues refused) below this much free
+    disk_free_min_percent = 2.0       # ... or below this share of the disk
 
 ``address`` of a peer is a local override: a node dials each peer at the address in its own
 config, so a test can put a proxy on any single link.
@@ -27,10 +59,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mqstore import limits
 from mqstore.errors import InvalidArgument
 
-_KEYS = {"node_id", "site", "listen", "advertise", "data_dir", "key_file", "min_sites", "peers", "cluster_id",
-         "election_tick", "heartbeat_ms", "log_level", "log_json"}
+_KEYS = {"node_id", "site", "listen", "advertise", "data_dir", "key_file", "audit_signing_key", "min_sites",
+         "peers", "cluster_id",
+         "election_tick", "heartbeat_ms", "log_level", "log_json",
+         "insecure", "tls", "auth", "limits", "metrics", "health"}
+_TLS_KEYS = {"ca", "cert", "key"}
+_AUTH_KEYS = {"tokens_file", "anonymous", "clients"}
+_CLIENT_KEYS = {"name", "roles", "namespaces"}
+_METRICS_KEYS = {"listen"}
+_HEALTH_KEYS = {"disk_free_min_bytes", "disk_free_min_percent"}
 _PEER_KEYS = {"id", "site", "address"}
 
 
@@ -46,12 +86,60 @@ class Peer:
 
 
 @dataclass(frozen=True, slots=True)
+class TLSFiles:
+    """A node's TLS material: the cluster CA, its certificate and key (PEM files)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRoles:
+    """``[[auth.clients]]``: the roles of the client certificate named ``name``."""
+
+    name: str
+    roles: frozenset[str]
+    namespaces: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    tokens_file: Path | None = None
+    #: Calls without credentials act as an "anonymous" actor with every role (None: true only
+    #: when the node is insecure and has no tokens file).
+    anonymous: bool | None = None
+    clients: tuple[ClientRoles, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeLimits:
+    """``[limits]``: what a node refuses at the network edge, before a call reaches the queue."""
+
+    message_bytes_max: int = limits.MESSAGE_BYTES_MAX
+    recipients_max: int = limits.RECIPIENTS_MAX
+    batch_messages_max: int = limits.BATCH_MESSAGES_MAX
+    request_bytes_max: int = limits.REQUEST_BYTES_MAX
+    requests_per_second: int = limits.CLIENT_REQUESTS_PER_SECOND_DEFAULT
+    requests_burst: int = limits.CLIENT_REQUESTS_BURST_DEFAULT
+    streams_per_client_max: int = limits.CLIENT_STREAMS_MAX_DEFAULT
+    deadline_required: bool = True
+
+
+#: Health: a node reports NOT_SERVING, and refuses enqueues, when its disk has less free space
+#: than the larger of these.
+DISK_FREE_MIN_BYTES_DEFAULT = 256 * 1024 * 1024
+DISK_FREE_MIN_PERCENT_DEFAULT = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     node_id: int
     site: str
     listen: str
     data_dir: Path
     key_file: Path | None = None
+    audit_signing_key: Path | None = None  # None: <data_dir>/audit-signing.key, created if missing
     advertise: str = ""
     min_sites: int | None = None  # None: 2, or 1 when every member is in one site
     peers: tuple[Peer, ...] = ()
@@ -60,6 +148,13 @@ class NodeConfig:
     heartbeat_ms: int = 100
     log_level: str = "info"
     log_json: bool = False
+    insecure: bool = False
+    tls: TLSFiles | None = None
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: EdgeLimits = field(default_factory=EdgeLimits)
+    metrics_listen: str = ""
+    disk_free_min_bytes: int = DISK_FREE_MIN_BYTES_DEFAULT
+    disk_free_min_percent: float = DISK_FREE_MIN_PERCENT_DEFAULT
     source: str = "<dict>"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -114,6 +209,9 @@ def parse(data: dict[str, Any], source: str = "<dict>") -> NodeConfig:
     key_file = data.get("key_file")
     if key_file is not None and (not isinstance(key_file, str) or not key_file):
         raise ConfigError(f"{where} key_file must be a path")
+    signing_key = data.get("audit_signing_key")
+    if signing_key is not None and (not isinstance(signing_key, str) or not signing_key):
+        raise ConfigError(f"{where} audit_signing_key must be a path")
     min_sites = _int(data["min_sites"], f"{where} min_sites", 1, 64) if "min_sites" in data else None
     peers_raw = data.get("peers", [])
     if not isinstance(peers_raw, list):
@@ -144,13 +242,24 @@ def parse(data: dict[str, Any], source: str = "<dict>") -> NodeConfig:
     log_json = data.get("log_json", False)
     if not isinstance(log_json, bool):
         raise ConfigError(f"{where} log_json must be true or false")
+    insecure = data.get("insecure", False)
+    if not isinstance(insecure, bool):
+        raise ConfigError(f"{where} insecure must be true or false, not {insecure!r}")
+    tls = _tls(data.get("tls"), where, node_id, insecure)
     return NodeConfig(
+        insecure=insecure,
+        tls=tls,
+        auth=_auth(data.get("auth", {}), where),
+        limits=_limits(data.get("limits", {}), where),
+        metrics_listen=_metrics(data.get("metrics", {}), where),
+        **_health(data.get("health", {}), where),
         node_id=node_id,
         site=site,
         listen=listen,
         advertise=advertise,
         data_dir=Path(data["data_dir"]),
         key_file=Path(key_file) if key_file else None,
+        audit_signing_key=Path(signing_key) if signing_key else None,
         min_sites=min_sites,
         peers=tuple(peers),
         cluster_id=cluster_id,
@@ -160,6 +269,124 @@ def parse(data: dict[str, Any], source: str = "<dict>") -> NodeConfig:
         log_json=log_json,
         source=source,
     )
+
+
+def _table(value: object, where: str, known: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a table ([{where.rsplit(' ', 1)[-1]}])")
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    return value
+
+
+def _path(value: object, where: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} must be a path, not {value!r}")
+    return Path(value)
+
+
+def _tls(value: object, where: str, node_id: int, insecure: bool) -> TLSFiles | None:
+    from mqstore.security.certs import check_tls_files
+
+    if value is None:
+        if insecure:
+            return None
+        raise ConfigError(
+            f"{where} TLS is required: set [tls] ca, cert and key (create them with `mqstore certs init` and "
+            "`mqstore certs issue node`), or insecure = true for plaintext (tests and trials only)"
+        )
+    t = _table(value, f"{where} tls", _TLS_KEYS)
+    for required in ("ca", "cert", "key"):
+        if required not in t:
+            raise ConfigError(f"{where} tls: missing '{required}' (the [tls] table needs ca, cert and key)")
+    files = TLSFiles(_path(t["ca"], f"{where} tls.ca"), _path(t["cert"], f"{where} tls.cert"),
+                     _path(t["key"], f"{where} tls.key"))
+    if insecure:
+        raise ConfigError(f"{where} insecure = true and a [tls] table: choose one")
+    try:
+        check_tls_files(files.ca, files.cert, files.key, node_id=node_id, where=where)
+    except InvalidArgument as exc:
+        raise ConfigError(str(exc)) from None
+    return files
+
+
+def _auth(value: object, where: str) -> AuthConfig:
+    from mqstore.security.certs import check_name, check_namespaces, check_roles
+
+    a = _table(value, f"{where} auth", _AUTH_KEYS)
+    tokens_file = _path(a["tokens_file"], f"{where} auth.tokens_file") if "tokens_file" in a else None
+    anonymous = a.get("anonymous")
+    if anonymous is not None and not isinstance(anonymous, bool):
+        raise ConfigError(f"{where} auth.anonymous must be true or false, not {anonymous!r}")
+    raw = a.get("clients", [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where} auth.clients must be an array of tables ([[auth.clients]])")
+    clients = []
+    seen: set[str] = set()
+    for i, c in enumerate(raw):
+        cw = f"{where} auth.clients[{i}]"
+        c = _table(c, cw, _CLIENT_KEYS)
+        if "name" not in c or "roles" not in c:
+            raise ConfigError(f"{cw}: needs name and roles")
+        try:
+            name = check_name(c["name"], f"{cw}.name")
+            roles = check_roles(c["roles"], f"{cw}.roles")
+            spaces = check_namespaces(c.get("namespaces"), f"{cw}.namespaces")
+        except InvalidArgument as exc:
+            raise ConfigError(str(exc)) from None
+        if name in seen:
+            raise ConfigError(f"{cw}.name {name!r} is listed twice")
+        seen.add(name)
+        clients.append(ClientRoles(name, roles, spaces))
+    return AuthConfig(tokens_file, anonymous, tuple(clients))
+
+
+def _limits(value: object, where: str) -> EdgeLimits:
+    t = _table(value, f"{where} limits", set(EdgeLimits.__dataclass_fields__))
+    d = EdgeLimits()
+    bounds = {
+        "message_bytes_max": (1, limits.MESSAGE_BYTES_MAX),
+        "recipients_max": (1, limits.RECIPIENTS_MAX),
+        "batch_messages_max": (1, limits.BATCH_MESSAGES_MAX),
+        "request_bytes_max": (1024, limits.REQUEST_BYTES_MAX),
+        "requests_per_second": (1, 10_000_000),
+        "requests_burst": (1, 100_000_000),
+        "streams_per_client_max": (1, 10_000),
+    }
+    out: dict[str, Any] = {}
+    for key, (lo, hi) in bounds.items():
+        out[key] = _int(t[key], f"{where} limits.{key}", lo, hi) if key in t else getattr(d, key)
+    required = t.get("deadline_required", True)
+    if not isinstance(required, bool):
+        raise ConfigError(f"{where} limits.deadline_required must be true or false, not {required!r}")
+    if out["requests_burst"] < out["requests_per_second"]:
+        raise ConfigError(f"{where} limits.requests_burst must be >= limits.requests_per_second")
+    return EdgeLimits(**out, deadline_required=required)
+
+
+def _metrics(value: object, where: str) -> str:
+    t = _table(value, f"{where} metrics", _METRICS_KEYS)
+    if "listen" not in t:
+        return ""
+    value = t["listen"]
+    host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:  # port 0: any free port (tests)
+        raise ConfigError(f"{where} metrics.listen must be 'host:port' with a port 0..65535, not {value!r}")
+    return str(value)
+
+
+def _health(value: object, where: str) -> dict[str, Any]:
+    t = _table(value, f"{where} health", _HEALTH_KEYS)
+    out: dict[str, Any] = {}
+    if "disk_free_min_bytes" in t:
+        out["disk_free_min_bytes"] = _int(t["disk_free_min_bytes"], f"{where} health.disk_free_min_bytes", 0, 2**63 - 1)
+    if "disk_free_min_percent" in t:
+        pct = t["disk_free_min_percent"]
+        if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0 <= pct <= 100:
+            raise ConfigError(f"{where} health.disk_free_min_percent must be a number 0..100, not {pct!r}")
+        out["disk_free_min_percent"] = float(pct)
+    return out
 
 
 def load(path: str | Path) -> NodeConfig:
@@ -176,4 +403,4 @@ def load(path: str | Path) -> NodeConfig:
     return parse(data, str(p))
 
 
-__all__ = ["ConfigError", "NodeConfig", "Peer", "load", "parse"]
+__all__ = ["AuthConfig", "ClientRoles", "ConfigError", "EdgeLimits", "NodeConfig", "Peer", "TLSFiles", "load", "parse"]

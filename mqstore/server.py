@@ -14,7 +14,10 @@ import hashlib
 import json
 import logging
 import os
+import queue
+import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -22,21 +25,53 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
-from mqstore import errors
-from mqstore.api import Lease, Message, MessageSummary
+from mqstore import errors, limits
+from mqstore.actor import Actor
+from mqstore.api import Lease, Message, MessageSummary, QueueBase
 from mqstore.codec import crc32c
+from mqstore.compliance.service import ComplianceService
 from mqstore.config import NodeConfig
 from mqstore.consensus.types import ConfChange, ConfChangeItem, ConfChangeType, InvalidConfig, ProposalDropped
+from mqstore.health import NodeHealth
+from mqstore.metrics import NodeMetrics
 from mqstore.node.cluster_queue import ClusterQueue
 from mqstore.node.raftlog import entry_payload
 from mqstore.node.replica import MemberInfo
 from mqstore.node.runtime import Node, Operation
 from mqstore.node.transport import CHANNEL_OPTIONS
 from mqstore.node.wire import message_from_proto
-from mqstore.proto import admin_pb2, admin_pb2_grpc, queue_pb2, queue_pb2_grpc, raft_pb2, raft_pb2_grpc
+from mqstore.ops import backup as ops_backup
+from mqstore.ops import inspect as ops_inspect
+from mqstore.ops import repair as ops_repair
+from mqstore.ops import verify as ops_verify
+from mqstore.proto import (
+    admin_pb2,
+    admin_pb2_grpc,
+    compliance_pb2_grpc,
+    queue_pb2,
+    queue_pb2_grpc,
+    raft_pb2,
+    raft_pb2_grpc,
+)
+from mqstore.security import auth
+from mqstore.security.auth import Authenticator, current_peer_node
+from mqstore.security.edge import EdgeInterceptor
+from mqstore.security.tls import PeerChannelFactory, server_credentials
 
 log = logging.getLogger(__name__)
+
+#: Services a node serves, for gRPC server reflection.
+_SERVICE_NAMES = (
+    "mqstore.v1.Queue",
+    "mqstore.v1.Admin",
+    "mqstore.v1.Compliance",
+    "mqstore.v1.Raft",
+    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    reflection.SERVICE_NAME,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,6 +84,9 @@ _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (ProposalDropped, grpc.StatusCode.UNAVAILABLE),
     (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.Immutable, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.Corruption, grpc.StatusCode.DATA_LOSS),
     (errors.MQStoreError, grpc.StatusCode.INTERNAL),
 ]
@@ -163,6 +201,10 @@ def _message_proto(m: Message, include_data: bool) -> queue_pb2.MessageInfo:
         size=m.size,
         idempotency_key=m.idempotency_key or "",
         retain_until_ms=round(m.retain_until * 1000) if m.retain_until else 0,
+        retention_mode=m.retention_mode,
+        locked_until_ms=round(m.locked_until * 1000) if m.locked_until else 0,
+        legal_holds=list(m.legal_holds),
+        key_id=m.key_id,
     )
 
 
@@ -285,7 +327,9 @@ class QueueService(queue_pb2_grpc.QueueServicer):  # type: ignore[misc]
 
     @handled
     def Delete(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._admin(self.queue.delete, request)
+        self.queue.delete(request.message_id, bypass_governance=request.bypass_governance,
+                          reason=request.reason or None)
+        return queue_pb2.AdminResponse()
 
     @handled
     def List(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -330,6 +374,10 @@ class QueueService(queue_pb2_grpc.QueueServicer):  # type: ignore[misc]
             retention=keep_or_seconds(request.retention_ms, "retention_ms"),
             dedup_window=keep_or_seconds(request.dedup_window_ms, "dedup_window_ms"),
             expired_retention=keep_or_seconds(request.expired_retention_ms, "expired_retention_ms"),
+            mode=request.mode or None,
+            lock_retention=keep_or_seconds(request.lock_retention_ms, "lock_retention_ms"),
+            bypass_governance=request.bypass_governance,
+            reason=request.reason or None,
         )
         return queue_pb2.PolicyResponse(
             backoff_ms=list(policy.backoff_ms),
@@ -338,6 +386,11 @@ class QueueService(queue_pb2_grpc.QueueServicer):  # type: ignore[misc]
             dedup_window_ms=policy.dedup_window_ms,
             expired_retention_ms=policy.expired_retention_ms,
         )
+
+
+def ops_members(node: Node) -> list[int]:
+    """Every member of the node's configuration (voters and learners)."""
+    return [n for n, _ in node.raw.conf_state.sites]
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
@@ -370,6 +423,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             min_sites=st["min_sites"],
             stats_json=json.dumps(stats, sort_keys=True),
             disk_used_bytes=self.node.log.stats()["file_size_bytes"],
+            cluster_id=self.node.cluster_id,
+            removed_ids=self.node.removed_ids(),
+            snapshot_index=self.node.storage.snapshot_meta().index,
+            quarantined=len(self.node.log.quarantined()),
         )
 
     @handled
@@ -419,13 +476,194 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def Snapshot(self, request: Any, context: grpc.ServicerContext) -> Any:
         raise errors.MQStoreError("on-demand snapshots are not implemented yet")
 
+    # --- operations (mqstore/ops, the admin CLI) -------------------------------------------------
+
+    @handled
+    def ReadRecords(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Committed records by index, for a replica repairing damaged ones."""
+        node = self.node
+        served = ops_repair.serve_records(node.log, list(request.indices), node.raw.commit_index)
+        return admin_pb2.ReadRecordsResponse(
+            node_id=node.node_id,
+            cluster_id=node.cluster_id,
+            commit_index=node.raw.commit_index,
+            first_index=node.log.first_index,
+            last_index=node.log.last_index,
+            records=[admin_pb2.RawRecord(index=i, data=data, error=error) for i, data, error in served],
+        )
+
+    @handled
+    def Repair(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Repair this node's damaged records from its peers, through its own writer."""
+        node = self.node
+        damaged = ops_repair.find_damaged(node.log, list(request.indices), request.scan)
+        report = ops_repair.repair_records(node.log, damaged, self._peer_fetch, dry_run=request.dry_run)
+        report["node_id"] = node.node_id
+        return admin_pb2.RepairResponse(report_json=json.dumps(report, sort_keys=True))
+
+    def _peer_fetch(self, indices: list[int]) -> tuple[dict[int, tuple[bytes, str]], list[str]]:
+        node = self.node
+        found: dict[int, tuple[bytes, str]] = {}
+        notes: list[str] = []
+        peers = sorted(n for n in ops_members(node) if n != node.node_id)
+        for peer in peers:
+            wanted = [i for i in indices if i not in found]
+            if not wanted:
+                break
+            address = node._address_of(peer)
+            if not address:
+                notes.append(f"node {peer}: no address known")
+                continue
+            channel = node.transport.channel_factory(address)
+            try:
+                answer = admin_pb2_grpc.AdminStub(channel).ReadRecords(
+                    admin_pb2.ReadRecordsRequest(indices=wanted), timeout=30
+                )
+            except grpc.RpcError as exc:
+                notes.append(f"node {peer} ({address}): {exc.code().name} {exc.details()}")
+                continue
+            finally:
+                channel.close()
+            if answer.cluster_id != node.cluster_id:
+                notes.append(f"node {peer} answered for cluster {answer.cluster_id!r}: ignored")
+                continue
+            for rec in answer.records:
+                if rec.data and not rec.error:
+                    found[rec.index] = (bytes(rec.data), f"node {answer.node_id}")
+                elif rec.error:
+                    notes.append(f"node {answer.node_id}, index {rec.index}: {rec.error}")
+        return found, notes
+
+    @handled
+    def MessageHistory(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """A message's history from this node's log. On the leader only (after a read barrier),
+        so it includes everything acknowledged."""
+        from mqstore.ids import parse_id
+        from mqstore.queue import machine
+
+        mid = parse_id(request.message_id)
+        self.node.read_barrier()
+        with self.node.read_state() as kv:
+            row = machine.get_message(kv, mid)
+        result = ops_inspect.message_history(self.node.log, request.message_id, row.enqueue_index if row else None)
+        result["exists"] = row is not None
+        return admin_pb2.HistoryResponse(json=json.dumps(result, sort_keys=True))
+
+    @handled
+    def StateShape(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """qshape for queued, deferred or held recipients (on the leader, after a read barrier)."""
+        self.node.read_barrier()
+        shape = ops_inspect.qshape_by_state(self.node.log, request.namespace or None, request.state,
+                                            self.node.now_ms())
+        return admin_pb2.StateShapeResponse(json=json.dumps(shape))
+
+    def _copy(self) -> Path:
+        """A consistent copy of this node's store in a fresh directory under snapshots/."""
+        work = self.node.snapshot_dir / f"ops-{uuid.uuid4().hex}"
+        self.node.log.copy_to(work)
+        return work
+
+    def Verify(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        """Verify a consistent copy of this node's store (inside the node: its key stays here)."""
+        events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        with self.in_flight:
+            try:
+                work = self._copy()
+            except errors.MQStoreError as exc:
+                _abort(context, exc)
+                return
+            result: dict[str, Any] = {}
+
+            def run() -> None:
+                try:
+                    report = ops_verify.verify_path(
+                        work,
+                        key_provider=self.node.log.keyring.provider,
+                        progress=lambda phase, done, total: events.put(("progress", (phase, done, total))),
+                        scratch_dir=self.node.snapshot_dir,
+                    )
+                    result.update(report.to_dict())
+                    result["node_id"] = self.node.node_id
+                    events.put(("done", None))
+                except BaseException as exc:  # reported to the caller below
+                    events.put(("error", exc))
+
+            worker = threading.Thread(target=run, name="mqstore-verify", daemon=True)
+            worker.start()
+            try:
+                last_sent = 0.0
+                while True:
+                    kind, value = events.get()
+                    if kind == "progress":
+                        now = time.monotonic()
+                        if now - last_sent >= 0.2:
+                            last_sent = now
+                            phase, done, total = value
+                            yield admin_pb2.VerifyEvent(progress=admin_pb2.Progress(phase=phase, done=done,
+                                                                                     total=total))
+                    elif kind == "done":
+                        yield admin_pb2.VerifyEvent(report_json=json.dumps(result, sort_keys=True))
+                        return
+                    else:
+                        failure = value if isinstance(value, errors.MQStoreError) else errors.MQStoreError(str(value))
+                        _abort(context, failure)
+                        return
+            finally:
+                worker.join(1)
+                shutil.rmtree(work, ignore_errors=True)
+
+    def Backup(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        """A consistent copy of this node's store, streamed in the backup file format. With
+        ``min_applied_index``, first waits until this node applied that index (the CLI passes the
+        leader's commit index: everything acknowledged before the backup began is in it)."""
+        node = self.node
+        with self.in_flight:
+            wait_s = (request.wait_ms or 30_000) / 1000
+            deadline = time.monotonic() + wait_s
+            while node.applied_index < request.min_applied_index:
+                if time.monotonic() > deadline or not context.is_active():
+                    _abort(context, errors.Unavailable(
+                        f"node {node.node_id} applied {node.applied_index}, not {request.min_applied_index}, "
+                        f"within {wait_s:g} s: back up another node, or wait for it to catch up"))
+                    return
+                time.sleep(0.02)
+            try:
+                work = self._copy()
+            except errors.MQStoreError as exc:
+                _abort(context, exc)
+                return
+            try:
+                source = {"kind": "node", "node_id": node.node_id, "cluster_id": node.cluster_id,
+                          "site": node.config.site, "address": node.config.address}
+                header = ops_backup.describe_copy(work, source)
+                offset = 0
+                state = {"done": 0, "total": header["data_bytes"]}
+
+                def progress(done: int, total: int) -> None:
+                    state["done"], state["total"] = done, total
+
+                for piece in ops_backup.backup_bytes(work / "data.mdb", header, progress):
+                    yield admin_pb2.BackupChunk(
+                        data=piece, offset=offset,
+                        progress=admin_pb2.Progress(phase="backup", done=state["done"], total=state["total"]),
+                    )
+                    offset += len(piece)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+
 
 class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
     def __init__(self, node: Node) -> None:
         self.node = node
 
     def Send(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        peer = current_peer_node.get()  # the node the caller's certificate names (None: insecure)
         for p in request_iterator:
+            if peer is not None and getattr(p, "from") != peer:
+                context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"message from node {getattr(p, 'from')} over a connection whose certificate names node {peer}",
+                )
             if p.cluster_id != self.node.cluster_id:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, f"message from cluster {p.cluster_id!r}, not ours")
             if p.to != self.node.node_id:
@@ -440,6 +678,7 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
         offsets and the whole file's SHA-256, then hand it to the node (which installs it when
         its consensus core decides to)."""
         node = self.node
+        peer = current_peer_node.get()
         target: Path | None = node.snapshot_dir / f"incoming-{uuid.uuid4().hex}.mdb"
         assert target is not None
         digest = hashlib.sha256()
@@ -449,6 +688,12 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
         try:
             with path.open("wb") as f:
                 for chunk in request_iterator:
+                    if peer is not None and getattr(chunk, "from") != peer:
+                        context.abort(
+                            grpc.StatusCode.PERMISSION_DENIED,
+                            f"snapshot from node {getattr(chunk, 'from')} over a connection whose certificate "
+                            f"names node {peer}",
+                        )
                     if chunk.cluster_id != node.cluster_id or chunk.to != node.node_id:
                         return raft_pb2.SnapshotAck(ok=False, error="snapshot for another cluster or node")
                     if header is None:
@@ -478,36 +723,186 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
                 target.unlink(missing_ok=True)
 
 
-class NodeServer:
-    """A node plus its gRPC server, started and stopped together."""
+def _audit_signer(config: NodeConfig) -> Any:
+    """The Ed25519 key this node signs its audit checkpoints with: ``audit_signing_key`` (must
+    exist), else ``<data_dir>/audit-signing.key`` (created 0600 on first start)."""
+    from mqstore.api import AUDIT_KEY_FILE
+    from mqstore.compliance.signing import load_or_create_signing_key
 
-    def __init__(self, config: NodeConfig, *, workers: int = 128, **node_options: Any) -> None:
+    if config.audit_signing_key is not None:
+        return load_or_create_signing_key(config.audit_signing_key, create=False)
+    return load_or_create_signing_key(Path(config.data_dir) / AUDIT_KEY_FILE, create=True)
+
+
+class NodeServer:
+    """A node plus its gRPC server, health service and metrics, started and stopped together.
+
+    Every call passes the edge interceptor (:mod:`mqstore.security.edge`: authentication,
+    authorization, limits, metrics) first. With ``[tls]`` the port speaks mutual TLS and peers
+    are dialed with mutual TLS too; with ``insecure = true`` everything is plaintext.
+
+    Hooks the edge calls (the compliance layer fills in the audit): :meth:`authorize`,
+    :meth:`audit_denial`, :meth:`namespace_of_message`, :meth:`namespace_of_lease`.
+    """
+
+    def __init__(self, config: NodeConfig, *, workers: int = limits.SERVER_THREADS_DEFAULT,
+                 **node_options: Any) -> None:
+        if workers <= limits.PEER_THREADS_RESERVED:
+            raise errors.InvalidArgument(f"a node needs more than {limits.PEER_THREADS_RESERVED} gRPC threads")
         self.config = config
+        self.authenticator = Authenticator(config)  # reads the tokens file: fails before anything opens
+        if config.tls is not None and "channel_factory" not in node_options:
+            node_options["channel_factory"] = PeerChannelFactory(config.tls)
         self.node = Node(config, **node_options)
-        self.queue = ClusterQueue(self.node)
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS)
-        self.in_flight = InFlight()
-        queue_pb2_grpc.add_QueueServicer_to_server(QueueService(self.queue, self.in_flight), self.grpc)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.node, self.queue, self.in_flight), self.grpc)
-        raft_pb2_grpc.add_RaftServicer_to_server(RaftService(self.node), self.grpc)
-        self.port = self.grpc.add_insecure_port(config.listen)
-        if self.port == 0:
+        try:
+            self.queue = ClusterQueue(self.node, audit_signer=_audit_signer(config))
+        except BaseException:
             self.node.stop(transfer_leadership=False)
-            raise errors.InvalidArgument(f"cannot listen on {config.listen}")
+            raise
+        try:
+            self.metrics: NodeMetrics | None = NodeMetrics(self._metrics_state)
+            self.node.log.commit_observer = self.metrics.observe_fsync
+            self.health = NodeHealth(
+                config.node_id, config.data_dir, lambda: self.node.leader_id,
+                disk_free_min_bytes=config.disk_free_min_bytes, disk_free_min_percent=config.disk_free_min_percent,
+                on_leader_change=lambda _old, _new: self._leader_changed(),
+            )
+            self.edge = EdgeInterceptor(self, config.limits, client_calls_max=workers - limits.PEER_THREADS_RESERVED,
+                                        tls=config.tls is not None)
+            options = [*CHANNEL_OPTIONS, ("grpc.max_concurrent_streams", limits.CONNECTION_STREAMS_MAX)]
+            self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[self.edge],
+                                    options=options)
+            self.in_flight = InFlight()
+            queue_pb2_grpc.add_QueueServicer_to_server(QueueService(self.queue, self.in_flight), self.grpc)
+            admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.node, self.queue, self.in_flight), self.grpc)
+            compliance_pb2_grpc.add_ComplianceServicer_to_server(ComplianceService(self.queue, self.in_flight),
+                                                                 self.grpc)
+            raft_pb2_grpc.add_RaftServicer_to_server(RaftService(self.node), self.grpc)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.grpc)
+            reflection.enable_server_reflection(_SERVICE_NAMES, self.grpc)
+            try:
+                if config.tls is not None:
+                    self.port = self.grpc.add_secure_port(config.listen, server_credentials(config.tls))
+                else:
+                    self.port = self.grpc.add_insecure_port(config.listen)
+            except RuntimeError:
+                self.port = 0
+            if self.port == 0:
+                raise errors.InvalidArgument(f"cannot listen on {config.listen}")
+        except BaseException:
+            self.queue.close()
+            self.node.stop(transfer_leadership=False)
+            raise
+        self.metrics_port = 0
 
     def start(self) -> None:
         self.grpc.start()
         self.node.start()
+        self.health.start()
+        if self.config.metrics_listen and self.metrics is not None:
+            self.metrics_port = self.metrics.serve(self.config.metrics_listen)
 
     def stop(self, grace: float = 5.0) -> None:
         """Graceful (SIGTERM): hand leadership to another voter while everything still runs, stop
         taking new calls and let in-flight ones finish, then stop the node."""
         self.node.hand_over_leadership(grace)
+        self.health.stop()  # NOT_SERVING from now on
         self.grpc.stop(grace)  # refuses new calls; peers' Raft streams would last the whole grace...
         self.in_flight.wait_idle(grace)  # ...so wait only for the client calls being served
         self.grpc.stop(0).wait(grace)
         self.queue.close()
         self.node.stop(transfer_leadership=False)
+        if self.metrics is not None:
+            self.metrics.close()
+
+    # --- hooks of the edge (mqstore/security/edge.py) --------------------------------------------
+
+    def authorize(self, actor: Actor, permission: str, namespace: str | None = None) -> None:
+        """Raise PermissionDenied unless ``actor`` may use ``permission`` in ``namespace`` (None:
+        in every namespace). Called before a call reaches the queue."""
+        auth.check(actor, permission, namespace)
+
+    def audit_denial(self, actor: Actor, rpc: str, reason: str) -> None:
+        """A call was refused (UNAUTHENTICATED or PERMISSION_DENIED) before reaching the queue;
+        nothing was changed. ``actor`` is ``unauthenticated`` (no roles) when the caller could not
+        be authenticated. Written to the (replicated) audit log through consensus; a follower
+        cannot propose, so it logs the refusal instead (clients find the leader, so refusals
+        are normally seen there)."""
+        if not self.node.is_leader:
+            log.warning("refused %s for %s (not audited: this node is not the leader): %s", rpc, actor.name, reason)
+            return
+        try:
+            self.queue.record_denial(rpc.lstrip("/").removeprefix("mqstore.v1."), "", reason[:4000], actor)
+        except errors.MQStoreError as exc:
+            log.error("refused %s for %s, and auditing the refusal failed (%s): %s", rpc, actor.name, exc, reason)
+
+    def namespace_of_message(self, message_id: str) -> str | None:
+        """The namespace of a message in this node's applied state (None: unknown here). Used to
+        authorize calls that name only a message id, for actors limited to some namespaces."""
+        from mqstore.ids import parse_id
+        from mqstore.queue import machine
+
+        try:
+            mid = parse_id(message_id)
+            with self.node.read_state() as kv:
+                row = machine.get_message(kv, mid)
+            return None if row is None else str(row.namespace)
+        except Exception:  # unknown or malformed: the caller is refused (fail closed)
+            return None
+
+    def namespace_of_lease(self, token: int) -> str | None:
+        """The namespace of the message a lease token holds (None: unknown here)."""
+        import struct
+
+        from mqstore.queue import machine
+        from mqstore.queue.model import LeaseRow
+
+        try:
+            with self.node.read_state() as kv:
+                raw = kv.get(b"leases", struct.pack(">Q", token))
+                if raw is None:
+                    return None
+                row = machine.get_message(kv, LeaseRow.decode(raw).mid)
+            return None if row is None else str(row.namespace)
+        except Exception:
+            return None
+
+    def enqueue_refusal(self) -> errors.MQStoreError | None:
+        return self.health.enqueue_refusal()
+
+    # --- metrics -----------------------------------------------------------------------------------
+
+    def _leader_changed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.leader_changes.inc()
+
+    def _metrics_state(self) -> dict[str, Any]:
+        st = self.node.status()
+        is_leader = st["role"] == "leader"
+        out: dict[str, Any] = {
+            "term": st["term"],
+            "is_leader": int(is_leader),
+            "leader_id": st["leader_id"],
+            "commit_index": st["commit_index"],
+            "applied_index": st["applied_index"],
+            "disk_free_bytes": self.health.disk_free_bytes,
+            "disk_total_bytes": self.health.disk_total_bytes,
+            "serving": int(self.health.serving),
+            "client_calls_in_flight": self.edge.in_flight.total,
+            "peer_messages_dropped": self.node.transport.dropped,
+        }
+        if is_leader:
+            out["replication_lag"] = {
+                m["id"]: max(0, st["last_index"] - m["match_index"]) for m in st["members"] if m["id"] != st["node_id"]
+            }
+        try:
+            out["disk_used_bytes"] = self.node.log.stats()["file_size_bytes"]
+            stats = QueueBase.stats(self.queue)  # this node's applied state: no ReadIndex round
+            out["queue"] = stats["namespaces"]
+            out["oldest_age_seconds"] = stats["oldest_age_seconds"]
+        except Exception:
+            log.debug("metrics: queue stats unavailable", exc_info=True)
+        return out
 
 
 __all__ = ["AdminService", "NodeServer", "QueueService", "RaftService", "handled"]

@@ -33,6 +33,7 @@ def _config(root: Path, key: Path, node_id: int, sites: dict[int, str], ports: d
             "listen": f"127.0.0.1:{ports[node_id]}",
             "data_dir": str(root / f"n{node_id}"),
             "key_file": str(key),
+            "insecure": True,
             "peers": [
                 {"id": j, "site": sites[j], "address": f"127.0.0.1:{ports[j]}"} for j in members if j != node_id
             ],
@@ -187,7 +188,7 @@ def test_data_dirs_are_never_used_by_accident(tmp_path: Path) -> None:
 
 def _as_dict(cfg: NodeConfig) -> dict[str, Any]:
     return {"node_id": cfg.node_id, "site": cfg.site, "listen": cfg.listen, "data_dir": str(cfg.data_dir),
-            "key_file": str(cfg.key_file)}
+            "key_file": str(cfg.key_file), "insecure": True}
 
 
 @pytest.mark.parametrize(
@@ -218,7 +219,7 @@ def test_serve_refuses_an_empty_data_dir(tmp_path: Path) -> None:
     path = tmp_path / "node.toml"
     path.write_text(
         f'node_id = 1\nsite = "a"\nlisten = "127.0.0.1:{free_port()}"\ndata_dir = "{tmp_path / "d"}"\n'
-        f'key_file = "{key}"\n'
+        f'key_file = "{key}"\ninsecure = true\n'
     )
     out = subprocess.run([sys.executable, "-m", "mqstore", "serve", "--config", str(path)], capture_output=True,
                          text=True, timeout=60)

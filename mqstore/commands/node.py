@@ -25,6 +25,7 @@ def _load_config(args: argparse.Namespace) -> Any:
             "site": "local",
             "listen": args.listen or TRIAL_LISTEN,
             "data_dir": str(args.data_dir),
+            "insecure": True,  # a trial on 127.0.0.1: plaintext, said loudly at start
             **({"key_file": args.key_file} if args.key_file else {}),
         },
         "<trial defaults>",
@@ -33,21 +34,29 @@ def _load_config(args: argparse.Namespace) -> Any:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run a storage node until SIGTERM/SIGINT (graceful: leadership handed over first)."""
-    import logging
     import threading
 
+    from mqstore import logs
     from mqstore.node.runtime import bootstrap
     from mqstore.server import NodeServer
 
     config = _load_config(args)
-    logging.basicConfig(
-        level=getattr(logging, (args.log_level or config.log_level).upper()),
-        format="%(asctime)s %(levelname)s node=" + str(config.node_id) + " %(name)s: %(message)s",
-    )
+    handler = logs.configure(args.log_level or config.log_level, json_lines=config.log_json, node_id=config.node_id)
+    if config.insecure:
+        print(
+            "mqstore: WARNING: INSECURE: this node speaks PLAINTEXT (insecure = true): no TLS, no peer "
+            "or client certificates; anyone who can reach "
+            f"{config.listen} can read and change the queue" + ("" if config.auth.tokens_file else
+                                                                " (and, with no tokens file, do anything)")
+            + ". Use it for tests and trials only.",
+            file=sys.stderr,
+            flush=True,
+        )
     if not args.config and not (Path(config.data_dir) / "data.mdb").exists():
         bootstrap(config, "trial")
         print(f"mqstore: bootstrapped a single-node trial store in {config.data_dir}", file=sys.stderr)
     server = NodeServer(config)
+    logs.set_term_source(handler, lambda: server.node.raw.term)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -57,7 +66,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     server.start()
     print(
-        f"mqstore: node {config.node_id} (site {config.site}) serving on {config.listen}, data in {config.data_dir}",
+        f"mqstore: node {config.node_id} (site {config.site}) serving on {config.listen} "
+        + ("(mutual TLS)" if config.tls is not None else "(PLAINTEXT)")
+        + f", data in {config.data_dir}"
+        + (f", metrics on http://{config.metrics_listen.rpartition(':')[0]}:{server.metrics_port}/metrics"
+           if server.metrics_port else ""),
         file=sys.stderr,
         flush=True,
     )

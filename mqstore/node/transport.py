@@ -4,7 +4,8 @@ One long-lived client stream (``Raft.Send``) per peer, fed by a bounded queue an
 A node dials each peer at the address in its own configuration when one is given there (a local
 override, e.g. a proxy in a test), otherwise at the address the member directory advertises.
 Messages that cannot be delivered are dropped: Raft retransmits, and the core is told the peer is
-unreachable so it stops streaming to it optimistically.
+unreachable so it stops streaming to it optimistically. With TLS the channel factory is a
+:class:`mqstore.security.tls.PeerChannelFactory`: mutual TLS, and each peer verified by its node id.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class _Peer:
             if address is None:
                 time.sleep(delay)
                 continue
-            channel = self.transport.channel_factory(address)
+            channel = self.transport.channel_to(address, self.peer_id)
             done = threading.Event()
             try:
                 raft_pb2_grpc.RaftStub(channel).Send(self._messages(done), wait_for_ready=False)
@@ -158,6 +159,14 @@ class Transport:
         self._snapshots_in_flight: set[int] = set()
         self.dropped = 0
 
+    def channel_to(self, address: str, peer_id: int) -> grpc.Channel:
+        """A channel to peer ``peer_id``. A factory with ``for_peer(address, peer_id)`` (TLS:
+        :class:`mqstore.security.tls.PeerChannelFactory`) gets the peer's id too, to verify it."""
+        for_peer = getattr(self.channel_factory, "for_peer", None)
+        if for_peer is not None:
+            return for_peer(address, peer_id)
+        return self.channel_factory(address)
+
     def send(self, messages: list[Message]) -> None:
         for m in messages:
             peer = self._peer(m.to)
@@ -187,7 +196,7 @@ class Transport:
                 address = self.address_of(message.to)
                 if address is None:
                     return
-                channel = self.channel_factory(address)
+                channel = self.channel_to(address, message.to)
                 try:
                     ack = raft_pb2_grpc.RaftStub(channel).InstallSnapshot(
                         _snapshot_chunks(message, path, self.cluster_id), timeout=SNAPSHOT_TIMEOUT_S

@@ -1,0 +1,119 @@
+"""A node's health: the standard gRPC health service (``grpc.health.v1.Health``), a watcher
+that keeps it current, and the refusal of new enqueues while the node cannot take them.
+
+A node reports NOT_SERVING (for ``""`` and ``mqstore.v1.Queue``) while it knows no leader, or
+while its disk is nearly full: less free space than the larger of ``health.disk_free_min_bytes``
+and ``health.disk_free_min_percent`` of the disk. Meanwhile it refuses new enqueues at the edge,
+before anything is written, with UNAVAILABLE (no leader: retry elsewhere or later) or
+RESOURCE_EXHAUSTED (disk nearly full: nothing is taken until space is freed), instead of failing
+half-way through a commit. Leasing, settling and reading go on: they free space.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from grpc_health.v1 import health, health_pb2
+
+from mqstore.errors import MQStoreError, Overloaded, Unavailable
+
+log = logging.getLogger(__name__)
+
+SERVICES = ("", "mqstore.v1.Queue")
+CHECK_INTERVAL_S = 0.25
+
+
+class NodeHealth:
+    """Watches a node (``leader_id()``) and its data directory's disk; drives ``servicer``."""
+
+    def __init__(
+        self,
+        node_id: int,
+        data_dir: Path,
+        leader_id: Callable[[], int],
+        *,
+        disk_free_min_bytes: int,
+        disk_free_min_percent: float,
+        on_leader_change: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.data_dir = Path(data_dir)
+        self.leader_id = leader_id
+        self.disk_free_min_bytes = disk_free_min_bytes
+        self.disk_free_min_percent = disk_free_min_percent
+        self.on_leader_change = on_leader_change
+        self.servicer = health.HealthServicer()
+        self.disk_free_bytes = 0
+        self.disk_total_bytes = 0
+        self.disk_nearly_full = False
+        self.serving = False
+        self._last_leader = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.update()
+
+    def disk_floor_bytes(self) -> int:
+        return max(self.disk_free_min_bytes, int(self.disk_total_bytes * self.disk_free_min_percent / 100))
+
+    def update(self) -> None:
+        try:
+            usage = shutil.disk_usage(self.data_dir if self.data_dir.exists() else os.getcwd())
+            self.disk_free_bytes, self.disk_total_bytes = usage.free, usage.total
+        except OSError:
+            log.warning("node %d: cannot read the free space of %s", self.node_id, self.data_dir)
+        nearly_full = self.disk_free_bytes < self.disk_floor_bytes()
+        if nearly_full != self.disk_nearly_full:
+            (log.error if nearly_full else log.info)(
+                "node %d: disk %s: %d bytes free, the floor is %d bytes",
+                self.node_id, "nearly full, refusing new enqueues" if nearly_full else "has room again",
+                self.disk_free_bytes, self.disk_floor_bytes(),
+            )
+        self.disk_nearly_full = nearly_full
+        leader = self.leader_id()
+        if leader != self._last_leader:
+            if leader and self.on_leader_change is not None:
+                self.on_leader_change(self._last_leader, leader)
+            self._last_leader = leader
+        serving = leader != 0 and not nearly_full
+        if serving != self.serving or self._thread is None:
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            for service in SERVICES:
+                self.servicer.set(service, status)
+        self.serving = serving
+
+    def enqueue_refusal(self) -> MQStoreError | None:
+        """Why a new enqueue must be refused now (None: it may go ahead)."""
+        if self.disk_nearly_full:
+            return Overloaded(
+                f"node {self.node_id}: disk nearly full ({self.disk_free_bytes} bytes free, below the floor of "
+                f"{self.disk_floor_bytes()} bytes: health.disk_free_min_bytes / disk_free_min_percent); new "
+                "enqueues are refused until space is freed"
+            )
+        if self.leader_id() == 0:
+            return Unavailable(f"node {self.node_id} knows no leader (an election is under way): retry shortly")
+        return None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"mqstore-health-{self.node_id}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(CHECK_INTERVAL_S):
+            try:
+                self.update()
+            except Exception:
+                log.exception("node %d: health check failed", self.node_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.servicer.enter_graceful_shutdown()
+        if self._thread is not None:
+            self._thread.join(2)
+
+
+__all__ = ["CHECK_INTERVAL_S", "SERVICES", "NodeHealth"]

@@ -1,0 +1,343 @@
+"""A small certificate authority for a cluster: the CA, node certificates and client certificates
+(``mqstore certs init|issue``), and reading an identity back out of a peer's certificate.
+
+Identities live in the subject alternative name, as URIs a verifier can match exactly:
+
+- a node: ``mqstore://node/<id>``, plus the DNS name ``node-<id>.mqstore`` (a node dials a peer
+  with that name as the TLS target name, so the handshake itself checks that the node it reached
+  is the node it meant, whatever address or proxy it went through), plus the host names and IP
+  addresses clients use to reach it;
+- a client: ``mqstore://client/<name>?roles=producer,worker&namespaces=a,b`` (no ``namespaces``:
+  every namespace). The CA vouches for the roles; ``[[auth.clients]]`` in a node's config can
+  override them per name.
+
+Keys are ECDSA P-256 (fast handshakes), written with mode 0600. Certificates are for a test or a
+first deployment: an organisation with its own PKI issues certificates with the same SAN URIs.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import ipaddress
+import os
+import re
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from mqstore.actor import ROLES
+from mqstore.errors import InvalidArgument
+
+NODE_URI_PREFIX = "mqstore://node/"
+CLIENT_URI_PREFIX = "mqstore://client/"
+CA_DAYS_DEFAULT = 3650
+CERT_DAYS_DEFAULT = 397  # what browsers accept for a leaf certificate; renew yearly
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}\Z")
+_CLOCK_SKEW = _dt.timedelta(minutes=5)  # certificates start a little in the past
+
+
+def node_dns_name(node_id: int) -> str:
+    """The DNS name in node ``node_id``'s certificate that peers verify when they dial it."""
+    return f"node-{node_id}.mqstore"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a certificate names: a node (``node_id``) or a client (``name``, roles, namespaces:
+    None means "not stated in the certificate" for roles and "every namespace" for namespaces)."""
+
+    kind: str  # "node" or "client"
+    name: str
+    node_id: int = 0
+    roles: frozenset[str] | None = None
+    namespaces: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CertPair:
+    cert: Path
+    key: Path
+
+
+def check_name(name: object, what: str = "name") -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InvalidArgument(f"{what} must be 1-128 characters from A-Z a-z 0-9 . _ @ -, not {name!r}")
+    return name
+
+
+def check_roles(roles: object, what: str = "roles") -> frozenset[str]:
+    if isinstance(roles, str) or not isinstance(roles, (list, tuple, set, frozenset)):
+        raise InvalidArgument(f"{what} must be a list of roles from {sorted(ROLES)}")
+    bad = sorted(str(r) for r in roles if r not in ROLES)
+    if bad:
+        raise InvalidArgument(f"{what}: unknown role(s) {bad}; roles are {sorted(ROLES)}")
+    return frozenset(str(r) for r in roles)
+
+
+def check_namespaces(namespaces: object, what: str = "namespaces") -> frozenset[str] | None:
+    from mqstore import validate
+
+    if namespaces is None:
+        return None
+    if isinstance(namespaces, str) or not isinstance(namespaces, (list, tuple, set, frozenset)):
+        raise InvalidArgument(f"{what} must be a list of namespaces (omit it for every namespace)")
+    return frozenset(validate.namespace(n, what) for n in namespaces)
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+
+
+def _write_pair(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, cert_path: Path, key_path: Path) -> CertPair:
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    _write_private(key_path, key_pem)
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return CertPair(cert_path, key_path)
+
+
+def _validity(days: int, not_before: _dt.datetime | None, not_after: _dt.datetime | None) -> tuple[_dt.datetime, ...]:
+    now = _dt.datetime.now(_dt.UTC)
+    start = not_before or now - _CLOCK_SKEW
+    end = not_after or now + _dt.timedelta(days=days)
+    if end <= start:
+        raise InvalidArgument("a certificate must end after it starts")
+    return start, end
+
+
+def init_ca(directory: str | os.PathLike[str], *, name: str = "mqstore cluster CA", days: int = CA_DAYS_DEFAULT,
+            overwrite: bool = False) -> CertPair:
+    """Create a CA (``ca.pem``, ``ca.key``) in ``directory``; refuses to replace one unless told."""
+    d = Path(directory)
+    pair = CertPair(d / "ca.pem", d / "ca.key")
+    if not overwrite and (pair.cert.exists() or pair.key.exists()):
+        raise InvalidArgument(f"{d} already holds a CA (ca.pem/ca.key): refusing to replace it")
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    start, end = _validity(days, None, None)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                          key_encipherment=False, data_encipherment=False, key_agreement=False,
+                          encipher_only=False, decipher_only=False),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return _write_pair(cert, key, pair.cert, pair.key)
+
+
+@dataclass(frozen=True, slots=True)
+class CA:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> CA:
+        d = Path(directory)
+        try:
+            cert = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
+            key = serialization.load_pem_private_key((d / "ca.key").read_bytes(), password=None)
+        except FileNotFoundError:
+            raise InvalidArgument(f"no CA in {d} (ca.pem and ca.key): create one with `mqstore certs init`") from None
+        except ValueError as exc:
+            raise InvalidArgument(f"the CA in {d} cannot be read: {exc}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise InvalidArgument(f"the CA key in {d} is not an EC key")
+        return cls(cert, key)
+
+    def _issue(self, subject_cn: str, sans: list[x509.GeneralName], usages: list[x509.ObjectIdentifier], days: int,
+               not_before: _dt.datetime | None, not_after: _dt.datetime | None,
+               ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        start, end = _validity(days, not_before, not_after)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.cert.public_key()),  # type: ignore[arg-type]
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        return cert, key
+
+    def issue_node(self, node_id: int, out_dir: str | os.PathLike[str], *, hosts: list[str] | tuple[str, ...] = (),
+                   days: int = CERT_DAYS_DEFAULT, not_before: _dt.datetime | None = None,
+                   not_after: _dt.datetime | None = None, prefix: str | None = None) -> CertPair:
+        """A node's certificate (``node-<id>.pem``/``.key``): server and client use, naming the node
+        and every host name or IP address in ``hosts`` (default: localhost, 127.0.0.1)."""
+        if isinstance(node_id, bool) or not isinstance(node_id, int) or node_id < 1:
+            raise InvalidArgument(f"a node id is an integer >= 1, not {node_id!r}")
+        sans: list[x509.GeneralName] = [
+            x509.UniformResourceIdentifier(f"{NODE_URI_PREFIX}{node_id}"),
+            x509.DNSName(node_dns_name(node_id)),
+        ]
+        for host in hosts or ("localhost", "127.0.0.1"):
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                sans.append(x509.DNSName(host))
+        cert, key = self._issue(f"node-{node_id}", sans, [ExtendedKeyUsageOID.SERVER_AUTH,
+                                                          ExtendedKeyUsageOID.CLIENT_AUTH],
+                                days, not_before, not_after)
+        d = Path(out_dir)
+        name = prefix or f"node-{node_id}"
+        return _write_pair(cert, key, d / f"{name}.pem", d / f"{name}.key")
+
+    def issue_client(self, name: str, out_dir: str | os.PathLike[str], *, roles: list[str] | tuple[str, ...] = (),
+                     namespaces: list[str] | tuple[str, ...] | None = None, days: int = CERT_DAYS_DEFAULT,
+                     not_before: _dt.datetime | None = None, not_after: _dt.datetime | None = None,
+                     prefix: str | None = None) -> CertPair:
+        """A client's certificate (``client-<name>.pem``/``.key``) carrying its roles (and, when
+        given, the namespaces they are limited to)."""
+        check_name(name, "a client's name")
+        role_set = check_roles(list(roles))
+        spaces = check_namespaces(namespaces)
+        query = {"roles": ",".join(sorted(role_set))}
+        if spaces is not None:
+            query["namespaces"] = ",".join(sorted(spaces))
+        uri = f"{CLIENT_URI_PREFIX}{urllib.parse.quote(name)}?{urllib.parse.urlencode(query, safe=',')}"
+        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
+        cert, key = self._issue(name, sans, [ExtendedKeyUsageOID.CLIENT_AUTH], days, not_before, not_after)
+        d = Path(out_dir)
+        base = prefix or f"client-{name}"
+        return _write_pair(cert, key, d / f"{base}.pem", d / f"{base}.key")
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def identity_of(cert: x509.Certificate) -> Identity | None:
+    """The node or client a certificate names (None: it names neither)."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith(NODE_URI_PREFIX):
+            text = uri[len(NODE_URI_PREFIX):]
+            if text.isdigit() and int(text) > 0:
+                return Identity("node", f"node-{int(text)}", node_id=int(text))
+        elif uri.startswith(CLIENT_URI_PREFIX):
+            parsed = urllib.parse.urlsplit(uri)
+            name = urllib.parse.unquote(parsed.path.lstrip("/"))
+            query = urllib.parse.parse_qs(parsed.query)
+            try:
+                check_name(name)
+                roles = check_roles([r for r in ",".join(query.get("roles", [])).split(",") if r])
+                spaces = None
+                if "namespaces" in query:
+                    spaces = check_namespaces([n for n in ",".join(query["namespaces"]).split(",") if n])
+            except InvalidArgument:
+                return None
+            return Identity("client", name, roles=roles, namespaces=spaces)
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def identity_from_pem(pem: bytes) -> Identity | None:
+    """:func:`identity_of` a PEM certificate (as gRPC's auth context gives it), cached: every call
+    on a connection presents the same certificate."""
+    try:
+        return identity_of(x509.load_pem_x509_certificate(pem))
+    except ValueError:
+        return None
+
+
+def check_tls_files(ca_path: Path, cert_path: Path, key_path: Path, *, node_id: int | None = None,
+                    where: str = "") -> None:
+    """Check a node's TLS material; raises InvalidArgument naming the key and the problem: files
+    readable and PEM, the key matches the certificate, the CA signed it, it is valid now, and
+    (with ``node_id``) it names that node."""
+    def read(path: Path, key: str) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise InvalidArgument(f"{where} {key}: cannot read {path}: {exc.strerror}") from None
+
+    ca_pem, cert_pem, key_pem = read(ca_path, "tls.ca"), read(cert_path, "tls.cert"), read(key_path, "tls.key")
+    try:
+        ca = x509.load_pem_x509_certificate(ca_pem)
+    except ValueError:
+        raise InvalidArgument(f"{where} tls.ca: {ca_path} is not a PEM certificate") from None
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        raise InvalidArgument(f"{where} tls.cert: {cert_path} is not a PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise InvalidArgument(f"{where} tls.key: {key_path} is not an unencrypted PEM private key") from None
+    if key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) != \
+            cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+        raise InvalidArgument(f"{where} tls.key: {key_path} is not the key of the certificate {cert_path}")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise InvalidArgument(f"{where} tls.cert: {cert_path} is not signed by the CA in {ca_path}") from None
+    now = _dt.datetime.now(_dt.UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise InvalidArgument(
+            f"{where} tls.cert: {cert_path} is valid from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now"
+        )
+    if node_id is not None:
+        ident = identity_of(cert)
+        if ident is None or ident.kind != "node" or ident.node_id != node_id:
+            named = "no node" if ident is None or ident.kind != "node" else f"node {ident.node_id}"
+            raise InvalidArgument(
+                f"{where} tls.cert: {cert_path} names {named}, but node_id is {node_id} "
+                f"(issue one with `mqstore certs issue node --id {node_id}`)"
+            )
+
+
+__all__ = [
+    "CA",
+    "CA_DAYS_DEFAULT",
+    "CERT_DAYS_DEFAULT",
+    "CLIENT_URI_PREFIX",
+    "NODE_URI_PREFIX",
+    "CertPair",
+    "Identity",
+    "check_name",
+    "check_namespaces",
+    "check_roles",
+    "check_tls_files",
+    "identity_from_pem",
+    "identity_of",
+    "init_ca",
+    "node_dns_name",
+]

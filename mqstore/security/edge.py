@@ -1,0 +1,604 @@
+"""The network edge of a node: one gRPC server interceptor that every call passes through before
+it reaches a servicer.
+
+For a client call, in this order (cheapest first; nothing is written before the call is admitted):
+
+1. a request id (``x-request-id`` metadata, or a new one) for the logs;
+2. authentication (:class:`~mqstore.security.auth.Authenticator`) -> UNAUTHENTICATED;
+3. the client's request rate (a token bucket per identity; per connection when anonymous; a
+   request counts 1 plus 1 per RATE_COST_BYTES it carries): a call over it waits for its turn
+   when that is within a second and the client has at most CLIENT_WAITING_CALLS_MAX calls
+   waiting (one connection can have no more in flight); else it is refused with
+   RESOURCE_EXHAUSTED, after that second (so a flood is slowed to a trickle of refusals); a
+   stream is slowed down to the rate;
+4. a deadline (Queue's unary calls; ``limits.deadline_required``) -> INVALID_ARGUMENT;
+5. a request that does not parse (bad protobuf, invalid UTF-8 in a string) -> INVALID_ARGUMENT;
+6. sizes: messages per batch, bytes per message, recipients per message -> INVALID_ARGUMENT;
+7. authorization: the RPC's permission in the namespaces it names -> PERMISSION_DENIED;
+8. enqueues while the node is not healthy (no leader: UNAVAILABLE; disk nearly full:
+   RESOURCE_EXHAUSTED);
+9. client calls (and one client's streams) in flight -> RESOURCE_EXHAUSTED. A node keeps
+   ``PEER_THREADS_RESERVED`` of its gRPC threads for its peers: clients never take them all, so a
+   flood of calls cannot stall replication.
+
+Refusals carry ``mqstore-error`` trailing metadata (so :class:`mqstore.client.Client` raises the
+embedded API's exception), are counted in the metrics, and denials (2 and 7) are passed to the
+node's ``audit_denial(actor, rpc, reason)``. A peer's Raft call must come with a node's
+certificate (over TLS); the node id it names is put in
+:data:`~mqstore.security.auth.current_peer_node` for the Raft servicer to check against ``from``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import grpc
+
+from mqstore import errors, limits, logs
+from mqstore.actor import Actor
+from mqstore.config import EdgeLimits
+from mqstore.metrics import NodeMetrics
+from mqstore.security.auth import (
+    Authenticator,
+    Method,
+    current_actor,
+    current_peer_node,
+    method_rule,
+    peer_identity,
+    unauthenticated_actor,
+)
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID = "x-request-id"
+_REQUEST_ID_CHARS_MAX = 128
+
+
+class EdgeHost(Protocol):
+    """What the interceptor needs from the node server (:class:`mqstore.server.NodeServer`)."""
+
+    authenticator: Authenticator
+    metrics: NodeMetrics | None
+
+    def authorize(self, actor: Actor, permission: str, namespace: str | None = None) -> None: ...
+    def audit_denial(self, actor: Actor, rpc: str, reason: str) -> None: ...
+    def namespace_of_message(self, message_id: str) -> str | None: ...
+    def namespace_of_lease(self, token: int) -> str | None: ...
+    def enqueue_refusal(self) -> errors.MQStoreError | None: ...
+
+
+class _Refused(Exception):
+    """A refusal at the edge: the status to end the call with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, error: str, reason: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.error = error  # the mqstore error class name (mqstore-error trailer)
+        self.reason = reason  # metrics label
+
+
+def _refused(exc: errors.MQStoreError, reason: str) -> _Refused:
+    code = {
+        errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+        errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+        errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+        errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    }.get(type(exc), grpc.StatusCode.FAILED_PRECONDITION)
+    return _Refused(code, str(exc), type(exc).__name__, reason)
+
+
+class _Malformed:
+    """What the lenient deserializer returns for bytes that are not a valid request."""
+
+    __slots__ = ("problem", "size", "too_large")
+
+    def __init__(self, problem: str, size: int, too_large: bool = False) -> None:
+        self.problem = problem
+        self.size = size
+        self.too_large = too_large
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None, bytes_max: int) -> Callable[[bytes], Any] | None:
+    """``deserializer`` that returns a :class:`_Malformed` instead of raising (the edge refuses it
+    with INVALID_ARGUMENT, where gRPC would answer INTERNAL), and does not parse a request over
+    ``bytes_max`` at all."""
+    if deserializer is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        if len(raw) > bytes_max:
+            return _Malformed(f"{len(raw)} bytes, over this node's limit of {bytes_max} (limits.request_bytes_max)",
+                              len(raw), too_large=True)
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # DecodeError, invalid UTF-8 in a string field, ...
+            return _Malformed(str(exc) or type(exc).__name__, len(raw))
+
+    return parse
+
+
+# --- rate limits ---------------------------------------------------------------------------------------
+
+
+class RateLimiter:
+    """A token bucket per client (``rate`` per second, up to ``burst``), for at most
+    RATE_LIMITED_CLIENTS_MAX clients (the least recently seen are forgotten). Thread safe.
+
+    :meth:`reserve` takes a turn even when the bucket is empty (it goes negative), as long as the
+    turn comes within ``wait_max`` seconds; the caller then waits that long. So calls over the
+    rate are spaced out in order, each woken exactly once."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self._buckets: collections.OrderedDict[str, list[float]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def reserve(self, key: str, wait_max: float, n: float = 1.0) -> float | None:
+        """Seconds to wait before going ahead (0: now), or None: not within ``wait_max`` (nothing
+        is taken then)."""
+        now = time.monotonic()
+        with self._lock:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._buckets[key] = [self.burst, now]
+                if len(self._buckets) > limits.RATE_LIMITED_CLIENTS_MAX:
+                    self._buckets.popitem(last=False)
+            else:
+                self._buckets.move_to_end(key)
+                bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+                bucket[1] = now
+            left = bucket[0] - n
+            wait = 0.0 if left >= 0 else -left / self.rate
+            if wait > wait_max:
+                return None
+            bucket[0] = left
+            return wait
+
+    def take(self, key: str, n: float = 1.0) -> bool:
+        """Take a turn only if one is free now."""
+        return self.reserve(key, 0.0, n) is not None
+
+
+class _Counter:
+    """Calls in flight, overall and per key (thread safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.total = 0
+        self.by_key: dict[str, int] = {}
+
+    def enter(self, total_max: int, key: str | None = None, key_max: int = 0) -> str | None:
+        """Count one more call; returns why not (and counts nothing) when over a limit."""
+        with self._lock:
+            if self.total >= total_max:
+                return f"{self.total} calls at once, the limit"
+            if key is not None:
+                n = self.by_key.get(key, 0)
+                if n >= key_max:
+                    return f"this client has {n} at once, the limit"
+                self.by_key[key] = n + 1
+            self.total += 1
+            return None
+
+    def leave(self, key: str | None = None) -> None:
+        with self._lock:
+            self.total -= 1
+            if key is not None:
+                n = self.by_key.get(key, 1) - 1
+                if n > 0:
+                    self.by_key[key] = n
+                else:
+                    self.by_key.pop(key, None)
+
+
+# --- the interceptor -----------------------------------------------------------------------------------
+
+
+def _short(method: str) -> str:
+    return method.rsplit("/", 1)[-1] if method.startswith("/mqstore.") else method
+
+
+def _abort(context: grpc.ServicerContext, refused: _Refused) -> None:
+    context.set_trailing_metadata((("mqstore-error", refused.error),))
+    context.abort(refused.code, refused.message)
+
+
+class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, host: EdgeHost, edge: EdgeLimits, *, client_calls_max: int, tls: bool) -> None:
+        self.host = host
+        self.limits = edge
+        self.tls = tls
+        self.client_calls_max = client_calls_max
+        self.rates = RateLimiter(edge.requests_per_second, edge.requests_burst)
+        self.in_flight = _Counter()
+        #: Calls waiting for their client's turn (they hold a thread each: at most half of them).
+        self.waiting = _Counter()
+        self.waiting_max = max(limits.CLIENT_WAITING_CALLS_MAX, client_calls_max // 2)
+        self._label_cache: dict[str, str] = {}
+
+    # --- dispatch ----------------------------------------------------------------------------------
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method: str = details.method
+        rule = method_rule(method)
+        if rule.kind == "open":
+            return handler
+        if rule.kind == "peer":
+            return self._peer_handler(handler, method)
+        return self._client_handler(handler, method, rule, details.invocation_metadata)
+
+    # --- peers -------------------------------------------------------------------------------------
+
+    def _peer_handler(self, handler: Any, method: str) -> Any:
+        inner = handler.stream_unary
+
+        def behavior(request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            node_id = None
+            if self.tls:
+                ident = peer_identity(context)
+                if ident is None or ident.kind != "node":
+                    who = "no identity" if ident is None else f"client {ident.name!r}"
+                    reason = f"only cluster nodes may call {method}; this certificate names {who}"
+                    self._deny(unauthenticated_actor(context), method, reason)
+                    self._count(method, "PERMISSION_DENIED", "permission")
+                    _abort(context, _Refused(grpc.StatusCode.PERMISSION_DENIED, reason, "PermissionDenied",
+                                             "permission"))
+                assert ident is not None
+                node_id = ident.node_id
+            token = current_peer_node.set(node_id)
+            try:
+                return inner(request_iterator, context)
+            finally:
+                current_peer_node.reset(token)
+
+        return grpc.stream_unary_rpc_method_handler(
+            behavior, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    # --- clients -----------------------------------------------------------------------------------
+
+    def _client_handler(self, handler: Any, method: str, rule: Method, metadata: Any) -> Any:
+        deserializer = _lenient(handler.request_deserializer, self.limits.request_bytes_max)
+        serializer = handler.response_serializer
+        if handler.request_streaming and handler.response_streaming:
+            inner = handler.stream_stream
+
+            def stream_stream(request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+                return self._serve_stream(inner, method, rule, metadata, request_iterator, context)
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream, deserializer, serializer)
+        if not handler.request_streaming and not handler.response_streaming:
+            inner = handler.unary_unary
+
+            def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
+                return self._serve_unary(inner, method, rule, metadata, request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, deserializer, serializer)
+        # Client calls of other shapes (none in mqstore's protos today): authenticated and
+        # authorized (no namespaces), then served as they are.
+        if handler.request_streaming:
+            inner_su = handler.stream_unary
+
+            def stream_unary(request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+                self._admit_plain(method, rule, metadata, context)
+                return inner_su(request_iterator, context)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer, serializer)
+        inner_us = handler.unary_stream
+
+        def unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            self._admit_plain(method, rule, metadata, context)
+            yield from inner_us(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer, serializer)
+
+    def _admit_plain(self, method: str, rule: Method, metadata: Any, context: grpc.ServicerContext) -> None:
+        try:
+            actor = self._authenticate(method, metadata, context)
+            self._authorize(actor, method, rule, None)
+        except _Refused as refused:
+            self._count(method, refused.code.name, refused.reason)
+            _abort(context, refused)
+
+    def _request_id(self, metadata: Any, context: grpc.ServicerContext) -> str:
+        for key, value in metadata or ():
+            if key == REQUEST_ID and isinstance(value, str) and 0 < len(value) <= _REQUEST_ID_CHARS_MAX \
+                    and value.isprintable():
+                return value
+        return uuid.uuid4().hex[:16]
+
+    def _authenticate(self, method: str, metadata: Any, context: grpc.ServicerContext) -> Actor:
+        try:
+            return self.host.authenticator.authenticate(metadata, context)
+        except errors.Unauthenticated as exc:
+            # An unauthenticated flood is refused by rate, not audited call by call.
+            if not self.rates.take("peer:" + (context.peer() or "")):
+                raise _refused(errors.Overloaded("too many requests from this connection"), "rate") from None
+            self._deny(unauthenticated_actor(context), method, str(exc))
+            raise _refused(exc, "unauthenticated") from None
+
+    def _rate_key(self, actor: Actor, context: grpc.ServicerContext) -> str:
+        if actor.auth == "none":
+            return "peer:" + (context.peer() or "")
+        return f"{actor.auth}:{actor.name}"
+
+    def _check_messages(self, messages: Any) -> None:
+        lim = self.limits
+        if len(messages) > lim.batch_messages_max:
+            raise _refused(errors.InvalidArgument(
+                f"{len(messages)} messages in one request, over this node's limit of {lim.batch_messages_max} "
+                "(limits.batch_messages_max): send fewer per request"), "limit")
+        for i, m in enumerate(messages):
+            size = len(m.data)
+            if size > lim.message_bytes_max:
+                raise _refused(errors.InvalidArgument(
+                    f"message {i} is {size} bytes, over this node's limit of {lim.message_bytes_max} bytes "
+                    "(limits.message_bytes_max)"), "limit")
+            if len(m.recipients) > lim.recipients_max:
+                raise _refused(errors.InvalidArgument(
+                    f"message {i} has {len(m.recipients)} recipients, over this node's limit of "
+                    f"{lim.recipients_max} (limits.recipients_max): split it"), "limit")
+
+    def _authorize(self, actor: Actor, method: str, rule: Method, request: Any) -> None:
+        try:
+            if rule.namespaces is not None and request is not None:
+                spaces = rule.namespaces(request)
+                if spaces is None:
+                    self.host.authorize(actor, rule.permission, None)
+                else:
+                    for ns in spaces:
+                        self.host.authorize(actor, rule.permission, ns)
+            elif rule.lookup and request is not None and actor.namespaces is not None:
+                # Only an actor limited to some namespaces needs the target's namespace.
+                assert rule.keys is not None
+                for key in rule.keys(request):
+                    found = (self.host.namespace_of_message(key) if rule.lookup == "messages"
+                             else self.host.namespace_of_lease(key))
+                    if found is None:
+                        what = "message" if rule.lookup == "messages" else "lease"
+                        raise errors.PermissionDenied(
+                            f"{actor.name!r} may only act in its namespaces, and {what} {key} is not known here"
+                        )
+                    self.host.authorize(actor, rule.permission, found)
+            else:
+                # Nothing in the request to narrow it to a namespace: the permission in every
+                # namespace (an actor limited to some namespaces cannot, e.g., change membership).
+                self.host.authorize(actor, rule.permission, None)
+        except errors.PermissionDenied as exc:
+            self._deny(actor, method, str(exc))
+            raise _refused(exc, "permission") from None
+
+    def _deny(self, actor: Actor, method: str, reason: str) -> None:
+        try:
+            self.host.audit_denial(actor, method, reason)
+        except Exception:
+            log.exception("auditing a denied call failed")
+        log.info("denied %s for %s (%s): %s", method, actor.name, actor.source, reason)
+
+    def _count(self, method: str, code: str, reason: str | None = None, error: str | None = None) -> None:
+        metrics = self.host.metrics
+        if metrics is None:
+            return
+        metrics.requests.labels(_short(method), code).inc()
+        if reason is not None:
+            metrics.refused.labels(reason).inc()
+        if code != "OK":
+            metrics.errors.labels(error or code).inc()
+
+    def _wait_turn(self, actor: Actor, key: str, context: grpc.ServicerContext | None, cost: float = 1.0,
+                   wait_max_s: float = limits.RATE_WAIT_MS_MAX / 1000) -> None:
+        """Go ahead when the client is within its rate; else wait for its turn (back-pressure)
+        when that is soon and few of its calls wait already; else refuse (RESOURCE_EXHAUSTED)."""
+        if context is not None:
+            remaining = _time_remaining(context)
+            if remaining is not None:
+                wait_max_s = min(wait_max_s, remaining)
+        wait = self.rates.reserve(key, wait_max_s, cost)
+        if wait == 0:
+            return
+        if self.waiting.enter(self.waiting_max, key, limits.CLIENT_WAITING_CALLS_MAX) is None:
+            try:
+                # Its turn comes within wait_max_s: wait for it. It does not: the refusal waits
+                # wait_max_s too, so a client flooding over its rate is slowed to its waiting
+                # calls per second instead of costing the node a refusal as fast as it can ask.
+                time.sleep(wait if wait is not None else wait_max_s)
+            finally:
+                self.waiting.leave(key)
+            if wait is not None:
+                return
+        raise _refused(errors.Overloaded(
+            f"{actor.name!r} is over its rate of {self.limits.requests_per_second} requests/s "
+            "(limits.requests_per_second): slow down"), "rate")
+
+    def _serve_unary(self, inner: Callable[[Any, Any], Any], method: str, rule: Method, metadata: Any,
+                     request: Any, context: grpc.ServicerContext) -> Any:
+        rid = logs.request_id.set(self._request_id(metadata, context))
+        started = time.perf_counter()
+        entered = False
+        actor_token = None
+        try:
+            try:
+                actor = self._authenticate(method, metadata, context)
+                self._wait_turn(actor, self._rate_key(actor, context), context, _cost(request))
+                if self.limits.deadline_required and method.startswith("/mqstore.v1.Queue/") \
+                        and _time_remaining(context) is None:
+                    raise _refused(errors.InvalidArgument(
+                        "set a deadline (a timeout) on every call: this node refuses calls without one "
+                        "(limits.deadline_required)"), "deadline")
+                if isinstance(request, _Malformed):
+                    raise _malformed(method, request)
+                if rule.enqueue:
+                    self._check_messages([request.message] if method.endswith("/Enqueue") else request.messages)
+                self._authorize(actor, method, rule, request)
+                if rule.enqueue:
+                    refusal = self.host.enqueue_refusal()
+                    if refusal is not None:
+                        raise _refused(refusal, "no_leader" if isinstance(refusal, errors.Unavailable) else "disk")
+                why = self.in_flight.enter(self.client_calls_max)
+                if why is not None:
+                    raise _refused(errors.Overloaded(f"node busy: client calls: {why}; retry shortly"), "busy")
+                entered = True
+            except _Refused as refused:
+                self._count(method, refused.code.name, refused.reason, refused.error)
+                _abort(context, refused)
+            actor_token = current_actor.set(actor)
+            try:
+                response = inner(request, context)
+            except BaseException:
+                self._count_failure(method, context)
+                raise
+            self._count_success(method, rule, request, response, context, started)
+            return response
+        finally:
+            if actor_token is not None:
+                current_actor.reset(actor_token)
+            if entered:
+                self.in_flight.leave()
+            logs.request_id.reset(rid)
+
+    def _count_failure(self, method: str, context: grpc.ServicerContext) -> None:
+        code = context.code() if hasattr(context, "code") else None
+        name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+        self._count(method, name, error=_error_name(context) or name)
+
+    def _count_success(self, method: str, rule: Method, request: Any, response: Any,
+                       context: grpc.ServicerContext, started: float) -> None:
+        metrics = self.host.metrics
+        if metrics is None:
+            return
+        code = context.code() if hasattr(context, "code") else None
+        if isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK:
+            self._count(method, code.name, error=_error_name(context) or code.name)
+            return
+        short = _short(method)
+        metrics.requests.labels(short, "OK").inc()
+        if rule.write:
+            metrics.commit_latency.labels(short).observe(time.perf_counter() - started)
+        if short == "Enqueue":
+            metrics.enqueued.inc()
+        elif short == "EnqueueBatch":
+            metrics.enqueued.inc(len(response.message_ids))
+        elif short == "Lease":
+            metrics.leased.inc(len(response.leases))
+        elif short in ("Ack", "Defer", "Bounce"):
+            metrics.settled.labels(short.lower()).inc()
+        elif short == "AckMany":
+            metrics.settled.labels("ack").inc(len(request.tokens))
+
+    def _serve_stream(self, inner: Callable[[Any, Any], Iterator[Any]], method: str, rule: Method, metadata: Any,
+                      request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        rid = logs.request_id.set(self._request_id(metadata, context))
+        stream_key: str | None = None
+        try:
+            try:
+                actor = self._authenticate(method, metadata, context)
+                rate_key = self._rate_key(actor, context)
+                if rule.enqueue:
+                    refusal = self.host.enqueue_refusal()
+                    if refusal is not None:
+                        raise _refused(refusal, "no_leader" if isinstance(refusal, errors.Unavailable) else "disk")
+                why = self.in_flight.enter(self.client_calls_max, rate_key, self.limits.streams_per_client_max)
+                if why is not None:
+                    raise _refused(errors.Overloaded(
+                        f"node busy: streams and client calls: {why} (limits.streams_per_client_max); retry shortly"),
+                        "busy")
+                stream_key = rate_key
+            except _Refused as refused:
+                self._count(method, refused.code.name, refused.reason, refused.error)
+                _abort(context, refused)
+            failure: list[_Refused] = []
+            frames = self._stream_frames(method, rule, actor, rate_key, request_iterator, failure)
+            actor_token = current_actor.set(actor)
+            try:
+                for response in inner(frames, context):
+                    if self.host.metrics is not None and rule.enqueue:
+                        self.host.metrics.enqueued.inc(len(response.message_ids))
+                    yield response
+            finally:
+                current_actor.reset(actor_token)
+            if failure:
+                self._count(method, failure[0].code.name, failure[0].reason, failure[0].error)
+                _abort(context, failure[0])
+            self._count(method, "OK")
+        finally:
+            if stream_key is not None:
+                self.in_flight.leave(stream_key)
+            logs.request_id.reset(rid)
+
+    def _stream_frames(self, method: str, rule: Method, actor: Actor, rate_key: str, frames: Iterator[Any],
+                       failure: list[_Refused]) -> Iterator[Any]:
+        """The stream's frames, each checked; the first that fails ends the stream (``failure``).
+        Frames over the client's rate wait (back-pressure) rather than fail."""
+        wait_max_s = limits.STREAM_THROTTLE_WAIT_MS_MAX / 1000
+        try:
+            for frame in frames:
+                if isinstance(frame, _Malformed):
+                    raise _malformed(method, frame)
+                wait = self.rates.reserve(rate_key, wait_max_s, _cost(frame))
+                if wait is None:
+                    raise _refused(errors.Overloaded(
+                        f"{actor.name!r} is far over its rate of {self.limits.requests_per_second} requests/s "
+                        "(limits.requests_per_second)"), "rate")
+                if wait > 0:
+                    time.sleep(wait)  # the stream slows down to the client's rate
+                if rule.enqueue:
+                    self._check_messages(frame.messages)
+                self._authorize(actor, method, rule, frame)
+                if rule.enqueue:
+                    refusal = self.host.enqueue_refusal()
+                    if refusal is not None:
+                        raise _refused(refusal, "no_leader" if isinstance(refusal, errors.Unavailable) else "disk")
+                yield frame
+        except _Refused as refused:
+            failure.append(refused)
+
+
+def _cost(request: Any) -> float:
+    """What a request counts against its client's rate: 1, plus 1 per RATE_COST_BYTES it carries."""
+    size = request.size if isinstance(request, _Malformed) else request.ByteSize()
+    return 1.0 + size // limits.RATE_COST_BYTES
+
+
+#: gRPC reports "no deadline" as about 2**63 seconds remaining.
+_NO_DEADLINE_S = 10 * 365 * 86400
+
+
+def _time_remaining(context: grpc.ServicerContext) -> float | None:
+    """Seconds until the call's deadline (None: it has none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > _NO_DEADLINE_S else float(remaining)
+
+
+def _malformed(method: str, request: _Malformed) -> _Refused:
+    if request.too_large:
+        return _refused(errors.Overloaded(f"the {_short(method)} request is {request.problem}"), "limit")
+    return _refused(errors.InvalidArgument(f"the request is not a valid {_short(method)} request: {request.problem}"),
+                    "malformed")
+
+
+def _error_name(context: grpc.ServicerContext) -> str:
+    """The mqstore error class a servicer put in its trailing metadata (empty when none)."""
+    try:
+        trailers = context.trailing_metadata() or ()
+    except Exception:
+        return ""
+    for key, value in trailers:
+        if key == "mqstore-error":
+            return str(value)
+    return ""
+
+
+__all__ = ["REQUEST_ID", "EdgeHost", "EdgeInterceptor", "RateLimiter"]

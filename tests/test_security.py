@@ -1,0 +1,475 @@
+"""Security of nodes, with real TLS: who may connect (plaintext, a wrong CA, an expired or foreign
+certificate, a wrong node identity are refused), who may do what (tokens and client certificates
+map to roles, per namespace; every refusal changes nothing and is audited), tokens at rest,
+configuration checks and the ``certs`` / ``tokens`` / ``config check`` commands."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import io
+import json
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from mqstore import cli
+from mqstore.actor import Actor
+from mqstore.client import Client
+from mqstore.config import ConfigError, load, parse
+from mqstore.crypto import create_key_file
+from mqstore.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
+from mqstore.node.runtime import bootstrap
+from mqstore.proto import queue_pb2, queue_pb2_grpc, raft_pb2, raft_pb2_grpc
+from mqstore.security import auth
+from mqstore.security.certs import identity_from_pem
+from mqstore.security.tokens import TokenStore
+from mqstore.testing.cluster import free_port, wait_until
+from mqstore.testing.secure import InProcessCluster, Pki
+
+MAIL = b"From: a@example.org\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+def _msg(ns: str = "default", i: int = 0) -> dict[str, Any]:
+    return {"mail_from": "a@example.org", "recipients": [f"r{i}@example.net"], "data": MAIL, "namespace": ns}
+
+
+class Node:
+    """One TLS node with a tokens file."""
+
+    def __init__(self, root: Path) -> None:
+        self.pki = Pki(root / "pki")
+        self.tokens_file = root / "tokens.json"
+        store = TokenStore(self.tokens_file, create=True)
+        self.tokens = {
+            "producer": store.add("mta-1", ["producer"]),
+            "worker": store.add("worker-1", ["worker"]),
+            "admin": store.add("ops", ["admin", "reader"]),
+            "alpha-reader": store.add("alpha-reader", ["reader", "worker"], ["alpha"]),
+        }
+        self.store = store
+        self.cluster = InProcessCluster(root / "cluster", ["a"], pki=self.pki,
+                                        extra={"auth": {"tokens_file": str(self.tokens_file)}})
+        self.server = self.cluster.leader()
+        self.address = self.cluster.address(1)
+        self.certs = {
+            "producer": self.pki.client("mta-cert", ["producer"]),
+            "admin": self.pki.client("admin-cert", ["admin", "reader", "worker", "producer"]),
+            "plain": self.pki.client("no-roles", []),
+        }
+
+    def client(self, cert: str = "plain", token: str | None = None, timeout: float = 5.0) -> Client:
+        return Client(self.address, timeout=timeout, tls=self.pki.client_tls(self.certs[cert]),
+                      token=self.tokens[token] if token else None)
+
+    def denials(self) -> list[dict[str, Any]]:
+        """The node's audit records of refused calls, oldest first."""
+        return self.server.queue.audit_query(where={"outcome": "denied"})
+
+    def stats(self) -> dict[str, Any]:
+        with self.client("admin") as c:
+            return c.stats()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    n = Node(tmp_path_factory.mktemp("secure"))
+    try:
+        yield n
+    finally:
+        n.cluster.close()
+
+
+# --- who may connect -----------------------------------------------------------------------------------
+
+
+def test_plaintext_client_is_refused(node: Node) -> None:
+    with Client(node.address, timeout=1.5) as c, pytest.raises(Unavailable):
+        c.stats()
+    channel = grpc.insecure_channel(node.address)
+    with pytest.raises(grpc.RpcError) as err:
+        queue_pb2_grpc.QueueStub(channel).Stats(queue_pb2.StatsRequest(), timeout=2)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    channel.close()
+
+
+def test_client_without_certificate_is_refused(node: Node) -> None:
+    with Client(node.address, timeout=1.5, tls=node.pki.client_tls(None)) as c, pytest.raises(Unavailable):
+        c.stats()
+
+
+def test_wrong_ca_is_refused(node: Node, tmp_path: Path) -> None:
+    other = Pki(tmp_path / "other")
+    foreign = other.client("intruder", ["admin"])
+    # A certificate from another CA: the node refuses the handshake.
+    with Client(node.address, timeout=1.5, tls=node.pki.client_tls(foreign)) as c, pytest.raises(Unavailable):
+        c.stats()
+    # A client that trusts another CA refuses the node.
+    tls = node.pki.client_tls(node.certs["admin"], ca=other.ca_pem)
+    with Client(node.address, timeout=1.5, tls=tls) as c, pytest.raises(Unavailable):
+        c.stats()
+
+
+def test_expired_certificate_is_refused(node: Node) -> None:
+    expired = node.pki.client("old-admin", ["admin", "reader"], expired=True)
+    with Client(node.address, timeout=1.5, tls=node.pki.client_tls(expired)) as c, pytest.raises(Unavailable):
+        c.stats()
+
+
+def test_client_certificate_cannot_speak_raft(node: Node) -> None:
+    pair = node.certs["admin"]
+    creds = grpc.ssl_channel_credentials(node.pki.ca_pem.read_bytes(), pair.key.read_bytes(), pair.cert.read_bytes())
+    channel = grpc.secure_channel(node.address, creds)
+    msg = raft_pb2.RaftMessage(to=1, cluster_id="test", **{"from": 2})
+    with pytest.raises(grpc.RpcError) as err:
+        raft_pb2_grpc.RaftStub(channel).Send(iter([msg]), timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "only cluster nodes" in (err.value.details() or "")
+    channel.close()
+
+
+def test_a_node_certificate_must_name_the_sender(node: Node) -> None:
+    pair = node.pki.node(3)
+    creds = grpc.ssl_channel_credentials(node.pki.ca_pem.read_bytes(), pair.key.read_bytes(), pair.cert.read_bytes())
+    channel = grpc.secure_channel(node.address, creds)
+    before = node.server.node.raw.term
+    msg = raft_pb2.RaftMessage(to=1, cluster_id="test", term=before + 5, type=1, **{"from": 2})  # claims node 2
+    with pytest.raises(grpc.RpcError) as err:
+        raft_pb2_grpc.RaftStub(channel).Send(iter([msg]), timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "names node 3" in (err.value.details() or "")
+    chunk = raft_pb2.SnapshotChunk(cluster_id="test", to=1, **{"from": 2})
+    with pytest.raises(grpc.RpcError) as err:
+        raft_pb2_grpc.RaftStub(channel).InstallSnapshot(iter([chunk]), timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert node.server.node.raw.term == before  # the forged message never reached the core
+    channel.close()
+
+
+# --- who may do what -----------------------------------------------------------------------------------
+
+
+def test_producer_token_cannot_lease_or_delete(node: Node) -> None:
+    with node.client(token="producer") as c:
+        mid = c.enqueue(**_msg())
+        before = node.stats()
+        seen = len(node.denials())
+        with pytest.raises(PermissionDenied, match="needs the 'lease' permission"):
+            c.lease("w1")
+        with pytest.raises(PermissionDenied, match="needs the 'delete' permission"):
+            c.delete(mid)
+        with pytest.raises(PermissionDenied, match="'read' permission"):
+            c.get(mid)
+    assert node.stats()["recipients"] == before["recipients"]  # nothing changed
+    denied = node.denials()[seen:]  # each refusal is in the audit log, with who and what
+    assert [(r["actor"], r["auth"], r["op"]) for r in denied] == [
+        ("mta-1", "token", "Queue/Lease"), ("mta-1", "token", "Queue/Delete"), ("mta-1", "token", "Queue/Get")]
+    assert all("permission" in r["reason"] for r in denied)
+    with node.client("admin") as c:
+        assert c.get(mid).message_id == mid  # still there
+
+
+def test_worker_cannot_hold_or_bypass(node: Node) -> None:
+    with node.client(token="producer") as c:
+        mid = c.enqueue(**_msg())
+    seen = len(node.denials())
+    with node.client(token="worker") as c:
+        with pytest.raises(PermissionDenied, match="needs the 'hold' permission"):
+            c.hold(mid)
+        with pytest.raises(PermissionDenied, match="'policy' permission"):
+            c.set_namespace_policy("default", lifetime=60)
+        leases = c.lease("w1", max_messages=1000)
+        assert leases
+        for lease in leases:
+            c.ack(lease.token)
+    worker = Actor("worker-1", frozenset({"worker"}), auth="token")
+    with pytest.raises(PermissionDenied, match="bypass_governance"):
+        node.server.authorize(worker, "bypass_governance", "default")
+    assert [r["op"] for r in node.denials()[seen:]] == ["Queue/Hold", "Queue/SetNamespacePolicy"]
+    with node.client("admin") as c:
+        assert not c.get(mid).held
+
+
+def test_client_certificate_roles(node: Node) -> None:
+    with node.client("producer") as c:
+        c.enqueue(**_msg())
+        with pytest.raises(PermissionDenied) as err:
+            c.stats()
+    assert "'mta-cert' (mtls, roles producer)" in str(err.value)
+    with node.client("plain") as c, pytest.raises(PermissionDenied, match="roles none"):
+        c.enqueue(**_msg())
+
+
+def test_unknown_and_revoked_tokens_are_unauthenticated(node: Node) -> None:
+    seen = len(node.denials())
+    tls = node.pki.client_tls(node.certs["plain"])
+    with Client(node.address, timeout=5, tls=tls, token="mqs_not-a-token") as c, \
+            pytest.raises(Unauthenticated, match="unknown or revoked token"):
+        c.stats()
+    temp = node.store.add("temp", ["reader"])
+    c = Client(node.address, timeout=5, tls=node.pki.client_tls(node.certs["plain"]), token=temp)
+    try:
+        assert wait_until(lambda: not _refused(c), timeout=5)  # nodes read the tokens file within a second
+        node.store.remove("temp")
+        assert wait_until(lambda: _refused(c), timeout=5)
+    finally:
+        c.close()
+    denied = node.denials()[seen:]
+    assert denied and all(r["actor"] == "unauthenticated" for r in denied)
+    assert any("unknown or revoked token" in r["reason"] for r in denied)
+
+
+def _refused(c: Client) -> bool:
+    try:
+        c.stats()
+    except Unauthenticated:
+        return True
+    return False
+
+
+def test_namespace_limited_actor(node: Node) -> None:
+    with node.client(token="admin") as c, pytest.raises(PermissionDenied):  # admin may not enqueue
+        c.enqueue(**_msg("alpha"))
+    with node.client("admin") as c:
+        alpha = c.enqueue(**_msg("alpha", 1))
+        beta = c.enqueue(**_msg("beta", 2))
+    with node.client(token="alpha-reader") as c:
+        assert c.get(alpha).namespace == "alpha"
+        assert c.list(namespace="alpha").__len__() >= 1
+        with pytest.raises(PermissionDenied, match="may not act in namespace 'beta'"):
+            c.get(beta)
+        with pytest.raises(PermissionDenied, match="name one"):
+            c.list()
+        with pytest.raises(PermissionDenied, match="name one"):
+            c.lease("w")
+        with pytest.raises(PermissionDenied, match="not known here"):
+            c.get("0" * 26)
+        leases = c.lease("w", namespace="alpha")
+        assert {x.namespace for x in leases} == {"alpha"}
+        for lease in leases:
+            c.ack(lease.token)
+    with node.client("admin") as c:
+        lease = c.lease("w", namespace="beta")[0]
+    with node.client(token="alpha-reader") as c, pytest.raises(PermissionDenied, match="namespace 'beta'"):
+        c.ack(lease.token)
+
+
+def test_current_actor_is_set_while_the_queue_runs(node: Node) -> None:
+    seen: list[Actor | None] = []
+    queue = node.server.queue
+    original = queue.stats
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(auth.current_actor.get())
+        return original(*args, **kwargs)
+
+    queue.stats = spy  # type: ignore[method-assign]
+    try:
+        with node.client(token="admin") as c:
+            c.stats()
+    finally:
+        del queue.stats
+    assert [a.name if a else None for a in seen] == ["ops"]
+    assert auth.current_actor.get() is None
+
+
+# --- a TLS cluster -------------------------------------------------------------------------------------
+
+
+def test_tls_cluster_replicates_and_refuses_a_wrong_node_identity(tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    impostor = pki.node(9, prefix="impostor")
+    key = create_key_file(tmp_path / "kek.key")
+    ports = {i: free_port() for i in (1, 2, 3)}
+    sites = {1: "a", 2: "b", 3: "c"}
+    configs = {}
+    for i in (1, 2, 3):
+        cfg = parse({
+            "node_id": i, "site": sites[i], "listen": f"127.0.0.1:{ports[i]}", "data_dir": str(tmp_path / f"n{i}"),
+            "key_file": str(key), "tls": pki.node_tls(i),
+            "peers": [{"id": j, "site": sites[j], "address": f"127.0.0.1:{ports[j]}"} for j in (1, 2, 3) if j != i],
+        })
+        if i == 3:  # node 3 presents node 9's certificate (config validation would refuse it)
+            cfg = dataclasses.replace(cfg, tls=dataclasses.replace(cfg.tls, cert=impostor.cert, key=impostor.key))
+        configs[i] = cfg
+    from mqstore.server import NodeServer
+
+    servers = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in (1, 2, 3):
+            bootstrap(configs[i], "test")
+            servers[i] = NodeServer(configs[i])
+    for s in servers.values():
+        s.start()
+    try:
+        assert wait_until(lambda: any(servers[i].node.is_leader for i in (1, 2)), timeout=20)
+        admin = pki.client("admin", ["admin", "producer", "reader"])
+        with Client([f"127.0.0.1:{ports[i]}" for i in (1, 2)], timeout=10, tls=pki.client_tls(admin)) as c:
+            ids = c.enqueue_many([_msg(i=i) for i in range(20)])
+        assert len(ids) == 20
+        leader = next(servers[i] for i in (1, 2) if servers[i].node.is_leader)
+        follower = servers[3 - leader.node.node_id]
+        assert wait_until(lambda: follower.node.applied_index >= leader.node.applied_index, timeout=10)
+        time.sleep(0.5)
+        # Node 3 (certificate of node 9) gets nothing: its peers refuse it both ways.
+        assert servers[3].node.applied_index < leader.node.applied_index
+        assert servers[3].node.leader_id == 0 or not servers[3].node.is_leader
+    finally:
+        for s in servers.values():
+            s.grpc.stop(0)
+            s.health.stop()
+            s.queue.close()
+            s.node.stop(transfer_leadership=False)
+
+
+# --- configuration -------------------------------------------------------------------------------------
+
+
+def _base(tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    return {"node_id": 1, "site": "a", "listen": "127.0.0.1:7001", "data_dir": str(tmp_path / "d"), **extra}
+
+
+def test_config_requires_tls_or_an_explicit_insecure(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="TLS is required: set \\[tls\\] ca, cert and key"):
+        parse(_base(tmp_path))
+    assert parse(_base(tmp_path, insecure=True)).insecure
+    with pytest.raises(ConfigError, match="insecure must be true or false"):
+        parse(_base(tmp_path, insecure="yes"))
+
+
+def test_config_checks_the_tls_material(tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    good = pki.node_tls(1)
+    assert parse(_base(tmp_path, tls=good)).tls is not None
+    pki.node(2)
+    cases = [
+        ({**good, "cert": str(tmp_path / "pki" / "node-2.pem"), "key": str(tmp_path / "pki" / "node-2.key")},
+         "names node 2, but node_id is 1"),
+        ({**good, "key": str(tmp_path / "pki" / "node-2.key")}, "tls.key: .* is not the key of the certificate"),
+        ({**good, "ca": str(Pki(tmp_path / "other").ca_pem)}, "tls.cert: .* is not signed by the CA"),
+        ({**good, "cert": str(tmp_path / "missing.pem")}, "tls.cert: cannot read"),
+        ({"ca": good["ca"], "cert": good["cert"]}, "tls: missing 'key'"),
+        ({**good, "bogus": 1}, "tls: unknown key"),
+    ]
+    for tls, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            parse(_base(tmp_path, tls=tls))
+    old = pki.ca.issue_node(1, tmp_path / "old", not_after=datetime.datetime.now(datetime.UTC))
+    with pytest.raises(ConfigError, match="not now"):
+        parse(_base(tmp_path, tls={**good, "cert": str(old.cert), "key": str(old.key)}))
+    with pytest.raises(ConfigError, match="insecure = true and a \\[tls\\] table"):
+        parse(_base(tmp_path, tls=good, insecure=True))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"limits": {"message_bytes_max": 0}}, "limits.message_bytes_max must be an integer"),
+        ({"limits": {"recipients_max": 5000}}, "limits.recipients_max must be an integer 1..1000"),
+        ({"limits": {"deadline_required": "no"}}, "limits.deadline_required must be true or false"),
+        ({"limits": {"requests_per_second": 10, "requests_burst": 5}}, "requests_burst must be >="),
+        ({"limits": {"bogus": 1}}, "limits: unknown key"),
+        ({"auth": {"clients": [{"name": "x", "roles": ["root"]}]}}, "auth.clients\\[0\\].roles: unknown role"),
+        ({"auth": {"clients": [{"name": "x"}]}}, "auth.clients\\[0\\]: needs name and roles"),
+        ({"auth": {"anonymous": 1}}, "auth.anonymous must be true or false"),
+        ({"metrics": {"listen": "nowhere"}}, "metrics.listen must be 'host:port'"),
+        ({"health": {"disk_free_min_percent": 200}}, "health.disk_free_min_percent must be a number 0..100"),
+        ({"tls": "yes"}, "tls must be a table"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path: Path, extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse(_base(tmp_path, insecure=True, **extra))
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = cli.main(list(args))
+    return code, out.getvalue()
+
+
+def test_certs_tokens_and_config_check_commands(tmp_path: Path) -> None:
+    d = tmp_path / "pki"
+    assert _cli("certs", "init", "--dir", str(d))[0] == 0
+    assert (d / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert _cli("certs", "init", "--dir", str(d))[0] == 2  # never replaced by accident
+    assert _cli("certs", "issue", "node", "--dir", str(d), "--id", "1", "--host", "mq1.example.net",
+                "--host", "10.0.0.5")[0] == 0
+    code, out = _cli("certs", "issue", "client", "--dir", str(d), "--name", "mta-1", "--roles", "producer",
+                     "--namespaces", "default,bulk", "--json")
+    assert code == 0
+    ident = identity_from_pem(Path(json.loads(out)["cert"]).read_bytes())
+    assert ident is not None and ident.name == "mta-1" and ident.roles == {"producer"}
+    assert ident.namespaces == {"default", "bulk"}
+    assert _cli("certs", "issue", "client", "--dir", str(d), "--name", "x", "--roles", "root")[0] == 2
+
+    tokens = tmp_path / "tokens.json"
+    code, out = _cli("tokens", "add", "mta-2", "--file", str(tokens), "--roles", "producer,worker", "--json")
+    token = json.loads(out)["token"]
+    assert code == 0 and token.startswith("mqs_")
+    assert token not in tokens.read_text()  # hashed at rest
+    assert tokens.stat().st_mode & 0o777 == 0o600
+    code, out = _cli("tokens", "list", "--file", str(tokens), "--json")
+    assert [t["name"] for t in json.loads(out)] == ["mta-2"] and "digest" not in out
+    assert TokenStore(tokens).lookup(token) is not None
+    assert _cli("tokens", "add", "mta-2", "--file", str(tokens), "--roles", "producer")[0] == 2  # no duplicates
+    assert _cli("tokens", "remove", "mta-2", "--file", str(tokens))[0] == 0
+    assert TokenStore(tokens).lookup(token) is None
+    assert _cli("tokens", "remove", "mta-2", "--file", str(tokens))[0] == 2
+
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        f'node_id = 1\nsite = "a"\nlisten = "127.0.0.1:7001"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[tls]\nca = "{d / "ca.pem"}"\ncert = "{d / "node-1.pem"}"\nkey = "{d / "node-1.key"}"\n'
+        f'[auth]\ntokens_file = "{tokens}"\n[metrics]\nlisten = "127.0.0.1:9464"\n'
+    )
+    code, out = _cli("config", "check", str(cfg), "--json")
+    assert code == 0 and json.loads(out)["tls"] is True and json.loads(out)["tokens"] == 0
+    cfg.write_text(cfg.read_text().replace('site = "a"', 'site = "a"\nlimits = 3'))
+    code, _ = _cli("config", "check", str(cfg))
+    assert code == 2
+    with pytest.raises(ConfigError, match="limits must be a table"):
+        load(cfg)
+
+
+def test_serve_says_loudly_that_it_is_insecure(tmp_path: Path) -> None:
+    key = create_key_file(tmp_path / "k")
+    path = tmp_path / "node.toml"
+    path.write_text(
+        f'node_id = 1\nsite = "a"\nlisten = "127.0.0.1:{free_port()}"\ndata_dir = "{tmp_path / "d"}"\n'
+        f'key_file = "{key}"\ninsecure = true\nlog_json = true\n'
+    )
+    bootstrap(load(path), "t")
+    proc = subprocess.Popen([sys.executable, "-m", "mqstore", "serve", "--config", str(path)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        assert proc.stderr is not None
+        for line in proc.stderr:  # until the node logs that it leads (a JSON line)
+            lines.append(line)
+            if line.startswith("{") and "leader in term" in line:
+                break
+        text = "".join(lines)
+        assert "WARNING: INSECURE" in text and "PLAINTEXT" in text
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    records = [json.loads(x) for x in text.splitlines() if x.startswith("{")]
+    assert records, "log_json = true writes JSON lines"
+    assert all(r["node_id"] == 1 and "term" in r and "request_id" in r and r["level"] for r in records)
+    assert records[-1]["term"] >= 1
+
+
+def test_invalid_argument_is_not_permission(node: Node) -> None:
+    with node.client("admin") as c, pytest.raises(InvalidArgument):
+        c.enqueue("not an address", ["b@example.net"], MAIL)
