@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -473,3 +474,31 @@ def test_serve_says_loudly_that_it_is_insecure(tmp_path: Path) -> None:
 def test_invalid_argument_is_not_permission(node: Node) -> None:
     with node.client("admin") as c, pytest.raises(InvalidArgument):
         c.enqueue("not an address", ["b@example.net"], MAIL)
+
+
+def test_cli_against_a_tls_node_takes_credentials_from_the_environment(node: Node) -> None:
+    admin = node.certs["admin"]
+    env = {**os.environ, "MQSTORE_CA": str(node.pki.ca_pem), "MQSTORE_CERT": str(admin.cert),
+           "MQSTORE_KEY": str(admin.key)}
+    with node.client(token="producer") as c:
+        mid = c.enqueue(**_msg())
+
+    def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "mqstore", *args, "--server", node.address, "--json",
+                               "--timeout", "3"],
+                              capture_output=True, text=True, timeout=60, env=env)
+
+    shown = run("message", "show", mid, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["message_id"] == mid
+    # a producer's token (over TLS, with a certificate that carries no roles) may not look
+    plain = node.certs["plain"]
+    producer = {**env, "MQSTORE_CERT": str(plain.cert), "MQSTORE_KEY": str(plain.key),
+                "MQSTORE_TOKEN": node.tokens["producer"]}
+    refused = run("message", "show", mid, env=producer)
+    assert refused.returncode != 0, refused.stdout
+    error = json.loads(refused.stdout)
+    assert error["error"] == "PermissionDenied" and "'read' permission" in error["message"], error
+    # and without the CA nothing gets through
+    bare = {k: v for k, v in env.items() if not k.startswith("MQSTORE_")}
+    assert run("message", "show", mid, env=bare).returncode != 0

@@ -85,10 +85,14 @@ def _remote(args: argparse.Namespace) -> bool:
 
 def client_from_args(args: argparse.Namespace, addresses: str | list[str] | None = None) -> Any:
     """The client for ``--server`` (or ``addresses``). The one place these commands build a
-    client: transport options (TLS, tokens) belong here."""
+    client. TLS and the bearer token come from ``MQSTORE_CA``, ``MQSTORE_CERT``, ``MQSTORE_KEY``,
+    ``MQSTORE_TLS_SERVER_NAME`` and ``MQSTORE_TOKEN`` (never from arguments: a token on a command
+    line would show in ``ps``)."""
     from mqstore.client import Client
+    from mqstore.security.tls import client_settings_from_env
 
-    return Client(addresses if addresses is not None else args.server, timeout=args.timeout)
+    return Client(addresses if addresses is not None else args.server, timeout=args.timeout,
+                  **client_settings_from_env())
 
 
 class Target:
