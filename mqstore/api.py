@@ -216,6 +216,9 @@ class QueueBase:
         self._policies: dict[str, Policy] = {}
         self.node_id = node_id
         self.site = site
+        #: Who a mutation without an ``actor`` is attributed to in the audit log (the local
+        #: administrator: every role, still bound by COMPLIANCE). The CLI names the OS user.
+        self.default_actor = LOCAL_ADMIN
         with log.env.read() as txn:
             persisted = machine.compliance_clock_ms(LmdbKV(txn, log.env.dbs))
         #: Time for retention decisions: never behind what was applied, never following the wall clock.
@@ -226,7 +229,7 @@ class QueueBase:
 
     def _ctx(self, actor: Actor | None, bypass: bool = False, reason: str = "") -> Ctx:
         """The request context stamped into an entry: who, from where, and both clocks."""
-        return Ctx(actor or LOCAL_ADMIN, self.node_id, self.site, _ms(self._clock()),
+        return Ctx(actor or self.default_actor, self.node_id, self.site, _ms(self._clock()),
                    self.compliance_clock.now_ms(), bypass, reason)
 
     def _counters(self) -> Counters:

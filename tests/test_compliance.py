@@ -699,3 +699,78 @@ def test_rebuilding_state_from_a_log_with_an_injected_delete_keeps_the_retained_
             s.get(plain)  # the same injected entry did delete the unprotected message
     finally:
         s.close()
+
+
+def test_offline_cli_changes_are_attributed_to_the_os_user(qpath: Path, kek: Path, clock: Clock) -> None:
+    import getpass
+    import socket
+
+    s = _open(qpath, kek, clock)
+    s.set_policy("finance", mode="compliance", retention_days=1)
+    mid = _enqueue(s)
+    s.close()
+    common = ("--data-dir", str(qpath), "--key-file", str(kek), "--json")
+    added = _cli("legal-hold", "add", mid, "--case", "SEC-2026-17", *common)
+    assert added.returncode == 0, added.stderr
+    refused = _cli("delete", mid, *common)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    s = _open(qpath, kek, clock)
+    try:
+        records = s.audit_records()
+        assert s.get(mid).legal_holds == ("SEC-2026-17",)
+    finally:
+        s.close()
+    who = f"{getpass.getuser()}@{socket.gethostname()}"
+    hold, delete = records[-2], records[-1]
+    assert (hold["op"], hold["outcome"], hold["actor"], hold["source"]) == ("legal_hold", "allowed", who, "cli")
+    assert (delete["op"], delete["outcome"], delete["actor"], delete["source"]) == ("delete", "denied", who, "cli")
+    assert (records[0]["op"], records[0]["actor"], records[0]["source"]) == ("policy", "local-admin", "embedded")
+
+
+def test_policy_keys_retention_and_audit_commands(qpath: Path, kek: Path, clock: Clock) -> None:
+    s = _open(qpath, kek, clock)
+    bulk = _enqueue(s, namespace="bulk")
+    s.close()
+    common = ("--data-dir", str(qpath), "--key-file", str(kek), "--json")
+
+    def run(*args: str, code: int = 0) -> Any:
+        out = _cli(*args, *common)
+        assert out.returncode == code, f"{args}: {out.returncode}\n{out.stdout}\n{out.stderr}"
+        return json.loads(out.stdout)
+
+    assert run("policy", "set", "finance", "--mode", "governance", "--retention-days", "30")["mode"] == "governance"
+    shown = run("policy", "show", "finance")
+    assert (shown["mode"], shown["retention_days"]) == ("governance", 30)
+    # weakening GOVERNANCE needs the bypass flag and a reason
+    assert run("policy", "set", "finance", "--mode", "none", code=2)["error"] == "Immutable"
+    s = _open(qpath, kek, clock)
+    mid = _enqueue(s)
+    s.close()
+    until = run("retention", "extend", mid, "--until", "2031-01-01")
+    import datetime as dt
+
+    assert until["message_id"] == mid
+    assert until["locked_until"] == dt.datetime(2031, 1, 1, tzinfo=dt.UTC).timestamp()
+    assert run("retention", "extend", mid, "--until", "2030-01-01", code=2)["error"] == "Immutable"
+    assert run("retention", "extend", bulk, "--until", "2031-01-01", code=2)["error"] == "InvalidArgument"
+
+    keys = run("keys", "list")
+    (bulk_key,) = [k["key_id"] for k in keys if k["namespace"] == "bulk"]
+    rotated = run("keys", "rotate", "bulk")
+    assert rotated["namespace"] == "bulk" and rotated["key_id"] > max(k["key_id"] for k in keys)
+    assert "--yes" in run("keys", "shred", str(bulk_key), code=2)["message"]  # asks for confirmation
+    # a key still sealing a message being delivered is refused (and the refusal audited)
+    assert "still being delivered" in run("keys", "shred", str(bulk_key), "--yes", code=2)["message"]
+    s = _open(qpath, kek, clock)
+    _deliver(s, "bulk")
+    s.close()
+    assert run("keys", "shred", str(bulk_key), "--yes")["key_id"] == bulk_key
+    after = {k["key_id"]: k for k in run("keys", "list")}
+    assert after[bulk_key]["shredded"] and not after[rotated["key_id"]]["shredded"]
+
+    tail = run("audit", "tail", "-n", "3")
+    assert [r["op"] for r in tail][-1] == "shred_key" and len(tail) == 3
+    denied = run("audit", "query", "--op", "retention", "--outcome", "denied")
+    assert [r["target"] for r in denied] == [mid]  # the bulk message's refusal named no retained message
+    assert all(r["source"] == "cli" for r in run("audit", "query", "--op", "policy"))
+    assert run("audit", "verify")["ok"] is True

@@ -95,6 +95,22 @@ def client_from_args(args: argparse.Namespace, addresses: str | list[str] | None
                   **client_settings_from_env())
 
 
+def cli_actor() -> Any:
+    """Who an offline command acts as: the OS user on this host, as the local administrator
+    (every role; COMPLIANCE still binds), recorded in the audit log with source ``cli``."""
+    import getpass
+    import socket
+
+    from mqstore.actor import ROLES, Actor
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid-{os.getuid()}"
+    name = f"{user}@{socket.gethostname()}".encode()[:128].decode(errors="ignore") or "cli"
+    return Actor(name, frozenset(ROLES), auth="local", source="cli")
+
+
 class Target:
     """What a command works on: ``queue`` has the queue API (get/list/qshape/stats and the admin
     writes) of a cluster client, an embedded store, or a read-only view of a store on disk."""
@@ -117,6 +133,7 @@ class Target:
             import mqstore
 
             self._store = mqstore.open(path, key_file=key, background=False)
+            self._store.default_actor = cli_actor()
             self.queue = self._store
             self.log = self._store.log
         else:
