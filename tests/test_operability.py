@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from mqstore.client import Client
 from mqstore.crypto import create_key_file
@@ -97,6 +98,9 @@ def test_metrics_health_and_json_logs_of_a_running_node(
     proc, listen, metrics_port, tokens = served
     assert _wait(lambda: _health(listen) == _SERVING), "the node never reported SERVING"
     assert _health(listen, "mqstore.v1.Queue") == _SERVING
+    with grpc.insecure_channel(listen) as channel:  # server reflection, as grpcurl uses it
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"mqstore.v1.Queue", "mqstore.v1.Admin", "mqstore.v1.Compliance", "grpc.health.v1.Health"} <= services
 
     with Client(listen, timeout=10, token=tokens["producer"]) as producer:
         producer.enqueue_many([{"mail_from": "a@example.org", "recipients": [f"r{i}@example.net", "x@example.com"],
