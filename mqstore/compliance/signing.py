@@ -5,21 +5,21 @@ vouches for the audit log, and either can be rotated or handed to an auditor wit
 
 Key file format: one line ``mqstore-audit-signing-v1:<64 hex digits>`` (the raw 32-byte Ed25519
 private key, RFC 8032), mode 0600. The same rules as the KEK file apply: a file other local users
-could read or change is refused. Every replica of a cluster must hold the same signing key: the
-checkpoints are part of the replicated state, and Ed25519 signatures are deterministic, so the
-same key gives every replica byte-identical checkpoints.
+could read or change is refused. Each node of a cluster signs the checkpoints it derives with its
+own key: the records and Merkle roots are the same on every replica, and since Ed25519
+signatures are deterministic, nodes given the same key write byte-identical checkpoints.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from mqstore.crypto.providers import read_secret_file, write_secret_file
 from mqstore.errors import InvalidArgument, KeyFileError
 
 SIGNING_KEY_HEADER = "mqstore-audit-signing-v1"
@@ -27,80 +27,29 @@ SIGNING_KEY_BYTES = 32
 PUBLIC_KEY_BYTES = 32
 #: Bytes of SHA-256(raw public key) kept as the key id (shown as 32 hex digits).
 KEY_ID_BYTES = 16
-_KEY_FILE_BYTES_MAX = 4096
+_WHAT = "audit signing key file"
 _KEK_HEADER = "mqstore-kek-v1"
-
-
-def _check_mode(path: Path, mode: int) -> None:
-    # Mirrors mqstore.crypto.providers: group read is allowed (a service group may share the file);
-    # world access and group write never are.
-    if not stat.S_ISREG(mode):
-        raise KeyFileError(f"audit signing key file {path} is not a regular file")
-    if mode & 0o007:
-        raise KeyFileError(
-            f"audit signing key file {path} is accessible to every user (mode {stat.S_IMODE(mode):04o}); "
-            f"run `chmod 600 {path}`"
-        )
-    if mode & 0o020:
-        raise KeyFileError(
-            f"audit signing key file {path} is writable by its group (mode {stat.S_IMODE(mode):04o}); "
-            f"run `chmod 600 {path}`"
-        )
 
 
 def read_signing_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     """Read the signing key from ``path``, refusing unsafe permissions and malformed contents."""
-    p = Path(path)
-    try:
-        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise KeyFileError(f"audit signing key file {p} does not exist") from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot open audit signing key file {p}: {exc.strerror}") from None
-    try:
-        _check_mode(p, os.fstat(fd).st_mode)
-        raw = os.read(fd, _KEY_FILE_BYTES_MAX)
-    finally:
-        os.close(fd)
-    text = raw.decode("ascii", errors="replace").strip()
-    header, _, hex_key = text.partition(":")
+    header, raw_key = read_secret_file(path, _WHAT)
     if header == _KEK_HEADER:
         raise KeyFileError(
-            f"{p} is a key-encryption key file, not an audit signing key: the audit signing key must be "
+            f"{path} is a key-encryption key file, not an audit signing key: the audit signing key must be "
             "a separate key (create one with `create=True`)"
         )
     if header != SIGNING_KEY_HEADER:
-        raise KeyFileError(f"{p} is not an mqstore audit signing key file (expected '{SIGNING_KEY_HEADER}:<hex>')")
-    try:
-        raw_key = bytes.fromhex(hex_key.strip())
-    except ValueError:
-        raise KeyFileError(f"audit signing key file {p}: the key is not hexadecimal") from None
+        raise KeyFileError(f"{path} is not an mqstore audit signing key file (expected '{SIGNING_KEY_HEADER}:<hex>')")
     if len(raw_key) != SIGNING_KEY_BYTES:
-        raise KeyFileError(f"audit signing key file {p}: the key is {len(raw_key)} bytes, expected {SIGNING_KEY_BYTES}")
+        raise KeyFileError(f"{_WHAT} {path}: the key is {len(raw_key)} bytes, expected {SIGNING_KEY_BYTES}")
     return Ed25519PrivateKey.from_private_bytes(raw_key)
 
 
 def create_signing_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     """Create a new random signing key in ``path`` (mode 0600). Never overwrites a file."""
-    p = Path(path)
     raw_key = os.urandom(SIGNING_KEY_BYTES)
-    try:
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        raise KeyFileError(f"audit signing key file {p} already exists; refusing to overwrite a key") from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot create audit signing key file {p}: {exc.strerror}") from None
-    try:
-        os.fchmod(fd, 0o600)  # the umask can only narrow the mode; be explicit anyway
-        os.write(fd, f"{SIGNING_KEY_HEADER}:{raw_key.hex()}\n".encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dir_fd = os.open(p.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the new name must survive a crash too
-    finally:
-        os.close(dir_fd)
+    write_secret_file(path, _WHAT, SIGNING_KEY_HEADER, raw_key)
     return Ed25519PrivateKey.from_private_bytes(raw_key)
 
 

@@ -76,61 +76,55 @@ class AesKeyProvider:
             ) from None
 
 
-def _check_key_file_mode(path: Path, mode: int) -> None:
+def _check_secret_mode(path: Path, mode: int, what: str) -> None:
     # Refuse what other local users could read or change. Group read stays allowed so a
     # service group may share a key file; world access and group write never are.
     if not stat.S_ISREG(mode):
-        raise KeyFileError(f"key file {path} is not a regular file")
+        raise KeyFileError(f"{what} {path} is not a regular file")
     if mode & 0o007:
         raise KeyFileError(
-            f"key file {path} is accessible to every user (mode {stat.S_IMODE(mode):04o}); "
-            f"run `chmod 600 {path}`"
+            f"{what} {path} is accessible to every user (mode {stat.S_IMODE(mode):04o}); run `chmod 600 {path}`"
         )
     if mode & 0o020:
         raise KeyFileError(
-            f"key file {path} is writable by its group (mode {stat.S_IMODE(mode):04o}); "
-            f"run `chmod 600 {path}`"
+            f"{what} {path} is writable by its group (mode {stat.S_IMODE(mode):04o}); run `chmod 600 {path}`"
         )
 
 
-def read_key_file(path: str | os.PathLike[str]) -> bytes:
-    """Read a KEK from a key file, refusing unsafe permissions and malformed contents."""
+def read_secret_file(path: str | os.PathLike[str], what: str) -> tuple[str, bytes]:
+    """Read a ``<header>:<hex>`` secret file (a KEK, an audit signing key), refusing symlinks,
+    unsafe permissions and malformed contents; returns the header and the key bytes."""
     p = Path(path)
     try:
         fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
-        raise KeyFileError(f"key file {p} does not exist") from None
+        raise KeyFileError(f"{what} {p} does not exist") from None
     except OSError as exc:
-        raise KeyFileError(f"cannot open key file {p}: {exc.strerror}") from None
+        raise KeyFileError(f"cannot open {what} {p}: {exc.strerror}") from None
     try:
-        _check_key_file_mode(p, os.fstat(fd).st_mode)
+        _check_secret_mode(p, os.fstat(fd).st_mode, what)
         raw = os.read(fd, 4096)
     finally:
         os.close(fd)
-    text = raw.decode("ascii", errors="replace").strip()
-    header, _, hex_key = text.partition(":")
-    if header != _KEY_FILE_HEADER:
-        raise KeyFileError(f"key file {p} is not an mqstore key file (expected '{_KEY_FILE_HEADER}:<hex>')")
+    header, _, hex_key = raw.decode("ascii", errors="replace").strip().partition(":")
     try:
-        kek = bytes.fromhex(hex_key.strip())
+        return header, bytes.fromhex(hex_key.strip())
     except ValueError:
-        raise KeyFileError(f"key file {p}: the key is not hexadecimal") from None
-    if len(kek) != KEK_BYTES:
-        raise KeyFileError(f"key file {p}: the key is {len(kek)} bytes, expected {KEK_BYTES}")
-    return kek
+        raise KeyFileError(f"{what} {p}: the key is not hexadecimal") from None
 
 
-def create_key_file(path: str | os.PathLike[str]) -> Path:
-    """Create a new random KEK in ``path`` with mode 0600. Never overwrites an existing file."""
+def write_secret_file(path: str | os.PathLike[str], what: str, header: str, key: bytes) -> Path:
+    """Create ``path`` (mode 0600, durably, never overwriting a file) holding ``<header>:<hex>``."""
     p = Path(path)
-    kek = os.urandom(KEK_BYTES)
     try:
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
-        raise KeyFileError(f"key file {p} already exists; refusing to overwrite a key") from None
+        raise KeyFileError(f"{what} {p} already exists; refusing to overwrite a key") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot create {what} {p}: {exc.strerror}") from None
     try:
         os.fchmod(fd, 0o600)  # the umask could have narrowed it; never widened, but be explicit
-        os.write(fd, f"{_KEY_FILE_HEADER}:{kek.hex()}\n".encode("ascii"))
+        os.write(fd, f"{header}:{key.hex()}\n".encode("ascii"))
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -140,6 +134,21 @@ def create_key_file(path: str | os.PathLike[str]) -> Path:
     finally:
         os.close(dir_fd)
     return p
+
+
+def read_key_file(path: str | os.PathLike[str]) -> bytes:
+    """Read a KEK from a key file, refusing unsafe permissions and malformed contents."""
+    header, kek = read_secret_file(path, "key file")
+    if header != _KEY_FILE_HEADER:
+        raise KeyFileError(f"key file {path} is not an mqstore key file (expected '{_KEY_FILE_HEADER}:<hex>')")
+    if len(kek) != KEK_BYTES:
+        raise KeyFileError(f"key file {path}: the key is {len(kek)} bytes, expected {KEK_BYTES}")
+    return kek
+
+
+def create_key_file(path: str | os.PathLike[str]) -> Path:
+    """Create a new random KEK in ``path`` with mode 0600. Never overwrites an existing file."""
+    return write_secret_file(path, "key file", _KEY_FILE_HEADER, os.urandom(KEK_BYTES))
 
 
 class FileKeyProvider(AesKeyProvider):
