@@ -538,6 +538,56 @@ def _policy_request(
         )
 
 
+def _delete_request(message_id: str, bypass_governance: bool, reason: str | None) -> Any:
+    with _building("delete"):
+        return queue_pb2.MessageRef(message_id=_message_id(message_id), bypass_governance=bypass_governance,
+                                    reason=reason or "")
+
+
+def _set_policy_request(
+    namespace: str, mode: str, retention_days: float | None, bypass_governance: bool, reason: str | None
+) -> Any:
+    with _building("set_policy"):
+        retention_ms = -1 if retention_days is None else round(float(retention_days) * 86_400_000)  # -1: keep
+        return compliance_pb2.SetPolicyRequest(
+            namespace=namespace, mode=mode, retention_ms=retention_ms, bypass_governance=bypass_governance,
+            reason=reason or "")
+
+
+def _legal_hold_request(message_id: str, case: str) -> Any:
+    with _building("legal hold"):
+        return compliance_pb2.LegalHoldRequest(message_id=_message_id(message_id), case=case)
+
+
+def _retention_request(
+    message_id: str, until: float | _dt.datetime, bypass_governance: bool, reason: str | None
+) -> Any:
+    with _building("extend_retention"):
+        until_s = until.timestamp() if isinstance(until, _dt.datetime) else float(until)
+        return compliance_pb2.RetentionRequest(
+            message_id=_message_id(message_id), until_ms=round(until_s * 1000), bypass_governance=bypass_governance,
+            reason=reason or "")
+
+
+def _compact_request(message_ids: Iterable[str]) -> Any:
+    with _building("compact_messages"):
+        return compliance_pb2.CompactRequest(message_ids=[_message_id(m) for m in message_ids])
+
+
+def _audit_records_request(after: int | None, limit: int) -> Any:
+    with _building("audit_records"):
+        return compliance_pb2.AuditRecordsRequest(after=after or 0, limit=limit)
+
+
+def _audit_query_request(
+    where: Mapping[str, Any] | None, since_ms: int | None, until_ms: int | None, after: int | None, limit: int
+) -> Any:
+    with _building("audit_query"):
+        return compliance_pb2.AuditQueryRequest(
+            where_json=json.dumps(dict(where or {})), since_ms=since_ms or 0, until_ms=until_ms or 0,
+            after=after or 0, limit=limit)
+
+
 # --- answers ----------------------------------------------------------------------------------------
 
 
@@ -652,6 +702,23 @@ def _status(p: Any) -> dict[str, Any]:
         "stats": json.loads(p.stats_json) if p.stats_json else {},
         "disk_used_bytes": p.disk_used_bytes,
     }
+
+
+def _keys(p: Any) -> list[dict[str, Any]]:
+    return [{"key_id": k.key_id, "namespace": k.namespace, "created_ms": k.created_ms, "shredded": k.shredded,
+             "current": k.current} for k in p.keys]
+
+
+def _audit_records(p: Any) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in p.records_json]
+
+
+def _checkpoint(p: Any) -> Any:
+    """A CheckpointResponse as an :class:`mqstore.compliance.audit.Checkpoint` (None: no audit record yet)."""
+    from mqstore.compliance.audit import Checkpoint
+
+    text = p.checkpoint_json
+    return Checkpoint.from_json(text) if text else None
 
 
 class _Stubs:
@@ -964,8 +1031,7 @@ class Client:
     def delete(self, message_id: str, bypass_governance: bool = False, reason: str | None = None) -> None:
         """Remove the message; refused (Immutable) while retention or a legal hold protects it.
         See the embedded API for the GOVERNANCE bypass."""
-        self._call("Delete", queue_pb2.MessageRef(message_id=_message_id(message_id),
-                                                  bypass_governance=bypass_governance, reason=reason or ""))
+        self._call("Delete", _delete_request(message_id, bypass_governance, reason))
 
     def list(
         self,
@@ -1009,34 +1075,27 @@ class Client:
 
     def set_policy(self, namespace: str, mode: str = "none", retention_days: float | None = None, *,
                    bypass_governance: bool = False, reason: str | None = None) -> Policy:
-        retention_ms = -1 if retention_days is None else round(float(retention_days) * 86_400_000)
-        p = self._c("SetPolicy", compliance_pb2.SetPolicyRequest(
-            namespace=namespace, mode=mode, retention_ms=retention_ms, bypass_governance=bypass_governance,
-            reason=reason or ""))
-        return _lock_policy(p)
+        request = _set_policy_request(namespace, mode, retention_days, bypass_governance, reason)
+        return _lock_policy(self._c("SetPolicy", request))
 
     def get_policy(self, namespace: str) -> Policy:
         return _lock_policy(self._c("GetPolicy", compliance_pb2.NamespaceRef(namespace=namespace)))
 
     def add_legal_hold(self, message_id: str, case: str) -> None:
-        self._c("AddLegalHold", compliance_pb2.LegalHoldRequest(message_id=_message_id(message_id), case=case))
+        self._c("AddLegalHold", _legal_hold_request(message_id, case))
 
     def remove_legal_hold(self, message_id: str, case: str) -> None:
-        self._c("RemoveLegalHold", compliance_pb2.LegalHoldRequest(message_id=_message_id(message_id), case=case))
+        self._c("RemoveLegalHold", _legal_hold_request(message_id, case))
 
     def extend_retention(self, message_id: str, until: float | _dt.datetime, *, bypass_governance: bool = False,
                          reason: str | None = None) -> None:
-        until_s = until.timestamp() if isinstance(until, _dt.datetime) else float(until)
-        self._c("ExtendRetention", compliance_pb2.RetentionRequest(
-            message_id=_message_id(message_id), until_ms=round(until_s * 1000), bypass_governance=bypass_governance,
-            reason=reason or ""))
+        self._c("ExtendRetention", _retention_request(message_id, until, bypass_governance, reason))
 
     def drop_namespace(self, namespace: str) -> int:
         return int(self._c("DropNamespace", compliance_pb2.NamespaceRef(namespace=namespace)).count)
 
     def compact_messages(self, message_ids: Iterable[str]) -> int:
-        ids = [_message_id(m) for m in message_ids]
-        return int(self._c("CompactMessages", compliance_pb2.CompactRequest(message_ids=ids)).count)
+        return int(self._c("CompactMessages", _compact_request(message_ids)).count)
 
     def rotate_key(self, namespace: str) -> int:
         return int(self._c("RotateKey", compliance_pb2.NamespaceRef(namespace=namespace)).count)
@@ -1045,31 +1104,23 @@ class Client:
         return int(self._c("ShredKey", compliance_pb2.KeyRef(key_id=key_id)).count)
 
     def list_keys(self) -> builtins.list[dict[str, Any]]:
-        keys = self._c("ListKeys", compliance_pb2.ListKeysRequest()).keys
-        return [{"key_id": k.key_id, "namespace": k.namespace, "created_ms": k.created_ms, "shredded": k.shredded,
-                 "current": k.current} for k in keys]
+        return _keys(self._c("ListKeys", compliance_pb2.ListKeysRequest()))
 
     def audit_records(self, after: int | None = None, limit: int = 1000) -> builtins.list[dict[str, Any]]:
-        r = self._c("AuditRecords", compliance_pb2.AuditRecordsRequest(after=after or 0, limit=limit))
-        return [json.loads(x) for x in r.records_json]
+        return _audit_records(self._c("AuditRecords", _audit_records_request(after, limit)))
 
     def audit_query(self, where: Mapping[str, Any] | None = None, since_ms: int | None = None,
                     until_ms: int | None = None, after: int | None = None,
                     limit: int = 1000) -> builtins.list[dict[str, Any]]:
-        r = self._c("AuditQuery", compliance_pb2.AuditQueryRequest(
-            where_json=json.dumps(dict(where or {})), since_ms=since_ms or 0, until_ms=until_ms or 0,
-            after=after or 0, limit=limit))
-        return [json.loads(x) for x in r.records_json]
+        request = _audit_query_request(where, since_ms, until_ms, after, limit)
+        return _audit_records(self._c("AuditQuery", request))
 
     def audit_head(self) -> int:
         return int(self._c("AuditHead", compliance_pb2.AuditHeadRequest()).seq)
 
     def audit_checkpoint(self) -> Any:
         """Sign a checkpoint over every audit record so far; returns it (an audit.Checkpoint)."""
-        from mqstore.compliance.audit import Checkpoint
-
-        text = self._c("AuditCheckpoint", compliance_pb2.CheckpointRequest()).checkpoint_json
-        return Checkpoint.from_json(text) if text else None
+        return _checkpoint(self._c("AuditCheckpoint", compliance_pb2.CheckpointRequest()))
 
     def status(self, address: str | None = None) -> dict[str, Any]:
         """Admin.Status of ``address``, or of the node the client talks to (the leader once known):
@@ -1154,11 +1205,12 @@ class AsyncClient:
         admin: bool = False,
         address: str | None = None,
         timeout: float | None = None,
+        compliance: bool = False,
     ) -> Any:
         attempts = _Attempts(self._router, self.timeout if timeout is None else timeout, address)
         while True:
             stubs = self._get_stubs(attempts.address)
-            rpc = getattr(stubs.admin if admin else stubs.queue, method)
+            rpc = getattr(stubs.compliance if compliance else stubs.admin if admin else stubs.queue, method)
             try:
                 response = await rpc(request, timeout=attempts.attempt_timeout(), wait_for_ready=False)
             except grpc.RpcError as exc:
@@ -1366,8 +1418,8 @@ class AsyncClient:
     async def requeue(self, message_id: str) -> None:
         await self._call("Requeue", queue_pb2.MessageRef(message_id=_message_id(message_id)))
 
-    async def delete(self, message_id: str) -> None:
-        await self._call("Delete", queue_pb2.MessageRef(message_id=_message_id(message_id)))
+    async def delete(self, message_id: str, bypass_governance: bool = False, reason: str | None = None) -> None:
+        await self._call("Delete", _delete_request(message_id, bypass_governance, reason))
 
     async def list(
         self,
@@ -1400,6 +1452,60 @@ class AsyncClient:
     ) -> Policy:
         request = _policy_request(namespace, backoff, lifetime, retention, dedup_window, expired_retention)
         return _policy(await self._call("SetNamespacePolicy", request))
+
+    # --- compliance (as Client's) ------------------------------------------------------------------
+
+    async def _c(self, method: str, request: Any) -> Any:
+        return await self._call(method, request, compliance=True)
+
+    async def set_policy(self, namespace: str, mode: str = "none", retention_days: float | None = None, *,
+                         bypass_governance: bool = False, reason: str | None = None) -> Policy:
+        request = _set_policy_request(namespace, mode, retention_days, bypass_governance, reason)
+        return _lock_policy(await self._c("SetPolicy", request))
+
+    async def get_policy(self, namespace: str) -> Policy:
+        return _lock_policy(await self._c("GetPolicy", compliance_pb2.NamespaceRef(namespace=namespace)))
+
+    async def add_legal_hold(self, message_id: str, case: str) -> None:
+        await self._c("AddLegalHold", _legal_hold_request(message_id, case))
+
+    async def remove_legal_hold(self, message_id: str, case: str) -> None:
+        await self._c("RemoveLegalHold", _legal_hold_request(message_id, case))
+
+    async def extend_retention(self, message_id: str, until: float | _dt.datetime, *,
+                               bypass_governance: bool = False, reason: str | None = None) -> None:
+        await self._c("ExtendRetention", _retention_request(message_id, until, bypass_governance, reason))
+
+    async def drop_namespace(self, namespace: str) -> int:
+        return int((await self._c("DropNamespace", compliance_pb2.NamespaceRef(namespace=namespace))).count)
+
+    async def compact_messages(self, message_ids: Iterable[str]) -> int:
+        return int((await self._c("CompactMessages", _compact_request(message_ids))).count)
+
+    async def rotate_key(self, namespace: str) -> int:
+        return int((await self._c("RotateKey", compliance_pb2.NamespaceRef(namespace=namespace))).count)
+
+    async def shred_key(self, key_id: int) -> int:
+        return int((await self._c("ShredKey", compliance_pb2.KeyRef(key_id=key_id))).count)
+
+    async def list_keys(self) -> builtins.list[dict[str, Any]]:
+        return _keys(await self._c("ListKeys", compliance_pb2.ListKeysRequest()))
+
+    async def audit_records(self, after: int | None = None, limit: int = 1000) -> builtins.list[dict[str, Any]]:
+        return _audit_records(await self._c("AuditRecords", _audit_records_request(after, limit)))
+
+    async def audit_query(self, where: Mapping[str, Any] | None = None, since_ms: int | None = None,
+                          until_ms: int | None = None, after: int | None = None,
+                          limit: int = 1000) -> builtins.list[dict[str, Any]]:
+        request = _audit_query_request(where, since_ms, until_ms, after, limit)
+        return _audit_records(await self._c("AuditQuery", request))
+
+    async def audit_head(self) -> int:
+        return int((await self._c("AuditHead", compliance_pb2.AuditHeadRequest())).seq)
+
+    async def audit_checkpoint(self) -> Any:
+        """Sign a checkpoint over every audit record so far; returns it (an audit.Checkpoint)."""
+        return _checkpoint(await self._c("AuditCheckpoint", compliance_pb2.CheckpointRequest()))
 
     async def status(self, address: str | None = None) -> dict[str, Any]:
         return _status(await self._call("Status", admin_pb2.StatusRequest(), admin=True, address=address))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import inspect
 import json
 import logging
@@ -26,9 +27,12 @@ import pytest
 from mqstore import InvalidArgument, NotFound, StaleLease
 from mqstore.api import Lease, Message, Page, QShape
 from mqstore.client import AsyncClient, Client, insecure_channel
+from mqstore.compliance.audit import Checkpoint
+from mqstore.compliance.rules import Mode
+from mqstore.compliance.signing import public_key_from_hex
 from mqstore.config import parse
 from mqstore.crypto import create_key_file
-from mqstore.errors import Unavailable
+from mqstore.errors import Immutable, Unavailable
 from mqstore.node.runtime import bootstrap
 from mqstore.queue.model import Policy
 from mqstore.server import NodeServer
@@ -357,6 +361,136 @@ def test_async_client_natively(cluster: Cluster) -> None:
             leases = await c.lease("aw", max_messages=50, namespace=ns)
             await asyncio.gather(*(c.ack(x.token) for x in leases))
             assert (await c.stats())["namespaces"][ns]["recipients"]["delivered"] == 45
+
+    asyncio.run(main())
+
+
+def test_async_client_compliance(cluster: Cluster) -> None:
+    """Every compliance call of AsyncClient against the cluster, as the user sees it: locked
+    namespaces refuse deletes (GOVERNANCE yields to a bypass with a reason), legal holds and
+    retention show in get(), keys rotate and shred, and the audit log reads back consistently
+    and ends in a signed checkpoint."""
+    locked, governed, plain = _ns(), _ns(), _ns()
+
+    async def main() -> None:
+        async with AsyncClient(cluster.all_addresses()) as c:
+            # set_policy/get_policy; delete refused under COMPLIANCE, even with a bypass
+            policy = await c.set_policy(locked, mode="compliance", retention_days=1)
+            assert policy.mode == int(Mode.COMPLIANCE) and policy.lock_retention_ms == 86_400_000
+            assert await c.get_policy(locked) == policy
+            assert (await c.get_policy(plain)).mode == int(Mode.NONE)
+            before = time.time()
+            mid = await c.enqueue("cfo@example.org", ["board@example.net"], b"Subject: m\r\n\r\nx\r\n", locked)
+            m = await c.get(mid)
+            assert m.retention_mode == "compliance" and m.locked_until is not None
+            assert abs(m.locked_until - (before + 86_400)) < 60
+            with pytest.raises(Immutable):
+                await c.delete(mid)
+            with pytest.raises(Immutable):
+                await c.delete(mid, bypass_governance=True, reason="try anyway")
+            with pytest.raises(Immutable):
+                await c.drop_namespace(locked)
+
+            # extend_retention (seconds or datetime); shortening is refused
+            await c.extend_retention(mid, m.locked_until + 3600)
+            assert (await c.get(mid)).locked_until == pytest.approx(m.locked_until + 3600, abs=0.002)
+            later = datetime.datetime.fromtimestamp(m.locked_until + 7200, tz=datetime.UTC)
+            await c.extend_retention(mid, later)
+            assert (await c.get(mid)).locked_until == pytest.approx(later.timestamp(), abs=0.002)
+            with pytest.raises(Immutable):
+                await c.extend_retention(mid, m.locked_until)
+
+            # legal holds show in get()
+            await c.add_legal_hold(mid, case="SEC-1")
+            await c.add_legal_hold(mid, case="SEC-2")
+            assert sorted((await c.get(mid)).legal_holds) == ["SEC-1", "SEC-2"]
+            await c.remove_legal_hold(mid, case="SEC-1")
+            assert (await c.get(mid)).legal_holds == ("SEC-2",)
+            with pytest.raises(NotFound):
+                await c.remove_legal_hold(mid, case="SEC-1")
+
+            # GOVERNANCE: delete refused, allowed with bypass_governance and a reason
+            await c.set_policy(governed, mode="governance", retention_days=1)
+            gid = await c.enqueue("s@example.org", ["r@example.org"], b"x", governed)
+            with pytest.raises(Immutable):
+                await c.delete(gid)
+            await c.delete(gid, bypass_governance=True, reason="erasure request 42")
+            with pytest.raises(NotFound):
+                await c.get(gid)
+
+            # compact_messages removes finished messages before their housekeeping retention ends
+            await c.set_namespace_policy(plain, retention=3600)
+            done = [await c.enqueue("s@example.org", [f"r{i}@example.org"], b"x", plain) for i in range(3)]
+            for lease in await c.lease("w", namespace=plain):
+                await c.ack(lease.token)
+            assert await c.compact_messages([done[0]]) == 1
+            with pytest.raises(NotFound):
+                await c.get(done[0])
+            assert (await c.get(done[1])).done
+
+            # rotate_key: a new current key, in list_keys and used by new messages; shred_key
+            # removes the finished messages sealed under it
+            old = [k for k in await c.list_keys() if k["namespace"] == plain]
+            key_id = await c.rotate_key(plain)
+            keys = {k["key_id"]: k for k in await c.list_keys() if k["namespace"] == plain}
+            assert key_id not in {k["key_id"] for k in old}
+            assert keys[key_id]["current"] and not keys[key_id]["shredded"]
+            assert abs(keys[key_id]["created_ms"] / 1000 - time.time()) < 60
+            assert [k for k in keys.values() if k["current"]] == [keys[key_id]]
+            sealed = await c.enqueue("s@example.org", ["k@example.org"], b"x", plain)
+            assert (await c.get(sealed)).key_id == key_id
+            for lease in await c.lease("w", namespace=plain):
+                await c.ack(lease.token)
+            assert await c.shred_key(key_id) == 1
+            with pytest.raises(NotFound):
+                await c.get(sealed)
+            shredded = next(k for k in await c.list_keys() if k["key_id"] == key_id)
+            assert shredded["shredded"] and not shredded["current"]
+
+            # drop_namespace removes what is left
+            assert await c.drop_namespace(plain) == 2
+            assert list(await c.list(namespace=plain)) == []
+
+            # the audit log: head, records and query agree
+            head = await c.audit_head()
+            tail = await c.audit_records(after=head - 5, limit=10)
+            assert [r["seq"] for r in tail] == list(range(head - 4, head + 1))
+            assert await c.audit_records(after=head) == []
+            assert (tail[-1]["op"], tail[-1]["target"], tail[-1]["outcome"]) == ("drop_namespace", plain, "allowed")
+            trail = await c.audit_query(where={"target": mid})
+            assert [(r["op"], r["outcome"]) for r in trail] == [
+                ("enqueue", "allowed"),
+                ("delete", "denied"),
+                ("delete", "denied"),
+                ("retention", "allowed"),
+                ("retention", "allowed"),
+                ("retention", "denied"),
+                ("legal_hold", "allowed"),
+                ("legal_hold", "allowed"),
+                ("release_legal_hold", "allowed"),
+            ]
+            assert trail[-1]["before"]["holds"] == ["SEC-1", "SEC-2"] and trail[-1]["after"]["holds"] == ["SEC-2"]
+            assert [r["seq"] for r in trail] == sorted(r["seq"] for r in trail) and trail[-1]["seq"] < head
+            for r in trail:  # the same records as audit_records returns
+                assert await c.audit_records(after=r["seq"] - 1, limit=1) == [r]
+            holds = await c.audit_query(where={"op": "legal_hold", "target": mid})
+            assert holds == trail[6:8]
+            assert await c.audit_query(where={"op": "legal_hold", "target": mid}, after=holds[0]["seq"]) == holds[1:]
+            assert await c.audit_query(where={"target": mid}, limit=2) == trail[:2]
+            assert await c.audit_query(where={"target": mid}, since_ms=trail[-1]["time"]) == [
+                r for r in trail if r["time"] >= trail[-1]["time"]
+            ]
+            denied = await c.audit_query(where={"op": "delete", "outcome": "denied"}, after=trail[0]["seq"])
+            assert [r["target"] for r in denied] == [mid, mid, gid]
+            bypassed = await c.audit_query(where={"op": "delete", "target": gid, "outcome": "allowed"})
+            assert len(bypassed) == 1 and bypassed[0]["bypass"] and bypassed[0]["bypass_reason"] == "erasure request 42"
+
+            # audit_checkpoint: signed, over every record so far (itself included)
+            ckpt = await c.audit_checkpoint()
+            assert isinstance(ckpt, Checkpoint) and ckpt.size == head + 1
+            assert ckpt.signed and ckpt.public_key
+            assert ckpt.signature_problem(public_key_from_hex(ckpt.public_key)) is None
+            assert await c.audit_head() == head + 1
 
     asyncio.run(main())
 
@@ -690,3 +824,14 @@ def test_bad_addresses() -> None:
         assert c.addresses == ["127.0.0.1:1", "127.0.0.1:2"]
         with pytest.raises(Unavailable):
             c.status()
+
+
+def test_compliance_arguments_of_the_wrong_type_are_invalid_before_any_call() -> None:
+    # no node listens there: each refusal happens while building the request
+    with Client("127.0.0.1:9", timeout=1) as c:
+        with pytest.raises(InvalidArgument, match="set_policy"):
+            c.set_policy("finance", mode="compliance", retention_days="seven years")  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="extend_retention"):
+            c.extend_retention("01M8XEP1JTA8SSGH0VGEGBCJ1V", until="soon")  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="audit_records"):
+            c.audit_records(limit="all")  # type: ignore[arg-type]
