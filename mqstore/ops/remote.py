@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from mqstore.client import Client, _map_error
+from mqstore.client import Client, _map_error, _status
 from mqstore.errors import InvalidArgument, MQStoreError, Unavailable
 from mqstore.ops.backup import write_file
 from mqstore.proto import admin_pb2
@@ -31,28 +31,13 @@ def stub(client: Client, address: str) -> Any:
 
 
 def _status_dict(p: Any) -> dict[str, Any]:
+    """What ``Client.status`` gives, plus what an operator's ``status`` shows."""
     return {
-        "node_id": p.node_id,
-        "site": p.site,
-        "role": p.role,
-        "term": p.term,
-        "leader_id": p.leader_id,
-        "leader_address": p.leader_address,
-        "commit_index": p.commit_index,
-        "applied_index": p.applied_index,
-        "first_index": p.first_index,
-        "last_index": p.last_index,
-        "min_sites": p.min_sites,
+        **_status(p),
         "cluster_id": p.cluster_id,
         "removed_ids": list(p.removed_ids),
         "snapshot_index": p.snapshot_index,
         "quarantined": p.quarantined,
-        "members": [
-            {"id": m.id, "site": m.site, "address": m.address, "voter": m.voter, "match_index": m.match_index}
-            for m in p.members
-        ],
-        "stats": json.loads(p.stats_json) if p.stats_json else {},
-        "disk_used_bytes": p.disk_used_bytes,
     }
 
 
