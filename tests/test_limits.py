@@ -85,9 +85,20 @@ def test_size_recipient_and_batch_limits(node: InProcessCluster) -> None:
             c.enqueue_many([_m(i) for i in range(51)])
         with pytest.raises(Overloaded, match=r"request_bytes_max"):
             c.enqueue_many([_m(i, data=b"y" * 60_000) for i in range(20)])  # 1.2 MB in one request
-        with pytest.raises(InvalidArgument, match=r"limits\.batch_messages_max"):
-            list(c.enqueue_stream(_m(i) for i in range(200)))  # the client frames 128 a request: over 50
+    # a stream frame over the limit: refused, and nothing of it is stored
+    frame = queue_pb2.EnqueueBatchRequest(messages=[
+        queue_pb2.NewMessage(mail_from="a@example.org", recipients=[f"r{i}@example.net"], data=MAIL,
+                             idempotency_key=f"frame-{i}") for i in range(51)])
+    with grpc.insecure_channel(node.address(1)) as channel, pytest.raises(grpc.RpcError) as err:
+        list(queue_pb2_grpc.QueueStub(channel).EnqueueStream(iter([frame]), timeout=5))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "batch_messages_max" in (err.value.details() or "")
     assert _stats(node) == before  # refused requests change nothing
+    # the client's stream is refused as soon as a frame it sends is over the limit (frames sent
+    # before it may have been stored: a stream is acknowledged frame by frame)
+    with Client(node.address(1), timeout=5) as c, \
+            pytest.raises(InvalidArgument, match=r"limits\.batch_messages_max"):
+        list(c.enqueue_stream(_m(i) for i in range(200)))  # the client frames up to 128 a request
 
 
 def test_calls_without_a_deadline_are_refused(node: InProcessCluster) -> None:
