@@ -129,6 +129,10 @@ class Result:
         }
 
 
+def _round(d: dict[Any, float]) -> dict[Any, float]:
+    return {k: round(v, 2) for k, v in d.items()}
+
+
 def median_result(runs: list[Result]) -> Result:
     ordered = sorted(runs, key=lambda r: r.rate)
     return ordered[len(ordered) // 2]
@@ -519,7 +523,7 @@ class MqstoreBench:
 
         self.args = args
         self.cluster = LocalCluster(
-            root, ["a", "b", "c"], election_tick=args.election_tick, heartbeat_ms=args.heartbeat_ms
+            root, ["a", "b", "c"], election_tick=args.election_tick, heartbeat_ms=args.heartbeat_ms, metrics=True
         )
         self.messages = _messages(7, 2048)
 
@@ -551,6 +555,72 @@ class MqstoreBench:
                 followers += 1
                 out[f"follower{followers}"] = spec.process.pid
         return out
+
+    def scrape(self, node_id: int) -> dict[str, float]:
+        """The node's Prometheus samples, as {'name{label="v",...}': value}."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.cluster.metrics_url(node_id), timeout=10) as r:
+            text = r.read().decode()
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+        return out
+
+    def check_metrics(self, acked: dict[str, tuple[int, int, int]]) -> dict[str, Any]:
+        """Scrape every node once the cluster is quiet and compare the series with what the
+        benchmark itself saw: ``acked[case] = (enqueued counter delta on the leader, messages the
+        case acknowledged, messages sent outside its timed window)``."""
+        leader = self.cluster.wait_for_leader(60)
+        nodes = list(self.cluster.nodes)
+        deadline = time.monotonic() + 30
+        while True:
+            m = {i: self.scrape(i) for i in nodes}
+            applied = {i: m[i]["mqstore_applied_index"] for i in nodes}
+            if len(set(applied.values())) == 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        queued = 'mqstore_queue_recipients{namespace="default",state="queued"}'
+        lead = m[leader]
+        problems = []
+        for case, (delta, msgs, outside) in acked.items():
+            if not msgs <= delta <= msgs + outside:
+                problems.append(f"{case}: enqueued counter rose by {delta:.0f}, the case had {msgs} acknowledged "
+                                f"(+ up to {outside} outside its window)")
+        for i in nodes:
+            if m[i].get(queued) != lead["mqstore_enqueued_messages_total"]:
+                problems.append(f"node {i}: {queued} = {m[i].get(queued)}, the leader enqueued "
+                                f"{lead['mqstore_enqueued_messages_total']:.0f} one-recipient messages")
+            if m[i]["mqstore_fsync_latency_seconds_count"] <= 0:
+                problems.append(f"node {i}: no fsync observed")
+            if m[i]["mqstore_term"] != lead["mqstore_term"]:
+                problems.append(f"node {i}: term {m[i]['mqstore_term']}, the leader's {lead['mqstore_term']}")
+        lags = {k: v for k, v in lead.items() if k.startswith("mqstore_replication_lag_entries")}
+        if len(lags) != len(nodes) - 1 or any(v != 0 for v in lags.values()):
+            problems.append(f"replication lag once quiet: {lags}")
+        if sum(m[i]["mqstore_is_leader"] for i in nodes) != 1:
+            problems.append("not exactly one node reports mqstore_is_leader 1")
+        writes = sum(v for k, v in lead.items() if k.startswith("mqstore_commit_latency_seconds_count"))
+        summary = {
+            "leader": leader,
+            "enqueued_total": lead["mqstore_enqueued_messages_total"],
+            "queued_per_node": {i: m[i].get(queued) for i in nodes},
+            "applied_index": applied,
+            "fsyncs_per_node": {i: m[i]["mqstore_fsync_latency_seconds_count"] for i in nodes},
+            "fsync_mean_ms": {i: 1e3 * m[i]["mqstore_fsync_latency_seconds_sum"]
+                              / max(1.0, m[i]["mqstore_fsync_latency_seconds_count"]) for i in nodes},
+            "commit_latency_observations": writes,
+            "commit_latency_mean_ms": 1e3 * sum(v for k, v in lead.items()
+                                                if k.startswith("mqstore_commit_latency_seconds_sum"))
+            / max(1.0, writes),
+            "replication_lag": lags,
+            "disk_used_bytes": {i: m[i]["mqstore_disk_used_bytes"] for i in nodes},
+            "cases": {k: {"counter_delta": d, "acknowledged": n} for k, (d, n, _) in acked.items()},
+            "problems": problems,
+        }
+        return summary
 
     def _msg(self, i: int) -> dict[str, Any]:
         return {"mail_from": SENDER, "recipients": [_recipient(i)], "data": self.messages[i % len(self.messages)]}
@@ -714,15 +784,36 @@ def bench_mqstore(root: Path, args: argparse.Namespace, report: dict[str, Any]) 
             "stream": lambda: mq.stream(s),
             "batch256": lambda: mq.batched(s),
         }
+        acked: dict[str, tuple[int, int, int]] = {}
+        enqueued = "mqstore_enqueued_messages_total"
         for key, fn in cases.items():
             if key not in args.cases:
                 continue
-            results[key] = median_result([fn() for _ in range(args.runs)])
+            leader = mq.cluster.wait_for_leader(60)
+            before = mq.scrape(leader)[enqueued]
+            runs = [fn() for _ in range(args.runs)]
+            # one untimed enqueue per run (connecting); c64: calls straddling the window
+            outside = args.runs * (4 * CLIENTS if key == "c64" else 1)
+            acked[key] = (int(mq.scrape(leader)[enqueued] - before), sum(r.msgs for r in runs), outside)
+            results[key] = median_result(runs)
             print("  " + results[key].line(), flush=True)
             if args.profile:
                 with Profiler(mq.pids(), Path(args.profile), key) as prof:
                     fn()
                 print(f"  profile of an extra {key} run (py-spy, {args.profile}):\n{prof.summary()}", flush=True)
+        if acked:
+            seen = mq.check_metrics(acked)
+            report["metrics"] = seen
+            print(
+                f"  metrics (Prometheus, scraped from each node): leader enqueued "
+                f"{seen['enqueued_total']:.0f}; queued per node {seen['queued_per_node']}; fsyncs per node "
+                f"{seen['fsyncs_per_node']} (mean ms {_round(seen['fsync_mean_ms'])}); commit latency mean "
+                f"{seen['commit_latency_mean_ms']:.1f} ms over {seen['commit_latency_observations']:.0f} writes; "
+                f"lag {seen['replication_lag']}",
+                flush=True,
+            )
+            print("  metrics check: " + ("ok (counters match what the benchmark saw)" if not seen["problems"]
+                                         else "PROBLEMS: " + "; ".join(seen["problems"])), flush=True)
         if "failover" in args.cases and args.failovers > 0:
             rounds = []
             for _ in range(args.failovers):

@@ -62,6 +62,8 @@ class NodeSpec:
     log_path: Path | None = None
     #: Where this node dials each peer (peer id -> address); default: the peer's own port.
     peer_address: dict[int, str] = field(default_factory=dict)
+    #: The port of its Prometheus endpoint (0: none).
+    metrics_port: int = 0
 
     @property
     def address(self) -> str:
@@ -84,12 +86,14 @@ class LocalCluster:
         tls: bool = False,
         extra_config: str = "",
         token: str | None = None,
+        metrics: bool = False,
     ) -> None:
         """``tls``: a CA and node certificates in ``root/certs`` (mutual TLS everywhere; the
         cluster's own calls use the client certificate ``certs/client-admin``); otherwise the
         nodes are plaintext (``insecure = true``). ``extra_config`` is TOML appended to every
         node's config (``[limits]``, ``[auth]``, ``[metrics]``, ...; it must start with a table).
-        ``token``: the bearer token the cluster's own calls send (when ``[auth]`` needs one)."""
+        ``token``: the bearer token the cluster's own calls send (when ``[auth]`` needs one).
+        ``metrics``: each node serves Prometheus metrics on a port of its own (``metrics_url``)."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.key_file = create_key_file(self.root / "kek.key")
@@ -99,6 +103,9 @@ class LocalCluster:
         self.heartbeat_ms = heartbeat_ms
         self.env = {**os.environ, **(env or {})}
         self.nodes = {i + 1: NodeSpec(i + 1, site, free_port()) for i, site in enumerate(sites)}
+        if metrics:
+            for spec in self.nodes.values():
+                spec.metrics_port = free_port()
         self.tls = tls
         self.extra_config = extra_config
         self.token = token
@@ -115,6 +122,9 @@ class LocalCluster:
         self.proxies: dict[tuple[int, int], Proxy] = {}
 
     # --- configuration --------------------------------------------------------------------------
+
+    def metrics_url(self, node_id: int) -> str:
+        return f"http://127.0.0.1:{self.nodes[node_id].metrics_port}/metrics"
 
     def config_path(self, node_id: int) -> Path:
         return self.root / f"node{node_id}.toml"
@@ -150,6 +160,8 @@ class LocalCluster:
         if self.tls:
             lines += ["", "[tls]", f'ca = "{self.certs / "ca.pem"}"', f'cert = "{self.certs / f"node-{node_id}.pem"}"',
                       f'key = "{self.certs / f"node-{node_id}.key"}"']
+        if spec.metrics_port:
+            lines += ["", "[metrics]", f'listen = "127.0.0.1:{spec.metrics_port}"']
         if self.extra_config:
             lines += ["", self.extra_config]
         path = self.config_path(node_id)
