@@ -103,3 +103,33 @@ def test_compliance_refusals_over_grpc_and_cli_are_audited_on_every_replica(clus
         assert report.ok, (i, report.problems)
         assert report.checkpoints_checked >= 1 and report.signatures_checked >= 1
     assert len(keys) == 3
+
+
+def test_a_follower_that_installed_a_snapshot_keeps_auditing_like_the_others(tmp_path: Path) -> None:
+    cluster = InProcessCluster(tmp_path, {1: "a", 2: "b", 3: "c"}, [1, 2, 3], snapshot_every=40, keep_entries=10)
+    try:
+        cluster.leader()
+        with Client(cluster.addresses(), timeout=20) as client:
+            client.set_policy("finance", mode="compliance", retention_days=30)
+            lagging = next(i for i, s in cluster.servers.items() if not s.node.is_leader)
+            cluster.stop(lagging)
+            for i in range(60):  # audited entries; the others snapshot and compact past the stopped node
+                client.enqueue(mail_from="cfo@example.org", recipients=[f"r{i}@example.net"], data=BODY,
+                               namespace="finance")
+            assert all(s.node.storage.compacted()[0] > 20 for s in cluster.servers.values())
+            cluster.start(lagging)
+            # after catching up from the snapshot the node applies (and audits) new entries itself
+            for lease in client.lease("w", namespace="finance", max_messages=20):
+                client.ack(lease.token)
+            with pytest.raises(Immutable):
+                client.set_policy("finance", mode="none")
+            last_index = cluster.leader().node.applied_index
+        for i in cluster.servers:
+            cluster.wait_applied(i, last_index)
+        assert cluster.servers[lagging].node.storage.snapshot_meta().index > 1  # it did install one
+        tables = _audit_tables(cluster)
+        ops = [(r["op"], r["outcome"]) for r in tables[lagging]]
+        assert ops.count(("ack", "allowed")) == 20 and ops[-1] == ("policy", "denied")
+        assert tables[1] == tables[2] == tables[3], "a replica's audit log diverged after a snapshot install"
+    finally:
+        cluster.close()

@@ -639,9 +639,8 @@ class Node:
             path = self._incoming.pop(meta.index, None)
             if path is None:
                 raise AssertionError(f"no data received for the snapshot at {meta.index}")
-            self.log.replace_data(path)
-            self.storage.reload()
-            self.applier = Applier(self.log)
+            self.log.replace_data(path)  # the same LogStore, new data: the applier (and the
+            self.storage.reload()          # queue's audit hooks on it) stay as they are
             for other in self._incoming.values():
                 other.unlink(missing_ok=True)
             self._incoming.clear()
