@@ -133,3 +133,35 @@ def test_a_follower_that_installed_a_snapshot_keeps_auditing_like_the_others(tmp
         assert tables[1] == tables[2] == tables[3], "a replica's audit log diverged after a snapshot install"
     finally:
         cluster.close()
+
+
+def test_a_shredded_key_leaves_every_nodes_files(tmp_path: Path) -> None:
+    cluster = InProcessCluster(tmp_path, {1: "a", 2: "b", 3: "c"}, [1, 2, 3])
+    try:
+        cluster.leader()
+        with Client(cluster.addresses(), timeout=20) as client:
+            mids = [client.enqueue(mail_from="news@example.org", recipients=[f"r{i}@example.net"], data=BODY,
+                                   namespace="bulk") for i in range(3)]
+            (key,) = [k for k in client.list_keys() if k["namespace"] == "bulk"]
+            wrapped = cluster.leader().node.log.keyring.event(key["key_id"]).wrapped
+            assert len(wrapped) >= 32
+            for lease in client.lease("w", namespace="bulk", max_messages=10):
+                client.ack(lease.token)
+            assert client.shred_key(key["key_id"]) == len(mids)
+            last_index = cluster.leader().node.applied_index
+            for i in cluster.servers:
+                cluster.wait_applied(i, last_index)
+            # the cluster goes on serving, with the other namespaces' keys intact
+            mid = client.enqueue(mail_from="a@example.org", recipients=["b@example.net"], data=BODY)
+            assert client.get(mid).data == BODY
+            last_index = cluster.leader().node.applied_index
+        for i in cluster.servers:
+            cluster.wait_applied(i, last_index)
+            assert cluster.servers[i].node.log.keyring.is_shredded(key["key_id"])
+        dirs = [Path(s.config.data_dir) for s in cluster.servers.values()]
+    finally:
+        cluster.close()
+    for d in dirs:
+        for f in d.rglob("*"):
+            if f.is_file():
+                assert wrapped not in f.read_bytes(), f"{f} still holds the shredded key's wrapped bytes"

@@ -74,6 +74,8 @@ class Applier:
         self.log = log
         self.counters: Callable[[], machine.Counters] = machine.Counters
         self.on_applied: Callable[[machine.Counters], None] | None = None
+        #: Key shreds applied so far (the node then scrubs the key's wrapped bytes from its files).
+        self.shreds = 0
 
     def apply(
         self, ctx: WriteContext, entries: Iterable[Entry], hints: dict[int, object] | None = None
@@ -151,6 +153,7 @@ class Applier:
         result = machine.apply_shred(kv, c, event.key_id, event.namespace, request or Ctx())
         if not isinstance(result, machine.Denied):
             self.log.store_key_event(ctx, event)
+            self.shreds += 1
         return result
 
     def _apply_dictionary(self, ctx: WriteContext, record: Record) -> int:

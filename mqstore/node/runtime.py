@@ -21,6 +21,7 @@ import logging
 import os
 import queue
 import random
+import shutil
 import struct
 import threading
 import time
@@ -216,6 +217,8 @@ class Node:
         self.snapshot_dir = Path(config.data_dir) / SNAPSHOT_DIR
         self.snapshot_dir.mkdir(mode=0o700, exist_ok=True)
         self._snapshot_index = self.storage.snapshot_meta().index
+        self._compactor: threading.Thread | None = None
+        self._shreds_scrubbed = 0
         self._incoming: dict[int, Path] = {}  # snapshot index -> received data file
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._pending: dict[int, tuple[int, Operation]] = {}  # index -> (term, operation)
@@ -576,7 +579,10 @@ class Node:
             self.raw.advance(rd)
         if committed and self.on_apply is not None:
             self.on_apply(self._applied)
-        if self._applied - self._snapshot_index >= self.snapshot_every:
+        if self.applier.shreds != self._shreds_scrubbed:
+            self._shreds_scrubbed = self.applier.shreds
+            self.scrub_after_shred()
+        elif self._applied - self._snapshot_index >= self.snapshot_every:
             self.create_snapshot()
 
     def _finish_applied(self, committed: list[Any], results: dict[int, object]) -> None:
@@ -673,25 +679,58 @@ class Node:
         to ``snapshots/snap-<index>.mdb``, record it as the latest snapshot, then compact the log
         up to ``keep_entries`` before it (message bodies still referenced are kept)."""
         index = self._applied
-        term = self.storage.term(index)
-        meta = SnapshotMeta(index=index, term=term, conf_state=self.raw.conf_state)
-        work = self.snapshot_dir / f"tmp-{index}-{uuid.uuid4().hex[:8]}"
-        copied = self.log.copy_to(work)
-        final = self.snapshot_dir / f"snap-{index:020d}.mdb"
-        os.replace(copied, final)
-        work.rmdir()
+        meta = SnapshotMeta(index=index, term=self.storage.term(index), conf_state=self.raw.conf_state)
+        self._write_snapshot_file(index)
         self.log.write(lambda ctx: self.storage.set_snapshot_meta(ctx, meta))
         self._snapshot_index = index
-        for old in self.snapshot_dir.glob("snap-*.mdb"):
-            if old != final:
-                old.unlink(missing_ok=True)
         upto = index - self.keep_entries
         if upto > self.storage.compacted()[0]:
             point_term = self.storage.term(upto)
             self.log.write(lambda ctx: self.storage.set_compacted(ctx, upto, point_term))
-            threading.Thread(target=self._compact_log, args=(upto,), daemon=True).start()
+            self._compactor = threading.Thread(target=self._compact_log, args=(upto,), daemon=True)
+            self._compactor.start()
         log.info("node %d: snapshot at index %d; log compacted up to %d", self.node_id, index, max(upto, 0))
         return meta
+
+    def scrub_after_shred(self) -> SnapshotMeta:
+        """Raft thread, after a KEY shred was applied: no copy of the shredded key's wrapped bytes
+        may stay in this node's files. Compact the log right up to the applied index first (the
+        KEY record that carried the key goes; a follower further behind catches up from the
+        snapshot), then take the snapshot, then replace the database by a compacted copy of
+        itself (LMDB keeps old bytes in freed pages until they are reused)."""
+        index = self._applied
+        term = self.storage.term(index)
+        meta = SnapshotMeta(index=index, term=term, conf_state=self.raw.conf_state)
+        if self._compactor is not None:
+            self._compactor.join()  # a compaction from an earlier snapshot: let it finish first
+
+        def record(ctx: WriteContext) -> None:
+            self.storage.set_snapshot_meta(ctx, meta)
+            if index > self.storage.compacted()[0]:
+                self.storage.set_compacted(ctx, index, term)
+
+        self.log.write(record)
+        self._compact_log(index)
+        self._write_snapshot_file(index)
+        self._snapshot_index = index
+        scratch = self.snapshot_dir / f"scrub-{index}-{uuid.uuid4().hex[:8]}"
+        try:
+            self.log.replace_data(self.log.copy_to(scratch))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        self.storage.reload()
+        log.info("node %d: a key was shredded: log compacted up to %d and the database rewritten", self.node_id, index)
+        return meta
+
+    def _write_snapshot_file(self, index: int) -> None:
+        work = self.snapshot_dir / f"tmp-{index}-{uuid.uuid4().hex[:8]}"
+        copied = self.log.copy_to(work)
+        final = self.snapshot_file(index)
+        os.replace(copied, final)
+        work.rmdir()
+        for old in self.snapshot_dir.glob("snap-*.mdb"):
+            if old != final:
+                old.unlink(missing_ok=True)
 
     def _compact_log(self, upto: int) -> None:
         """Delete records up to ``upto`` except message bodies still referenced (their state
