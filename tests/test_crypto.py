@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mqstore.codec import Flags, Record, RecordType
 from mqstore.crypto import AesKeyProvider, FileKeyProvider, KeyRing, Sealer, create_key_file, read_key_file
-from mqstore.crypto.keyring import HKDF_SALT, hkdf_expand_32, hkdf_extract
+from mqstore.crypto.keyring import HKDF_SALT, KeyShredded, hkdf_expand_32, hkdf_extract
 from mqstore.errors import DecryptionFailed, InvalidArgument, KeyFileError, UnknownKey, WrongKey
 from mqstore.store import LogStore, NewMessage
 from mqstore.testing.mail import MailFactory
@@ -262,3 +262,17 @@ def test_a_kms_style_key_provider_plugs_in(store_path: Path) -> None:
     assert "unwrap" in kms.calls
     with pytest.raises(WrongKey, match="fake KMS"):
         LogStore(store_path, key_provider=FakeKms())  # another KMS key does not open it
+
+
+def test_a_shredded_key_gives_no_more_data_keys_even_cached_ones() -> None:
+    ring = KeyRing(AesKeyProvider(os.urandom(32)))
+    ring.apply(ring.new_key_event("n1", 0))
+    ring.apply(ring.new_key_event("n2", 0))
+    mid = os.urandom(16)
+    first = ring.data_key(1, mid)
+    assert ring.data_key(1, mid) == first == hkdf_expand_32(ring.prk(1), mid)  # cached or not: the same key
+    other = ring.data_key(2, mid)
+    ring.apply(ring.shred_event(1, 0))
+    with pytest.raises(KeyShredded):
+        ring.data_key(1, mid)
+    assert ring.data_key(2, mid) == other  # other keys are untouched

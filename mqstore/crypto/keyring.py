@@ -97,6 +97,10 @@ def hkdf_expand_32(prk: bytes, info: bytes) -> bytes:
     return hmac.digest(prk, info + b"\x01", "sha256")
 
 
+#: Data keys kept after use (about 100 bytes each).
+DATA_KEY_CACHE_MAX = 8192
+
+
 class KeyRing:
     """The namespace keys of one store, wrapped at rest, unwrapped lazily and cached in memory.
 
@@ -111,6 +115,9 @@ class KeyRing:
         self._shredded: set[int] = set()
         self._current: dict[str, int] = {}  # namespace -> newest live key id
         self._prk: dict[int, bytes] = {}  # key id -> HKDF PRK (derived from the unwrapped key)
+        # (key id, message id) -> data key, for the messages sealed or opened most recently (a
+        # message leased soon after it was enqueued opens without deriving its key again)
+        self._data_keys: dict[tuple[int, bytes], bytes] = {}
 
     # --- mutations (from the log) ----------------------------------------------------------------
 
@@ -150,6 +157,7 @@ class KeyRing:
             else:
                 self._shredded.add(event.key_id)
                 self._prk.pop(event.key_id, None)
+                self._data_keys = {k: v for k, v in self._data_keys.items() if k[0] != event.key_id}
                 live = [
                     k
                     for k, e in self._events.items()
@@ -202,7 +210,17 @@ class KeyRing:
 
     def data_key(self, key_id: int, message_id: bytes) -> bytes:
         """The per-message AES-256 key: HKDF-SHA256(namespace key, salt, info = message id)."""
-        return hkdf_expand_32(self.prk(key_id), message_id)
+        found = self._data_keys.get((key_id, message_id))
+        if found is not None:
+            return found
+        key = hkdf_expand_32(self.prk(key_id), message_id)
+        with self._lock:
+            if key_id not in self._shredded:
+                cache = self._data_keys
+                if len(cache) >= DATA_KEY_CACHE_MAX:
+                    del cache[next(iter(cache))]  # the oldest
+                cache[(key_id, message_id)] = key
+        return key
 
 
 __all__ = [

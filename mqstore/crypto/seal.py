@@ -31,6 +31,8 @@ from mqstore.codec import FORMAT_VERSION, MESSAGE_ID_BYTES, Flags, Record
 from mqstore.crypto.keyring import KeyRing
 from mqstore.errors import Corruption, DecryptionFailed, InvalidArgument, UnknownKey
 
+_FLAG_COMPRESSED = int(Flags.COMPRESSED)  # a plain int: `int & Flags.X` goes through enum's slow path
+
 NONCE_BYTES = 12
 TAG_BYTES = 16
 #: What :meth:`Sealer.seal_many` seals: record type, namespace, message id, plaintext, extra flags
@@ -328,7 +330,7 @@ class Sealer:
                 "the record was altered, moved to another message or key, or sealed with another key",
                 record.index,
             ) from None
-        if record.flags & Flags.COMPRESSED:
+        if record.flags & _FLAG_COMPRESSED:
             body = self._decompress(body, record)
         return Opened(message_id, namespace, body)
 

@@ -336,8 +336,18 @@ class Policy:
 NO_CTX = Ctx()
 
 
+_ctx_memo: tuple[Ctx | None, bytes] = (None, b"")
+
+
 def _ctx(ctx: Ctx) -> bytes:
-    return _bytes16(ctx.encode())
+    # A batch (a lease of 256 messages: 256 entries) shares one Ctx: encode it once. Ctx is
+    # frozen, so the same object always encodes the same; the memo is one atomic tuple.
+    global _ctx_memo
+    last, raw = _ctx_memo
+    if last is not ctx:
+        raw = _bytes16(ctx.encode())
+        _ctx_memo = (ctx, raw)
+    return raw
 
 
 def _read_ctx(r: _Reader) -> Ctx:

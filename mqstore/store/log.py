@@ -39,6 +39,8 @@ from mqstore.ids import MessageIdGenerator
 from mqstore.store.env import Environment
 from mqstore.store.writer import Pending, WriteFn, Writer
 
+_FLAG_CONTEXT = int(Flags.CONTEXT)  # a plain int: `int & Flags.X` goes through enum's slow path
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -623,7 +625,7 @@ class LogStore:
         if envelope.message_id != opened.message_id or envelope.namespace != opened.namespace:
             raise Corruption("envelope does not match the sealed message id or namespace", record.index)
         context = b""
-        if record.flags & Flags.CONTEXT:
+        if record.flags & _FLAG_CONTEXT:
             plain = opened.plaintext
             if len(plain) < used + 2:
                 raise Corruption("sealed message: request context truncated", record.index)
