@@ -56,6 +56,7 @@ from mqstore.proto import (
     raft_pb2,
     raft_pb2_grpc,
 )
+from mqstore.queue.model import DenialEntry
 from mqstore.security import auth
 from mqstore.security.auth import Authenticator, current_peer_node
 from mqstore.security.edge import EdgeInterceptor
@@ -653,8 +654,26 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
 
 
 class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, queue: ClusterQueue | None = None) -> None:
         self.node = node
+        self.queue = queue
+
+    def RecordDenials(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        """A follower's edge refused calls: append them to the audit log (leader only)."""
+        peer = current_peer_node.get()
+        for r in request_iterator:
+            if peer is not None and getattr(r, "from") != peer:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              f"report from node {getattr(r, 'from')} over a connection naming node {peer}")
+            if r.cluster_id != self.node.cluster_id:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, f"report from cluster {r.cluster_id!r}, not ours")
+            try:
+                if self.queue is None:
+                    raise errors.Unavailable("this node does not record denials")
+                self.queue.append_reported_denial(r.entry)
+            except errors.MQStoreError as exc:
+                _abort(context, exc)
+        return raft_pb2.SendAck()
 
     def Send(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
         peer = current_peer_node.get()  # the node the caller's certificate names (None: insecure)
@@ -734,6 +753,11 @@ def _audit_signer(config: NodeConfig) -> Any:
     return load_or_create_signing_key(Path(config.data_dir) / AUDIT_KEY_FILE, create=True)
 
 
+#: Denials a follower may hold for the leader, and how long it retries each.
+_DENIAL_QUEUE_MAX = 10_000
+_DENIAL_REPORT_S = 10.0
+
+
 class NodeServer:
     """A node plus its gRPC server, health service and metrics, started and stopped together.
 
@@ -777,7 +801,7 @@ class NodeServer:
             admin_pb2_grpc.add_AdminServicer_to_server(AdminService(self.node, self.queue, self.in_flight), self.grpc)
             compliance_pb2_grpc.add_ComplianceServicer_to_server(ComplianceService(self.queue, self.in_flight),
                                                                  self.grpc)
-            raft_pb2_grpc.add_RaftServicer_to_server(RaftService(self.node), self.grpc)
+            raft_pb2_grpc.add_RaftServicer_to_server(RaftService(self.node, self.queue), self.grpc)
             health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.grpc)
             reflection.enable_server_reflection(_SERVICE_NAMES, self.grpc)
             try:
@@ -794,6 +818,10 @@ class NodeServer:
             self.node.stop(transfer_leadership=False)
             raise
         self.metrics_port = 0
+        self._denials: queue.Queue[bytes] = queue.Queue(maxsize=_DENIAL_QUEUE_MAX)
+        self._reporter: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
 
     def start(self) -> None:
         self.grpc.start()
@@ -805,6 +833,7 @@ class NodeServer:
     def stop(self, grace: float = 5.0) -> None:
         """Graceful (SIGTERM): hand leadership to another voter while everything still runs, stop
         taking new calls and let in-flight ones finish, then stop the node."""
+        self._closed = True
         self.node.hand_over_leadership(grace)
         self.health.stop()  # NOT_SERVING from now on
         self.grpc.stop(grace)  # refuses new calls; peers' Raft streams would last the whole grace...
@@ -825,16 +854,60 @@ class NodeServer:
     def audit_denial(self, actor: Actor, rpc: str, reason: str) -> None:
         """A call was refused (UNAUTHENTICATED or PERMISSION_DENIED) before reaching the queue;
         nothing was changed. ``actor`` is ``unauthenticated`` (no roles) when the caller could not
-        be authenticated. Written to the (replicated) audit log through consensus; a follower
-        cannot propose, so it logs the refusal instead (clients find the leader, so refusals
-        are normally seen there)."""
-        if not self.node.is_leader:
-            log.warning("refused %s for %s (not audited: this node is not the leader): %s", rpc, actor.name, reason)
+        be authenticated. Written to the (replicated) audit log through consensus: the leader
+        proposes it; a follower (which cannot propose) sends it to the leader in the background."""
+        op, reason = rpc.lstrip("/").removeprefix("mqstore.v1."), reason[:4000]
+        if self.node.is_leader:
+            try:
+                self.queue.record_denial(op, "", reason, actor)
+            except errors.MQStoreError as exc:
+                log.error("refused %s for %s, and auditing the refusal failed (%s): %s", rpc, actor.name, exc, reason)
             return
+        entry = DenialEntry(self.node.now_ms(), op, "", reason, self.queue._ctx(actor)).encode()
         try:
-            self.queue.record_denial(rpc.lstrip("/").removeprefix("mqstore.v1."), "", reason[:4000], actor)
-        except errors.MQStoreError as exc:
-            log.error("refused %s for %s, and auditing the refusal failed (%s): %s", rpc, actor.name, exc, reason)
+            self._denials.put_nowait(entry)
+        except queue.Full:
+            log.error("refused %s for %s: not audited, %d reports to the leader are already waiting",
+                      rpc, actor.name, self._denials.maxsize)
+            return
+        with self._lock:
+            if self._reporter is None or not self._reporter.is_alive():
+                self._reporter = threading.Thread(target=self._report_denials, name="mqstore-denials", daemon=True)
+                self._reporter.start()
+
+    def _report_denials(self) -> None:
+        """Send queued denials to the leader (retrying while leadership settles); exits when idle."""
+        while True:
+            try:
+                entry = self._denials.get(timeout=5)
+            except queue.Empty:
+                return
+            deadline = time.monotonic() + _DENIAL_REPORT_S
+            while True:
+                try:
+                    self._send_denial(entry)
+                    break
+                except (grpc.RpcError, errors.MQStoreError) as exc:
+                    if time.monotonic() > deadline or self._closed:
+                        log.error("a refused call could not be reported to the leader (not audited): %s", exc)
+                        break
+                    time.sleep(0.2)
+
+    def _send_denial(self, entry: bytes) -> None:
+        node = self.node
+        if node.is_leader:  # became leader meanwhile: propose it here
+            self.queue.append_reported_denial(entry)
+            return
+        leader = node.leader_id
+        address = node._address_of(leader) if leader else None
+        if not address:
+            raise errors.Unavailable("no leader known")
+        channel = node.transport.channel_to(address, leader)
+        try:
+            report = raft_pb2.DenialReport(cluster_id=node.cluster_id, entry=entry, **{"from": node.node_id})
+            raft_pb2_grpc.RaftStub(channel).RecordDenials(iter([report]), timeout=5)
+        finally:
+            channel.close()
 
     def namespace_of_message(self, message_id: str) -> str | None:
         """The namespace of a message in this node's applied state (None: unknown here). Used to

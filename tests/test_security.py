@@ -25,6 +25,7 @@ import pytest
 from mqstore import cli
 from mqstore.actor import Actor
 from mqstore.client import Client
+from mqstore.compliance import audit
 from mqstore.config import ConfigError, load, parse
 from mqstore.crypto import create_key_file
 from mqstore.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
@@ -502,3 +503,31 @@ def test_cli_against_a_tls_node_takes_credentials_from_the_environment(node: Nod
     # and without the CA nothing gets through
     bare = {k: v for k, v in env.items() if not k.startswith("MQSTORE_")}
     assert run("message", "show", mid, env=bare).returncode != 0
+
+
+def test_a_refusal_at_a_followers_edge_is_audited_by_the_leader(tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    tokens_file = tmp_path / "tokens.json"
+    producer = TokenStore(tokens_file, create=True).add("mta-7", ["producer"])
+    cluster = InProcessCluster(tmp_path / "cluster", ["a", "b", "c"], pki=pki,
+                               extra={"auth": {"tokens_file": str(tokens_file)}})
+    try:
+        leader = cluster.leader()
+        follower = next(i for i, s in cluster.servers.items() if s is not leader)
+        # a client that talks to that follower only: its edge refuses before any redirect
+        with Client(cluster.address(follower), timeout=5, tls=pki.client_tls(pki.client("plain", [])),
+                    token=producer) as c, pytest.raises(PermissionDenied, match="'lease' permission"):
+            c.lease("w1")
+
+        def denials(server: Any) -> list[dict[str, Any]]:  # from the node's own applied state
+            with server.node.read_state() as kv:
+                return audit.query(kv, where={"outcome": "denied", "actor": "mta-7"})
+
+        assert wait_until(lambda: len(denials(leader)) == 1, timeout=10), "the leader never audited the refusal"
+        (record,) = denials(leader)
+        assert (record["op"], record["auth"], record["node"]) == ("Queue/Lease", "token", follower)
+        assert "'lease' permission" in record["reason"]
+        # replicated like any audit record
+        assert wait_until(lambda: all(denials(s) == [record] for s in cluster.servers.values()), timeout=10)
+    finally:
+        cluster.close()

@@ -26,6 +26,7 @@ from mqstore.node.runtime import Node, Operation, Plan
 from mqstore.queue import machine
 from mqstore.queue.kv import KV
 from mqstore.queue.model import (
+    DenialEntry,
     LeaseEntry,
     MaintenanceEntry,
     SettleEntry,
@@ -120,6 +121,25 @@ class ClusterQueue(QueueBase):
         self._raise_denied(result)
         assert isinstance(result, int)
         return result
+
+    # --- denials reported by followers ------------------------------------------------------------
+
+    def append_reported_denial(self, raw: bytes) -> None:
+        """Leader: append a denial a follower's edge reported (an encoded DenialEntry carrying the
+        follower's request context), re-stamped with this leader's time. Raises InvalidArgument
+        if ``raw`` is not a denial entry, NotLeader when this node does not lead."""
+        try:
+            reported = DenialEntry.decode(raw)
+        except MQStoreError as exc:
+            raise InvalidArgument(f"not a denial entry: {exc}") from None
+        if not self.node.is_leader:
+            raise self.node._not_leader()
+
+        def plan(node: Node) -> Plan:
+            entry = DenialEntry(node.now_ms(), reported.op, reported.target, reported.reason, reported.ctx)
+            return [_plain(RecordType.AUDIT, entry.encode())]
+
+        self.node.submit(Operation(plan=plan))
 
     # --- the generic write path -----------------------------------------------------------------
 

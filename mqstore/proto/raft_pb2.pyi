@@ -80,3 +80,12 @@ class SnapshotAck(_message.Message):
     ok: bool
     error: str
     def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
+class DenialReport(_message.Message):
+    __slots__ = ("cluster_id", "entry")
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    cluster_id: str
+    entry: bytes
+    def __init__(self, cluster_id: _Optional[str] = ..., entry: _Optional[bytes] = ..., **kwargs) -> None: ...

@@ -45,6 +45,11 @@ class RaftStub:
                 request_serializer=raft__pb2.SnapshotChunk.SerializeToString,
                 response_deserializer=raft__pb2.SnapshotAck.FromString,
                 _registered_method=True)
+        self.RecordDenials = channel.stream_unary(
+                '/mqstore.v1.Raft/RecordDenials',
+                request_serializer=raft__pb2.DenialReport.SerializeToString,
+                response_deserializer=raft__pb2.SendAck.FromString,
+                _registered_method=True)
 
 
 class RaftServicer:
@@ -62,6 +67,12 @@ class RaftServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordDenials(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RaftServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +85,11 @@ def add_RaftServicer_to_server(servicer, server):
                     servicer.InstallSnapshot,
                     request_deserializer=raft__pb2.SnapshotChunk.FromString,
                     response_serializer=raft__pb2.SnapshotAck.SerializeToString,
+            ),
+            'RecordDenials': grpc.stream_unary_rpc_method_handler(
+                    servicer.RecordDenials,
+                    request_deserializer=raft__pb2.DenialReport.FromString,
+                    response_serializer=raft__pb2.SendAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +146,33 @@ class Raft:
             '/mqstore.v1.Raft/InstallSnapshot',
             raft__pb2.SnapshotChunk.SerializeToString,
             raft__pb2.SnapshotAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordDenials(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/mqstore.v1.Raft/RecordDenials',
+            raft__pb2.DenialReport.SerializeToString,
+            raft__pb2.SendAck.FromString,
             options,
             channel_credentials,
             insecure,

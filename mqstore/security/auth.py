@@ -116,6 +116,7 @@ METHODS: dict[str, Method] = {
     _A + "MessageHistory": Method("client", "read", lookup="messages", keys=lambda r: [r.message_id]),
     "/mqstore.v1.Raft/Send": Method("peer"),
     "/mqstore.v1.Raft/InstallSnapshot": Method("peer"),
+    "/mqstore.v1.Raft/RecordDenials": Method("peer"),
     "/grpc.health.v1.Health/Check": Method("open"),
     "/grpc.health.v1.Health/Watch": Method("open"),
     "/grpc.health.v1.Health/List": Method("open"),
