@@ -463,6 +463,40 @@ def run_lifecycle(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
+def measure_listing(store: mqstore.Store, repeats: int = 20) -> dict[str, float]:
+    """What ``mqstore queue list`` costs on this store: the first page of 100, ten pages walked
+    with the ``after`` cursor, a filter nothing matches (it examines a bounded number of rows and
+    returns a partial page with a cursor), and the peak Python memory of one page."""
+    import tracemalloc
+
+    def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+        t0 = time.perf_counter()
+        result = fn()
+        return time.perf_counter() - t0, result
+
+    first = sorted(timed(lambda: store.list(limit=100))[0] for _ in range(repeats))
+    walk: list[float] = []
+    after = None
+    for _ in range(10):
+        took, page = timed(lambda: store.list(limit=100, after=after))
+        walk.append(took)
+        after = page.next_after
+        if after is None:
+            break
+    none_s, none_page = timed(lambda: store.list(state="deferred", limit=100))
+    tracemalloc.start()
+    store.list(limit=100)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {
+        "list_first_page_p50_us": first[len(first) // 2] * 1e6,
+        "list_walk_page_p50_us": sorted(walk)[len(walk) // 2] * 1e6,
+        "list_no_match_ms": none_s * 1e3,
+        "list_no_match_partial": none_page.next_after is not None,
+        "list_page_peak_kib": peak / 1024,
+    }
+
+
 def run_lease_scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"iterations": args.iterations, "warmup": WARMUP, "body_bytes": SMALL_BODY, "queues": {}}
     sizes = (SMALL_QUEUE, args.big)
@@ -484,6 +518,8 @@ def run_lease_scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
             out["queues"][str(size)]["open_s"] = time.perf_counter() - t0
         for size, figures in measure_leases(stores, args.iterations).items():
             out["queues"][str(size)].update(figures)
+        for size in sizes:
+            out["queues"][str(size)].update(measure_listing(stores[size]))
     finally:
         for store in stores.values():
             store.close()
@@ -498,12 +534,24 @@ def run_lease_scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
             f"lease+ack p50 {f['lease_ack_p50_us']:6,.0f} µs p99 {f['lease_ack_p99_us']:6,.0f} µs",
             flush=True,
         )
+    for size in sizes:
+        f = out["queues"][str(size)]
+        print(
+            f"[list]  {size:>9,} queued: first page of 100 p50 {f['list_first_page_p50_us']:7,.0f} µs; "
+            f"next pages p50 {f['list_walk_page_p50_us']:7,.0f} µs; a filter matching nothing "
+            f"{f['list_no_match_ms']:7,.1f} ms "
+            f"({'partial page + cursor' if f['list_no_match_partial'] else 'complete'}); "
+            f"peak memory of a page {f['list_page_peak_kib']:,.0f} KiB",
+            flush=True,
+        )
     small, big = out["queues"][str(SMALL_QUEUE)], out["queues"][str(args.big)]
     label = f"{args.big // 1000:,}K" if args.big % 1_000_000 else f"{args.big // 1_000_000:,}M"
     out["ratios"] = {
         f"lease p50 {label} / 1K (target <= 2)": big["lease_p50_us"] / small["lease_p50_us"],
         f"lease+ack p50 {label} / 1K": big["lease_ack_p50_us"] / small["lease_ack_p50_us"],
         f"lease p99 {label} / 1K": big["lease_p99_us"] / small["lease_p99_us"],
+        f"list first page p50 {label} / 1K": big["list_first_page_p50_us"] / small["list_first_page_p50_us"],
+        f"list page memory {label} / 1K": big["list_page_peak_kib"] / small["list_page_peak_kib"],
     }
     for name, value in out["ratios"].items():
         print(f"[lease] ratio {name:62s} {value:7.2f}", flush=True)

@@ -879,13 +879,14 @@ class QueueBase:
         table = b"messages" if namespace is None else b"msg_ns"
         position = prefix + start_mid
         stop = None if namespace is None else prefix_end(prefix)
+        want = min(_READ_CHUNK, limit + 1)  # a page without filters reads little more than itself
         while True:
             with self.log.env.read() as txn:
                 kv = LmdbKV(txn, self.log.env.dbs)
                 chunk = []
                 for key, value in kv.scan(table, position, stop):
                     chunk.append((key, value))
-                    if len(chunk) >= _READ_CHUNK:
+                    if len(chunk) >= want:
                         break
                 for key, value in chunk:
                     mid = key[len(prefix) :]
@@ -901,9 +902,10 @@ class QueueBase:
                     if len(page) >= limit:
                         page.next_after = format_id(mid)
                         return page
-            if len(chunk) < _READ_CHUNK:
+            if len(chunk) < want:
                 page.next_after = None
                 return page
+            want = min(_READ_CHUNK, want * 4)  # filters reject rows: read more at a time
             position = chunk[-1][0] + b"\x00"
             if examined >= _LIST_SCAN_MAX:
                 page.next_after = format_id(chunk[-1][0][len(prefix) :])
