@@ -680,9 +680,10 @@ class Node:
         up to ``keep_entries`` before it (message bodies still referenced are kept)."""
         index = self._applied
         meta = SnapshotMeta(index=index, term=self.storage.term(index), conf_state=self.raw.conf_state)
-        self._write_snapshot_file(index)
+        final = self._write_snapshot_file(index)
         self.log.write(lambda ctx: self.storage.set_snapshot_meta(ctx, meta))
         self._snapshot_index = index
+        self._drop_snapshots_but(final)  # only once the new one is recorded (a crash keeps one)
         upto = index - self.keep_entries
         if upto > self.storage.compacted()[0]:
             point_term = self.storage.term(upto)
@@ -694,15 +695,17 @@ class Node:
 
     def scrub_after_shred(self) -> SnapshotMeta:
         """Raft thread, after a KEY shred was applied: no copy of the shredded key's wrapped bytes
-        may stay in this node's files. Compact the log right up to the applied index first (the
-        KEY record that carried the key goes; a follower further behind catches up from the
-        snapshot), then take the snapshot, then replace the database by a compacted copy of
-        itself (LMDB keeps old bytes in freed pages until they are reused)."""
+        may stay in this node's files. Snapshot at the applied index and compact the log right up
+        to it (the KEY record that carried the key goes; a follower further behind catches up
+        from the snapshot), write the snapshot again from the compacted log, then replace the
+        database by a compacted copy of itself (LMDB keeps old bytes in freed pages until they
+        are reused). Each step leaves a usable snapshot on disk should the node crash."""
         index = self._applied
         term = self.storage.term(index)
         meta = SnapshotMeta(index=index, term=term, conf_state=self.raw.conf_state)
         if self._compactor is not None:
             self._compactor.join()  # a compaction from an earlier snapshot: let it finish first
+        final = self._write_snapshot_file(index)
 
         def record(ctx: WriteContext) -> None:
             self.storage.set_snapshot_meta(ctx, meta)
@@ -710,9 +713,10 @@ class Node:
                 self.storage.set_compacted(ctx, index, term)
 
         self.log.write(record)
-        self._compact_log(index)
-        self._write_snapshot_file(index)
         self._snapshot_index = index
+        self._drop_snapshots_but(final)
+        self._compact_log(index)
+        self._write_snapshot_file(index)  # the same snapshot, now without the KEY record
         scratch = self.snapshot_dir / f"scrub-{index}-{uuid.uuid4().hex[:8]}"
         try:
             self.log.replace_data(self.log.copy_to(scratch))
@@ -722,14 +726,18 @@ class Node:
         log.info("node %d: a key was shredded: log compacted up to %d and the database rewritten", self.node_id, index)
         return meta
 
-    def _write_snapshot_file(self, index: int) -> None:
+    def _write_snapshot_file(self, index: int) -> Path:
+        """Copy the store (compacted) to the snapshot file of ``index``, atomically."""
         work = self.snapshot_dir / f"tmp-{index}-{uuid.uuid4().hex[:8]}"
         copied = self.log.copy_to(work)
         final = self.snapshot_file(index)
         os.replace(copied, final)
         work.rmdir()
+        return final
+
+    def _drop_snapshots_but(self, keep: Path) -> None:
         for old in self.snapshot_dir.glob("snap-*.mdb"):
-            if old != final:
+            if old != keep:
                 old.unlink(missing_ok=True)
 
     def _compact_log(self, upto: int) -> None:
