@@ -165,3 +165,84 @@ def test_a_shredded_key_leaves_every_nodes_files(tmp_path: Path) -> None:
         for f in d.rglob("*"):
             if f.is_file():
                 assert wrapped not in f.read_bytes(), f"{f} still holds the shredded key's wrapped bytes"
+
+
+def test_kill_9_while_nodes_scrub_a_shredded_key(tmp_path: Path) -> None:
+    from mqstore.store import LogStore
+    from mqstore.testing.cluster import LocalCluster
+
+    with LocalCluster(tmp_path, ["a", "b", "c"]) as cluster:
+        cluster.bootstrap()
+        cluster.start_all()
+        cluster.wait_for_leader(30)
+        with Client(cluster.addresses(), timeout=30) as client:
+            kept = [client.enqueue(mail_from="a@example.org", recipients=[f"k{i}@example.net"], data=BODY)
+                    for i in range(10)]
+            for i in range(5):
+                client.enqueue(mail_from="news@example.org", recipients=[f"n{i}@example.net"], data=BODY,
+                               namespace="bulk")
+            for lease in client.lease("w", namespace="bulk", max_messages=10):
+                client.ack(lease.token)
+            (key,) = [k["key_id"] for k in client.list_keys() if k["namespace"] == "bulk"]
+            leader = cluster.wait_for_leader(30)
+            reader = next(n for n in cluster.nodes if n != leader)
+            cluster.wait_converged(30)
+            cluster.stop(reader)  # read the wrapped key off a stopped node's files
+            with LogStore(cluster.data_dir(reader), key_file=cluster.key_file, readonly=True, create=False) as log:
+                wrapped = log.keyring.event(key).wrapped
+            assert len(wrapped) >= 32
+            cluster.start(reader)
+            cluster.wait_converged(60)
+            client.shred_key(key)  # (the finished messages may have been compacted away already)
+            assert next(k for k in client.list_keys() if k["key_id"] == key)["shredded"]
+            victim = next(n for n in cluster.nodes if n != cluster.wait_for_leader(30))
+            cluster.kill(victim)  # kill -9 as the follower applies the shred and scrubs
+            kept += [client.enqueue(mail_from="a@example.org", recipients=[f"j{i}@example.net"], data=BODY)
+                     for i in range(5)]
+            cluster.start(victim)
+            cluster.wait_converged(60)
+            for mid in kept:
+                assert client.get(mid).data == BODY
+            cluster.wait_converged(60)
+        for n in cluster.nodes:
+            cluster.kill(n)  # at one applied index (a graceful stop would hand leadership over)
+        digests = {cluster.state_digest(n) for n in cluster.nodes}
+        assert len(digests) == 1, "replicas differ after the kill"
+        for n in cluster.nodes:
+            assert cluster.scan(n)["clean"], f"node {n}'s log does not scan clean"
+            for f in cluster.data_dir(n).rglob("*"):
+                if f.is_file():
+                    assert wrapped not in f.read_bytes(), f"{f} still holds the shredded key"
+
+
+def test_a_scrub_a_crash_interrupted_is_finished_when_the_node_starts(tmp_path: Path) -> None:
+    from mqstore.node.replica import META_SCRUB_PENDING
+    from mqstore.store import LogStore
+    from mqstore.testing.cluster import wait_until
+
+    cluster = InProcessCluster(tmp_path, {1: "a", 2: "b", 3: "c"}, [1, 2, 3])
+    try:
+        cluster.leader()
+        with Client(cluster.addresses(), timeout=20) as client:
+            client.enqueue(mail_from="news@example.org", recipients=["n@example.net"], data=BODY, namespace="bulk")
+            for lease in client.lease("w", namespace="bulk"):
+                client.ack(lease.token)
+            (key,) = [k["key_id"] for k in client.list_keys() if k["namespace"] == "bulk"]
+            client.shred_key(key)
+            last_index = cluster.leader().node.applied_index
+        for i in cluster.servers:
+            cluster.wait_applied(i, last_index)
+        follower = next(i for i, s in cluster.servers.items() if not s.node.is_leader)
+        assert wait_until(lambda: cluster.servers[follower].node.log.meta_get(META_SCRUB_PENDING) is None, 10)
+        cluster.stop(follower)
+        # as if the node had crashed after applying the shred, before its scrub finished
+        with LogStore(cluster.configs[follower].data_dir, key_file=cluster.key) as log:
+            log.write(lambda ctx: ctx.put(b"meta", META_SCRUB_PENDING, b"\x01"))
+        snapshot_before = next(Path(cluster.configs[follower].data_dir, "snapshots").glob("snap-*.mdb"))
+        snapshot_before.unlink()  # the scrub writes a new one
+        cluster.start(follower)
+        node = cluster.servers[follower].node
+        assert wait_until(lambda: node.log.meta_get(META_SCRUB_PENDING) is None, 10), "the scrub never ran"
+        assert node.snapshot_file(node.storage.snapshot_meta().index).exists()
+    finally:
+        cluster.close()

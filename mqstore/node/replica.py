@@ -64,6 +64,11 @@ def read_members(log: LogStore) -> dict[int, MemberInfo]:
     return out
 
 
+#: Set (in the applying transaction) when a key shred was applied; cleared once the node has
+#: scrubbed the key's wrapped bytes from its files.
+META_SCRUB_PENDING = b"keys.scrub_pending"
+
+
 class Applier:
     """Applies committed entries to a :class:`LogStore`'s state tables.
 
@@ -153,6 +158,8 @@ class Applier:
         result = machine.apply_shred(kv, c, event.key_id, event.namespace, request or Ctx())
         if not isinstance(result, machine.Denied):
             self.log.store_key_event(ctx, event)
+            # Durable with the shred: the node scrubs the key from its files, after a crash too.
+            ctx.put(b"meta", META_SCRUB_PENDING, b"\x01")
             self.shreds += 1
         return result
 

@@ -53,7 +53,7 @@ from mqstore.consensus.types import NotLeader as CoreNotLeader
 from mqstore.crypto import KeyProvider
 from mqstore.errors import InvalidArgument, MQStoreError, NotLeader, Unavailable
 from mqstore.node.raftlog import LmdbRaftStorage, entry_payload
-from mqstore.node.replica import Applier, MemberInfo, read_members
+from mqstore.node.replica import META_SCRUB_PENDING, Applier, MemberInfo, read_members
 from mqstore.node.transport import ChannelFactory, Transport, insecure_channel
 from mqstore.queue.kv import LmdbKV
 from mqstore.store import LogStore, WriteContext
@@ -219,6 +219,8 @@ class Node:
         self._snapshot_index = self.storage.snapshot_meta().index
         self._compactor: threading.Thread | None = None
         self._shreds_scrubbed = 0
+        # a shred applied before a crash, whose scrub did not finish: do it once running
+        self._scrub_pending = self.log.meta_get(META_SCRUB_PENDING) is not None
         self._incoming: dict[int, Path] = {}  # snapshot index -> received data file
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._pending: dict[int, tuple[int, Operation]] = {}  # index -> (term, operation)
@@ -427,6 +429,9 @@ class Node:
                     next_tick = now + tick_s
                 while self.raw.has_ready():
                     self._process_ready()
+                if self._scrub_pending:  # a scrub a crash interrupted: between Readys, as usual
+                    self._scrub_pending = False
+                    self.scrub_after_shred()
         except BaseException:
             log.exception("node %d: raft thread failed; the node stops", self.node_id)
             self._stopping.set()
@@ -581,6 +586,7 @@ class Node:
             self.on_apply(self._applied)
         if self.applier.shreds != self._shreds_scrubbed:
             self._shreds_scrubbed = self.applier.shreds
+            self._scrub_pending = False
             self.scrub_after_shred()
         elif self._applied - self._snapshot_index >= self.snapshot_every:
             self.create_snapshot()
@@ -723,6 +729,7 @@ class Node:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         self.storage.reload()
+        self.log.write(lambda ctx: ctx.delete(b"meta", META_SCRUB_PENDING))  # done (a crash before: redo)
         log.info("node %d: a key was shredded: log compacted up to %d and the database rewritten", self.node_id, index)
         return meta
 
