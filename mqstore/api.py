@@ -250,7 +250,7 @@ class QueueBase:
             return
         reason = f"actor {actor.name!r} lacks the {permission!r} permission" + (
             f" in namespace {namespace!r}" if namespace else "")
-        self._propose(RecordType.AUDIT, lambda now, ctx: DenialEntry(now, op, target, reason, ctx), actor)
+        self.record_denial(op, target, reason, actor)
         raise PermissionDenied(reason)
 
     def record_denial(self, op: str, target: str, reason: str, actor: Actor | None) -> None:

@@ -661,18 +661,22 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
     def RecordDenials(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
         """A follower's edge refused calls: append them to the audit log (leader only)."""
         peer = current_peer_node.get()
+        entries: list[bytes] = []
         for r in request_iterator:
             if peer is not None and getattr(r, "from") != peer:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED,
                               f"report from node {getattr(r, 'from')} over a connection naming node {peer}")
             if r.cluster_id != self.node.cluster_id:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, f"report from cluster {r.cluster_id!r}, not ours")
-            try:
-                if self.queue is None:
-                    raise errors.Unavailable("this node does not record denials")
-                self.queue.append_reported_denial(r.entry)
-            except errors.MQStoreError as exc:
-                _abort(context, exc)
+            if len(entries) >= _DENIAL_BATCH_MAX:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"over {_DENIAL_BATCH_MAX} reports in one call")
+            entries.append(r.entry)
+        try:
+            if self.queue is None:
+                raise errors.Unavailable("this node does not record denials")
+            self.queue.append_reported_denials(entries)
+        except errors.MQStoreError as exc:
+            _abort(context, exc)
         return raft_pb2.SendAck()
 
     def Send(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
@@ -756,6 +760,7 @@ def _audit_signer(config: NodeConfig) -> Any:
 #: Denials a follower may hold for the leader, and how long it retries each.
 _DENIAL_QUEUE_MAX = 10_000
 _DENIAL_REPORT_S = 10.0
+_DENIAL_BATCH_MAX = 1_000  # reports per RecordDenials call (one consensus operation)
 
 
 class NodeServer:
@@ -876,27 +881,34 @@ class NodeServer:
                 self._reporter.start()
 
     def _report_denials(self) -> None:
-        """Send queued denials to the leader (retrying while leadership settles); exits when idle."""
+        """Send queued denials to the leader, as many as are waiting in one call (retrying while
+        leadership settles); exits when idle."""
         while True:
             try:
-                entry = self._denials.get(timeout=5)
+                batch = [self._denials.get(timeout=5)]
             except queue.Empty:
                 return
+            while len(batch) < _DENIAL_BATCH_MAX:
+                try:
+                    batch.append(self._denials.get_nowait())
+                except queue.Empty:
+                    break
             deadline = time.monotonic() + _DENIAL_REPORT_S
             while True:
                 try:
-                    self._send_denial(entry)
+                    self._send_denials(batch)
                     break
                 except (grpc.RpcError, errors.MQStoreError) as exc:
                     if time.monotonic() > deadline or self._closed:
-                        log.error("a refused call could not be reported to the leader (not audited): %s", exc)
+                        log.error("%d refused call(s) could not be reported to the leader (not audited): %s",
+                                  len(batch), exc)
                         break
                     time.sleep(0.2)
 
-    def _send_denial(self, entry: bytes) -> None:
+    def _send_denials(self, entries: list[bytes]) -> None:
         node = self.node
-        if node.is_leader:  # became leader meanwhile: propose it here
-            self.queue.append_reported_denial(entry)
+        if node.is_leader:  # became leader meanwhile: propose them here
+            self.queue.append_reported_denials(entries)
             return
         leader = node.leader_id
         address = node._address_of(leader) if leader else None
@@ -904,8 +916,9 @@ class NodeServer:
             raise errors.Unavailable("no leader known")
         channel = node.transport.channel_to(address, leader)
         try:
-            report = raft_pb2.DenialReport(cluster_id=node.cluster_id, entry=entry, **{"from": node.node_id})
-            raft_pb2_grpc.RaftStub(channel).RecordDenials(iter([report]), timeout=5)
+            reports = [raft_pb2.DenialReport(cluster_id=node.cluster_id, entry=e, **{"from": node.node_id})
+                       for e in entries]
+            raft_pb2_grpc.RaftStub(channel).RecordDenials(iter(reports), timeout=10)
         finally:
             channel.close()
 

@@ -124,20 +124,26 @@ class ClusterQueue(QueueBase):
 
     # --- denials reported by followers ------------------------------------------------------------
 
-    def append_reported_denial(self, raw: bytes) -> None:
-        """Leader: append a denial a follower's edge reported (an encoded DenialEntry carrying the
-        follower's request context), re-stamped with this leader's time. Raises InvalidArgument
-        if ``raw`` is not a denial entry, NotLeader when this node does not lead."""
-        try:
-            reported = DenialEntry.decode(raw)
-        except MQStoreError as exc:
-            raise InvalidArgument(f"not a denial entry: {exc}") from None
+    def append_reported_denials(self, raws: Sequence[bytes]) -> None:
+        """Leader: append denials a follower's edge reported (encoded DenialEntries carrying the
+        follower's request context), re-stamped with this leader's time, in one operation.
+        Raises InvalidArgument if one is not a denial entry (none is appended then), NotLeader
+        when this node does not lead."""
+        reported = []
+        for raw in raws:
+            try:
+                reported.append(DenialEntry.decode(raw))
+            except MQStoreError as exc:
+                raise InvalidArgument(f"not a denial entry: {exc}") from None
         if not self.node.is_leader:
             raise self.node._not_leader()
+        if not reported:
+            return
 
         def plan(node: Node) -> Plan:
-            entry = DenialEntry(node.now_ms(), reported.op, reported.target, reported.reason, reported.ctx)
-            return [_plain(RecordType.AUDIT, entry.encode())]
+            now = node.now_ms()
+            return [_plain(RecordType.AUDIT, DenialEntry(now, r.op, r.target, r.reason, r.ctx).encode())
+                    for r in reported]
 
         self.node.submit(Operation(plan=plan))
 
