@@ -338,8 +338,12 @@ def test_fuzzed_requests_get_clear_errors_and_the_node_keeps_serving(tmp_path: P
 # --- an abusive client beside well-behaved ones ------------------------------------------------------------
 
 ABUSER = textwrap.dedent("""
-    import sys, threading, time, grpc
+    import os, sys, threading, time, grpc
     from mqstore.proto import queue_pb2, queue_pb2_grpc
+    # In a deployment the abuser runs on its own host; here it shares two cores with the node and
+    # the well-behaved clients, so its own client-side work (building and sending 4 MiB requests)
+    # runs at the lowest scheduling priority and the test measures what the node lets it take.
+    os.nice(19)
     address, token, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
     channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
     stub = queue_pb2_grpc.QueueStub(channel)
@@ -408,7 +412,9 @@ def test_abusive_client_leaves_others_their_throughput(tmp_path: Path) -> None:
 
         # Alone and beside the abuser in turns (the abuser paused with SIGSTOP, resumed with SIGCONT),
         # starting and ending alone: the node slows as its queue grows, so each measurement beside
-        # the abuser is compared with the mean of the measurements alone just before and after it.
+        # the abuser is compared with the mean of the measurements alone just before and after it,
+        # and the verdict is the median of those ratios (one pair hit by an unrelated stall of a
+        # shared CI machine does not decide it).
         proc = subprocess.Popen([sys.executable, "-c", ABUSER, address, abuser, "120"], env=cluster.env)
         alone: list[float] = []
         beside: list[float] = []
@@ -422,7 +428,7 @@ def test_abusive_client_leaves_others_their_throughput(tmp_path: Path) -> None:
         try:
             time.sleep(1.0)  # connected and flooding
             measure_alone()
-            for _ in range(3):
+            for _ in range(5):
                 time.sleep(0.5)
                 beside.append(measure(1.5))
                 measure_alone()
@@ -431,10 +437,12 @@ def test_abusive_client_leaves_others_their_throughput(tmp_path: Path) -> None:
             proc.wait()
         for c in clients:
             c.close()
-        ratio = statistics.mean(b / ((alone[i] + alone[i + 1]) / 2) for i, b in enumerate(beside))
+        ratios = [b / ((alone[i] + alone[i + 1]) / 2) for i, b in enumerate(beside)]
+        ratio = statistics.median(ratios)
         status = cluster.status(1)
         print(f"\nwell-behaved clients: {statistics.mean(alone):.0f} msgs/s alone {[round(x) for x in alone]}, "
-              f"{statistics.mean(beside):.0f} msgs/s beside the abuser {[round(x) for x in beside]}: {ratio:.0%}")
+              f"{statistics.mean(beside):.0f} msgs/s beside the abuser {[round(x) for x in beside]}: "
+              f"median {ratio:.0%} of {[f'{r:.0%}' for r in ratios]}")
         assert ratio >= 0.8, f"{alone} msgs/s alone, {beside} beside the abuser"
         assert status is not None and status["role"] == "leader"
     finally:
