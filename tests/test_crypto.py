@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mqstore.codec import Flags, Record, RecordType
 from mqstore.crypto import AesKeyProvider, FileKeyProvider, KeyRing, Sealer, create_key_file, read_key_file
-from mqstore.crypto.keyring import HKDF_SALT, KeyShredded, hkdf_expand_32, hkdf_extract
+from mqstore.crypto.keyring import HKDF_SALT, HkdfExpander, KeyShredded, hkdf_expand_32, hkdf_extract
 from mqstore.errors import DecryptionFailed, InvalidArgument, KeyFileError, UnknownKey, WrongKey
 from mqstore.store import LogStore, NewMessage
 from mqstore.testing.mail import MailFactory
@@ -62,6 +62,7 @@ def test_hkdf_matches_rfc5869_implementation() -> None:
         ikm, info = os.urandom(32), os.urandom(16)
         expected = HKDF(algorithm=hashes.SHA256(), length=32, salt=HKDF_SALT, info=info).derive(ikm)
         assert hkdf_expand_32(hkdf_extract(ikm), info) == expected
+        assert HkdfExpander(hkdf_extract(ikm)).expand_32(info) == expected
 
 
 def test_wrong_kek_is_refused_before_anything_is_read(tmp_path: Path) -> None:
