@@ -218,6 +218,39 @@ def test_a_failing_write_rolls_back_only_itself(store: LogStore) -> None:
     assert store.meta_get(b"test.bad") is None
 
 
+def test_a_write_never_overtakes_one_submitted_before_it(store: LogStore) -> None:
+    """A synchronous write on an idle store runs in the caller's thread; while anything submitted
+    earlier is unanswered it queues behind it instead."""
+    gate = threading.Event()
+    first = store.submit(lambda ctx: (gate.wait(10), ctx.append(RecordType.BLOB, b"first"))[1])
+    second = store.submit(lambda ctx: ctx.append(RecordType.BLOB, b"second"))
+    threading.Timer(0.2, gate.set).start()
+    assert store.append(RecordType.BLOB, [b"third"]) == [3]  # waited for the two before it
+    assert (first.wait(), second.wait()) == (1, 2)
+    # Idle again: the next write runs at once, and the order of the log is the order of the calls.
+    assert store.append(RecordType.BLOB, [b"fourth"]) == [4]
+    assert [r.payload for r in store.read_range(1, 5)] == [b"first", b"second", b"third", b"fourth"]
+
+
+def test_a_write_function_cannot_write_and_wait(store: LogStore) -> None:
+    def nested(ctx: WriteContext) -> None:
+        store.append(RecordType.BLOB, [b"inner"])
+
+    # Run by the caller (the store is idle) ...
+    with pytest.raises(AssertionError, match="would deadlock"):
+        store.write(nested)
+    # ... and by the writer thread (the store is busy).
+    gate = threading.Event()
+    busy = store.submit(lambda ctx: gate.wait(10))
+    pending = store.submit(nested)
+    gate.set()
+    with pytest.raises(AssertionError, match="would deadlock"):
+        pending.wait(10)
+    busy.wait(10)
+    assert store.last_index == 0  # nothing of either was written
+    assert store.append(RecordType.BLOB, [b"after"]) == [1]  # and the store goes on
+
+
 def test_full_write_queue_gives_overloaded(store_path: Path, key_file: Path) -> None:
     with LogStore(store_path, key_file=key_file, write_queue_items_max=4) as s:
         gate = threading.Event()
