@@ -59,6 +59,8 @@ WRITE_QUEUE_ITEMS_MAX = 4096
 WRITE_BATCH_ITEMS_MAX = 1024
 #: Payload bytes the writer drains into one transaction (a request is never split).
 WRITE_BATCH_BYTES_MAX = 64 * 1024 * 1024
+#: The longest the group-commit writer waits for returning callers to fill a batch (see writer.py).
+WRITE_LINGER_MAX_US = 2_000
 #: Records one append call may carry.
 APPEND_RECORDS_MAX = 4096
 #: How long a caller waits for room in a full write queue before ``Overloaded`` is raised.

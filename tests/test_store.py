@@ -8,6 +8,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,7 @@ from mqstore.errors import (
     StoreLocked,
 )
 from mqstore.store import LogStore, NewMessage, WriteContext
+from mqstore.store.writer import Pending, Writer
 from mqstore.testing.mail import MailFactory
 
 
@@ -190,6 +192,61 @@ def test_group_commit_shares_one_transaction(store: LogStore) -> None:
     # The blocked batch committed once; the 16 waiting appends shared one more commit.
     assert store.commits - commits_before == 2
     assert sorted(store.read(i).payload for i in indices) == sorted(b"t%d" % i for i in range(16))
+
+
+def _slow_writer(seconds: float) -> tuple[Writer, list[tuple[int, int]]]:
+    """A writer whose every batch takes ``seconds`` (like a slow fsync); it records each batch's
+    size and the thread that ran it."""
+    batches: list[tuple[int, int]] = []
+
+    def run_batch(batch: list[Pending[Any]]) -> None:
+        threading.Event().wait(seconds)
+        for item in batch:
+            item.result = item.fn(None)  # type: ignore[arg-type]
+        batches.append((len(batch), threading.get_ident()))
+
+    return Writer(run_batch, name="test-writer"), batches
+
+
+def test_closed_loop_callers_share_one_commit_per_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Callers that each write, wait and write again share one commit per round: the writer waits
+    for the callers its last commit answered instead of committing them in two alternating halves."""
+    monkeypatch.setattr(limits, "WRITE_LINGER_MAX_US", 1_000_000)  # no machine is too slow for it
+    writer, batches = _slow_writer(0.05)
+    callers, rounds = 8, 12
+    barrier = threading.Barrier(callers)
+
+    def caller() -> None:
+        barrier.wait()
+        for _ in range(rounds):
+            writer.write(lambda ctx: None)
+
+    threads = [threading.Thread(target=caller) for _ in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    writer.stop()
+    sizes = [n for n, _ in batches]
+    assert sum(sizes) == callers * rounds
+    # A few batches to gather the callers at the start (and to finish), otherwise one full batch
+    # per round.
+    assert sizes.count(callers) >= rounds - 3, sizes
+    assert len(sizes) <= rounds + 3, sizes
+
+
+def test_a_lone_caller_after_a_busy_spell_writes_in_its_own_thread_again() -> None:
+    writer, batches = _slow_writer(0.01)
+    threads = [threading.Thread(target=lambda: [writer.write(lambda ctx: None) for _ in range(5)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert any(n > 1 for n, _ in batches)  # the callers were grouped
+    for _ in range(3):  # the first write may still wait briefly for callers that have gone
+        writer.write(lambda ctx: None)
+    assert batches[-1] == (1, threading.get_ident())  # no hand-off to the writer thread
+    writer.stop()
 
 
 def test_a_failing_write_rolls_back_only_itself(store: LogStore) -> None:

@@ -41,14 +41,15 @@ SealRequest = tuple[int, str, bytes, bytes, int]
 _AAD_HEAD = struct.Struct("<2sBBHII")  # magic, format version, type, flags, key id, dict id
 _COMPRESSED_ENCRYPTED = int(Flags.COMPRESSED | Flags.ENCRYPTED)
 _ENCRYPTED = int(Flags.ENCRYPTED)
-#: Batches smaller than this are compressed in the caller's thread only (handing work to another
-#: thread costs more than compressing a few small messages).
-_PARALLEL_ITEMS_MIN = 16
 #: From this many messages on, a chunk is compressed by one zstd call (see _compress_chunk).
 _MULTI_ITEMS_MIN = 4
 _POOL_WORKERS = max(0, min(7, (os.cpu_count() or 1) - 1))
 #: Messages per compression chunk of a large batch (see Sealer.seal_many).
 _CHUNK_ITEMS = 16
+#: Batches smaller than this are compressed in the caller's thread only: with fewer than two
+#: chunks there is nothing to share, and handing work to another thread costs more than
+#: compressing a few small messages.
+_PARALLEL_ITEMS_MIN = 2 * _CHUNK_ITEMS
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 

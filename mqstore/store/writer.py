@@ -17,6 +17,14 @@ holds while it runs a batch: a lone caller (and a Raft node's persistence loop) 
 thread hand-offs, which on a virtual machine cost as much as a third of an fsync. Order is kept:
 a write never overtakes one submitted before it and not yet answered.
 
+Closed-loop callers (each writes, waits, writes again) would otherwise settle into cohorts: the
+callers answered by one commit resubmit while the next batch (the others) is already running, so
+16 callers make two batches of 8 forever and pay twice the commits. After a batch of several
+synchronous callers, the writer therefore lingers briefly before running the next one, until
+as many requests are queued as were in play at the last commit, or a deadline passes (a fraction of
+the last batch's duration, capped by ``limits.WRITE_LINGER_MAX_US``). Submitters only wake the
+lingering writer when that count is reached. A lone caller never lingers (it runs inline).
+
 The request queue is bounded: when it is full, callers block (back-pressure) and give up with
 ``Overloaded`` after ``limits.WRITE_QUEUE_WAIT_MS``.
 """
@@ -24,9 +32,9 @@ The request queue is bounded: when it is full, callers block (back-pressure) and
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -50,7 +58,7 @@ class WriterFailed(MQStoreError):
 class Pending(Generic[T]):
     """One submitted write: its function, and its outcome once the batch committed."""
 
-    __slots__ = ("_done", "callback", "error", "fn", "result", "seal", "sealed", "size")
+    __slots__ = ("_done", "callback", "error", "fn", "result", "seal", "sealed", "size", "waited")
 
     def __init__(
         self,
@@ -66,6 +74,7 @@ class Pending(Generic[T]):
         self.result: T | None = None
         self.error: BaseException | None = None
         self.callback = callback
+        self.waited = False  # a caller blocks on it (it will likely write again once answered)
         # A pre-acquired lock released by the writer: the cheapest one-shot wake-up in CPython.
         self._done = threading.Lock()
         self._done.acquire()
@@ -91,6 +100,92 @@ class Pending(Generic[T]):
 
 
 _STOP = object()
+#: The writer lingers for returning callers at most this fraction of its last batch's duration.
+_LINGER_FRACTION = 1.0
+
+
+class _Requests:
+    """The writer's bounded FIFO of requests. Submitters wake the writer only once ``want``
+    requests are queued, so a writer lingering for a fuller batch is not woken by each one."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self.items: deque[Any] = deque()
+        self.lock = threading.Lock()
+        self.ready = threading.Condition(self.lock)  # the writer waits here
+        self.room = threading.Condition(self.lock)  # submitters wait here while it is full
+        self.want = 1
+
+    def put(self, item: Any, timeout: float | None) -> bool:
+        """Append ``item``, waiting up to ``timeout`` seconds for room (None: forever, 0: not at
+        all); False if there was none."""
+        with self.lock:
+            if len(self.items) >= self.maxsize:
+                if timeout == 0:
+                    return False
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while len(self.items) >= self.maxsize:
+                    rest = None if deadline is None else deadline - time.monotonic()
+                    if rest is not None and rest <= 0:
+                        return False
+                    self.room.wait(rest)
+            self.items.append(item)
+            if len(self.items) >= self.want or item is _STOP:
+                self.ready.notify()
+        return True
+
+    def take(self, max_items: int, max_bytes: int) -> tuple[list[Any], bool]:
+        """Up to ``max_items``/``max_bytes`` of the queued requests (at least one if any is
+        queued: a request is never split), and whether the stop marker was reached."""
+        items = self.items
+        with self.lock:
+            batch: list[Any] = []
+            size = 0
+            stop = False
+            while items and len(batch) < max_items and (size < max_bytes or not batch):
+                item = items[0]
+                if item is _STOP:
+                    stop = True
+                    items.popleft()
+                    break
+                if batch and size + item.size > max_bytes:
+                    break
+                items.popleft()
+                batch.append(item)
+                size += item.size
+            if batch:
+                self.room.notify(len(batch))
+            return batch, stop
+
+    def wait_for(self, count: int, deadline: float | None) -> bool:
+        """Wait until ``count`` requests (or the stop marker) are queued, or ``deadline``
+        (``time.monotonic()``; None: no deadline) passes; True if they are there."""
+        items = self.items
+        with self.lock:
+            if len(items) >= count or (items and items[-1] is _STOP):
+                return True
+            self.want = count
+            try:
+                while len(items) < count and not (items and items[-1] is _STOP):
+                    if deadline is None:
+                        self.ready.wait()
+                        continue
+                    rest = deadline - time.monotonic()
+                    if rest <= 0 or not self.ready.wait(rest):
+                        return len(items) >= count
+                return True
+            finally:
+                self.want = 1
+
+    def drain(self) -> list[Any]:
+        with self.lock:
+            rest = list(self.items)
+            self.items.clear()
+            self.room.notify_all()
+            return rest
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
 class Writer:
@@ -104,7 +199,7 @@ class Writer:
     ) -> None:
         self._run_batch = run_batch
         self._queue_items_max = queue_items_max
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_items_max)
+        self._queue = _Requests(queue_items_max)
         self._failed: BaseException | None = None
         self._stopping = False
         self._submit_lock = threading.Lock()  # orders stop() against late submissions
@@ -112,6 +207,8 @@ class Writer:
         self._count_lock = threading.Lock()
         self._outstanding = 0  # submitted and not yet answered (queued or in the running batch)
         self._inline_thread: int | None = None  # the caller running its batch inline, if any
+        self._expect = 0  # requests in play at the last commit (waited-on ones answered + queued)
+        self._linger_s = 0.0  # how long the writer may wait for them before the next batch
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -132,18 +229,21 @@ class Writer:
 
         ``seal`` asks the writer to seal payloads for ``fn`` first (see ``LogStore.submit``).
         """
+        self._check_writable()
+        return self._put(Pending(fn, size, callback, seal), wait_ms)
+
+    def _check_writable(self) -> None:
         if self._failed is not None:
             raise WriterFailed(f"the store's writer stopped: {self._failed!r}; reopen the store")
         if self._stopping:
             raise StoreClosed("the store is closing")
         if threading.current_thread() is self._thread or self._inline_thread == threading.get_ident():
             raise AssertionError("a write function cannot itself write and wait (it would deadlock)")
-        item: Pending[T] = Pending(fn, size, callback, seal)
+
+    def _put(self, item: Pending[T], wait_ms: int) -> Pending[T]:
         with self._count_lock:
             self._outstanding += 1
-        try:
-            self._queue.put(item, timeout=wait_ms / 1000)
-        except queue.Full:
+        if not self._queue.put(item, timeout=wait_ms / 1000):
             with self._count_lock:
                 self._outstanding -= 1
             raise Overloaded(
@@ -155,7 +255,7 @@ class Writer:
         self, fn: WriteFn[T], *, size: int = 0, seal: list[SealRequest] | None = None
     ) -> T:
         """Run ``fn`` in the next committed batch and return its result (or raise its error)."""
-        if self._outstanding == 0 and self._commit_lock.acquire(blocking=False):
+        if self._expect <= 1 and self._outstanding == 0 and self._commit_lock.acquire(blocking=False):
             try:
                 with self._count_lock:
                     idle = self._outstanding == 0
@@ -163,16 +263,14 @@ class Writer:
                     return self._run_inline(fn, size, seal)
             finally:
                 self._commit_lock.release()
-        return self.submit(fn, size=size, seal=seal).wait()
+        self._check_writable()
+        item: Pending[T] = Pending(fn, size, None, seal)
+        item.waited = True
+        return self._put(item, limits.WRITE_QUEUE_WAIT_MS).wait()
 
     def _run_inline(self, fn: WriteFn[T], size: int, seal: list[SealRequest] | None) -> T:
         """Run a batch of one in the calling thread (the commit lock is held)."""
-        if self._failed is not None:
-            raise WriterFailed(f"the store's writer stopped: {self._failed!r}; reopen the store")
-        if self._stopping:
-            raise StoreClosed("the store is closing")
-        if threading.current_thread() is self._thread:
-            raise AssertionError("a write function cannot itself write and wait (it would deadlock)")
+        self._check_writable()
         item: Pending[T] = Pending(fn, size, None, seal)
         self._inline_thread = threading.get_ident()
         try:
@@ -192,9 +290,7 @@ class Writer:
             return False
         with self._count_lock:
             self._outstanding += 1
-        try:
-            self._queue.put_nowait(Pending(fn, 0, None))
-        except queue.Full:
+        if not self._queue.put(Pending(fn, 0, None), timeout=0):
             with self._count_lock:
                 self._outstanding -= 1
             return False
@@ -202,43 +298,37 @@ class Writer:
 
     def queued(self) -> int:
         """Requests waiting for the writer (not counting the batch it is running)."""
-        return self._queue.qsize()
+        return len(self._queue)
 
-    def _take(self, block: bool) -> tuple[list[Pending[Any]], bool]:
-        """The next batch: the first request (waiting for it if ``block``), then whatever else is
-        queued, within the batch limits. Returns ``(batch, stop_seen)``."""
+    def _next_batch(self) -> tuple[list[Pending[Any]], bool]:
+        """Wait for the next request; after a commit that answered several waiting callers,
+        linger for them (see the module's docstring); then take what is queued."""
+        max_items, max_bytes = limits.WRITE_BATCH_ITEMS_MAX, limits.WRITE_BATCH_BYTES_MAX
         q = self._queue
-        batch: list[Pending[Any]] = []
-        size = 0
-        if block:
-            first = q.get()
-            if first is _STOP:
-                return batch, True
-            batch.append(first)
-            size = first.size
-        while len(batch) < limits.WRITE_BATCH_ITEMS_MAX and size < limits.WRITE_BATCH_BYTES_MAX:
-            try:
-                item = q.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP:
-                return batch, True
-            batch.append(item)
-            size += item.size
-        return batch, False
+        q.wait_for(1, None)
+        expect = min(self._expect, max_items)
+        if expect > 1:
+            q.wait_for(expect, time.monotonic() + self._linger_s)
+        return q.take(max_items, max_bytes)
 
     def _loop(self) -> None:
         stop = False
         batch: list[Pending[Any]] = []
         try:
             while not stop:
-                batch, stop = self._take(block=True)
+                batch, stop = self._next_batch()
                 if not batch:
                     break
                 with self._commit_lock:
+                    started = time.perf_counter()
                     self._run_batch(batch)
+                    took = time.perf_counter() - started
                 with self._count_lock:
                     self._outstanding -= len(batch)
+                waited = sum(1 for item in batch if item.waited)
+                in_play = waited + len(self._queue)
+                self._expect = in_play if in_play > 1 else 0
+                self._linger_s = min(took * _LINGER_FRACTION, limits.WRITE_LINGER_MAX_US / 1e6)
                 for item in batch:
                     item.finish()
                 batch = []
@@ -250,11 +340,7 @@ class Writer:
                     item.error = WriterFailed(f"the store's writer stopped: {exc!r}")
                     item.finish()
         # Answer whatever is still queued so no caller waits forever.
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
+        for item in self._queue.drain():
             if item is not _STOP:
                 item.error = StoreClosed("the store closed before this write ran")
                 item.finish()
@@ -267,13 +353,9 @@ class Writer:
             self._stopping = True
         if self._thread.is_alive():
             deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    self._queue.put(_STOP, timeout=0.1)
+            while not self._queue.put(_STOP, timeout=0.1):
+                if time.monotonic() > deadline or not self._thread.is_alive():
                     break
-                except queue.Full:
-                    if time.monotonic() > deadline or not self._thread.is_alive():
-                        break
             self._thread.join(max(0.0, deadline - time.monotonic()))
 
 
