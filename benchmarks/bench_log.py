@@ -238,11 +238,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             dictionary = train_dictionary([mail.message(size) for _ in range(2000)], 64 * 1024)
             scale = args.scale
             cases: dict[str, Callable[[], Result]] = {
-                "a": lambda: bench_lmdb(workdir, messages, 1, int(600 * scale)),
+                "a": lambda: bench_lmdb(workdir, messages, 1, int(1500 * scale)),
                 "b": lambda: bench_lmdb(workdir, messages, 256, int(256 * 200 * scale)),
                 "c": lambda: bench_codec_alone(messages, int(40_000 * scale), None),
                 "c_dict": lambda: bench_codec_alone(messages, int(40_000 * scale), dictionary),
-                "single_1": lambda: bench_mqstore(workdir, messages, callers=1, batch=1, count=int(600 * scale)),
+                "single_1": lambda: bench_mqstore(workdir, messages, callers=1, batch=1, count=int(1500 * scale)),
                 "single_16": lambda: bench_mqstore(workdir, messages, callers=16, batch=1, count=int(8000 * scale)),
                 "batch_256": lambda: bench_mqstore(
                     workdir, messages, callers=1, batch=256, count=int(256 * 120 * scale)

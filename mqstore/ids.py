@@ -9,11 +9,11 @@ sorts in id order; parsing accepts lower case.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
 
+from mqstore._proc import random_bytes
 from mqstore.errors import InvalidArgument
 
 MESSAGE_ID_BYTES = 16
@@ -38,7 +38,7 @@ class MessageIdGenerator:
 
     def next_many(self, count: int) -> list[bytes]:
         """``count`` increasing ids (one read of OS randomness for all of them)."""
-        noise = os.urandom(10 * count)
+        noise = random_bytes(10 * count)
         out = []
         with self._lock:
             now = min(max(self._clock_ms(), 0), _TIME_MS_MAX) << _RANDOM_BITS

@@ -277,3 +277,30 @@ def test_a_shredded_key_gives_no_more_data_keys_even_cached_ones() -> None:
     with pytest.raises(KeyShredded):
         ring.data_key(1, mid)
     assert ring.data_key(2, mid) == other  # other keys are untouched
+
+
+def test_nonce_randomness_is_never_shared_with_a_forked_child() -> None:
+    """Nonces and message ids come from a buffer of OS randomness; a child process after fork()
+    must not hand out the bytes its parent will (one repeated nonce under a key breaks AES-GCM)."""
+    from mqstore._proc import random_bytes
+
+    seen = {random_bytes(12) for _ in range(50)}  # the buffer is filled and partly used
+    assert len(seen) == 50
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write_fd, b"".join(random_bytes(12) for _ in range(20)))
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    child = b""
+    while chunk := os.read(read_fd, 4096):
+        child += chunk
+    os.close(read_fd)
+    os.waitpid(pid, 0)
+    parent = b"".join(random_bytes(12) for _ in range(20))
+    assert len(child) == len(parent) == 240
+    child_nonces = {child[i : i + 12] for i in range(0, 240, 12)}
+    parent_nonces = {parent[i : i + 12] for i in range(0, 240, 12)}
+    assert not child_nonces & parent_nonces and not child_nonces & seen

@@ -27,6 +27,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from mqstore import limits
+from mqstore._proc import random_bytes
 from mqstore.codec import FORMAT_VERSION, MESSAGE_ID_BYTES, Flags, Record
 from mqstore.crypto.keyring import KeyRing
 from mqstore.errors import Corruption, DecryptionFailed, InvalidArgument, UnknownKey
@@ -201,7 +202,7 @@ class Sealer:
         """
         use_dict = self._default_dict_id if dict_id is None else dict_id
         packed = self._compressor(use_dict).compress(plaintext) if compress else None
-        return self._encrypt(rtype, namespace, message_id, plaintext, packed, use_dict, os.urandom(NONCE_BYTES),
+        return self._encrypt(rtype, namespace, message_id, plaintext, packed, use_dict, random_bytes(NONCE_BYTES),
                              extra_flags)
 
     def seal_many(self, items: Sequence[SealRequest]) -> list[Sealed]:
@@ -215,7 +216,7 @@ class Sealer:
         """
         n = len(items)
         use_dict = self._default_dict_id
-        nonces = os.urandom(NONCE_BYTES * n)
+        nonces = random_bytes(NONCE_BYTES * n)
         encrypt = self._encrypt
         plaintexts = [item[3] for item in items]
 

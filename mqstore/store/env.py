@@ -37,6 +37,7 @@ from typing import Any
 import lmdb
 
 from mqstore import limits
+from mqstore._proc import fork_generation
 from mqstore.errors import InvalidArgument, StoreClosed, StoreLocked
 
 #: Named databases of a store (see ../shared/DESIGN.md "Storage").
@@ -132,6 +133,7 @@ class Environment:
         self.readonly = readonly
         self.map_size_max = map_size_max
         self._pid = os.getpid()
+        self._generation = fork_generation()
         self._lock_fd: int | None = None
         self._closed = False
         self.gate = _ReadGate()
@@ -234,7 +236,7 @@ class Environment:
     def check_open(self) -> None:
         if self._closed:
             raise StoreClosed(f"store {self.path} is closed")
-        if os.getpid() != self._pid:
+        if fork_generation() != self._generation:
             # LMDB environments must never be used across fork(): the child would share locks
             # and the mmap with the parent.
             raise StoreClosed(f"store {self.path} was opened in process {self._pid}; reopen it after fork()")
@@ -277,7 +279,7 @@ class Environment:
         if self._closed:
             return
         self._closed = True
-        if os.getpid() == self._pid:
+        if fork_generation() == self._generation:
             self.env.close()
             self._release_lock()
 
