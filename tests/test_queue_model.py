@@ -110,23 +110,23 @@ def backoff_bounds_ms(namespace: str, attempts: int) -> tuple[int, int]:
 
 
 class SeededRandomness:
-    """Stands in for the ``os`` module inside :mod:`mqstore.ids`, so the random part of message ids
+    """Stands in for ``random_bytes`` inside :mod:`mqstore.ids`, so the random part of message ids
     comes from a seeded generator: ids decide lease order among equals and the jitter of the default
     backoff, so with OS randomness a failing example would not replay (nor shrink)."""
 
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
 
-    def urandom(self, n: int) -> bytes:
+    def __call__(self, n: int) -> bytes:
         return self.rng.randbytes(n)
 
 
-_REAL_OS = vars(mqstore.ids)["os"]
+_REAL_RANDOM_BYTES = vars(mqstore.ids)["random_bytes"]
 
 
 def use_id_randomness(source: object) -> None:
-    """Replace the ``os`` module that :mod:`mqstore.ids` takes its randomness from."""
-    vars(mqstore.ids)["os"] = source
+    """Replace the function :mod:`mqstore.ids` takes its randomness from."""
+    vars(mqstore.ids)["random_bytes"] = source
 
 
 class FakeClock:
@@ -551,7 +551,7 @@ class QueueMachine(RuleBasedStateMachine):
         try:
             self.store.close()
         finally:
-            use_id_randomness(_REAL_OS)
+            use_id_randomness(_REAL_RANDOM_BYTES)
             shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- helpers --
@@ -999,7 +999,7 @@ def _mail(key: str | None = None) -> dict[str, Any]:
 def test_ids_issued_after_reopening_sort_after_earlier_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ids are time-ordered and ``list`` is in id (= arrival) order, also across restarts in the same
     millisecond (or after the clock stepped back)."""
-    monkeypatch.setitem(vars(mqstore.ids), "os", SeededRandomness(1))
+    monkeypatch.setitem(vars(mqstore.ids), "random_bytes", SeededRandomness(1))
     clock = FakeClock(START_MS)
     store = _open_fresh(tmp_path, clock)
     try:
@@ -1019,7 +1019,7 @@ def test_ids_of_deleted_messages_are_not_issued_again_after_reopening(
     """A reopened store must not issue an id it issued before, even if that message was deleted (or
     compacted) meanwhile: its idempotency key still names it, and would then name an unrelated
     message. Starting the new id generator above the newest *stored* id is not enough."""
-    monkeypatch.setitem(vars(mqstore.ids), "os", SeededRandomness(0))  # a seed where the next id collides
+    monkeypatch.setitem(vars(mqstore.ids), "random_bytes", SeededRandomness(0))  # a seed where the next id collides
     clock = FakeClock(START_MS)
     store = _open_fresh(tmp_path, clock)
     try:
