@@ -46,7 +46,7 @@ _ENCRYPTED = int(Flags.ENCRYPTED)
 _MULTI_ITEMS_MIN = 4
 _POOL_WORKERS = max(0, min(7, (os.cpu_count() or 1) - 1))
 #: Messages per compression chunk of a large batch (see Sealer.seal_many).
-_CHUNK_ITEMS = 16
+_CHUNK_ITEMS = 32
 #: Batches smaller than this are compressed in the caller's thread only: with fewer than two
 #: chunks there is nothing to share, and handing work to another thread costs more than
 #: compressing a few small messages.
@@ -138,7 +138,11 @@ class Sealer:
     def add_dictionary(self, dict_id: int, data: bytes) -> None:
         if dict_id <= 0 or dict_id in self._dicts:
             raise InvalidArgument(f"dictionary id {dict_id} is invalid or already present")
-        self._dicts[dict_id] = zstd.ZstdCompressionDict(data)
+        dictionary = zstd.ZstdCompressionDict(data)
+        # Digest it once for our level: otherwise every multi-message compression call loads
+        # (copies and digests) the whole dictionary again, ~0.1 ms per call for 64 KiB.
+        dictionary.precompute_compress(level=self.level)
+        self._dicts[dict_id] = dictionary
 
     def use_dictionary(self, dict_id: int) -> None:
         """Make new records compress with dictionary ``dict_id`` (0: no dictionary)."""
