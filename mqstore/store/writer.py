@@ -21,9 +21,11 @@ Closed-loop callers (each writes, waits, writes again) would otherwise settle in
 callers answered by one commit resubmit while the next batch (the others) is already running, so
 16 callers make two batches of 8 forever and pay twice the commits. After a batch of several
 synchronous callers, the writer therefore lingers briefly before running the next one, until
-as many requests are queued as were in play at the last commit, or a deadline passes (a fraction of
-the last batch's duration, capped by ``limits.WRITE_LINGER_MAX_US``). Submitters only wake the
-lingering writer when that count is reached. A lone caller never lingers (it runs inline).
+as many requests are queued as were in play at the last commit, or a deadline passes (the last
+batch's duration, capped by ``limits.WRITE_LINGER_MAX_US``). Submitters only wake the lingering
+writer when that count is reached. While several callers are in play, a write does not run
+inline (it would commit alone); the first batch that finds only one caller ends that, so a lone
+caller never lingers.
 
 The request queue is bounded: when it is full, callers block (back-pressure) and give up with
 ``Overloaded`` after ``limits.WRITE_QUEUE_WAIT_MS``.
