@@ -249,6 +249,67 @@ def test_a_lone_caller_after_a_busy_spell_writes_in_its_own_thread_again() -> No
     writer.stop()
 
 
+def test_mixed_writers_and_a_stop_leave_no_write_unanswered() -> None:
+    """Threads that write synchronously, submit and wait, or submit with a callback, while the
+    writer lingers and batches: every write runs exactly once, each thread's writes run in the
+    order it made them, and writes still queued when the writer stops are answered with
+    StoreClosed (none hangs)."""
+    ran: list[tuple[int, int]] = []
+    batches: list[int] = []
+
+    def run_batch(batch: list[Pending[Any]]) -> None:
+        threading.Event().wait(0.002)
+        for item in batch:
+            item.result = item.fn(None)  # type: ignore[arg-type]
+        batches.append(len(batch))
+
+    writer = Writer(run_batch, name="test-writer", queue_items_max=64)
+    answered: list[tuple[int, int, object]] = []
+    lock = threading.Lock()
+    per_thread = 150
+
+    def worker(t: int) -> None:
+        for k in range(per_thread):
+            def fn(ctx: object, t: int = t, k: int = k) -> tuple[int, int]:
+                ran.append((t, k))
+                return (t, k)
+
+            mode = (t + k) % 3
+            try:
+                if mode == 0:
+                    result: object = writer.write(fn)
+                elif mode == 1:
+                    result = writer.submit(fn).wait(30)
+                else:
+                    done = threading.Event()
+                    pending = writer.submit(fn, callback=lambda p, done=done: done.set())
+                    assert done.wait(30)
+                    result = "closed" if isinstance(pending.error, StoreClosed) else pending.result
+            except StoreClosed:
+                result = "closed"
+            with lock:
+                answered.append((t, k, result))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    while len(answered) < 8 * per_thread // 2:
+        threading.Event().wait(0.01)
+    writer.stop()
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive()
+    assert len(answered) == 8 * per_thread  # every call returned
+    assert len(ran) == len(set(ran))  # nothing ran twice
+    for t in range(8):
+        mine = [k for (tt, k) in ran if tt == t]
+        assert mine == sorted(mine)  # a thread's writes ran in the order it made them
+    closed = [(t, k) for (t, k, r) in answered if r == "closed"]
+    assert closed and set(closed).isdisjoint(ran)  # refused after the stop, and did not run
+    assert all(r == (t, k) for (t, k, r) in answered if r != "closed")
+    assert max(batches) > 1
+
+
 def test_a_failing_write_rolls_back_only_itself(store: LogStore) -> None:
     gate = threading.Event()
 
