@@ -22,7 +22,7 @@ foundation:
   1 caller   >= 0.8 x (a)
   Cython codec >= 5 x reference (encode + decode)
 
-Run:  python benchmarks/bench_log.py            (about 3 minutes on 2 cores)
+Run:  python benchmarks/bench_log.py            (about 4 minutes on 2 cores)
       python benchmarks/bench_log.py --quick    (smaller counts, one run: a smoke test)
       python benchmarks/bench_log.py --json out.json
 """
