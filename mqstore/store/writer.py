@@ -102,8 +102,6 @@ class Pending(Generic[T]):
 
 
 _STOP = object()
-#: The writer lingers for returning callers at most this fraction of its last batch's duration.
-_LINGER_FRACTION = 1.0
 
 
 class _Requests:
@@ -118,17 +116,15 @@ class _Requests:
         self.room = threading.Condition(self.lock)  # submitters wait here while it is full
         self.want = 1
 
-    def put(self, item: Any, timeout: float | None) -> bool:
-        """Append ``item``, waiting up to ``timeout`` seconds for room (None: forever, 0: not at
-        all); False if there was none."""
+    def put(self, item: Any, timeout: float) -> bool:
+        """Append ``item``, waiting up to ``timeout`` seconds for room (0: not at all); False if
+        there was none."""
         with self.lock:
             if len(self.items) >= self.maxsize:
-                if timeout == 0:
-                    return False
-                deadline = None if timeout is None else time.monotonic() + timeout
+                deadline = time.monotonic() + timeout
                 while len(self.items) >= self.maxsize:
-                    rest = None if deadline is None else deadline - time.monotonic()
-                    if rest is not None and rest <= 0:
+                    rest = deadline - time.monotonic()
+                    if rest <= 0:
                         return False
                     self.room.wait(rest)
             self.items.append(item)
@@ -330,7 +326,7 @@ class Writer:
                 waited = sum(1 for item in batch if item.waited)
                 in_play = waited + len(self._queue)
                 self._expect = in_play if in_play > 1 else 0
-                self._linger_s = min(took * _LINGER_FRACTION, limits.WRITE_LINGER_MAX_US / 1e6)
+                self._linger_s = min(took, limits.WRITE_LINGER_MAX_US / 1e6)
                 for item in batch:
                     item.finish()
                 batch = []
