@@ -930,11 +930,15 @@ class NodeServer:
 
         try:
             mid = parse_id(message_id)
+        except Exception:  # malformed: the caller is refused (fail closed)
+            return None
+
+        def lookup() -> str | None:
             with self.node.read_state() as kv:
                 row = machine.get_message(kv, mid)
             return None if row is None else str(row.namespace)
-        except Exception:  # unknown or malformed: the caller is refused (fail closed)
-            return None
+
+        return self._looked_up(lookup)
 
     def namespace_of_lease(self, token: int) -> str | None:
         """The namespace of the message a lease token holds (None: unknown here)."""
@@ -943,14 +947,27 @@ class NodeServer:
         from mqstore.queue import machine
         from mqstore.queue.model import LeaseRow
 
-        try:
+        def lookup() -> str | None:
             with self.node.read_state() as kv:
                 raw = kv.get(b"leases", struct.pack(">Q", token))
                 if raw is None:
                     return None
                 row = machine.get_message(kv, LeaseRow.decode(raw).mid)
             return None if row is None else str(row.namespace)
-        except Exception:
+
+        return self._looked_up(lookup)
+
+    def _looked_up(self, lookup: Callable[[], str | None]) -> str | None:
+        """``lookup()`` in the applied state; when it finds nothing on the leader, once more after
+        a read barrier. The leader answers a write while its apply is still being synced, so the
+        caller's next request may arrive before that state is readable without a barrier."""
+        try:
+            found = lookup()
+            if found is None and self.node.is_leader:
+                self.node.read_barrier()
+                found = lookup()
+            return found
+        except Exception:  # unknown, malformed, or no barrier possible: refused (fail closed)
             return None
 
     def enqueue_refusal(self) -> errors.MQStoreError | None:

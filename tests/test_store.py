@@ -336,6 +336,47 @@ def test_a_failing_write_rolls_back_only_itself(store: LogStore) -> None:
     assert store.meta_get(b"test.bad") is None
 
 
+def test_before_commit_hooks_run_after_every_function_and_before_the_commit(store: LogStore) -> None:
+    """A before-commit hook sees its batch complete but not yet readable (the commit has not
+    started); an on-commit hook runs after the commit; a batch whose function fails runs the
+    hooks of the remaining functions only, once the batch goes through."""
+    gate = threading.Event()
+    seen: list[tuple[str, int]] = []
+
+    def visible() -> int:  # records a reader sees
+        with store.env.env.begin() as txn:
+            return int(txn.stat(store.env.dbs[b"log"])["entries"])
+
+    def blocker(ctx: WriteContext) -> None:
+        gate.wait(10)
+
+    def good(ctx: WriteContext) -> int:
+        index = ctx.append(RecordType.BLOB, b"good")
+        ctx.before_commit(lambda: seen.append(("before", index)))
+        ctx.on_commit(lambda: seen.append(("after", index)))
+        return index
+
+    def check(ctx: WriteContext) -> None:
+        ctx.before_commit(lambda: seen.append(("readable before", visible())))
+
+    def bad(ctx: WriteContext) -> None:
+        ctx.append(RecordType.BLOB, b"bad")
+        ctx.before_commit(lambda: seen.append(("bad", 0)))
+        raise InvalidArgument("refused")
+
+    store.append(RecordType.BLOB, [b"first"])
+    p0 = store.submit(blocker)
+    p1, p2, p3, p4 = store.submit(good), store.submit(bad), store.submit(good), store.submit(check)
+    gate.set()
+    p0.wait()
+    assert (p1.wait(), p3.wait()) == (2, 3)
+    with pytest.raises(InvalidArgument):
+        p2.wait()
+    p4.wait()
+    assert seen == [("before", 2), ("before", 3), ("readable before", 1), ("after", 2), ("after", 3)]
+    assert visible() == 3
+
+
 def test_a_write_never_overtakes_one_submitted_before_it(store: LogStore) -> None:
     """A synchronous write on an idle store runs in the caller's thread; while anything submitted
     earlier is unanswered it queues behind it instead."""

@@ -361,5 +361,9 @@ class ClusterQueue(QueueBase):
         self.node.read_barrier()
         return super().stats()
 
+    def audit_verify(self, *args: Any, **kwargs: Any) -> Any:
+        self.node.read_barrier()
+        return super().audit_verify(*args, **kwargs)
+
 
 __all__ = ["ClusterQueue"]

@@ -540,6 +540,15 @@ class Node:
             if hint is not None and hint[0] == e.term:
                 hints[e.index] = hint[1]
 
+        # Answer the waiting calls while the transaction that applies their entries syncs:
+        # those entries are committed (durable on a quorum) and applying is deterministic, so a
+        # crash before this commit only means applying them again on restart; reads that must
+        # see the result go through this thread (read barrier, planning), still in this write.
+        # Only for entries whose effects live in the state tables alone: keys, dictionaries,
+        # policies, membership and compliance changes also change what this process holds in
+        # memory when their transaction commits, and their callers hear back after that.
+        answer_early = bool(committed) and all(e.rtype in _ANSWER_BEFORE_SYNC for e in committed)
+
         def fn(ctx: WriteContext) -> dict[int, object]:
             self.storage.append(ctx, entries)
             if hard is not None:
@@ -548,6 +557,8 @@ class Node:
             if committed:
                 self.storage.set_applied(ctx, committed[-1].index)
                 ctx.put(b"meta", META_STAMP, _U64.pack(stamp))
+                if answer_early:
+                    ctx.before_commit(lambda: self._finish_applied(committed, results))
             if conf_after is not None:
                 self.storage.set_conf_state(ctx, conf_after)
             if removed:
@@ -827,6 +838,15 @@ _STAMPED = frozenset(
     (RecordType.LEASE, RecordType.ACK, RecordType.DEFER, RecordType.BOUNCE, RecordType.HOLD, RecordType.RELEASE,
      RecordType.REQUEUE, RecordType.DELETE, RecordType.EXPIRE, RecordType.COMPACT, RecordType.POLICY)
 )
+
+
+#: Entry types whose callers may hear back before the applying transaction's fsync (see
+#: Node._process_ready): their effects are in the state tables only.
+_ANSWER_BEFORE_SYNC = frozenset({
+    RecordType.NOOP, RecordType.ENQUEUE, RecordType.LEASE, RecordType.ACK, RecordType.DEFER,
+    RecordType.BOUNCE, RecordType.HOLD, RecordType.RELEASE, RecordType.REQUEUE, RecordType.DELETE,
+    RecordType.EXPIRE, RecordType.BLOB,
+})
 
 
 def entry_stamp_ms(rtype: int, payload: bytes) -> int:

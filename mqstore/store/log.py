@@ -147,12 +147,13 @@ class ScanReport:
 class _Batch:
     """State of one writer transaction, shared by the write functions of a batch."""
 
-    __slots__ = ("hooks", "next_index", "term")
+    __slots__ = ("hooks", "next_index", "pre_commit", "term")
 
     def __init__(self, next_index: int, term: int) -> None:
         self.next_index = next_index
         self.term = term
         self.hooks: list[Callable[[], None]] = []
+        self.pre_commit: list[Callable[[], None]] = []
 
 
 class WriteContext:
@@ -262,6 +263,13 @@ class WriteContext:
     def on_commit(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` in the writer thread once this batch committed (never if it did not)."""
         self._batch.hooks.append(hook)
+
+    def before_commit(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` in the writer thread once every function of the batch succeeded, just
+        before the commit (and its fsync) starts. The commit may still fail, or a full map may
+        run the batch again (and register the hook again): a hook must not raise, must be
+        idempotent, and may only publish what does not depend on this transaction being durable."""
+        self._batch.pre_commit.append(hook)
 
 
 class LogStore:
@@ -472,6 +480,8 @@ class LogStore:
                         ids_last = self.ids.last
                         if ids_last != self._ids_persisted:
                             txn.put(_META_IDS, ids_last.to_bytes(16, "big"), db=self.env.dbs[b"meta"])
+                        for hook in state.pre_commit:
+                            hook()
                         observer = self.commit_observer
                         if observer is None:
                             txn.commit()
