@@ -225,3 +225,81 @@ def test_serve_refuses_an_empty_data_dir(tmp_path: Path) -> None:
                          text=True, timeout=60)
     assert out.returncode == 2
     assert "mqstore bootstrap" in out.stderr and "never joins by accident" in out.stderr
+
+
+class _FailingApplyEnv:
+    """An LMDB environment whose next write transaction that records an applied index fails to
+    commit (as if the process died during that transaction's fsync): everything else passes through."""
+
+    def __init__(self, env: Any, applied_key: bytes) -> None:
+        self._env = env
+        self._key = applied_key
+        self.armed = False
+        self.failed = 0
+
+    def begin(self, *args: Any, **kwargs: Any) -> Any:
+        txn = self._env.begin(*args, **kwargs)
+        return _FailingApplyTxn(self, txn) if kwargs.get("write") else txn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._env, name)
+
+
+class _FailingApplyTxn:
+    def __init__(self, owner: _FailingApplyEnv, txn: Any) -> None:
+        self._owner = owner
+        self._txn = txn
+        self._applies = False
+
+    def put(self, key: bytes, *args: Any, **kwargs: Any) -> Any:
+        if key == self._owner._key:
+            self._applies = True
+        return self._txn.put(key, *args, **kwargs)
+
+    def commit(self) -> None:
+        import lmdb
+
+        if self._applies and self._owner.armed:
+            self._owner.armed = False
+            self._owner.failed += 1
+            self._txn.abort()
+            raise lmdb.Error("injected: the process died while this transaction synced")
+        self._txn.commit()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._txn, name)
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._txn.__exit__(*exc)
+
+
+def test_a_write_answered_before_its_apply_synced_survives_losing_that_transaction(tmp_path: Path) -> None:
+    """The leader answers an enqueue while the transaction applying it syncs. If that transaction
+    never lands (the process dies in its fsync), the answer must still hold: the entry is durable
+    in the log, and the restarted node applies it again."""
+    from mqstore.node.raftlog import META_APPLIED
+
+    c = InProcessCluster(tmp_path, {1: "a"}, [1])
+    try:
+        server = c.leader()
+        with Client(c.addresses(), timeout=10) as client:
+            first = client.enqueue("a@example.org", ["b@example.net"], b"first")
+            env = _FailingApplyEnv(server.node.log.env.env, META_APPLIED)
+            server.node.log.env.env = env
+            env.armed = True
+            answered = client.enqueue("a@example.org", ["c@example.net"], b"answered early")
+            assert env.failed == 1  # the apply of this very enqueue was lost
+            assert server.node.failed.wait(10) and not server.node.is_leader  # the node stopped serving
+            server.node.log.env.env = env._env
+        c.stop(1)  # closes the store of the failed node (a restart of the process, in effect)
+        c.start(1)
+        c.leader()
+        with Client(c.addresses(), timeout=10) as client:
+            assert client.get(first).data == b"first"
+            got = client.get(answered)
+            assert got.data == b"answered early" and got.recipients[0].address == "c@example.net"
+    finally:
+        c.close()

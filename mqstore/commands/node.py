@@ -65,6 +65,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server.start()
+
+    def watch_failure() -> None:
+        server.node.failed.wait()
+        stop.set()
+
+    threading.Thread(target=watch_failure, name="mqstore-failure-watch", daemon=True).start()
     print(
         f"mqstore: node {config.node_id} (site {config.site}) serving on {config.listen} "
         + ("(mutual TLS)" if config.tls is not None else "(PLAINTEXT)")
@@ -75,6 +81,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     stop.wait()
+    if server.node.failed.is_set():
+        print(f"mqstore: node {config.node_id} failed ({server.node.failure!r}); stopping so that it can be "
+              "restarted (it applies its log again on start)", file=sys.stderr, flush=True)
+        server.stop(grace=1.0)
+        return 1
     print(f"mqstore: node {config.node_id} shutting down", file=sys.stderr, flush=True)
     server.stop()
     return 0

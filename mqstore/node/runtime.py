@@ -234,6 +234,12 @@ class Node:
         self._leader = 0
         self._stopping = threading.Event()
         self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._stop_called = False
+        #: Set when the raft thread died of an error (e.g. a failed disk write): the node serves
+        #: nothing more; ``mqstore serve`` then stops it and exits non-zero for its supervisor.
+        self.failed = threading.Event()
+        self.failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"mqstore-raft-{config.node_id}", daemon=True)
         self._status_lock = threading.Lock()
         self.on_apply: Callable[[int], None] | None = None  # test hook: called after each apply
@@ -322,9 +328,11 @@ class Node:
     def stop(self, transfer_leadership: bool = True, timeout: float = 5.0) -> None:
         """Stop: hand leadership to another voter first (when leader), then stop the raft thread,
         the transport and the store."""
-        if self._stopping.is_set():
-            return
-        if transfer_leadership:
+        with self._stop_lock:
+            if self._stop_called:
+                return
+            self._stop_called = True
+        if transfer_leadership and not self._stopping.is_set():
             self.hand_over_leadership(timeout)
         self._stopping.set()
         self._inbox.put(("stop", None))
@@ -432,10 +440,13 @@ class Node:
                 if self._scrub_pending:  # a scrub a crash interrupted: between Readys, as usual
                     self._scrub_pending = False
                     self.scrub_after_shred()
-        except BaseException:
+        except BaseException as exc:
             log.exception("node %d: raft thread failed; the node stops", self.node_id)
+            self.failure = exc
             self._stopping.set()
+            self._role, self._leader = Role.FOLLOWER, 0  # a dead raft thread leads nothing
             self._fail_all(Unavailable(f"node {self.node_id} failed"))
+            self.failed.set()
 
     def _handle(self, kind: str, item: Any) -> None:
         if kind == "msg":
