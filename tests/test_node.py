@@ -3,8 +3,10 @@ membership changes, node id reuse, and the serve command's refusals."""
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -301,5 +303,55 @@ def test_a_write_answered_before_its_apply_synced_survives_losing_that_transacti
             assert client.get(first).data == b"first"
             got = client.get(answered)
             assert got.data == b"answered early" and got.recipients[0].address == "c@example.net"
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("linger_us", [1_000_000, 0])
+def test_closed_loop_callers_share_one_raft_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   linger_us: int) -> None:
+    """Callers that each write, wait for the answer and write again (after 5-20 ms, as remote
+    clients do) share one Raft round (one proposal, one fsync) per turn: the leader holds new
+    operations until as many are back as its last round answered. With the linger off they
+    trickle into smaller rounds."""
+    from mqstore import limits
+    from mqstore.codec import RecordType
+    from mqstore.node.raftlog import entry_payload
+    from mqstore.node.runtime import Operation
+
+    monkeypatch.setattr(limits, "PROPOSE_LINGER_MAX_US", linger_us)  # no machine is too slow for it
+    c = InProcessCluster(tmp_path, {1: "a"}, [1])
+    try:
+        node = c.leader().node
+        sizes: list[int] = []
+        propose_many = node.raw.propose_many
+
+        def counting(items: Any) -> Any:
+            sizes.append(len(items))
+            return propose_many(items)
+
+        node.raw.propose_many = counting  # type: ignore[method-assign]
+        callers, rounds = 8, 12
+        barrier = threading.Barrier(callers)
+
+        def caller(seed: int) -> None:
+            think = random.Random(seed)
+            barrier.wait()
+            for _ in range(rounds):
+                node.submit(Operation(plan=lambda n: [(RecordType.BLOB, entry_payload(0, 0, 0, b"x"))]))
+                time.sleep(think.uniform(0.005, 0.02))  # a remote client's turnaround, not all alike
+
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(callers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sum(sizes) == callers * rounds
+        if linger_us:
+            # A few rounds gather the callers at the start (and finish), otherwise one full round each.
+            assert sizes.count(callers) >= rounds - 3, sizes
+            assert len(sizes) <= rounds + 3, sizes
+        else:
+            assert sizes.count(callers) < rounds - 3, sizes
     finally:
         c.close()

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mqstore import limits
 from mqstore.codec import RecordType
 from mqstore.config import NodeConfig
 from mqstore.consensus import raft as raftcore
@@ -66,6 +67,8 @@ META_REMOVED = b"cluster.removed"  # node ids that left: never reused
 META_STAMP = b"raft.stamp_ms"  # the largest time stamp applied: a new leader never stamps earlier
 BOOTSTRAP_INDEX = 1
 INBOX_ITEMS_PER_LOOP_MAX = 4096
+#: Operations carrying this many messages together are proposed without waiting for more.
+_LINGER_ENTRIES_MAX = 64
 #: A snapshot (a compacted copy of the store) is taken every this many applied entries; then the
 #: log is compacted, keeping this many entries so a follower a little behind needs no snapshot.
 SNAPSHOT_EVERY_ENTRIES = 100_000
@@ -226,6 +229,11 @@ class Node:
         self._pending: dict[int, tuple[int, Operation]] = {}  # index -> (term, operation)
         self._hints: dict[int, tuple[int, object]] = {}  # index -> (term, what applying can reuse)
         self._new_ops: list[Operation] = []  # arrived in this loop iteration, proposed together
+        self._expect_ops = 0  # callers in play when the last round was answered (see _propose_now)
+        self._outstanding = 0  # operations submitted and not answered yet
+        self._outstanding_lock = threading.Lock()
+        self._hold_until: float | None = None  # until when _new_ops wait for more
+        self._linger_s = limits.PROPOSE_LINGER_MAX_US / 1e6
         self._reserved: set[bytes] = set()  # messages with a lease planned but not applied yet
         self._reads: dict[bytes, Future[int]] = {}
         self._read_waiters: list[tuple[int, Future[int]]] = []
@@ -283,6 +291,9 @@ class Node:
             raise Unavailable(f"node {self.node_id} is shutting down")
         if not self.is_leader:
             raise self._not_leader()
+        with self._outstanding_lock:
+            self._outstanding += 1
+        op.future.add_done_callback(self._answered)
         self._inbox.put(("op", op))
         try:
             return op.future.result(timeout)
@@ -291,6 +302,10 @@ class Node:
                 f"no quorum confirmed the write within {timeout:.0f} s (leader {self._leader}); it may "
                 "still commit: retry with the same idempotency key"
             ) from None
+
+    def _answered(self, _future: Future[object]) -> None:
+        with self._outstanding_lock:
+            self._outstanding -= 1
 
     def read_barrier(self, timeout: float = OPERATION_TIMEOUT_S) -> None:
         """Wait until a linearizable read of the local state is possible (ReadIndex): the leader
@@ -414,7 +429,8 @@ class Node:
         next_tick = time.monotonic() + tick_s
         try:
             while not self._stopping.is_set():
-                timeout = max(0.0, next_tick - time.monotonic())
+                wake = next_tick if self._hold_until is None else min(next_tick, self._hold_until)
+                timeout = max(0.0, wake - time.monotonic())
                 try:
                     items = [self._inbox.get(timeout=timeout)]
                 except queue.Empty:
@@ -428,8 +444,9 @@ class Node:
                     if kind == "stop":
                         return
                     self._handle(kind, item)
-                if self._new_ops:
+                if self._new_ops and self._propose_now():
                     ops, self._new_ops = self._new_ops, []
+                    self._hold_until = None
                     self._start_ops(ops)
                 now = time.monotonic()
                 if now >= next_tick:
@@ -447,6 +464,24 @@ class Node:
             self._role, self._leader = Role.FOLLOWER, 0  # a dead raft thread leads nothing
             self._fail_all(Unavailable(f"node {self.node_id} failed"))
             self.failed.set()
+
+    def _propose_now(self) -> bool:
+        """Propose the operations gathered so far, or wait a little for more? Callers that
+        write, wait for the answer and write again (an MTA's delivery workers, clients each
+        waiting for their last write) come back soon after a round answers them: holding the
+        proposal until as many operations are here as callers were in play when the last round
+        was answered, for at most ``limits.PROPOSE_LINGER_MAX_US``, puts them in one round (one
+        fsync, one append per follower) instead of a trickle of small rounds, and merges groups
+        that a burst split. A lone caller never waits. Raft messages are handled meanwhile."""
+        if len(self._new_ops) >= self._expect_ops or not self.is_leader or not self._linger_s:
+            return True
+        if sum(len(op.hints) if op.hints else 1 for op in self._new_ops) >= _LINGER_ENTRIES_MAX:
+            return True  # batches (enqueue_many, streams) are rounds big enough already
+        now = time.monotonic()
+        if self._hold_until is None:
+            self._hold_until = now + self._linger_s
+            return False
+        return now >= self._hold_until
 
     def _handle(self, kind: str, item: Any) -> None:
         if kind == "msg":
@@ -614,6 +649,7 @@ class Node:
             self.create_snapshot()
 
     def _finish_applied(self, committed: list[Any], results: dict[int, object]) -> None:
+        answered = 0
         for e in committed:
             pending = self._pending.pop(e.index, None)
             if pending is None:
@@ -630,10 +666,15 @@ class Node:
             op.results[e.index] = results.get(e.index)
             if len(op.results) == len(op.indices) and not op.future.done():
                 self._release(op)
+                answered += 1
                 try:
                     op.future.set_result(op.finish([(i, op.results[i]) for i, _ in op.indices]))
                 except BaseException as exc:
                     op.future.set_exception(exc)
+        if answered:
+            # Callers in play: those answered now (about to call again) and every caller still
+            # waiting (its operation queued, held or in flight: it comes back after its answer).
+            self._expect_ops = answered + self._outstanding
 
     def _on_soft_state(self, leader: int, role: Role) -> None:
         was_leader = self._role == Role.LEADER
