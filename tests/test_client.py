@@ -622,6 +622,7 @@ def test_errors_map_to_the_embedded_exceptions(kind: str, cluster: Cluster) -> N
         with pytest.raises(InvalidArgument):
             list(c.enqueue_stream([_msg(_ns()), {"mail_from": "s@example.org"}]))
 
+        c.set_namespace_policy(ns, retention=3600)  # the delivered message stays until deleted below
         mid = c.enqueue("s@example.org", ["r@example.org", "t@example.org"], b"x", namespace=ns)
         (lease,) = c.lease("w", namespace=ns)
         for x in (c, q):

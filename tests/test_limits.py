@@ -75,7 +75,7 @@ def test_rate_limiter_spaces_calls_out() -> None:
     assert not r.take("a")
 
 
-def test_size_recipient_and_batch_limits(node: InProcessCluster) -> None:
+def test_size_recipient_and_batch_limits(node: InProcessCluster, monkeypatch: pytest.MonkeyPatch) -> None:
     before = _stats(node)
     with Client(node.address(1), timeout=5) as c:
         with pytest.raises(InvalidArgument, match=r"over this node.s limit of 65536 bytes"):
@@ -96,10 +96,24 @@ def test_size_recipient_and_batch_limits(node: InProcessCluster) -> None:
     assert "batch_messages_max" in (err.value.details() or "")
     assert _stats(node) == before  # refused requests change nothing
     # the client's stream is refused as soon as a frame it sends is over the limit (frames sent
-    # before it may have been stored: a stream is acknowledged frame by frame)
+    # before it may have been stored: a stream is acknowledged frame by frame). The client frames
+    # what its feeder thread has read ahead, up to 128 a request; so that a busy machine cannot
+    # make every frame small, its first frame waits here for a full frame (or the end).
+    from mqstore import client as client_module
+
+    window_open = client_module._StreamState.window_open
+
+    def first_frame_full(self: Any) -> bool:
+        if not getattr(self, "first_frame_ready", False):
+            if len(self.outbox) < client_module.STREAM_FRAME_MESSAGES and not self.source_done:
+                return False
+            self.first_frame_ready = True
+        return bool(window_open(self))
+
+    monkeypatch.setattr(client_module._StreamState, "window_open", first_frame_full)
     with Client(node.address(1), timeout=5) as c, \
             pytest.raises(InvalidArgument, match=r"limits\.batch_messages_max"):
-        list(c.enqueue_stream(_m(i) for i in range(200)))  # the client frames up to 128 a request
+        list(c.enqueue_stream(_m(i) for i in range(200)))
 
 
 def test_calls_without_a_deadline_are_refused(node: InProcessCluster) -> None:
