@@ -15,6 +15,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 import mqstore
 from mqstore.crypto import create_key_file
 from mqstore.ids import parse_id
@@ -85,6 +87,7 @@ def _check_tables(store: mqstore.Store) -> None:
             assert {STATE_NAMES[s]: row.count(s) for s in STATE_NAMES if row.count(s)} == dict(per_state)
 
 
+@pytest.mark.timeout(max(600, KILLS * 20))  # a soak (MQSTORE_CRASH_KILLS) gets time in proportion
 def test_kill9_during_queue_load_loses_no_acknowledged_operation(tmp_path: Path) -> None:
     path = tmp_path / "queue"
     key = create_key_file(tmp_path / "queue.key")
