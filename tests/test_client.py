@@ -11,7 +11,6 @@ import datetime
 import inspect
 import json
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -36,23 +35,14 @@ from mqstore.errors import Immutable, Unavailable
 from mqstore.node.runtime import bootstrap
 from mqstore.queue.model import Policy
 from mqstore.server import NodeServer
+from mqstore.testing.cluster import free_port
 
 SITES = {1: "a", 2: "b", 3: "c"}
 KINDS = ["sync", "async"]
 
 
 def _free_ports(n: int) -> list[int]:
-    """Ports the OS considers free right now (all bound at once, so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    return [free_port() for _ in range(n)]  # distinct, and outside the ephemeral range
 
 
 class Cluster:

@@ -312,8 +312,8 @@ def test_closed_loop_callers_share_one_raft_round(tmp_path: Path, monkeypatch: p
                                                    linger_us: int) -> None:
     """Callers that each write, wait for the answer and write again (after 5-20 ms, as remote
     clients do) share one Raft round (one proposal, one fsync) per turn: the leader holds new
-    operations until as many are back as its last round answered. With the linger off they
-    trickle into smaller rounds."""
+    operations until as many are back as callers were in play when its last round was answered.
+    With the linger off they trickle into smaller rounds."""
     from mqstore import limits
     from mqstore.codec import RecordType
     from mqstore.node.raftlog import entry_payload
