@@ -228,6 +228,36 @@ def test_kill_leader_3_sites(tmp_path: Path) -> None:
     assert_failover_within_limit(times)
 
 
+def test_followers_elect_at_once_when_the_leader_process_dies(tmp_path: Path) -> None:
+    """The followers see the dead leader's connections refused and elect another leader without
+    waiting out their election timeout (5-10 s here). The control: a SIGSTOPped leader keeps its
+    connections open, so the followers wait out the timeout as they would without the report."""
+    with LocalCluster(tmp_path / "cluster", ["a", "b", "c"], election_tick=50) as cluster:
+        cluster.bootstrap()
+        cluster.start_all()
+        leader = cluster.wait_for_leader(60)
+        with Client(cluster.addresses(), timeout=10) as client:
+            before = client.enqueue(mail_from="a@example.org", recipients=["b@example.net"], data=b"before")
+            t0 = time.time()
+            cluster.kill(leader)
+            elected = new_leader_after(cluster, leader, t0)
+            assert elected < 5.0, f"a new leader after {elected:.2f} s: the followers waited for their timeout"
+            after = client.enqueue(mail_from="a@example.org", recipients=["b@example.net"], data=b"after")
+            assert [client.get(m).data for m in (before, after)] == [b"before", b"after"]
+            print(f"[leader killed] new leader after {elected:.2f} s (election timeout 5-10 s)")
+            cluster.start(leader)
+            wait_caught_up(cluster, leader)
+            leader = leader_of(cluster)
+            t0 = time.time()
+            cluster.pause(leader)
+            try:
+                elected = new_leader_after(cluster, leader, t0)
+            finally:
+                cluster.resume(leader)
+            assert elected >= 5.0, f"a new leader after {elected:.2f} s although the paused leader's connections held"
+            assert client.get(after).data == b"after"
+
+
 def test_pause_leader(tmp_path: Path) -> None:
     """SIGSTOP the leader for 3 s, then SIGCONT: another node takes over, the old leader rejoins
     as a follower, and nothing it accepted before the pause is lost or served twice."""

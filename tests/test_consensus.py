@@ -35,6 +35,7 @@ from mqstore.consensus.raft import (
 )
 from mqstore.consensus.storage import MemoryStorage
 from mqstore.consensus.types import (
+    NONE,
     Compacted,
     ConfChange,
     ConfChangeItem,
@@ -521,6 +522,91 @@ def test_followers_in_lease_ignore_votes() -> None:
     c.nodes[2].step(Message(MessageType.VOTE, to=2, frm=3, term=term + 1, index=100, log_term=term))
     assert c.nodes[2].term == term
     assert not c.nodes[2].has_ready() or all(m.type != MessageType.VOTE_RESPONSE for m in c.nodes[2].ready().messages)
+
+
+def _ticks_until_leader(c: Cluster, among: set[int], limit: int) -> int | None:
+    for n in range(1, limit + 1):
+        c.tick(only=among)
+        if any(c.nodes[i].role == Role.LEADER for i in among):
+            return n
+    return None
+
+
+@pytest.mark.parametrize(
+    ("sites", "told", "expected"),
+    [
+        (SITES3, {2, 3}, 1),  # node 2 (rank 0) campaigns on the next tick; node 3 (rank 1) grants
+        (SITES5, {2, 3, 4, 5}, 1),
+        # Only some followers told: the others defend the lease of the leader they heard from
+        # until it runs out (10 ticks), as without the report.
+        (SITES3, {3}, None),
+        (SITES5, {4, 5}, None),
+    ],
+)
+def test_followers_told_their_leader_is_down_elect_a_new_one_within_ticks(
+    sites: dict[int, str], told: set[int], expected: int | None
+) -> None:
+    c = Cluster(sites)
+    c.elect(1)
+    c.propose(1, b"acked")
+    term = c.nodes[1].term
+    c.down.add(1)  # killed: its connections are refused from now on
+    for node in told:
+        c.nodes[node].report_peer_down(1)
+        assert c.nodes[node].leader == NONE
+    others = set(sites) - {1}
+    ticks = _ticks_until_leader(c, others, 20)
+    if expected is None:
+        assert ticks is not None and 10 <= ticks < 20 + 2  # a randomized timeout of 10-19 ticks, then the vote
+    else:
+        assert ticks == expected
+    leader = next(i for i in others if c.nodes[i].role == Role.LEADER)
+    assert c.nodes[leader].term == term + 1  # one election, no split vote
+    c.propose(leader, b"after")
+    assert c.payloads(leader) == [b"acked", b"after"]
+
+
+def test_without_the_report_the_followers_wait_out_the_election_timeout() -> None:
+    c = Cluster(SITES3)
+    c.elect(1)
+    c.down.add(1)
+    ticks = _ticks_until_leader(c, {2, 3}, 40)
+    assert ticks is not None and ticks >= 10  # the baseline the report improves on
+
+
+def test_a_wrong_report_about_a_live_leader_disrupts_nothing() -> None:
+    c = Cluster(SITES3)
+    c.elect(1)
+    term = c.nodes[1].term
+    c.nodes[2].report_peer_down(1)  # e.g. one connection reset, the leader is fine
+    c.tick(15)
+    assert c.nodes[1].role == Role.LEADER and c.nodes[1].term == term  # node 3 refused the pre-vote
+    assert c.nodes[2].leader == 1 and c.nodes[2].role == Role.FOLLOWER  # the heartbeats brought it back
+    c.propose(1, b"x")
+    assert c.payloads(2) == [b"x"]
+
+
+def test_a_report_about_another_peer_or_from_a_non_follower_changes_nothing() -> None:
+    c = Cluster(SITES3)
+    c.elect(1)
+    c.nodes[2].report_peer_down(3)  # not its leader
+    assert c.nodes[2].leader == 1
+    c.nodes[1].report_peer_down(2)  # a leader keeps leading; its transport probes the peer
+    assert c.nodes[1].role == Role.LEADER
+    c.down.add(1)
+    c.tick(5, only={2, 3})
+    assert all(c.nodes[i].role == Role.FOLLOWER for i in (2, 3))
+
+
+def test_without_pre_vote_a_report_only_forgets_the_leader() -> None:
+    # A real campaign would raise the term and depose a leader that may be alive.
+    c = Cluster(SITES3, pre_vote=False)
+    c.elect(1)
+    term = c.nodes[1].term
+    c.nodes[2].report_peer_down(1)
+    assert c.nodes[2].leader == NONE
+    c.tick(5)
+    assert c.nodes[2].leader == 1 and c.nodes[1].term == term
 
 
 # --- replication and log repair ---------------------------------------------------------------------

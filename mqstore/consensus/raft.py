@@ -1077,6 +1077,27 @@ class RawNode:
         if self._role == Role.LEADER and pr is not None and pr.state == ProgressState.REPLICATE:
             pr.become_probe()
 
+    def report_peer_down(self, node: NodeId) -> None:
+        """The transport saw the connection to ``node`` refused or reset: its process is most
+        likely gone (killed, crashed, restarting). When ``node`` is this follower's leader, the
+        follower forgets it, so it grants other candidates' votes at once instead of defending
+        the leader's lease for a whole election timeout, and (with PreVote) it campaigns after a
+        short delay instead of its randomized election timeout: 1, 3, 5... ticks by its rank
+        among the other voters, so that followers noticing together do not split the vote.
+
+        Safe when the guess is wrong: a pre-vote changes no term, and every node that still hears
+        from a live leader refuses it; the leader's next message makes this node its follower
+        again. Without PreVote the node only forgets the leader (a real campaign would raise the
+        term and depose a live leader)."""
+        if self._role != Role.FOLLOWER or self._lead != node or node in (NONE, self._id):
+            return
+        self._lead = NONE
+        if not self._cfg.pre_vote or not self._promotable():
+            return
+        others = [v for v in self._voter_ids() if v != node]
+        rank = others.index(self._id) if self._id in others else len(others)
+        self._election_elapsed = max(self._election_elapsed, self._randomized_election_timeout - (1 + 2 * rank))
+
     def step(self, m: Message) -> None:
         """Handle a message from another node."""
         if m.to != self._id:

@@ -421,8 +421,8 @@ class Node:
             return info.address
         return self.config.peer_address(node_id)
 
-    def _unreachable(self, peer: int) -> None:
-        self._inbox.put(("unreachable", peer))
+    def _unreachable(self, peer: int, down: bool = False) -> None:
+        self._inbox.put(("unreachable", (peer, down)))
 
     def _run(self) -> None:
         tick_s = self.config.heartbeat_ms / 1000
@@ -511,7 +511,12 @@ class Node:
             except BaseException as exc:
                 future.set_exception(exc)
         elif kind == "unreachable":
-            self.raw.report_unreachable(item)
+            peer, down = item
+            self.raw.report_unreachable(peer)
+            if down:
+                # Its connection was refused or reset: if it was our leader, elect another one
+                # now rather than after a whole election timeout (a wrong guess costs nothing).
+                self.raw.report_peer_down(peer)
         elif kind == "snapshot-received":
             message, path = item
             assert message.snapshot is not None

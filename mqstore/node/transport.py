@@ -100,7 +100,9 @@ class _Peer:
             except grpc.RpcError as exc:
                 if not self.stopped:
                     log.debug("peer %d at %s: stream ended: %s", self.peer_id, address, exc.code())
-                    self.transport.on_unreachable(self.peer_id)
+                    # UNAVAILABLE: the connection was refused or reset (the peer's process is
+                    # most likely gone), not a slow or rejecting peer.
+                    self.transport.on_unreachable(self.peer_id, exc.code() == grpc.StatusCode.UNAVAILABLE)
                     time.sleep(delay)
                     delay = min(delay * 2, _RECONNECT_DELAY_S[1])
             finally:
@@ -140,13 +142,15 @@ def _snapshot_chunks(message: Message, path: Path, cluster_id: str) -> Iterator[
 
 
 class Transport:
-    """Delivers messages to peers; thread safe."""
+    """Delivers messages to peers; thread safe. ``on_unreachable(peer, down)`` hears of every
+    failed stream; ``down`` when the connection was refused or reset (the consensus core may
+    then stop waiting for a leader that is gone: ``RawNode.report_peer_down``)."""
 
     def __init__(
         self,
         cluster_id: str,
         address_of: Callable[[int], str | None],
-        on_unreachable: Callable[[int], None],
+        on_unreachable: Callable[[int, bool], None],
         channel_factory: ChannelFactory = insecure_channel,
     ) -> None:
         self.cluster_id = cluster_id

@@ -137,6 +137,7 @@ class SimResult:
     conf_refused: int = 0
     transfers: int = 0
     reads_answered: int = 0
+    down_reports: int = 0
     site_lost: str = ""
     converge_ticks: int = 0
     final_index: int = 0
@@ -245,6 +246,7 @@ class _Options:
     transfer_per_tick: float
     site_loss: bool
     compact_every: int
+    down_reports: float
 
 
 def _choose_options(rng: random.Random, scenario: str | None, ticks: int | None) -> _Options:
@@ -289,6 +291,9 @@ def _choose_options(rng: random.Random, scenario: str | None, ticks: int | None)
         transfer_per_tick=rng.choice((0.0, 0.002, 0.01)),
         site_loss=scenario != "5x221-min3" and rng.random() < 0.3,
         compact_every=rng.choice((5, 20, 80)),
+        # Drawn last (and used with a generator of its own) so the runs of seeds without
+        # reports are the runs those seeds had before reports existed.
+        down_reports=rng.choice((0.0, 0.0, 0.5, 0.9)),
     )
 
 
@@ -309,6 +314,10 @@ class _Sim:
         self.blocked: set[tuple[NodeId, NodeId]] = set()
         self.partition_until = 0
         self.faults = True
+        # "Connection refused or reset" seen by a node's transport: (tick due, node, peer).
+        # Delivered between Readys, as the runtime does; a generator of their own (see options).
+        self.report_rng = random.Random(seed ^ 0xD0D0)
+        self.reports: list[tuple[int, NodeId, NodeId]] = []
         # Global knowledge, for the invariants.
         self.leaders: dict[int, NodeId] = {}
         self.committed_term: dict[int, int] = {0: 0, 1: 1}
@@ -391,6 +400,28 @@ class _Sim:
         node.restart_at = self.tick + self.rng.randint(1, self.opts.down_ticks_max)
         self.result.crashes += 1
         self.log(f"n{node.id} crash ({why})")
+        # Its connections break: peers that can reach it see them reset, usually within a tick.
+        for other in self.up():
+            if (other.id, node.id) not in self.blocked:
+                self._report_down(other.id, node.id, self.opts.down_reports)
+
+    def _report_down(self, node: NodeId, peer: NodeId, p: float) -> None:
+        if p and self.report_rng.random() < p:
+            self.reports.append((self.tick + self.report_rng.randint(0, 2), node, peer))
+
+    def _deliver_reports(self) -> None:
+        due = [r for r in self.reports if r[0] <= self.tick]
+        if not due:
+            return
+        self.reports = [r for r in self.reports if r[0] > self.tick]
+        for _, node_id, peer in due:
+            node = self.nodes.get(node_id)
+            if node is None or node.raw is None:
+                continue
+            node.raw.report_peer_down(peer)
+            self.result.down_reports += 1
+            self.log(f"n{node_id} told n{peer} is down")
+            self.observe(node)
 
     def up(self) -> list[_Node]:
         return [n for n in self.nodes.values() if n.raw is not None]
@@ -510,11 +541,15 @@ class _Sim:
             self.net_seq += 1
             heapq.heappush(self.net, (self.tick + delay, self.net_seq, m))
 
-    def _dropped(self, m: Message) -> None:
+    def _dropped(self, m: Message, why: str = "loss") -> None:
         self.result.dropped += 1
         sender = self.nodes[m.frm]
         if sender.raw is None:
             return
+        # A message to a dead node meets a refused connection; a cut link (a proxy closing it)
+        # sometimes looks the same; and now and then a live peer's connection just resets.
+        p = self.opts.down_reports
+        self._report_down(m.frm, m.to, p if why == "down" else p / 4 if why == "blocked" else p / 50)
         # A real transport learns that a snapshot stream or a connection failed.
         if m.type == MessageType.SNAPSHOT:
             sender.raw.report_snapshot(m.to, success=False)
@@ -528,7 +563,7 @@ class _Sim:
             _, _, m = heapq.heappop(self.net)
             target = self.nodes.get(m.to)
             if target is None or target.raw is None or (m.frm, m.to) in self.blocked:
-                self._dropped(m)
+                self._dropped(m, "down" if target is None or target.raw is None else "blocked")
                 continue
             target.raw.step(m)
             self.observe(target)
@@ -1018,6 +1053,7 @@ class _Sim:
                     self._propose()
             if rng.random() < o.read_per_tick:
                 self._read()
+        self._deliver_reports()
         for node in list(self.nodes.values()):
             self.process(node)
         self.deliver_due()
