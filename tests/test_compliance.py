@@ -28,7 +28,7 @@ from mqstore.compliance.rules import Ctx
 from mqstore.consensus.types import Entry
 from mqstore.crypto import create_key_file
 from mqstore.crypto.keyring import KeyEvent, KeyShredded
-from mqstore.errors import DecryptionFailed, Immutable, PermissionDenied
+from mqstore.errors import Corruption, DecryptionFailed, Immutable, PermissionDenied
 from mqstore.node.raftlog import entry_payload
 from mqstore.node.replica import Applier
 from mqstore.queue.kv import LmdbKV
@@ -774,3 +774,24 @@ def test_policy_keys_retention_and_audit_commands(qpath: Path, kek: Path, clock:
     assert [r["target"] for r in denied] == [mid]  # the bulk message's refusal named no retained message
     assert all(r["source"] == "cli" for r in run("audit", "query", "--op", "policy"))
     assert run("audit", "verify")["ok"] is True
+
+
+def test_request_contexts_decode_the_same_from_the_cache_and_bad_ones_still_fail() -> None:
+    from mqstore.compliance import rules
+
+    alice = Actor("alice", frozenset({"worker"}), "token", frozenset({"billing"}), "10.0.0.7")
+    first = Ctx(alice, node_id=2, site="b", wall_ms=1_000, compliance_ms=900, bypass=True, reason="ticket 7")
+    raw = first.encode()
+    assert Ctx.decode(raw) == first
+    assert Ctx.decode(bytearray(raw)) == first  # from the cache, whatever the buffer type
+    # Same actor, another time: decoded with the cached actor, the rest from these bytes.
+    later = Ctx(alice, node_id=3, site="c", wall_ms=2_000)
+    assert Ctx.decode(later.encode()) == later
+    # A context whose actor part is known but which is cut or padded is still refused.
+    for bad in (raw[:-1], raw + b"\x00", raw[:5]):
+        with pytest.raises(Corruption):
+            Ctx.decode(bad)
+    # Bounded: many distinct contexts never grow the caches past their limit.
+    for wall in range(rules._DECODED_MAX + 10):
+        assert Ctx.decode(Ctx(alice, wall_ms=wall).encode()).wall_ms == wall
+    assert len(rules._decoded_ctx) <= rules._DECODED_MAX and len(rules._decoded_actor) <= rules._DECODED_MAX

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 from mqstore.actor import LOCAL_ADMIN, Actor
 from mqstore.errors import Corruption, InvalidArgument
@@ -100,6 +101,10 @@ class Ctx:
 
     @classmethod
     def decode(cls, raw: bytes) -> Ctx:
+        raw = bytes(raw)
+        hit = _decoded_ctx.get(raw)
+        if hit is not None:
+            return hit
         try:
             version, node_id, wall, compliance, bypass = _CTX_HEAD.unpack_from(raw)
             off = _CTX_HEAD.size
@@ -109,12 +114,33 @@ class Ctx:
             (m,) = struct.unpack_from("<H", raw, off)
             reason = raw[off + 2 : off + 2 + m].decode()
             off += 2 + m
-            actor, used = Actor.decode(raw[off:])
+            rest = raw[off:]
+            decoded = _decoded_actor.get(rest)
+            if decoded is None:
+                decoded = Actor.decode(rest)
+                _remember(_decoded_actor, rest, decoded)
+            actor, used = decoded
         except (struct.error, IndexError, UnicodeDecodeError):
             raise Corruption("malformed request context") from None
         if version != 1 or off + used != len(raw):
             raise Corruption("malformed request context")
-        return cls(actor, node_id, site, wall, compliance, bool(bypass), reason)
+        ctx = cls(actor, node_id, site, wall, compliance, bool(bypass), reason)
+        _remember(_decoded_ctx, raw, ctx)
+        return ctx
+
+
+#: Contexts and actors already decoded, by their bytes (both are immutable). A replica applying
+#: a round decodes the context of every entry: the entries of one request (a stream frame, a
+#: batch) share theirs, and a client's requests share its actor. Bounded; emptied when full.
+_DECODED_MAX = 1024
+_decoded_ctx: dict[bytes, Ctx] = {}
+_decoded_actor: dict[bytes, tuple[Actor, int]] = {}
+
+
+def _remember(cache: dict[bytes, Any], raw: bytes, value: Any) -> None:
+    if len(cache) >= _DECODED_MAX:
+        cache.clear()
+    cache[raw] = value
 
 
 def check_reason(bypass: bool, reason: str | None) -> str:
