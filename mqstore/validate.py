@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
+from typing import Any
 
 from mqstore import limits
 from mqstore.errors import InvalidArgument
@@ -107,16 +108,23 @@ def address(value: object, field: str, *, allow_null: bool = False) -> str:
 
 
 def recipients(value: object, field: str = "recipients") -> tuple[str, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+    # Hot (every enqueued message): lists and tuples of plain strings take the short way.
+    if type(value) is tuple:
+        out: tuple[Any, ...] = value
+    elif type(value) is list:
+        out = tuple(value)
+    elif isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise InvalidArgument(f"{field} must be a list of addresses, not {type(value).__name__}")
-    out = tuple(value)
+    else:
+        out = tuple(value)
     if not out:
         raise InvalidArgument(f"{field} is empty: a message needs at least one recipient")
     if len(out) > limits.RECIPIENTS_MAX:
         raise InvalidArgument(f"{field} has {len(out)} addresses, the limit is {limits.RECIPIENTS_MAX}")
     for i, rcpt in enumerate(out):
-        address(rcpt, f"{field}[{i}]")
-    if len(set(out)) != len(out):
+        if type(rcpt) is not str or not rcpt or _address_problem(rcpt) is not None:
+            address(rcpt, f"{field}[{i}]")  # raises, naming the problem (or accepts a str subclass)
+    if len(out) > 1 and len(set(out)) != len(out):
         seen: set[str] = set()
         for i, rcpt in enumerate(out):
             if rcpt in seen:
@@ -135,6 +143,8 @@ def data(value: object, field: str = "data") -> bytes:
 
 
 def integer(value: object, field: str, lo: int, hi: int) -> int:
+    if type(value) is int and lo <= value <= hi:
+        return value
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgument(f"{field} must be an integer, not {type(value).__name__}")
     if not lo <= value <= hi:
