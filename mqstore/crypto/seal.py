@@ -221,12 +221,22 @@ class Sealer:
         n = len(items)
         use_dict = self._default_dict_id
         nonces = random_bytes(NONCE_BYTES * n)
-        encrypt = self._encrypt
         plaintexts = [item[3] for item in items]
+        # Per namespace, once per batch: its current key id and stored prefix.
+        spaces: dict[str, tuple[int, bytes]] = {}
+        for item in items:
+            ns = item[1]
+            if ns not in spaces:
+                key_id = self.keyring.current_key_id(ns)
+                if key_id is None:
+                    raise UnknownKey(f"namespace {ns!r} has no key yet")
+                spaces[ns] = (key_id, _namespace_prefix(ns))
+        encrypt = self._encrypt_under
 
         def seal_range(lo: int, packed: list[bytes]) -> list[Sealed]:
             return [
-                encrypt(rtype, ns, mid, plain, pk, use_dict, nonces[NONCE_BYTES * i : NONCE_BYTES * (i + 1)], extra)
+                encrypt(rtype, *spaces[ns], mid, plain, pk, use_dict, nonces[NONCE_BYTES * i : NONCE_BYTES * (i + 1)],
+                        extra)
                 for i, (rtype, ns, mid, plain, extra), pk in zip(
                     range(lo, lo + len(packed)), items[lo : lo + len(packed)], packed, strict=True
                 )
@@ -288,9 +298,25 @@ class Sealer:
         key_id = self.keyring.current_key_id(namespace)
         if key_id is None:
             raise UnknownKey(f"namespace {namespace!r} has no key yet")
+        return self._encrypt_under(rtype, key_id, _namespace_prefix(namespace), message_id, plaintext, packed,
+                                   dict_id, nonce, extra_flags)
+
+    def _encrypt_under(
+        self,
+        rtype: int,
+        key_id: int,
+        ns: bytes,
+        message_id: bytes,
+        plaintext: bytes,
+        packed: bytes | None,
+        dict_id: int,
+        nonce: bytes,
+        extra_flags: int = 0,
+    ) -> Sealed:
+        """:meth:`_encrypt` with the namespace's key id and stored prefix (``_namespace_prefix``)
+        already looked up (a batch does it once per namespace)."""
         if len(message_id) != MESSAGE_ID_BYTES:
             raise InvalidArgument(f"message id must be {MESSAGE_ID_BYTES} bytes")
-        ns = _namespace_prefix(namespace)
         if packed is not None and len(packed) < len(plaintext):
             flags, body = _COMPRESSED_ENCRYPTED, packed
         else:
