@@ -223,14 +223,7 @@ class Sealer:
         nonces = random_bytes(NONCE_BYTES * n)
         plaintexts = [item[3] for item in items]
         # Per namespace, once per batch: its current key id and stored prefix.
-        spaces: dict[str, tuple[int, bytes]] = {}
-        for item in items:
-            ns = item[1]
-            if ns not in spaces:
-                key_id = self.keyring.current_key_id(ns)
-                if key_id is None:
-                    raise UnknownKey(f"namespace {ns!r} has no key yet")
-                spaces[ns] = (key_id, _namespace_prefix(ns))
+        spaces = {item[1]: self._key_of(item[1]) for item in items}
         encrypt = self._encrypt_under
 
         def seal_range(lo: int, packed: list[bytes]) -> list[Sealed]:
@@ -295,11 +288,15 @@ class Sealer:
         nonce: bytes,
         extra_flags: int = 0,
     ) -> Sealed:
+        return self._encrypt_under(rtype, *self._key_of(namespace), message_id, plaintext, packed, dict_id, nonce,
+                                   extra_flags)
+
+    def _key_of(self, namespace: str) -> tuple[int, bytes]:
+        """The key id new records of ``namespace`` use, and its stored prefix."""
         key_id = self.keyring.current_key_id(namespace)
         if key_id is None:
             raise UnknownKey(f"namespace {namespace!r} has no key yet")
-        return self._encrypt_under(rtype, key_id, _namespace_prefix(namespace), message_id, plaintext, packed,
-                                   dict_id, nonce, extra_flags)
+        return key_id, _namespace_prefix(namespace)
 
     def _encrypt_under(
         self,
