@@ -63,7 +63,7 @@ WRITE_BATCH_BYTES_MAX = 64 * 1024 * 1024
 WRITE_LINGER_MAX_US = 2_000
 #: The longest a Raft leader holds client operations for the callers its last round answered
 #: to come back, so that they share one round (see Node._propose_now).
-PROPOSE_LINGER_MAX_US = 3_000
+PROPOSE_LINGER_MAX_US = 10_000
 #: Records one append call may carry.
 APPEND_RECORDS_MAX = 4096
 #: How long a caller waits for room in a full write queue before ``Overloaded`` is raised.
