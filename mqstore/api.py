@@ -757,7 +757,7 @@ class QueueBase:
             get = txn.get
             for token, mid, grant, deadline_ms in grants:
                 index = grant.enqueue_index
-                stored = self.log.open_message(self.log.decode_raw(get(index.to_bytes(8, "big"), db=log_db), index))
+                stored = self.log.open_message(self.log.decode_raw(get(index.to_bytes(8, "big"), None, log_db), index))
                 env = stored.envelope
                 self._remember_recipients(mid, env.recipients)
                 out.append(
