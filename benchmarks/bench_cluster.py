@@ -46,6 +46,7 @@ Run:  python benchmarks/bench_cluster.py             (about 3.5 minutes on 2 cor
       python benchmarks/bench_cluster.py --quick     (one run of 2 s per case: about 1 minute)
       python benchmarks/bench_cluster.py --json out.json --skip nats --profile /tmp/prof
       python benchmarks/bench_cluster.py --cases failover --failovers 5 --heartbeat-ms 50
+      python benchmarks/bench_cluster.py --cases c64 --clients 8 --skip nats   (fewer concurrent clients)
 """
 
 from __future__ import annotations
@@ -652,9 +653,9 @@ class MqstoreBench:
     def concurrent(self, seconds: float) -> Result:
         return run_load(
             "mqstore",
-            f"mqstore {CLIENTS} clients enqueue",
+            f"mqstore {self.args.clients} clients enqueue",
             self.cluster.addresses(),
-            CLIENTS,
+            self.args.clients,
             self.args.procs,
             seconds,
             self.pids(),
@@ -793,7 +794,7 @@ def bench_mqstore(root: Path, args: argparse.Namespace, report: dict[str, Any]) 
             before = mq.scrape(leader)[enqueued]
             runs = [fn() for _ in range(args.runs)]
             # one untimed enqueue per run (connecting); c64: calls straddling the window
-            outside = args.runs * (4 * CLIENTS if key == "c64" else 1)
+            outside = args.runs * (4 * args.clients if key == "c64" else 1)
             acked[key] = (int(mq.scrape(leader)[enqueued] - before), sum(r.msgs for r in runs), outside)
             results[key] = median_result(runs)
             print("  " + results[key].line(), flush=True)
@@ -1158,7 +1159,7 @@ def bench_etcd(root: Path, args: argparse.Namespace) -> dict[str, Result]:
         s = args.seconds
         cases: dict[str, Callable[[], Result]] = {
             "c64": lambda: run_load(
-                "etcd", f"etcd {CLIENTS} clients put", [leader], CLIENTS, args.procs, s, procs.pids()
+                "etcd", f"etcd {args.clients} clients put", [leader], args.clients, args.procs, s, procs.pids()
             ),
             "seq": lambda: etcd_sequential(leader, s, procs.pids()),
         }
@@ -1286,7 +1287,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ratios = {
         "mqstore stream / NATS R3 async (target >= 1.0)": ratio("mqstore_stream", "nats_async"),
         "mqstore batch256 / NATS R3 async (target >= 1.0)": ratio("mqstore_batch256", "nats_async"),
-        "mqstore 64 clients / etcd 64 clients (target >= 1.0)": ratio("mqstore_c64", "etcd_c64"),
+        f"mqstore {args.clients} clients / etcd {args.clients} clients"
+        + (" (target >= 1.0)" if args.clients == CLIENTS else " (reference)"): ratio("mqstore_c64", "etcd_c64"),
         "mqstore seq / etcd seq (reference)": ratio("mqstore_seq", "etcd_seq"),
         "mqstore seq / NATS R3 sync (reference)": ratio("mqstore_seq", "nats_sync"),
     }
@@ -1314,6 +1316,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each timed case")
     parser.add_argument("--failovers", type=int, default=3, help="leader kills (median reported)")
     parser.add_argument("--procs", type=int, default=4, help="load-generator processes for the 64 clients")
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=CLIENTS,
+        help="concurrent clients of the c64 case (mqstore and etcd alike; the targets are for 64)",
+    )
     parser.add_argument("--nats-procs", type=int, default=1, help="NATS async publisher processes")
     parser.add_argument("--election-tick", type=int, default=10, help="mqstore election timeout in heartbeats")
     parser.add_argument("--heartbeat-ms", type=int, default=100, help="mqstore heartbeat interval")
@@ -1339,6 +1347,8 @@ def main() -> int:
         help="after each mqstore case, run it once more under py-spy (node processes) and summarise",
     )
     args = parser.parse_args()
+    if args.clients < 1 or args.procs < 1:
+        parser.error("--clients and --procs must be at least 1")
     if args.quick:
         args.runs, args.seconds, args.failovers = 1, 2.0, 1
     report = run(args)
