@@ -13,8 +13,10 @@ workers, every call recorded), injects faults, heals, and then checks:
 Scenarios: 3 nodes / 3 sites — kill -9 the leader (3 times, restarting it), SIGSTOP the leader
 for 3 s, cut links through TCP proxies (isolate the leader; asymmetric cuts both ways; then slow
 its links down), kill a follower's whole site; 5 nodes placed 2/2/1 — kill -9 the leader's whole
-site (2 nodes). Fast tests at the end check that the checker flags each kind of violation and
-that the proxy cuts, heals, blackholes and delays.
+site (2 nodes); and, with a 5 s election timeout, a killed leader replaced long before that
+timeout (its followers see its connections refused) while a paused one is not. Fast tests at the
+end check that the checker flags each kind of violation and that the proxy cuts, heals,
+blackholes and delays.
 
 Failover time = from the fault to the first write answered by another node, as the workload's
 own clients saw it (client-side leader discovery and backoff included); the time until another
