@@ -206,8 +206,8 @@ class Sealer:
         """
         use_dict = self._default_dict_id if dict_id is None else dict_id
         packed = self._compressor(use_dict).compress(plaintext) if compress else None
-        return self._encrypt(rtype, namespace, message_id, plaintext, packed, use_dict, random_bytes(NONCE_BYTES),
-                             extra_flags)
+        return self._encrypt(rtype, *self._key_of(namespace), message_id, plaintext, packed, use_dict,
+                             random_bytes(NONCE_BYTES), extra_flags)
 
     def seal_many(self, items: Sequence[SealRequest]) -> list[Sealed]:
         """Seal ``(record type, namespace, message_id, plaintext, extra flags)`` items, like
@@ -224,7 +224,7 @@ class Sealer:
         plaintexts = [item[3] for item in items]
         # Per namespace, once per batch: its current key id and stored prefix.
         spaces = {item[1]: self._key_of(item[1]) for item in items}
-        encrypt = self._encrypt_under
+        encrypt = self._encrypt
 
         def seal_range(lo: int, packed: list[bytes]) -> list[Sealed]:
             return [
@@ -277,20 +277,6 @@ class Sealer:
         result = compressor.multi_compress_to_buffer(inputs, threads=1)
         return [result[i].tobytes() for i in range(len(result))]
 
-    def _encrypt(
-        self,
-        rtype: int,
-        namespace: str,
-        message_id: bytes,
-        plaintext: bytes,
-        packed: bytes | None,
-        dict_id: int,
-        nonce: bytes,
-        extra_flags: int = 0,
-    ) -> Sealed:
-        return self._encrypt_under(rtype, *self._key_of(namespace), message_id, plaintext, packed, dict_id, nonce,
-                                   extra_flags)
-
     def _key_of(self, namespace: str) -> tuple[int, bytes]:
         """The key id new records of ``namespace`` use, and its stored prefix."""
         key_id = self.keyring.current_key_id(namespace)
@@ -298,7 +284,7 @@ class Sealer:
             raise UnknownKey(f"namespace {namespace!r} has no key yet")
         return key_id, _namespace_prefix(namespace)
 
-    def _encrypt_under(
+    def _encrypt(
         self,
         rtype: int,
         key_id: int,
@@ -310,8 +296,8 @@ class Sealer:
         nonce: bytes,
         extra_flags: int = 0,
     ) -> Sealed:
-        """:meth:`_encrypt` with the namespace's key id and stored prefix (``_namespace_prefix``)
-        already looked up (a batch does it once per namespace)."""
+        """Encrypt one record under key ``key_id``; ``ns`` is the namespace's stored prefix (both
+        from :meth:`_key_of`, which a batch calls once per namespace)."""
         if len(message_id) != MESSAGE_ID_BYTES:
             raise InvalidArgument(f"message id must be {MESSAGE_ID_BYTES} bytes")
         if packed is not None and len(packed) < len(plaintext):

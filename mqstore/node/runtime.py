@@ -421,7 +421,7 @@ class Node:
             return info.address
         return self.config.peer_address(node_id)
 
-    def _unreachable(self, peer: int, down: bool = False) -> None:
+    def _unreachable(self, peer: int, down: bool) -> None:
         self._inbox.put(("unreachable", (peer, down)))
 
     def _run(self) -> None:
