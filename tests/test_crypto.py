@@ -115,6 +115,36 @@ def test_incompressible_payload_is_stored_uncompressed() -> None:
     assert sealer.open(_record(RecordType.ENQUEUE, sealed)).plaintext == body
 
 
+@pytest.mark.parametrize("count", [1, 5, 63, 64, 65, 300])
+def test_a_batch_seals_each_message_in_order_whoever_compresses_it(count: int) -> None:
+    # From 64 messages on, a batch is split between this thread and the compression pool: every
+    # message must still come back sealed under its own id and namespace, in the order given.
+    sealer = _sealer()
+    mail = MailFactory(3)
+    items = []
+    for i in range(count):
+        body = os.urandom(700) if i % 7 == 3 else mail.message(512 + 37 * i % 3000)  # some incompressible
+        extra = int(Flags.CONTEXT) if i % 5 == 0 else 0
+        items.append((int(RecordType.ENQUEUE), "ab"[i % 2], i.to_bytes(16, "big"), body, extra))
+    sealed = sealer.seal_many(items)
+    assert len(sealed) == count
+    nonces = set()
+    for (rtype, ns, mid, body, extra), one in zip(items, sealed, strict=True):
+        assert bool(one.flags & Flags.COMPRESSED) == (len(body) != 700)
+        assert one.flags & Flags.CONTEXT == extra
+        assert sealer.open(_record(rtype, one)) == (mid, ns, body)
+        nonces.add(one.payload[18:30])  # after message id (16) and namespace ("a": 1 + 1)
+    assert len(nonces) == count
+
+
+def test_a_batch_with_a_bad_message_id_is_refused() -> None:
+    sealer = _sealer()
+    items = [(int(RecordType.ENQUEUE), "a", i.to_bytes(16, "big"), b"mail %d" % i * 40, 0) for i in range(100)]
+    items[80] = (*items[80][:2], b"short", *items[80][3:])
+    with pytest.raises(InvalidArgument, match="message id must be 16 bytes"):
+        sealer.seal_many(items)
+
+
 def test_payload_moved_to_another_message_id_fails_to_decrypt() -> None:
     sealer = _sealer()
     flags, key_id, dict_id, payload = sealer.seal(RecordType.ENQUEUE, "a", b"A" * 16, b"secret mail")

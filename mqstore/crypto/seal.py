@@ -45,11 +45,11 @@ _ENCRYPTED = int(Flags.ENCRYPTED)
 #: From this many messages on, a chunk is compressed by one zstd call (see _compress_chunk).
 _MULTI_ITEMS_MIN = 4
 _POOL_WORKERS = max(0, min(7, (os.cpu_count() or 1) - 1))
-#: Messages per compression chunk of a large batch (see Sealer.seal_many).
+#: Messages per compression chunk of the calling thread's share of a large batch (see
+#: Sealer.seal_many).
 _CHUNK_ITEMS = 32
-#: Batches smaller than this are compressed in the caller's thread only: with fewer than two
-#: chunks there is nothing to share, and handing work to another thread costs more than
-#: compressing a few small messages.
+#: Batches smaller than this are compressed in the caller's thread only: handing work to another
+#: thread costs more than compressing a few small messages.
 _PARALLEL_ITEMS_MIN = 2 * _CHUNK_ITEMS
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -213,10 +213,11 @@ class Sealer:
         """Seal ``(record type, namespace, message_id, plaintext, extra flags)`` items, like
         :meth:`seal` each (extra flags, e.g. ``Flags.CONTEXT``, are authenticated with the record).
 
-        zstd releases the GIL and AES-GCM does not. A large batch is cut into chunks that this
-        thread and the pool's threads take in turn to compress; this thread encrypts the chunks
-        in order as they become ready, so encryption overlaps the pool's compression. One read
-        of OS randomness gives every nonce.
+        zstd releases the GIL and AES-GCM does not. A large batch is split: each pool thread
+        compresses one contiguous share in a single call (it never needs the GIL meanwhile),
+        while this thread compresses its own, smaller share chunk by chunk and encrypts each
+        chunk as it goes, then encrypts the pool's shares. One read of OS randomness gives every
+        nonce.
         """
         n = len(items)
         use_dict = self._default_dict_id
@@ -238,33 +239,21 @@ class Sealer:
         pool = _compression_pool()
         if pool is None or n < _PARALLEL_ITEMS_MIN:
             return seal_range(0, self._compress_chunk(plaintexts, use_dict))
-        starts = list(range(0, n, _CHUNK_ITEMS))
-        packed: list[list[bytes] | None] = [None] * len(starts)
-        ready = [threading.Event() for _ in starts]
-        claims = itertools.count()  # next() on a count is atomic under the GIL
-
-        def compress_next() -> bool:
-            k = next(claims)
-            if k >= len(starts):
-                return False
-            packed[k] = self._compress_chunk(plaintexts[starts[k] : starts[k] + _CHUNK_ITEMS], use_dict)
-            ready[k].set()
-            return True
-
-        def drain() -> None:
-            while compress_next():
-                pass
-
-        for _ in range(_POOL_WORKERS):
-            pool.submit(drain)
+        # This thread's share is the smaller one because it also encrypts everything: 2 parts
+        # for it to 3 per pool thread (measured on 2 cores, 2 KiB mail: 2/5 of the batch here
+        # seals 256 messages in 12.8 us each; 1/2 in 13.2; 1/3 in 14.2; chunks taken in turn
+        # from a shared list, as before, in 13.7).
+        own = n * 2 // (2 + 3 * _POOL_WORKERS)
+        bounds = [own + (n - own) * w // _POOL_WORKERS for w in range(_POOL_WORKERS + 1)]
+        shares = [
+            (lo, pool.submit(self._compress_chunk, plaintexts[lo:hi], use_dict))
+            for lo, hi in itertools.pairwise(bounds)
+        ]
         out: list[Sealed] = []
-        for k, lo in enumerate(starts):
-            while not ready[k].is_set() and compress_next():
-                pass  # nothing to encrypt yet: compress a chunk ourselves
-            ready[k].wait()
-            chunk = packed[k]
-            assert chunk is not None
-            out.extend(seal_range(lo, chunk))
+        for lo in range(0, own, _CHUNK_ITEMS):
+            out.extend(seal_range(lo, self._compress_chunk(plaintexts[lo : min(lo + _CHUNK_ITEMS, own)], use_dict)))
+        for lo, share in shares:
+            out.extend(seal_range(lo, share.result()))
         return out
 
     def _compress_chunk(self, plaintexts: list[bytes], dict_id: int) -> list[bytes]:
