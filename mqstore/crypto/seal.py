@@ -221,6 +221,11 @@ class Sealer:
         """
         n = len(items)
         use_dict = self._default_dict_id
+        if n == 1:  # a lone caller's append: none of the batch machinery below
+            rtype, namespace, message_id, plaintext, extra = items[0]
+            packed = self._compressor(use_dict).compress(plaintext)
+            return [self._encrypt(rtype, *self._key_of(namespace), message_id, plaintext, packed, use_dict,
+                                  random_bytes(NONCE_BYTES), extra)]
         nonces = random_bytes(NONCE_BYTES * n)
         plaintexts = [item[3] for item in items]
         # Per namespace, once per batch: its current key id and stored prefix.
