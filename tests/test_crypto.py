@@ -10,6 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+import mqstore.crypto.seal as seal_module
 from mqstore.codec import Flags, Record, RecordType
 from mqstore.crypto import AesKeyProvider, FileKeyProvider, KeyRing, Sealer, create_key_file, read_key_file
 from mqstore.crypto.keyring import HKDF_SALT, HkdfExpander, KeyShredded, hkdf_expand_32, hkdf_extract
@@ -115,10 +116,15 @@ def test_incompressible_payload_is_stored_uncompressed() -> None:
     assert sealer.open(_record(RecordType.ENQUEUE, sealed)).plaintext == body
 
 
+@pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("count", [1, 5, 63, 64, 65, 300])
-def test_a_batch_seals_each_message_in_order_whoever_compresses_it(count: int) -> None:
-    # From 64 messages on, a batch is split between this thread and the compression pool: every
-    # message must still come back sealed under its own id and namespace, in the order given.
+def test_a_batch_seals_each_message_in_order_whoever_compresses_it(
+    count: int, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # From 64 messages on, a batch is split between this thread and the compression pool's
+    # threads (one share each; 1 on 2 cores, 3 on 4): every message must still come back sealed
+    # under its own id and namespace, in the order given.
+    monkeypatch.setattr(seal_module, "_POOL_WORKERS", workers)
     sealer = _sealer()
     mail = MailFactory(3)
     items = []
