@@ -223,9 +223,7 @@ class Sealer:
         use_dict = self._default_dict_id
         if n == 1:  # a lone caller's append: none of the batch machinery below
             rtype, namespace, message_id, plaintext, extra = items[0]
-            packed = self._compressor(use_dict).compress(plaintext)
-            return [self._encrypt(rtype, *self._key_of(namespace), message_id, plaintext, packed, use_dict,
-                                  random_bytes(NONCE_BYTES), extra)]
+            return [self.seal(rtype, namespace, message_id, plaintext, extra_flags=extra)]
         nonces = random_bytes(NONCE_BYTES * n)
         plaintexts = [item[3] for item in items]
         # Per namespace, once per batch: its current key id and stored prefix.
