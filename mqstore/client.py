@@ -776,19 +776,15 @@ class _StreamState:
         )
 
 
-# --- the blocking client --------------------------------------------------------------------------------
+# --- what both clients share ----------------------------------------------------------------------------
 
 
-class Client:
-    """A blocking mqstore client (thread safe): the embedded API, served by a cluster.
+class _ClientBase:
+    """What the blocking and the asyncio client share: the addresses, the leader last seen, and
+    how channels are made (``_tls_factory`` and ``_insecure`` differ between the two)."""
 
-    ``addresses`` are any of the cluster's nodes (``"host:port"``, a list, or comma-separated).
-    ``timeout`` bounds each call, retries included. ``tls`` (a
-    :class:`~mqstore.security.tls.ClientTLS`: the cluster CA, this client's certificate and key)
-    connects with mutual TLS, as nodes with ``[tls]`` require; without it the client speaks
-    plaintext (to ``insecure`` nodes). ``token`` sends ``authorization: Bearer <token>`` on every
-    call. ``channel_factory(address)`` replaces all that with channels of your own making.
-    """
+    _tls_factory: Callable[..., ChannelFactory]
+    _insecure: Callable[[str], Any]
 
     def __init__(
         self,
@@ -804,10 +800,9 @@ class Client:
         if channel_factory is not None and (tls is not None or token is not None):
             raise errors.InvalidArgument("give channel_factory, or tls/token, not both")
         if channel_factory is None and (tls is not None or token is not None):
-            channel_factory = tls_channel_factory(tls, token, CLIENT_CHANNEL_OPTIONS)
-        self._channel_factory = channel_factory or insecure_channel
+            channel_factory = self._tls_factory(tls, token, CLIENT_CHANNEL_OPTIONS)
+        self._channel_factory = channel_factory or self._insecure
         self._stubs: dict[str, _Stubs] = {}
-        self._lock = threading.Lock()
         self._closed = False
 
     @property
@@ -819,6 +814,36 @@ class Client:
     def leader(self) -> str | None:
         """The address of the node that last answered as leader (None before the first call)."""
         return self._router.leader
+
+
+# --- the blocking client --------------------------------------------------------------------------------
+
+
+class Client(_ClientBase):
+    """A blocking mqstore client (thread safe): the embedded API, served by a cluster.
+
+    ``addresses`` are any of the cluster's nodes (``"host:port"``, a list, or comma-separated).
+    ``timeout`` bounds each call, retries included. ``tls`` (a
+    :class:`~mqstore.security.tls.ClientTLS`: the cluster CA, this client's certificate and key)
+    connects with mutual TLS, as nodes with ``[tls]`` require; without it the client speaks
+    plaintext (to ``insecure`` nodes). ``token`` sends ``authorization: Bearer <token>`` on every
+    call. ``channel_factory(address)`` replaces all that with channels of your own making.
+    """
+
+    _tls_factory = staticmethod(tls_channel_factory)
+    _insecure = staticmethod(insecure_channel)
+
+    def __init__(
+        self,
+        addresses: str | list[str],
+        *,
+        timeout: float = 10.0,
+        channel_factory: ChannelFactory | None = None,
+        tls: ClientTLS | None = None,
+        token: str | None = None,
+    ) -> None:
+        super().__init__(addresses, timeout=timeout, channel_factory=channel_factory, tls=tls, token=token)
+        self._lock = threading.Lock()
 
     # --- plumbing --------------------------------------------------------------------------------
 
@@ -1155,37 +1180,13 @@ def _read_answers(call: Any, answers: queue.SimpleQueue[tuple[str, Any]]) -> Non
 # --- the asyncio client -----------------------------------------------------------------------------
 
 
-class AsyncClient:
+class AsyncClient(_ClientBase):
     """The asyncio twin of :class:`Client` (grpc.aio): the same methods, as coroutines;
     ``enqueue_stream`` is an async iterator. Use it from one event loop. ``tls`` and ``token`` as
     for :class:`Client`; ``channel_factory(address)`` must return a ``grpc.aio.Channel``."""
 
-    def __init__(
-        self,
-        addresses: str | list[str],
-        *,
-        timeout: float = 10.0,
-        channel_factory: ChannelFactory | None = None,
-        tls: ClientTLS | None = None,
-        token: str | None = None,
-    ) -> None:
-        self.timeout = _seconds(timeout, "timeout")
-        self._router = _Router(addresses)
-        if channel_factory is not None and (tls is not None or token is not None):
-            raise errors.InvalidArgument("give channel_factory, or tls/token, not both")
-        if channel_factory is None and (tls is not None or token is not None):
-            channel_factory = tls_aio_channel_factory(tls, token, CLIENT_CHANNEL_OPTIONS)
-        self._channel_factory = channel_factory or insecure_aio_channel
-        self._stubs: dict[str, _Stubs] = {}
-        self._closed = False
-
-    @property
-    def addresses(self) -> list[str]:
-        return list(self._router.addresses)
-
-    @property
-    def leader(self) -> str | None:
-        return self._router.leader
+    _tls_factory = staticmethod(tls_aio_channel_factory)
+    _insecure = staticmethod(insecure_aio_channel)
 
     # --- plumbing --------------------------------------------------------------------------------
 
