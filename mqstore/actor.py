@@ -104,11 +104,12 @@ class Actor:
             raise Corruption("malformed actor") from None
         if version != 1 or auth >= len(AUTH_METHODS) or not spaces:
             raise Corruption("malformed actor")
-        namespaces = None if spaces[:1] == b"\x00" else frozenset(x for x in spaces[1:].decode().split(",") if x)
-        return (
-            cls(name, frozenset(r for r in roles.split(",") if r), AUTH_METHODS[auth], namespaces, source),
-            off,
-        )
+        try:
+            namespaces = None if spaces[:1] == b"\x00" else frozenset(x for x in spaces[1:].decode().split(",") if x)
+            actor = cls(name, frozenset(r for r in roles.split(",") if r), AUTH_METHODS[auth], namespaces, source)
+        except (UnicodeDecodeError, InvalidArgument) as exc:  # an unknown role, an empty name...
+            raise Corruption(f"malformed actor: {exc}") from None
+        return actor, off
 
 
 #: The local administrator: embedded use without an explicit actor. Holds every role, and is
