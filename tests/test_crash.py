@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,43 +15,11 @@ import pytest
 from mqstore.crypto import create_key_file
 from mqstore.store import LogStore
 from mqstore.testing.crash_writer import expected_message, expected_payload
+from mqstore.testing.kill import run_and_kill
 
 KILLS = int(os.environ.get("MQSTORE_CRASH_KILLS", "30"))
 _READ_BACK_ALL_MAX = 20_000  # up to this many acknowledged records, every cycle reads all back
 SEED = int(os.environ.get("MQSTORE_CRASH_SEED", "20261128"))
-
-
-def _run_and_kill(path: Path, cycle: int, delay_s: float) -> list[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mqstore.testing.crash_writer", str(path), str(cycle)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    lines: list[bytes] = []
-    ready = threading.Event()
-
-    def reader() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line == b"ready\n":
-                ready.set()
-            lines.append(line)
-        ready.set()
-
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
-    if not ready.wait(60):
-        proc.kill()
-        raise AssertionError("crash writer never became ready")
-    time.sleep(delay_s)
-    proc.kill()  # SIGKILL: no cleanup, no flush, no atexit
-    proc.wait(30)
-    t.join(30)
-    stderr = proc.stderr.read().decode() if proc.stderr else ""
-    assert proc.returncode == -9, f"writer exited by itself ({proc.returncode}): {stderr}"
-    # A line cut by the kill has no newline: it was never a complete acknowledgement.
-    return [ln.decode() for ln in lines if ln.endswith(b"\n") and ln.startswith(b"ack ")]
 
 
 # Per cycle the store is scanned whole and the records acknowledged so far are read back: the
@@ -68,7 +32,7 @@ def test_kill9_never_loses_an_acknowledged_record(tmp_path: Path) -> None:
     acked: dict[int, tuple[str, int, int]] = {}
     for cycle in range(KILLS):
         new: list[int] = []
-        for line in _run_and_kill(path, cycle, rng.uniform(0.01, 0.35)):
+        for line in run_and_kill("mqstore.testing.crash_writer", [str(path), str(cycle)], rng.uniform(0.01, 0.35)):
             _, index, kind, thread, seq = line.split()
             entry = (kind, int(thread), int(seq))
             # Every acknowledgement names a distinct index: a crash never reuses one.

@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
-import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -23,40 +19,10 @@ from mqstore.ids import parse_id
 from mqstore.queue import machine
 from mqstore.queue.kv import LmdbKV
 from mqstore.queue.model import LEASED, STATE_NAMES, LeaseRow, MessageRow, RecipientRow
+from mqstore.testing.kill import run_and_kill
 
 KILLS = max(1, int(os.environ.get("MQSTORE_CRASH_KILLS", "30")) // 2)
 SEED = int(os.environ.get("MQSTORE_CRASH_SEED", "20261128"))
-
-
-def _run_and_kill(path: Path, key: Path, cycle: int, delay_s: float) -> list[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mqstore.testing.crash_queue", str(path), str(key), str(cycle)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    lines: list[bytes] = []
-    ready = threading.Event()
-
-    def reader() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line == b"ready\n":
-                ready.set()
-            lines.append(line)
-        ready.set()
-
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
-    if not ready.wait(60):
-        proc.kill()
-        raise AssertionError("crash child never became ready")
-    time.sleep(delay_s)
-    proc.kill()
-    proc.wait(30)
-    t.join(30)
-    stderr = proc.stderr.read().decode() if proc.stderr else ""
-    assert proc.returncode == -9, f"child exited by itself ({proc.returncode}): {stderr}"
-    return [ln.decode().rstrip("\n") for ln in lines if ln.endswith(b"\n") and ln != b"ready\n"]
 
 
 def _check_tables(store: mqstore.Store) -> None:
@@ -96,7 +62,8 @@ def test_kill9_during_queue_load_loses_no_acknowledged_operation(tmp_path: Path)
     final: dict[tuple[str, str], str] = {}  # (message id, address) -> state an acked op made final
     ops = 0
     for cycle in range(KILLS):
-        for line in _run_and_kill(path, key, cycle, rng.uniform(0.2, 1.2)):
+        args = [str(path), str(key), str(cycle)]
+        for line in run_and_kill("mqstore.testing.crash_queue", args, rng.uniform(0.2, 1.2)):
             kind, *rest = line.split()
             ops += 1
             if kind == "enq":
