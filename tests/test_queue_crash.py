@@ -1,7 +1,7 @@
 """kill -9 during enqueue/lease/ack load: no acknowledged operation is lost, the state tables stay
 consistent with each other, and no recipient is ever held by two live leases.
 
-``MQSTORE_CRASH_KILLS`` sets the number of kills (default 15 here); ``MQSTORE_CRASH_SEED`` the seed.
+Half of ``MQSTORE_CRASH_KILLS`` is the number of kills here (default 30 // 2 = 15); ``MQSTORE_CRASH_SEED`` the seed.
 """
 
 from __future__ import annotations
