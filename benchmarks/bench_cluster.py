@@ -31,6 +31,12 @@ Peers, installed with apt-get when missing (root) or found on PATH, measured in 
   with exactly the load generator the mqstore c64 case uses (same processes x threads, one
   blocking call at a time per client), and sequentially.
 
+The floor (a reference, not a peer; run with the c64 case): the same 64-client load against a
+Python gRPC server that stores nothing and answers each call when a thread ends its next 2 ms
+round (as the Raft thread answers a round's waiting callers), once with the thread-pool server
+mqstore's nodes run (same worker count) and once with ``grpc.aio``. It is the most calls/s any
+design built on a Python gRPC server could serve on this machine.
+
 Each case runs ``--runs`` times (default 3); the median (by throughput) is reported. During each
 case the CPU time of every server process, of the load generator and of the whole machine is
 sampled (/proc), to show what saturates; the machine's load before the start is measured too and
@@ -417,7 +423,21 @@ def _etcd_caller(addresses: list[str], seed: int) -> tuple[Callable[[int], objec
     return call, channel.close
 
 
-_CALLERS = {"mqstore": _mqstore_caller, "etcd": _etcd_caller}
+FLOOR_METHOD = "/mqstore.bench.Floor/Call"
+
+
+def _floor_caller(addresses: list[str], seed: int) -> tuple[Callable[[int], object], Callable[[], None]]:
+    channel = grpc.insecure_channel(addresses[0], options=_grpc_options())
+    call_ = channel.unary_unary(FLOOR_METHOD, request_serializer=None, response_deserializer=None)
+    messages = _messages(seed, 64)
+
+    def call(i: int) -> object:
+        return call_(messages[i % 64], timeout=30.0)
+
+    return call, channel.close
+
+
+_CALLERS = {"mqstore": _mqstore_caller, "etcd": _etcd_caller, "floor": _floor_caller}
 
 
 def _load_worker(
@@ -1171,6 +1191,98 @@ def bench_etcd(root: Path, args: argparse.Namespace) -> dict[str, Result]:
     return results
 
 
+# --- the floor: a Python gRPC server that does no work ----------------------------------------------
+
+FLOOR_ROUND_S = 0.002
+
+
+def _floor_rounds(pending: list[Any], lock: threading.Lock) -> None:
+    """Answer every waiting call each FLOOR_ROUND_S, as the Raft thread answers a round's callers."""
+    while True:
+        time.sleep(FLOOR_ROUND_S)
+        with lock:
+            due = pending[:]
+            pending.clear()
+        for answer in due:
+            answer(b"")
+
+
+def _floor_server(mode: str, workers: int, port_out: Any) -> None:
+    """One process: a gRPC server whose only method stores nothing and answers each call when the
+    next round ends. ``sync`` is the thread-pool server mqstore's nodes run (same worker count);
+    ``aio`` is grpc.aio's asyncio server."""
+    from concurrent import futures
+
+    pending: list[Any] = []
+    lock = threading.Lock()
+    threading.Thread(target=_floor_rounds, args=(pending, lock), daemon=True).start()
+    service, name = FLOOR_METHOD.strip("/").split("/")
+    if mode == "sync":
+
+        def handle(request: bytes, context: Any) -> bytes:
+            done: futures.Future[bytes] = futures.Future()
+            with lock:
+                pending.append(done.set_result)
+            return done.result()
+
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            service, {name: grpc.unary_unary_rpc_method_handler(handle)})])
+        port_out.put(server.add_insecure_port("127.0.0.1:0"))
+        server.start()
+        server.wait_for_termination()
+        return
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def handle(request: bytes, context: Any) -> bytes:
+            done: asyncio.Future[bytes] = loop.create_future()
+
+            def answer(value: bytes) -> None:
+                loop.call_soon_threadsafe(done.set_result, value)
+
+            with lock:
+                pending.append(answer)
+            return await done
+
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            service, {name: grpc.unary_unary_rpc_method_handler(handle)})])
+        port_out.put(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+def bench_floor(root: Path, args: argparse.Namespace) -> dict[str, Result]:
+    """The 64-client load against a server that does no work: the most calls/s any design with a
+    Python gRPC server on this machine could serve (a reference, not a peer)."""
+    from mqstore import limits
+
+    results: dict[str, Result] = {}
+    ctx = mp.get_context("spawn")
+    for mode in ("sync", "aio"):
+        port_out = ctx.Queue()
+        server = ctx.Process(target=_floor_server, args=(mode, limits.SERVER_THREADS_DEFAULT, port_out), daemon=True)
+        server.start()
+        try:
+            address = f"127.0.0.1:{port_out.get(timeout=60)}"
+            assert server.pid is not None
+            pids = {"server": server.pid}
+            name = f"{mode} gRPC server, no work, {args.clients} clients"
+            results[mode] = median_result([
+                run_load("floor", name, [address], args.clients, args.procs, args.seconds, pids)
+                for _ in range(args.runs)
+            ])
+            print("  " + results[mode].line(), flush=True)
+        finally:
+            server.kill()
+            server.join(10)
+    return results
+
+
 # --- finding or installing the peers ---------------------------------------------------------------------
 
 _DEBIAN = {"nats": ("nats-server", "nats-server"), "etcd": ("etcd", "etcd-server")}
@@ -1267,6 +1379,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "mqstore" not in args.skip:
             for k, r in bench_mqstore(root, args, report).items():
                 results[f"mqstore_{k}"] = r
+        if "floor" not in args.skip and "c64" in args.cases:
+            print("floor: the 64-client load against a Python gRPC server that does no work", flush=True)
+            for k, r in bench_floor(root, args).items():
+                results[f"floor_{k}"] = r
         for name, fn in (("nats", bench_nats), ("etcd", bench_etcd)):
             if name in peers and not status[name]:
                 try:
@@ -1289,6 +1405,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mqstore batch256 / NATS R3 async (target >= 1.0)": ratio("mqstore_batch256", "nats_async"),
         f"mqstore {args.clients} clients / etcd {args.clients} clients"
         + (" (target >= 1.0)" if args.clients == CLIENTS else " (reference)"): ratio("mqstore_c64", "etcd_c64"),
+        f"mqstore {args.clients} clients / sync gRPC floor (reference)": ratio("mqstore_c64", "floor_sync"),
+        f"etcd {args.clients} clients / sync gRPC floor (reference)": ratio("etcd_c64", "floor_sync"),
+        "aio gRPC floor / sync gRPC floor (reference)": ratio("floor_aio", "floor_sync"),
         "mqstore seq / etcd seq (reference)": ratio("mqstore_seq", "etcd_seq"),
         "mqstore seq / NATS R3 sync (reference)": ratio("mqstore_seq", "nats_sync"),
     }
@@ -1297,7 +1416,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  {k:18s} {r.rate:10,.0f} msg/s  p50 {r.pct_ms(0.5):8.2f} ms  p99 {r.pct_ms(0.99):8.2f} ms")
     for name, value in ratios.items():
         shown = f"{value:6.2f}" if value is not None else "   n/a (peer not run)"
-        print(f"  ratio {name:54s} {shown}")
+        print(f"  ratio {name:58s} {shown}")
     if "failover" in report:
         f = report["failover"]
         verdict = "meets 3 s" if f["probe_median_s"] <= 3 else "MISSES 3 s"
@@ -1331,7 +1450,8 @@ def main() -> int:
         default=["seq", "c64", "stream", "batch256", "failover"],
         help="mqstore cases to run",
     )
-    parser.add_argument("--skip", nargs="*", default=[], choices=["mqstore", "nats", "etcd"], help="systems to skip")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["mqstore", "nats", "etcd", "floor"],
+                        help="systems to skip (floor: the no-work gRPC servers of the c64 reference)")
     parser.add_argument(
         "--install",
         action=argparse.BooleanOptionalAction,
