@@ -48,7 +48,7 @@ used and the Python functions that used them. Targets checked:
   mqstore c64                   >= 1.0 x etcd 64 clients
   leader kill -> writes again   <= 3 s (goal 1 s)
 
-Run:  python benchmarks/bench_cluster.py             (about 3.5 minutes on 2 cores)
+Run:  python benchmarks/bench_cluster.py             (about 4 minutes on 2 cores)
       python benchmarks/bench_cluster.py --quick     (one run of 2 s per case: about 1 minute)
       python benchmarks/bench_cluster.py --json out.json --skip nats --profile /tmp/prof
       python benchmarks/bench_cluster.py --cases failover --failovers 5 --heartbeat-ms 50
