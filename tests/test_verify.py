@@ -1,0 +1,141 @@
+"""``mqstore verify``'s check of the state tables against each other and against the log: every
+kind of inconsistency it looks for, made behind mqstore's back in a copy of one store, is named
+with its table and message (the replay, a separate check, is off here)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+
+import mqstore
+from mqstore.crypto import create_key_file
+from mqstore.ids import format_id, parse_id
+from mqstore.ops.verify import verify_path
+from mqstore.queue.model import U64, mid_ord, ns_key, time_key
+
+Txn = Any
+Made = dict[str, bytes]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Made]:
+    """A store with one message of each kind: queued, leased, delivered, held, expiring."""
+    root = tmp_path_factory.mktemp("verify")
+    key = create_key_file(root / "kek.key")
+    made: Made = {}
+    with mqstore.open(root / "store", key_file=key, background=False) as store:
+        for name in ("leased", "delivered", "queued", "held"):
+            (mid,) = store.enqueue_many([{"mail_from": "a@example.org", "recipients": [f"{name}@example.net"],
+                                          "data": b"Subject: " + name.encode() + b"\r\n\r\nbody\r\n"}])
+            made[name] = parse_id(mid)
+        (lease,) = store.lease("w1", max_messages=1)
+        assert parse_id(lease.message_id) == made["leased"]
+        (done,) = store.lease("w1", max_messages=1)
+        assert parse_id(done.message_id) == made["delivered"]
+        store.ack(done.token)
+        store.hold(format_id(made["held"]))
+        (mid,) = store.enqueue_many([{"mail_from": "a@example.org", "recipients": ["x@example.net"],
+                                      "data": b"x", "expires_in": 3600}])
+        made["expiring"] = parse_id(mid)
+    report = verify_path(root / "store", key_file=str(key), replay=False)
+    assert report.clean, report.problems
+    return root / "store", key, made
+
+
+def _first_key(txn: Txn, db: Any, containing: bytes) -> bytes:
+    for k, _ in txn.cursor(db=db):
+        if containing in bytes(k):
+            return bytes(k)
+    raise AssertionError(f"no key containing {containing.hex()}")
+
+
+def _delete_with(table: bytes, which: str) -> Callable[[Txn, Callable[[bytes], Any], Made], None]:
+    def damage(txn: Txn, db: Callable[[bytes], Any], made: Made) -> None:
+        assert txn.delete(_first_key(txn, db(table), made[which]), db=db(table))
+
+    return damage
+
+
+def _delete_only(table: bytes) -> Callable[[Txn, Callable[[bytes], Any], Made], None]:
+    """Delete the table's one entry (leases are keyed by token: the store holds one lease)."""
+
+    def damage(txn: Txn, db: Callable[[bytes], Any], made: Made) -> None:
+        keys = [bytes(k) for k, _ in txn.cursor(db=db(table))]
+        assert len(keys) == 1
+        assert txn.delete(keys[0], db=db(table))
+
+    return damage
+
+
+def _stray_ready(txn: Txn, db: Callable[[bytes], Any], made: Made) -> None:
+    key = _first_key(txn, db(b"ready"), made["queued"])
+    ns_end = key.index(b"\x00") + 1
+    due = U64.unpack(key[ns_end + 1 : ns_end + 9])[0]
+    txn.put(key[: ns_end + 1] + U64.pack(due + 1) + key[ns_end + 9 :], b"", db=db(b"ready"))
+
+
+def _finished_but_live(txn: Txn, db: Callable[[bytes], Any], made: Made) -> None:
+    txn.put(made["delivered"], b"", db=db(b"live"))
+
+
+def _stray_expiry(txn: Txn, db: Callable[[bytes], Any], made: Made) -> None:
+    txn.put(time_key(123, b"\x07" * 16), b"", db=db(b"expiry"))
+
+
+def _counter_off(txn: Txn, db: Callable[[bytes], Any], made: Made) -> None:
+    key = ns_key("default") + b"queued"
+    value = int.from_bytes(txn.get(key, db=db(b"stats")), "little", signed=True)
+    txn.put(key, (value + 1).to_bytes(8, "little", signed=True), db=db(b"stats"))
+
+
+def _lost_recipient(txn: Txn, db: Callable[[bytes], Any], made: Made) -> None:
+    assert txn.delete(mid_ord(made["queued"], 0), db=db(b"recipients"))
+
+
+# (damage, table named, words of the problem, message named (None: no single message))
+CASES = {
+    "ready entry lost": (_delete_with(b"ready", "queued"), "ready", "missing from the ready index", "queued"),
+    "by-domain entry lost": (_delete_with(b"ready_dom", "queued"), "ready_dom",
+                             "missing from the by-domain ready index", "queued"),
+    "stray ready entry": (_stray_ready, "ready", "index entry for a recipient that is not waiting", "queued"),
+    "namespace index entry lost": (_delete_with(b"msg_ns", "queued"), "msg_ns",
+                                   "missing from the by-namespace index", "queued"),
+    "live entry lost": (_delete_with(b"live", "queued"), "live", "missing from the live index though unfinished",
+                        "queued"),
+    "finished but live": (_finished_but_live, "live", "in the live index though finished", "delivered"),
+    "retention entry lost": (_delete_with(b"retention", "delivered"), "retention",
+                             "finished but missing from the retention index", "delivered"),
+    "lease row lost": (_delete_only(b"leases"), "leases", "which holds no such lease", "leased"),
+    "lease deadline lost": (_delete_only(b"lease_due"), "leases", "has no deadline entry", "leased"),
+    "recipient row lost": (_lost_recipient, "recipients", "0 recipient rows for 1 recipients", "queued"),
+    "stray expiry entry": (_stray_expiry, "expiry", "expiry entry that does not match", None),
+    "counter off": (_counter_off, "stats", "counter queued is", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_verify_names_each_kind_of_state_damage(built: tuple[Path, Path, Made], tmp_path: Path, case: str) -> None:
+    path, key, made = built
+    damage, table, words, which = CASES[case]
+    copy = tmp_path / "store"
+    shutil.copytree(path, copy)
+    env = lmdb.open(str(copy), max_dbs=64, create=False)
+    try:
+        with env.begin(write=True) as txn:
+            damage(txn, lambda name: env.open_db(name, txn=txn, create=False), made)
+    finally:
+        env.close()
+    report = verify_path(copy, key_file=str(key), replay=False)
+    assert not report.clean
+    assert set(report.by_check) == {"state"}  # the log itself is intact
+    named = [p for p in report.problems if p.get("table") == table and words in p["problem"]]
+    assert named, report.problems
+    if which is not None:
+        assert {p.get("message_id") for p in named} == {format_id(made[which])}
+    # The state can be rebuilt from the log: the replay names the damage too.
+    assert not verify_path(copy, key_file=str(key), replay=True).clean
