@@ -124,6 +124,18 @@ def _read_exact(src: BinaryIO, n: int, offset: int, what: str) -> bytes:
     return data
 
 
+def _json_object(raw: bytes, what: str, offset: int) -> dict[str, Any]:
+    """``raw`` (which passed its CRC) as a JSON object; Corruption if it is not one (e.g. a damaged
+    frame length made a data frame look like the trailer)."""
+    try:
+        value = json.loads(raw)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        value = None
+    if not isinstance(value, dict):
+        raise Corruption(f"backup {what} at byte {offset} is not a JSON object (damaged file)")
+    return value
+
+
 def read_backup(
     src: BinaryIO, target: BinaryIO | None = None, progress: ProgressFn | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -140,11 +152,13 @@ def read_backup(
     head = _read_exact(src, length, offset, "header")
     if crc32c(head) != crc:
         raise Corruption(f"backup header at byte {offset} fails its CRC")
-    header: dict[str, Any] = json.loads(head)
+    header = _json_object(head, "header", offset)
     offset += length
     if header.get("format") != FORMAT_VERSION:
         raise Corruption(f"backup format {header.get('format')} is not supported (this version reads 1)")
-    total = int(header.get("data_bytes", 0))
+    total = header.get("data_bytes", 0)
+    if not isinstance(total, int) or total < 0:
+        raise Corruption(f"backup header names an impossible data size {total!r}")
     digest = hashlib.sha256()
     decompressor = zstandard.ZstdDecompressor()
     done = 0
@@ -158,7 +172,7 @@ def read_backup(
             tail = _read_exact(src, packed_len, offset, "trailer")
             if crc32c(tail) != crc:
                 raise Corruption(f"backup trailer at byte {offset} fails its CRC")
-            trailer: dict[str, Any] = json.loads(tail)
+            trailer = _json_object(tail, "trailer", offset)
             break
         if raw_len > FRAME_RAW_BYTES or packed_len > 2 * FRAME_RAW_BYTES:
             raise Corruption(f"backup frame at byte {frame_at} has implausible lengths")
