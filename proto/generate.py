@@ -3,6 +3,9 @@
     python proto/generate.py            # writes mqstore/proto/*_pb2.py, *_pb2.pyi, *_pb2_grpc.py
     python proto/generate.py --check    # exit 1 if the committed code differs (a test runs this)
 
+The check ignores the generator's own version stamps (see ``normalized``): a newer grpcio-tools
+does not make the committed code stale, a changed .proto file does.
+
 Needs grpcio-tools (in the test extras). The generated modules are committed; their imports are
 rewritten to be relative, so they load as ``mqstore.proto.queue_pb2`` and friends.
 """
@@ -50,6 +53,25 @@ def generate(out: Path) -> list[Path]:
     return written
 
 
+# What the generator stamps with its own version. A newer grpcio-tools (or its bundled protoc)
+# writes a different stamp for the same .proto files; the committed code keeps the oldest version
+# mqstore supports (pyproject.toml's lower bounds), which every newer runtime accepts. The check
+# compares the code with these stamps masked, so only a change of the .proto files is "stale".
+_VERSION_STAMPS = [
+    (re.compile(r"^GRPC_GENERATED_VERSION = '[^']*'$", re.M), "GRPC_GENERATED_VERSION = <version>"),
+    (re.compile(r"^# Protobuf Python Version: .*$", re.M), "# Protobuf Python Version: <version>"),
+    (re.compile(r"(ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,)\s*\d+,\s*\d+,\s*\d+,"),
+     r"\1 <version>,"),
+]
+
+
+def normalized(text: str) -> str:
+    """``text`` with the generator's version stamps masked."""
+    for pattern, replacement in _VERSION_STAMPS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="fail if the committed code is stale")
@@ -60,8 +82,8 @@ def main() -> int:
             print(f"wrote {path.relative_to(ROOT)}")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        fresh = {p.name: p.read_text() for p in generate(Path(tmp))}
-    committed = {p.name: p.read_text() for p in TARGET.glob("*.py*") if p.is_file()}
+        fresh = {p.name: normalized(p.read_text()) for p in generate(Path(tmp))}
+    committed = {p.name: normalized(p.read_text()) for p in TARGET.glob("*.py*") if p.is_file()}
     stale = sorted(name for name in fresh.keys() | committed.keys() if fresh.get(name) != committed.get(name))
     if stale:
         print(f"generated gRPC code is stale: {', '.join(stale)}; run: python proto/generate.py", file=sys.stderr)
