@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,7 +19,8 @@ from mqstore.ops import backup
 EXAMPLES = int(os.environ.get("MQSTORE_BACKUP_EXAMPLES", "300"))
 FRAME = 4096
 # Zero pages (as in an LMDB file, highly compressible), random bytes, and a partial last frame.
-DATA = bytes(FRAME) + os.urandom(FRAME) + b"mail " * 1000 + os.urandom(1000)
+_NOISE = random.Random(20261206)
+DATA = bytes(FRAME) + _NOISE.randbytes(FRAME) + b"mail " * 1000 + _NOISE.randbytes(1000)
 HEADER = {"format": backup.FORMAT_VERSION, "data_bytes": len(DATA), "source": {"kind": "store"}}
 
 
