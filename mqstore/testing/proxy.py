@@ -175,6 +175,12 @@ class Proxy:
         for conn in list(self._connections):
             conn.reset()
         self._connections.clear()
+        # Finish every pump before the loop stops: a task left pending when the loop closes is
+        # destroyed later by the garbage collector, which reports it as an ignored exception.
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _cut_all(self) -> None:
         self._cut = True
