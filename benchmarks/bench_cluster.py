@@ -34,8 +34,8 @@ Peers, installed with apt-get when missing (root) or found on PATH, measured in 
 The floor (a reference, not a peer; run with the c64 case): the same 64-client load against a
 Python gRPC server that stores nothing and answers each call when a thread ends its next 2 ms
 round (as the Raft thread answers a round's waiting callers), once with the thread-pool server
-mqstore's nodes run (same worker count) and once with ``grpc.aio``. It is the most calls/s any
-design built on a Python gRPC server could serve on this machine.
+mqstore's nodes run (same worker count) and once with ``grpc.aio``: the most calls/s a Python
+gRPC server serves on this machine when every message is one blocking call, as in c64.
 
 Each case runs ``--runs`` times (default 3); the median (by throughput) is reported. During each
 case the CPU time of every server process, of the load generator and of the whole machine is
@@ -411,30 +411,33 @@ def etcd_put_request(key: bytes, value: bytes) -> bytes:
     return b"\x0a" + _varint(len(key)) + key + b"\x12" + _varint(len(value)) + value
 
 
-def _etcd_caller(addresses: list[str], seed: int) -> tuple[Callable[[int], object], Callable[[], None]]:
-    channel = grpc.insecure_channel(addresses[0], options=_grpc_options())
-    put = channel.unary_unary("/etcdserverpb.KV/Put", request_serializer=None, response_deserializer=None)
+def _raw_caller(
+    address: str, method: str, request: Callable[[int, bytes], bytes], seed: int
+) -> tuple[Callable[[int], object], Callable[[], None]]:
+    """Blocking calls of ``method`` with hand-encoded requests (no generated stubs): call ``i``
+    sends ``request(i, message)``."""
+    channel = grpc.insecure_channel(address, options=_grpc_options())
+    send = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
     messages = _messages(seed, 64)
-    prefix = f"bench/{seed}/{uuid.uuid4().hex[:8]}/".encode()
 
     def call(i: int) -> object:
-        return put(etcd_put_request(prefix + str(i).encode(), messages[i % 64]), timeout=30.0)
+        return send(request(i, messages[i % 64]), timeout=30.0)
 
     return call, channel.close
+
+
+def _etcd_caller(addresses: list[str], seed: int) -> tuple[Callable[[int], object], Callable[[], None]]:
+    prefix = f"bench/{seed}/{uuid.uuid4().hex[:8]}/".encode()
+    return _raw_caller(
+        addresses[0], "/etcdserverpb.KV/Put", lambda i, m: etcd_put_request(prefix + str(i).encode(), m), seed
+    )
 
 
 FLOOR_METHOD = "/mqstore.bench.Floor/Call"
 
 
 def _floor_caller(addresses: list[str], seed: int) -> tuple[Callable[[int], object], Callable[[], None]]:
-    channel = grpc.insecure_channel(addresses[0], options=_grpc_options())
-    call_ = channel.unary_unary(FLOOR_METHOD, request_serializer=None, response_deserializer=None)
-    messages = _messages(seed, 64)
-
-    def call(i: int) -> object:
-        return call_(messages[i % 64], timeout=30.0)
-
-    return call, channel.close
+    return _raw_caller(addresses[0], FLOOR_METHOD, lambda i, m: m, seed)
 
 
 _CALLERS = {"mqstore": _mqstore_caller, "etcd": _etcd_caller, "floor": _floor_caller}
@@ -1256,9 +1259,9 @@ def _floor_server(mode: str, workers: int, port_out: Any) -> None:
     asyncio.run(main())
 
 
-def bench_floor(root: Path, args: argparse.Namespace) -> dict[str, Result]:
-    """The 64-client load against a server that does no work: the most calls/s any design with a
-    Python gRPC server on this machine could serve (a reference, not a peer)."""
+def bench_floor(args: argparse.Namespace) -> dict[str, Result]:
+    """The 64-client load against a server that does no work: the most calls/s a Python gRPC
+    server on this machine serves for one blocking call per message (a reference, not a peer)."""
     from mqstore import limits
 
     results: dict[str, Result] = {}
@@ -1381,7 +1384,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results[f"mqstore_{k}"] = r
         if "floor" not in args.skip and "c64" in args.cases:
             print("floor: the 64-client load against a Python gRPC server that does no work", flush=True)
-            for k, r in bench_floor(root, args).items():
+            for k, r in bench_floor(args).items():
                 results[f"floor_{k}"] = r
         for name, fn in (("nats", bench_nats), ("etcd", bench_etcd)):
             if name in peers and not status[name]:

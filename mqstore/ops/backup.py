@@ -157,7 +157,7 @@ def read_backup(
     if header.get("format") != FORMAT_VERSION:
         raise Corruption(f"backup format {header.get('format')} is not supported (this version reads 1)")
     total = header.get("data_bytes", 0)
-    if not isinstance(total, int) or total < 0:
+    if not isinstance(total, int) or isinstance(total, bool) or total < 0:
         raise Corruption(f"backup header names an impossible data size {total!r}")
     digest = hashlib.sha256()
     decompressor = zstandard.ZstdDecompressor()
