@@ -66,15 +66,6 @@ NAMESPACE = "faults"
 
 pytestmark = pytest.mark.timeout(300 + 120 * ROUNDS)
 
-#: WORKAROUND for a reported bug, remove once fixed: mqstore/node/transport.py ``_Peer`` loses one
-#: queued message per failed connection attempt made while a peer was down (the request iterator
-#: of every failed ``Send`` call stays blocked on the peer queue in a gRPC consumer thread, takes
-#: the next message and drops it). A follower sends to a restarted node only when an election
-#: starts, so its pre-votes and votes are eaten first: elections after a restart take 4-9 s
-#: instead of ~1.5 s. While this is True, a failover median over the limit makes the test xfail
-#: (after every safety check passed) instead of failing.
-KNOWN_TRANSPORT_MESSAGE_LOSS = False
-
 
 # --- harness -----------------------------------------------------------------------------------
 
@@ -162,11 +153,9 @@ def kill_nodes(cluster: LocalCluster, victims: list[int]) -> None:
 
 
 def assert_failover_within_limit(times: list[float]) -> None:
-    slow = median(times) > FAILOVER_LIMIT_S
-    text = f"median failover {median(times):.2f} s > {FAILOVER_LIMIT_S} s: {[round(t, 2) for t in times]}"
-    if slow and KNOWN_TRANSPORT_MESSAGE_LOSS:
-        pytest.xfail(f"{text} (known bug: transport drops messages after a peer restart; see the top of this file)")
-    assert not slow, text
+    assert median(times) <= FAILOVER_LIMIT_S, (
+        f"median failover {median(times):.2f} s > {FAILOVER_LIMIT_S} s: {[round(t, 2) for t in times]}"
+    )
 
 
 def verify(cluster: LocalCluster, workload: Workload, label: str) -> Report:
