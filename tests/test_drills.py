@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+import mqstore
 from mqstore.client import Client
 from mqstore.errors import MQStoreError
 from mqstore.testing.cluster import LocalCluster, wait_until
@@ -145,6 +146,24 @@ def test_drill_lost_data_dir_is_rebuilt_under_a_new_id(cluster: LocalCluster) ->
     error = c.mqstore("cluster", "add", "--server", c.servers(), "--id", str(lost), "--site", site,
                       "--address", "127.0.0.1:1", "--json")
     assert error.returncode == 2 and "never reused" in error.stdout
+    # recover refuses, and changes nothing, when the config names the removed id, when a node
+    # would replace itself, and when the data dir already holds another store.
+    servers = c.servers()
+    before = sorted(m["id"] for m in ok(c, "status", "--server", servers)["members"])
+    refused = c.mqstore("recover", "--config", str(c.config_path(lost)), "--server", servers, "--json")
+    assert refused.returncode == 2 and f"node id {lost} was removed" in refused.stdout, refused.stdout
+    assert not c.data_dir(lost).exists() or not any(c.data_dir(lost).iterdir())
+    refused = c.mqstore("recover", "--config", str(c.config_path(new)), "--server", servers,
+                        "--replace", str(new), "--json")
+    assert refused.returncode == 2 and "needs a new node id" in refused.stdout, refused.stdout
+    other = c.add_node(site)
+    mqstore.open(c.data_dir(other), key_file=c.key_file).close()  # an embedded store, not a node
+    # (LMDB's lock file is left out: opening a store to read it rewrites its reader table.)
+    files = {p.name: p.read_bytes() for p in c.data_dir(other).iterdir() if p.name != "lock.mdb"}
+    refused = c.mqstore("recover", "--config", str(c.config_path(other)), "--server", servers, "--json")
+    assert refused.returncode == 2 and "starts from an empty data dir" in refused.stdout, refused.stdout
+    assert {p.name: p.read_bytes() for p in c.data_dir(other).iterdir() if p.name != "lock.mdb"} == files
+    assert sorted(m["id"] for m in ok(c, "status", "--server", servers)["members"]) == before
 
 
 def test_drill_backup_under_load_restores_everything_acknowledged(cluster: LocalCluster, tmp_path: Path) -> None:
