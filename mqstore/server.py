@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -34,7 +35,14 @@ from mqstore.api import Lease, Message, MessageSummary, QueueBase
 from mqstore.codec import crc32c
 from mqstore.compliance.service import ComplianceService
 from mqstore.config import NodeConfig
-from mqstore.consensus.types import ConfChange, ConfChangeItem, ConfChangeType, InvalidConfig, ProposalDropped
+from mqstore.consensus.types import (
+    ConfChange,
+    ConfChangeItem,
+    ConfChangeType,
+    InvalidConfig,
+    MessageType,
+    ProposalDropped,
+)
 from mqstore.health import NodeHealth
 from mqstore.metrics import NodeMetrics
 from mqstore.node.cluster_queue import ClusterQueue
@@ -693,7 +701,13 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
                 context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, f"message for node {p.to}, this is node {self.node.node_id}"
                 )
-            self.node.receive(message_from_proto(p))
+            if getattr(p, "from") == self.node.node_id:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"message from node {p.to} to itself")
+            try:
+                message = message_from_proto(p)
+            except errors.InvalidArgument as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            self.node.receive(message)
         return raft_pb2.SendAck()
 
     def InstallSnapshot(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
@@ -722,7 +736,17 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
                     if header is None:
                         if not chunk.meta:
                             return raft_pb2.SnapshotAck(ok=False, error="first chunk carries no metadata")
-                        header = raft_pb2.RaftMessage.FromString(chunk.meta)
+                        try:
+                            header = message_from_proto(raft_pb2.RaftMessage.FromString(chunk.meta))
+                        except DecodeError:
+                            return raft_pb2.SnapshotAck(ok=False, error="first chunk's metadata does not decode")
+                        except errors.InvalidArgument as exc:
+                            return raft_pb2.SnapshotAck(ok=False, error=f"snapshot metadata: {exc}")
+                        if header.type != MessageType.SNAPSHOT or header.snapshot is None:
+                            return raft_pb2.SnapshotAck(ok=False, error="snapshot metadata missing")
+                        if header.to != node.node_id or header.frm != getattr(chunk, "from"):
+                            return raft_pb2.SnapshotAck(ok=False, error="snapshot metadata names another sender "
+                                                        "or receiver than its stream")
                     if chunk.offset != offset or crc32c(chunk.data) != chunk.crc32c:
                         error = f"chunk at {chunk.offset} is damaged or out of order"
                         return raft_pb2.SnapshotAck(ok=False, error=error)
@@ -734,10 +758,7 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
                             return raft_pb2.SnapshotAck(ok=False, error="snapshot checksum mismatch")
                         f.flush()
                         os.fsync(f.fileno())
-                        message = message_from_proto(header)
-                        if message.snapshot is None:
-                            return raft_pb2.SnapshotAck(ok=False, error="snapshot metadata missing")
-                        node.receive_snapshot(message, path)
+                        node.receive_snapshot(header, path)
                         target = None  # the node owns it now
                         return raft_pb2.SnapshotAck(ok=True)
             return raft_pb2.SnapshotAck(ok=False, error="stream ended before the last chunk")
