@@ -43,6 +43,7 @@ from mqstore.consensus.types import (
     MessageType,
     ProposalDropped,
 )
+from mqstore.crypto.keyring import KeyShredded
 from mqstore.health import NodeHealth
 from mqstore.metrics import NodeMetrics
 from mqstore.node.cluster_queue import ClusterQueue
@@ -97,6 +98,8 @@ _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (errors.Immutable, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.Corruption, grpc.StatusCode.DATA_LOSS),
+    (errors.UnknownKey, grpc.StatusCode.NOT_FOUND),
+    (KeyShredded, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.MQStoreError, grpc.StatusCode.INTERNAL),
 ]
 
@@ -483,7 +486,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
 
     @handled
     def Snapshot(self, request: Any, context: grpc.ServicerContext) -> Any:
-        raise errors.MQStoreError("on-demand snapshots are not implemented yet")
+        """Snapshot this node now and compact its log behind the snapshot (any node, not only
+        the leader: each node snapshots its own state)."""
+        meta = self.node.snapshot_now(SNAPSHOT_CALL_TIMEOUT_S)
+        return admin_pb2.SnapshotResponse(index=meta.index, term=meta.term)
 
     # --- operations (mqstore/ops, the admin CLI) -------------------------------------------------
 
@@ -780,6 +786,8 @@ def _audit_signer(config: NodeConfig) -> Any:
 
 #: Denials a follower may hold for the leader, and how long it retries each.
 _DENIAL_QUEUE_MAX = 10_000
+#: Admin.Snapshot waits this long for the copy of the store (the node goes on if it takes longer).
+SNAPSHOT_CALL_TIMEOUT_S = 600.0
 _DENIAL_REPORT_S = 10.0
 _DENIAL_BATCH_MAX = 1_000  # reports per RecordDenials call (one consensus operation)
 

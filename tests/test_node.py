@@ -3,6 +3,7 @@ membership changes, node id reuse, and the serve command's refusals."""
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -125,6 +126,52 @@ def test_lagging_follower_catches_up_from_a_snapshot(cluster: InProcessCluster) 
     assert len(stored) == len(ids) == 120
     print(f"follower caught up from a snapshot in {took:.2f} s")
     assert node.log.scan().clean
+
+
+def _cli_snapshot(addresses: list[str]) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-m", "mqstore", "cluster", "snapshot", "--server", ",".join(addresses),
+                          "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def test_snapshot_on_demand_on_any_node_compacts_its_log(cluster: InProcessCluster) -> None:
+    """``mqstore cluster snapshot`` (Admin.Snapshot): each named node snapshots its applied state
+    now and compacts its log behind it, keeping ``keep_entries`` (10 here)."""
+    leader = cluster.leader()
+    follower_id = next(i for i in cluster.servers if i != leader.node.node_id)
+    follower = cluster.servers[follower_id]
+    with Client(cluster.addresses(), timeout=10) as client:
+        for k in range(15):  # 15 entries: fewer than the 40 after which a node snapshots by itself
+            client.enqueue(**_messages(1, f"s{k}-")[0])
+    cluster.wait_applied(follower_id, leader.node.applied_index)
+    node = follower.node
+    before = node.storage.snapshot_meta().index
+    assert node.applied_index - before >= 15
+    address = f"127.0.0.1:{cluster.ports[follower_id]}"
+    [taken] = _cli_snapshot([address])["snapshots"]
+    assert taken["node_id"] == follower_id and taken["index"] == node.applied_index > before
+    assert node.storage.snapshot_meta().index == taken["index"]
+    assert taken["term"] == node.storage.snapshot_meta().term == node.raw.term
+    assert taken["first_index"] == node.storage.first_index() == taken["index"] - 10 + 1
+    files = sorted(p.name for p in node.snapshot_dir.glob("snap-*.mdb"))
+    assert files == [f"snap-{taken['index']:020d}.mdb"]
+    # Nothing applied since: the same snapshot, no new one.
+    [again] = _cli_snapshot([address])["snapshots"]
+    assert again["index"] == taken["index"] and sorted(p.name for p in node.snapshot_dir.glob("snap-*.mdb")) == files
+    # Both nodes at once; the follower's log still scans clean and it goes on replicating.
+    with Client(cluster.addresses(), timeout=10) as client:
+        mid = client.enqueue(**_messages(1, "after-")[0])
+    cluster.wait_applied(follower_id, leader.node.applied_index)
+    both = _cli_snapshot([f"127.0.0.1:{cluster.ports[leader.node.node_id]}", address])["snapshots"]
+    assert [s["node_id"] for s in both] == [leader.node.node_id, follower_id]
+    assert all(s["index"] > taken["index"] for s in both)
+    if node._compactor is not None:
+        node._compactor.join(30)
+    assert node.log.scan().clean
+    with Client([address], timeout=10) as client:
+        assert client.get(mid).data == b"x" * 300
 
 
 def test_new_node_joins_as_learner_is_promoted_and_old_ids_are_never_reused(cluster: InProcessCluster) -> None:

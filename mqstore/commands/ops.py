@@ -901,6 +901,14 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     if not args.server:
         raise InvalidArgument(f"cluster commands need --server (a running cluster) or ${SERVER_ENV}")
     with client_from_args(args) as client:
+        if args.cluster_command == "snapshot":
+            targets = list(client.addresses)  # the --server nodes (before any leader hint adds one)
+            done = [remote.snapshot(client, address) for address in targets]
+            emit(args, {"snapshots": done}, [
+                f"node {r['node_id']} ({r['address']}): snapshot at index {r['index']} (term {r['term']}); "
+                f"its log now starts at {r['first_index']}" for r in done
+            ])
+            return 0
         if args.cluster_command == "transfer-leader":
             to = remote.transfer_leader(client, args.to or 0)
             emit(args, {"leader_id": to}, [f"leadership is being handed to node {to}"])
@@ -1025,7 +1033,8 @@ def register(sub: Any) -> None:
     rc.add_argument("--json", action="store_true", help="machine-readable output")
     rc.set_defaults(func=cmd_recover)
 
-    cl = sub.add_parser("cluster", help="membership through consensus: add, promote, remove, transfer-leader")
+    cl = sub.add_parser("cluster", help="membership through consensus (add, promote, remove, transfer-leader) "
+                        "and snapshots")
     csub = cl.add_subparsers(dest="cluster_command", required=True)
     add = csub.add_parser("add", help="add a node as a learner (prepare it with mqstore join, start it)")
     add.add_argument("--id", type=int, required=True)
@@ -1037,9 +1046,12 @@ def register(sub: Any) -> None:
     rem.add_argument("--id", type=int, required=True)
     tl = csub.add_parser("transfer-leader", help="hand leadership to a voter (default: the most up-to-date)")
     tl.add_argument("--to", type=int, default=0)
-    for p in (add, pro, rem, tl):
+    snap = csub.add_parser("snapshot", help="snapshot each --server node now and compact its log behind it "
+                           "(a node also does so by itself every 100,000 applied entries)")
+    for p in (add, pro, rem, tl, snap):
         add_target_args(p, offline=False)
         p.set_defaults(func=cmd_cluster)
+    snap.set_defaults(timeout=600.0)  # copying a large store takes a while
 
 
 __all__ = ["Target", "add_filter_args", "add_target_args", "client_from_args", "register"]

@@ -762,9 +762,38 @@ class Node:
         if upto > self.storage.compacted()[0]:
             point_term = self.storage.term(upto)
             self.log.write(lambda ctx: self.storage.set_compacted(ctx, upto, point_term))
-            self._compactor = threading.Thread(target=self._compact_log, args=(upto,), daemon=True)
+            # One compaction at a time, in order, and never in this thread: an on-demand
+            # snapshot may come while the last one's compaction still runs.
+            previous = self._compactor
+
+            def compact() -> None:
+                if previous is not None:
+                    previous.join()
+                self._compact_log(upto)
+
+            self._compactor = threading.Thread(target=compact, name=f"mqstore-compact-{self.node_id}", daemon=True)
             self._compactor.start()
         log.info("node %d: snapshot at index %d; log compacted up to %d", self.node_id, index, max(upto, 0))
+        return meta
+
+    def snapshot_now(self, timeout: float = OPERATION_TIMEOUT_S) -> SnapshotMeta:
+        """Take a snapshot at the applied index now and compact the log behind it, as the node
+        does by itself every ``snapshot_every`` applied entries (Admin.Snapshot, ``mqstore cluster
+        snapshot``). Runs in the raft thread between Readys, which waits while the store is
+        copied. Nothing applied since the last snapshot: returns that one, taking none."""
+
+        def take() -> SnapshotMeta:
+            if self._applied <= self._snapshot_index:
+                return self.storage.snapshot_meta()
+            return self.create_snapshot()
+
+        try:
+            meta = self.call(take, timeout)
+        except TimeoutError:
+            raise Unavailable(
+                f"node {self.node_id}: the snapshot was not done after {timeout:.0f} s (it goes on in the background)"
+            ) from None
+        assert isinstance(meta, SnapshotMeta)
         return meta
 
     def scrub_after_shred(self) -> SnapshotMeta:

@@ -106,6 +106,14 @@ def transfer_leader(client: Client, to: int = 0) -> int:
     return int(client._call("TransferLeader", admin_pb2.TransferLeaderRequest(to=to), admin=True).leader_id)
 
 
+def snapshot(client: Client, address: str) -> dict[str, Any]:
+    """Snapshot the node at ``address`` now (Admin.Snapshot) and compact its log behind it."""
+    response = client._call("Snapshot", admin_pb2.SnapshotRequest(), admin=True, address=address)
+    st = node_status(client, address)
+    return {"address": address, "node_id": st["node_id"], "index": int(response.index), "term": int(response.term),
+            "first_index": st["first_index"], "applied_index": st["applied_index"]}
+
+
 def wait_member(
     client: Client,
     node_id: int,
@@ -254,6 +262,7 @@ __all__ = [
     "peer_fetcher",
     "read_records",
     "repair",
+    "snapshot",
     "state_shape",
     "stub",
     "transfer_leader",
