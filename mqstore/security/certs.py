@@ -75,7 +75,7 @@ def check_name(name: object, what: str = "name") -> str:
 def check_roles(roles: object, what: str = "roles") -> frozenset[str]:
     if isinstance(roles, str) or not isinstance(roles, (list, tuple, set, frozenset)):
         raise InvalidArgument(f"{what} must be a list of roles from {sorted(ROLES)}")
-    bad = sorted(str(r) for r in roles if r not in ROLES)
+    bad = sorted(repr(r) if not isinstance(r, str) else r for r in roles if not isinstance(r, str) or r not in ROLES)
     if bad:
         raise InvalidArgument(f"{what}: unknown role(s) {bad}; roles are {sorted(ROLES)}")
     return frozenset(str(r) for r in roles)
