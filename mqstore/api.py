@@ -65,6 +65,7 @@ _MAINTENANCE_ITEMS_MAX = 1_000  # expiry/compaction items per maintenance record
 _LOG_COMPACT_EVERY = 50_000  # compact the log after this many new records
 AUDIT_KEY_FILE = "audit-signing.key"  # an embedded store's audit signing key, in its directory
 _RECIPIENT_CACHE_MAX = 65_536
+_EPOCH_SECONDS_MAX = 253_402_300_799  # 9999-12-31T23:59:59Z
 
 
 def _ms(seconds: float) -> int:
@@ -82,6 +83,8 @@ def _to_ms(value: float | _dt.datetime | None, field_name: str) -> int:
         raise InvalidArgument(f"{field_name} must be epoch seconds or a datetime, not {type(value).__name__}")
     if value < 0 or value != value:
         raise InvalidArgument(f"{field_name} must be a time after 1970, not {value}")
+    if value > _EPOCH_SECONDS_MAX:
+        raise InvalidArgument(f"{field_name} must be a time before the year 10000, not {value}")
     return _ms(value)
 
 
@@ -544,6 +547,7 @@ class QueueBase:
         (retention) afterwards. Arguments left as None keep their current value. A namespace in
         COMPLIANCE mode never leaves it nor shortens its lock (:class:`Immutable`)."""
         actor = self._actor(actor)
+        validate.namespace(namespace)
         why = check_reason(bypass_governance, reason)
         self._sync()
         self._policies.pop(namespace, None)
@@ -783,9 +787,11 @@ class QueueBase:
         if row is None:
             raise StaleLease(f"lease {token}: its message is gone")
         if recipients is not None:
-            if isinstance(recipients, str):
-                raise InvalidArgument("recipients must be a list of addresses, not a string")
+            if isinstance(recipients, (str, bytes, bytearray)) or not isinstance(recipients, Iterable):
+                raise InvalidArgument(f"recipients must be a list of addresses, not {type(recipients).__name__}")
             wanted = list(recipients)
+            if not all(isinstance(a, str) for a in wanted):
+                raise InvalidArgument("recipients must be a list of addresses (strings)")
             if not wanted:
                 raise InvalidArgument("recipients is empty (pass None for all of the lease's recipients)")
             addresses = self._recipients_of(row.enqueue_index, lease.mid)
@@ -863,7 +869,7 @@ class QueueBase:
         """
         validate.integer(limit, "limit", 1, 100_000)
         states = {"held", "active", "done", *STATE_BY_NAME}
-        if state is not None and state not in states:
+        if state is not None and (not isinstance(state, str) or state not in states):
             raise InvalidArgument(f"state must be one of {sorted(states)}, not {state!r}")
         if namespace is not None:
             validate.namespace(namespace)
@@ -1186,6 +1192,8 @@ class Store(QueueBase):
 
     def ack_many(self, tokens: Iterable[int], actor: Actor | None = None) -> None:
         """Mark every recipient of each lease delivered, in one durable commit (all or nothing)."""
+        if isinstance(tokens, (str, bytes, bytearray)) or not isinstance(tokens, Iterable):
+            raise InvalidArgument(f"tokens must be a list of lease tokens, not {type(tokens).__name__}")
         tokens = list(tokens)
         if not tokens:
             return

@@ -451,7 +451,7 @@ def check_settle(kv: KV, token: int, ordinals: Iterable[int] | None) -> tuple[Le
     """The lease ``token`` and the ordinals to settle (all of the lease's when None).
 
     Raises :class:`StaleLease` when the token is unknown or does not cover every ordinal."""
-    if isinstance(token, bool) or not isinstance(token, int) or token <= 0:
+    if isinstance(token, bool) or not isinstance(token, int) or not 0 < token < 2**64:
         raise StaleLease(f"{token!r} is not a lease token")
     raw = kv.get(b"leases", U64.pack(token))
     if raw is None:
