@@ -788,7 +788,8 @@ class QueueBase:
             raise StaleLease(f"lease {token}: its message is gone")
         if recipients is not None:
             if isinstance(recipients, (str, bytes, bytearray)) or not isinstance(recipients, Iterable):
-                raise InvalidArgument(f"recipients must be a list of addresses, not {type(recipients).__name__}")
+                what = "a string" if isinstance(recipients, str) else type(recipients).__name__
+                raise InvalidArgument(f"recipients must be a list of addresses, not {what}")
             wanted = list(recipients)
             if not all(isinstance(a, str) for a in wanted):
                 raise InvalidArgument("recipients must be a list of addresses (strings)")
