@@ -68,6 +68,21 @@ _RECIPIENT_CACHE_MAX = 65_536
 _EPOCH_SECONDS_MAX = 253_402_300_799  # 9999-12-31T23:59:59Z
 
 
+def token_list(tokens: object) -> list[int]:
+    """The lease tokens of an ``ack_many`` call as a list; InvalidArgument for something that is
+    not a list of tokens, or one that names a token twice (it cannot be settled twice)."""
+    if isinstance(tokens, (str, bytes, bytearray)) or not isinstance(tokens, Iterable):
+        raise InvalidArgument(f"tokens must be a list of lease tokens, not {type(tokens).__name__}")
+    out = list(tokens)
+    seen: set[object] = set()
+    for t in out:
+        if isinstance(t, int) and not isinstance(t, bool):
+            if t in seen:
+                raise InvalidArgument(f"lease token {t} is listed twice")
+            seen.add(t)
+    return out
+
+
 def _ms(seconds: float) -> int:
     return round(seconds * 1000)
 
@@ -1193,9 +1208,7 @@ class Store(QueueBase):
 
     def ack_many(self, tokens: Iterable[int], actor: Actor | None = None) -> None:
         """Mark every recipient of each lease delivered, in one durable commit (all or nothing)."""
-        if isinstance(tokens, (str, bytes, bytearray)) or not isinstance(tokens, Iterable):
-            raise InvalidArgument(f"tokens must be a list of lease tokens, not {type(tokens).__name__}")
-        tokens = list(tokens)
+        tokens = token_list(tokens)
         if not tokens:
             return
         actor = self._actor(actor)

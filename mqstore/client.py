@@ -454,6 +454,16 @@ def _lease_request(
         )
 
 
+def _tokens(tokens: object) -> list[int]:
+    if isinstance(tokens, (str, bytes, bytearray)) or not isinstance(tokens, Iterable):
+        raise errors.InvalidArgument(f"tokens must be a list of lease tokens, not {type(tokens).__name__}")
+    checked = [_token(t) for t in tokens]
+    if len(set(checked)) != len(checked):
+        twice = sorted({t for t in checked if checked.count(t) > 1})
+        raise errors.InvalidArgument(f"lease token(s) {twice} listed twice")
+    return checked
+
+
 def _token(token: object) -> int:
     if isinstance(token, bool) or not isinstance(token, int):
         raise errors.InvalidArgument(f"a lease token is an integer, not {type(token).__name__}")
@@ -465,9 +475,12 @@ def _token(token: object) -> int:
 def _settle_request(token: int, recipients: Iterable[str] | None, reason: str | None) -> Any:
     wanted: list[str] = []
     if recipients is not None:
-        if isinstance(recipients, str):
-            raise errors.InvalidArgument("recipients must be a list of addresses, not a string")
+        if isinstance(recipients, (str, bytes, bytearray)) or not isinstance(recipients, Iterable):
+            what = "a string" if isinstance(recipients, str) else type(recipients).__name__
+            raise errors.InvalidArgument(f"recipients must be a list of addresses, not {what}")
         wanted = list(recipients)
+        if not all(isinstance(a, str) for a in wanted):
+            raise errors.InvalidArgument("recipients must be a list of addresses (strings)")
         if not wanted:  # on the wire, empty means "all of the lease's recipients"
             raise errors.InvalidArgument("recipients is empty (pass None for all of the lease's recipients)")
     if reason is not None and (not isinstance(reason, str) or len(reason.encode("utf-8", "replace")) > 4096):
@@ -1033,8 +1046,11 @@ class Client(_ClientBase):
         self._call("Bounce", _settle_request(token, recipients, reason))
 
     def ack_many(self, tokens: Iterable[int]) -> None:
-        """Mark every recipient of each lease delivered, in one commit (all or nothing)."""
-        checked = [_token(t) for t in tokens]
+        """Mark every recipient of each lease delivered, in one replicated round. A stale or
+        unknown token refuses the whole call (StaleLease, nothing settled); a lease that expires
+        in the moment between the leader's check and the commit is the one exception: it is not
+        settled, the others are, and the StaleLease names it."""
+        checked = _tokens(tokens)
         if checked:
             self._call("AckMany", queue_pb2.AckManyRequest(tokens=checked))
 
@@ -1400,7 +1416,7 @@ class AsyncClient(_ClientBase):
         await self._call("Bounce", _settle_request(token, recipients, reason))
 
     async def ack_many(self, tokens: Iterable[int]) -> None:
-        checked = [_token(t) for t in tokens]
+        checked = _tokens(tokens)
         if checked:
             await self._call("AckMany", queue_pb2.AckManyRequest(tokens=checked))
 

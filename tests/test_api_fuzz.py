@@ -1,9 +1,10 @@
-"""The embedded API, fuzzed with wrong types and extreme values: every public call of
-``mqstore.Store`` given arguments drawn from valid ones (real message ids, live lease tokens,
-addresses) and wrong ones (None, bools, huge and negative numbers, NaN, bytes for text, nested
-lists, dicts) either works or raises an ``MQStoreError`` (InvalidArgument, NotFound,
-StaleLease…) with a message — never a TypeError, ValueError or AttributeError from deep inside —
-and a refused call changes nothing: the log does not grow and the counts stay the same.
+"""The embedded API and the Client, fuzzed with wrong types and extreme values: every public call
+of ``mqstore.Store`` (and the same call of ``mqstore.Client`` on a one-node cluster) given
+arguments drawn from valid ones (real message ids, live lease tokens, addresses) and wrong ones
+(None, bools, huge and negative numbers, NaN, bytes for text, nested lists, dicts) either works
+or raises an ``MQStoreError`` (InvalidArgument, NotFound, StaleLease…) with a message — never a
+TypeError, ValueError or AttributeError from deep inside — and a refused call changes nothing:
+the log does not grow and the counts stay the same.
 
 ``MQSTORE_FUZZ_EXAMPLES`` sets the number of calls (default 300).
 """
@@ -21,8 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mqstore
+from mqstore.client import Client
+from mqstore.codec import RecordType
 from mqstore.crypto import create_key_file
 from mqstore.errors import MQStoreError
+from mqstore.testing.secure import InProcessCluster
 
 NOW = 1_780_000_000.0
 RAW = b"From: a@example.org\r\nSubject: fuzz\r\n\r\nbody\r\n"
@@ -34,24 +38,57 @@ _WRONG: list[Any] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[mqstore.Store]:
-    path = tmp_path_factory.mktemp("api-fuzz")
-    s = mqstore.open(path / "q", key_file=create_key_file(path / "kek.key"), clock=lambda: NOW, background=False)
+#: The log each target writes to (the node's, for the client), to see what a call appended.
+LOGS: dict[int, Any] = {}
+#: Entries a node's own maintenance appends at any time (expiring leases and messages, compacting).
+_MAINTENANCE = {RecordType.EXPIRE, RecordType.COMPACT, RecordType.NOOP}
+
+
+@pytest.fixture(scope="module", params=["embedded", "client"])
+def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """An embedded store (no background maintenance, a fixed clock), or a Client of a one-node
+    cluster (same calls, same errors; its node expires short leases on its own meanwhile)."""
+    path = tmp_path_factory.mktemp(f"api-fuzz-{request.param}")
+    if request.param == "embedded":
+        s = mqstore.open(path / "q", key_file=create_key_file(path / "kek.key"), clock=lambda: NOW, background=False)
+        LOGS[id(s)] = s.log
+        try:
+            yield s
+        finally:
+            s.close()
+        return
+    cluster = InProcessCluster(path / "cluster", ["a"])
+    client = Client(cluster.address(1), timeout=10)
+    LOGS[id(client)] = cluster.leader().node.log
     try:
-        yield s
+        yield client
     finally:
-        s.close()
+        client.close()
+        cluster.close()
 
 
-def _counts(store: mqstore.Store) -> tuple[int, Any]:
-    stats = store.stats()
-    stats.pop("oldest_age_seconds")
-    stats.pop("log")
-    return store.log.last_index, stats
+def _counts(store: Any) -> tuple[int, Any]:
+    """The log's last index and (embedded: nothing else changes it) the counts of messages,
+    recipients and bytes."""
+    stats = store.stats() if isinstance(store, mqstore.Store) else None
+    if stats is not None:
+        stats.pop("oldest_age_seconds", None)
+        stats.pop("log", None)
+    return LOGS[id(store)].last_index, stats
 
 
-def test_fuzzed_embedded_calls_work_or_raise_clear_errors_and_change_nothing(store: mqstore.Store) -> None:
+def _unchanged(store: Any, before: tuple[int, Any]) -> list[str]:
+    """What changed since ``before`` other than the node's own maintenance: [] if nothing."""
+    log = LOGS[id(store)]
+    index, stats = _counts(store)
+    changes = [RecordType(r.type).name for r in log.read_range(before[0] + 1, index + 1)
+               if r.type not in _MAINTENANCE] if index > before[0] else []
+    if stats != before[1]:
+        changes.append("counts")
+    return changes
+
+
+def test_fuzzed_calls_work_or_raise_clear_errors_and_change_nothing(store: Any) -> None:
     ids = store.enqueue_many([{"mail_from": "a@example.org", "recipients": [f"r{i}@example.net", "x@example.com"],
                                "data": RAW} for i in range(30)])
     tokens = [lease.token for lease in store.lease("w", max_messages=10, lease_seconds=10**6)]
@@ -125,17 +162,20 @@ def test_fuzzed_embedded_calls_work_or_raise_clear_errors_and_change_nothing(sto
         except MQStoreError as exc:
             seen.setdefault(name, set()).add(type(exc).__name__)
             assert str(exc), f"{name}({kwargs!r}) raised {type(exc).__name__} without a message"
-            assert _counts(store) == before, f"{name}({kwargs!r}) raised {exc!r} but changed the store"
+            changed = _unchanged(store, before)
+            assert not changed, f"{name}({kwargs!r}) raised {exc!r} but changed the store: {changed}"
             return
         seen.setdefault(name, set()).add("ok")
 
     one()
     print({name: sorted(outcomes) for name, outcomes in sorted(seen.items())})
     assert len(seen) == len(calls), f"never called: {sorted(set(calls) - set(seen))}"
-    assert store.log.scan().clean
+    if isinstance(store, mqstore.Store):
+        assert store.log.scan().clean
 
 
-#: Calls the fuzzer found raising TypeError, OverflowError or struct.error (kept as regressions).
+#: Calls the fuzzer found raising TypeError, OverflowError or struct.error (kept as regressions;
+#: the Client's were the recipients and tokens of settle calls).
 FOUND = [
     ("ack_many", {"tokens": None}),
     ("ack", {"token": 2**70}),
@@ -144,18 +184,24 @@ FOUND = [
     ("bounce", {"token": 2**70}),
     ("defer", {"token": "live", "recipients": True}),
     ("enqueue", {"mail_from": "a@example.org", "recipients": ["b@example.net"], "data": RAW, "not_before": math.inf}),
+    ("ack_many", {"tokens": ["live", "live"]}),  # the Client's: one settled, then StaleLease
     ("list", {"state": [[]]}),
+    ("ack", {"token": 1, "recipients": -(2**70)}),
+    ("bounce", {"token": 1, "recipients": -0.5}),
     ("set_namespace_policy", {"namespace": [], "retention": 5}),
 ]
 
 
 @pytest.mark.parametrize(("name", "kwargs"), FOUND, ids=[f"{n}-{i}" for i, (n, _) in enumerate(FOUND)])
-def test_calls_the_fuzzer_found_are_refused_clearly(store: mqstore.Store, name: str, kwargs: dict[str, Any]) -> None:
-    if kwargs.get("token") == "live":
+def test_calls_the_fuzzer_found_are_refused_clearly(store: Any, name: str, kwargs: dict[str, Any]) -> None:
+    tokens = kwargs.get("tokens")
+    if "live" in (kwargs.get("token"), *(tokens if isinstance(tokens, list) else ())):  # a lease granted now
         store.enqueue(mail_from="a@example.org", recipients=["b@example.net"], data=RAW)
-        kwargs = {**kwargs, "token": store.lease("w", max_messages=1)[0].token}
+        live = store.lease("w", max_messages=1, lease_seconds=3600)[0].token
+        kwargs = {k: live if v == "live" else [live if t == "live" else t for t in v] if k == "tokens" else v
+                  for k, v in kwargs.items()}
     before = _counts(store)
     with pytest.raises(MQStoreError) as info:
         getattr(store, name)(**kwargs)
     assert str(info.value)
-    assert _counts(store) == before
+    assert not _unchanged(store, before)

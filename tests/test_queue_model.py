@@ -39,7 +39,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import mqstore
 import mqstore.ids
-from mqstore import NotFound, StaleLease
+from mqstore import InvalidArgument, NotFound, StaleLease
 from mqstore.crypto import create_key_file
 
 EXAMPLES = int(os.environ.get("MQSTORE_MODEL_EXAMPLES", "60"))
@@ -824,13 +824,17 @@ class QueueMachine(RuleBasedStateMachine):
     def ack_many(self, data: st.DataObject) -> None:
         n = data.draw(st.integers(0, 3), label="n")
         tokens = [self._pick_token(data) for _ in range(n)]
-        valid = len(set(tokens)) == len(tokens) and all(t in self.model.leases for t in tokens)
+        repeated = len(set(tokens)) != len(tokens)
+        held = all(t in self.model.leases for t in tokens)
         try:
             self.store.ack_many(tokens)
-        except StaleLease:
-            assert not valid, f"ack_many({tokens}) raised StaleLease; the model says every lease is held"
+        except InvalidArgument:
+            assert repeated, f"ack_many({tokens}) raised InvalidArgument; no token is repeated"
             return
-        assert valid, f"ack_many({tokens}) succeeded; the model says a token is stale or repeated"
+        except StaleLease:
+            assert not repeated and not held, f"ack_many({tokens}) raised StaleLease; the model says all are held"
+            return
+        assert held and not repeated, f"ack_many({tokens}) succeeded; the model says a token is stale or repeated"
         for t in tokens:
             self.model.settle("ack", t, None, None)
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from mqstore.actor import Actor
-from mqstore.api import QueueBase
+from mqstore.api import QueueBase, token_list
 from mqstore.codec import RecordType
 from mqstore.compliance.rules import SYSTEM_ACTOR, Ctx
 from mqstore.crypto.keyring import SYSTEM_NAMESPACE
@@ -282,7 +282,7 @@ class ClusterQueue(QueueBase):
     def ack_many(self, tokens: Iterable[int], actor: Actor | None = None) -> None:
         """Settle every recipient of each lease as delivered. Each lease is checked when planned
         and again when applied: one that expired in between is not settled (StaleLease)."""
-        tokens = list(tokens)
+        tokens = token_list(tokens)
         if not tokens:
             return
         actor = self._actor(actor)
