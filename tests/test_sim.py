@@ -42,6 +42,12 @@ REGRESSION_SEEDS: list[int] = [
     # Simulator bug: after churn crowded one surviving site, no lost voter could be removed without
     # that site holding a majority, and nothing else was tried.
     5146,
+    # Core liveness hole of apply-time configuration changes (etcd-io/etcd#12359): a joint change
+    # that demoted n3 committed; n3 knew (and, a learner now, never campaigned), the other voters
+    # did not and still needed n3's vote in the outgoing half, which it refused (newer log): no
+    # leader ever again. Fixed: a vote refusal carries the voter's commit index and its entry's
+    # term, and a candidate holding that entry commits up to it.
+    7001707,
 ]  # fmt: skip
 
 

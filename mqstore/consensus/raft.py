@@ -1368,6 +1368,8 @@ class RawNode:
                     Message(MessageType.PRE_VOTE_RESPONSE, to=m.frm, frm=self._id, term=self._term, reject=True)
                 )
             return  # everything else from an older term is ignored
+        if m.type in (MessageType.VOTE_RESPONSE, MessageType.PRE_VOTE_RESPONSE) and m.reject and m.commit:
+            self._learn_commit(m)
         if m.type in (MessageType.VOTE, MessageType.PRE_VOTE):
             self._handle_vote_request(m)
         elif self._role == Role.LEADER:
@@ -1392,7 +1394,29 @@ class RawNode:
                 self._election_elapsed = 0
                 self._vote = m.frm
         else:
-            self._send(Message(response, to=m.frm, frm=self._id, term=self._term, reject=True))
+            # The refusal carries our commit index (capped at the candidate's last index) and the
+            # term of its entry: a candidate whose log holds that same entry learns that its
+            # prefix is committed (see _learn_commit).
+            commit = min(self._log.committed, m.index)
+            commit_term = self._log.zero_term(commit)
+            self._send(Message(response, to=m.frm, frm=self._id, term=self._term, reject=True,
+                               commit=commit if commit_term else 0, log_term=commit_term))
+
+    def _learn_commit(self, m: Message) -> None:
+        """A vote refusal told us that the voter's log is committed up to ``m.commit``, whose entry
+        has term ``m.log_term``. If our log holds an entry with that index and term, Log Matching
+        makes our prefix up to it identical to the voter's, hence committed: we may commit it.
+
+        Standard Raft learns commit indexes only from a leader. This closes a liveness hole of
+        applying configuration changes when they commit (etcd-io/etcd#12359): after a joint change
+        that demotes a voter, the demoted node may know the change committed (and be a learner,
+        so it never campaigns) while the remaining voters do not, so they still count it as a
+        voter of the outgoing half, whose vote they need and cannot get (its log is newer). Once
+        they learn the commit they apply the new configuration and elect among themselves."""
+        if self._role == Role.LEADER or m.commit <= self._log.committed or m.commit > self._log.last_index():
+            return
+        if self._log.match_term(m.commit, m.log_term):
+            self._log.commit_to(m.commit)
 
     def _step_leader(self, m: Message) -> None:
         t = m.type
