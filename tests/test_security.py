@@ -5,6 +5,7 @@ configuration checks and the ``certs`` / ``tokens`` / ``config check`` commands.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import io
@@ -24,13 +25,14 @@ import pytest
 
 from mqstore import cli
 from mqstore.actor import Actor
-from mqstore.client import Client
+from mqstore.client import AsyncClient, Client
 from mqstore.compliance import audit
 from mqstore.config import ConfigError, load, parse
 from mqstore.crypto import create_key_file
 from mqstore.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 from mqstore.node.runtime import bootstrap
-from mqstore.proto import queue_pb2, queue_pb2_grpc, raft_pb2, raft_pb2_grpc
+from mqstore.ops import remote
+from mqstore.proto import admin_pb2, queue_pb2, queue_pb2_grpc, raft_pb2, raft_pb2_grpc
 from mqstore.security import auth
 from mqstore.security.certs import identity_from_pem
 from mqstore.security.tokens import TokenStore
@@ -198,6 +200,34 @@ def test_worker_cannot_hold_or_bypass(node: Node) -> None:
     assert [r["op"] for r in node.denials()[seen:]] == ["Queue/Hold", "Queue/SetNamespacePolicy"]
     with node.client("admin") as c:
         assert not c.get(mid).held
+
+
+def test_tokens_ride_on_every_kind_of_call_sync_and_async(node: Node) -> None:
+    """A bearer token is sent on unary calls and on streams, by Client and by AsyncClient (each
+    has its own interceptors): a producer token streams messages in, a worker token leases and
+    acks them, an admin token reads a node's verify stream; a token without the role is refused."""
+    ns = "tokens"
+    with node.client(token="producer") as c:
+        streamed = list(c.enqueue_stream(_msg(ns, i) for i in range(5)))  # stream-stream
+    assert len(streamed) == 5
+    with node.client(token="admin") as c:
+        events = list(remote.stub(c, node.address).Verify(admin_pb2.VerifyRequest(), timeout=30))  # unary-stream
+    assert events and json.loads(events[-1].report_json)["clean"]
+
+    async def main() -> list[str]:
+        tls = node.pki.client_tls(node.certs["plain"])
+        async with AsyncClient(node.address, timeout=5, tls=tls, token=node.tokens["producer"]) as producer:
+            one = await producer.enqueue(**_msg(ns, 10))  # unary-unary
+            more = [mid async for mid in producer.enqueue_stream([_msg(ns, 11 + i) for i in range(3)])]
+            with pytest.raises(PermissionDenied, match="'lease' permission"):
+                await producer.lease("w", namespace=ns)
+        async with AsyncClient(node.address, timeout=5, tls=tls, token=node.tokens["worker"]) as worker:
+            leases = await worker.lease("w", max_messages=100, namespace=ns)
+            await worker.ack_many([x.token for x in leases])
+            return sorted([one, *more]) + sorted(x.message_id for x in leases)
+
+    ids = asyncio.run(main())
+    assert len(ids) == 4 + 9 and set(ids[:4]) <= set(ids[4:]) and set(streamed) <= set(ids[4:])
 
 
 def test_client_certificate_roles(node: Node) -> None:
