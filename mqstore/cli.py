@@ -46,12 +46,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except MQStoreError as exc:
+    except (MQStoreError, OSError) as exc:
+        # OSError: a path given on the command line that cannot be read or written (missing,
+        # a directory where a file belongs, no permission, a full disk).
+        if isinstance(exc, OSError) and not isinstance(exc, MQStoreError):
+            where = f": {exc.filename}" if exc.filename else ""
+            message = f"{exc.strerror or exc}{where}"
+        else:
+            message = str(exc)
         if getattr(args, "json", False):
-            json.dump({"error": type(exc).__name__, "message": str(exc)}, sys.stdout)
+            json.dump({"error": type(exc).__name__, "message": message}, sys.stdout)
             sys.stdout.write("\n")
         else:
-            print(f"mqstore: error: {exc}", file=sys.stderr)
+            print(f"mqstore: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -26,9 +26,13 @@ from mqstore.errors import InvalidArgument
 def _when(text: str) -> float:
     """Epoch seconds from ``2033-01-31``, ``2033-01-31T12:00:00Z`` or a number of seconds."""
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        if not 0 <= seconds < 253_402_300_800:  # 1970 to the year 9999; refuses nan and infinity
+            raise InvalidArgument(f"{text!r} is not a time from 1970 to the year 9999 (epoch seconds)")
+        return seconds
     try:
         parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

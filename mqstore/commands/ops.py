@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import sys
@@ -218,11 +219,12 @@ def duration(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
     value = text.strip().lower()
     try:
-        if value and value[-1] in units:
-            return float(value[:-1]) * units[value[-1]]
-        return float(value)
+        seconds = float(value[:-1]) * units[value[-1]] if value and value[-1] in units else float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 90, 15m, 2h, 3d)") from None
+    if not 0 <= seconds <= 100 * 365 * 86400:  # also refuses nan and infinity
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration from 0 to a century (e.g. 90, 15m, 2h, 3d)")
+    return seconds
 
 
 def _phase_progress(bar: Progress) -> Callable[[str, int, int], None]:
@@ -382,12 +384,25 @@ def _list_all(args: argparse.Namespace, items: Iterator[tuple[Any, str | None]])
     out = sys.stdout
     count = 0
     if args.json:
+        # The first match is read before anything is written, so bad arguments give the usual
+        # error document; an error later (a damaged row, say) still ends a valid document: it
+        # names the error and, as "next_after", the cursor to resume after the last message.
+        first = next(items, None)
         out.write('{"messages": [')
-        for summary, _ in items:
-            out.write((",\n  " if count else "\n  ") + json.dumps(summary_dict(summary), sort_keys=True))
-            count += 1
-        out.write(f'\n], "count": {count}, "next_after": null}}\n')
-        return 0
+        error: MQStoreError | None = None
+        last: str | None = None
+        try:
+            for summary, cursor in itertools.chain([first] if first is not None else [], items):
+                out.write((",\n  " if count else "\n  ") + json.dumps(summary_dict(summary), sort_keys=True))
+                count += 1
+                last = cursor
+        except MQStoreError as exc:
+            error = exc
+        tail = {"count": count, "next_after": last if error is not None else None}
+        if error is not None:
+            tail |= {"error": type(error).__name__, "message": str(error)}
+        out.write("\n], " + json.dumps(tail)[1:] + "\n")
+        return 2 if error is not None else 0
     headers = ["ID", "AGE", "NAMESPACE", "PRIO", "SIZE", "RCPTS", "FLAGS", "STATES"]
     block: list[list[object]] = []
     for summary, _ in items:
