@@ -1101,16 +1101,21 @@ def test_same_seed_same_behaviour() -> None:
     assert {tuple(run(seed)) for seed in range(8)} != {tuple(run(1))}  # the seed matters
 
 
-def test_a_vote_refusal_teaches_the_candidate_what_is_committed() -> None:
-    # Node 3 holds entry x but never heard that it committed; node 2 knows. Node 2 refuses node
-    # 3's pre-vote (its log is newer) and says that it is committed up to x (term t): node 3's
-    # entry x has term t, so its log up to x is node 2's, and it commits and applies x.
+def _x_unheard_of_at_3() -> tuple[Cluster, int]:
+    """Node 1 leads; entry x (payload b"x") reaches node 3, but no news that it committed does."""
     c = Cluster(SITES3, check_quorum=False)
     c.elect(1)
     c.drop = lambda m: m.to == 3 and (m.type == MessageType.HEARTBEAT
                                       or (m.type == MessageType.APPEND and not m.entries))
     c.propose(1, b"x")
-    x = c.nodes[1].last_index
+    return c, c.nodes[1].last_index
+
+
+def test_a_vote_refusal_teaches_the_candidate_what_is_committed() -> None:
+    # Node 3 holds entry x but never heard that it committed; node 2 knows. Node 2 refuses node
+    # 3's pre-vote (its log is newer) and says that it is committed up to x (term t): node 3's
+    # entry x has term t, so its log up to x is node 2's, and it commits and applies x.
+    c, x = _x_unheard_of_at_3()
     c.cut.add((1, 3))
     c.propose(1, b"y")
     assert c.nodes[3].last_index == x and c.nodes[3].commit_index < x <= c.nodes[2].commit_index
@@ -1123,13 +1128,9 @@ def test_a_vote_refusal_teaches_the_candidate_what_is_committed() -> None:
 
 
 def test_a_vote_refusal_whose_entry_we_do_not_hold_teaches_nothing() -> None:
-    c = Cluster(SITES3, check_quorum=False)
-    c.elect(1)
-    c.drop = lambda m: m.to == 3 and (m.type == MessageType.HEARTBEAT
-                                      or (m.type == MessageType.APPEND and not m.entries))
-    c.propose(1, b"x")
+    c, x = _x_unheard_of_at_3()
     node = c.nodes[3]
-    x, before = node.last_index, node.commit_index
+    before = node.commit_index
     assert before < x
     term = node.term_at(x)
     for commit, log_term in ((x, term + 1), (x + 1, term)):  # another entry there; beyond our log
