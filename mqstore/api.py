@@ -675,8 +675,9 @@ class QueueBase:
         retention ends (``delete`` permission). Retention locks and legal holds still apply:
         a message they protect stays (each refusal audited). Returns how many were removed;
         raises :class:`Immutable` when every one named was refused."""
-        if isinstance(message_ids, str):
-            raise InvalidArgument("message_ids must be a list of message ids, not a string")
+        if isinstance(message_ids, (str, bytes, bytearray)) or not isinstance(message_ids, Iterable):
+            what = "a string" if isinstance(message_ids, str) else type(message_ids).__name__
+            raise InvalidArgument(f"message_ids must be a list of message ids, not {what}")
         mids = [self._mid(m) for m in message_ids]
         if not mids or len(mids) > limits.APPEND_RECORDS_MAX:
             raise InvalidArgument(f"give 1..{limits.APPEND_RECORDS_MAX} message ids")

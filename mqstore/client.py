@@ -454,6 +454,14 @@ def _lease_request(
         )
 
 
+def _namespace_ref(namespace: object) -> Any:
+    return compliance_pb2.NamespaceRef(namespace=validate.namespace(namespace))
+
+
+def _key_ref(key_id: object) -> Any:
+    return compliance_pb2.KeyRef(key_id=validate.integer(key_id, "key_id", 1, 2**32 - 1))
+
+
 def _tokens(tokens: object) -> list[int]:
     if isinstance(tokens, (str, bytes, bytearray)) or not isinstance(tokens, Iterable):
         raise errors.InvalidArgument(f"tokens must be a list of lease tokens, not {type(tokens).__name__}")
@@ -595,6 +603,11 @@ def _audit_records_request(after: int | None, limit: int) -> Any:
 def _audit_query_request(
     where: Mapping[str, Any] | None, since_ms: int | None, until_ms: int | None, after: int | None, limit: int
 ) -> Any:
+    for name, value in (("since_ms", since_ms), ("until_ms", until_ms), ("after", after)):
+        if value is not None:
+            validate.integer(value, name, 0, 2**63 - 1)
+    if where is not None and not isinstance(where, Mapping):
+        raise errors.InvalidArgument("where maps record field names to the values they must equal")
     with _building("audit_query"):
         return compliance_pb2.AuditQueryRequest(
             where_json=json.dumps(dict(where or {})), since_ms=since_ms or 0, until_ms=until_ms or 0,
@@ -1120,7 +1133,7 @@ class Client(_ClientBase):
         return _lock_policy(self._c("SetPolicy", request))
 
     def get_policy(self, namespace: str) -> Policy:
-        return _lock_policy(self._c("GetPolicy", compliance_pb2.NamespaceRef(namespace=namespace)))
+        return _lock_policy(self._c("GetPolicy", _namespace_ref(namespace)))
 
     def add_legal_hold(self, message_id: str, case: str) -> None:
         self._c("AddLegalHold", _legal_hold_request(message_id, case))
@@ -1133,16 +1146,16 @@ class Client(_ClientBase):
         self._c("ExtendRetention", _retention_request(message_id, until, bypass_governance, reason))
 
     def drop_namespace(self, namespace: str) -> int:
-        return int(self._c("DropNamespace", compliance_pb2.NamespaceRef(namespace=namespace)).count)
+        return int(self._c("DropNamespace", _namespace_ref(namespace)).count)
 
     def compact_messages(self, message_ids: Iterable[str]) -> int:
         return int(self._c("CompactMessages", _compact_request(message_ids)).count)
 
     def rotate_key(self, namespace: str) -> int:
-        return int(self._c("RotateKey", compliance_pb2.NamespaceRef(namespace=namespace)).count)
+        return int(self._c("RotateKey", _namespace_ref(namespace)).count)
 
     def shred_key(self, key_id: int) -> int:
-        return int(self._c("ShredKey", compliance_pb2.KeyRef(key_id=key_id)).count)
+        return int(self._c("ShredKey", _key_ref(key_id)).count)
 
     def list_keys(self) -> builtins.list[dict[str, Any]]:
         return _keys(self._c("ListKeys", compliance_pb2.ListKeysRequest()))
@@ -1481,7 +1494,7 @@ class AsyncClient(_ClientBase):
         return _lock_policy(await self._c("SetPolicy", request))
 
     async def get_policy(self, namespace: str) -> Policy:
-        return _lock_policy(await self._c("GetPolicy", compliance_pb2.NamespaceRef(namespace=namespace)))
+        return _lock_policy(await self._c("GetPolicy", _namespace_ref(namespace)))
 
     async def add_legal_hold(self, message_id: str, case: str) -> None:
         await self._c("AddLegalHold", _legal_hold_request(message_id, case))
@@ -1494,16 +1507,16 @@ class AsyncClient(_ClientBase):
         await self._c("ExtendRetention", _retention_request(message_id, until, bypass_governance, reason))
 
     async def drop_namespace(self, namespace: str) -> int:
-        return int((await self._c("DropNamespace", compliance_pb2.NamespaceRef(namespace=namespace))).count)
+        return int((await self._c("DropNamespace", _namespace_ref(namespace))).count)
 
     async def compact_messages(self, message_ids: Iterable[str]) -> int:
         return int((await self._c("CompactMessages", _compact_request(message_ids))).count)
 
     async def rotate_key(self, namespace: str) -> int:
-        return int((await self._c("RotateKey", compliance_pb2.NamespaceRef(namespace=namespace))).count)
+        return int((await self._c("RotateKey", _namespace_ref(namespace))).count)
 
     async def shred_key(self, key_id: int) -> int:
-        return int((await self._c("ShredKey", compliance_pb2.KeyRef(key_id=key_id))).count)
+        return int((await self._c("ShredKey", _key_ref(key_id))).count)
 
     async def list_keys(self) -> builtins.list[dict[str, Any]]:
         return _keys(await self._c("ListKeys", compliance_pb2.ListKeysRequest()))

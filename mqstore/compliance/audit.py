@@ -626,10 +626,15 @@ def _decoded(seq: int, data: bytes) -> dict[str, Any]:
 
 
 def _start_key(after: int | None) -> bytes:
-    start = 1 if after is None else after + 1
-    if not isinstance(start, int) or isinstance(start, bool) or not 1 <= start <= 2**64 - 1:
+    if after is not None and (not isinstance(after, int) or isinstance(after, bool) or not 0 <= after < 2**64 - 1):
         raise InvalidArgument("after is a record seq (0 or more)")
-    return _seq_key(start)
+    return _seq_key(1 if after is None else after + 1)
+
+
+def _time_ms(value: object, name: str) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63):
+        raise InvalidArgument(f"{name} is a time in epoch milliseconds (0 or more)")
+    return value
 
 
 def records(kv: KV, after: int | None = None, limit: int = 1000) -> list[dict[str, Any]]:
@@ -669,6 +674,9 @@ def query(
     the last seq it saw as ``after``."""
     if not isinstance(limit, int) or not 1 <= limit <= AUDIT_READ_RECORDS_MAX:
         raise InvalidArgument(f"limit is 1..{AUDIT_READ_RECORDS_MAX}")
+    if where is not None and (not isinstance(where, Mapping) or not all(isinstance(k, str) for k in where)):
+        raise InvalidArgument("where maps record field names to the values they must equal")
+    since_ms, until_ms = _time_ms(since_ms, "since_ms"), _time_ms(until_ms, "until_ms")
     wanted = dict(where or {})
     out: list[dict[str, Any]] = []
     for scanned, (key, data) in enumerate(kv.scan(TABLE_AUDIT, _start_key(after))):
