@@ -65,15 +65,12 @@ _MAINTENANCE_ITEMS_MAX = 1_000  # expiry/compaction items per maintenance record
 _LOG_COMPACT_EVERY = 50_000  # compact the log after this many new records
 AUDIT_KEY_FILE = "audit-signing.key"  # an embedded store's audit signing key, in its directory
 _RECIPIENT_CACHE_MAX = 65_536
-_EPOCH_SECONDS_MAX = 253_402_300_799  # 9999-12-31T23:59:59Z
 
 
 def token_list(tokens: object) -> list[int]:
     """The lease tokens of an ``ack_many`` call as a list; InvalidArgument for something that is
     not a list of tokens, or one that names a token twice (it cannot be settled twice)."""
-    if isinstance(tokens, (str, bytes, bytearray)) or not isinstance(tokens, Iterable):
-        raise InvalidArgument(f"tokens must be a list of lease tokens, not {type(tokens).__name__}")
-    out = list(tokens)
+    out = validate.listed(tokens, "tokens", "lease tokens")
     seen: set[object] = set()
     for t in out:
         if isinstance(t, int) and not isinstance(t, bool):
@@ -98,7 +95,7 @@ def _to_ms(value: float | _dt.datetime | None, field_name: str) -> int:
         raise InvalidArgument(f"{field_name} must be epoch seconds or a datetime, not {type(value).__name__}")
     if value < 0 or value != value:
         raise InvalidArgument(f"{field_name} must be a time after 1970, not {value}")
-    if value > _EPOCH_SECONDS_MAX:
+    if value > limits.EPOCH_SECONDS_MAX:
         raise InvalidArgument(f"{field_name} must be a time before the year 10000, not {value}")
     return _ms(value)
 
@@ -675,10 +672,7 @@ class QueueBase:
         retention ends (``delete`` permission). Retention locks and legal holds still apply:
         a message they protect stays (each refusal audited). Returns how many were removed;
         raises :class:`Immutable` when every one named was refused."""
-        if isinstance(message_ids, (str, bytes, bytearray)) or not isinstance(message_ids, Iterable):
-            what = "a string" if isinstance(message_ids, str) else type(message_ids).__name__
-            raise InvalidArgument(f"message_ids must be a list of message ids, not {what}")
-        mids = [self._mid(m) for m in message_ids]
+        mids = [self._mid(m) for m in validate.listed(message_ids, "message_ids", "message ids")]
         if not mids or len(mids) > limits.APPEND_RECORDS_MAX:
             raise InvalidArgument(f"give 1..{limits.APPEND_RECORDS_MAX} message ids")
         actor = self._actor(actor)
@@ -803,10 +797,7 @@ class QueueBase:
         if row is None:
             raise StaleLease(f"lease {token}: its message is gone")
         if recipients is not None:
-            if isinstance(recipients, (str, bytes, bytearray)) or not isinstance(recipients, Iterable):
-                what = "a string" if isinstance(recipients, str) else type(recipients).__name__
-                raise InvalidArgument(f"recipients must be a list of addresses, not {what}")
-            wanted = list(recipients)
+            wanted = validate.listed(recipients, "recipients", "addresses")
             if not all(isinstance(a, str) for a in wanted):
                 raise InvalidArgument("recipients must be a list of addresses (strings)")
             if not wanted:

@@ -55,7 +55,17 @@ import grpc
 import grpc.aio
 
 from mqstore import errors, ids, limits, validate
-from mqstore.api import Lease, Message, MessageSummary, Page, QShape, RecipientStatus, _seconds, _to_ms
+from mqstore.api import (
+    Lease,
+    Message,
+    MessageSummary,
+    Page,
+    QShape,
+    RecipientStatus,
+    _seconds,
+    _to_ms,
+    token_list,
+)
 from mqstore.node.transport import CHANNEL_OPTIONS, GRPC_MESSAGE_BYTES_MAX
 from mqstore.proto import admin_pb2, admin_pb2_grpc, compliance_pb2, compliance_pb2_grpc, queue_pb2, queue_pb2_grpc
 from mqstore.queue.model import Policy
@@ -463,13 +473,7 @@ def _key_ref(key_id: object) -> Any:
 
 
 def _tokens(tokens: object) -> list[int]:
-    if isinstance(tokens, (str, bytes, bytearray)) or not isinstance(tokens, Iterable):
-        raise errors.InvalidArgument(f"tokens must be a list of lease tokens, not {type(tokens).__name__}")
-    checked = [_token(t) for t in tokens]
-    if len(set(checked)) != len(checked):
-        twice = sorted({t for t in checked if checked.count(t) > 1})
-        raise errors.InvalidArgument(f"lease token(s) {twice} listed twice")
-    return checked
+    return [_token(t) for t in token_list(tokens)]
 
 
 def _token(token: object) -> int:
@@ -483,10 +487,7 @@ def _token(token: object) -> int:
 def _settle_request(token: int, recipients: Iterable[str] | None, reason: str | None) -> Any:
     wanted: list[str] = []
     if recipients is not None:
-        if isinstance(recipients, (str, bytes, bytearray)) or not isinstance(recipients, Iterable):
-            what = "a string" if isinstance(recipients, str) else type(recipients).__name__
-            raise errors.InvalidArgument(f"recipients must be a list of addresses, not {what}")
-        wanted = list(recipients)
+        wanted = validate.listed(recipients, "recipients", "addresses")
         if not all(isinstance(a, str) for a in wanted):
             raise errors.InvalidArgument("recipients must be a list of addresses (strings)")
         if not wanted:  # on the wire, empty means "all of the lease's recipients"

@@ -142,6 +142,14 @@ def data(value: object, field: str = "data") -> bytes:
     return out
 
 
+def listed(value: object, field: str, noun: str) -> list[Any]:
+    """``value`` (any iterable but text) as a list; InvalidArgument naming ``field`` otherwise."""
+    if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Iterable):
+        what = "a string" if isinstance(value, str) else type(value).__name__
+        raise InvalidArgument(f"{field} must be a list of {noun}, not {what}")
+    return list(value)
+
+
 def integer(value: object, field: str, lo: int, hi: int) -> int:
     if type(value) is int and lo <= value <= hi:
         return value

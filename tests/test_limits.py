@@ -339,13 +339,7 @@ def test_fuzzed_requests_get_clear_errors_and_the_node_keeps_serving(tmp_path: P
         assert server.health.serving
     finally:
         channel.close()
-        data_dir, key_file = server.config.data_dir, server.config.key_file
-        cluster.close()
-    # verify: every record of the log decodes, checksums and decrypts.
-    from mqstore.store import LogStore
-
-    with LogStore(data_dir, key_file=key_file, readonly=True) as store:
-        report = store.scan()
+        [report] = cluster.close_and_scan()  # every record of the log decodes, checksums and decrypts
     assert report.clean and report.records_checked > 0, report.corrupt
 
 

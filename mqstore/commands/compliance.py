@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mqstore import limits
 from mqstore.api import AUDIT_KEY_FILE
 from mqstore.commands._common import emit
 from mqstore.commands.ops import Target, add_target_args
@@ -30,7 +31,7 @@ def _when(text: str) -> float:
     except ValueError:
         pass
     else:
-        if not 0 <= seconds < 253_402_300_800:  # 1970 to the year 9999; refuses nan and infinity
+        if not 0 <= seconds <= limits.EPOCH_SECONDS_MAX:  # 1970 to the year 9999; refuses nan and infinity
             raise InvalidArgument(f"{text!r} is not a time from 1970 to the year 9999 (epoch seconds)")
         return seconds
     try:

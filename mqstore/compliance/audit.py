@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from mqstore import validate
 from mqstore.compliance.signing import key_id, public_key_from_hex, public_key_hex
 from mqstore.errors import Corruption, InvalidArgument
 from mqstore.limits import TIME_MS_MAX
@@ -631,12 +632,6 @@ def _start_key(after: int | None) -> bytes:
     return _seq_key(1 if after is None else after + 1)
 
 
-def _time_ms(value: object, name: str) -> int | None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63):
-        raise InvalidArgument(f"{name} is a time in epoch milliseconds (0 or more)")
-    return value
-
-
 def records(kv: KV, after: int | None = None, limit: int = 1000) -> list[dict[str, Any]]:
     """Up to ``limit`` decoded records with seq > ``after`` (from the first when None), ascending.
 
@@ -676,7 +671,9 @@ def query(
         raise InvalidArgument(f"limit is 1..{AUDIT_READ_RECORDS_MAX}")
     if where is not None and (not isinstance(where, Mapping) or not all(isinstance(k, str) for k in where)):
         raise InvalidArgument("where maps record field names to the values they must equal")
-    since_ms, until_ms = _time_ms(since_ms, "since_ms"), _time_ms(until_ms, "until_ms")
+    for name, value in (("since_ms", since_ms), ("until_ms", until_ms)):
+        if value is not None:
+            validate.integer(value, name, 0, TIME_MS_MAX)
     wanted = dict(where or {})
     out: list[dict[str, Any]] = []
     for scanned, (key, data) in enumerate(kv.scan(TABLE_AUDIT, _start_key(after))):

@@ -106,6 +106,18 @@ class InProcessCluster:
     def address(self, node_id: int) -> str:
         return self.addresses[node_id]
 
+    def close_and_scan(self) -> list[Any]:
+        """Stop every node, then read each node's whole log back: one ScanReport per node (every
+        record decodes, checksums and decrypts when ``report.clean``)."""
+        from mqstore.store import LogStore
+
+        self.close()
+        reports = []
+        for config in self.configs.values():
+            with LogStore(config.data_dir, key_file=config.key_file, readonly=True) as store:
+                reports.append(store.scan())
+        return reports
+
     def close(self) -> None:
         for s in self.servers.values():
             try:
