@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import os
 import struct
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -27,7 +28,7 @@ from mqstore.compliance import rules
 from mqstore.compliance.rules import SYSTEM_ACTOR, Ctx, Lock, Mode, Refusal
 from mqstore.errors import StaleLease
 from mqstore.ids import format_id
-from mqstore.queue.kv import KV, first, prefix_end
+from mqstore.queue.kv import KV, LmdbKV, first, prefix_end
 from mqstore.queue.model import (
     BOUNCED,
     COMPACT_DEDUP,
@@ -65,6 +66,13 @@ from mqstore.queue.model import (
     ready_key,
     time_key,
 )
+
+#: The compiled hot paths (``ext/_machine.pyx``): enqueue, lease and settle on an LMDB store in
+#: namespaces without a compliance mode; everything else, and everything under
+#: ``MQSTORE_PURE_PYTHON=1``, runs the Python below, which defines the behaviour.
+_fast: Any = None
+if os.environ.get("MQSTORE_PURE_PYTHON", "") in ("", "0"):
+    from mqstore import _machine as _fast
 
 #: Postfix defaults (minimal_backoff_time, maximal_backoff_time).
 BACKOFF_MIN_MS = 300_000
@@ -329,6 +337,15 @@ def apply_enqueue(kv: KV, c: Counters, index: int, env: Envelope, size_bytes: in
     applying, so two enqueues with one key that were both accepted before either was applied
     (on a replicated leader, say) still store one message."""
     mid = env.message_id
+    if (_fast is not None and not env.idempotency_key and isinstance(kv, LmdbKV)
+            and not c.policy(kv, env.namespace).mode):
+        done = _fast.enqueue(kv._txn, kv._dbs, c.deltas, index, env, size_bytes, key_id)
+        if done is False:  # a message with this id exists
+            return mid
+        if done is not None:
+            if ctx is not None:
+                c.observe(ctx)
+            return mid
     if env.idempotency_key:
         dup = find_duplicate(kv, env.namespace, env.idempotency_key, env.created_at_ms)
         if dup is not None:
@@ -418,6 +435,14 @@ def apply_lease(kv: KV, c: Counters, token: int, e: LeaseEntry) -> Grant:
     A recipient already leased (or final, or held) is skipped, so a recipient is never leased to
     two workers at once even if two grants for it were planned concurrently.
     """
+    if _fast is not None and isinstance(kv, LmdbKV):
+        got = _fast.lease(kv._txn, kv._dbs, c.deltas, token, e.mid, tuple(e.ordinals), e.now_ms, e.deadline_ms,
+                          e.worker.encode())
+        if got is False:  # the message is gone or held
+            return _NO_GRANT
+        if got is not None:
+            c.observe(e.ctx)
+            return Grant(*got) if got[0] else _NO_GRANT
     row = get_message(kv, e.mid)
     if row is None or row.held:
         return _NO_GRANT
@@ -483,6 +508,14 @@ def apply_settle(kv: KV, c: Counters, rtype: int, e: SettleEntry, checked: Lease
             lease, ords = check_settle(kv, e.token, e.ordinals)
         except StaleLease:
             return False
+    if _fast is not None and isinstance(kv, LmdbKV):
+        done = _fast.settle(kv._txn, kv._dbs, c, kv, _SETTLE_STATE[RecordType(rtype)], e.token, lease.mid,
+                            tuple(lease.ordinals), lease.deadline_ms, lease.worker.encode(), tuple(ords), e.now_ms,
+                            tuple(e.next_attempt_ms), e.reason)
+        if done is not None:
+            if done:
+                c.observe(e.ctx)
+            return bool(done)
     row = get_message(kv, lease.mid)
     if row is None:
         return False
