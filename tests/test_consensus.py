@@ -1137,3 +1137,23 @@ def test_a_vote_refusal_whose_entry_we_do_not_hold_teaches_nothing() -> None:
         node.step(Message(MessageType.PRE_VOTE_RESPONSE, to=3, frm=2, term=node.term, reject=True,
                           commit=commit, log_term=log_term))
         assert node.commit_index == before
+
+
+@pytest.mark.parametrize("stage", [Role.PRE_CANDIDATE, Role.CANDIDATE])
+def test_a_node_removed_during_its_election_steps_down_and_never_leads(stage: Role) -> None:
+    # Simulator seed 7006916: node 5 began an election, then applied the configuration that
+    # removed it; the remaining voters granted it their votes (they do not check membership), and
+    # a node outside the configuration became leader. Now it steps down as the change applies, and
+    # grants arriving afterwards change nothing.
+    c = Cluster(SITES5, check_quorum=False, pre_vote=stage == Role.PRE_CANDIDATE)
+    c.elect(1)
+    node = c.nodes[5]
+    node.campaign()
+    assert node.role == stage
+    term = node.term
+    node.apply_conf_change(ConfChange((remove(5),)))
+    assert node.role == Role.FOLLOWER and node.term == term
+    grant = MessageType.PRE_VOTE_RESPONSE if stage == Role.PRE_CANDIDATE else MessageType.VOTE_RESPONSE
+    for voter in (1, 2, 3, 4):
+        node.step(Message(grant, to=5, frm=voter, term=term + (stage == Role.PRE_CANDIDATE), reject=False))
+    assert node.role != Role.LEADER

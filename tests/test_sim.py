@@ -48,6 +48,12 @@ REGRESSION_SEEDS: list[int] = [
     # leader ever again. Fixed: a vote refusal carries the voter's commit index and its entry's
     # term, and a candidate holding that entry commits up to it.
     7001707,
+    # Core bug: n5 started a pre-vote, then applied a configuration that removed it, and went on
+    # to a real campaign; the remaining voters granted it their votes (they do not ask who is a
+    # member), so a node outside the configuration became leader and failed on its own missing
+    # progress (KeyError). Fixed: a pre-candidate or candidate that is no longer a voter steps
+    # down, when the change applies and when a vote response arrives.
+    7006916,
 ]  # fmt: skip
 
 

@@ -1021,6 +1021,10 @@ class RawNode:
                             self._maybe_send_append(node, send_if_empty=False)
                 if self._lead_transferee != NONE and self._lead_transferee not in new.voters:
                     self._abort_leader_transfer()
+        elif self._role in (Role.PRE_CANDIDATE, Role.CANDIDATE) and not self._promotable():
+            # Removed or demoted in the middle of an election: the votes it gathers may still
+            # make a quorum of the new voters, but a node outside them must not lead.
+            self._become_follower(self._term, NONE)
         return self._conf
 
     def transfer_leadership(self, to: NodeId) -> None:
@@ -1499,7 +1503,10 @@ class RawNode:
             self._step_follower(m)
         elif t == mine:
             result = self._poll(m.frm, not m.reject)
-            if result == VoteResult.WON:
+            if not self._promotable():
+                # No longer a voter (a configuration applied, a snapshot pending): it cannot win.
+                self._become_follower(self._term, NONE)
+            elif result == VoteResult.WON:
                 if self._role == Role.PRE_CANDIDATE:
                     self._campaign(transfer=False)
                 else:
