@@ -525,3 +525,29 @@ cdef int _maybe_finish(txn, dict dbs, c, kv, bytes mid, Msg* m, str ns, int64_t 
     txn.put(_time_key(m.retain, mid), b"", True, True, False, dbs[b"retention"])
     _count(c.deltas, ns, _LIVE, -1)
     return 0
+
+
+# --- planning -------------------------------------------------------------------------------------
+
+
+def due_ordinals(txn, db, bytes mid, int64_t now_ms, object domain):
+    """The reference's plan_lease filter: the ordinals of ``mid``'s recipients that are waiting
+    (QUEUED or DEFERRED) and due by ``now_ms``, in ``domain`` (UTF-8 bytes) when not None."""
+    cdef Rcpt r
+    cdef list parts, out = []
+    cdef bytes key
+    cdef const unsigned char* k
+    if PyBytes_GET_SIZE(mid) != MID:
+        raise ValueError("a message id is 16 bytes")
+    with txn.cursor(db=db) as cur:
+        if not cur.set_range(mid):
+            return ()
+        for raw_key, raw_value in cur.iternext():
+            key = _raw(raw_key)
+            if PyBytes_GET_SIZE(key) < MID or key[:MID] != mid:
+                break
+            parts = []
+            _decode_rcpt(_raw(raw_value), &r, parts)
+            if (r.state == QUEUED or r.state == DEFERRED) and r.due <= now_ms and (domain is None or parts[0] == domain):
+                out.append(int.from_bytes(key[MID : MID + 2], "big"))
+    return tuple(out)

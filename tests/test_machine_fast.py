@@ -2,7 +2,8 @@
 reference (``mqstore/queue/machine.py``).
 
 Random sequences of enqueue, lease, ack / defer / bounce (checked and unchecked, stale tokens,
-recipients not in the lease), hold / release and policy changes are applied to two stores, one
+recipients not in the lease), hold / release, policy changes and lease plans (which recipients are
+due, by namespace and domain) are applied to two stores, one
 through the compiled paths and one through the reference; after every entry both give the same
 result and every table holds the same bytes. Damaged rows raise the reference's ``Corruption``
 either way. ``MQSTORE_FUZZ_EXAMPLES`` runs more examples.
@@ -72,12 +73,15 @@ SETTLE = st.tuples(
 )
 ADMIN_TYPES = [RecordType.HOLD, RecordType.HOLD, RecordType.RELEASE, RecordType.REQUEUE]
 ADMIN = st.tuples(st.just("admin"), st.sampled_from(ADMIN_TYPES), st.integers(0, 3), TIMES)
+PLAN = st.tuples(st.just("plan"), TIMES, st.integers(1, 4), st.none() | st.sampled_from(NAMESPACES),
+                 st.none() | st.sampled_from([d.lower() for d in DOMAINS]))
 POLICY = st.tuples(st.just("policy"), st.sampled_from(NAMESPACES), st.sampled_from([0, 100, 5_000]),
                    st.sampled_from([0, 50, 7_000]))
 OPS = st.builds(
     lambda first, rest: first + rest,
     st.lists(ENQUEUE, min_size=1, max_size=4),
-    st.lists(st.one_of(ENQUEUE, LEASE, LEASE, LEASE, SETTLE, SETTLE, SETTLE, ADMIN, POLICY), min_size=10, max_size=60),
+    st.lists(st.one_of(ENQUEUE, LEASE, LEASE, LEASE, SETTLE, SETTLE, SETTLE, ADMIN, POLICY, PLAN),
+             min_size=10, max_size=60),
 )
 
 
@@ -149,6 +153,9 @@ class Runner:
             # An entry names its recipients: None stands for all of the lease's.
             entry = SettleEntry(now, token, held if ords is None else ords, nxt, reason)
             return machine.apply_settle(kv, c, rtype, entry)
+        if kind == "plan":
+            _, now, most, ns, domain = op
+            return machine.plan_lease(kv, now, most, ns, domain)
         if kind == "admin":
             _, rtype, n, now = op
             return machine.apply_admin(kv, c, rtype, AdminEntry(now, mid_of(n)))

@@ -1019,6 +1019,13 @@ def plan_lease(
         if len(picked) >= max_messages:
             break
     # Collect each message's due recipients after the scan (never write while scanning).
+    if _fast is not None and isinstance(kv, LmdbKV):
+        db, dom = kv._dbs[b"recipients"], None if domain is None else domain.encode()
+        for mid in picked:
+            ords = _fast.due_ordinals(kv._txn, db, mid, now_ms, dom)
+            if ords:
+                plans.append(LeasePlan(mid, ords))
+        return plans
     for mid in picked:
         ords = tuple(
             o

@@ -277,6 +277,18 @@ class LeaseRow:
 
     @classmethod
     def decode(cls, buf: bytes) -> LeaseRow:
+        # Hot path (every settle reads its lease): parse directly; a row that does not parse
+        # cleanly goes through the checked reader below, which names what is wrong.
+        try:
+            v, mid, deadline = _LEASE.unpack_from(buf, 0)
+            (n,) = _H.unpack_from(buf, _LEASE.size)
+            off = _LEASE.size + 2 + 2 * n
+            worker_len = buf[off]
+            if v == 1 and off + 1 + worker_len == len(buf):
+                ords = struct.unpack_from(f"<{n}H", buf, _LEASE.size + 2) if n else ()
+                return cls(mid, deadline, ords, buf[off + 1 :].decode("utf-8"))
+        except (struct.error, IndexError, UnicodeDecodeError):
+            pass
         r = _Reader(buf, "lease row")
         v, mid, deadline = r.unpack(_LEASE)
         if v != 1:
