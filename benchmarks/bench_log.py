@@ -147,6 +147,19 @@ def bench_codec_alone(messages: list[bytes], count: int, dictionary: bytes | Non
     )
 
 
+def _run_callers(caller: Callable[[int], None], callers: int, barrier: threading.Barrier) -> float:
+    """Start ``callers`` threads running ``caller(c)``, release them together through ``barrier``
+    (which they wait on too) and return the seconds until the last one finished."""
+    threads = [threading.Thread(target=caller, args=(c,)) for c in range(callers)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
 def bench_group_floor(workdir: Path, messages: list[bytes], callers: int, count: int) -> Result:
     """(d) The group-commit pattern with nothing else: ``callers`` threads each compress and encrypt
     one message (zstd-3 + AES-256-GCM, each with its own compressor), hand it to one writer thread
@@ -203,14 +216,7 @@ def bench_group_floor(workdir: Path, messages: list[bytes], callers: int, count:
 
     writer_thread = threading.Thread(target=writer)
     writer_thread.start()
-    threads = [threading.Thread(target=caller, args=(c,)) for c in range(callers)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
+    elapsed = _run_callers(caller, callers, barrier)
     with cond:
         done = True
         cond.notify()
@@ -265,14 +271,7 @@ def bench_mqstore(
             append(chunk)
             lat.append(time.perf_counter() - t0)
 
-    threads = [threading.Thread(target=caller, args=(c,)) for c in range(callers)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
+    elapsed = _run_callers(caller, callers, barrier)
     total = per_caller * callers
     commits = store.commits
     store.close()
