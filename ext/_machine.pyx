@@ -307,11 +307,13 @@ cdef inline void _set_state(Msg* m, object deltas, str ns, int old, int new):
 # --- apply ----------------------------------------------------------------------------------------
 
 
-def enqueue(txn, dict dbs, object deltas, uint64_t index, env, int64_t size_bytes, uint64_t key_id):
-    """ENQUEUE of a message without an idempotency key in a namespace without a compliance mode
-    (the caller checks both). Returns the message id; False when a message with this id exists
-    (nothing changes); None (nothing written) when a field does not fit its encoding and the
-    reference must raise what it raises."""
+def enqueue(txn, dict dbs, object deltas, uint64_t index, env, int64_t size_bytes, uint64_t key_id,
+            bytes idem, uint64_t dedup_until):
+    """ENQUEUE of a message in a namespace without a compliance mode (the caller checks). ``idem``
+    is the idempotency key in UTF-8 (b"" for none): the caller has found no earlier message inside
+    its window, and ``dedup_until`` is where this one's window ends. Returns the message id; False
+    when a message with this id exists (nothing changes); None (nothing written) when a field does
+    not fit its encoding and the reference must raise what it raises."""
     cdef bytes mid = env.message_id
     cdef str ns = env.namespace
     cdef tuple rcpts = tuple(env.recipients)
@@ -324,7 +326,8 @@ def enqueue(txn, dict dbs, object deltas, uint64_t index, env, int64_t size_byte
     cdef Rcpt r
     cdef int i
     if PyBytes_GET_SIZE(mid) != MID or PyBytes_GET_SIZE(ns_b) > 0xFF or n > 0xFFFF or size_bytes < 0 \
-            or size_bytes > 0xFFFFFFFF or key_id > 0xFFFFFFFF or not -128 <= priority <= 127:
+            or size_bytes > 0xFFFFFFFF or key_id > 0xFFFFFFFF or not -128 <= priority <= 127 \
+            or PyBytes_GET_SIZE(idem) > 0xFFFF:
         return None
     domains = []
     for address in rcpts:
@@ -336,8 +339,14 @@ def enqueue(txn, dict dbs, object deltas, uint64_t index, env, int64_t size_byte
     db_messages = dbs[b"messages"]
     if get(mid, None, db_messages) is not None:
         return False
-    db_rcpts, db_ready, db_ready_dom = dbs[b"recipients"], dbs[b"ready"], dbs[b"ready_dom"]
     cdef bytes ns0 = ns_b + b"\x00"
+    cdef bytes dkey = None, old_dedup = None
+    if PyBytes_GET_SIZE(idem):
+        dkey = ns0 + idem
+        old_dedup = _raw(get(dkey, None, dbs[b"dedup"]))
+        if old_dedup is not None and PyBytes_GET_SIZE(old_dedup) < MID + 8:
+            return None
+    db_rcpts, db_ready, db_ready_dom = dbs[b"recipients"], dbs[b"ready"], dbs[b"ready_dom"]
     r.state = QUEUED
     r.attempts = 0
     r.due = due
@@ -364,11 +373,22 @@ def enqueue(txn, dict dbs, object deltas, uint64_t index, env, int64_t size_byte
     m.lock_mode = 0
     m.lock_until = 0
     m.key_id = key_id
-    put(mid, _encode_msg(&m, bytes((PyBytes_GET_SIZE(ns_b),)) + ns_b + b"\x00\x00"), True, True, False, db_messages)
+    cdef bytes idem_len = _new(2)
+    _le(_ptr(idem_len), <uint64_t>PyBytes_GET_SIZE(idem), 2)
+    put(mid, _encode_msg(&m, bytes((PyBytes_GET_SIZE(ns_b),)) + ns_b + idem_len + idem), True, True, False,
+        db_messages)
     put(mid, b"", True, True, False, dbs[b"live"])
     put(ns0 + mid, b"", True, True, False, dbs[b"msg_ns"])
     if expires:
         put(_time_key(expires, mid), b"", True, True, False, dbs[b"expiry"])
+    if dkey is not None:
+        # The key's earlier window, if any, has passed (the caller found no duplicate): its
+        # expiry entry goes, and the key now names this message until ``dedup_until``.
+        if old_dedup is not None:
+            txn.delete(old_dedup[MID : MID + 8] + dkey, b"", dbs[b"dedup_exp"])
+        until = _u64be(dedup_until)
+        put(dkey, mid + until, True, True, False, dbs[b"dedup"])
+        put(until + dkey, b"", True, True, False, dbs[b"dedup_exp"])
     _count(deltas, ns, _NAMES[QUEUED], n)
     _count(deltas, ns, _LIVE, 1)
     _count(deltas, ns, _STORED, 1)

@@ -7,7 +7,7 @@ from mqstore.codec import Envelope
 
 def enqueue(
     txn: Any, dbs: dict[bytes, Any], deltas: defaultdict[tuple[str, str], int], index: int, env: Envelope,
-    size_bytes: int, key_id: int,
+    size_bytes: int, key_id: int, idem: bytes, dedup_until: int,
 ) -> bytes | bool | None: ...
 def lease(
     txn: Any, dbs: dict[bytes, Any], deltas: defaultdict[tuple[str, str], int], token: int, mid: bytes,

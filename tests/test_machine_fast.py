@@ -1,12 +1,12 @@
 """The compiled hot paths of the queue state machine (``ext/_machine.pyx``) against the Python
 reference (``mqstore/queue/machine.py``).
 
-Random sequences of enqueue, lease, ack / defer / bounce (checked and unchecked, stale tokens,
-recipients not in the lease), hold / release, policy changes and lease plans (which recipients are
-due, by namespace and domain) are applied to two stores, one
-through the compiled paths and one through the reference; after every entry both give the same
-result and every table holds the same bytes. Damaged rows raise the reference's ``Corruption``
-either way. ``MQSTORE_FUZZ_EXAMPLES`` runs more examples.
+Random sequences of enqueue (with and without idempotency keys), lease, ack / defer / bounce
+(checked and unchecked, stale tokens, recipients not in the lease), hold / release, policy changes
+(idempotency windows too) and lease plans (which recipients are due, by namespace and domain) are
+applied to two stores, one through the compiled paths and one through the reference; after every
+entry both give the same result and every table holds the same bytes. Damaged rows raise the reference's
+``Corruption`` either way. ``MQSTORE_FUZZ_EXAMPLES`` runs more examples.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ ENQUEUE = st.tuples(
     st.sampled_from([0, 100, 200, 300]),  # expires after created (0: never)
     st.integers(0, 10_000),  # size
     st.integers(0, 3),  # key id
+    st.none() | st.sampled_from(["k1", "k2", "ключ"]),  # idempotency key
 )
 LEASE = st.tuples(
     st.just("lease"),
@@ -76,7 +77,8 @@ ADMIN = st.tuples(st.just("admin"), st.sampled_from(ADMIN_TYPES), st.integers(0,
 PLAN = st.tuples(st.just("plan"), TIMES, st.integers(1, 4), st.none() | st.sampled_from(NAMESPACES),
                  st.none() | st.sampled_from([d.lower() for d in DOMAINS]))
 POLICY = st.tuples(st.just("policy"), st.sampled_from(NAMESPACES), st.sampled_from([0, 100, 5_000]),
-                   st.sampled_from([0, 50, 7_000]))
+                   st.sampled_from([0, 50, 7_000]),
+                   st.sampled_from([0, 50, 100, 86_400_000]))  # idempotency window
 OPS = st.builds(
     lambda first, rest: first + rest,
     st.lists(ENQUEUE, min_size=1, max_size=4),
@@ -129,9 +131,9 @@ class Runner:
     def _apply(self, kv: LmdbKV, c: machine.Counters, op: tuple[Any, ...]) -> object:
         kind = op[0]
         if kind == "enqueue":
-            _, n, ns, prio, rcpts, created, nb, expires, size, key_id = op
+            _, n, ns, prio, rcpts, created, nb, expires, size, key_id, *idem = op
             env = Envelope(mid_of(n), ns, "s@example.org", tuple(rcpts), prio, created, created + nb,
-                           created + expires if expires else 0, None)
+                           created + expires if expires else 0, idem[0] if idem else None)
             return machine.apply_enqueue(kv, c, self.index, env, size, None, key_id)
         if kind == "lease":
             _, n, ords, now, span, worker = op
@@ -159,8 +161,8 @@ class Runner:
         if kind == "admin":
             _, rtype, n, now = op
             return machine.apply_admin(kv, c, rtype, AdminEntry(now, mid_of(n)))
-        _, ns, retention, expired_retention = op
-        policy = Policy(retention_ms=retention, expired_retention_ms=expired_retention)
+        _, ns, retention, expired_retention, window = op
+        policy = Policy(retention_ms=retention, expired_retention_ms=expired_retention, dedup_window_ms=window)
         kv.put(b"policies", ns.encode(), policy.encode())
         return None
 
@@ -227,6 +229,32 @@ def test_a_grant_reports_the_most_attempts_among_its_recipients() -> None:
     assert isinstance(grant, machine.Grant) and grant.ordinals == (2, 1, 0) and grant.attempts == 2
 
 
+def test_an_idempotency_key_names_one_message_inside_its_window() -> None:
+    def enqueue(n: int, created: int) -> tuple[Any, ...]:
+        return ("enqueue", n, "default", 0, [f"u{n}@example.org"], created, 0, 0, 10, 0, "order-7")
+
+    results = run_both([
+        ("policy", "default", 0, 0, 100),  # a window of 100 ms
+        enqueue(1, 0),
+        enqueue(2, 50),  # inside the first one's window: that message, nothing stored
+        enqueue(2, 100),  # the window has passed: stored, with a new window
+        enqueue(3, 150),  # inside the second one's window
+    ])
+    assert results[1:] == [mid_of(1), mid_of(1), mid_of(2), mid_of(2)]
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = Runner(Path(tmp), True)
+        try:
+            for op in (("policy", "default", 0, 0, 100), enqueue(1, 0), enqueue(2, 100)):
+                runner.apply(op)
+            tables = dump(runner.env)
+            # One window per key: the first one's expiry entry went when the second took the key.
+            assert [v[:16] for _, v in tables[b"dedup"]] == [mid_of(2)]
+            assert [k[:8] for k, _ in tables[b"dedup_exp"]] == [(200).to_bytes(8, "big")]
+            assert {k for k, _ in tables[b"messages"]} == {mid_of(1), mid_of(2)}
+        finally:
+            runner.env.close()
+
+
 def test_the_compiled_paths_are_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
     # The comparison above would compare the reference with itself if the switch did nothing.
     assert codec.IMPLEMENTATION == "cython" and COMPILED is not None
@@ -241,7 +269,9 @@ def test_the_compiled_paths_are_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
                 return real(kv, mid)
 
             monkeypatch.setattr(machine, "get_message", spy)
+            monkeypatch.setattr(machine, "MessageRow", lambda *a, **k: calls.append("reference enqueue"))
             runner.apply(("enqueue", 1, "default", 0, ["a@example.org"], 0, 0, 0, 10, 0))
+            runner.apply(("enqueue", 2, "default", 0, ["a@example.org"], 0, 0, 0, 10, 0, "order-7"))
             grant = runner.apply(("lease", 1, (0,), 10, 100, "w"))
             assert isinstance(grant, machine.Grant) and grant.ordinals == (0,)
             assert runner.apply(("settle", RecordType.ACK, 0, None, 20, (), b"", True)) is True

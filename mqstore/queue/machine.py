@@ -337,19 +337,22 @@ def apply_enqueue(kv: KV, c: Counters, index: int, env: Envelope, size_bytes: in
     applying, so two enqueues with one key that were both accepted before either was applied
     (on a replicated leader, say) still store one message."""
     mid = env.message_id
-    if (_fast is not None and not env.idempotency_key and isinstance(kv, LmdbKV)
-            and not c.policy(kv, env.namespace).mode):
-        done = _fast.enqueue(kv._txn, kv._dbs, c.deltas, index, env, size_bytes, key_id)
-        if done is False:  # a message with this id exists
-            return mid
-        if done is not None:
-            if ctx is not None:
-                c.observe(ctx)
-            return mid
     if env.idempotency_key:
         dup = find_duplicate(kv, env.namespace, env.idempotency_key, env.created_at_ms)
         if dup is not None:
             return dup
+    if _fast is not None and isinstance(kv, LmdbKV):
+        fast_policy = c.policy(kv, env.namespace)
+        until = env.created_at_ms + fast_policy.dedup_window_ms
+        if not fast_policy.mode and 0 <= until < 1 << 63:
+            idem = env.idempotency_key.encode("utf-8") if env.idempotency_key else b""
+            done = _fast.enqueue(kv._txn, kv._dbs, c.deltas, index, env, size_bytes, key_id, idem, until)
+            if done is False:  # a message with this id exists
+                return mid
+            if done is not None:
+                if ctx is not None:
+                    c.observe(ctx)
+                return mid
     if kv.get(b"messages", mid) is not None:
         return mid
     n = len(env.recipients)
