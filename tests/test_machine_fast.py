@@ -5,8 +5,8 @@ Random sequences of enqueue (with and without idempotency keys), lease, ack / de
 (checked and unchecked, stale tokens, recipients not in the lease), hold / release, policy changes
 (idempotency windows too) and lease plans (which recipients are due, by namespace and domain) are
 applied to two stores, one through the compiled paths and one through the reference; after every
-entry both give the same result and every table holds the same bytes. Damaged rows raise the reference's
-``Corruption`` either way. ``MQSTORE_FUZZ_EXAMPLES`` runs more examples.
+entry both give the same result and every table holds the same bytes. Damaged rows raise the
+reference's ``Corruption`` either way. ``MQSTORE_FUZZ_EXAMPLES`` runs more examples.
 """
 
 from __future__ import annotations
