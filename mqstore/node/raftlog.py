@@ -12,7 +12,9 @@ metadata live in the ``meta`` table, written in the same transaction as what the
 from __future__ import annotations
 
 import struct
+import threading
 
+from mqstore import limits
 from mqstore.codec import Record, RecordType
 from mqstore.consensus.raft import decode_conf_state, decode_snapshot_meta, encode_conf_state, encode_snapshot_meta
 from mqstore.consensus.storage import limit_size
@@ -66,12 +68,24 @@ class LmdbRaftStorage:
 
     The core asks for terms and bounds many times per message it sends, so the compaction point,
     the snapshot metadata and the terms of recent entries are kept in memory, updated when the
-    transactions that change them commit (never before: a crash must not leave them ahead)."""
+    transactions that change them commit (never before: a crash must not leave them ahead).
+
+    So are the most recently persisted entries themselves (up to ``cache_bytes``), as one
+    contiguous run ending at the last index: the core reads back what it just persisted, to send
+    it to followers and to apply it once committed, and serving that from memory saves reading,
+    checking and re-framing each entry from LMDB on every replica. An entry enters the cache only
+    when the transaction that wrote it has committed; a read the cache cannot answer whole goes
+    to LMDB (a follower far behind, an entry from before a restart)."""
 
     _TERMS_CACHED_MAX = 65_536
+    #: Bytes of recent entries kept in memory (payload plus a per-entry overhead estimate).
+    CACHE_BYTES_DEFAULT = 32 << 20
+    _ENTRY_OVERHEAD = 120
 
-    def __init__(self, log: LogStore) -> None:
+    def __init__(self, log: LogStore, cache_bytes: int = CACHE_BYTES_DEFAULT) -> None:
         self.log = log
+        self.cache_bytes = cache_bytes
+        self._cache_lock = threading.Lock()
         self.reload()
 
     def reload(self) -> None:
@@ -85,6 +99,10 @@ class LmdbRaftStorage:
         else:
             self._compacted = (self._snapshot.index, self._snapshot.term)
         self._terms: dict[int, int] = {}
+        with self._cache_lock:
+            self._cache: list[Entry] = []  # entries _cache_lo, _cache_lo + 1, ... (contiguous)
+            self._cache_lo = 0
+            self._cache_used = 0
 
     # --- Storage ------------------------------------------------------------------------------
 
@@ -133,6 +151,11 @@ class LmdbRaftStorage:
             raise Unavailable(f"entries up to {hi - 1}: last index is {self.log.last_index}")
         if lo >= hi:
             return []
+        hi = min(hi, lo + limits.READ_RANGE_RECORDS_MAX)  # as many as a read from LMDB gives
+        with self._cache_lock:
+            start = lo - self._cache_lo
+            if start >= 0 and hi - self._cache_lo <= len(self._cache):
+                return limit_size(self._cache[start : hi - self._cache_lo], max_size)
         return limit_size([record_to_entry(r) for r in self.log.read_range(lo, hi, max_size)], max_size)
 
     def snapshot(self) -> Snapshot:
@@ -161,8 +184,44 @@ class LmdbRaftStorage:
             if len(self._terms) + len(terms) > self._TERMS_CACHED_MAX:
                 self._terms.clear()
             self._terms.update(terms)
+            self._cache_entries(first, entries)
 
         ctx.on_commit(remember)
+
+    def _cache_entries(self, first: int, entries: list[Entry]) -> None:
+        """Add committed ``entries`` (from index ``first``) to the cache, replacing any cached
+        suffix from ``first`` on; the oldest entries go when the cache is over its size."""
+        overhead = self._ENTRY_OVERHEAD
+        with self._cache_lock:
+            cache = self._cache
+            cut = first - self._cache_lo
+            if cache and 0 <= cut <= len(cache):
+                if cut < len(cache):
+                    self._cache_used -= sum(len(e.payload) + overhead for e in cache[cut:])
+                    del cache[cut:]
+            else:
+                cache.clear()
+                self._cache_lo = first
+                self._cache_used = 0
+            cache.extend(entries)
+            self._cache_used += sum(len(e.payload) + overhead for e in entries)
+            if self._cache_used > self.cache_bytes:
+                # Drop from the front down to 3/4 of the limit, so this happens once in a while.
+                target = self.cache_bytes * 3 // 4
+                drop = 0
+                while drop < len(cache) and self._cache_used > target:
+                    self._cache_used -= len(cache[drop].payload) + overhead
+                    drop += 1
+                del cache[:drop]
+                self._cache_lo += drop
+
+    def _uncache_upto(self, index: int) -> None:
+        with self._cache_lock:
+            drop = min(max(index + 1 - self._cache_lo, 0), len(self._cache))
+            if drop:
+                self._cache_used -= sum(len(e.payload) + self._ENTRY_OVERHEAD for e in self._cache[:drop])
+                del self._cache[:drop]
+                self._cache_lo += drop
 
     @staticmethod
     def set_hard_state(ctx: WriteContext, hard: HardState) -> None:
@@ -191,6 +250,7 @@ class LmdbRaftStorage:
             self._compacted = (index, term)
             for old in [i for i in self._terms if i <= index]:
                 del self._terms[old]
+            self._uncache_upto(index)
 
         ctx.on_commit(remember)
 
