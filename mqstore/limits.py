@@ -73,6 +73,9 @@ WRITE_QUEUE_WAIT_MS = 30_000
 
 #: Records returned by one range read.
 READ_RANGE_RECORDS_MAX = 65_536
+#: Bytes of recently persisted Raft entries a node keeps in memory to read them back without
+#: LMDB (payloads plus a per-entry estimate; see mqstore/node/raftlog.py).
+RAFT_ENTRY_CACHE_BYTES = 32 * 1024 * 1024
 
 # --- compression and encryption (mqstore.crypto) -----------------------------------------------
 

@@ -78,11 +78,9 @@ class LmdbRaftStorage:
     to LMDB (a follower far behind, an entry from before a restart)."""
 
     _TERMS_CACHED_MAX = 65_536
-    #: Bytes of recent entries kept in memory (payload plus a per-entry overhead estimate).
-    CACHE_BYTES_DEFAULT = 32 << 20
-    _ENTRY_OVERHEAD = 120
+    _ENTRY_OVERHEAD = 120  # bytes an Entry object costs beyond its payload, about
 
-    def __init__(self, log: LogStore, cache_bytes: int = CACHE_BYTES_DEFAULT) -> None:
+    def __init__(self, log: LogStore, cache_bytes: int = limits.RAFT_ENTRY_CACHE_BYTES) -> None:
         self.log = log
         self.cache_bytes = cache_bytes
         self._cache_lock = threading.Lock()
