@@ -12,12 +12,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from dataclasses import replace
 from typing import Any
 
 import grpc
+import pytest
 
-from mqstore.consensus.types import Message, MessageType
+from mqstore.consensus.types import Entry, Message, MessageType
 from mqstore.node.transport import Transport
+from mqstore.node.wire import message_to_proto
 from mqstore.proto import raft_pb2, raft_pb2_grpc
 from mqstore.testing.cluster import free_port
 
@@ -99,3 +102,36 @@ def test_messages_sent_after_a_peer_comes_back_all_arrive() -> None:
         transport.close()
         if server is not None:
             server.stop(0).wait()
+
+
+def test_each_peer_gets_its_own_message_when_appends_share_a_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The leader builds one protobuf for an append every follower gets alike and copies it for
+    the others: what each peer is handed must still be exactly its own message."""
+    entries = tuple(Entry(term=2, index=i, rtype=18, payload=bytes([i]) * 300) for i in range(11, 15))
+    app = Message(MessageType.APPEND, to=2, frm=1, term=2, log_term=2, index=10, entries=entries, commit=9)
+    messages = [
+        app,
+        replace(app, to=3),
+        replace(app, to=4, commit=10),
+        replace(app, to=5, index=11, entries=entries[1:]),
+        replace(app, to=6, entries=tuple(Entry(e.term, e.index, e.rtype, e.payload) for e in entries)),
+        Message(MessageType.HEARTBEAT, to=2, frm=1, term=2, commit=9),
+        Message(MessageType.HEARTBEAT, to=3, frm=1, term=2, commit=8),
+        replace(app, to=7, entries=(*entries[:3], Entry(3, 14, 18, b"other"))),
+    ]
+    got: list[raft_pb2.RaftMessage] = []
+
+    class Peer:
+        def send(self, proto: raft_pb2.RaftMessage) -> bool:
+            got.append(proto)
+            return True
+
+    transport = Transport(CLUSTER, lambda node: None, lambda node, down: None)
+    monkeypatch.setattr(transport, "_peer", lambda node: Peer())
+    transport.send(messages)
+    assert [p.to for p in got] == [m.to for m in messages]
+    for proto, m in zip(got, messages, strict=True):
+        assert proto == message_to_proto(m, CLUSTER), m.to
+    assert len({id(p) for p in got}) == len(got)
+    got[0].commit = 99  # the copies are copies
+    assert got[1].commit == 9

@@ -141,6 +141,25 @@ def _snapshot_chunks(message: Message, path: Path, cluster_id: str) -> Iterator[
                 return
 
 
+def _same_but_recipient(a: Message, b: Message) -> bool:
+    """Whether ``b`` is ``a`` sent to another node (entries compared last: usually the same
+    objects, read once from the Raft storage for every follower)."""
+    return (
+        a.type == b.type
+        and a.frm == b.frm
+        and a.term == b.term
+        and a.log_term == b.log_term
+        and a.index == b.index
+        and a.commit == b.commit
+        and a.reject == b.reject
+        and a.reject_hint == b.reject_hint
+        and a.context == b.context
+        and a.snapshot is None
+        and b.snapshot is None
+        and a.entries == b.entries
+    )
+
+
 class Transport:
     """Delivers messages to peers; thread safe. ``on_unreachable(peer, down)`` hears of every
     failed stream; ``down`` when the connection was refused or reset (the consensus core may
@@ -172,9 +191,23 @@ class Transport:
         return self.channel_factory(address)
 
     def send(self, messages: list[Message]) -> None:
+        # A leader in the steady state sends every follower the same append: the protobuf
+        # message is built once (its entries are most of the work) and copied for the others.
+        built: tuple[Message, raft_pb2.RaftMessage] | None = None
         for m in messages:
             peer = self._peer(m.to)
-            if peer is None or not peer.send(message_to_proto(m, self.cluster_id)):
+            if peer is None:
+                self.dropped += 1
+                continue
+            if built is not None and _same_but_recipient(built[0], m):
+                proto = raft_pb2.RaftMessage()
+                proto.CopyFrom(built[1])
+                proto.to = m.to
+            else:
+                proto = message_to_proto(m, self.cluster_id)
+                if m.entries:
+                    built = (m, proto)
+            if not peer.send(proto):
                 self.dropped += 1
 
     def _peer(self, peer_id: int) -> _Peer | None:
