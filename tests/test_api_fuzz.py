@@ -171,9 +171,6 @@ def test_fuzzed_calls_work_or_raise_clear_errors_and_change_nothing(store: Any) 
     }
     seen: dict[str, set[str]] = {}
 
-    @settings(max_examples=int(os.environ.get("MQSTORE_FUZZ_EXAMPLES", "300")), deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
-    @given(st.sampled_from(sorted(calls)).flatmap(lambda name: st.tuples(st.just(name), calls[name][1])))
     def one(call: tuple[str, dict[str, Any]]) -> None:
         name, kwargs = call
         fn = calls[name][0]
@@ -190,7 +187,17 @@ def test_fuzzed_calls_work_or_raise_clear_errors_and_change_nothing(store: Any) 
             return
         seen.setdefault(name, set()).add("ok")
 
-    one()
+    def fuzz(strategy: st.SearchStrategy[tuple[str, dict[str, Any]]], examples: int) -> None:
+        settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))(
+            given(strategy)(one)
+        )()
+
+    fuzz(st.sampled_from(sorted(calls)).flatmap(lambda name: st.tuples(st.just(name), calls[name][1])),
+         int(os.environ.get("MQSTORE_FUZZ_EXAMPLES", "300")))
+    # Hypothesis does not draw the calls evenly: a short run can pass one by (it happened, one
+    # run in many). Each call it missed is then fuzzed on its own, on the store as it is now.
+    for name in sorted(set(calls) - set(seen)):
+        fuzz(st.tuples(st.just(name), calls[name][1]), 20)
     print({name: sorted(outcomes) for name, outcomes in sorted(seen.items())})
     assert len(seen) == len(calls), f"never called: {sorted(set(calls) - set(seen))}"
     if isinstance(store, mqstore.Store):
