@@ -62,6 +62,14 @@ def record_to_entry(record: Record) -> Entry:
     return Entry(term=record.term, index=record.index, rtype=record.type, payload=payload)
 
 
+_ENTRY_OVERHEAD = 120  # bytes an Entry object costs in memory beyond its payload, about
+
+
+def _footprint(entries: list[Entry]) -> int:
+    """What ``entries`` cost the entry cache, in bytes (payloads plus the per-entry estimate)."""
+    return sum(len(e.payload) for e in entries) + _ENTRY_OVERHEAD * len(entries)
+
+
 class LmdbRaftStorage:
     """``mqstore.consensus.storage.Storage`` over a :class:`LogStore` (read side), plus the
     write-side helpers the node uses inside its persist transaction.
@@ -78,7 +86,6 @@ class LmdbRaftStorage:
     to LMDB (a follower far behind, an entry from before a restart)."""
 
     _TERMS_CACHED_MAX = 65_536
-    _ENTRY_OVERHEAD = 120  # bytes an Entry object costs beyond its payload, about
 
     def __init__(self, log: LogStore, cache_bytes: int = limits.RAFT_ENTRY_CACHE_BYTES) -> None:
         self.log = log
@@ -189,26 +196,25 @@ class LmdbRaftStorage:
     def _cache_entries(self, first: int, entries: list[Entry]) -> None:
         """Add committed ``entries`` (from index ``first``) to the cache, replacing any cached
         suffix from ``first`` on; the oldest entries go when the cache is over its size."""
-        overhead = self._ENTRY_OVERHEAD
         with self._cache_lock:
             cache = self._cache
             cut = first - self._cache_lo
             if cache and 0 <= cut <= len(cache):
                 if cut < len(cache):
-                    self._cache_used -= sum(len(e.payload) + overhead for e in cache[cut:])
+                    self._cache_used -= _footprint(cache[cut:])
                     del cache[cut:]
             else:
                 cache.clear()
                 self._cache_lo = first
                 self._cache_used = 0
             cache.extend(entries)
-            self._cache_used += sum(len(e.payload) + overhead for e in entries)
+            self._cache_used += _footprint(entries)
             if self._cache_used > self.cache_bytes:
                 # Drop from the front down to 3/4 of the limit, so this happens once in a while.
                 target = self.cache_bytes * 3 // 4
                 drop = 0
                 while drop < len(cache) and self._cache_used > target:
-                    self._cache_used -= len(cache[drop].payload) + overhead
+                    self._cache_used -= len(cache[drop].payload) + _ENTRY_OVERHEAD
                     drop += 1
                 del cache[:drop]
                 self._cache_lo += drop
@@ -217,7 +223,7 @@ class LmdbRaftStorage:
         with self._cache_lock:
             drop = min(max(index + 1 - self._cache_lo, 0), len(self._cache))
             if drop:
-                self._cache_used -= sum(len(e.payload) + self._ENTRY_OVERHEAD for e in self._cache[:drop])
+                self._cache_used -= _footprint(self._cache[:drop])
                 del self._cache[:drop]
                 self._cache_lo += drop
 
