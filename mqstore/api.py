@@ -29,6 +29,7 @@ from mqstore.compliance.rules import SYSTEM_ACTOR, ComplianceClock, Ctx, Mode, c
 from mqstore.compliance.signing import load_or_create_signing_key
 from mqstore.crypto import KeyProvider
 from mqstore.crypto.keyring import SYSTEM_NAMESPACE
+from mqstore.diskspace import DiskSpace
 from mqstore.errors import Immutable, InvalidArgument, NotFound, PermissionDenied, StaleLease
 from mqstore.ids import format_id, id_time_ms, parse_id
 from mqstore.queue import machine
@@ -1043,8 +1044,11 @@ class Store(QueueBase):
         compression_level: int = limits.ZSTD_LEVEL_DEFAULT,
         map_size: int = limits.MAP_SIZE_BYTES_DEFAULT,
         audit_signing_key: str | os.PathLike[str] | None = None,
+        disk_free_min_bytes: int = limits.DISK_FREE_MIN_BYTES_DEFAULT,
+        disk_free_min_percent: float = limits.DISK_FREE_MIN_PERCENT_DEFAULT,
     ) -> None:
         clock = clock or time.time
+        disk = DiskSpace(Path(path), disk_free_min_bytes, disk_free_min_percent, what=f"store {path}")
         log_store = LogStore(
             path,
             key_file=key_file,
@@ -1067,6 +1071,7 @@ class Store(QueueBase):
             raise
         super().__init__(log_store, clock, monotonic=monotonic or time.monotonic, audit_signer=signer)
         self.path = Path(path)
+        self.disk = disk
         self._compacted_at = self.log.last_index
         self._closed = threading.Event()
         self._wake = threading.Event()
@@ -1100,6 +1105,9 @@ class Store(QueueBase):
         """Store several messages in one durable commit; returns their ids in order."""
         actor = self._check_enqueue(messages, actor)
         new = self._new_messages(messages)
+        refusal = self.disk.refusal()
+        if refusal is not None:
+            raise refusal
         ctx = self._ctx(actor)
         staged = self.log.stage_messages(new, ctx.encode())
         sizes = [len(n.data) for n in new]

@@ -128,8 +128,8 @@ class EdgeLimits:
 
 #: Health: a node reports NOT_SERVING, and refuses enqueues, when its disk has less free space
 #: than the larger of these.
-DISK_FREE_MIN_BYTES_DEFAULT = 256 * 1024 * 1024
-DISK_FREE_MIN_PERCENT_DEFAULT = 1.0
+DISK_FREE_MIN_BYTES_DEFAULT = limits.DISK_FREE_MIN_BYTES_DEFAULT
+DISK_FREE_MIN_PERCENT_DEFAULT = limits.DISK_FREE_MIN_PERCENT_DEFAULT
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,6 +65,12 @@ class Overloaded(MQStoreError):
     """A bounded queue stayed full for longer than the caller was willing to wait."""
 
 
+class StorageFull(Overloaded):
+    """The disk holding the store is full, or below the free-space floor kept for draining the
+    queue: nothing was stored. Deliveries, deletes and compaction free space; retry later (an MTA
+    answers 452 4.3.1 "Insufficient system storage" meanwhile)."""
+
+
 class NotFound(MQStoreError, LookupError):
     """The named object (log index, message, key) does not exist."""
 
@@ -117,6 +123,7 @@ __all__ = [
     "Overloaded",
     "PermissionDenied",
     "StaleLease",
+    "StorageFull",
     "StoreClosed",
     "StoreLocked",
     "Unauthenticated",

@@ -12,15 +12,14 @@ half-way through a commit. Leasing, settling and reading go on: they free space.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from grpc_health.v1 import health, health_pb2
 
-from mqstore.errors import MQStoreError, Overloaded, Unavailable
+from mqstore.diskspace import DiskSpace
+from mqstore.errors import MQStoreError, StorageFull, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -48,32 +47,30 @@ class NodeHealth:
         self.disk_free_min_percent = disk_free_min_percent
         self.on_leader_change = on_leader_change
         self.servicer = health.HealthServicer()
-        self.disk_free_bytes = 0
-        self.disk_total_bytes = 0
-        self.disk_nearly_full = False
+        self.disk = DiskSpace(self.data_dir, disk_free_min_bytes, disk_free_min_percent, what=f"node {node_id}")
         self.serving = False
         self._last_leader = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.update()
 
+    @property
+    def disk_free_bytes(self) -> int:
+        return self.disk.free_bytes
+
+    @property
+    def disk_total_bytes(self) -> int:
+        return self.disk.total_bytes
+
+    @property
+    def disk_nearly_full(self) -> bool:
+        return self.disk.nearly_full
+
     def disk_floor_bytes(self) -> int:
-        return max(self.disk_free_min_bytes, int(self.disk_total_bytes * self.disk_free_min_percent / 100))
+        return self.disk.floor_bytes()
 
     def update(self) -> None:
-        try:
-            usage = shutil.disk_usage(self.data_dir if self.data_dir.exists() else os.getcwd())
-            self.disk_free_bytes, self.disk_total_bytes = usage.free, usage.total
-        except OSError:
-            log.warning("node %d: cannot read the free space of %s", self.node_id, self.data_dir)
-        nearly_full = self.disk_free_bytes < self.disk_floor_bytes()
-        if nearly_full != self.disk_nearly_full:
-            (log.error if nearly_full else log.info)(
-                "node %d: disk %s: %d bytes free, the floor is %d bytes",
-                self.node_id, "nearly full, refusing new enqueues" if nearly_full else "has room again",
-                self.disk_free_bytes, self.disk_floor_bytes(),
-            )
-        self.disk_nearly_full = nearly_full
+        nearly_full = self.disk.update()
         leader = self.leader_id()
         if leader != self._last_leader:
             if leader and self.on_leader_change is not None:
@@ -88,10 +85,10 @@ class NodeHealth:
 
     def enqueue_refusal(self) -> MQStoreError | None:
         """Why a new enqueue must be refused now (None: it may go ahead)."""
-        if self.disk_nearly_full:
-            return Overloaded(
-                f"node {self.node_id}: disk nearly full ({self.disk_free_bytes} bytes free, below the floor of "
-                f"{self.disk_floor_bytes()} bytes: health.disk_free_min_bytes / disk_free_min_percent); new "
+        if self.disk.nearly_full:  # read every CHECK_INTERVAL_S by the watcher thread
+            return StorageFull(
+                f"node {self.node_id}: disk nearly full ({self.disk.free_bytes} bytes free, below the floor of "
+                f"{self.disk.floor_bytes()} bytes: health.disk_free_min_bytes / disk_free_min_percent); new "
                 "enqueues are refused until space is freed"
             )
         if self.leader_id() == 0:

@@ -55,6 +55,14 @@ MAP_SIZE_BYTES_DEFAULT = 256 * 1024 * 1024
 MAP_SIZE_BYTES_MIN = 1024 * 1024
 MAP_SIZE_BYTES_MAX = 1 << 40  # 1 TiB of address space; LMDB only uses disk for pages written.
 
+#: Free space kept on the store's disk: below the larger of these, new enqueues are refused up
+#: front (StorageFull; a node also reports NOT_SERVING) while leasing, settling and deleting go on,
+#: since they are what frees space. Postfix's queue_minfree is the same idea.
+DISK_FREE_MIN_BYTES_DEFAULT = 256 * 1024 * 1024
+DISK_FREE_MIN_PERCENT_DEFAULT = 1.0
+#: How long a reading of the disk's free space is used before it is taken again.
+DISK_CHECK_INTERVAL_S = 0.25
+
 #: Pending write requests the group-commit writer accepts before callers block (back-pressure).
 WRITE_QUEUE_ITEMS_MAX = 4096
 #: Write requests the writer drains into one transaction.

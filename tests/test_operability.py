@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from mqstore.client import Client
 from mqstore.crypto import create_key_file
-from mqstore.errors import Overloaded, Unavailable
+from mqstore.errors import StorageFull, Unavailable
 from mqstore.node.runtime import bootstrap
 from mqstore.proto import queue_pb2, queue_pb2_grpc
 from mqstore.security.tokens import TokenStore
@@ -150,7 +150,7 @@ def test_disk_nearly_full_is_not_serving_and_refuses_enqueues(tmp_path: Path) ->
         address = cluster.address(1)
         assert _wait(lambda: _health(address) == _NOT_SERVING)
         with Client(address, timeout=3) as c:
-            with pytest.raises(Overloaded, match="disk nearly full"):
+            with pytest.raises(StorageFull, match="disk nearly full"):  # an Overloaded: retry later
                 c.enqueue(mail_from="a@example.org", recipients=["b@example.net"], data=MAIL)
             assert c.stats()["messages"] == 0  # reads go on; nothing was written
         assert server.node.is_leader

@@ -90,6 +90,7 @@ def _refused(exc: errors.MQStoreError, reason: str) -> _Refused:
         errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
         errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
         errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        errors.StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
         errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     }.get(type(exc), grpc.StatusCode.FAILED_PRECONDITION)
     return _Refused(code, str(exc), type(exc).__name__, reason)

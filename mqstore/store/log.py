@@ -27,10 +27,10 @@ from mqstore.codec import Envelope, Flags, Record, RecordType
 from mqstore.crypto.keyring import ACTION_CREATE, SYSTEM_NAMESPACE, KeyEvent, KeyRing
 from mqstore.crypto.providers import FileKeyProvider, KeyProvider, create_key_file
 from mqstore.crypto.seal import Sealed, Sealer, SealRequest, train_dictionary
+from mqstore.diskspace import write_failure
 from mqstore.errors import (
     Corruption,
     InvalidArgument,
-    MQStoreError,
     NotFound,
     UnknownKey,
     WrongKey,
@@ -505,9 +505,11 @@ class LogStore:
                 continue
             except lmdb.Error as exc:
                 # Disk full, I/O error: nothing of this batch is committed; every caller hears it.
+                error = write_failure(self.env.path / "data.mdb", exc, sum(item.size for item in live))
+                log.error("store %s: %s", self.path, error)
                 for item in live:
                     item.result = None
-                    item.error = MQStoreError(f"write failed, nothing was committed: {exc}")
+                    item.error = error
                 return
             if failed is not None:
                 live.remove(failed)
