@@ -12,11 +12,11 @@ workers, every call recorded), injects faults, heals, and then checks:
 
 Scenarios: 3 nodes / 3 sites — kill -9 the leader (3 times, restarting it), SIGSTOP the leader
 for 3 s, cut links through TCP proxies (isolate the leader; asymmetric cuts both ways; then slow
-its links down), kill a follower's whole site; 5 nodes placed 2/2/1 — kill -9 the leader's whole
-site (2 nodes); and, with a 5 s election timeout, a killed leader replaced long before that
-timeout (its followers see its connections refused) while a paused one is not. Fast tests at the
-end check that the checker flags each kind of violation and that the proxy cuts, heals,
-blackholes and delays.
+its links down), kill a follower's whole site, fill a follower's disk and then the leader's; 5
+nodes placed 2/2/1 — kill -9 the leader's whole site (2 nodes); and, with a 5 s election
+timeout, a killed leader replaced long before that timeout (its followers see its connections
+refused) while a paused one is not. Fast tests at the end check that the checker flags each kind
+of violation and that the proxy cuts, heals, blackholes and delays.
 
 Failover time = from the fault to the first write answered by another node, as the workload's
 own clients saw it (client-side leader discovery and backoff included); the time until another
@@ -335,6 +335,35 @@ def test_kill_a_follower_site_3_sites(tmp_path: Path) -> None:
                 wait_caught_up(cluster, node_id)
         verify(cluster, workload, "kill follower site")
     print(f"[kill follower site] longest write gap while the site was down (s): {summarize(gaps)}")
+
+
+def test_a_full_disk_stops_the_node_and_it_catches_up_once_there_is_room(tmp_path: Path) -> None:
+    """A node whose disk fills up cannot persist its log: it stops and ``mqstore serve`` exits
+    with status 1 naming what ran out, while the others go on (a follower's disk: writes go on;
+    the leader's: another node is elected). Restarted with room, it catches up, and no
+    acknowledged write is lost."""
+    with running(tmp_path, ["a", "b", "c"]) as (cluster, workload):
+        for _ in range(ROUNDS):
+            for role in ("follower", "leader"):
+                leader = leader_of(cluster)
+                victim = leader if role == "leader" else next(n for n in cluster.nodes if n != leader)
+                spec = cluster.nodes[victim]
+                assert spec.process is not None and spec.log_path is not None
+                t0 = time.time()
+                limit = cluster.fill_disk(victim)
+                assert spec.process.wait(120) == 1, f"the {role} with a full disk did not exit with status 1"
+                stopped = time.time()
+                log_text = spec.log_path.read_text(errors="replace")
+                assert f"process's file size limit ({limit} bytes, ulimit -f)" in log_text, log_text[-3000:]
+                assert "stopping so that it can be restarted" in log_text
+                if role == "leader":
+                    print(f"[full disk] leader {victim} stopped {stopped - t0:.2f} s after its disk filled (at its "
+                          f"first write the disk could not take); another node reported itself leader "
+                          f"{new_leader_after(cluster, victim, stopped):.2f} s after that")
+                assert workload.wait_for_writes(20, timeout=30), f"no writes after the {role}'s disk filled"
+                cluster.start(victim)
+                wait_caught_up(cluster, victim)
+        verify(cluster, workload, "full disk")
 
 
 def test_kill_leader_site_5_nodes_2_2_1(tmp_path: Path) -> None:

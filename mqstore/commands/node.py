@@ -64,6 +64,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # A write past the process's file size limit (ulimit -f) then fails with EFBIG, which the
+    # node reports and stops on like a full disk, instead of the kernel killing it without a word.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     server.start()
 
     def watch_failure() -> None:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -242,6 +243,17 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 spec.process.kill()
                 spec.process.wait(30)
+
+    def fill_disk(self, node_id: int) -> int:
+        """Fill the running node's disk, as far as it can tell: its file size limit (RLIMIT_FSIZE)
+        becomes its data file's size now, so every write that needs the file to grow fails as on
+        a full disk (EFBIG: ``mqstore serve`` ignores SIGXFSZ). A restart lifts it. Returns the limit."""
+        spec = self.nodes[node_id]
+        if spec.process is None or spec.process.poll() is not None:
+            raise RuntimeError(f"node {node_id} is not running")
+        size = (self.data_dir(node_id) / "data.mdb").stat().st_size
+        resource.prlimit(spec.process.pid, resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+        return size
 
     def pause(self, node_id: int) -> None:
         spec = self.nodes[node_id]
