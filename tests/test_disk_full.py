@@ -31,7 +31,7 @@ CHILD = textwrap.dedent(
     from mqstore.errors import MQStoreError
 
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed, as ENOSPC would
-    path, key = sys.argv[1], sys.argv[2]
+    path, key, namespace = sys.argv[1], sys.argv[2], sys.argv[3]
     out = {"acked": [], "refused": [], "acks": [], "ack_refused": [], "holds": [], "hold_refused": []}
     data_file = os.path.join(path, "data.mdb")
 
@@ -39,10 +39,13 @@ CHILD = textwrap.dedent(
         return os.urandom(3000)  # incompressible: every message needs new pages
 
     def enqueue(i):
-        mid = store.enqueue(mail_from="a@example.org", recipients=[f"r{i}@example.net"], data=body(i))
+        mid = store.enqueue(mail_from="a@example.org", recipients=[f"r{i}@example.net"], data=body(i),
+                            namespace=namespace)
         out["acked"].append(mid)
 
     with mqstore.open(path, key_file=key, background=False) as store:
+        if namespace == "regulated":
+            store.set_policy(namespace, mode="compliance", retention_days=1)
         for i in range(30):
             enqueue(i)
         leases = store.lease(worker="w1", max_messages=10)
@@ -99,11 +102,15 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_a_full_disk_refuses_writes_whole_and_the_store_goes_on_when_there_is_room(tmp_path: Path) -> None:
+@pytest.mark.parametrize("namespace", ["default", "regulated"])
+def test_a_full_disk_refuses_writes_whole_and_the_store_goes_on_when_there_is_room(tmp_path: Path,
+                                                                                   namespace: str) -> None:
+    """In a COMPLIANCE namespace ("regulated") every enqueue, lease, ack and hold also writes a
+    hash-chained audit record: a refused write must leave no gap or fork in the chain."""
     path = tmp_path / "queue"
     key = create_key_file(tmp_path / "queue.key")
     run = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), str(key)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", CHILD, str(path), str(key), namespace], capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.splitlines()[-1])
@@ -145,6 +152,11 @@ def test_a_full_disk_refuses_writes_whole_and_the_store_goes_on_when_there_is_ro
                 assert state == "queued"
         held = {m.message_id for m in store.list(state="held", limit=10000)}
         assert held == set(out["holds"])
+        report = store.audit_verify()
+        assert report.ok, report.problems
+        if namespace == "regulated":  # one audit record per acknowledged enqueue, none for a refused one
+            audited = store.audit_query(where={"op": "enqueue"}, limit=10000)
+            assert sorted(r["target"] for r in audited) == sorted(out["acked"])
         # And it keeps working: a lease hands out the queued messages, not the held ones.
         leased = store.lease(worker="w2", max_messages=1000)
         assert {lease.message_id for lease in leased} == {
