@@ -1030,6 +1030,9 @@ class Store(QueueBase):
     messages and compacts finished ones when they fall due. The audit log's checkpoints are
     signed with the Ed25519 key in ``audit_signing_key`` (default ``<path>/audit-signing.key``,
     created on first open; keep a copy of its public key, or an exported checkpoint, elsewhere).
+    Below ``disk_free_min_bytes`` / ``disk_free_min_percent`` of free space on the store's disk
+    (the larger counts) enqueues raise :class:`~mqstore.errors.StorageFull`; everything else goes
+    on, since leasing, settling and deleting are what frees space.
     """
 
     def __init__(
