@@ -16,13 +16,16 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
+import lmdb
 import pytest
 
 import mqstore
 from mqstore.crypto import create_key_file
 from mqstore.diskspace import DiskSpace
 from mqstore.errors import InvalidArgument, StorageFull
+from mqstore.store.writer import WriterFailed
 
 CHILD = textwrap.dedent(
     """
@@ -236,3 +239,50 @@ def test_the_free_space_is_read_again_after_the_interval_and_not_before(monkeypa
     free[0] = 6 * 2**30  # space freed
     now[0] += 0.25
     assert disk.refusal() is None and reads[0] == 3
+
+
+class _PanickingEnv:
+    """An LMDB environment whose commits fail as after a failed meta-page write (MDB_PANIC)."""
+
+    def __init__(self, env: Any) -> None:
+        self._env = env
+
+    def begin(self, *args: Any, **kwargs: Any) -> Any:
+        txn = self._env.begin(*args, **kwargs)
+        if not kwargs.get("write"):
+            return txn
+        return _PanickingTxn(txn)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._env, name)
+
+
+class _PanickingTxn:
+    def __init__(self, txn: Any) -> None:
+        self._txn = txn
+
+    def commit(self) -> None:
+        self._txn.abort()
+        raise lmdb.PanicError("mdb_txn_commit: MDB_PANIC: Update of meta page failed or environment had fatal error")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._txn, name)
+
+
+def test_an_environment_that_panicked_stops_the_writer_and_says_to_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "queue"
+    key = create_key_file(tmp_path / "queue.key")
+    with mqstore.open(path, key_file=key, background=False) as store:
+        first = store.enqueue(**_mail(1))  # type: ignore[arg-type]
+        healthy = store.log.env.env
+        store.log.env.env = _PanickingEnv(healthy)  # type: ignore[assignment]
+        with pytest.raises(WriterFailed, match="MDB_PANIC"):
+            store.enqueue(**_mail(2))  # type: ignore[arg-type]
+        store.log.env.env = healthy  # even so: the store stays failed until it is reopened
+        with pytest.raises(WriterFailed, match="reopen the store"):
+            store.enqueue(**_mail(3))  # type: ignore[arg-type]
+        assert store.get(first).recipients[0].state == "queued"  # reads go on
+    with mqstore.open(path, key_file=key, background=False) as store:
+        assert [m.message_id for m in store.list()] == [first]
+        store.enqueue(**_mail(4))  # type: ignore[arg-type]
+        assert store.stats()["messages"] == 2

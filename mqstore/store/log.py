@@ -503,6 +503,11 @@ class LogStore:
                 new_size = self.env.grow()
                 log.info("store %s: map full, grown to %d bytes; retrying the batch", self.path, new_size)
                 continue
+            except lmdb.PanicError:
+                # LMDB could not write a meta page and refuses every later write of this
+                # environment: the writer stops (WriterFailed: "reopen the store"), rather than
+                # failing every write one by one with the same words as a full disk.
+                raise
             except lmdb.Error as exc:
                 # Disk full, I/O error: nothing of this batch is committed; every caller hears it.
                 error = write_failure(self.env.path / "data.mdb", exc, sum(item.size for item in live))
