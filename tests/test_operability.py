@@ -152,6 +152,11 @@ def test_disk_nearly_full_is_not_serving_and_refuses_enqueues(tmp_path: Path) ->
         with Client(address, timeout=3) as c:
             with pytest.raises(StorageFull, match="disk nearly full"):  # an Overloaded: retry later
                 c.enqueue(mail_from="a@example.org", recipients=["b@example.net"], data=MAIL)
+            message = {"mail_from": "a@example.org", "recipients": ["b@example.net"], "data": MAIL}
+            with pytest.raises(StorageFull, match="disk nearly full"):
+                c.enqueue_many([message, message])
+            with pytest.raises(StorageFull, match="disk nearly full"):
+                list(c.enqueue_stream([message] * 3))
             assert c.stats()["messages"] == 0  # reads go on; nothing was written
         assert server.node.is_leader
     finally:
