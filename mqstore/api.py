@@ -1108,7 +1108,7 @@ class Store(QueueBase):
         """Store several messages in one durable commit; returns their ids in order."""
         actor = self._check_enqueue(messages, actor)
         new = self._new_messages(messages)
-        refusal = self.disk.refusal()
+        refusal = self.disk.check()
         if refusal is not None:
             raise refusal
         ctx = self._ctx(actor)

@@ -126,8 +126,7 @@ class EdgeLimits:
     deadline_required: bool = True
 
 
-#: Health: a node reports NOT_SERVING, and refuses enqueues, when its disk has less free space
-#: than the larger of these.
+#: Health (see limits.py): named here because the ``limits`` field of NodeConfig hides the module.
 DISK_FREE_MIN_BYTES_DEFAULT = limits.DISK_FREE_MIN_BYTES_DEFAULT
 DISK_FREE_MIN_PERCENT_DEFAULT = limits.DISK_FREE_MIN_PERCENT_DEFAULT
 

@@ -37,6 +37,7 @@ class DiskSpace:
         *,
         interval_s: float = limits.DISK_CHECK_INTERVAL_S,
         what: str = "store",
+        settings: str = "disk_free_min_bytes / disk_free_min_percent",
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0:
@@ -48,6 +49,7 @@ class DiskSpace:
         self.min_percent = float(min_percent)
         self.interval_s = interval_s
         self.what = what
+        self.settings = settings
         self._monotonic = monotonic
         self.free_bytes = 0
         self.total_bytes = 0
@@ -79,16 +81,20 @@ class DiskSpace:
         self.nearly_full = nearly_full
         return nearly_full
 
-    def refusal(self) -> StorageFull | None:
-        """Why a new enqueue must be refused now (None: it may go ahead). Reads the disk again
-        when the last reading is older than ``interval_s``."""
+    def check(self) -> StorageFull | None:
+        """:meth:`refusal`, reading the disk again first when the last reading is older than
+        ``interval_s`` (for a caller with no thread that keeps the reading current)."""
         if self._read_at is None or self._monotonic() - self._read_at >= self.interval_s:
             self.update()
+        return self.refusal()
+
+    def refusal(self) -> StorageFull | None:
+        """Why a new enqueue must be refused, by the last reading (None: it may go ahead)."""
         if not self.nearly_full:
             return None
         return StorageFull(
             f"{self.what}: disk nearly full ({self.free_bytes} bytes free, below the floor of "
-            f"{self.floor_bytes()} bytes: disk_free_min_bytes / disk_free_min_percent); nothing was stored, "
+            f"{self.floor_bytes()} bytes: {self.settings}); nothing was stored, "
             "and new enqueues are refused until space is freed (leasing, settling and deleting go on)"
         )
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from grpc_health.v1 import health, health_pb2
 
 from mqstore.diskspace import DiskSpace
-from mqstore.errors import MQStoreError, StorageFull, Unavailable
+from mqstore.errors import MQStoreError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -43,31 +43,15 @@ class NodeHealth:
         self.node_id = node_id
         self.data_dir = Path(data_dir)
         self.leader_id = leader_id
-        self.disk_free_min_bytes = disk_free_min_bytes
-        self.disk_free_min_percent = disk_free_min_percent
         self.on_leader_change = on_leader_change
         self.servicer = health.HealthServicer()
-        self.disk = DiskSpace(self.data_dir, disk_free_min_bytes, disk_free_min_percent, what=f"node {node_id}")
+        self.disk = DiskSpace(self.data_dir, disk_free_min_bytes, disk_free_min_percent, what=f"node {node_id}",
+                              settings="health.disk_free_min_bytes / disk_free_min_percent")
         self.serving = False
         self._last_leader = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.update()
-
-    @property
-    def disk_free_bytes(self) -> int:
-        return self.disk.free_bytes
-
-    @property
-    def disk_total_bytes(self) -> int:
-        return self.disk.total_bytes
-
-    @property
-    def disk_nearly_full(self) -> bool:
-        return self.disk.nearly_full
-
-    def disk_floor_bytes(self) -> int:
-        return self.disk.floor_bytes()
 
     def update(self) -> None:
         nearly_full = self.disk.update()
@@ -85,12 +69,9 @@ class NodeHealth:
 
     def enqueue_refusal(self) -> MQStoreError | None:
         """Why a new enqueue must be refused now (None: it may go ahead)."""
-        if self.disk.nearly_full:  # read every CHECK_INTERVAL_S by the watcher thread
-            return StorageFull(
-                f"node {self.node_id}: disk nearly full ({self.disk.free_bytes} bytes free, below the floor of "
-                f"{self.disk.floor_bytes()} bytes: health.disk_free_min_bytes / disk_free_min_percent); new "
-                "enqueues are refused until space is freed"
-            )
+        refusal = self.disk.refusal()  # read every CHECK_INTERVAL_S by the watcher thread
+        if refusal is not None:
+            return refusal
         if self.leader_id() == 0:
             return Unavailable(f"node {self.node_id} knows no leader (an election is under way): retry shortly")
         return None

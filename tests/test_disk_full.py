@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lmdb
 import pytest
@@ -215,29 +215,37 @@ def test_a_bad_free_space_floor_is_refused_before_anything_is_created(tmp_path: 
     assert not (tmp_path / "queue").exists()
 
 
+class _Usage(NamedTuple):
+    total: int
+    used: int
+    free: int
+
+
 def test_the_free_space_is_read_again_after_the_interval_and_not_before(monkeypatch: pytest.MonkeyPatch,
                                                                         tmp_path: Path) -> None:
     free = [10 * 2**30]
     reads = [0]
     now = [100.0]
 
-    def disk_usage(path: object) -> shutil._ntuple_diskusage:
+    def disk_usage(path: object) -> _Usage:
         reads[0] += 1
-        return shutil._ntuple_diskusage(100 * 2**30, 100 * 2**30 - free[0], free[0])
+        return _Usage(100 * 2**30, 100 * 2**30 - free[0], free[0])
 
     monkeypatch.setattr(shutil, "disk_usage", disk_usage)
     disk = DiskSpace(tmp_path, 2**30, 5.0, interval_s=0.25, monotonic=lambda: now[0])
     assert disk.floor_bytes() == 5 * 2**30  # the larger of 1 GiB and 5 % of 100 GiB
-    assert disk.refusal() is None and reads[0] == 1
+    assert disk.check() is None and reads[0] == 1
     free[0] = 4 * 2**30  # another program fills the disk
     now[0] += 0.2
-    assert disk.refusal() is None and reads[0] == 1  # the reading is still fresh
+    assert disk.check() is None and reads[0] == 1  # the reading is still fresh
     now[0] += 0.05
-    refusal = disk.refusal()
+    refusal = disk.check()
     assert isinstance(refusal, StorageFull) and reads[0] == 2
     assert f"{4 * 2**30} bytes free, below the floor of {5 * 2**30} bytes" in str(refusal)
     free[0] = 6 * 2**30  # space freed
     now[0] += 0.25
+    assert disk.check() is None and reads[0] == 3
+    free[0] = 1  # a node's watcher thread reads the disk; refusal() answers from the last reading
     assert disk.refusal() is None and reads[0] == 3
 
 

@@ -157,6 +157,14 @@ def test_disk_nearly_full_is_not_serving_and_refuses_enqueues(tmp_path: Path) ->
                 c.enqueue_many([message, message])
             with pytest.raises(StorageFull, match="disk nearly full"):
                 list(c.enqueue_stream([message] * 3))
+        # What a client in another language sees: RESOURCE_EXHAUSTED, with the error class named.
+        with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as err:
+            queue_pb2_grpc.QueueStub(channel).Enqueue(
+                queue_pb2.EnqueueRequest(message=queue_pb2.NewMessage(
+                    mail_from="a@example.org", recipients=["b@example.net"], data=MAIL)), timeout=5)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert ("mqstore-error", "StorageFull") in tuple(err.value.trailing_metadata() or ())
+        with Client(address, timeout=3) as c:
             assert c.stats()["messages"] == 0  # reads go on; nothing was written
         assert server.node.is_leader
     finally:

@@ -85,14 +85,15 @@ class _Refused(Exception):
 
 
 def _refused(exc: errors.MQStoreError, reason: str) -> _Refused:
-    code = {
+    codes = {
         errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
         errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
         errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
         errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-        errors.StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
         errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    }.get(type(exc), grpc.StatusCode.FAILED_PRECONDITION)
+    }
+    # The nearest class that has a code (a StorageFull is an Overloaded).
+    code = next((codes[c] for c in type(exc).__mro__ if c in codes), grpc.StatusCode.FAILED_PRECONDITION)
     return _Refused(code, str(exc), type(exc).__name__, reason)
 
 
