@@ -723,7 +723,9 @@ def _status(p: Any) -> dict[str, Any]:
         "last_index": p.last_index,
         "min_sites": p.min_sites,
         "members": [
-            {"id": m.id, "site": m.site, "address": m.address, "voter": m.voter, "match_index": m.match_index}
+            {"id": m.id, "site": m.site, "address": m.address, "voter": m.voter, "match_index": m.match_index,
+             **({"clock_offset_ms": m.clock_offset_ms, "clock_error_ms": m.clock_error_ms}
+                if m.HasField("clock_offset_ms") else {})}
             for m in p.members
         ],
         "stats": json.loads(p.stats_json) if p.stats_json else {},

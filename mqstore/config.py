@@ -64,7 +64,7 @@ from mqstore.errors import InvalidArgument
 
 _KEYS = {"node_id", "site", "listen", "advertise", "data_dir", "key_file", "audit_signing_key", "min_sites",
          "peers", "cluster_id",
-         "election_tick", "heartbeat_ms", "log_level", "log_json",
+         "election_tick", "heartbeat_ms", "max_clock_offset_ms", "log_level", "log_json",
          "insecure", "tls", "auth", "limits", "metrics", "health"}
 _TLS_KEYS = {"ca", "cert", "key"}
 _AUTH_KEYS = {"tokens_file", "anonymous", "clients"}
@@ -145,6 +145,9 @@ class NodeConfig:
     cluster_id: str = ""
     election_tick: int = 10
     heartbeat_ms: int = 100
+    #: Clock offsets beyond this are logged, and a node this far off the voters' median clock
+    #: stamps with the median (mqstore/node/clocks.py).
+    max_clock_offset_ms: int = 500
     log_level: str = "info"
     log_json: bool = False
     insecure: bool = False
@@ -264,6 +267,7 @@ def parse(data: dict[str, Any], source: str = "<dict>") -> NodeConfig:
         cluster_id=cluster_id,
         election_tick=_int(data.get("election_tick", 10), f"{where} election_tick", 2, 1000),
         heartbeat_ms=_int(data.get("heartbeat_ms", 100), f"{where} heartbeat_ms", 10, 10_000),
+        max_clock_offset_ms=_int(data.get("max_clock_offset_ms", 500), f"{where} max_clock_offset_ms", 1, 86_400_000),
         log_level=log_level,
         log_json=log_json,
         source=source,

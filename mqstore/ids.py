@@ -29,7 +29,8 @@ class MessageIdGenerator:
     """Generates strictly increasing ids in one process. Thread safe."""
 
     def __init__(self, clock_ms: Callable[[], int] | None = None) -> None:
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        #: Where ids take their time from (a node sets its corrected clock: node/clocks.py).
+        self.clock_ms: Callable[[], int] = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self._lock = threading.Lock()
         self._last = 0
 
@@ -41,7 +42,7 @@ class MessageIdGenerator:
         noise = random_bytes(10 * count)
         out = []
         with self._lock:
-            now = min(max(self._clock_ms(), 0), _TIME_MS_MAX) << _RANDOM_BITS
+            now = min(max(self.clock_ms(), 0), _TIME_MS_MAX) << _RANDOM_BITS
             last = self._last
             for i in range(count):
                 candidate = now | int.from_bytes(noise[10 * i : 10 * i + 10], "big")

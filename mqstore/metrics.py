@@ -22,7 +22,10 @@ Read from the node when scraped:
 - ``mqstore_replication_lag_entries{peer}`` (on the leader: its last index minus the peer's match);
 - ``mqstore_disk_used_bytes`` (the data file), ``mqstore_disk_free_bytes``,
   ``mqstore_disk_total_bytes``; ``mqstore_serving`` (1: the health service says SERVING);
-- ``mqstore_client_calls_in_flight``, ``mqstore_peer_messages_dropped_total``.
+- ``mqstore_client_calls_in_flight``, ``mqstore_peer_messages_dropped_total``;
+- ``mqstore_peer_clock_offset_seconds{peer}`` (a peer's wall clock minus this node's, as
+  estimated from the Raft streams) and ``mqstore_clock_correction_seconds`` (what this node adds
+  to its clock for its stamps: nonzero when its clock is off the voters'; see node/clocks.py).
 """
 
 from __future__ import annotations
@@ -114,6 +117,8 @@ class _NodeCollector(Collector):
             ("mqstore_serving", "1 when the health service reports SERVING", s.get("serving")),
             ("mqstore_client_calls_in_flight", "Client calls being served", s.get("client_calls_in_flight")),
             ("mqstore_oldest_message_age_seconds", "Age of the oldest unfinished message", s.get("oldest_age_seconds")),
+            ("mqstore_clock_correction_seconds", "What this node adds to its clock for the stamps of new entries",
+             s.get("clock_correction_seconds")),
         ]
         for name, doc, value in gauges:
             if value is not None:
@@ -138,6 +143,14 @@ class _NodeCollector(Collector):
             yield rcpt
             yield msgs
             yield size
+        offsets = s.get("clock_offsets")
+        if offsets:
+            g = GaugeMetricFamily("mqstore_peer_clock_offset_seconds",
+                                  "A peer's wall clock minus this node's (estimated from the Raft streams)",
+                                  labels=["peer"])
+            for peer, seconds in sorted(offsets.items()):
+                g.add_metric([str(peer)], float(seconds))
+            yield g
         lag = s.get("replication_lag")
         if lag is not None:
             g = GaugeMetricFamily("mqstore_replication_lag_entries",

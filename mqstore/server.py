@@ -439,6 +439,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             removed_ids=self.node.removed_ids(),
             snapshot_index=self.node.storage.snapshot_meta().index,
             quarantined=len(self.node.log.quarantined()),
+            clock_correction_ms=st["clock_correction_ms"],
         )
 
     @handled
@@ -713,6 +714,8 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
                 message = message_from_proto(p)
             except errors.InvalidArgument as exc:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            self.node.clocks.observe(message.frm, p.clock_sent_us, p.clock_echo_us, p.clock_echo_received_us,
+                                     p.clock_correction_ms if p.HasField("clock_correction_ms") else None)
             self.node.receive(message)
         return raft_pb2.SendAck()
 
@@ -1023,6 +1026,11 @@ class NodeServer:
             "client_calls_in_flight": self.edge.in_flight.total,
             "peer_messages_dropped": self.node.transport.dropped,
         }
+        out["clock_offsets"] = {
+            m["id"]: m["clock_offset_ms"] / 1000 for m in st["members"]
+            if m["id"] != st["node_id"] and "clock_offset_ms" in m
+        }
+        out["clock_correction_seconds"] = st["clock_correction_ms"] / 1000
         if is_leader:
             out["replication_lag"] = {
                 m["id"]: max(0, st["last_index"] - m["match_index"]) for m in st["members"] if m["id"] != st["node_id"]

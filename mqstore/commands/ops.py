@@ -257,6 +257,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clock_cell(m: dict[str, Any]) -> str:
+    """A member's clock offset as the status table shows it ("-": not known)."""
+    if "clock_offset_ms" not in m:
+        return "-"
+    offset = m["clock_offset_ms"]
+    return f"{offset / 1000:+.3f}s" if abs(offset) >= 1000 else f"{offset:+.1f}ms"
+
+
 def _status_lines(st: dict[str, Any]) -> list[str]:
     lines = []
     if "node_id" in st:
@@ -276,10 +284,14 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
             me = " *" if m["id"] == st["node_id"] else ""
             lead = " (leader)" if m["id"] == st.get("leader_id") else ""
             rows.append([f"{m['id']}{me}", m["site"], ("voter" if m["voter"] else "learner") + lead, m["address"],
-                         m.get("match_index", "-"), m.get("lag", "-")])
+                         m.get("match_index", "-"), m.get("lag", "-"), _clock_cell(m)])
         if rows:
-            lines += ["members:", *("  " + r for r in table(["ID", "SITE", "ROLE", "ADDRESS", "MATCH", "LAG"], rows,
-                                                            right=(4, 5)))]
+            lines += ["members:", *("  " + r for r in table(["ID", "SITE", "ROLE", "ADDRESS", "MATCH", "LAG", "CLOCK"],
+                                                            rows, right=(4, 5, 6)))]
+        if st.get("clock_correction_ms"):
+            ms = st["clock_correction_ms"]
+            lines.append(f"clock: this node's clock is {abs(ms) / 1000:.3f} s {'behind' if ms > 0 else 'ahead of'} "
+                         "the voters' median; it stamps new entries with the median (fix its NTP)")
         if st.get("removed_ids"):
             lines.append(f"removed node ids (never reused): {', '.join(map(str, st['removed_ids']))}")
     else:

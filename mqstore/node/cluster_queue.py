@@ -66,7 +66,7 @@ class ClusterQueue(QueueBase):
         return actor if actor is not None else current_actor.get()
 
     def _now_ms(self) -> int:
-        return max(round(self._clock() * 1000), self.node.stamp_ms)
+        return max(self.node.clocks.now_ms(), self.node.stamp_ms)
 
     def close(self) -> None:
         self._closed.set()

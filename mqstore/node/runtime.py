@@ -53,6 +53,7 @@ from mqstore.consensus.types import (
 from mqstore.consensus.types import NotLeader as CoreNotLeader
 from mqstore.crypto import KeyProvider
 from mqstore.errors import InvalidArgument, MQStoreError, NotLeader, Unavailable
+from mqstore.node.clocks import PeerClocks
 from mqstore.node.raftlog import LmdbRaftStorage, entry_payload
 from mqstore.node.replica import META_SCRUB_PENDING, Applier, MemberInfo, read_members
 from mqstore.node.transport import ChannelFactory, Transport, insecure_channel
@@ -216,7 +217,11 @@ class Node:
         except BaseException:
             self.log.close()
             raise
-        self.transport = Transport(self.cluster_id, self._address_of, self._unreachable, channel_factory)
+        #: Peers' clock offsets, and the correction this node's stamps get (see clocks.py).
+        self.clocks = PeerClocks(config.node_id, clock, config.max_clock_offset_ms)
+        self.log.use_clock(self.clocks.now_ms)  # message ids carry the corrected time too
+        self.transport = Transport(self.cluster_id, self._address_of, self._unreachable, channel_factory,
+                                   stamp=self.clocks.stamp)
         self.snapshot_dir = Path(config.data_dir) / SNAPSHOT_DIR
         self.snapshot_dir.mkdir(mode=0o700, exist_ok=True)
         self._snapshot_index = self.storage.snapshot_meta().index
@@ -383,16 +388,25 @@ class Node:
                         "address": self._address_of(n, for_clients=True) or "",
                         "voter": n in conf.voters or n in conf.voters_outgoing,
                         "match_index": getattr(progress.get(n), "match", 0),
+                        **self._clock_of(n),
                     }
                     for n, site in conf.sites
                 ],
+                "clock_correction_ms": self.clocks.correction_ms,
             }
+
+    def _clock_of(self, node_id: int) -> dict[str, float]:
+        """Member ``node_id``'s clock offset from this node's (nothing when not known)."""
+        if node_id == self.node_id:
+            return {"clock_offset_ms": 0.0, "clock_error_ms": 0.0}
+        est = self.clocks.offset(node_id)
+        return {} if est is None else {"clock_offset_ms": est.offset_ms, "clock_error_ms": est.error_ms}
 
     # --- helpers for operations (raft thread) ---------------------------------------------------
 
     def now_ms(self) -> int:
         """The time stamp for new entries: never earlier than anything applied or in the log."""
-        self.stamp_ms = max(self.stamp_ms, round(self.clock() * 1000))
+        self.stamp_ms = max(self.stamp_ms, self.clocks.now_ms())
         return self.stamp_ms
 
     def read_state(self) -> _ReadView:
@@ -452,6 +466,8 @@ class Node:
                 if now >= next_tick:
                     self.raw.tick()
                     next_tick = now + tick_s
+                    conf = self.raw.conf_state
+                    self.clocks.update(conf.voters, (n for n, _ in conf.sites), self._leader)
                 while self.raw.has_ready():
                     self._process_ready()
                 if self._scrub_pending:  # a scrub a crash interrupted: between Readys, as usual
@@ -687,6 +703,8 @@ class Node:
         self._role = role
         if role == Role.LEADER and not was_leader:
             log.info("node %d: leader in term %d", self.node_id, self.raw.term)
+            conf = self.raw.conf_state  # the votes just won brought clock samples: use them now
+            self.clocks.update(conf.voters, (n for n, _ in conf.sites), leader)
             self._raise_stamp_from_log()
             mine = self.members.get(self.node_id)
             if mine is None or mine.address != self.config.address or mine.site != self.config.site:

@@ -83,6 +83,8 @@ class _Peer:
                 with contextlib.suppress(queue.Full):
                     self.queue.put_nowait(item)  # a message taken by a stale reader goes back
                 return
+            if self.transport.stamp is not None:
+                self.transport.stamp(self.peer_id, item)  # the clock fields, as late as possible
             yield item
 
     def _run(self) -> None:
@@ -163,7 +165,8 @@ def _same_but_recipient(a: Message, b: Message) -> bool:
 class Transport:
     """Delivers messages to peers; thread safe. ``on_unreachable(peer, down)`` hears of every
     failed stream; ``down`` when the connection was refused or reset (the consensus core may
-    then stop waiting for a leader that is gone: ``RawNode.report_peer_down``)."""
+    then stop waiting for a leader that is gone: ``RawNode.report_peer_down``). ``stamp(peer,
+    message)`` is called on each message as its stream takes it."""
 
     def __init__(
         self,
@@ -171,8 +174,10 @@ class Transport:
         address_of: Callable[[int], str | None],
         on_unreachable: Callable[[int, bool], None],
         channel_factory: ChannelFactory = insecure_channel,
+        stamp: Callable[[int, raft_pb2.RaftMessage], None] | None = None,
     ) -> None:
         self.cluster_id = cluster_id
+        self.stamp = stamp  # sets a message's clock fields as it leaves (PeerClocks.stamp)
         self.address_of = address_of
         self.on_unreachable = on_unreachable
         self.channel_factory = channel_factory

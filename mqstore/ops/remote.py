@@ -38,6 +38,7 @@ def _status_dict(p: Any) -> dict[str, Any]:
         "removed_ids": list(p.removed_ids),
         "snapshot_index": p.snapshot_index,
         "quarantined": p.quarantined,
+        "clock_correction_ms": p.clock_correction_ms,
     }
 
 

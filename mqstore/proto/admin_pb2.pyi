@@ -9,25 +9,29 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Member(_message.Message):
-    __slots__ = ("id", "site", "address", "voter", "match_index")
+    __slots__ = ("id", "site", "address", "voter", "match_index", "clock_offset_ms", "clock_error_ms")
     ID_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     VOTER_FIELD_NUMBER: _ClassVar[int]
     MATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_OFFSET_MS_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_ERROR_MS_FIELD_NUMBER: _ClassVar[int]
     id: int
     site: str
     address: str
     voter: bool
     match_index: int
-    def __init__(self, id: _Optional[int] = ..., site: _Optional[str] = ..., address: _Optional[str] = ..., voter: _Optional[bool] = ..., match_index: _Optional[int] = ...) -> None: ...
+    clock_offset_ms: float
+    clock_error_ms: float
+    def __init__(self, id: _Optional[int] = ..., site: _Optional[str] = ..., address: _Optional[str] = ..., voter: _Optional[bool] = ..., match_index: _Optional[int] = ..., clock_offset_ms: _Optional[float] = ..., clock_error_ms: _Optional[float] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node_id", "site", "role", "term", "leader_id", "leader_address", "commit_index", "applied_index", "first_index", "last_index", "members", "min_sites", "stats_json", "disk_used_bytes", "cluster_id", "removed_ids", "snapshot_index", "quarantined")
+    __slots__ = ("node_id", "site", "role", "term", "leader_id", "leader_address", "commit_index", "applied_index", "first_index", "last_index", "members", "min_sites", "stats_json", "disk_used_bytes", "cluster_id", "removed_ids", "snapshot_index", "quarantined", "clock_correction_ms")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +50,7 @@ class StatusResponse(_message.Message):
     REMOVED_IDS_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_INDEX_FIELD_NUMBER: _ClassVar[int]
     QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_CORRECTION_MS_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     site: str
     role: str
@@ -64,7 +69,8 @@ class StatusResponse(_message.Message):
     removed_ids: _containers.RepeatedScalarFieldContainer[int]
     snapshot_index: int
     quarantined: int
-    def __init__(self, node_id: _Optional[int] = ..., site: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., leader_address: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., first_index: _Optional[int] = ..., last_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., min_sites: _Optional[int] = ..., stats_json: _Optional[str] = ..., disk_used_bytes: _Optional[int] = ..., cluster_id: _Optional[str] = ..., removed_ids: _Optional[_Iterable[int]] = ..., snapshot_index: _Optional[int] = ..., quarantined: _Optional[int] = ...) -> None: ...
+    clock_correction_ms: int
+    def __init__(self, node_id: _Optional[int] = ..., site: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., leader_address: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., first_index: _Optional[int] = ..., last_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., min_sites: _Optional[int] = ..., stats_json: _Optional[str] = ..., disk_used_bytes: _Optional[int] = ..., cluster_id: _Optional[str] = ..., removed_ids: _Optional[_Iterable[int]] = ..., snapshot_index: _Optional[int] = ..., quarantined: _Optional[int] = ..., clock_correction_ms: _Optional[int] = ...) -> None: ...
 
 class MembershipRequest(_message.Message):
     __slots__ = ("op", "node_id", "site", "address")

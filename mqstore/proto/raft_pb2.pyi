@@ -20,7 +20,7 @@ class RaftEntry(_message.Message):
     def __init__(self, term: _Optional[int] = ..., index: _Optional[int] = ..., rtype: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class RaftMessage(_message.Message):
-    __slots__ = ("type", "to", "term", "log_term", "index", "entries", "commit", "reject", "reject_hint", "snapshot_meta", "context", "cluster_id")
+    __slots__ = ("type", "to", "term", "log_term", "index", "entries", "commit", "reject", "reject_hint", "snapshot_meta", "context", "cluster_id", "clock_sent_us", "clock_echo_us", "clock_echo_received_us", "clock_correction_ms")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
     FROM_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,10 @@ class RaftMessage(_message.Message):
     SNAPSHOT_META_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_SENT_US_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_ECHO_US_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_ECHO_RECEIVED_US_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_CORRECTION_MS_FIELD_NUMBER: _ClassVar[int]
     type: int
     to: int
     term: int
@@ -46,7 +50,11 @@ class RaftMessage(_message.Message):
     snapshot_meta: bytes
     context: bytes
     cluster_id: str
-    def __init__(self, type: _Optional[int] = ..., to: _Optional[int] = ..., term: _Optional[int] = ..., log_term: _Optional[int] = ..., index: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[RaftEntry, _Mapping]]] = ..., commit: _Optional[int] = ..., reject: _Optional[bool] = ..., reject_hint: _Optional[int] = ..., snapshot_meta: _Optional[bytes] = ..., context: _Optional[bytes] = ..., cluster_id: _Optional[str] = ..., **kwargs) -> None: ...
+    clock_sent_us: int
+    clock_echo_us: int
+    clock_echo_received_us: int
+    clock_correction_ms: int
+    def __init__(self, type: _Optional[int] = ..., to: _Optional[int] = ..., term: _Optional[int] = ..., log_term: _Optional[int] = ..., index: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[RaftEntry, _Mapping]]] = ..., commit: _Optional[int] = ..., reject: _Optional[bool] = ..., reject_hint: _Optional[int] = ..., snapshot_meta: _Optional[bytes] = ..., context: _Optional[bytes] = ..., cluster_id: _Optional[str] = ..., clock_sent_us: _Optional[int] = ..., clock_echo_us: _Optional[int] = ..., clock_echo_received_us: _Optional[int] = ..., clock_correction_ms: _Optional[int] = ..., **kwargs) -> None: ...
 
 class SendAck(_message.Message):
     __slots__ = ()

@@ -632,6 +632,12 @@ class LogStore:
     def append_message(self, **fields: Any) -> Appended:
         return self.append_messages([NewMessage(**fields)])[0]
 
+    def use_clock(self, clock_ms: Callable[[], int]) -> None:
+        """Take times (message ids, batch stamps) from ``clock_ms`` from now on: a node gives its
+        clock corrected to the voters' (see mqstore/node/clocks.py)."""
+        self.clock_ms = clock_ms
+        self.ids.clock_ms = clock_ms
+
     def open_message(self, record: Record) -> StoredMessage:
         """Decrypt and decode an ENQUEUE record."""
         if record.type != RecordType.ENQUEUE:

@@ -54,10 +54,12 @@ class Pki:
 class InProcessCluster:
     """``len(sites)`` NodeServers in this process (one site each unless ``sites`` repeats one),
     bootstrapped and started. ``pki``: TLS (else ``insecure = true``). ``extra``: more config keys
-    for every node (``auth``, ``limits``, ``metrics``, ``health``)."""
+    for every node (``auth``, ``limits``, ``metrics``, ``health``). ``node_options``: keyword
+    arguments of a node's :class:`mqstore.node.runtime.Node` by node id (e.g. a ``clock``)."""
 
     def __init__(self, root: Path, sites: list[str], *, pki: Pki | None = None, extra: dict[str, Any] | None = None,
-                 configs: dict[int, NodeConfig] | None = None) -> None:
+                 configs: dict[int, NodeConfig] | None = None,
+                 node_options: dict[int, dict[str, Any]] | None = None) -> None:
         from mqstore.node.runtime import bootstrap
         from mqstore.server import NodeServer
 
@@ -90,7 +92,7 @@ class InProcessCluster:
             for i in ids:
                 bootstrap(self.configs[i], "test")
             for i in ids:
-                self.servers[i] = NodeServer(self.configs[i])
+                self.servers[i] = NodeServer(self.configs[i], **(node_options or {}).get(i, {}))
         for s in self.servers.values():
             s.start()
 

@@ -1,0 +1,219 @@
+"""How far each peer's wall clock is from this node's, and the clock a node stamps entries with.
+
+The leader stamps every entry it proposes with its wall clock, and the queue's time (lease
+deadlines, when a deferred recipient falls due, message age and expiry) is those stamps, which
+never go backwards. A leader whose clock is an hour ahead therefore moves the queue's time an hour
+ahead; when a leader with a correct clock follows it, time in the queue stands still for that
+hour: no lease expires and no deferred recipient falls due. A leader an hour behind stands still
+in the same way from the moment it is elected.
+
+So every message on the Raft streams carries three times in microseconds on the sender's wall
+clock: when it was sent, and the send time and local arrival time of the last message the sender
+received from its addressee. With its own arrival time the addressee has the four times of an NTP
+exchange: the sender's clock is ``((T2 - T1) + (T3 - T4)) / 2`` ahead of its own, within half the
+round trip ``(T4 - T1) - (T3 - T2)``. Each peer's estimate is the sample with the shortest round
+trip of the last ``WINDOW_S`` seconds (one kept per second), so queueing on a loaded node widens
+the error bound but does not bias the estimate.
+
+What a node does with them:
+
+- reports them: each member's offset and error in ``mqstore status`` (the leader's view) and the
+  ``mqstore_peer_clock_offset_seconds{peer}`` metric, and logs a warning when a peer's clock is
+  more than ``max_clock_offset_ms`` off its own (and when it agrees again);
+- corrects its own stamps. A leader takes the median of the voters' clocks (its own included, at
+  least three of them and a majority heard from within ``WINDOW_S``): when that median is more
+  than ``max_clock_offset_ms`` from its own clock, it stamps with its clock moved to the median.
+  Followers hear only from their leader, so each message also carries its sender's correction
+  when the sender knows it, and a follower takes its leader's: its clock moved to the leader's
+  corrected one, when the two are more than ``max_clock_offset_ms`` apart. A node thus has its
+  correction before it is elected, and one node with a wrong clock, leader or not, does not move
+  the queue's time; in a cluster whose clocks disagree with no majority, the leader keeps its own
+  clock (and a correction it had already).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: How long a sample counts towards a peer's estimate.
+WINDOW_S = 30.0
+#: Samples are kept one per this many seconds (the one with the shortest round trip).
+SAMPLE_SLOT_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClockOffset:
+    """A peer's wall clock minus this node's, in milliseconds, within +/- ``error_ms``."""
+
+    offset_ms: float
+    error_ms: float
+
+
+class _PeerSamples:
+    __slots__ = ("correction_ms", "last_in", "slots")
+
+    def __init__(self) -> None:
+        self.last_in: tuple[int, int] | None = None  # (peer's send time, our arrival time), us
+        self.correction_ms: int | None = None  # the peer's own correction, as it last said
+        # (slot start on the monotonic clock, offset us, round trip us): the best of each slot
+        self.slots: deque[tuple[float, float, int]] = deque(maxlen=int(WINDOW_S / SAMPLE_SLOT_S) + 1)
+
+
+class PeerClocks:
+    """Clock offsets of one node's peers, and the correction its stamps get (thread safe: peer
+    sender threads call :meth:`stamp`, the Raft service's handlers :meth:`observe`, the Raft
+    thread :meth:`update`)."""
+
+    def __init__(
+        self,
+        node_id: int,
+        clock: Callable[[], float],
+        max_offset_ms: int,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.node_id = node_id
+        self._clock = clock
+        self._monotonic = monotonic
+        self.max_offset_ms = max_offset_ms
+        self._peers: dict[int, _PeerSamples] = {}
+        self._lock = threading.Lock()
+        #: Milliseconds added to this node's clock for the stamps of new entries (see module doc).
+        self.correction_ms = 0
+        #: Whether :attr:`correction_ms` was decided from the voters' clocks or a leader's
+        #: (sent to peers only then).
+        self.decided = False
+        self._off: set[int] = set()  # peers whose clocks are off by more than the limit (logged)
+
+    def _now_us(self) -> int:
+        return round(self._clock() * 1_000_000)
+
+    def _samples(self, peer: int) -> _PeerSamples:
+        s = self._peers.get(peer)
+        if s is None:
+            s = self._peers[peer] = _PeerSamples()
+        return s
+
+    def stamp(self, peer: int, message: Any) -> None:
+        """Set the clock fields of ``message`` (a ``RaftMessage``) just before it goes to ``peer``."""
+        with self._lock:
+            s = self._peers.get(peer)
+            last = s.last_in if s is not None else None
+        if last is not None:
+            message.clock_echo_us, message.clock_echo_received_us = last
+        if self.decided:
+            message.clock_correction_ms = self.correction_ms
+        message.clock_sent_us = self._now_us()
+
+    def observe(self, peer: int, sent_us: int, echo_us: int, echo_received_us: int,
+                correction_ms: int | None = None) -> None:
+        """A message from ``peer`` arrived with these clock fields (0: not set, e.g. an older peer;
+        ``correction_ms`` None: the peer did not say)."""
+        if sent_us <= 0:
+            return
+        arrived = self._now_us()
+        with self._lock:
+            s = self._samples(peer)
+            s.last_in = (sent_us, arrived)
+            s.correction_ms = correction_ms
+            if echo_us <= 0 or echo_received_us <= 0:
+                return
+            round_trip = (arrived - echo_us) - (sent_us - echo_received_us)
+            if round_trip < 0:
+                return  # a clock was stepped between the two messages: no sample
+            offset = ((echo_received_us - echo_us) + (sent_us - arrived)) / 2
+            now = self._monotonic()
+            slots = s.slots
+            if slots and now - slots[-1][0] < SAMPLE_SLOT_S:
+                if round_trip < slots[-1][2]:
+                    slots[-1] = (slots[-1][0], offset, round_trip)
+            else:
+                slots.append((now, offset, round_trip))
+
+    def offset(self, peer: int) -> ClockOffset | None:
+        """``peer``'s clock minus this node's (None: no sample within ``WINDOW_S``)."""
+        now = self._monotonic()
+        with self._lock:
+            s = self._peers.get(peer)
+            fresh = [x for x in s.slots if now - x[0] <= WINDOW_S] if s is not None else []
+        if not fresh:
+            return None
+        _, offset_us, round_trip_us = min(fresh, key=lambda x: x[2])
+        return ClockOffset(offset_us / 1000, round_trip_us / 2000)
+
+    def offsets(self, peers: Iterable[int]) -> dict[int, ClockOffset | None]:
+        return {p: self.offset(p) for p in peers if p != self.node_id}
+
+    def update(self, voters: Iterable[int], members: Iterable[int], leader: int) -> None:
+        """Log peers whose clocks are off (or agree again) and set :attr:`correction_ms` (see
+        the module doc; ``leader``: the leader this node knows, itself included, 0: none).
+        Called by the Raft thread every heartbeat and when it becomes leader."""
+        limit = self.max_offset_ms
+        for peer, est in self.offsets(members).items():
+            off = est is not None and abs(est.offset_ms) - est.error_ms > limit
+            if off and peer not in self._off:
+                assert est is not None
+                self._off.add(peer)
+                log.warning(
+                    "node %d: node %d's clock is %.3f s %s this node's (within %.3f ms), more than "
+                    "max_clock_offset_ms = %d: check NTP on both", self.node_id, peer, abs(est.offset_ms) / 1000,
+                    "ahead of" if est.offset_ms > 0 else "behind", est.error_ms, limit,
+                )
+            elif est is not None and not off and peer in self._off:
+                self._off.discard(peer)
+                log.info("node %d: node %d's clock agrees with this node's again (%.3f ms off)",
+                         self.node_id, peer, est.offset_ms)
+        decided = self._decide(list(voters), leader)
+        if decided is None:
+            self.decided = False
+            return  # nothing new to go by: keep the correction as it is
+        correction, source = decided
+        if abs(correction) <= limit:
+            correction = 0
+        if (correction != 0) != (self.correction_ms != 0):
+            if correction:
+                log.warning(
+                    "node %d: this node's clock is %.3f s %s %s, more than max_clock_offset_ms = %d: it stamps "
+                    "new entries with that time until its clock is fixed (check NTP)", self.node_id,
+                    abs(correction) / 1000, "behind" if correction > 0 else "ahead of", source, limit,
+                )
+            else:
+                log.info("node %d: this node's clock agrees with %s again: it stamps with its own", self.node_id,
+                         source)
+        self.correction_ms = correction
+        self.decided = True
+
+    def _decide(self, voters: list[int], leader: int) -> tuple[int, str] | None:
+        """The correction the clocks heard call for, and whose clocks those are; None when they
+        do not say (too few voters heard from, no leader that knows its own)."""
+        if leader == self.node_id:
+            values = [0.0] + [e.offset_ms for e in self.offsets(voters).values() if e is not None]
+            if len(values) < 3 or len(values) <= len(voters) // 2:
+                return None
+            values.sort()
+            n = len(values)
+            median = values[n // 2] if n % 2 else min(values[n // 2 - 1], values[n // 2], key=abs)
+            return round(median), "the median of the voters' clocks"
+        if leader == 0:
+            return None
+        est = self.offset(leader)
+        with self._lock:
+            s = self._peers.get(leader)
+            theirs = s.correction_ms if s is not None else None
+        if est is None or theirs is None:
+            return None
+        return round(est.offset_ms) + theirs, f"the cluster's time (as leader {leader} keeps it)"
+
+    def now_ms(self) -> int:
+        """This node's clock in epoch milliseconds, corrected as :meth:`update` decided."""
+        return round(self._clock() * 1000) + self.correction_ms
+
+
+__all__ = ["SAMPLE_SLOT_S", "WINDOW_S", "ClockOffset", "PeerClocks"]

@@ -1,0 +1,280 @@
+"""Nodes whose wall clocks disagree (mqstore/node/clocks.py): each node's estimate of its peers'
+clock offsets from the Raft streams, and the correction that keeps one wrong clock from moving
+the queue's time (lease deadlines, due times, message ages)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from prometheus_client import generate_latest
+
+from mqstore.node.clocks import SAMPLE_SLOT_S, WINDOW_S, PeerClocks
+from mqstore.testing.secure import InProcessCluster
+
+HOUR_MS = 3_600_000
+
+
+class World:
+    """True time, and nodes whose clocks are true time plus an offset (ms)."""
+
+    def __init__(self) -> None:
+        self.t = 1_800_000_000.0  # true time, epoch seconds
+        self.mono = 1000.0
+
+    def clock(self, offset_ms: float) -> Any:
+        return lambda: self.t + offset_ms / 1000
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+        self.mono += seconds
+
+
+def make(world: World, node_id: int, offset_ms: float, limit_ms: int = 500) -> PeerClocks:
+    return PeerClocks(node_id, world.clock(offset_ms), limit_ms, monotonic=lambda: world.mono)
+
+
+def send(world: World, a: PeerClocks, b: PeerClocks, delay_s: float) -> None:
+    """One message from ``a`` to ``b`` that takes ``delay_s`` on the wire."""
+    message = SimpleNamespace(clock_sent_us=0, clock_echo_us=0, clock_echo_received_us=0, clock_correction_ms=None)
+    a.stamp(b.node_id, message)
+    world.advance(delay_s)
+    b.observe(a.node_id, message.clock_sent_us, message.clock_echo_us, message.clock_echo_received_us,
+              message.clock_correction_ms)
+
+
+def round_trip(world: World, a: PeerClocks, b: PeerClocks, there_s: float, back_s: float, hold_s: float = 0.0) -> None:
+    send(world, a, b, there_s)
+    world.advance(hold_s)
+    send(world, b, a, back_s)
+
+
+def test_offset_is_estimated_within_half_the_round_trip() -> None:
+    w = World()
+    a, b = make(w, 1, 0), make(w, 2, 2_500)
+    send(w, a, b, 0.001)
+    assert a.offset(2) is None and b.offset(1) is None  # one message: no round trip yet
+    round_trip(w, a, b, 0.001, 0.001, hold_s=0.05)  # symmetric: exact, whatever the peer held it
+    est = a.offset(2)
+    assert est is not None and est.offset_ms == pytest.approx(2_500, abs=0.01) and est.error_ms == pytest.approx(1.0)
+    w.advance(SAMPLE_SLOT_S)
+    round_trip(w, a, b, 0.0001, 0.0003)  # asymmetric, but a shorter round trip: it is the estimate
+    est = a.offset(2)
+    assert est is not None and est.error_ms == pytest.approx(0.2)
+    assert abs(est.offset_ms - 2_500) <= est.error_ms and est.offset_ms != pytest.approx(2_500, abs=0.01)
+    back = b.offset(1)
+    assert back is not None and back.offset_ms == pytest.approx(-2_500, abs=back.error_ms)
+
+
+def test_slow_round_trips_do_not_replace_a_fast_one_and_old_samples_expire() -> None:
+    w = World()
+    a, b = make(w, 1, 0), make(w, 2, -40)
+    round_trip(w, a, b, 0.0002, 0.0002)
+    for _ in range(5):  # a loaded peer: long and lopsided queueing, in later slots
+        w.advance(SAMPLE_SLOT_S)
+        round_trip(w, a, b, 0.050, 0.002)
+    est = a.offset(2)
+    assert est is not None and est.offset_ms == pytest.approx(-40, abs=0.01) and est.error_ms == pytest.approx(0.2)
+    w.advance(WINDOW_S)  # the fast sample is too old now: the slow ones are all that is left
+    round_trip(w, a, b, 0.050, 0.002)
+    est = a.offset(2)
+    assert est is not None and est.error_ms == pytest.approx(26) and est.offset_ms == pytest.approx(-40 + 24, abs=0.01)
+    w.advance(WINDOW_S + SAMPLE_SLOT_S)
+    assert a.offset(2) is None  # nothing heard for a whole window: not known
+
+
+def test_a_stepped_clock_gives_no_sample() -> None:
+    w = World()
+    offsets = {1: 0.0, 2: 0.0}
+    a = PeerClocks(1, lambda: w.t + offsets[1] / 1000, 500, monotonic=lambda: w.mono)
+    b = make(w, 2, 0)
+    send(w, a, b, 0.001)
+    offsets[1] = -10_000  # a's clock is stepped back 10 s while the reply is on its way
+    send(w, b, a, 0.001)
+    assert a.offset(2) is None  # the round trip came out negative: not a measurement
+
+
+def cluster_of(w: World, offsets_ms: list[float], limit_ms: int = 500) -> list[PeerClocks]:
+    nodes = [make(w, i + 1, off, limit_ms) for i, off in enumerate(offsets_ms)]
+    return nodes
+
+
+def exchange_all(w: World, leader: PeerClocks, others: list[PeerClocks]) -> None:
+    """The leader's heartbeats and their answers (followers hear only from the leader)."""
+    for _ in range(2):
+        for o in others:
+            round_trip(w, leader, o, 0.0005, 0.0005)
+            send(w, leader, o, 0.0005)  # the leader's correction reaches the follower
+
+
+def test_a_leader_with_a_wrong_clock_stamps_with_the_voters_median(caplog: pytest.LogCaptureFixture) -> None:
+    w = World()
+    nodes = cluster_of(w, [HOUR_MS, 0, 30])  # node 1 (the leader) an hour ahead
+    voters = [1, 2, 3]
+    caplog.set_level(logging.INFO, logger="mqstore.node.clocks")
+    exchange_all(w, nodes[0], nodes[1:])
+    nodes[0].update(voters, voters, leader=1)
+    assert nodes[0].correction_ms == pytest.approx(-HOUR_MS + 30, abs=2)  # the median is node 3's clock
+    assert nodes[0].now_ms() == pytest.approx(w.t * 1000 + 30, abs=2)
+    assert "this node's clock is 3599.970 s ahead of the median of the voters' clocks" in caplog.text
+    assert "node 2's clock is 3600.000 s behind this node's" in caplog.text
+    for follower in nodes[1:]:
+        follower.update(voters, voters, leader=1)
+        assert follower.correction_ms == 0  # leader's corrected clock is within 500 ms of theirs
+    # NTP fixes node 1's clock: it agrees again, and says so
+    caplog.clear()
+    nodes[0]._clock = w.clock(5)
+    w.advance(WINDOW_S + 1)  # the old samples age out
+    exchange_all(w, nodes[0], nodes[1:])
+    nodes[0].update(voters, voters, leader=1)
+    assert nodes[0].correction_ms == 0
+    assert "this node's clock agrees with the median of the voters' clocks again" in caplog.text
+    assert "node 2's clock agrees with this node's again" in caplog.text
+
+
+def test_a_follower_with_a_wrong_clock_takes_its_leaders_time_before_it_is_elected() -> None:
+    w = World()
+    nodes = cluster_of(w, [0, 10, -HOUR_MS])  # node 3 an hour behind, a follower
+    voters = [1, 2, 3]
+    exchange_all(w, nodes[0], nodes[1:])
+    nodes[0].update(voters, voters, leader=1)
+    assert nodes[0].correction_ms == 0 and nodes[0].decided
+    send(w, nodes[0], nodes[2], 0.0005)  # carries the leader's correction (0)
+    nodes[2].update(voters, voters, leader=1)
+    assert nodes[2].correction_ms == pytest.approx(HOUR_MS, abs=2)
+    # elected with only one vote heard from: too few clocks for a median, so it keeps what it had
+    nodes[2].update(voters, voters, leader=3)
+    assert nodes[2].correction_ms == pytest.approx(HOUR_MS, abs=2) and not nodes[2].decided
+    assert nodes[2].now_ms() == pytest.approx(w.t * 1000, abs=2)
+
+
+@pytest.mark.parametrize(
+    ("offsets", "heard", "expected"),
+    [
+        ([0, HOUR_MS, -HOUR_MS], [2, 3], 0),  # no majority agrees: the median is the leader's own clock
+        ([0, HOUR_MS], [2], None),  # two voters: nobody to break the tie
+        ([0, HOUR_MS, HOUR_MS], [2], None),  # one of two peers heard from: too few clocks
+        ([0, 400, -300], [2, 3], 0),  # within max_clock_offset_ms: no correction
+        ([HOUR_MS, HOUR_MS, 0, 0, 0], [2, 3, 4, 5], -HOUR_MS),  # two wrong of five, the leader one of them
+        ([HOUR_MS, 0, 0, 0, 0], [2, 3, 4], -HOUR_MS),  # one of five down: four clocks, the median still there
+        ([HOUR_MS, 0, 0, 0, 0], [2], None),  # too few of five heard from
+    ],
+)
+def test_when_a_leader_corrects_its_clock(offsets: list[float], heard: list[int], expected: int | None) -> None:
+    w = World()
+    nodes = cluster_of(w, offsets)
+    voters = list(range(1, len(offsets) + 1))
+    exchange_all(w, nodes[0], [nodes[i - 1] for i in heard])
+    nodes[0].correction_ms = 7  # what it had before: kept when the clocks heard do not decide
+    nodes[0].update(voters, voters, leader=1)
+    if expected is None:
+        assert nodes[0].correction_ms == 7 and not nodes[0].decided
+    else:
+        assert nodes[0].correction_ms == pytest.approx(expected, abs=2) and nodes[0].decided
+
+
+# --- real nodes -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def skewed(tmp_path: Path) -> Iterator[InProcessCluster]:
+    """Three nodes; node 3's clock is an hour ahead."""
+    c = InProcessCluster(tmp_path, ["a", "b", "c"],
+                         node_options={3: {"clock": lambda: time.time() + HOUR_MS / 1000}})
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _wait(cond: Any, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("mqstore", path=str(Path(sys.executable).parent))
+    cmd = [exe] if exe else [sys.executable, "-m", "mqstore"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_node_an_hour_ahead_does_not_move_the_queues_time(skewed: InProcessCluster,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="mqstore.node.clocks")
+    c = skewed
+    lead = c.leader()
+    if lead.node.node_id == 3:  # start with node 3 a follower
+        lead.node.call(lambda: lead.node.raw.transfer_leadership(1))
+        lead = c.leader(among=[1, 2])
+    n3 = c.servers[3].node
+
+    def leader_sees_node_3() -> bool:
+        m = next(m for m in lead.node.status()["members"] if m["id"] == 3)
+        return "clock_offset_ms" in m and abs(m["clock_offset_ms"] - HOUR_MS) <= m["clock_error_ms"] + 5
+
+    _wait(leader_sees_node_3, "the leader to measure node 3's clock")
+    _wait(lambda: abs(n3.clocks.correction_ms + HOUR_MS) <= 50, "node 3 to take the leader's time")
+    assert lead.node.status()["clock_correction_ms"] == 0
+    assert f"node {lead.node.node_id}: node 3's clock is 3600.000 s ahead of this node's" in caplog.text
+
+    # node 3 becomes the leader and is written to at once
+    lead.node.call(lambda: lead.node.raw.transfer_leadership(3))
+    l3 = c.leader(among=[3])
+    before = time.time()
+    mid = l3.queue.enqueue(mail_from="a@example.org", recipients=["b@example.net"], data=b"Subject: t\r\n\r\nx\r\n")
+    leases = l3.queue.lease(worker="w", lease_seconds=60)
+    after = time.time()
+    assert before - 0.1 <= l3.queue.get(mid).created <= after + 0.1  # not an hour ahead
+    assert len(leases) == 1 and before + 59.9 <= leases[0].deadline <= after + 60.1
+    st = l3.node.status()
+    assert abs(st["clock_correction_ms"] + HOUR_MS) <= 50
+
+    # what an operator sees: the status command, its JSON, the metrics
+    out = _cli("status", "--server", c.address(3), "--json")
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert abs(status["clock_correction_ms"] + HOUR_MS) <= 50
+    members = {m["id"]: m for m in status["members"]}
+    assert members[3]["clock_offset_ms"] == 0
+    for n in (1, 2):
+        assert abs(members[n]["clock_offset_ms"] + HOUR_MS) <= members[n]["clock_error_ms"] + 5
+    text = _cli("status", "--server", c.address(3)).stdout
+    assert re.search(r"^\s+1\s.*\s-3600\.000s$", text, re.M), text
+    assert "clock: this node's clock is 3600.0" in text and "s ahead of the voters' median" in text
+    assert l3.metrics is not None
+    scraped = generate_latest(l3.metrics.registry).decode()
+    for n in (1, 2):
+        value = float(re.search(rf'^mqstore_peer_clock_offset_seconds{{peer="{n}"}} (\S+)$', scraped, re.M)[1])  # type: ignore[index]
+        assert value == pytest.approx(-3600, abs=0.05)
+    correction = float(re.search(r"^mqstore_clock_correction_seconds (\S+)$", scraped, re.M)[1])  # type: ignore[index]
+    assert correction == pytest.approx(-3600, abs=0.05)
+
+    # leadership back to a node with a good clock: time in the queue did not jump, so it does not
+    # stand still either: a one-second lease expires and its recipient is leased again
+    l3.node.call(lambda: l3.node.raw.transfer_leadership(1))
+    l1 = c.leader(among=[1])
+    l1.queue.ack(leases[0].token, recipients=["b@example.net"])
+    mid2 = l1.queue.enqueue(mail_from="a@example.org", recipients=["c@example.net"], data=b"Subject: u\r\n\r\ny\r\n")
+    first = l1.queue.lease(worker="w", lease_seconds=1)
+    assert [x.message_id for x in first] == [mid2]
+    time.sleep(1.2)
+
+    def leased_again() -> bool:
+        l1.queue.maintain()  # expires what is due (the node's maintenance thread does it too)
+        return [x.message_id for x in l1.queue.lease(worker="w2", lease_seconds=60)] == [mid2]
+
+    _wait(leased_again, "the expired lease's recipient to be due again", timeout=10)
