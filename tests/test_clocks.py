@@ -168,6 +168,7 @@ def test_a_follower_with_a_wrong_clock_takes_its_leaders_time_before_it_is_elect
         ([HOUR_MS, HOUR_MS, 0, 0, 0], [2, 3, 4, 5], -HOUR_MS),  # two wrong of five, the leader one of them
         ([HOUR_MS, 0, 0, 0, 0], [2, 3, 4], -HOUR_MS),  # one of five down: four clocks, the median still there
         ([HOUR_MS, 0, 0, 0, 0], [2], None),  # too few of five heard from
+        ([0, 400 * 365 * 86_400_000, 400 * 365 * 86_400_000], [2, 3], None),  # centuries off: not followed
     ],
 )
 def test_when_a_leader_corrects_its_clock(offsets: list[float], heard: list[int], expected: int | None) -> None:

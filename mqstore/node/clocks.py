@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 WINDOW_S = 30.0
 #: Samples are kept one per this many seconds (the one with the shortest round trip).
 SAMPLE_SLOT_S = 1.0
+#: A correction larger than this is not applied (a clock that far off is not a clock to follow).
+CORRECTION_MS_MAX = 10 * 366 * 86_400_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +177,9 @@ class PeerClocks:
             self.decided = False
             return  # nothing new to go by: keep the correction as it is
         correction, source = decided
+        if abs(correction) > CORRECTION_MS_MAX:
+            self.decided = False
+            return
         if abs(correction) <= limit:
             correction = 0
         if (correction != 0) != (self.correction_ms != 0):
@@ -216,4 +221,4 @@ class PeerClocks:
         return round(self._clock() * 1000) + self.correction_ms
 
 
-__all__ = ["SAMPLE_SLOT_S", "WINDOW_S", "ClockOffset", "PeerClocks"]
+__all__ = ["CORRECTION_MS_MAX", "SAMPLE_SLOT_S", "WINDOW_S", "ClockOffset", "PeerClocks"]
