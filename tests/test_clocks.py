@@ -230,7 +230,8 @@ def test_a_node_an_hour_ahead_does_not_move_the_queues_time(skewed: InProcessClu
     _wait(leader_sees_node_3, "the leader to measure node 3's clock")
     _wait(lambda: abs(n3.clocks.correction_ms + HOUR_MS) <= 50, "node 3 to take the leader's time")
     assert lead.node.status()["clock_correction_ms"] == 0
-    assert f"node {lead.node.node_id}: node 3's clock is 3600.000 s ahead of this node's" in caplog.text
+    hour = r"(3600\.0[0-4]\d|3599\.9[5-9]\d)"  # an hour, within what a loaded machine measures
+    assert re.search(rf"node {lead.node.node_id}: node 3's clock is {hour} s ahead of this node's", caplog.text)
 
     # node 3 becomes the leader and is written to at once
     lead.node.call(lambda: lead.node.raw.transfer_leadership(3))
@@ -254,8 +255,8 @@ def test_a_node_an_hour_ahead_does_not_move_the_queues_time(skewed: InProcessClu
     for n in (1, 2):
         assert abs(members[n]["clock_offset_ms"] + HOUR_MS) <= members[n]["clock_error_ms"] + 5
     text = _cli("status", "--server", c.address(3)).stdout
-    assert re.search(r"^\s+1\s.*\s-3600\.000s$", text, re.M), text
-    assert "clock: this node's clock is 3600.0" in text and "s ahead of the voters' median" in text
+    assert re.search(rf"^\s+1\s.*\s-{hour}s$", text, re.M), text
+    assert re.search(rf"^clock: this node's clock is {hour} s ahead of the voters' median", text, re.M), text
     assert l3.metrics is not None
     scraped = generate_latest(l3.metrics.registry).decode()
     for n in (1, 2):
