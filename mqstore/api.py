@@ -240,6 +240,9 @@ class QueueBase:
         #: Time for retention decisions: never behind what was applied, never following the wall clock.
         self.compliance_clock = ComplianceClock(persisted, _ms(clock()), monotonic)
         self.audit = AuditServices(log, audit_signer)
+        #: The free space of the store's disk and the floor below which enqueues are refused
+        #: (the embedded store's own; a node's health watcher's).
+        self.disk: DiskSpace | None = None
 
     # --- compliance helpers ----------------------------------------------------------------------
 
@@ -992,7 +995,8 @@ class QueueBase:
 
     def stats(self) -> dict[str, Any]:
         """Recipient counts per state, messages, bytes and the oldest unfinished message's age,
-        overall and per namespace."""
+        overall and per namespace; and the store's disk: free space, the floor, and whether new
+        enqueues are accepted (an MTA can answer 452 4.3.1 before taking a message's data)."""
         with self.log.env.read() as txn:
             kv = LmdbKV(txn, self.log.env.dbs)
             per_ns = machine.read_stats(kv)
@@ -1017,7 +1021,16 @@ class QueueBase:
                 for ns, v in sorted(per_ns.items())
             },
             "log": self.log.stats(),
+            "disk": self._disk_stats(),
         }
+
+    def _disk_stats(self) -> dict[str, Any]:
+        disk = self.disk
+        if disk is None:
+            return {}
+        refused = disk.check()
+        return {"free_bytes": disk.free_bytes, "total_bytes": disk.total_bytes, "floor_bytes": disk.floor_bytes(),
+                "accepting_enqueues": refused is None}
 
 
 
@@ -1108,7 +1121,7 @@ class Store(QueueBase):
         """Store several messages in one durable commit; returns their ids in order."""
         actor = self._check_enqueue(messages, actor)
         new = self._new_messages(messages)
-        refusal = self.disk.check()
+        refusal = self.disk.check() if self.disk is not None else None
         if refusal is not None:
             raise refusal
         ctx = self._ctx(actor)

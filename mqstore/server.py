@@ -828,6 +828,7 @@ class NodeServer:
                 disk_free_min_bytes=config.disk_free_min_bytes, disk_free_min_percent=config.disk_free_min_percent,
                 on_leader_change=lambda _old, _new: self._leader_changed(),
             )
+            self.queue.disk = self.health.disk  # stats() reports the disk the watcher reads
             self.edge = EdgeInterceptor(self, config.limits, client_calls_max=workers - limits.PEER_THREADS_RESERVED,
                                         tls=config.tls is not None)
             options = [*CHANNEL_OPTIONS, ("grpc.max_concurrent_streams", limits.CONNECTION_STREAMS_MAX)]

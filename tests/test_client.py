@@ -301,6 +301,7 @@ def test_operations_round_trip(client: Any, cluster: Cluster) -> None:
     stats = client.stats()
     assert _comparable_stats(stats)["namespaces"][ns] == _comparable_stats(q.stats())["namespaces"][ns]
     assert set(stats) == set(q.stats())
+    assert stats["disk"]["accepting_enqueues"] is True and stats["disk"]["free_bytes"] >= stats["disk"]["floor_bytes"]
     assert stats["namespaces"][ns]["recipients"]["delivered"] == 2 + len(rest)
     assert stats["namespaces"][ns]["messages"] == 44
 

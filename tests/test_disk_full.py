@@ -181,11 +181,16 @@ def test_below_the_free_space_floor_enqueues_are_refused_and_the_queue_still_dra
     # A floor above what the disk has free (the whole disk): the disk counts as nearly full.
     with mqstore.open(path, key_file=key, background=False, clock=clock, disk_free_min_percent=100) as store:
         before, last_index = store.stats(), store.log.last_index
+        disk = before.pop("disk")  # what an MTA checks before it takes a message's data
+        assert disk["accepting_enqueues"] is False and disk["floor_bytes"] == disk["total_bytes"] > 0
+        assert 0 < disk["free_bytes"] < disk["floor_bytes"]
         with pytest.raises(StorageFull, match=r"disk nearly full \(\d+ bytes free, below the floor of \d+ bytes"):
             store.enqueue(**_mail(9))  # type: ignore[arg-type]
         with pytest.raises(StorageFull):
             store.enqueue_many([_mail(10), _mail(11)])
-        assert store.stats() == before and store.log.last_index == last_index
+        after = store.stats()
+        assert after.pop("disk")["accepting_enqueues"] is False
+        assert after == before and store.log.last_index == last_index
         assert sorted(m.message_id for m in store.list()) == sorted(mids)
         # What frees space goes on: settling, leasing, holding, deleting.
         store.ack(leases[0].token)
@@ -200,6 +205,8 @@ def test_below_the_free_space_floor_enqueues_are_refused_and_the_queue_still_dra
         assert store.get(remaining).held
     # With room again (the default floor), enqueues are taken.
     with mqstore.open(path, key_file=key, background=False) as store:
+        disk = store.stats()["disk"]
+        assert disk["accepting_enqueues"] is True and disk["free_bytes"] >= disk["floor_bytes"] > 0
         assert store.get(store.enqueue(**_mail(12))).recipients[0].state == "queued"  # type: ignore[arg-type]
 
 

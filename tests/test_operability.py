@@ -165,7 +165,10 @@ def test_disk_nearly_full_is_not_serving_and_refuses_enqueues(tmp_path: Path) ->
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert ("mqstore-error", "StorageFull") in tuple(err.value.trailing_metadata() or ())
         with Client(address, timeout=3) as c:
-            assert c.stats()["messages"] == 0  # reads go on; nothing was written
+            stats = c.stats()
+            assert stats["messages"] == 0  # reads go on; nothing was written
+            assert stats["disk"]["accepting_enqueues"] is False  # what an MTA checks before DATA
+            assert stats["disk"]["floor_bytes"] == stats["disk"]["total_bytes"] > stats["disk"]["free_bytes"] > 0
         assert server.node.is_leader
     finally:
         cluster.close()
