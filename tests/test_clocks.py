@@ -280,3 +280,54 @@ def test_a_node_an_hour_ahead_does_not_move_the_queues_time(skewed: InProcessClu
         return [x.message_id for x in l1.queue.lease(worker="w2", lease_seconds=60)] == [mid2]
 
     _wait(leased_again, "the expired lease's recipient to be due again", timeout=10)
+
+
+# --- a clock behind the queue's time -----------------------------------------------------------
+
+
+def _standstill_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "time in the queue stands still" in r.getMessage()]
+
+
+def test_an_embedded_store_says_when_its_clock_was_set_back(tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    import mqstore
+
+    now = [1_800_000_000.0]
+    caplog.set_level(logging.INFO, logger="mqstore.store.log")
+    mail = {"mail_from": "a@example.org", "recipients": ["b@example.net"], "data": b"Subject: s\r\n\r\nx\r\n"}
+    with mqstore.open(tmp_path / "q", background=False, clock=lambda: now[0]) as store:
+        store.enqueue(**mail)  # type: ignore[arg-type]
+        now[0] -= 0.5  # a small step back: ordinary clock slew, nothing to say
+        store.enqueue(**mail)  # type: ignore[arg-type]
+        assert _standstill_warnings(caplog) == []
+        now[0] -= 3600  # set back an hour
+        lease = store.lease(worker="w", max_messages=1, lease_seconds=60)[0]
+        (warning,) = _standstill_warnings(caplog)
+        assert warning.startswith(f"store {tmp_path / 'q'}: the clock is 3600.500 s behind the latest time stamp")
+        assert "no lease expires and no deferred recipient falls due meanwhile" in warning
+        assert lease.deadline == pytest.approx(1_800_000_060.0, abs=0.01)  # the queue's time stood still
+        store.defer(lease.token, reason="451 later")  # more stamps: said once, not every time
+        assert len(_standstill_warnings(caplog)) == 1
+        now[0] += 3600.6  # the clock caught up
+        store.enqueue(**mail)  # type: ignore[arg-type]
+        assert "the clock caught up with the queue's time" in caplog.text
+
+
+def test_a_node_says_when_its_clock_is_behind_the_queues_time(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    offset = [0.0]
+    caplog.set_level(logging.WARNING)
+    c = InProcessCluster(tmp_path, ["a"], node_options={1: {"clock": lambda: time.time() + offset[0]}})
+    try:
+        lead = c.leader()
+        mail = {"mail_from": "a@example.org", "recipients": ["b@example.net"], "data": b"Subject: s\r\n\r\nx\r\n"}
+        lead.queue.enqueue(**mail)
+        assert _standstill_warnings(caplog) == []
+        offset[0] = -7200.0  # set back two hours (one node: no peers to correct it)
+        lead.queue.lease(worker="w", max_messages=1)
+        (warning,) = _standstill_warnings(caplog)
+        assert re.match(r"node 1: the clock is 7\d\d\d\.\d{3} s behind the latest time stamp", warning), warning
+        assert 7199 < float(warning.split()[5]) < 7201
+    finally:
+        c.close()

@@ -58,6 +58,7 @@ from mqstore.node.raftlog import LmdbRaftStorage, entry_payload
 from mqstore.node.replica import META_SCRUB_PENDING, Applier, MemberInfo, read_members
 from mqstore.node.transport import ChannelFactory, Transport, insecure_channel
 from mqstore.queue.kv import LmdbKV
+from mqstore.standstill import StandStillWarning
 from mqstore.store import LogStore, WriteContext
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,7 @@ class Node:
         #: Peers' clock offsets, and the correction this node's stamps get (see clocks.py).
         self.clocks = PeerClocks(config.node_id, clock, config.max_clock_offset_ms)
         self.log.use_clock(self.clocks.now_ms)  # message ids carry the corrected time too
+        self._standstill = StandStillWarning(f"node {config.node_id}", log)
         self.transport = Transport(self.cluster_id, self._address_of, self._unreachable, channel_factory,
                                    stamp=self.clocks.stamp)
         self.snapshot_dir = Path(config.data_dir) / SNAPSHOT_DIR
@@ -406,7 +408,9 @@ class Node:
 
     def now_ms(self) -> int:
         """The time stamp for new entries: never earlier than anything applied or in the log."""
-        self.stamp_ms = max(self.stamp_ms, self.clocks.now_ms())
+        clock_ms = self.clocks.now_ms()
+        self._standstill.check(clock_ms, self.stamp_ms)
+        self.stamp_ms = max(self.stamp_ms, clock_ms)
         return self.stamp_ms
 
     def read_state(self) -> _ReadView:

@@ -36,6 +36,7 @@ from mqstore.errors import (
     WrongKey,
 )
 from mqstore.ids import MessageIdGenerator
+from mqstore.standstill import StandStillWarning
 from mqstore.store.env import Environment
 from mqstore.store.writer import Pending, WriteFn, Writer
 
@@ -303,6 +304,8 @@ class LogStore:
         self.commit_observer: Callable[[float], None] | None = None
         self.readonly = readonly
         self.clock_ms = clock_ms or _wall_clock_ms
+        #: Says so in the log when the clock is behind the latest stamp (None: not watched here).
+        self._standstill: StandStillWarning | None = StandStillWarning(f"store {self.path}", log)
         is_new = not (self.path / "data.mdb").exists()
         if is_new and (readonly or not create):
             raise NotFound(f"no store at {self.path}")
@@ -462,7 +465,10 @@ class LogStore:
             state = _Batch(self._last_index + 1, self._term)
             # The batch's time stamp: a wall clock set back (or a restart on a machine whose
             # clock is behind) must not move time backwards for what the writer decides.
-            now_ms = max(self.clock_ms(), self._last_stamp_ms)
+            clock_ms = self.clock_ms()
+            if self._standstill is not None:
+                self._standstill.check(clock_ms, self._last_stamp_ms)
+            now_ms = max(clock_ms, self._last_stamp_ms)
             failed: Pending[Any] | None = None
             try:
                 txn = env.begin(write=True)
@@ -634,9 +640,11 @@ class LogStore:
 
     def use_clock(self, clock_ms: Callable[[], int]) -> None:
         """Take times (message ids, batch stamps) from ``clock_ms`` from now on: a node gives its
-        clock corrected to the voters' (see mqstore/node/clocks.py)."""
+        clock corrected to the voters' (see mqstore/node/clocks.py). The node's entries carry the
+        queue's time, so the node, not the store, watches for a clock behind it."""
         self.clock_ms = clock_ms
         self.ids.clock_ms = clock_ms
+        self._standstill = None
 
     def open_message(self, record: Record) -> StoredMessage:
         """Decrypt and decode an ENQUEUE record."""
