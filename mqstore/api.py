@@ -238,13 +238,17 @@ class QueueBase:
         with log.env.read() as txn:
             persisted = machine.compliance_clock_ms(LmdbKV(txn, log.env.dbs))
         #: Time for retention decisions: never behind what was applied, never following the wall clock.
-        self.compliance_clock = ComplianceClock(persisted, _ms(clock()), monotonic)
+        self.compliance_clock = ComplianceClock(persisted, lambda: self._compliance_start_ms(), monotonic)
         self.audit = AuditServices(log, audit_signer)
         #: The free space of the store's disk and the floor below which enqueues are refused
         #: (the embedded store's own; a node's health watcher's).
         self.disk: DiskSpace | None = None
 
     # --- compliance helpers ----------------------------------------------------------------------
+
+    def _compliance_start_ms(self) -> int:
+        """Where a store's compliance clock starts when it has none yet and has applied none."""
+        return _ms(self._clock())
 
     def _ctx(self, actor: Actor | None, bypass: bool = False, reason: str = "") -> Ctx:
         """The request context stamped into an entry: who, from where, and both clocks."""

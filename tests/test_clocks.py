@@ -244,6 +244,10 @@ def test_a_node_an_hour_ahead_does_not_move_the_queues_time(skewed: InProcessClu
     assert len(leases) == 1 and before + 59.9 <= leases[0].deadline <= after + 60.1
     st = l3.node.status()
     assert abs(st["clock_correction_ms"] + HOUR_MS) <= 50
+    # the compliance clock (retention) did not start an hour ahead on node 3 either: on no node is
+    # it ahead of the true time by more than the time this test took
+    for server in c.servers.values():
+        assert server.queue.compliance_clock.now_ms() <= (time.time() + 5) * 1000
 
     # what an operator sees: the status command, its JSON, the metrics
     out = _cli("status", "--server", c.address(3), "--json")
@@ -280,6 +284,34 @@ def test_a_node_an_hour_ahead_does_not_move_the_queues_time(skewed: InProcessClu
         return [x.message_id for x in l1.queue.lease(worker="w2", lease_seconds=60)] == [mid2]
 
     _wait(leased_again, "the expired lease's recipient to be due again", timeout=10)
+
+
+def test_a_new_stores_compliance_clock_starts_from_the_first_time_it_applies_or_its_corrected_clock() -> None:
+    from mqstore.compliance.rules import ComplianceClock
+
+    mono = [100.0]
+    wall = [5_000_000]
+    reads: list[int] = []
+
+    def wall_ms() -> int:
+        reads.append(wall[0])
+        return wall[0]
+
+    clock = ComplianceClock(0, wall_ms, lambda: mono[0])
+    wall[0] += HOUR_MS  # the machine's clock is set wrong before the store is first used
+    clock.observe(0)  # a batch without a compliance time: nothing to go by
+    assert reads == []
+    clock.observe(7_000_000)  # the first entry applied carries the cluster's compliance time
+    mono[0] += 2.5
+    assert clock.now_ms() == 7_002_500 and reads == []  # its own clock was never read
+    fresh = ComplianceClock(0, wall_ms, lambda: mono[0])
+    mono[0] += 1.0
+    assert fresh.now_ms() == wall[0]  # nothing applied: it starts when first needed, not at construction
+    mono[0] += 1.0
+    assert fresh.now_ms() == wall[0] + 1000
+    kept = ComplianceClock(9_000_000, wall_ms, lambda: mono[0])
+    kept.observe(8_000_000)  # behind what it persisted: never backwards
+    assert kept.now_ms() == 9_000_000
 
 
 # --- a clock behind the queue's time -----------------------------------------------------------

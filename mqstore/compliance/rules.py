@@ -53,22 +53,39 @@ class Mode(IntEnum):
 
 
 class ComplianceClock:
-    """Milliseconds that never go backwards and do not follow the wall clock once started."""
+    """Milliseconds that never go backwards and do not follow the wall clock once started.
 
-    def __init__(self, persisted_ms: int, wall_ms: int, monotonic: Callable[[], float] = time.monotonic) -> None:
+    A store that has none persisted yet starts it when it is first needed: from the time of the
+    first entry it applies that carries one (a new replica takes the cluster's compliance time,
+    whatever its own clock says), or else from ``wall_ms()`` (a node gives its clock corrected to
+    the voters', see mqstore/node/clocks.py; a new embedded store the wall clock)."""
+
+    def __init__(self, persisted_ms: int, wall_ms: Callable[[], int],
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._monotonic = monotonic
+        self._wall_ms = wall_ms
         self._lock = threading.Lock()
-        self._base = persisted_ms if persisted_ms > 0 else wall_ms  # a new store starts at the wall clock
+        self._base: int | None = persisted_ms if persisted_ms > 0 else None
         self._start = monotonic()
+
+    def _now(self) -> int:  # with the lock held
+        if self._base is None:
+            self._base, self._start = self._wall_ms(), self._monotonic()
+        return self._base + max(0, round((self._monotonic() - self._start) * 1000))
 
     def now_ms(self) -> int:
         with self._lock:
-            return self._base + max(0, round((self._monotonic() - self._start) * 1000))
+            return self._now()
 
     def observe(self, ms: int) -> None:
         """Never be behind ``ms`` (a time applied from the log, e.g. stamped by another leader)."""
+        if ms <= 0:
+            return
         with self._lock:
-            now = self._base + max(0, round((self._monotonic() - self._start) * 1000))
+            if self._base is None:
+                self._base, self._start = ms, self._monotonic()
+                return
+            now = self._now()
             if ms > now:
                 self._base += ms - now
 

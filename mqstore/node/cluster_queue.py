@@ -68,6 +68,9 @@ class ClusterQueue(QueueBase):
     def _now_ms(self) -> int:
         return max(self.node.clocks.now_ms(), self.node.stamp_ms)
 
+    def _compliance_start_ms(self) -> int:
+        return self.node.clocks.now_ms()  # this node's clock corrected to the voters' (node/clocks.py)
+
     def close(self) -> None:
         self._closed.set()
         if self._maintainer is not None:
