@@ -5,9 +5,11 @@ parsed, its exit codes (0 ok, 1 a problem found, 2 an error)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -369,8 +371,20 @@ def test_status_over_the_cluster(cluster: LocalCluster) -> None:
     assert all(m["lag"] is not None and m["lag"] >= 0 for m in st["members"])
     assert st["stats"]["messages"] == 30 and st["stats"]["recipients"]["deferred"] == 4
     assert st["applied_index"] > 30 and st["disk_used_bytes"] > 0
+    # The leader's estimate of each member's clock: one machine, one clock, so ~0 within the error
+    # (known once the leader has had a round trip with each since it was elected).
+    deadline = time.monotonic() + 10
+    while not all("clock_offset_ms" in m for m in st["members"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        st = ok("status", "--server", cluster.nodes[follower].address)
+    for m in st["members"]:
+        assert abs(m["clock_offset_ms"]) <= m["clock_error_ms"] + 1, m
+    assert st["clock_correction_ms"] == 0
+    assert st["stats"]["disk"]["accepting_enqueues"] is True
     human = run("status", "--server", cluster.servers())
     assert human.returncode == 0 and "members:" in human.stdout and "LAG" in human.stdout
+    assert "CLOCK" in human.stdout and re.search(r"^the leader's disk: .* free of .*; new enqueues accepted$",
+                                                 human.stdout, re.M), human.stdout
     assert fails("status", "--server", "127.0.0.1:1", "--timeout", "1")["error"] == "Unavailable"
 
 

@@ -304,6 +304,13 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
         lines.append(f"messages: {stats.get('messages', 0)} stored, {stats.get('messages_active', 0)} active; "
                      f"{size(stats.get('bytes', 0))} of mail; "
                      f"oldest unfinished {age(stats.get('oldest_age_seconds', 0))}")
+        disk = stats.get("disk") or {}
+        if disk:
+            whose = "the leader's disk" if "node_id" in st else "disk"
+            state = ("new enqueues accepted" if disk["accepting_enqueues"]
+                     else "NEW ENQUEUES REFUSED: below the floor, free space")
+            lines.append(f"{whose}: {size(disk['free_bytes'])} free of {size(disk['total_bytes'])}, floor "
+                         f"{size(disk['floor_bytes'])}; {state}")
     elif "node_id" in st:
         lines.append("queue counts: not available (no leader)")
     damaged = st.get("quarantined")
