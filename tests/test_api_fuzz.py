@@ -74,6 +74,7 @@ def _counts(store: Any) -> tuple[int, Any]:
     if stats is not None:
         stats.pop("oldest_age_seconds", None)
         stats.pop("log", None)
+        stats.pop("disk", None)  # free space moves with everything else on the disk
     return LOGS[id(store)].last_index, stats
 
 
