@@ -17,6 +17,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
 from mqstore.node.clocks import SAMPLE_SLOT_S, WINDOW_S, PeerClocks
@@ -91,6 +93,35 @@ def test_slow_round_trips_do_not_replace_a_fast_one_and_old_samples_expire() -> 
     assert est is not None and est.error_ms == pytest.approx(26) and est.offset_ms == pytest.approx(-40 + 24, abs=0.01)
     w.advance(WINDOW_S + SAMPLE_SLOT_S)
     assert a.offset(2) is None  # nothing heard for a whole window: not known
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    offset_ms=st.floats(-86_400_000, 86_400_000),
+    exchanges=st.lists(  # at most 3 s each, 24 s in all: every sample stays within the window
+        st.tuples(st.floats(0, 0.5), st.floats(0, 0.5), st.floats(0, 1.0), st.floats(0, 1.0)), min_size=1, max_size=8
+    ),
+)
+def test_the_true_offset_is_always_within_the_error_bound(offset_ms: float,
+                                                          exchanges: list[tuple[float, float, float, float]]) -> None:
+    """Whatever the delays each way, however long a peer holds a message and however the samples
+    fall into slots, the estimate is within its error bound of the true offset (clocks that do not
+    drift), and the bound is half the quickest round trip kept."""
+    w = World()
+    a, b = make(w, 1, 0), make(w, 2, offset_ms)
+    quickest = None
+    for there, back, hold, pause in exchanges:
+        round_trip(w, a, b, there, back, hold_s=hold)
+        quickest = there + back if quickest is None else min(quickest, there + back)
+        w.advance(pause)
+        est = a.offset(2)
+        assert est is not None
+        assert abs(est.offset_ms - offset_ms) <= est.error_ms + 0.002  # microsecond rounding
+        back_est = b.offset(1)
+        if back_est is not None:
+            assert abs(back_est.offset_ms + offset_ms) <= back_est.error_ms + 0.002
+    est = a.offset(2)
+    assert est is not None and quickest is not None and est.error_ms <= quickest * 500 + 0.002
 
 
 def test_a_stepped_clock_gives_no_sample() -> None:

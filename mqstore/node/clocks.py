@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 WINDOW_S = 30.0
 #: Samples are kept one per this many seconds (the one with the shortest round trip).
 SAMPLE_SLOT_S = 1.0
+#: A negative round trip down to this is the clocks' rounding, beyond it a clock that was stepped.
+_ROUNDING_US_MAX = 10
 #: A correction larger than this is not applied (a clock that far off is not a clock to follow).
 CORRECTION_MS_MAX = 10 * 366 * 86_400_000
 
@@ -129,7 +131,9 @@ class PeerClocks:
                 return
             round_trip = (arrived - echo_us) - (sent_us - echo_received_us)
             if round_trip < 0:
-                return  # a clock was stepped between the two messages: no sample
+                if round_trip < -_ROUNDING_US_MAX:
+                    return  # a clock was stepped between the two messages: no sample
+                round_trip = 0  # a round trip shorter than the clocks' rounding
             offset = ((echo_received_us - echo_us) + (sent_us - arrived)) / 2
             now = self._monotonic()
             slots = s.slots
