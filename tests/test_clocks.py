@@ -215,6 +215,33 @@ def test_when_a_leader_corrects_its_clock(offsets: list[float], heard: list[int]
         assert nodes[0].correction_ms == pytest.approx(expected, abs=2) and nodes[0].decided
 
 
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), n=st.integers(3, 7))
+def test_with_a_majority_of_good_clocks_every_node_stamps_near_the_true_time(data: st.DataObject, n: int) -> None:
+    """Any leader, any minority of clocks anywhere within a day: after the leader's heartbeats every
+    node's stamping clock is within max_clock_offset_ms (500) of the true time plus what the good
+    clocks disagree by (leader), or twice that (a follower takes its leader's time only beyond it)."""
+    bad = data.draw(st.sets(st.integers(0, n - 1), max_size=(n - 1) // 2))
+    offsets = [
+        data.draw(st.floats(-86_400_000, 86_400_000)) if i in bad else data.draw(st.floats(-100, 100))
+        for i in range(n)
+    ]
+    leader_at = data.draw(st.integers(0, n - 1))
+    w = World()
+    nodes = cluster_of(w, offsets)
+    voters = list(range(1, n + 1))
+    leader = nodes[leader_at]
+    followers = [x for x in nodes if x is not leader]
+    exchange_all(w, leader, followers)
+    leader.update(voters, voters, leader=leader.node_id)
+    assert leader.decided
+    assert abs(leader.now_ms() - w.t * 1000) <= 500 + 200 + 2
+    for f in followers:
+        send(w, leader, f, 0.0005)  # the next heartbeat carries the leader's decided correction
+        f.update(voters, voters, leader=leader.node_id)
+        assert abs(f.now_ms() - w.t * 1000) <= 2 * 500 + 200 + 2
+
+
 # --- real nodes -------------------------------------------------------------------------------------
 
 
