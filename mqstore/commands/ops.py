@@ -291,7 +291,8 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
         if st.get("clock_correction_ms"):
             ms = st["clock_correction_ms"]
             lines.append(f"clock: this node's clock is {abs(ms) / 1000:.3f} s {'behind' if ms > 0 else 'ahead of'} "
-                         "the voters' median; it stamps new entries with the median (fix its NTP)")
+                         "the cluster's time (the median of the voters' clocks); it stamps new entries with the "
+                         "cluster's time (fix its NTP)")
         if st.get("removed_ids"):
             lines.append(f"removed node ids (never reused): {', '.join(map(str, st['removed_ids']))}")
     else:
