@@ -13,7 +13,8 @@ workers, every call recorded), injects faults, heals, and then checks:
 Scenarios: 3 nodes / 3 sites — kill -9 the leader (3 times, restarting it), SIGSTOP the leader
 for 3 s, cut links through TCP proxies (isolate the leader; asymmetric cuts both ways; then slow
 its links down), kill a follower's whole site, fill a follower's disk and then the leader's; 5
-nodes placed 2/2/1 — kill -9 the leader's whole site (2 nodes); and, with a 5 s election
+nodes placed 2/2/1 — kill -9 the leader's whole site (2 nodes); a lost node replaced with
+``mqstore recover`` while leaders and the replacement are killed mid-way; and, with a 5 s election
 timeout, a killed leader replaced long before that timeout (its followers see its connections
 refused) while a paused one is not. Fast tests at the end check that the checker flags each kind
 of violation and that the proxy cuts, heals, blackholes and delays.
@@ -30,12 +31,15 @@ takes about 80 s on 2 cores.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -395,6 +399,86 @@ def test_kill_leader_site_5_nodes_2_2_1(tmp_path: Path) -> None:
     print(f"[kill site 2/2/1] failover times when the leader's site died (s): {summarize(times)}")
     if times:
         assert_failover_within_limit(times)
+
+
+def test_replace_a_lost_node_under_load_while_leaders_die(tmp_path: Path) -> None:
+    """An operator replaces a node whose disk died (``mqstore recover --replace``) while the
+    workload runs, and processes die in the middle of it: the leader while the replacement is a
+    learner not yet started, the replacement while it catches up, and the leader again as soon as
+    the replacement votes and the lost node's removal is due. The operator reruns ``recover``
+    should it stop with an error. In the end the old id is removed for good, the new node votes,
+    and the history and the replicas check out as after any other fault."""
+    with running(tmp_path, ["a", "b", "c"]) as (cluster, workload):
+        for _ in range(ROUNDS):
+            _replace_a_lost_node(cluster, workload)
+        verify(cluster, workload, "replace node")
+
+
+def _replace_a_lost_node(cluster: LocalCluster, workload: Workload) -> None:
+    leader = leader_of(cluster)
+    lost = next(n for n in cluster.nodes if n != leader)
+    site = cluster.nodes[lost].site
+    cluster.kill(lost)
+    cluster.wipe(lost)
+    assert workload.wait_for_writes(20, timeout=30), "no writes with one node lost"
+    new = cluster.add_node(site)  # (its config still names the lost node as a peer, as an operator's would)
+    del cluster.nodes[lost]
+    runs: list[subprocess.CompletedProcess[str]] = []
+    done = threading.Event()
+
+    def operator() -> None:
+        servers = ",".join(spec.address for spec in cluster.nodes.values())  # the new node's too
+        try:
+            for _attempt in range(8):
+                runs.append(cluster.mqstore("recover", "--config", str(cluster.config_path(new)), "--server", servers,
+                                            "--replace", str(lost), "--wait", "30", "--json", timeout=120))
+                if runs[-1].returncode == 0:
+                    return
+                time.sleep(0.5)
+        finally:
+            done.set()
+
+    def member() -> dict[str, Any] | None:
+        st = cluster.status(leader_of(cluster), timeout=1.0)
+        return None if st is None else next((m for m in st["members"] if m["id"] == new), None)
+
+    def kill_and_restart(node_id: int, down_s: float) -> None:
+        cluster.kill(node_id)
+        time.sleep(down_s)
+        cluster.start(node_id)
+
+    threading.Thread(target=operator, daemon=True).start()
+    try:
+        # The leader dies while the replacement is a learner not yet started (with one voter
+        # lost already, writes wait for the leader to come back).
+        assert wait_until(lambda: member() is not None, 60), f"node {new} was not added: {runs}"
+        kill_and_restart(leader_of(cluster), 0.5)
+        # The replacement starts, and dies while it catches up.
+        cluster.start(new)
+        assert wait_until(lambda: (member() or {}).get("match_index", 0) > 0, 60, 0.02)
+        kill_and_restart(new, 0.3)
+        # The leader dies as soon as the replacement votes: the lost node's removal is due.
+        assert wait_until(lambda: bool((member() or {}).get("voter")), 90, 0.02), \
+            f"node {new} was never promoted: {[r.stdout + r.stderr for r in runs]}"
+        kill_and_restart(leader_of(cluster), 0.5)
+        assert done.wait(300), "recover did not finish"
+    finally:
+        done.wait(150)
+    outputs = [f"exit {r.returncode}: {r.stdout}{r.stderr}" for r in runs]
+    assert runs and runs[-1].returncode == 0, outputs
+    result = json.loads(runs[-1].stdout)
+    assert result["node_id"] == new and result["replaced"] == lost, outputs
+    members = {m["id"]: m for m in result["members"]}
+    assert set(members) == set(cluster.nodes) and members[new]["voter"], outputs
+    shown = cluster.mqstore("status", "--server", cluster.servers(), "--json")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert lost in json.loads(shown.stdout)["removed_ids"], shown.stdout
+    for r in runs[:-1]:
+        print(f"[replace node] recover stopped with exit {r.returncode}: {(r.stdout + r.stderr).strip()[-300:]}")
+    print(f"[replace node] node {new} replaced node {lost}; recover ran {len(runs)} time(s)")
+    assert workload.wait_for_writes(20, timeout=30), "no writes after the replacement"
+    for node_id in cluster.nodes:
+        wait_caught_up(cluster, node_id)
 
 
 # --- the checker itself: it must flag each kind of violation ----------------------------------
