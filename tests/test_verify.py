@@ -97,6 +97,15 @@ def _lost_recipient(txn: Txn, db: Callable[[bytes], Any], made: Made) -> None:
     assert txn.delete(mid_ord(made["queued"], 0), db=db(b"recipients"))
 
 
+def _undecodable_recipient(txn: Txn, db: Callable[[bytes], Any], made: Made) -> None:
+    txn.put(mid_ord(made["queued"], 0), b"\xff\xff", db=db(b"recipients"))
+
+
+def _undecodable_lease(txn: Txn, db: Callable[[bytes], Any], made: Made) -> None:
+    (key,) = [bytes(k) for k, _ in txn.cursor(db=db(b"leases"))]
+    txn.put(key, b"\xff\xff", db=db(b"leases"))
+
+
 # (damage, table named, words of the problem, message named (None: no single message))
 CASES = {
     "ready entry lost": (_delete_with(b"ready", "queued"), "ready", "missing from the ready index", "queued"),
@@ -113,6 +122,9 @@ CASES = {
     "lease row lost": (_delete_only(b"leases"), "leases", "which holds no such lease", "leased"),
     "lease deadline lost": (_delete_only(b"lease_due"), "leases", "has no deadline entry", "leased"),
     "recipient row lost": (_lost_recipient, "recipients", "0 recipient rows for 1 recipients", "queued"),
+    "recipient row does not decode": (_undecodable_recipient, "recipients", "recipient 0: row does not decode",
+                                      "queued"),
+    "lease row does not decode": (_undecodable_lease, "leases", "row does not decode", None),
     "stray expiry entry": (_stray_expiry, "expiry", "expiry entry that does not match", None),
     "counter off": (_counter_off, "stats", "counter queued is", None),
 }
@@ -139,3 +151,25 @@ def test_verify_names_each_kind_of_state_damage(built: tuple[Path, Path, Made], 
         assert {p.get("message_id") for p in named} == {format_id(made[which])}
     # The state can be rebuilt from the log: the replay names the damage too.
     assert not verify_path(copy, key_file=str(key), replay=True).clean
+
+
+def test_rows_that_do_not_decode_are_named_and_the_rest_of_the_report_goes_on(
+    built: tuple[Path, Path, Made], tmp_path: Path
+) -> None:
+    path, key, made = built
+    copy = tmp_path / "store"
+    shutil.copytree(path, copy)
+    env = lmdb.open(str(copy), max_dbs=64, create=False)
+    try:
+        with env.begin(write=True) as txn:
+            for damage in (_undecodable_recipient, _undecodable_lease, _delete_with(b"live", "expiring")):
+                damage(txn, lambda name: env.open_db(name, txn=txn, create=False), made)
+    finally:
+        env.close()
+    report = verify_path(copy, key_file=str(key), replay=True)
+    found = {(p.get("table"), p.get("message_id")) for p in report.problems if p["check"] == "state"}
+    assert found == {("recipients", format_id(made["queued"])), ("leases", None),
+                     ("live", format_id(made["expiring"]))}, report.problems
+    assert report.replayed and report.by_check["replay"] >= 2  # the replay ran to the end too
+    assert report.messages_checked == len(made)
+

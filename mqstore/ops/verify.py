@@ -35,7 +35,7 @@ from mqstore.errors import Corruption, MQStoreError
 from mqstore.ids import format_id
 from mqstore.ops.facts import STATE_TABLES, open_env
 from mqstore.queue import machine
-from mqstore.queue.kv import LmdbKV
+from mqstore.queue.kv import LmdbKV, prefix_end
 from mqstore.queue.model import (
     FINAL,
     LEASED,
@@ -253,7 +253,8 @@ def _check_state(log: LogStore, report: VerifyReport, seen: dict[int, _Sealed], 
         kv = LmdbKV(txn, log.env.dbs)
         total = txn.stat(log.env.dbs[b"messages"])["entries"]
         stats: dict[tuple[str, str], int] = defaultdict(int)
-        expect = {name: 0 for name in ("ready", "ready_dom", "live", "msg_ns", "retention", "leases_rcpts")}
+        expect = {name: 0 for name in ("ready", "ready_dom", "live", "msg_ns", "retention", "leases_rcpts",
+                                       "rcpts_undecodable")}
         done = 0
         for mid, value in kv.scan(b"messages", b""):
             done += 1
@@ -268,7 +269,27 @@ def _check_state(log: LogStore, report: VerifyReport, seen: dict[int, _Sealed], 
             _check_message(kv, report, mid, row, seen, stats, expect)
         progress("state", done, total)
         _check_indexes(kv, report, expect)
-        _check_stats(kv, report, stats)
+        # Recipients whose rows do not decode have no known state: the counters of their
+        # namespaces' states and the lease count cannot be checked against the rows.
+        _check_stats(kv, report, stats, states_known=not expect["rcpts_undecodable"])
+
+
+def _recipients(
+    kv: LmdbKV, report: VerifyReport, mid: bytes, index: int
+) -> tuple[list[tuple[int, RecipientRow]], list[int]]:
+    """The recipient rows of ``mid`` that decode, and the ordinals of those that do not (each
+    reported where it is)."""
+    rows: list[tuple[int, RecipientRow]] = []
+    undecodable: list[int] = []
+    for key, value in kv.scan(b"recipients", mid, prefix_end(mid)):
+        ordinal = int.from_bytes(key[16:18], "big")
+        try:
+            rows.append((ordinal, RecipientRow.decode(value)))
+        except Corruption as exc:
+            undecodable.append(ordinal)
+            report.add("state", f"recipient {ordinal}: row does not decode: {exc.reason}", index=index,
+                       table="recipients", key=key, message_id=mid)
+    return rows, undecodable
 
 
 def _check_message(
@@ -291,9 +312,10 @@ def _check_message(
     if sealed is not None and sealed.size != row.size_bytes:
         bad(f"size {row.size_bytes} differs from the stored body's {sealed.size}")
     ns = row.namespace
-    rcpts = machine.recipients_of(kv, mid)
-    if len(rcpts) != row.n_rcpts or [o for o, _ in rcpts] != list(range(row.n_rcpts)):
-        bad(f"{len(rcpts)} recipient rows for {row.n_rcpts} recipients", "recipients")
+    rcpts, undecodable = _recipients(kv, report, mid, idx)
+    ordinals = sorted([o for o, _ in rcpts] + undecodable)
+    if len(ordinals) != row.n_rcpts or ordinals != list(range(row.n_rcpts)):
+        bad(f"{len(ordinals)} recipient rows for {row.n_rcpts} recipients", "recipients")
     if sealed is not None and len(sealed.domains) != row.n_rcpts:
         bad(f"{row.n_rcpts} recipients in the row, {len(sealed.domains)} in the envelope")
     counts = [0] * 6
@@ -319,20 +341,26 @@ def _check_message(
             bad(f"recipient {ordinal} is {'in' if in_dom else 'missing from'} the by-domain ready index", "ready_dom")
         if r.state == LEASED:
             raw = kv.get(b"leases", U64.pack(r.token))
-            lease = LeaseRow.decode(raw) if raw is not None else None
+            try:
+                lease = LeaseRow.decode(raw) if raw is not None else None
+            except Corruption:
+                continue  # reported by the pass over the leases table
             if lease is None or lease.mid != mid or ordinal not in lease.ordinals:
                 bad(f"recipient {ordinal} is leased under token {r.token}, which holds no such lease", "leases")
             else:
                 expect["leases_rcpts"] += 1
         elif r.state in FINAL and r.token:
             bad(f"recipient {ordinal} is {STATE_NAMES[r.state]} but still names lease {r.token}", "recipients")
-    if counts != list(row.counts):
+    if undecodable:
+        # The states of recipients whose rows do not decode are not known: no count to compare.
+        expect["rcpts_undecodable"] += len(undecodable)
+    elif counts != list(row.counts):
         bad(f"per-state counts {list(row.counts)} differ from its recipients' states {counts}")
     expect["msg_ns"] += 1
     if kv.get(b"msg_ns", ns0 + mid) is None:
         bad("missing from the by-namespace index", "msg_ns")
     finished_by_counts = sum(counts[s - 1] for s in FINAL) == row.n_rcpts
-    if row.finished != finished_by_counts and rcpts:
+    if row.finished != finished_by_counts and rcpts and not undecodable:
         bad("finished flag disagrees with its recipients' states")
     live = kv.get(b"live", mid) is not None
     if live == row.finished:
@@ -375,7 +403,10 @@ def _check_indexes(kv: LmdbKV, report: VerifyReport, expect: dict[str, int]) -> 
                     _, _, rest = rest.partition(b"\x00")
                 mid, ordinal, due = rest[9:25], int.from_bytes(rest[25:27], "big"), U64.unpack(rest[1:9])[0]
                 raw = kv.get(b"recipients", mid_ord(mid, ordinal))
-                r = RecipientRow.decode(raw) if raw is not None else None
+                try:
+                    r = RecipientRow.decode(raw) if raw is not None else None
+                except Corruption:
+                    continue  # the row is reported with its message; this entry cannot be judged
                 row = message(mid)
                 if r is None or row is None or r.state not in WAITING or row.held or r.due_ms != due:
                     stray(table, key, mid, "index entry for a recipient that is not waiting (or another due time)")
@@ -397,22 +428,30 @@ def _check_indexes(kv: LmdbKV, report: VerifyReport, expect: dict[str, int]) -> 
         if row is None or row.finished or not row.expires_at_ms or key[:8] != U64.pack(row.expires_at_ms):
             stray("expiry", key, mid, "expiry entry that does not match an unfinished message")
     leases = 0
+    undecodable = 0
     for key, value in kv.scan(b"leases", b""):
-        lease = LeaseRow.decode(value)
+        try:
+            lease = LeaseRow.decode(value)
+        except Corruption as exc:
+            undecodable += 1
+            report.add("state", f"lease {U64.unpack(key)[0] if len(key) == 8 else '?'}: row does not decode: "
+                       f"{exc.reason}", table="leases", key=key)
+            continue
         leases += len(lease.ordinals)
         if kv.get(b"lease_due", time_key(lease.deadline_ms, key)) is None:
             stray("leases", key, lease.mid, f"lease {U64.unpack(key)[0]} has no deadline entry")
     for key, _ in kv.scan(b"lease_due", b""):
         if kv.get(b"leases", key[8:16]) is None:
             stray("lease_due", key, None, f"deadline entry for lease {U64.unpack(key[8:16])[0]}, which does not exist")
-    if leases != expect["leases_rcpts"]:
+    if leases != expect["leases_rcpts"] and not undecodable and not expect["rcpts_undecodable"]:
         report.add("state", f"leases hold {leases} recipient(s); {expect['leases_rcpts']} recipients are leased",
                    table="leases")
 
 
-def _check_stats(kv: LmdbKV, report: VerifyReport, stats: dict[tuple[str, str], int]) -> None:
+def _check_stats(kv: LmdbKV, report: VerifyReport, stats: dict[tuple[str, str], int], *,
+                 states_known: bool = True) -> None:
     stored = machine.read_stats(kv)
-    names = [*STATE_NAMES.values(), "messages.live", "messages.stored", "bytes"]
+    names = [*(STATE_NAMES.values() if states_known else ()), "messages.live", "messages.stored", "bytes"]
     for ns in sorted(set(stored) | {n for n, _ in stats}):
         for name in names:
             have = stored.get(ns, {}).get(name, 0)
