@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import message_factory
 
 from mqstore import cli
 from mqstore.actor import Actor
@@ -32,7 +33,7 @@ from mqstore.crypto import create_key_file
 from mqstore.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 from mqstore.node.runtime import bootstrap
 from mqstore.ops import remote
-from mqstore.proto import admin_pb2, queue_pb2, queue_pb2_grpc, raft_pb2, raft_pb2_grpc
+from mqstore.proto import admin_pb2, compliance_pb2, queue_pb2, queue_pb2_grpc, raft_pb2, raft_pb2_grpc
 from mqstore.security import auth
 from mqstore.security.certs import identity_from_pem
 from mqstore.security.tokens import TokenStore
@@ -58,6 +59,8 @@ class Node:
             "worker": store.add("worker-1", ["worker"]),
             "admin": store.add("ops", ["admin", "reader"]),
             "alpha-reader": store.add("alpha-reader", ["reader", "worker"], ["alpha"]),
+            "reader": store.add("reader-1", ["reader"]),
+            "compliance": store.add("officer", ["compliance"]),
         }
         self.store = store
         self.cluster = InProcessCluster(root / "cluster", ["a"], pki=self.pki,
@@ -294,6 +297,64 @@ def test_namespace_limited_actor(node: Node) -> None:
         lease = c.lease("w", namespace="beta")[0]
     with node.client(token="alpha-reader") as c, pytest.raises(PermissionDenied, match="namespace 'beta'"):
         c.ack(lease.token)
+
+
+def _proto_methods() -> list[tuple[str, Any]]:
+    """Every RPC of mqstore's protos, as ``(/package.Service/Method, method descriptor)``."""
+    found = []
+    for module in (admin_pb2, compliance_pb2, queue_pb2, raft_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            found += [(f"/{service.full_name}/{m.name}", m) for m in service.methods]
+    return found
+
+
+def test_every_rpc_of_every_service_has_its_own_rule() -> None:
+    """No RPC falls to UNKNOWN_METHOD (which made the whole Compliance service admin-only), and
+    each rule's namespace and key extractors work on its request type."""
+    methods = _proto_methods()
+    assert {p.split("/")[1] for p, _ in methods} == {"mqstore.v1.Admin", "mqstore.v1.Compliance",
+                                                      "mqstore.v1.Queue", "mqstore.v1.Raft"}
+    missing = [p for p, _ in methods if p not in auth.METHODS]
+    assert missing == [], f"RPCs without a rule in mqstore/security/auth.py METHODS: {missing}"
+    for path, m in methods:
+        rule = auth.method_rule(path)
+        assert rule.kind == ("peer" if "/mqstore.v1.Raft/" in path else "client"), path
+        request = message_factory.GetMessageClass(m.input_type)()
+        if rule.namespaces is not None:
+            rule.namespaces(request)
+        if rule.lookup:
+            assert rule.keys is not None, path
+            rule.keys(request)
+
+
+def test_compliance_role_uses_the_compliance_service_and_a_reader_does_not(node: Node) -> None:
+    with node.client("admin") as c:
+        mid = c.enqueue(**_msg("default", 7))
+    seen = len(node.denials())
+    with node.client(token="compliance") as c:
+        c.add_legal_hold(mid, case="SEC-7")
+        with node.client("admin") as admin:
+            assert admin.get(mid).legal_holds == ("SEC-7",)
+        head = c.audit_head()
+        assert head > 0
+        assert c.audit_query(where={"op": "legal_hold", "target": mid})[0]["actor"] == "officer"
+        assert c.audit_records(after=head - 1, limit=5)[0]["seq"] == head
+        c.remove_legal_hold(mid, case="SEC-7")
+    with node.client(token="reader") as c:
+        assert c.get(mid).legal_holds == ()  # a reader reads messages...
+        with pytest.raises(PermissionDenied, match="needs the 'legal_hold' permission \\(role compliance\\)"):
+            c.add_legal_hold(mid, case="SEC-8")
+        with pytest.raises(PermissionDenied, match="needs the 'audit' permission \\(role compliance\\)"):
+            c.audit_records(limit=5)  # ...but not who did what
+        with pytest.raises(PermissionDenied, match="'audit' permission"):
+            c.audit_head()
+        shape = remote.state_shape(c, None, "queued")  # `mqstore qshape --state queued`
+        assert isinstance(shape, dict)
+        assert c.get(mid).legal_holds == ()
+    denied = node.denials()[seen:]
+    assert [(r["actor"], r["op"]) for r in denied] == [
+        ("reader-1", "Compliance/AddLegalHold"), ("reader-1", "Compliance/AuditRecords"),
+        ("reader-1", "Compliance/AuditHead")]
 
 
 def test_current_actor_is_set_while_the_queue_runs(node: Node) -> None:
