@@ -5,6 +5,7 @@ with its table and message (the replay, a separate check, is off here)."""
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -173,3 +174,55 @@ def test_rows_that_do_not_decode_are_named_and_the_rest_of_the_report_goes_on(
     assert report.replayed and report.by_check["replay"] >= 2  # the replay ran to the end too
     assert report.messages_checked == len(made)
 
+
+@pytest.fixture(scope="module")
+def locked(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Made]:
+    """Delivered messages under COMPLIANCE retention, under a legal hold in GOVERNANCE mode, and
+    under a legal hold without a retention mode (placed before and after delivery)."""
+    from mqstore.actor import Actor
+
+    root = tmp_path_factory.mktemp("verify-locked")
+    key = create_key_file(root / "kek.key")
+    officer = Actor("j.doe", frozenset({"compliance", "admin"}), auth="mtls")
+    made: Made = {}
+    with mqstore.open(root / "store", key_file=key, background=False) as store:
+        store.set_policy("finance", mode="compliance", retention_days=30)
+        store.set_policy("gov", mode="governance", retention_days=1)
+        for name, ns in (("compliance", "finance"), ("extended", "finance"), ("held", "gov"),
+                         ("plain-held-early", "default"), ("plain-held-late", "default")):
+            mid = store.enqueue("cfo@example.org", [f"{name}@example.net"], b"Subject: x\r\n\r\nbody\r\n",
+                                namespace=ns)
+            made[name] = parse_id(mid)
+            if name in ("held", "plain-held-early"):
+                store.add_legal_hold(mid, case="SEC-1", actor=officer)
+            (lease,) = store.lease("w", max_messages=1, namespace=ns)
+            store.ack(lease.token)
+            if name == "plain-held-late":
+                store.add_legal_hold(mid, case="SEC-2", actor=officer)
+            if name == "extended":
+                store.extend_retention(mid, until=time.time() + 400 * 86400, actor=officer)
+    return root / "store", key, made
+
+
+def test_messages_locked_by_retention_or_legal_holds_verify_clean(locked: tuple[Path, Path, Made]) -> None:
+    path, key, _made = locked
+    report = verify_path(path, key_file=str(key), replay=True)
+    assert report.clean and report.replayed, report.problems
+
+
+def test_a_locked_messages_lost_retention_entry_is_named(locked: tuple[Path, Path, Made], tmp_path: Path) -> None:
+    path, key, made = locked
+    copy = tmp_path / "store"
+    shutil.copytree(path, copy)
+    env = lmdb.open(str(copy), max_dbs=64, create=False)
+    try:
+        with env.begin(write=True) as txn:
+            _delete_with(b"retention", "extended")(txn, lambda name: env.open_db(name, txn=txn, create=False), made)
+            # ... and one for a message its legal hold keeps out of the index
+            txn.put(time_key(1, made["held"]), b"", db=env.open_db(b"retention", txn=txn, create=False))
+    finally:
+        env.close()
+    report = verify_path(copy, key_file=str(key), replay=False)
+    named = {(p["problem"], p.get("message_id")) for p in report.problems}
+    assert named == {("finished but missing from the retention index", format_id(made["extended"])),
+                     ("retention entry that does not match the message", format_id(made["held"]))}, report.problems
