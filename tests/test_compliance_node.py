@@ -246,3 +246,38 @@ def test_a_scrub_a_crash_interrupted_is_finished_when_the_node_starts(tmp_path: 
         assert node.snapshot_file(node.storage.snapshot_meta().index).exists()
     finally:
         cluster.close()
+
+
+def test_a_reported_denial_never_moves_the_compliance_clock(cluster: InProcessCluster) -> None:
+    import time
+
+    from mqstore.actor import Actor
+    from mqstore.compliance.rules import Ctx
+    from mqstore.queue.model import DenialEntry
+
+    leader = cluster.leader()
+    with Client(cluster.addresses(), timeout=20) as client:
+        client.set_policy("finance", mode="compliance", retention_days=2555)
+        mid = client.enqueue(mail_from="cfo@example.org", recipients=["board@example.net"], data=BODY,
+                             namespace="finance")
+        follower = next(i for i in cluster.servers if i != leader.node.node_id)
+        century_ms = 100 * 365 * 86_400_000
+        # what a follower's edge sends the leader (Raft/RecordDenials), its context stamped a century ahead
+        forged = Ctx(Actor("someone", frozenset(), auth="token", source="10.0.0.9"), node_id=follower, site="b",
+                     wall_ms=int(time.time() * 1000) + century_ms,
+                     compliance_ms=leader.queue.compliance_clock.now_ms() + century_ms)
+        leader.queue.append_reported_denials(
+            [DenialEntry(0, "Queue/Lease", "*", "lacks the 'lease' permission", forged).encode()])
+        last_index = leader.node.applied_index
+        for i in cluster.servers:
+            cluster.wait_applied(i, last_index)
+        with pytest.raises(Immutable, match="COMPLIANCE retention"):
+            client.delete(mid)
+        assert client.get(mid).data == BODY
+        (record,) = client.audit_query(where={"op": "Queue/Lease"})
+    # the denial is audited as reported (who, which node and site), at the leader's time
+    assert (record["actor"], record["node"], record["site"], record["outcome"]) == ("someone", follower, "b", "denied")
+    assert abs(record["wall"] - time.time() * 1000) < 600_000
+    for i, server in cluster.servers.items():
+        ahead_ms = server.queue.compliance_clock.now_ms() - time.time() * 1000
+        assert ahead_ms < 600_000, f"node {i}'s compliance clock moved {ahead_ms / 86_400_000:.0f} days ahead"

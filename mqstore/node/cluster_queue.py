@@ -129,15 +129,21 @@ class ClusterQueue(QueueBase):
 
     def append_reported_denials(self, raws: Sequence[bytes]) -> None:
         """Leader: append denials a follower's edge reported (encoded DenialEntries carrying the
-        follower's request context), re-stamped with this leader's time, in one operation.
-        Raises InvalidArgument if one is not a denial entry (none is appended then), NotLeader
-        when this node does not lead."""
+        follower's request context), in one operation. Only who was refused, on which node and
+        site, is taken from the report: the entry's time stamp and its request context's wall and
+        compliance times are this leader's own, so a report can add an audit record and nothing
+        else (a follower's clock, or a forged report, never moves the compliance clock). Raises
+        InvalidArgument if one is not a denial entry (none is appended then), NotLeader when this
+        node does not lead."""
         reported = []
         for raw in raws:
             try:
-                reported.append(DenialEntry.decode(raw))
+                entry = DenialEntry.decode(raw)
             except MQStoreError as exc:
                 raise InvalidArgument(f"not a denial entry: {exc}") from None
+            if entry.op == machine.CHECKPOINT_OP:
+                raise InvalidArgument("not a denial entry: a checkpoint request")
+            reported.append(entry)
         if not self.node.is_leader:
             raise self.node._not_leader()
         if not reported:
@@ -145,8 +151,12 @@ class ClusterQueue(QueueBase):
 
         def plan(node: Node) -> Plan:
             now = node.now_ms()
-            return [_plain(RecordType.AUDIT, DenialEntry(now, r.op, r.target, r.reason, r.ctx).encode())
-                    for r in reported]
+            out: Plan = []
+            for r in reported:
+                own = self._ctx(r.ctx.actor)
+                ctx = Ctx(r.ctx.actor, r.ctx.node_id, r.ctx.site, own.wall_ms, own.compliance_ms)
+                out.append(_plain(RecordType.AUDIT, DenialEntry(now, r.op, r.target, r.reason, ctx).encode()))
+            return out
 
         self.node.submit(Operation(plan=plan))
 
