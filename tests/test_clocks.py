@@ -410,6 +410,32 @@ def test_an_embedded_store_says_when_its_clock_was_set_back(tmp_path: Path,
         assert "the clock caught up with the queue's time" in caplog.text
 
 
+@pytest.mark.parametrize("maintain_first", [False, True], ids=["no-stamp-since", "maintained"])
+def test_a_message_enqueued_after_the_clock_was_set_back_takes_the_queues_time(tmp_path: Path,
+                                                                              maintain_first: bool) -> None:
+    """Its creation time (due time, idempotency window) is the queue's time, as every other
+    entry's: it is not leased ahead of messages that waited longer, and a key whose window passed
+    in the queue's time is not honoured — whether or not maintenance stamped an entry meanwhile."""
+    import mqstore
+
+    t0 = 1_800_000_000.0
+    mail = {"mail_from": "a@example.org", "data": b"Subject: s\r\n\r\nx\r\n"}
+    now = [t0]
+    with mqstore.open(tmp_path / "q", background=False, clock=lambda: now[0]) as store:
+        first = store.enqueue(recipients=["a@x.example"], idempotency_key="K", **mail)  # type: ignore[arg-type]
+        store.ack(store.lease(worker="w")[0].token)
+        now[0] += 25 * 3600  # past the key's 24 h window
+        old = store.enqueue(recipients=["old@x.example"], **mail)  # type: ignore[arg-type]
+        now[0] -= 24 * 3600  # the clock set back: the queue's time stays at t0 + 25 h
+        if maintain_first:
+            store.maintain()
+        again = store.enqueue(recipients=["b@x.example"], idempotency_key="K", **mail)  # type: ignore[arg-type]
+        new = store.enqueue(recipients=["new@x.example"], **mail)  # type: ignore[arg-type]
+        assert again != first, "a key whose window passed in the queue's time was honoured"
+        assert store.get(new).created >= store.get(old).created == t0 + 25 * 3600
+        assert [lease.recipients for lease in store.lease(worker="w", max_messages=1)] == [("old@x.example",)]
+
+
 def test_a_node_says_when_its_clock_is_behind_the_queues_time(tmp_path: Path,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     offset = [0.0]

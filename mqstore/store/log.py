@@ -589,7 +589,9 @@ class LogStore:
             raise InvalidArgument("messages must be a non-empty list")
         if len(messages) > limits.APPEND_RECORDS_MAX:
             raise InvalidArgument(f"{len(messages)} messages in one call; the limit is {limits.APPEND_RECORDS_MAX}")
-        now = self.clock_ms()
+        # The queue's time, as the writer stamps entries: a clock set back must not make a new
+        # message older than those already queued (lease order) nor move its idempotency window.
+        now = max(self.clock_ms(), self._last_stamp_ms)
         staged = []
         encode = codec.encode_envelope
         integer = validate.integer
