@@ -49,9 +49,17 @@ def namespace(value: object, field: str = "namespace") -> str:
 def _domain_problem(value: str) -> str | None:
     if _LITERAL_RE.match(value):
         return None
-    size = len(value.encode("utf-8"))
+    try:
+        size = len(value.encode("utf-8"))
+        # Domains are kept and matched lower-cased, and lower-casing may lengthen a name
+        # ("İ" is 2 bytes, "i̇" 3): the limit holds for the form that is stored.
+        lowered = len(value.lower().encode("utf-8"))
+    except UnicodeEncodeError:
+        return "domain is not valid Unicode (lone surrogate)"
     if size > limits.DOMAIN_BYTES_MAX:
         return f"domain is {size} bytes, the limit is {limits.DOMAIN_BYTES_MAX}"
+    if lowered > limits.DOMAIN_BYTES_MAX:
+        return f"domain is {lowered} bytes once lower-cased, the limit is {limits.DOMAIN_BYTES_MAX}"
     if not all(_LABEL_RE.match(label) for label in value.split(".")):
         return f"{value!r} is not a valid domain"
     return None

@@ -131,6 +131,8 @@ def test_reading_a_non_message_as_message_is_refused(store: LogStore) -> None:
         ({"idempotency_key": ""}, "must not be empty"),
         ({"idempotency_key": "k" * 257}, "the limit is 256"),
         ({"recipients": ["\udcff@example.net"]}, "lone surrogate"),
+        # 241 bytes as given, 361 once lower-cased (domains are kept lower-cased)
+        ({"recipients": ["x@" + "\u0130" * 60 + "." + "\u0130" * 60]}, "361 bytes once lower-cased"),
     ],
 )
 def test_bad_message_input_is_refused_and_nothing_is_written(
@@ -584,3 +586,17 @@ def test_decode_of_stored_bytes_matches_read(store: LogStore) -> None:
     with store.env.read() as txn:
         raw = txn.get((1).to_bytes(8, "big"), db=store.env.dbs[b"log"])
     assert decode_record(raw, 1) == store.read(1)
+
+
+@pytest.mark.parametrize("domain", ["\ud800.example", "\u0130" * 60 + "." + "\u0130" * 60])
+def test_bad_domain_filters_are_refused_with_a_clear_error(tmp_path: Path, domain: str) -> None:
+    import mqstore
+
+    with mqstore.open(tmp_path / "q", background=False) as queue:
+        queue.enqueue(mail_from="a@example.org", recipients=["b@example.net"], data=b"x")
+        last = queue.log.last_index
+        with pytest.raises(InvalidArgument, match="domain"):
+            queue.lease(worker="w", domain=domain)
+        with pytest.raises(InvalidArgument, match="domain"):
+            queue.list(domain=domain)
+        assert queue.log.last_index == last
