@@ -34,6 +34,10 @@ ROLES: dict[str, frozenset[str]] = {
 PERMISSIONS: frozenset[str] = frozenset().union(*ROLES.values())
 AUTH_METHODS = ("local", "token", "mtls", "none")
 _NAME_BYTES_MAX = 128
+#: Encoded lengths an actor's fields must fit (see :meth:`Actor.encode`): a field over its limit
+#: is refused when the actor is made, never cut short in a log entry (which could not be decoded).
+SOURCE_BYTES_MAX = 255
+NAMESPACES_BYTES_MAX = 65_534  # the namespace names joined with commas, after a one-byte marker
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,13 +52,22 @@ class Actor:
     source: str = "embedded"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name or len(self.name.encode()) > _NAME_BYTES_MAX:
+        if not isinstance(self.name, str) or not self.name or len(_utf8(self.name, "name")) > _NAME_BYTES_MAX:
             raise InvalidArgument(f"an actor's name is 1..{_NAME_BYTES_MAX} bytes")
         unknown = set(self.roles) - set(ROLES)
         if unknown:
             raise InvalidArgument(f"unknown role(s) {sorted(unknown)}; roles are {sorted(ROLES)}")
         if self.auth not in AUTH_METHODS:
             raise InvalidArgument(f"auth must be one of {AUTH_METHODS}, not {self.auth!r}")
+        if not isinstance(self.source, str) or len(_utf8(self.source, "source")) > SOURCE_BYTES_MAX:
+            raise InvalidArgument(f"an actor's source is a string of at most {SOURCE_BYTES_MAX} bytes (UTF-8)")
+        if self.namespaces is not None:
+            if isinstance(self.namespaces, str) or not all(
+                    isinstance(ns, str) and ns and "," not in ns for ns in self.namespaces):
+                raise InvalidArgument("an actor's namespaces are a set of non-empty names without commas (or None)")
+            joined = ",".join(sorted(self.namespaces))
+            if len(_utf8(joined, "namespaces")) > NAMESPACES_BYTES_MAX:
+                raise InvalidArgument(f"an actor's namespaces take at most {NAMESPACES_BYTES_MAX} bytes together")
 
     def permissions(self) -> frozenset[str]:
         return frozenset().union(*(ROLES[r] for r in self.roles)) if self.roles else frozenset()
@@ -71,7 +84,7 @@ class Actor:
 
     def encode(self) -> bytes:
         name = self.name.encode()
-        source = self.source.encode()[:255]
+        source = self.source.encode()
         roles = ",".join(sorted(self.roles)).encode()
         spaces = b"\x00" if self.namespaces is None else b"\x01" + ",".join(sorted(self.namespaces)).encode()
         return (
@@ -110,6 +123,13 @@ class Actor:
         except (UnicodeDecodeError, InvalidArgument) as exc:  # an unknown role, an empty name...
             raise Corruption(f"malformed actor: {exc}") from None
         return actor, off
+
+
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"an actor's {what} is not valid Unicode (a lone surrogate)") from None
 
 
 #: The local administrator: embedded use without an explicit actor. Holds every role, and is

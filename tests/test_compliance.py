@@ -795,3 +795,35 @@ def test_request_contexts_decode_the_same_from_the_cache_and_bad_ones_still_fail
     for wall in range(rules._DECODED_MAX + 10):
         assert Ctx.decode(Ctx(alice, wall_ms=wall).encode()).wall_ms == wall
     assert len(rules._decoded_ctx) <= rules._DECODED_MAX and len(rules._decoded_actor) <= rules._DECODED_MAX
+
+
+def test_an_actor_or_context_field_too_long_to_log_is_refused_and_the_log_stays_replayable(
+        qpath: Path, kek: Path, clock: Clock) -> None:
+    """An actor travels in every entry it writes: a field longer than its encoding holds is
+    refused when the actor is made (it used to be cut inside a character, and every replay of the
+    log failed on that entry)."""
+    for bad in ({"source": "é" * 200}, {"source": "x" * 256}, {"name": "\ud800"},
+                {"namespaces": frozenset({"a,b"})}, {"namespaces": frozenset({""})}):
+        fields: dict[str, Any] = {"name": "ops", "roles": frozenset({"admin", "compliance"}), **bad}
+        with pytest.raises(InvalidArgument):
+            Actor(**fields)
+    for ctx_bad in ({"site": "s" * 256}, {"reason": "r" * 1025}, {"reason": "\udc80"}):
+        with pytest.raises(InvalidArgument):
+            Ctx(SUPER, **ctx_bad)  # type: ignore[arg-type]
+    longest = Actor("ops", frozenset({"admin", "compliance"}), source="é" * 127 + "x")  # 255 bytes
+    s = _open(qpath, kek, clock)
+    s.set_policy("finance", mode="governance", retention_days=1, actor=longest)
+    mid = _enqueue(s)
+    s.add_legal_hold(mid, case="C-1", actor=longest)
+    assert s.audit_records()[-1]["source"] == longest.source
+    s.close()
+    common = ("--data-dir", str(qpath), "--key-file", str(kek), "--json")
+    checked = _cli("verify", *common)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    rebuilt = _cli("repair", "--rebuild-state", *common)
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    s = _open(qpath, kek, clock)
+    try:
+        assert s.get(mid).legal_holds == ("C-1",)
+    finally:
+        s.close()

@@ -36,6 +36,7 @@ from mqstore.errors import Corruption, InvalidArgument
 
 SYSTEM_ACTOR = Actor("mqstore-system", frozenset({"admin", "compliance"}), auth="local", source="maintenance")
 REASON_BYTES_MAX = 1024
+SITE_BYTES_MAX = 255
 
 
 class Mode(IntEnum):
@@ -106,9 +107,17 @@ class Ctx:
     bypass: bool = False
     reason: str = ""
 
+    def __post_init__(self) -> None:
+        # Fields are refused when over what their encoding holds, never cut (a cut could split a
+        # character, and the entry would not decode on any replica).
+        if _utf8_len(self.site) > SITE_BYTES_MAX:
+            raise InvalidArgument(f"a request context's site is a string of at most {SITE_BYTES_MAX} bytes (UTF-8)")
+        if _utf8_len(self.reason) > REASON_BYTES_MAX:
+            raise InvalidArgument(f"a reason is a string of at most {REASON_BYTES_MAX} bytes (UTF-8)")
+
     def encode(self) -> bytes:
-        site = self.site.encode()[:255]
-        reason = self.reason.encode()[:REASON_BYTES_MAX]
+        site = self.site.encode()
+        reason = self.reason.encode()
         return (
             _CTX_HEAD.pack(1, self.node_id, self.wall_ms, self.compliance_ms, int(self.bypass))
             + bytes((len(site),)) + site
@@ -160,8 +169,18 @@ def _remember(cache: dict[bytes, Any], raw: bytes, value: Any) -> None:
     cache[raw] = value
 
 
+def _utf8_len(text: object) -> int:
+    """The UTF-8 length of ``text``; past every limit when it is not a string or not encodable."""
+    if not isinstance(text, str):
+        return 1 << 62
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError:  # a lone surrogate
+        return 1 << 62
+
+
 def check_reason(bypass: bool, reason: str | None) -> str:
-    if reason is not None and (not isinstance(reason, str) or len(reason.encode()) > REASON_BYTES_MAX):
+    if reason is not None and _utf8_len(reason) > REASON_BYTES_MAX:
         raise InvalidArgument(f"reason must be a string of at most {REASON_BYTES_MAX} bytes")
     if not isinstance(bypass, bool):
         raise InvalidArgument("bypass_governance must be True or False")
