@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from mqstore import limits, validate
 from mqstore.actor import LOCAL_ADMIN, Actor
 from mqstore.codec import Flags, Record, RecordType
 from mqstore.compliance import audit as audit_log
 from mqstore.compliance.rules import SYSTEM_ACTOR, ComplianceClock, Ctx, Mode, check_reason
-from mqstore.compliance.signing import load_or_create_signing_key
+from mqstore.compliance.signing import load_or_create_signing_key, public_key_from_hex
 from mqstore.crypto import KeyProvider
 from mqstore.crypto.keyring import SYSTEM_NAMESPACE
 from mqstore.diskspace import DiskSpace
@@ -747,16 +749,37 @@ class QueueBase:
         with self.log.env.read() as txn:
             return machine.get_policy(LmdbKV(txn, self.log.env.dbs), namespace)
 
-    def audit_query(self, **filters: Any) -> list[dict[str, Any]]:
-        """Audit records matching ``filters`` (see :func:`mqstore.compliance.audit.query`)."""
+    def audit_query(self, where: Mapping[str, Any] | None = None, since_ms: int | None = None,
+                    until_ms: int | None = None, after: int | None = None, limit: int = 1000,
+                    **unknown: Any) -> list[dict[str, Any]]:
+        """Audit records whose fields equal every ``where`` item and whose time (compliance clock,
+        ms) is in [``since_ms``, ``until_ms``), oldest first, with a seq above ``after``, at most
+        ``limit`` (see :func:`mqstore.compliance.audit.query`)."""
+        if unknown:
+            raise InvalidArgument(f"audit_query has no filter(s) {sorted(unknown)}: filter on record fields with "
+                                  "where={name: value}; the others are since_ms, until_ms, after and limit")
         self._sync()
         with self.log.env.read() as txn:
-            return audit_log.query(LmdbKV(txn, self.log.env.dbs), **filters)
+            return audit_log.query(LmdbKV(txn, self.log.env.dbs), where=where, since_ms=since_ms,
+                                   until_ms=until_ms, after=after, limit=limit)
 
-    def audit_verify(self, trusted: audit_log.Checkpoint | None = None, public_key: Any = None,
+    def audit_verify(self, trusted: audit_log.Checkpoint | str | bytes | None = None, public_key: Any = None,
                      progress: Callable[[int, int], None] | None = None) -> audit_log.VerifyReport:
         """Recompute the audit log (hash chain, Merkle checkpoints, signatures) and, with a
-        ``trusted`` checkpoint exported earlier, detect truncation or rewriting before it."""
+        ``trusted`` checkpoint exported earlier (a Checkpoint, or its exported JSON text), detect
+        truncation or rewriting before it. ``public_key`` (an Ed25519 public key, or its 64 hex
+        digits) checks the signatures; by default the store's own signing key."""
+        if isinstance(trusted, (str, bytes)):
+            trusted = audit_log.Checkpoint.from_json(trusted)
+        elif trusted is not None and not isinstance(trusted, audit_log.Checkpoint):
+            raise InvalidArgument(f"trusted must be an exported audit checkpoint, not {type(trusted).__name__}")
+        if isinstance(public_key, str):
+            public_key = public_key_from_hex(public_key)
+        elif public_key is not None and not isinstance(public_key, Ed25519PublicKey):
+            raise InvalidArgument(f"public_key must be an Ed25519 public key (or its hex), not "
+                                  f"{type(public_key).__name__}")
+        if progress is not None and not callable(progress):
+            raise InvalidArgument("progress must be a callable(done, total)")
         key = public_key if public_key is not None else self.audit.log.public_key
         with self.log.env.read() as txn:
             return audit_log.verify(LmdbKV(txn, self.log.env.dbs), key, trusted, progress)

@@ -827,3 +827,40 @@ def test_an_actor_or_context_field_too_long_to_log_is_refused_and_the_log_stays_
         assert s.get(mid).legal_holds == ("C-1",)
     finally:
         s.close()
+
+
+def test_bad_audit_arguments_are_refused_clearly_and_tail_n_0_lists_every_record(
+        qpath: Path, kek: Path, clock: Clock) -> None:
+    s = _open(qpath, kek, clock)
+    try:
+        s.set_policy("finance", mode="compliance", retention_days=1)
+        for _ in range(3):
+            clock.advance(61)  # past the checkpoint period: each enqueue's record brings a checkpoint
+            _enqueue(s)
+        with pytest.raises(InvalidArgument, match="foo"):
+            s.audit_query(foo=1)
+        with pytest.raises(InvalidArgument):
+            s.audit_query(where=["op"])  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument):
+            s.audit_verify(trusted="x")
+        with pytest.raises(InvalidArgument):
+            s.audit_verify(trusted=42)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument):
+            s.audit_verify(public_key="x")
+        with pytest.raises(InvalidArgument):
+            s.audit_verify(public_key=b"\x00" * 32)
+        # the exported forms are accepted as they are written out
+        ckpt = s.audit_checkpoint()
+        assert ckpt is not None and ckpt.public_key is not None
+        assert s.audit_verify(trusted=ckpt.to_json(), public_key=ckpt.public_key).ok
+        assert [r["op"] for r in s.audit_query(where={"op": "policy"})] == ["policy"]
+        head = s.audit_head()
+    finally:
+        s.close()
+    common = ("--data-dir", str(qpath), "--key-file", str(kek), "--json")
+    for n in ("0", "-1"):
+        out = _cli("audit", "tail", "-n", n, *common)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert [r["seq"] for r in json.loads(out.stdout)] == list(range(1, head + 1))
+    out = _cli("audit", "tail", "-n", "2", *common)
+    assert [r["seq"] for r in json.loads(out.stdout)] == [head - 1, head]

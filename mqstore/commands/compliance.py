@@ -123,15 +123,26 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 
 def cmd_audit_tail(args: argparse.Namespace) -> int:
     with Target(args) as target:
-        records = target.queue.audit_records(after=None, limit=1_000_000) if args.count <= 0 else _tail(target, args)
+        head = target.queue.audit_head()
+        after = 0 if args.count <= 0 else max(0, head - args.count)  # -n 0 (or less): every record
+        records = _records_after(target, after, head)
     emit(args, records, [_record_line(r) for r in records])
     return 0
 
 
-def _tail(target: Target, args: argparse.Namespace) -> list[dict[str, Any]]:
-    head = target.queue.audit_head()
-    after = max(0, head - args.count)
-    return list(target.queue.audit_records(after=after, limit=args.count))
+def _records_after(target: Target, after: int, head: int) -> list[dict[str, Any]]:
+    """Records ``after + 1`` .. ``head``, read a page at a time (one call returns at most
+    AUDIT_READ_RECORDS_MAX)."""
+    from mqstore.compliance.audit import AUDIT_READ_RECORDS_MAX
+
+    out: list[dict[str, Any]] = []
+    while after < head:
+        page = target.queue.audit_records(after=after, limit=min(AUDIT_READ_RECORDS_MAX, head - after))
+        if not page:
+            break
+        out.extend(page)
+        after = page[-1]["seq"]
+    return out
 
 
 def cmd_audit_query(args: argparse.Namespace) -> int:
