@@ -850,7 +850,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise InvalidArgument("restore into which directory? give --data-dir (or --config)")
     bar = Progress.for_args(args, "restore", unit="B")
     with bar:
-        header = backup.restore(Path(args.input), path, progress=bar.update)
+        restored = backup.restore(Path(args.input), path, progress=bar.update, node=bool(args.cluster_id))
+        header = restored["header"]
         seeded = None
         if args.cluster_id:
             from mqstore.ops.recover import reseed
@@ -864,9 +865,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
             bar.phase("verify:")
             result = verify_path(path, key_file=_key_file(args), progress=_phase_progress(bar))
             report = result.to_dict()
-    payload = {"data_dir": str(path), "header": header, "verify": report, "seeded": seeded}
+    payload = {"data_dir": str(path), "header": header, "log": restored["log"], "verify": report, "seeded": seeded}
     lines = [f"restored {args.input} into {path}: applied index {header['applied_index']}, "
              f"{header['messages']} messages"]
+    cut = restored["log"]
+    if cut is not None and cut["embedded"]:
+        lines.append("a node's backup made an embedded store: Raft state dropped"
+                     + (f", log cut back to the applied index {cut['applied_index']} ({cut['entries_dropped']} "
+                        "entries after it were never applied)" if cut["entries_dropped"] else ""))
+    elif cut is not None:
+        lines.append(f"WARNING: a store restored by an earlier mqstore and written to since: it records applied index "
+                     f"{cut['applied_index']}, its log runs to {cut['last_index']}; kept as it is")
     if seeded:
         lines.append(f"seeded node {seeded['node_id']} as the only voter of new cluster {seeded['cluster_id']!r}: "
                      "start it, then add nodes with mqstore recover")

@@ -34,19 +34,23 @@ from mqstore.codec import crc32c
 from mqstore.errors import Corruption, InvalidArgument
 from mqstore.ops.facts import (
     META_CLUSTER_ID,
+    META_MEMBER_PREFIX,
     META_NODE_ID,
+    META_REMOVED,
     META_RESTORED_FROM,
     log_bounds,
     open_env,
     queue_counts,
     raft_facts,
 )
+from mqstore.store.env import Environment
 
 MAGIC = b"MQSTORE-BACKUP\n\x01"
 FORMAT_VERSION = 1
 FRAME_RAW_BYTES = 4 * 1024 * 1024
 ZSTD_LEVEL = 3
 _U32 = struct.Struct("<I")
+_U64_BE = struct.Struct(">Q")
 _FRAME = struct.Struct("<III")
 _HEADER_BYTES_MAX = 1 << 20
 _TRAILER_BYTES_MAX = 1 << 16
@@ -246,13 +250,21 @@ def check_file(path: Path, progress: ProgressFn | None = None) -> tuple[dict[str
         return read_backup(f, None, progress)
 
 
-def restore(backup: Path, data_dir: Path, progress: ProgressFn | None = None) -> dict[str, Any]:
+def restore(backup: Path, data_dir: Path, progress: ProgressFn | None = None, *, node: bool = False) -> dict[str, Any]:
     """Restore ``backup`` into the new store directory ``data_dir`` (it must hold no store).
+    Returns ``{"header": the backup's header, "log": what was done to the node's log or None}``.
 
     The restored store is no cluster member: the node identity of a node's backup is removed (a
     restored copy started as its old node would hold less than that node acknowledged), and the
     backup's header is recorded in ``meta``. Open it offline (``--data-dir``), as an embedded store,
     or seed a new cluster from it (``mqstore restore --config ... --cluster-id ...``).
+
+    Without ``node`` (the caller does not make a node of it) a node's backup becomes an embedded
+    store: an embedded store applies each record in the commit that appends it, so its log must
+    end where its state does. The node's Raft state is dropped and its log is cut back to its
+    applied index: entries after it were not applied (and maybe not committed); the backup
+    describes the state at the applied index. With ``node`` the Raft state is kept for
+    :func:`mqstore.ops.recover.reseed`, which cuts the log the same way.
     """
     if (data_dir / "data.mdb").exists():
         raise InvalidArgument(f"{data_dir} already holds a store: restore into a new directory")
@@ -269,12 +281,76 @@ def restore(backup: Path, data_dir: Path, progress: ProgressFn | None = None) ->
         partial.unlink(missing_ok=True)
         raise
     _fsync_dir(data_dir)
-    with open_env(data_dir, readonly=False) as env, env.env.begin(write=True) as txn:
+    with open_env(data_dir, readonly=False) as env:
+        if node:
+            _check_seedable(env)
+        done = None if node else _make_embedded(env)
+        with env.env.begin(write=True) as txn:
+            meta = env.dbs[b"meta"]
+            txn.delete(META_NODE_ID, db=meta)
+            txn.delete(META_CLUSTER_ID, db=meta)
+            txn.put(META_RESTORED_FROM, json.dumps(header, sort_keys=True).encode(), db=meta)
+    return {"header": header, "log": done}
+
+
+def _check_seedable(env: Environment) -> None:
+    """InvalidArgument unless the store in ``env`` can seed a cluster (it has a node's Raft state,
+    and its applied index says which entries its state holds)."""
+    raft = raft_facts(env)
+    if raft is None:
+        raise InvalidArgument("the backup holds an embedded store (no Raft state): only a cluster node's backup "
+                              "can seed a cluster")
+    _, last = log_bounds(env)
+    if not raft.node_id and last > raft.applied_index:
+        raise InvalidArgument(
+            f"the backup is of a store restored from a node's backup by an earlier mqstore and written to since "
+            f"(applied index {raft.applied_index}, log to {last}): which entries its state holds is not known, "
+            "so it cannot seed a cluster")
+
+
+#: Meta keys of a node that an embedded store has no use for (``raft.*``, ``member.*`` and these).
+_NODE_META_KEYS = (META_NODE_ID, META_CLUSTER_ID, META_REMOVED)
+_NODE_META_PREFIXES = (b"raft.", META_MEMBER_PREFIX)
+_META_LOG_TERM = b"log.term"
+
+
+def _make_embedded(env: Environment) -> dict[str, Any] | None:
+    """Make the node's store in ``env`` an embedded store (see :func:`restore`): cut its log back
+    to its applied index and drop its Raft state, in one transaction. Returns what was done (None:
+    nothing to do, it is an embedded store already)."""
+    raft = raft_facts(env)
+    if raft is None:
+        return None
+    first, last = log_bounds(env)
+    applied = raft.applied_index
+    if not raft.node_id and last > applied:
+        # Restored by an earlier mqstore and written to as an embedded store since: the entries
+        # after the applied index may be applied writes. Left as it is; verify and repair say why.
+        return {"embedded": False, "applied_index": applied, "last_index": last, "log_cut_from": None,
+                "entries_dropped": 0}
+    cut_from = max(applied + 1, first)
+    dropped = 0
+    with env.env.begin(write=True) as txn:
+        for table in (b"log", b"quarantine"):
+            if table not in env.dbs:
+                continue
+            db = env.dbs[table]
+            with txn.cursor(db=db) as cur:
+                doomed = list(cur.iternext(values=False)) if cur.set_range(_U64_BE.pack(cut_from)) else []
+            for key in doomed:
+                txn.delete(key, db=db)
+            if table == b"log":
+                dropped = len(doomed)
         meta = env.dbs[b"meta"]
-        txn.delete(META_NODE_ID, db=meta)
-        txn.delete(META_CLUSTER_ID, db=meta)
-        txn.put(META_RESTORED_FROM, json.dumps(header, sort_keys=True).encode(), db=meta)
-    return header
+        with txn.cursor(db=meta) as cur:
+            node_keys = [bytes(k) for k in cur.iternext(values=False)
+                         if bytes(k).startswith(_NODE_META_PREFIXES) or bytes(k) in _NODE_META_KEYS]
+        for key in node_keys:
+            txn.delete(key, db=meta)
+        # Records the embedded store appends continue the node's terms.
+        txn.put(_META_LOG_TERM, _U64_BE.pack(raft.term), db=meta)
+    return {"embedded": True, "applied_index": applied, "last_index": min(last, applied),
+            "log_cut_from": cut_from if dropped else None, "entries_dropped": dropped}
 
 
 __all__ = [

@@ -19,6 +19,7 @@ The store is read in read-only mode; nothing is written to it.
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 import tempfile
@@ -33,7 +34,7 @@ from mqstore.codec import Flags, Record, RecordType
 from mqstore.crypto.keyring import KeyEvent
 from mqstore.errors import Corruption, MQStoreError
 from mqstore.ids import format_id
-from mqstore.ops.facts import STATE_TABLES, open_env
+from mqstore.ops.facts import META_RESTORED_FROM, STATE_TABLES, open_env
 from mqstore.queue import machine
 from mqstore.queue.kv import LmdbKV, prefix_end
 from mqstore.queue.model import (
@@ -166,6 +167,8 @@ def _raw_records(log: LogStore) -> Iterator[list[tuple[int, bytes]]]:
 
 
 def applied_index_of(log: LogStore) -> int:
+    """The last log index the state tables hold: a node's applied index; every record of an
+    embedded store (it applies each record in the commit that appends it)."""
     raw = log.meta_get(b"raft.applied")
     return int(_U64.unpack(raw)[0]) if raw else log.last_index
 
@@ -174,12 +177,44 @@ def _is_node_log(log: LogStore) -> bool:
     return log.meta_get(b"raft.applied") is not None or log.meta_get(b"raft.hard_state") is not None
 
 
+def _restored_from_node(log: LogStore) -> bool:
+    """Whether this store was restored from a node's backup (its log numbering is the node's)."""
+    raw = log.meta_get(META_RESTORED_FROM)
+    try:
+        source = json.loads(raw).get("source", {}) if raw else {}
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(source, dict) and source.get("kind") == "node"
+
+
+def stale_applied_problem(log: LogStore) -> str | None:
+    """Why the applied index this store records cannot be trusted (None: it can). A store that
+    is no cluster node, yet records a node's applied index below its last index, was restored
+    from a node's backup by an earlier mqstore and then written to as an embedded store (which
+    never advances that index): the state tables then hold entries past it, and which ones is not
+    known, so neither replaying up to it nor beyond it gives its state."""
+    raw = log.meta_get(b"raft.applied")
+    if raw is None or log.meta_get(b"node.id") is not None:
+        return None
+    applied = int(_U64.unpack(raw)[0])
+    if log.last_index <= applied:
+        return None
+    return (f"this store is no cluster node, but it records a node's applied index {applied} while its log runs "
+            f"to {log.last_index} (a node's backup restored by an earlier mqstore, then written to as an "
+            "embedded store?): which log entries its state tables hold is not known, so the state cannot be "
+            "derived from the log")
+
+
 def replay_problem(log: LogStore) -> str | None:
     """Why the state tables cannot be rebuilt from this store's log (None: they can)."""
+    stale = stale_applied_problem(log)
+    if stale is not None:
+        return stale
     first = log.first_index
-    if _is_node_log(log):
+    if _is_node_log(log) or _restored_from_node(log):
         # A node's log starts at 2 (index 1 is the bootstrap configuration); a node that installed
-        # a snapshot, or compacted after its own, starts later.
+        # a snapshot, or compacted after its own, starts later. So does a store restored from a
+        # node's backup.
         if first > 2:
             return (f"the log starts at index {first}: entries up to {first - 1} were compacted into a snapshot, "
                     "so the state cannot be derived from the log alone")
@@ -588,8 +623,13 @@ def verify_store(
     _check_state(log, report, seen, prog)
     seen.clear()
     why = replay_problem(log)
+    stale = stale_applied_problem(log)
+    if stale is not None:
+        report.add("replay", stale, index=applied)
     if not replay:
         report.replay_note = "skipped (--no-replay)"
+    elif stale is not None:
+        report.replay_note = "the applied index this store records cannot be trusted (see the problem below)"
     elif why is not None:
         report.replay_note = why
     elif report.by_check.get("records"):
@@ -643,5 +683,5 @@ def verify_path(
         log.close()
 
 
-__all__ = ["VerifyReport", "applied_index_of", "applier_for", "replay_chunk", "replay_problem", "verify_path",
-           "verify_store"]
+__all__ = ["VerifyReport", "applied_index_of", "applier_for", "replay_chunk", "replay_problem",
+           "stale_applied_problem", "verify_path", "verify_store"]

@@ -1,0 +1,151 @@
+"""``mqstore restore`` as a user runs it (the installed command, ``--json`` parsed): a node's backup
+restored as an embedded store and used as one, and what verify and ``repair --rebuild-state`` say
+about it afterwards."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+
+import mqstore
+from mqstore.client import Client
+from mqstore.consensus.types import HardState
+from mqstore.node.raftlog import LmdbRaftStorage
+from mqstore.store import LogStore, NewMessage
+from mqstore.testing.cluster import LocalCluster
+
+RAW = b"Subject: x\r\n\r\nbody\r\n"
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("mqstore", path=str(Path(sys.executable).parent))
+    cmd = [exe] if exe else [sys.executable, "-m", "mqstore"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
+
+
+def ok(*args: str, code: int = 0) -> Any:
+    """Run with --json; check the exit code; return the parsed output."""
+    out = run(*args, "--json")
+    assert out.returncode == code, f"mqstore {' '.join(args)} -> {out.returncode}\n{out.stdout}\n{out.stderr}"
+    return json.loads(out.stdout)
+
+
+def _fingerprint(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())
+            if p.is_file() and p.name not in ("lock.mdb", "mqstore.lock")}
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, list[str]]]:
+    """A stopped one-node cluster's data dir (10 messages, 3 delivered): (data dir, KEK, ids)."""
+    root = tmp_path_factory.mktemp("node")
+    c = LocalCluster(root, ["a"], cluster_id="c1")
+    try:
+        c.bootstrap()
+        c.start_all()
+        c.wait_for_leader()
+        with Client(c.addresses(), timeout=15) as client:
+            ids = client.enqueue_many([{"mail_from": "a@example.org", "recipients": [f"r{i}@d.example"], "data": RAW}
+                                       for i in range(10)])
+            for lease in client.lease("w", max_messages=3):
+                client.ack(lease.token)
+        c.wait_converged()
+        c.stop(1)
+    except BaseException:
+        print(c.log_tails())
+        raise
+    finally:
+        c.close()
+    yield c.data_dir(1), c.key_file, ids
+
+
+def _append_unapplied(data_dir: Path, key: Path) -> str:
+    """Append an ENQUEUE after the node's applied index (as a crash between appending an entry
+    and applying it leaves it); returns its message id."""
+    log = LogStore(data_dir, key_file=key, create=False)
+    try:
+        (msg,) = log.append_messages([NewMessage(mail_from="a@example.org", recipients=["late@d.example"],
+                                                 data=b"late")])
+        storage = LmdbRaftStorage(log)
+        hard, _ = storage.initial_state()
+        assert storage.applied_index() < msg.index
+        log.write(lambda ctx: storage.set_hard_state(ctx, HardState(hard.term, hard.vote, msg.index)))
+        return str(msg.message_id)
+    finally:
+        log.close()
+
+
+def test_a_restored_node_backup_is_an_embedded_store(node: tuple[Path, Path, list[str]], tmp_path: Path) -> None:
+    source, key, ids = node
+    shutil.copytree(source, tmp_path / "n1")
+    late = _append_unapplied(tmp_path / "n1", key)
+    backup = tmp_path / "n1.mqbak"
+    header = ok("backup", "--data-dir", str(tmp_path / "n1"), "--out", str(backup))["header"]
+    assert header["source"]["kind"] == "node" and header["last_index"] == header["applied_index"] + 1
+    restored = tmp_path / "restored"
+    result = ok("restore", "--in", str(backup), "--data-dir", str(restored), "--key-file", str(key))
+    assert result["verify"]["clean"]
+    assert result["log"] == {"embedded": True, "applied_index": header["applied_index"],
+                             "last_index": header["applied_index"], "log_cut_from": header["applied_index"] + 1,
+                             "entries_dropped": 1}
+    st = ok("status", "--data-dir", str(restored))
+    assert st["kind"] == "restored" and "node_id" not in st and st["last_index"] == header["applied_index"]
+    target = ("--data-dir", str(restored), "--key-file", str(key))
+    listed = {m["message_id"] for m in ok("queue", "list", *target, "--all")["messages"]}
+    assert listed == set(ids) and late not in listed  # never applied on the node: not in the backup's state
+    # Used as an embedded store: an acknowledged enqueue and a delivery.
+    with mqstore.open(restored, key_file=key, background=False) as store:
+        new = store.enqueue("x@example.org", ["y@d.example"], RAW)
+        for lease in store.lease("w", max_messages=2):
+            store.ack(lease.token)
+        last = store.log.last_index
+    report = ok("verify", *target)
+    assert report["clean"] and report["replayed"] and report["applied_index"] == last, report["problems"]
+    rebuilt = ok("repair", *target, "--rebuild-state")["rebuild_state"]
+    assert rebuilt["to_index"] == last
+    assert ok("message", "show", new, *target, "--no-history")["message_id"] == new
+    assert ok("verify", *target)["clean"]
+
+
+def test_a_stale_applied_index_is_refused_by_rebuild_and_named_by_verify(
+    node: tuple[Path, Path, list[str]], tmp_path: Path
+) -> None:
+    """A store restored from a node's backup by an earlier mqstore kept the node's applied index,
+    which the embedded store never advances: verify and repair must not take it for the state."""
+    source, key, _ids = node
+    backup = tmp_path / "n1.mqbak"
+    ok("backup", "--data-dir", str(source), "--out", str(backup))
+    restored = tmp_path / "restored"
+    ok("restore", "--in", str(backup), "--data-dir", str(restored), "--key-file", str(key))
+    with mqstore.open(restored, key_file=key, background=False) as store:
+        new = store.enqueue("x@example.org", ["y@d.example"], RAW)
+        applied = store.log.last_index - 1
+    env = lmdb.open(str(restored), max_dbs=64)  # what the earlier restore left in meta
+    try:
+        with env.begin(write=True) as txn:
+            txn.put(b"raft.applied", struct.pack(">Q", applied), db=env.open_db(b"meta", txn=txn))
+    finally:
+        env.close()
+    before = _fingerprint(restored)
+    target = ("--data-dir", str(restored), "--key-file", str(key))
+    report = ok("verify", *target, code=1)
+    assert not report["replayed"]
+    assert [p["check"] for p in report["problems"]] == ["replay"]
+    assert f"records a node's applied index {applied}" in report["problems"][0]["problem"]
+    refused = run("repair", *target, "--rebuild-state", "--json")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    error = json.loads(refused.stdout)
+    assert error["error"] == "InvalidArgument" and "which log entries its state tables hold is not known" in \
+        error["message"]
+    assert _fingerprint(restored) == before
+    assert ok("message", "show", new, *target, "--no-history")["message_id"] == new
