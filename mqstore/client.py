@@ -774,6 +774,8 @@ class _StreamState:
         self.source_done = False
         self.source_error: BaseException | None = None
         self.generation = 0
+        #: The current attempt got an answer (the asyncio client sends one frame until then).
+        self.confirmed = False
         self.closed = False
 
     def window_open(self) -> bool:
@@ -798,6 +800,7 @@ class _StreamState:
             raise errors.MQStoreError("EnqueueStream answered more messages than were sent")
         _, size = self.pending.popleft()
         self.pending_bytes -= size
+        self.confirmed = True
 
     def finished_early(self) -> errors.MQStoreError:
         return errors.MQStoreError(
@@ -1289,15 +1292,13 @@ class AsyncClient(_ClientBase):
             while True:
                 async with cond:
                     stream.generation += 1
+                    stream.confirmed = False
                     generation = stream.generation
                     resend = [m for m, _ in stream.pending]
                     cond.notify_all()
-                if attempts.count or self._router.leader is None:
-                    # grpc.aio reports a stream that a follower refused while requests were being
-                    # written as INTERNAL, without the NotLeader trailers (grpc/grpc#36066): find
-                    # the leader with a unary call instead of guessing.
-                    await self._call("Stats", queue_pb2.StatsRequest(), timeout=max(attempts.remaining(), 0.001))
-                    attempts.address = self._router.current()
+                # No call beforehand to find the leader (it would need a permission a producer
+                # may lack): a follower refuses the first frame with NotLeader, followed as the
+                # blocking client does (see _stream_requests).
                 address = attempts.address
                 stubs = self._get_stubs(address)
                 call = stubs.queue.EnqueueStream(
@@ -1395,8 +1396,24 @@ class AsyncClient(_ClientBase):
     async def _stream_requests(
         stream: _StreamState, cond: asyncio.Condition, generation: int, resend: list[Any]
     ) -> AsyncIterator[Any]:
+        """The frames of one attempt. The first goes alone: the rest wait for its answer. grpc.aio
+        reports a stream that the server ended while requests were being written as INTERNAL,
+        without the server's status and trailers (grpc/grpc#36066), so a follower's NotLeader
+        (naming the leader) would often be lost; with nothing written after the first frame, it
+        arrives intact."""
+
+        async def confirmed() -> bool:
+            async with cond:
+                await cond.wait_for(lambda: stream.generation != generation or stream.confirmed)
+                return stream.generation == generation
+
+        first = True
         for k in range(0, len(resend), STREAM_FRAME_MESSAGES):
             yield queue_pb2.EnqueueBatchRequest(messages=resend[k : k + STREAM_FRAME_MESSAGES])
+            if first:
+                first = False
+                if not await confirmed():
+                    return
         while True:
             async with cond:
                 await cond.wait_for(
@@ -1408,6 +1425,10 @@ class AsyncClient(_ClientBase):
                     return
                 frame = stream.take()
             yield queue_pb2.EnqueueBatchRequest(messages=frame)
+            if first:
+                first = False
+                if not await confirmed():
+                    return
 
     # --- leasing and settling --------------------------------------------------------------------
 

@@ -502,6 +502,29 @@ def test_follower_address_finds_leader(kind: str, cluster: Cluster) -> None:
         c.close()
 
 
+def test_async_stream_from_a_follower_finds_the_leader(cluster: Cluster) -> None:
+    """AsyncClient.enqueue_stream as the first call of a client that knows only a follower: it
+    follows the follower's NotLeader to the leader (no other call first), and stores every
+    message once, also with large messages (the frames a follower refuses while more are being
+    written)."""
+    leader, follower = cluster.leader, cluster.follower()
+    ns = _ns()
+    big = b"Subject: big\r\n\r\n" + b"x" * 60_000
+
+    async def one_stream(n: int) -> tuple[list[str], str | None]:
+        async with AsyncClient(cluster.address(follower), timeout=10) as c:
+            ids = [mid async for mid in c.enqueue_stream(_msg(ns, data=big) for _ in range(n))]
+            return ids, c.leader
+
+    streamed: list[str] = []
+    for _ in range(5):
+        ids, found = asyncio.run(one_stream(100))
+        assert len(ids) == 100 and found == cluster.address(leader)
+        streamed += ids
+    with Client(cluster.address(leader)) as c:
+        assert sorted(streamed) == [s.message_id for s in c.list(namespace=ns, limit=1000)]
+
+
 def test_sync_client_is_thread_safe(cluster: Cluster) -> None:
     ns = _ns()
     with Client(cluster.all_addresses()) as c, ThreadPoolExecutor(8) as pool:

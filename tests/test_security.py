@@ -61,6 +61,7 @@ class Node:
             "alpha-reader": store.add("alpha-reader", ["reader", "worker"], ["alpha"]),
             "reader": store.add("reader-1", ["reader"]),
             "compliance": store.add("officer", ["compliance"]),
+            "alpha-producer": store.add("alpha-mta", ["producer"], ["alpha"]),
         }
         self.store = store
         self.cluster = InProcessCluster(root / "cluster", ["a"], pki=self.pki,
@@ -233,6 +234,25 @@ def test_tokens_ride_on_every_kind_of_call_sync_and_async(node: Node) -> None:
 
     ids = asyncio.run(main())
     assert len(ids) == 4 + 9 and set(ids[:4]) <= set(ids[4:]) and set(streamed) <= set(ids[4:])
+
+
+@pytest.mark.parametrize("token, ns", [("producer", "default"), ("alpha-producer", "alpha")])
+def test_async_stream_needs_only_the_enqueue_permission(node: Node, token: str, ns: str) -> None:
+    """AsyncClient.enqueue_stream as a client's first call, with a producer-only token and with one
+    limited to a namespace: it streams, as the blocking client does (it once asked Stats for the
+    leader first, which needs 'read' in every namespace)."""
+    seen = len(node.denials())
+
+    async def main() -> list[str]:
+        tls = node.pki.client_tls(node.certs["plain"])
+        async with AsyncClient(node.address, timeout=5, tls=tls, token=node.tokens[token]) as c:
+            return [mid async for mid in c.enqueue_stream([_msg(ns, i) for i in range(3)])]
+
+    ids = asyncio.run(main())
+    assert len(ids) == 3
+    with node.client("admin") as c:
+        assert {c.get(mid).namespace for mid in ids} == {ns}
+    assert node.denials()[seen:] == []
 
 
 def test_client_certificate_roles(node: Node) -> None:
