@@ -57,7 +57,9 @@ class Method:
     """What one RPC needs. ``kind``: ``client`` (authenticated and authorized), ``peer`` (a
     cluster node's certificate) or ``open`` (health checks, reflection). ``namespaces`` says
     which namespaces the request touches; ``lookup`` says the request names ``messages`` (ids)
-    or ``tokens`` (lease tokens) whose namespaces the node looks up; ``keys`` extracts them."""
+    or ``tokens`` (lease tokens) whose namespaces the node looks up; ``keys`` extracts them.
+    ``copies_store``: the call copies the node's whole store (disk and I/O of its size), so the
+    edge lets only a few run at once on a node."""
 
     kind: str
     permission: str = ""
@@ -66,6 +68,7 @@ class Method:
     keys: Callable[[Any], Sequence[Any]] | None = None
     enqueue: bool = False
     write: bool = False
+    copies_store: bool = False
 
 
 def _every(_: Any) -> list[str] | None:
@@ -116,8 +119,8 @@ METHODS: dict[str, Method] = {
     _A + "Snapshot": Method("client", "membership", write=True),
     _A + "ReadRecords": Method("client", "read", _every),
     _A + "Repair": Method("client", "membership", write=True),
-    _A + "Verify": Method("client", "read", _every),
-    _A + "Backup": Method("client", "membership"),
+    _A + "Verify": Method("client", "read", _every, copies_store=True),
+    _A + "Backup": Method("client", "membership", copies_store=True),
     _A + "MessageHistory": Method("client", "read", lookup="messages", keys=lambda r: [r.message_id]),
     _A + "StateShape": Method("client", "read", _optional_ns),
     # The Compliance service: what the queue checks again deeper (mqstore/queue/machine.py), so

@@ -19,7 +19,9 @@ For a client call, in this order (cheapest first; nothing is written before the 
    RESOURCE_EXHAUSTED);
 9. client calls (and one client's streams) in flight -> RESOURCE_EXHAUSTED. A node keeps
    ``PEER_THREADS_RESERVED`` of its gRPC threads for its peers: clients never take them all, so a
-   flood of calls cannot stall replication.
+   flood of calls cannot stall replication. A call answered with a stream (Admin.Verify,
+   Admin.Backup) counts as one of its client's streams, and a node runs at most
+   STORE_COPIES_MAX calls that copy its whole store at once.
 
 Refusals carry ``mqstore-error`` trailing metadata (so :class:`mqstore.client.Client` raises the
 embedded API's exception), are counted in the metrics, and denials (2 and 7) are passed to the
@@ -36,6 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -204,6 +207,19 @@ class _Counter:
 
 # --- the interceptor -----------------------------------------------------------------------------------
 
+#: Calls that copy a node's whole store (Admin.Verify, Admin.Backup: disk space and I/O of the
+#: store's size each) a node runs at once; more are refused with RESOURCE_EXHAUSTED.
+STORE_COPIES_MAX = 2
+
+
+@dataclass(frozen=True, slots=True)
+class _Admitted:
+    """A call :meth:`EdgeInterceptor._admit_plain` let in: who, and what to release at its end."""
+
+    actor: Actor
+    key: str
+    copies_store: bool
+
 
 def _short(method: str) -> str:
     return method.rsplit("/", 1)[-1] if method.startswith("/mqstore.") else method
@@ -222,6 +238,8 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         self.client_calls_max = client_calls_max
         self.rates = RateLimiter(edge.requests_per_second, edge.requests_burst)
         self.in_flight = _Counter()
+        #: Calls copying the whole store (Verify, Backup) being served.
+        self.store_copies = _Counter()
         #: Calls waiting for their client's turn (they hold a thread each: at most half of them).
         self.waiting = _Counter()
         self.waiting_max = max(limits.CLIENT_WAITING_CALLS_MAX, client_calls_max // 2)
@@ -289,31 +307,86 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 return self._serve_unary(inner, method, rule, metadata, request, context)
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, deserializer, serializer)
-        # Client calls of other shapes (none in mqstore's protos today): authenticated and
-        # authorized (no namespaces), then served as they are.
         if handler.request_streaming:
+            # Request streams with one answer (none among mqstore's client calls today): admitted
+            # as a whole (no request to look into: the permission in every namespace), each frame
+            # parsed by gRPC.
             inner_su = handler.stream_unary
 
             def stream_unary(request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
-                self._admit_plain(method, rule, metadata, context)
-                return inner_su(request_iterator, context)
+                admitted = self._admit_plain(method, rule, metadata, context, None)
+                token = current_actor.set(admitted.actor)
+                try:
+                    return inner_su(request_iterator, context)
+                finally:
+                    current_actor.reset(token)
+                    self._leave_plain(admitted)
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer, serializer)
         inner_us = handler.unary_stream
 
         def unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            self._admit_plain(method, rule, metadata, context)
-            yield from inner_us(request, context)
+            return self._serve_response_stream(inner_us, method, rule, metadata, request, context)
 
-        return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer, serializer)
+        return grpc.unary_stream_rpc_method_handler(unary_stream, deserializer, serializer)
 
-    def _admit_plain(self, method: str, rule: Method, metadata: Any, context: grpc.ServicerContext) -> None:
+    def _admit_plain(self, method: str, rule: Method, metadata: Any, context: grpc.ServicerContext,
+                     request: Any) -> _Admitted:
+        """Admit a call that is neither unary nor bidi (Admin.Verify and Admin.Backup answer with
+        a stream) as the others are: authenticated, within its client's rate, a request that
+        parses, authorized, then counted in flight among its client's streams and, when it
+        copies the whole store, against STORE_COPIES_MAX. Aborts the call when refused; else
+        the caller must :meth:`_leave_plain` when the call ends."""
+        entered: str | None = None
         try:
             actor = self._authenticate(method, metadata, context)
-            self._authorize(actor, method, rule, None)
+            key = self._rate_key(actor, context)
+            self._wait_turn(actor, key, context, 1.0 if request is None else _cost(request))
+            if isinstance(request, _Malformed):
+                raise _malformed(method, request)
+            self._authorize(actor, method, rule, request)
+            why = self.in_flight.enter(self.client_calls_max, key, self.limits.streams_per_client_max)
+            if why is not None:
+                raise _refused(errors.Overloaded(
+                    f"node busy: streams and client calls: {why} (limits.streams_per_client_max); retry shortly"),
+                    "busy")
+            entered = key
+            if rule.copies_store and self.store_copies.enter(STORE_COPIES_MAX) is not None:
+                raise _refused(errors.Overloaded(
+                    f"node busy: {STORE_COPIES_MAX} calls that copy the whole store (Verify, Backup) are running "
+                    "on this node, the most it runs at once: retry when one has finished"), "busy")
         except _Refused as refused:
-            self._count(method, refused.code.name, refused.reason)
+            if entered is not None:
+                self.in_flight.leave(entered)
+            self._count(method, refused.code.name, refused.reason, refused.error)
             _abort(context, refused)
+        return _Admitted(actor, key, rule.copies_store)
+
+    def _leave_plain(self, admitted: _Admitted) -> None:
+        if admitted.copies_store:
+            self.store_copies.leave()
+        self.in_flight.leave(admitted.key)
+
+    def _serve_response_stream(self, inner: Callable[[Any, Any], Iterator[Any]], method: str, rule: Method,
+                               metadata: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        rid = logs.request_id.set(self._request_id(metadata, context))
+        admitted: _Admitted | None = None
+        try:
+            admitted = self._admit_plain(method, rule, metadata, context, request)
+            started = time.perf_counter()
+            actor_token = current_actor.set(admitted.actor)
+            try:
+                yield from inner(request, context)
+            except Exception:
+                self._count_failure(method, context)
+                raise
+            finally:
+                current_actor.reset(actor_token)
+            self._count_success(method, rule, request, None, context, started)
+        finally:
+            if admitted is not None:
+                self._leave_plain(admitted)
+            logs.request_id.reset(rid)
 
     def _request_id(self, metadata: Any, context: grpc.ServicerContext) -> str:
         for key, value in metadata or ():
