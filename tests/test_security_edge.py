@@ -1,10 +1,12 @@
 """The edge of a TLS node for the calls that are not unary: Admin.Verify and Admin.Backup (answered
 with a stream) are rate limited, counted in flight and capped per node like every client call,
-and a request that does not parse is INVALID_ARGUMENT."""
+and a request that does not parse is INVALID_ARGUMENT; an open EnqueueStream ends when its token
+is revoked."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +16,7 @@ import grpc
 import pytest
 
 from mqstore.client import Client
-from mqstore.errors import Overloaded
+from mqstore.errors import Overloaded, PermissionDenied, Unauthenticated
 from mqstore.ops import remote
 from mqstore.proto import admin_pb2
 from mqstore.security import edge
@@ -143,3 +145,53 @@ def test_a_request_that_does_not_parse_is_invalid_argument(node: Node, rpc: str)
         code, details = _code(lambda: list(channel.unary_stream(f"/mqstore.v1.Admin/{rpc}")(b"\xff\xff\xff",
                                                                                            timeout=5)))
     assert (code, details.split(":")[0]) == ("INVALID_ARGUMENT", f"the request is not a valid {rpc} request")
+
+
+# --- revoked tokens ------------------------------------------------------------------------------------
+
+
+def test_a_revoked_token_ends_the_stream_it_opened(node: Node) -> None:
+    """`mqstore tokens remove` stops an MTA's long-lived EnqueueStream too: once nodes read the
+    tokens file, the stream's next frame (after at most STREAM_REAUTHENTICATE_S) ends it with
+    UNAUTHENTICATED, audited; nothing sent after the revocation is stored."""
+    ns = "revoked"
+    token = node.store.add("mta-stream", ["producer"])
+    c = Client(node.address, timeout=10, tls=node.pki.client_tls(node.plain), token=token)
+    assert wait_until(lambda: _accepted(c), timeout=5)  # nodes read the tokens file within a second
+    before = 2
+    seen = len(node.denials())
+
+    def messages() -> Iterator[dict[str, Any]]:
+        for i in range(before):
+            yield _msg(ns, i)
+        time.sleep(0.5)
+        node.store.remove("mta-stream")
+        assert wait_until(lambda: not _accepted(c), timeout=5)  # revoked: refused on new calls
+        time.sleep(edge.STREAM_REAUTHENTICATE_S + 0.2)
+        for i in range(before, before + 5):
+            yield _msg(ns, i)
+            time.sleep(0.1)
+
+    ids: list[str] = []
+    try:
+        with pytest.raises(Unauthenticated, match="unknown or revoked token"):
+            for mid in c.enqueue_stream(messages()):
+                ids.append(mid)
+    finally:
+        c.close()
+    assert len(ids) == before
+    with node.client("admin") as admin:
+        assert [m.message_id for m in admin.list(namespace=ns)] == sorted(ids)  # none stored after
+    denied = [r for r in node.denials()[seen:] if r["op"] == "Queue/EnqueueStream"]
+    assert denied and denied[0]["actor"] == "unauthenticated" and "revoked" in denied[0]["reason"]
+
+
+def _accepted(c: Client) -> bool:
+    """Whether the node takes ``c``'s token (a producer's: authenticated, then refused Stats)."""
+    try:
+        c.stats()
+    except Unauthenticated:
+        return False
+    except PermissionDenied:
+        return True
+    raise AssertionError("a producer's token was allowed Stats")

@@ -23,6 +23,10 @@ For a client call, in this order (cheapest first; nothing is written before the 
    Admin.Backup) counts as one of its client's streams, and a node runs at most
    STORE_COPIES_MAX calls that copy its whole store at once.
 
+An open EnqueueStream is authenticated again on a frame at least once a second: a token removed
+from the tokens file ends the streams it opened (UNAUTHENTICATED, audited) within about two
+seconds, as it refuses new calls.
+
 Refusals carry ``mqstore-error`` trailing metadata (so :class:`mqstore.client.Client` raises the
 embedded API's exception), are counted in the metrics, and denials (2 and 7) are passed to the
 node's ``audit_denial(actor, rpc, reason)``. A peer's Raft call must come with a node's
@@ -206,6 +210,9 @@ class _Counter:
 
 
 # --- the interceptor -----------------------------------------------------------------------------------
+
+#: An open stream's credentials are checked again at most this often (a token lookup: an HMAC).
+STREAM_REAUTHENTICATE_S = 1.0
 
 #: Calls that copy a node's whole store (Admin.Verify, Admin.Backup: disk space and I/O of the
 #: store's size each) a node runs at once; more are refused with RESOURCE_EXHAUSTED.
@@ -595,7 +602,7 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 self._count(method, refused.code.name, refused.reason, refused.error)
                 _abort(context, refused)
             failure: list[_Refused] = []
-            frames = self._stream_frames(method, rule, actor, rate_key, request_iterator, failure)
+            frames = self._stream_frames(method, rule, actor, rate_key, request_iterator, failure, metadata, context)
             actor_token = current_actor.set(actor)
             try:
                 for response in inner(frames, context):
@@ -614,14 +621,21 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             logs.request_id.reset(rid)
 
     def _stream_frames(self, method: str, rule: Method, actor: Actor, rate_key: str, frames: Iterator[Any],
-                       failure: list[_Refused]) -> Iterator[Any]:
+                       failure: list[_Refused], metadata: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         """The stream's frames, each checked; the first that fails ends the stream (``failure``).
-        Frames over the client's rate wait (back-pressure) rather than fail."""
+        Frames over the client's rate wait (back-pressure) rather than fail. The caller's
+        credentials are checked again on a frame at most every STREAM_REAUTHENTICATE_S: a stream
+        lives as long as its client likes, and a revoked token must not keep enqueueing on it."""
         wait_max_s = limits.STREAM_THROTTLE_WAIT_MS_MAX / 1000
+        checked = time.monotonic()
         try:
             for frame in frames:
                 if isinstance(frame, _Malformed):
                     raise _malformed(method, frame)
+                now = time.monotonic()
+                if now - checked >= STREAM_REAUTHENTICATE_S:
+                    checked = now
+                    actor = self._reauthenticate(method, metadata, context)
                 wait = self.rates.reserve(rate_key, wait_max_s, _cost(frame))
                 if wait is None:
                     raise _refused(errors.Overloaded(
@@ -639,6 +653,17 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 yield frame
         except _Refused as refused:
             failure.append(refused)
+
+
+    def _reauthenticate(self, method: str, metadata: Any, context: grpc.ServicerContext) -> Actor:
+        """The actor of an open stream's credentials now (its roles may have changed); a token
+        removed since the stream opened ends it with UNAUTHENTICATED, audited as a refused call."""
+        try:
+            return self.host.authenticator.authenticate(metadata, context)
+        except errors.Unauthenticated as exc:
+            refusal = errors.Unauthenticated(f"{exc}: the stream was opened with it and is ended")
+            self._deny(unauthenticated_actor(context), method, str(refusal))
+            raise _refused(refusal, "unauthenticated") from None
 
 
 def _cost(request: Any) -> float:
