@@ -20,6 +20,7 @@ import pytest
 import mqstore
 from mqstore.client import Client
 from mqstore.consensus.types import HardState
+from mqstore.crypto import create_key_file
 from mqstore.node.raftlog import LmdbRaftStorage
 from mqstore.store import LogStore, NewMessage
 from mqstore.testing.cluster import LocalCluster
@@ -69,6 +70,11 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path,
     yield c.data_dir(1), c.key_file, ids
 
 
+def _messages(data_dir: Path, key: Path) -> set[str]:
+    return {m["message_id"] for m in ok("queue", "list", "--data-dir", str(data_dir), "--key-file", str(key),
+                                        "--all")["messages"]}
+
+
 def _append_unapplied(data_dir: Path, key: Path) -> str:
     """Append an ENQUEUE after the node's applied index (as a crash between appending an entry
     and applying it leaves it); returns its message id."""
@@ -102,7 +108,8 @@ def test_a_restored_node_backup_is_an_embedded_store(node: tuple[Path, Path, lis
     assert st["kind"] == "restored" and "node_id" not in st and st["last_index"] == header["applied_index"]
     target = ("--data-dir", str(restored), "--key-file", str(key))
     listed = {m["message_id"] for m in ok("queue", "list", *target, "--all")["messages"]}
-    assert listed == set(ids) and late not in listed  # never applied on the node: not in the backup's state
+    assert listed == _messages(source, key) and listed <= set(ids)
+    assert late not in listed  # never applied on the node: not in the backup's state
     # Used as an embedded store: an acknowledged enqueue and a delivery.
     with mqstore.open(restored, key_file=key, background=False) as store:
         new = store.enqueue("x@example.org", ["y@d.example"], RAW)
@@ -149,3 +156,82 @@ def test_a_stale_applied_index_is_refused_by_rebuild_and_named_by_verify(
         error["message"]
     assert _fingerprint(restored) == before
     assert ok("message", "show", new, *target, "--no-history")["message_id"] == new
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A backup of an embedded store, and its KEK."""
+    root = tmp_path_factory.mktemp("embedded")
+    key = create_key_file(root / "kek.key")
+    with mqstore.open(root / "store", key_file=key, background=False) as store:
+        store.enqueue_many([{"mail_from": "a@example.org", "recipients": [f"u{i}@d.example"], "data": RAW}
+                            for i in range(5)])
+    ok("backup", "--data-dir", str(root / "store"), "--out", str(root / "store.mqbak"))
+    return root / "store.mqbak", key
+
+
+def _node_config(path: Path, data_dir: Path, key: Path) -> Path:
+    path.write_text(f'node_id = 1\nsite = "a"\nlisten = "127.0.0.1:1"\ndata_dir = "{data_dir}"\n'
+                    f'key_file = "{key}"\ninsecure = true\n\n[[peers]]\nid = 9\nsite = "b"\naddress = "127.0.0.1:2"\n')
+    return path
+
+
+def _left(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+def test_a_restore_that_fails_leaves_nothing_behind(embedded: tuple[Path, Path], tmp_path: Path) -> None:
+    backup, key = embedded
+    other = create_key_file(tmp_path / "other.key")
+    root = tmp_path / "r"
+    root.mkdir()
+    seed = root / "seed"
+    config = _node_config(tmp_path / "node.toml", seed, key)
+    failures = {
+        "an embedded store cannot seed a cluster": (
+            ["--in", str(backup), "--config", str(config), "--cluster-id", "new"], "InvalidArgument"),
+        "no key to verify with": (["--in", str(backup), "--data-dir", str(root / "r1")], "KeyFileError"),
+        "not the store's key": (["--in", str(backup), "--data-dir", str(root / "r1"), "--key-file", str(other)],
+                                "WrongKey"),
+        "no backup file": (["--in", str(tmp_path / "missing.mqbak"), "--data-dir", str(root / "r1"),
+                            "--key-file", str(key)], "FileNotFoundError"),
+        "a backup cut short": (["--in", str(tmp_path / "short.mqbak"), "--data-dir", str(root / "a" / "b"),
+                                "--key-file", str(key)], "Corruption"),
+    }
+    (tmp_path / "short.mqbak").write_bytes(backup.read_bytes()[: backup.stat().st_size // 2])
+    for what, (args, error) in failures.items():
+        out = run("restore", *args, "--json")
+        assert out.returncode == 2, f"{what}: {out.stdout} {out.stderr}"
+        assert json.loads(out.stdout)["error"] == error, what
+        assert _left(root) == [], f"{what}: left {_left(root)}"
+    # The corrected runs are not refused.
+    assert ok("restore", "--in", str(backup), "--data-dir", str(root / "r1"), "--key-file", str(key))["verify"]["clean"]
+    assert ok("status", "--data-dir", str(root / "r1"))["stats"]["messages"] == 5
+    assert _left(root) == ["r1"]
+
+
+def test_a_restore_into_an_existing_directory_keeps_what_it_holds(embedded: tuple[Path, Path], tmp_path: Path) -> None:
+    backup, key = embedded
+    target = tmp_path / "restored"
+    target.mkdir()
+    shutil.copy2(key, target / "kek.key")  # the default key file: <data-dir>/kek.key
+    result = ok("restore", "--in", str(backup), "--data-dir", str(target))
+    assert result["verify"]["clean"]
+    assert {"kek.key", "data.mdb"} <= set(_left(target)) and _left(tmp_path) == ["restored"]
+    refused = run("restore", "--in", str(backup), "--data-dir", str(target), "--json")
+    assert refused.returncode == 2 and "already holds a store" in json.loads(refused.stdout)["message"]
+
+
+def test_a_nodes_backup_seeds_a_new_cluster(node: tuple[Path, Path, list[str]], tmp_path: Path) -> None:
+    source, key, ids = node
+    backup = tmp_path / "n1.mqbak"
+    ok("backup", "--data-dir", str(source), "--out", str(backup))
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    config = _node_config(tmp_path / "node.toml", seed, key)
+    result = ok("restore", "--in", str(backup), "--config", str(config), "--cluster-id", "rebuilt")
+    assert result["verify"]["clean"] and result["seeded"]["action"] == "seed-from-backup"
+    st = ok("status", "--config", str(config))
+    assert st["node_id"] == 1 and st["cluster_id"] == "rebuilt"
+    assert _messages(seed, key) == _messages(source, key) and _messages(seed, key) <= set(ids)
+    assert (seed / "RECOVERY.log").exists() and _left(tmp_path) == ["n1.mqbak", "node.toml", "seed"]

@@ -840,6 +840,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from mqstore.crypto.providers import read_key_file
     from mqstore.ops import backup
 
     conf = _config(args)
@@ -848,23 +849,42 @@ def cmd_restore(args: argparse.Namespace) -> int:
     path = Path(args.data_dir) if args.data_dir else (Path(conf.data_dir) if conf is not None else None)
     if path is None:
         raise InvalidArgument("restore into which directory? give --data-dir (or --config)")
+    # Everything that can be checked before writing: the backup's header (and whether it can seed
+    # a cluster), the target, and the keys the store is opened with afterwards.
+    source = backup.read_header(Path(args.input)).get("source")
+    if (path / "data.mdb").exists():
+        raise InvalidArgument(f"{path} already holds a store: restore into a new directory")
+    key = _key_file(args) or str(path / "kek.key")  # verify's key: as for any command on the restored store
+    if not args.no_verify:
+        read_key_file(key)
+    seed_conf = None
+    if args.cluster_id:
+        import dataclasses
+
+        seed_conf = dataclasses.replace(conf, key_file=Path(conf.key_file or path / "kek.key"))
+        read_key_file(seed_conf.key_file)
+    seeded: dict[str, Any] | None = None
+    report: dict[str, Any] | None = None
     bar = Progress.for_args(args, "restore", unit="B")
-    with bar:
-        restored = backup.restore(Path(args.input), path, progress=bar.update, node=bool(args.cluster_id))
-        header = restored["header"]
-        seeded = None
-        if args.cluster_id:
+
+    def finish(work: Path) -> None:
+        """Seed and verify the restored store in ``work`` (it moves to ``path`` once this returned)."""
+        nonlocal seeded, report
+        if seed_conf is not None:
             from mqstore.ops.recover import reseed
 
-            seeded = reseed(conf, args.cluster_id, action="seed-from-backup", data_dir=path, keep_unapplied=False,
-                            reason=f"restored from {args.input} (backup of {header['source']})")
-        report = None
+            seeded = reseed(seed_conf, args.cluster_id, action="seed-from-backup", data_dir=work,
+                            keep_unapplied=False, reason=f"restored from {args.input} (backup of {source})")
         if not args.no_verify:
             from mqstore.ops.verify import verify_path
 
             bar.phase("verify:")
-            result = verify_path(path, key_file=_key_file(args), progress=_phase_progress(bar))
-            report = result.to_dict()
+            report = verify_path(work, key_file=key, progress=_phase_progress(bar)).to_dict()
+
+    with bar:
+        restored = backup.restore(Path(args.input), path, progress=bar.update, node=bool(args.cluster_id),
+                                  finish=finish)
+        header = restored["header"]
     payload = {"data_dir": str(path), "header": header, "log": restored["log"], "verify": report, "seeded": seeded}
     lines = [f"restored {args.input} into {path}: applied index {header['applied_index']}, "
              f"{header['messages']} messages"]

@@ -17,9 +17,11 @@ holds no key, and restoring it needs the store's KEK to read messages.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import struct
 import tempfile
 import time
@@ -43,7 +45,7 @@ from mqstore.ops.facts import (
     queue_counts,
     raft_facts,
 )
-from mqstore.store.env import Environment
+from mqstore.store.env import LOCK_FILE, Environment
 
 MAGIC = b"MQSTORE-BACKUP\n\x01"
 FORMAT_VERSION = 1
@@ -140,11 +142,8 @@ def _json_object(raw: bytes, what: str, offset: int) -> dict[str, Any]:
     return value
 
 
-def read_backup(
-    src: BinaryIO, target: BinaryIO | None = None, progress: ProgressFn | None = None
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Check a backup stream end to end (every CRC, the SHA-256 of the data) and write the database
-    file to ``target`` if given. Returns (header, trailer). Raises Corruption naming the offset."""
+def _read_header(src: BinaryIO) -> tuple[dict[str, Any], int]:
+    """The header at the start of a backup stream (checked), and the offset after it."""
     magic = src.read(len(MAGIC))
     if magic != MAGIC:
         raise Corruption("not an mqstore backup (bad magic), or a backup format this version does not read")
@@ -163,6 +162,23 @@ def read_backup(
     total = header.get("data_bytes", 0)
     if not isinstance(total, int) or isinstance(total, bool) or total < 0:
         raise Corruption(f"backup header names an impossible data size {total!r}")
+    header.setdefault("data_bytes", 0)
+    return header, offset
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """The header of the backup file ``path`` (checked; the rest of the file is not read)."""
+    with path.open("rb") as f:
+        return _read_header(f)[0]
+
+
+def read_backup(
+    src: BinaryIO, target: BinaryIO | None = None, progress: ProgressFn | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check a backup stream end to end (every CRC, the SHA-256 of the data) and write the database
+    file to ``target`` if given. Returns (header, trailer). Raises Corruption naming the offset."""
+    header, offset = _read_header(src)
+    total = header["data_bytes"]
     digest = hashlib.sha256()
     decompressor = zstandard.ZstdDecompressor()
     done = 0
@@ -250,7 +266,14 @@ def check_file(path: Path, progress: ProgressFn | None = None) -> tuple[dict[str
         return read_backup(f, None, progress)
 
 
-def restore(backup: Path, data_dir: Path, progress: ProgressFn | None = None, *, node: bool = False) -> dict[str, Any]:
+def restore(
+    backup: Path,
+    data_dir: Path,
+    progress: ProgressFn | None = None,
+    *,
+    node: bool = False,
+    finish: Callable[[Path], None] | None = None,
+) -> dict[str, Any]:
     """Restore ``backup`` into the new store directory ``data_dir`` (it must hold no store).
     Returns ``{"header": the backup's header, "log": what was done to the node's log or None}``.
 
@@ -265,32 +288,85 @@ def restore(backup: Path, data_dir: Path, progress: ProgressFn | None = None, *,
     applied index: entries after it were not applied (and maybe not committed); the backup
     describes the state at the applied index. With ``node`` the Raft state is kept for
     :func:`mqstore.ops.recover.reseed`, which cuts the log the same way.
+
+    All or nothing: the store is built in a new sibling directory of ``data_dir`` and moved into
+    place only after ``finish(that directory)`` (the caller's seeding and checks) returned. When
+    anything fails, that directory is removed and ``data_dir`` is as it was (not even created).
     """
+    if data_dir.exists() and not data_dir.is_dir():
+        raise InvalidArgument(f"{data_dir} exists and is not a directory")
     if (data_dir / "data.mdb").exists():
         raise InvalidArgument(f"{data_dir} already holds a store: restore into a new directory")
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    partial = data_dir / "data.mdb.partial"
-    try:
-        with backup.open("rb") as src, partial.open("xb") as dst:
+    header = read_header(backup)  # a missing or foreign file is refused before anything is written
+    if node and header.get("source", {}).get("kind") != "node" and not header.get("term"):
+        raise InvalidArgument("the backup holds an embedded store (no Raft state): only a cluster node's backup "
+                              "can seed a cluster")
+    with _staging(data_dir) as work:
+        with backup.open("rb") as src, (work / "data.mdb").open("xb") as dst:
             header, _ = read_backup(src, dst, progress)
             dst.flush()
             os.fsync(dst.fileno())
-        os.chmod(partial, 0o600)
-        os.replace(partial, data_dir / "data.mdb")
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    _fsync_dir(data_dir)
-    with open_env(data_dir, readonly=False) as env:
-        if node:
-            _check_seedable(env)
-        done = None if node else _make_embedded(env)
-        with env.env.begin(write=True) as txn:
-            meta = env.dbs[b"meta"]
-            txn.delete(META_NODE_ID, db=meta)
-            txn.delete(META_CLUSTER_ID, db=meta)
-            txn.put(META_RESTORED_FROM, json.dumps(header, sort_keys=True).encode(), db=meta)
+            os.fchmod(dst.fileno(), 0o600)
+        with open_env(work, readonly=False) as env:
+            if node:
+                _check_seedable(env)
+            done = None if node else _make_embedded(env)
+            with env.env.begin(write=True) as txn:
+                meta = env.dbs[b"meta"]
+                txn.delete(META_NODE_ID, db=meta)
+                txn.delete(META_CLUSTER_ID, db=meta)
+                txn.put(META_RESTORED_FROM, json.dumps(header, sort_keys=True).encode(), db=meta)
+        if finish is not None:
+            finish(work)
     return {"header": header, "log": done}
+
+
+#: Files of a store directory that are not its data (LMDB's lock file and mqstore's writer lock):
+#: never moved into the restored directory (they are made again when the store is opened).
+_LOCK_FILES = ("lock.mdb", LOCK_FILE)
+
+
+@contextlib.contextmanager
+def _staging(data_dir: Path) -> Iterator[Path]:
+    """A new directory beside ``data_dir`` to build a store in; when the block ends without an
+    error its contents are moved into ``data_dir`` (created if missing; the store's ``data.mdb``
+    comes last, so ``data_dir`` holds a store only once it holds all of it). On an error it is
+    removed, and so are the parents of ``data_dir`` that were made for it."""
+    made: list[Path] = []
+    parent = data_dir.absolute().parent
+    for p in [parent, *parent.parents]:
+        if p.exists():
+            break
+        made.append(p)
+    for p in reversed(made):
+        p.mkdir()
+    work: Path | None = None
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.restoring-", dir=parent))
+        yield work
+        for name in _LOCK_FILES:
+            (work / name).unlink(missing_ok=True)
+        if not data_dir.exists():
+            os.rename(work, data_dir)
+            work = None
+        else:
+            entries = sorted(work.iterdir(), key=lambda e: e.name == "data.mdb")
+            taken = [e.name for e in entries if os.path.lexists(data_dir / e.name)]
+            if taken:
+                raise InvalidArgument(f"{data_dir} already holds {', '.join(taken)}: restore into a new directory")
+            for entry in entries:
+                os.rename(entry, data_dir / entry.name)
+            work.rmdir()
+            work = None
+            _fsync_dir(data_dir)
+        _fsync_dir(parent)
+    except BaseException:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        for p in made:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
 
 
 def _check_seedable(env: Environment) -> None:
@@ -362,6 +438,7 @@ __all__ = [
     "copy_store",
     "describe_copy",
     "read_backup",
+    "read_header",
     "restore",
     "write_file",
 ]
