@@ -297,26 +297,43 @@ def test_namespace_limited_actor(node: Node) -> None:
         c.enqueue(**_msg("alpha"))
     with node.client("admin") as c:
         alpha = c.enqueue(**_msg("alpha", 1))
-        beta = c.enqueue(**_msg("beta", 2))
+        beta = c.enqueue(**_msg("beta-tenant", 2))
+    seen = len(node.denials())
     with node.client(token="alpha-reader") as c:
         assert c.get(alpha).namespace == "alpha"
         assert c.list(namespace="alpha").__len__() >= 1
-        with pytest.raises(PermissionDenied, match="may not act in namespace 'beta'"):
+        # A message of another namespace and one that does not exist are refused alike: the
+        # refusal names neither the other namespace nor whether the message exists.
+        with pytest.raises(PermissionDenied) as elsewhere:
             c.get(beta)
+        with pytest.raises(PermissionDenied) as unknown:
+            c.get("0" * 26)
+        generic = "was not found, or is not in the namespaces this identity may use"
+        assert generic in str(elsewhere.value) and "beta" not in str(elsewhere.value)
+        assert str(elsewhere.value).replace(beta, "0" * 26) == str(unknown.value)
         with pytest.raises(PermissionDenied, match="name one"):
             c.list()
         with pytest.raises(PermissionDenied, match="name one"):
             c.lease("w")
-        with pytest.raises(PermissionDenied, match="not known here"):
-            c.get("0" * 26)
+        with pytest.raises(PermissionDenied, match="needs the 'hold' permission"):  # not its role at all
+            c.hold(beta)
         leases = c.lease("w", namespace="alpha")
         assert {x.namespace for x in leases} == {"alpha"}
         for lease in leases:
             c.ack(lease.token)
     with node.client("admin") as c:
-        lease = c.lease("w", namespace="beta")[0]
-    with node.client(token="alpha-reader") as c, pytest.raises(PermissionDenied, match="namespace 'beta'"):
-        c.ack(lease.token)
+        lease = c.lease("w", namespace="beta-tenant")[0]
+    with node.client(token="alpha-reader") as c:
+        with pytest.raises(PermissionDenied, match=generic) as acked:
+            c.ack(lease.token)
+        with pytest.raises(PermissionDenied, match=generic) as expired:
+            c.ack(2**40)  # no such lease
+    assert "beta" not in str(acked.value) and "beta" not in str(expired.value)
+    # The audit log keeps what happened.
+    reasons = [r["reason"] for r in node.denials()[seen:] if r["actor"] == "alpha-reader"]
+    assert len(reasons) == 7  # get, get, list, lease, hold, ack, ack
+    assert "may not act in namespace 'beta-tenant'" in reasons[0] and "not known here" in reasons[1]
+    assert "may not act in namespace 'beta-tenant'" in reasons[5] and "not known here" in reasons[6]
 
 
 def _proto_methods() -> list[tuple[str, Any]]:

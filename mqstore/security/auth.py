@@ -18,7 +18,9 @@ Authorization maps each RPC to the permission it needs (:data:`METHODS`) and che
 namespaces the request names, before the call reaches the queue. A request that names no
 namespace where one could be named (``Lease`` without a namespace, ``Stats``) covers every
 namespace, so an actor limited to some namespaces must name one. Calls that name only a message
-id or a lease token are checked in the namespace of that message (looked up by the node).
+id or a lease token are checked in the namespace of that message (looked up by the node); such an
+actor refused there is not told the namespace, nor whether the message exists (the edge says
+"not found, or not in the namespaces this identity may use"; the audit record has the detail).
 """
 
 from __future__ import annotations

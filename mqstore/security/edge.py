@@ -14,7 +14,9 @@ For a client call, in this order (cheapest first; nothing is written before the 
 4. a deadline (Queue's unary calls; ``limits.deadline_required``) -> INVALID_ARGUMENT;
 5. a request that does not parse (bad protobuf, invalid UTF-8 in a string) -> INVALID_ARGUMENT;
 6. sizes: messages per batch, bytes per message, recipients per message -> INVALID_ARGUMENT;
-7. authorization: the RPC's permission in the namespaces it names -> PERMISSION_DENIED;
+7. authorization: the RPC's permission in the namespaces it names -> PERMISSION_DENIED (an
+   actor limited to some namespaces that names a message or lease outside them is told only
+   that it was not found or is not in its namespaces: which namespace, in the audit record);
 8. enqueues while the node is not healthy (no leader: UNAVAILABLE; disk nearly full:
    RESOURCE_EXHAUSTED);
 9. client calls (and one client's streams) in flight -> RESOURCE_EXHAUSTED. A node keeps
@@ -446,15 +448,10 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             elif rule.lookup and request is not None and actor.namespaces is not None:
                 # Only an actor limited to some namespaces needs the target's namespace.
                 assert rule.keys is not None
+                if rule.permission not in actor.permissions():
+                    self.host.authorize(actor, rule.permission, None)  # "it needs the ... permission"
                 for key in rule.keys(request):
-                    found = (self.host.namespace_of_message(key) if rule.lookup == "messages"
-                             else self.host.namespace_of_lease(key))
-                    if found is None:
-                        what = "message" if rule.lookup == "messages" else "lease"
-                        raise errors.PermissionDenied(
-                            f"{actor.name!r} may only act in its namespaces, and {what} {key} is not known here"
-                        )
-                    self.host.authorize(actor, rule.permission, found)
+                    self._authorize_target(actor, method, rule, key)
             else:
                 # Nothing in the request to narrow it to a namespace: the permission in every
                 # namespace (an actor limited to some namespaces cannot, e.g., change membership).
@@ -462,6 +459,26 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         except errors.PermissionDenied as exc:
             self._deny(actor, method, str(exc))
             raise _refused(exc, "permission") from None
+
+    def _authorize_target(self, actor: Actor, method: str, rule: Method, key: Any) -> None:
+        """Authorize a namespace-limited ``actor`` for the message or lease ``key`` (in the
+        namespace the node looks up). Refused, the caller learns only that it is not one of its
+        own: whether the target exists, and in which namespace, stays in the audit record (lease
+        tokens are small sequential numbers, so a detailed refusal would name other tenants'
+        namespaces one by one)."""
+        what = "message" if rule.lookup == "messages" else "lease"
+        found = self.host.namespace_of_message(key) if rule.lookup == "messages" else self.host.namespace_of_lease(key)
+        try:
+            if found is None:
+                raise errors.PermissionDenied(f"{actor.name!r} may only act in its namespaces, and {what} {key} "
+                                              "is not known here")
+            self.host.authorize(actor, rule.permission, found)
+        except errors.PermissionDenied as exc:
+            self._deny(actor, method, f"{exc} ({what} {key})" if found is not None else str(exc))
+            assert actor.namespaces is not None
+            raise _refused(errors.PermissionDenied(
+                f"{actor.name!r} ({actor.auth}, namespaces {', '.join(sorted(actor.namespaces))}): {what} {key} "
+                "was not found, or is not in the namespaces this identity may use"), "permission") from None
 
     def _deny(self, actor: Actor, method: str, reason: str) -> None:
         try:
