@@ -235,3 +235,56 @@ def test_a_nodes_backup_seeds_a_new_cluster(node: tuple[Path, Path, list[str]], 
     assert st["node_id"] == 1 and st["cluster_id"] == "rebuilt"
     assert _messages(seed, key) == _messages(source, key) and _messages(seed, key) <= set(ids)
     assert (seed / "RECOVERY.log").exists() and _left(tmp_path) == ["n1.mqbak", "node.toml", "seed"]
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """An embedded store whose audit log has a signed checkpoint: (store, KEK, signing key id)."""
+    from mqstore.actor import Actor
+    from mqstore.compliance.signing import key_id, read_signing_key
+
+    root = tmp_path_factory.mktemp("audited")
+    key = create_key_file(root / "kek.key")
+    officer = Actor("j.doe", frozenset({"compliance", "admin"}), auth="mtls")
+    with mqstore.open(root / "store", key_file=key, background=False) as store:
+        store.set_policy("finance", mode="compliance", retention_days=30)
+        mid = store.enqueue("cfo@example.org", ["board@example.net"], RAW, namespace="finance")
+        store.add_legal_hold(mid, case="SEC-1", actor=officer)
+        assert store.audit_checkpoint() is not None
+    return root / "store", key, key_id(read_signing_key(root / "store" / "audit-signing.key"))
+
+
+def test_restore_says_where_the_audit_signing_key_must_go(audited: tuple[Path, Path, str], tmp_path: Path) -> None:
+    from mqstore.compliance.signing import create_signing_key, public_key_hex, read_signing_key
+
+    source, key, signer = audited
+    backup = tmp_path / "store.mqbak"
+    made = run("backup", "--data-dir", str(source), "--out", str(backup))
+    assert made.returncode == 0 and f"signed by key id {signer}: the signing key is not in the backup" in made.stdout
+    header = ok("backup", "--data-dir", str(source), "--out", str(tmp_path / "again.mqbak"))["header"]
+    assert header["audit_signing_key"] == {
+        "checkpoints": 1, "key_id": signer, "file": "audit-signing.key",
+        "public_key": public_key_hex(read_signing_key(source / "audit-signing.key"))}
+    restored = tmp_path / "restored"
+    result = ok("restore", "--in", str(backup), "--data-dir", str(restored), "--key-file", str(key))
+    assert result["audit_signing_key"] == {"checkpoints": 1, "key_id": signer, "present": False, "matches": None,
+                                           "file": str(restored / "audit-signing.key")}
+    text = run("restore", "--in", str(backup), "--data-dir", str(tmp_path / "r2"), "--key-file", str(key))
+    assert text.returncode == 0
+    assert (f"copy the audit signing key with key id {signer} (the audit-signing.key file of the store backed up) "
+            f"to {tmp_path / 'r2' / 'audit-signing.key'}") in text.stdout
+    # Copied there, the restored audit log verifies.
+    shutil.copy2(source / "audit-signing.key", restored / "audit-signing.key")
+    verified = run("audit", "verify", "--data-dir", str(restored), "--key-file", str(key))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    # Another key where the store looks for it is named as the wrong one.
+    other = tmp_path / "r3"
+    other.mkdir()
+    create_signing_key(other / "audit-signing.key")
+    warned = ok("restore", "--in", str(backup), "--data-dir", str(other), "--key-file", str(key))
+    assert warned["audit_signing_key"]["present"] is True and warned["audit_signing_key"]["matches"] is False
+    matching = tmp_path / "r4"
+    matching.mkdir()
+    shutil.copy2(source / "audit-signing.key", matching / "audit-signing.key")
+    text = run("restore", "--in", str(backup), "--data-dir", str(matching), "--key-file", str(key))
+    assert f"holds the audit signing key with key id {signer}" in text.stdout

@@ -835,6 +835,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
         f"consistent at applied index {header['applied_index']} (log {header['first_index']}..{header['last_index']}), "
         f"{header['messages']} messages ({header['messages_active']} active)",
         f"sha256 {trailer['sha256']} (checked)",
+        *([f"the audit checkpoints are signed by key id {header['audit_signing_key']['key_id']}: the signing key is "
+           f"not in the backup; keep a copy of it ({header['audit_signing_key']['file']} of the store, or the node's "
+           "audit_signing_key) with the backup"] if header.get("audit_signing_key") else []),
     ])
     return 0
 
@@ -882,10 +885,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
             report = verify_path(work, key_file=key, progress=_phase_progress(bar)).to_dict()
 
     with bar:
+        signing_key_file = (conf.audit_signing_key if seed_conf is not None and conf.audit_signing_key is not None
+                            else path / backup.AUDIT_KEY_FILE)
         restored = backup.restore(Path(args.input), path, progress=bar.update, node=bool(args.cluster_id),
-                                  finish=finish)
+                                  finish=finish, signing_key_file=Path(signing_key_file))
         header = restored["header"]
-    payload = {"data_dir": str(path), "header": header, "log": restored["log"], "verify": report, "seeded": seeded}
+    signing = restored["audit_signing_key"]
+    payload = {"data_dir": str(path), "header": header, "log": restored["log"], "verify": report, "seeded": seeded,
+               "audit_signing_key": signing}
     lines = [f"restored {args.input} into {path}: applied index {header['applied_index']}, "
              f"{header['messages']} messages"]
     cut = restored["log"]
@@ -904,8 +911,26 @@ def cmd_restore(args: argparse.Namespace) -> int:
                      "store, or seed a new cluster from it (restore --config ... --cluster-id ...)")
     if report is not None:
         lines.append("verify: " + ("clean" if report["clean"] else f"NOT CLEAN ({report['problems_total']} problems)"))
+    if signing is not None:
+        lines.append(_signing_key_line(signing))
     emit(args, payload, lines)
     return 0 if report is None or report["clean"] else 1
+
+
+def _signing_key_line(signing: dict[str, Any]) -> str:
+    """What a restored store needs for its signed audit checkpoints, said plainly."""
+    from mqstore.ops.backup import AUDIT_KEY_FILE
+
+    which = f"the audit signing key with key id {signing['key_id']}"
+    if signing["matches"]:
+        return f"audit: {signing['file']} holds {which}, which signed its {signing['checkpoints']} checkpoint(s)"
+    if signing["present"]:
+        return (f"WARNING: {signing['file']} is not {which}, which signed the store's {signing['checkpoints']} audit "
+                f"checkpoint(s): put that key there (the {AUDIT_KEY_FILE} file of the store backed up), or "
+                "audit verify reports the log as tampered with")
+    return (f"ACTION NEEDED: the backup does not hold the audit signing key: copy {which} (the "
+            f"{AUDIT_KEY_FILE} file of the store backed up) to {signing['file']} before opening the store; "
+            f"its {signing['checkpoints']} audit checkpoint(s) are verified with it")
 
 
 # --- recover / cluster ----------------------------------------------------------------------------------

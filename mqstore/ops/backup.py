@@ -3,7 +3,8 @@
 File format (version 1), integers little-endian::
 
     16 B   magic            b"MQSTORE-BACKUP\\n\\x01"
-    u32    header length, u32 CRC32C of the header, header (JSON: source, indexes, counts)
+    u32    header length, u32 CRC32C of the header, header (JSON: source, indexes, counts, and
+           the id of the key that signed the audit checkpoints, when any are signed)
     frames, each:  u32 raw length (> 0), u32 compressed length, u32 CRC32C of the compressed
                    bytes, zstd-compressed bytes of the next piece of the database file
     end:           u32 0, u32 trailer length, u32 CRC32C of the trailer, trailer (JSON:
@@ -12,7 +13,9 @@ File format (version 1), integers little-endian::
 The database file is an LMDB copy taken in one read transaction (``mdb_env_copy2`` with
 compaction), so it is one consistent state of the store: for a node, the state tables, the
 applied index and the log as of one commit. Records stay as they are on disk (sealed): a backup
-holds no key, and restoring it needs the store's KEK to read messages.
+holds no key, and restoring it needs the store's KEK to read messages. Nor does it hold the audit
+signing key: the header names it (key id, and the public key when the backup was taken beside
+the key file), and restore says where the restored store needs it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from mqstore.ops.facts import (
     queue_counts,
     raft_facts,
 )
+from mqstore.queue.kv import LmdbKV
 from mqstore.store.env import LOCK_FILE, Environment
 
 MAGIC = b"MQSTORE-BACKUP\n\x01"
@@ -76,6 +80,7 @@ def describe_copy(copy_dir: Path, source: dict[str, Any]) -> dict[str, Any]:
         first, last = log_bounds(env)
         raft = raft_facts(env)
         counts = queue_counts(env, int(time.time() * 1000))
+        signing = audit_key_facts(env)
     header: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "mqstore_version": __version__,
@@ -90,6 +95,15 @@ def describe_copy(copy_dir: Path, source: dict[str, Any]) -> dict[str, Any]:
         "messages_active": counts["messages_active"],
         "data_bytes": data_file.stat().st_size,
     }
+    if signing is not None:
+        # Which key signed the audit checkpoints (the key is not in the backup: it must be copied
+        # beside the restored store for ``audit verify``), and its public key when it is known here.
+        data_dir = source.get("data_dir")
+        if data_dir:
+            found, public = _signing_key_id(Path(data_dir) / AUDIT_KEY_FILE)
+            if found == signing["key_id"] and public is not None:
+                signing["public_key"] = public
+        header["audit_signing_key"] = {**signing, "file": AUDIT_KEY_FILE}
     if raft is not None:
         header["source"].setdefault("node_id", raft.node_id)
         header["source"].setdefault("cluster_id", raft.cluster_id)
@@ -97,6 +111,54 @@ def describe_copy(copy_dir: Path, source: dict[str, Any]) -> dict[str, Any]:
     else:
         header["source"].setdefault("kind", "store")
     return header
+
+
+#: The file an embedded store (and, unless its config names another, a node) keeps its audit
+#: signing key in, inside its data directory (see :class:`mqstore.api.Store`).
+AUDIT_KEY_FILE = "audit-signing.key"
+
+
+def audit_key_facts(env: Environment) -> dict[str, Any] | None:
+    """Which key signed the store's audit checkpoints: ``{"checkpoints": n, "key_id": ...}`` (the
+    latest checkpoint's key id: the first 16 bytes of SHA-256 of the Ed25519 public key, hex), or
+    None when no checkpoint is signed. The key itself is never in the store (nor in a backup)."""
+    from mqstore.compliance import audit
+
+    if b"audit_ckpt" not in env.dbs:
+        return None
+    with env.read() as txn:
+        count = int(txn.stat(env.dbs[b"audit_ckpt"])["entries"])
+        try:
+            latest = audit.latest_checkpoint(LmdbKV(txn, env.dbs)) if count else None
+        except Corruption:
+            latest = None  # verify reports it
+    if latest is None or not latest.key_id:
+        return None
+    return {"checkpoints": count, "key_id": latest.key_id}
+
+
+def _signing_key_id(path: Path) -> tuple[str | None, str | None]:
+    """(key id, public key hex) of the audit signing key file ``path``; (None, None) when it
+    cannot be read (missing, refused for its permissions, not a signing key)."""
+    from mqstore.compliance.signing import key_id, public_key_hex, read_signing_key
+    from mqstore.errors import MQStoreError
+
+    try:
+        key = read_signing_key(path)
+    except (MQStoreError, OSError):
+        return None, None
+    return key_id(key), public_key_hex(key)
+
+
+def signing_key_status(env: Environment, key_file: Path) -> dict[str, Any] | None:
+    """What the restored store in ``env`` needs to verify its audit log: the signing key with the
+    key id of its checkpoints, in ``key_file``. None when no checkpoint is signed (a new key does)."""
+    facts = audit_key_facts(env)
+    if facts is None:
+        return None
+    have, _ = _signing_key_id(key_file)
+    return {**facts, "file": str(key_file), "present": os.path.lexists(key_file),
+            "matches": None if have is None else have == facts["key_id"]}
 
 
 def backup_bytes(data_file: Path, header: dict[str, Any], progress: ProgressFn | None = None) -> Iterator[bytes]:
@@ -273,9 +335,16 @@ def restore(
     *,
     node: bool = False,
     finish: Callable[[Path], None] | None = None,
+    signing_key_file: Path | None = None,
 ) -> dict[str, Any]:
     """Restore ``backup`` into the new store directory ``data_dir`` (it must hold no store).
-    Returns ``{"header": the backup's header, "log": what was done to the node's log or None}``.
+    Returns ``{"header": the backup's header, "log": what was done to the node's log or None,
+    "audit_signing_key": what the restored store needs to verify its audit log, or None}``.
+
+    A backup holds no key, the audit signing key neither: when the store's audit checkpoints are
+    signed, the key that signed them must be copied to ``signing_key_file`` (default
+    ``data_dir/audit-signing.key``, where an embedded store looks for it) for ``audit verify``;
+    the result says which key (its id), whether that file is there, and whether it is that key.
 
     The restored store is no cluster member: the node identity of a node's backup is removed (a
     restored copy started as its old node would hold less than that node acknowledged), and the
@@ -316,9 +385,10 @@ def restore(
                 txn.delete(META_NODE_ID, db=meta)
                 txn.delete(META_CLUSTER_ID, db=meta)
                 txn.put(META_RESTORED_FROM, json.dumps(header, sort_keys=True).encode(), db=meta)
+            signing = signing_key_status(env, signing_key_file or data_dir / AUDIT_KEY_FILE)
         if finish is not None:
             finish(work)
-    return {"header": header, "log": done}
+    return {"header": header, "log": done, "audit_signing_key": signing}
 
 
 #: Files of a store directory that are not its data (LMDB's lock file and mqstore's writer lock):
@@ -430,8 +500,10 @@ def _make_embedded(env: Environment) -> dict[str, Any] | None:
 
 
 __all__ = [
+    "AUDIT_KEY_FILE",
     "FORMAT_VERSION",
     "MAGIC",
+    "audit_key_facts",
     "backup_bytes",
     "backup_local",
     "check_file",
@@ -440,5 +512,6 @@ __all__ = [
     "read_backup",
     "read_header",
     "restore",
+    "signing_key_status",
     "write_file",
 ]
