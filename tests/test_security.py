@@ -80,7 +80,8 @@ class Node:
 
     def denials(self) -> list[dict[str, Any]]:
         """The node's audit records of refused calls, oldest first."""
-        return self.server.queue.audit_query(where={"outcome": "denied"})
+        records: list[dict[str, Any]] = self.server.queue.audit_query(where={"outcome": "denied"})
+        return records
 
     def stats(self) -> dict[str, Any]:
         with self.client("admin") as c:
@@ -132,11 +133,15 @@ def test_expired_certificate_is_refused(node: Node) -> None:
         c.stats()
 
 
+#: ``from`` is a Python keyword: Raft messages take it as a keyword argument this way.
+_FROM_NODE_2: dict[str, Any] = {"from": 2}
+
+
 def test_client_certificate_cannot_speak_raft(node: Node) -> None:
     pair = node.certs["admin"]
     creds = grpc.ssl_channel_credentials(node.pki.ca_pem.read_bytes(), pair.key.read_bytes(), pair.cert.read_bytes())
     channel = grpc.secure_channel(node.address, creds)
-    msg = raft_pb2.RaftMessage(to=1, cluster_id="test", **{"from": 2})
+    msg = raft_pb2.RaftMessage(to=1, cluster_id="test", **_FROM_NODE_2)
     with pytest.raises(grpc.RpcError) as err:
         raft_pb2_grpc.RaftStub(channel).Send(iter([msg]), timeout=5)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -149,12 +154,12 @@ def test_a_node_certificate_must_name_the_sender(node: Node) -> None:
     creds = grpc.ssl_channel_credentials(node.pki.ca_pem.read_bytes(), pair.key.read_bytes(), pair.cert.read_bytes())
     channel = grpc.secure_channel(node.address, creds)
     before = node.server.node.raw.term
-    msg = raft_pb2.RaftMessage(to=1, cluster_id="test", term=before + 5, type=1, **{"from": 2})  # claims node 2
+    msg = raft_pb2.RaftMessage(to=1, cluster_id="test", term=before + 5, type=1, **_FROM_NODE_2)  # claims node 2
     with pytest.raises(grpc.RpcError) as err:
         raft_pb2_grpc.RaftStub(channel).Send(iter([msg]), timeout=5)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "names node 3" in (err.value.details() or "")
-    chunk = raft_pb2.SnapshotChunk(cluster_id="test", to=1, **{"from": 2})
+    chunk = raft_pb2.SnapshotChunk(cluster_id="test", to=1, **_FROM_NODE_2)
     with pytest.raises(grpc.RpcError) as err:
         raft_pb2_grpc.RaftStub(channel).InstallSnapshot(iter([chunk]), timeout=5)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -403,7 +408,7 @@ def test_current_actor_is_set_while_the_queue_runs(node: Node) -> None:
         seen.append(auth.current_actor.get())
         return original(*args, **kwargs)
 
-    queue.stats = spy  # type: ignore[method-assign]
+    queue.stats = spy
     try:
         with node.client(token="admin") as c:
             c.stats()
@@ -430,6 +435,7 @@ def test_tls_cluster_replicates_and_refuses_a_wrong_node_identity(tmp_path: Path
             "peers": [{"id": j, "site": sites[j], "address": f"127.0.0.1:{ports[j]}"} for j in (1, 2, 3) if j != i],
         })
         if i == 3:  # node 3 presents node 9's certificate (config validation would refuse it)
+            assert cfg.tls is not None
             cfg = dataclasses.replace(cfg, tls=dataclasses.replace(cfg.tls, cert=impostor.cert, key=impostor.key))
         configs[i] = cfg
     from mqstore.server import NodeServer
@@ -541,8 +547,8 @@ def test_certs_tokens_and_config_check_commands(tmp_path: Path) -> None:
                      "--namespaces", "default,bulk", "--json")
     assert code == 0
     ident = identity_from_pem(Path(json.loads(out)["cert"]).read_bytes())
-    assert ident is not None and ident.name == "mta-1" and ident.roles == {"producer"}
-    assert ident.namespaces == {"default", "bulk"}
+    assert ident is not None and ident.name == "mta-1" and ident.roles == frozenset({"producer"})
+    assert ident.namespaces == frozenset({"default", "bulk"})
     assert _cli("certs", "issue", "client", "--dir", str(d), "--name", "x", "--roles", "root")[0] == 2
 
     tokens = tmp_path / "tokens.json"
