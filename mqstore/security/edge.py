@@ -25,9 +25,10 @@ For a client call, in this order (cheapest first; nothing is written before the 
    Admin.Backup) counts as one of its client's streams, and a node runs at most
    STORE_COPIES_MAX calls that copy its whole store at once.
 
-An open EnqueueStream is authenticated again on a frame at least once a second: a token removed
-from the tokens file ends the streams it opened (UNAUTHENTICATED, audited) within about two
-seconds, as it refuses new calls.
+An open EnqueueStream is authenticated again on its next frame once a second has passed since the
+last check: a token removed from the tokens file (nodes re-read it within a second) ends the
+streams it opened, UNAUTHENTICATED and audited, as it refuses new calls; frames after that are
+not stored.
 
 Refusals carry ``mqstore-error`` trailing metadata (so :class:`mqstore.client.Client` raises the
 embedded API's exception), are counted in the metrics, and denials (2 and 7) are passed to the
@@ -670,7 +671,6 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 yield frame
         except _Refused as refused:
             failure.append(refused)
-
 
     def _reauthenticate(self, method: str, metadata: Any, context: grpc.ServicerContext) -> Actor:
         """The actor of an open stream's credentials now (its roles may have changed); a token
