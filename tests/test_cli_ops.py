@@ -5,6 +5,7 @@ parsed, its exit codes (0 ok, 1 a problem found, 2 an error)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -310,6 +311,27 @@ def test_rebuild_refuses_a_compacted_log(fresh: tuple[Path, Path, dict[str, list
     assert report["clean"] and not report["replayed"] and "compacted" in report["replay_note"]
     error = fails("repair", *target, "--rebuild-state")
     assert error["error"] == "InvalidArgument" and "restore a backup" in error["message"].lower()
+
+
+@pytest.mark.parametrize("damage", ["meta pages zeroed", "cut short"])
+def test_a_damaged_data_file_is_a_corruption_error_naming_it(
+    fresh: tuple[Path, Path, dict[str, list[str]]], tmp_path: Path, damage: str
+) -> None:
+    path, key, _made = fresh
+    data = path / "data.mdb"
+    if damage == "meta pages zeroed":
+        with data.open("r+b") as f:
+            f.write(bytes(8192))
+    else:
+        os.truncate(data, data.stat().st_size // 2)
+    target = ("--data-dir", str(path), "--key-file", str(key))
+    for args in (("verify", *target), ("status", "--data-dir", str(path)), ("queue", "list", *target),
+                 ("backup", "--data-dir", str(path), "--out", str(tmp_path / "b.mqbak")), ("repair", *target)):
+        error = fails(*args)  # exit 2 and one JSON document, not a traceback or a SIGBUS
+        assert error["error"] == "Corruption" and str(data) in error["message"], (args, error)
+        human = run(*args)
+        assert human.returncode == 2 and human.stderr.startswith(f"mqstore: error: {data}"), (args, human.stderr)
+    assert not (tmp_path / "b.mqbak").exists()
 
 
 def test_backup_and_restore_offline(fresh: tuple[Path, Path, dict[str, list[str]]], tmp_path: Path) -> None:

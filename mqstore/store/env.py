@@ -22,6 +22,11 @@ Environment flags, set explicitly (never left to library defaults):
     ``flock``) keeps a second process from opening the same store for writing.
 
 ``reader_check()`` runs at open to clear reader slots left by crashed processes.
+
+Before LMDB maps the data file, its two meta pages are read here (:func:`check_data_file`): a
+file shorter than the pages its newest meta page says are in use would be mapped anyway, and the
+first read past its end kills the process with SIGBUS. Such a file, and one LMDB refuses (meta
+pages damaged, not an LMDB file), is :class:`~mqstore.errors.Corruption` naming the file.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +44,7 @@ import lmdb
 
 from mqstore import limits
 from mqstore._proc import fork_generation
-from mqstore.errors import InvalidArgument, StoreClosed, StoreLocked
+from mqstore.errors import Corruption, InvalidArgument, MQStoreError, StoreClosed, StoreLocked
 
 #: Named databases of a store (see ../shared/DESIGN.md "Storage").
 DATABASES = (
@@ -70,6 +76,70 @@ DATABASES = (
 )
 MAX_DBS = 32
 LOCK_FILE = "mqstore.lock"
+
+
+DATA_FILE = "data.mdb"
+
+# LMDB's meta pages (lmdb.h / mdb.c of LMDB 0.9, the format py-lmdb bundles), in the machine's
+# byte order: pages 0 and 1 each hold a page header (``mp_pgno``: a word; ``mp_pad``,
+# ``mp_flags``, ``mp_lower``, ``mp_upper``: 16 bits each), then ``MDB_meta``: ``mm_magic`` (u32),
+# ``mm_version`` (u32), ``mm_address`` and ``mm_mapsize`` (words), ``mm_dbs[2]`` (``MDB_db``:
+# ``md_pad`` (u32, in the first one the page size), ``md_flags`` and ``md_depth`` (u16), then five
+# words), ``mm_last_pg`` (the last page in use) and ``mm_txnid`` (words). The meta page with the
+# higher transaction id is the current one.
+_WORD = struct.calcsize("P")
+_WORD_FMT = "Q" if _WORD == 8 else "I"
+_PAGE_HEADER = _WORD + 8
+_META_HEAD = struct.Struct("=II")  # mm_magic, mm_version
+_PSIZE_AT = _PAGE_HEADER + 8 + 2 * _WORD
+_LAST_PG_AT = _PAGE_HEADER + 8 + 2 * _WORD + 2 * (8 + 5 * _WORD)
+_LAST_PG_TXNID = struct.Struct("=" + 2 * _WORD_FMT)
+_META_BYTES = _LAST_PG_AT + _LAST_PG_TXNID.size
+MDB_MAGIC = 0xBEEFC0DE
+MDB_DATA_VERSION = 1
+#: LMDB errors that say the file is damaged (others, e.g. a permission denied, are not).
+_DAMAGE = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError, lmdb.PageNotFoundError,
+           lmdb.PanicError, lmdb.BadChecksumError, lmdb.IncompatibleError)
+
+
+def _meta(page: bytes) -> tuple[int, int, int] | None:
+    """(page size, last page in use, transaction id) of a meta page; None if it is not one."""
+    if len(page) < _META_BYTES:
+        return None
+    magic, version = _META_HEAD.unpack_from(page, _PAGE_HEADER)
+    if magic != MDB_MAGIC or version != MDB_DATA_VERSION:
+        return None
+    (psize,) = struct.unpack_from("=I", page, _PSIZE_AT)
+    last_pg, txnid = _LAST_PG_TXNID.unpack_from(page, _LAST_PG_AT)
+    return int(psize), int(last_pg), int(txnid)
+
+
+def check_data_file(data_file: Path) -> None:
+    """Corruption when ``data_file`` is shorter than its current meta page says it is (the pages
+    up to ``mm_last_pg`` are in use: mapping it would end in SIGBUS). A file whose meta pages are
+    not LMDB's is left to LMDB to refuse; a missing or empty one is a new store."""
+    try:
+        with open(data_file, "rb") as f:
+            first = _meta(f.read(_META_BYTES))
+            if first is None:
+                return
+            psize = first[0]
+            if psize < 512 or psize > 1 << 16 or psize & (psize - 1):
+                return  # not a page size: LMDB refuses the file
+            f.seek(psize)
+            metas = [first, *filter(None, [_meta(f.read(_META_BYTES))])]
+            # The size after the meta pages: a writer (beside this reader) extends the file before
+            # it writes a meta page naming the new pages.
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return
+    _, last_pg, _ = max(metas, key=lambda m: m[2])
+    need = (last_pg + 1) * psize
+    if size < need:
+        raise Corruption(
+            f"{data_file} is cut short: {size} bytes, but its database uses {last_pg + 1} pages of {psize} bytes "
+            f"({need} bytes); restore it from a backup (or rebuild a cluster node with mqstore recover)"
+        )
 
 
 class _ReadGate:
@@ -154,6 +224,16 @@ class Environment:
             raise
 
     def _open_lmdb(self) -> None:
+        data_file = self.path / DATA_FILE
+        check_data_file(data_file)
+        try:
+            self._open_env()
+        except _DAMAGE as exc:
+            raise Corruption(f"{data_file} is damaged: LMDB cannot open it ({exc})") from None
+        except lmdb.Error as exc:
+            raise MQStoreError(f"cannot open store {self.path}: {exc}") from None
+
+    def _open_env(self) -> None:
         # A store that already has a bigger map keeps it: LMDB adopts the larger size on open.
         self.env = lmdb.open(
             str(self.path),
@@ -284,4 +364,4 @@ class Environment:
             self._release_lock()
 
 
-__all__ = ["DATABASES", "LOCK_FILE", "Environment"]
+__all__ = ["DATABASES", "DATA_FILE", "LOCK_FILE", "Environment", "check_data_file"]
