@@ -265,7 +265,9 @@ def _corrupt(path: Path, index: int) -> None:
     try:
         db = env.open_db(b"log", create=False)
         with env.begin(write=True) as txn:
-            raw = bytearray(txn.get(index.to_bytes(8, "big"), db=db))
+            stored = txn.get(index.to_bytes(8, "big"), db=db)
+            assert stored is not None
+            raw = bytearray(stored)
             raw[-1] ^= 0x40
             txn.put(index.to_bytes(8, "big"), bytes(raw), db=db)
     finally:
