@@ -959,9 +959,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
         emit(args, entry, [
             f"node {entry['node_id']} is now the only voter of cluster {entry['cluster_id']!r} "
             f"(term {entry['term']}, applied {entry['applied_index']})",
-            f"removed for good: {', '.join(map(str, entry['removed_ids'])) or 'none'}"
-            + (f"; log cut from index {entry['log_cut_from']} (an unapplied membership change)"
-               if entry["log_cut_from"] else ""),
+            f"removed for good: {', '.join(map(str, entry['removed_ids'])) or 'none'}",
+            *([f"unapplied membership change(s) at log index {', '.join(map(str, entry['config_replaced']))} "
+               "replaced by no-op entries; every other entry of the log is kept"] if entry["config_replaced"] else []),
             f"recorded in the store and in {Path(conf.data_dir) / recover.RECOVERY_FILE}",
             f"next: start it (mqstore serve --config {args.config}), then add new nodes with mqstore recover",
         ])

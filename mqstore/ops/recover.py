@@ -10,11 +10,12 @@ rules are checked by the leader at each step.
 Losing a majority (``--force-new-cluster``). With a majority of voters gone for good no entry can
 commit, and nothing in mqstore will ever decide on its own to continue without them. An operator
 may: on one stopped survivor, the membership is rewritten to that node alone (every other member
-is recorded as removed), any configuration change it had not applied is cut from its log, a fresh
-snapshot is taken, and the action is recorded in the store (``ops.recovery_log`` in ``meta``,
-shown by ``mqstore status``) and in ``RECOVERY.log`` beside the data. Entries the lost majority
-committed but this survivor never received are lost: choose the survivor with the highest
-last index (``mqstore status --data-dir``). Then start it and add new nodes with ``recover``.
+is recorded as removed), any configuration change it had not applied is replaced by a no-op entry
+(everything else in its log is kept), a fresh snapshot is taken, and the action is recorded in
+the store (``ops.recovery_log`` in ``meta``, shown by ``mqstore status``) and in ``RECOVERY.log``
+beside the data. Entries the lost majority committed but this survivor never received are lost:
+choose the survivor with the highest last index (``mqstore status --data-dir``). Then start it
+and add new nodes with ``recover``.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import getpass
 import json
 import os
 import socket
+import struct
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mqstore import codec
 from mqstore.codec import RecordType
 from mqstore.config import NodeConfig
 from mqstore.consensus.raft import members_of, validate_conf
@@ -41,6 +44,7 @@ from mqstore.store import LogStore, WriteContext
 BOOTSTRAP_INDEX = 1
 SNAPSHOT_DIR = "snapshots"
 RECOVERY_FILE = "RECOVERY.log"
+_U64 = struct.Struct(">Q")  # a log record's key: its index
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -78,8 +82,9 @@ def reseed(
 
     Entries in the log after the applied index will commit once the node leads: a survivor keeps
     them (``keep_unapplied``: they may be acknowledged writes), a restored backup is cut back to its
-    applied index (the point the backup describes). A configuration change after the applied
-    index is always cut."""
+    applied index (the point the backup describes). A configuration change a survivor had not
+    applied must not take effect after the rewrite: each one is replaced by a no-op entry of the
+    same index and term (``config_replaced``), and the entries around it are kept."""
     from mqstore.node.raftlog import LmdbRaftStorage
     from mqstore.node.replica import MemberInfo
 
@@ -103,14 +108,12 @@ def reseed(
             raise InvalidArgument(f"node id {me} was removed from this cluster: node ids are never reused")
         new_conf = ConfState(voters=frozenset({me}), sites=((me, config.site),), min_sites=1)
         validate_conf(new_conf)
-        # A configuration change this node had not applied must not come back after the rewrite.
-        cut_from = None
-        if not keep_unapplied and applied < log.last_index:
-            cut_from = applied + 1
-        for record in log.iter_records(applied + 1) if applied < log.last_index and cut_from is None else ():
-            if record.type == RecordType.CONFIG:
-                cut_from = record.index
-                break
+        cut_from = applied + 1 if not keep_unapplied and applied < log.last_index else None
+        # A configuration change this node had not applied must not come back after the rewrite:
+        # it becomes a no-op (same index and term, so the log stays the same length and every
+        # entry after it, maybe an acknowledged write, keeps its place).
+        replaced = [(record.index, record.term) for record in log.iter_records(applied + 1)
+                    if record.type == RecordType.CONFIG] if applied < log.last_index and cut_from is None else []
         new_last = (cut_from - 1) if cut_from is not None else log.last_index
         commit = max(applied, min(hard.commit, new_last))
         removed = sorted(old_members - {me})
@@ -131,11 +134,15 @@ def reseed(
             "commit_index_before": hard.commit,
             "last_index_before": log.last_index,
             "log_cut_from": cut_from,
+            "config_replaced": [index for index, _ in replaced],
         }
 
         def fn(ctx: WriteContext) -> None:
             if cut_from is not None:
                 ctx.truncate_suffix(cut_from)
+            for index, term in replaced:
+                noop = codec.encode_record(RecordType.NOOP, 0, term, index, 0, 0, b"")
+                ctx.txn.put(_U64.pack(index), noop, db=ctx.dbs[b"log"])
             ctx.put(b"meta", b"node.id", me.to_bytes(8, "big"))
             ctx.put(b"meta", b"cluster.id", cluster_id.encode())
             storage.set_conf_state(ctx, new_conf)
