@@ -304,6 +304,23 @@ def test_verify_names_problems_and_repair_rebuilds_state(fresh: tuple[Path, Path
     assert ok("status", "--data-dir", str(path))["quarantined"] == 1
 
 
+def test_repair_dry_run_writes_nothing_and_works_beside_a_running_store(
+    fresh: tuple[Path, Path, dict[str, list[str]]],
+) -> None:
+    path, key, _made = fresh
+    target = ("--data-dir", str(path), "--key-file", str(key))
+    _corrupt(path, 3)
+    data = (path / "data.mdb").read_bytes()
+    report = ok("repair", *target, "--dry-run", "--rebuild-state", code=1)
+    assert report["dry_run"] and report["unresolved"] == [3] and report["rebuild_state"]["possible"] is True
+    assert (path / "data.mdb").read_bytes() == data
+    assert ok("status", "--data-dir", str(path))["quarantined"] == 0
+    with mqstore.open(path, key_file=key, background=False):  # the store in use by its application
+        beside = ok("repair", *target, "--dry-run", code=1)
+        assert beside["unresolved"] == [3]
+        assert fails("repair", *target)["error"] == "StoreLocked"  # a real repair needs the writer lock
+
+
 def test_rebuild_refuses_a_compacted_log(fresh: tuple[Path, Path, dict[str, list[str]]]) -> None:
     path, key, _made = fresh
     with mqstore.open(path, key_file=key, background=False) as store:

@@ -733,7 +733,9 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
     path = _data_dir(args)
     report = {}
-    with LogStore(path, key_file=_key_file(args), create=False) as log:
+    # A dry run changes nothing: read-only (no writer lock, no quarantine list update), so it also
+    # works beside a running store.
+    with LogStore(path, key_file=_key_file(args), readonly=args.dry_run, create=False) as log:
         damaged = repair.find_damaged(log, indices, scan=not args.no_scan)
         report = {"damaged": 0, "repaired": 0, "unresolved": [], "records": [], "notes": []}
         if damaged:
