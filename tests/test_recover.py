@@ -5,6 +5,9 @@ a membership change it had not applied."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,10 +18,11 @@ from mqstore.client import Client
 from mqstore.codec import RecordType
 from mqstore.consensus.raft import encode_conf_change
 from mqstore.consensus.types import ConfChange, ConfChangeItem, ConfChangeType, HardState
+from mqstore.errors import Unavailable
 from mqstore.ids import format_id
 from mqstore.node.raftlog import LmdbRaftStorage
 from mqstore.store import LogStore, NewMessage
-from mqstore.testing.cluster import LocalCluster
+from mqstore.testing.cluster import LocalCluster, wait_until
 
 RAW = b"Subject: x\r\n\r\nbody\r\n"
 
@@ -90,3 +94,122 @@ def test_force_new_cluster_keeps_committed_writes_after_an_unapplied_membership_
         assert client.get(format_id(acked.message_id)).recipients[0].address == "acked@d.example"
     st = ok(c, "status", "--server", c.nodes[1].address)
     assert [m["id"] for m in st["members"]] == [1]
+
+
+def test_recover_waits_for_a_leader_instead_of_giving_up(tmp_path: Path) -> None:
+    """The leader dies and the cluster has no majority when ``recover`` starts (an election that
+    cannot end yet): recover says what it waits for and goes on once a leader is elected, in one
+    run."""
+    c = LocalCluster(tmp_path, ["a", "b", "c"], cluster_id="c1")
+    try:
+        c.bootstrap()
+        c.start_all()
+        lost = c.wait_for_leader()
+        other = next(n for n in c.nodes if n != lost)
+        with Client(c.addresses(), timeout=15) as client:
+            client.enqueue_many([{"mail_from": "a@example.org", "recipients": [f"r{i}@d.example"], "data": RAW}
+                                 for i in range(5)])
+        c.wait_converged()
+        c.kill(lost)
+        c.kill(other)  # and one more: no majority, no leader until it is back
+        new = c.add_node(c.nodes[lost].site)
+        alive = [n for n in c.nodes if c.alive(n)]
+        recover = subprocess.Popen(
+            [sys.executable, "-m", "mqstore", "recover", "--config", str(c.config_path(new)), "--server",
+             ",".join(c.nodes[n].address for n in [*alive, other]), "--replace", str(lost), "--wait", "60",
+             "--timeout", "3"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=c.env)
+        try:
+            time.sleep(3)
+            assert recover.poll() is None, recover.communicate()
+            c.start(other)  # a majority again: a leader is elected
+
+            def added() -> bool:
+                st = c.status(other, timeout=1.0)
+                return st is not None and any(m["id"] == new for m in st["members"])
+
+            assert wait_until(added, 60), recover.communicate()
+            c.start(new)
+            out, err = recover.communicate(timeout=120)
+        finally:
+            if recover.poll() is None:
+                recover.kill()
+                recover.communicate()
+        assert recover.returncode == 0, out + err
+        assert "waiting: a leader, for the cluster's leader" in err, err
+        assert f"node {new} is a voter of cluster 'c1'" in out
+        st = ok(c, "status", "--server", c.servers())
+        assert sorted(m["id"] for m in st["members"]) == sorted([*alive, other, new]) and lost in st["removed_ids"]
+    except BaseException:
+        print(c.log_tails())
+        raise
+    finally:
+        c.close()
+
+
+class _FakeCluster:
+    """What ``recover`` sees of a cluster through ``mqstore.ops.remote``: the leader's status (or
+    no leader) and membership changes, scripted."""
+
+    def __init__(self, members: list[dict[str, Any]]) -> None:
+        self.members = members
+        self.no_leader_for = 0  # status calls that find no leader
+        self.proposals: list[tuple[str, int]] = []
+        self.on_propose: list[Exception | None] = []  # per proposal: raise this (after it took effect)
+        self.refuse: Exception | None = None  # raise this instead of making the change
+
+    def leader_status(self, client: Any, first: Any = None) -> dict[str, Any]:
+        if self.no_leader_for:
+            self.no_leader_for -= 1
+            raise Unavailable("node 2 knows no leader right now (role follower, term 3)")
+        return {"node_id": 1, "term": 2, "role": "leader", "cluster_id": "c1", "removed_ids": [],
+                "commit_index": 10, "members": [dict(m) for m in self.members]}
+
+    def change_membership(self, client: Any, op: str, node_id: int, site: str = "", address: str = "") -> list[Any]:
+        self.proposals.append((op, node_id))
+        if self.refuse is not None:
+            raise self.refuse
+        if op == "add":
+            self.members.append({"id": node_id, "site": site, "address": address, "voter": False, "match_index": 10})
+        elif op == "promote":
+            next(m for m in self.members if m["id"] == node_id)["voter"] = True
+        else:
+            self.members = [m for m in self.members if m["id"] != node_id]
+        error = self.on_propose.pop(0) if self.on_propose else None
+        if error is not None:
+            raise error
+        return self.members
+
+
+def test_each_membership_step_retries_and_counts_a_change_made_by_a_failed_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mqstore.config import parse
+    from mqstore.errors import MQStoreError
+    from mqstore.ops import recover, remote
+
+    fake = _FakeCluster([{"id": n, "site": s, "address": f"127.0.0.1:{n}", "voter": True, "match_index": 10}
+                         for n, s in ((1, "a"), (2, "b"), (3, "c"))])
+    monkeypatch.setattr(remote, "leader_status", fake.leader_status)
+    monkeypatch.setattr(remote, "change_membership", fake.change_membership)
+    monkeypatch.setattr(recover, "_POLL_S", 0.01, raising=False)
+    monkeypatch.setattr(recover, "REFUSED_CHANGE_SHOWS_WITHIN_S", 0.1, raising=False)
+    monkeypatch.setattr("mqstore.node.runtime.prepare_join", lambda config, cluster_id: None)
+    config = parse({"node_id": 4, "site": "c", "listen": "127.0.0.1:4", "data_dir": str(tmp_path / "n4"),
+                    "insecure": True, "peers": [{"id": 1, "site": "a", "address": "127.0.0.1:1"}]})
+    said: list[str] = []
+    fake.no_leader_for = 3  # an election when recover starts
+    fake.on_propose = [
+        Unavailable("the leader died before answering"),  # add: it committed all the same
+        MQStoreError("node 4 is already a voter"),  # promote: the client's retry of a call that committed
+        None,  # remove
+    ]
+    result = recover.replace_node(object(), config, replace=3, wait_s=5, say=said.append)
+    assert fake.proposals == [("add", 4), ("promote", 4), ("remove", 3)]  # each once: none made twice
+    assert sorted(m["id"] for m in result["members"]) == [1, 2, 4]
+    assert any(s.startswith("waiting: a leader, for the cluster's leader (node 2 knows no leader") for s in said), said
+    # A change refused for what it is (not made) is an error, not a wait.
+    fake.refuse = MQStoreError("removing node 2 would leave fewer than 2 sites")
+    with pytest.raises(MQStoreError, match="fewer than 2 sites"):
+        recover._Waiter(object(), 5, said.append).change("remove", 2, lambda m: m is None)
+    assert fake.proposals[-1] == ("remove", 2) and 2 in [m["id"] for m in fake.members]

@@ -36,7 +36,7 @@ from mqstore.codec import RecordType
 from mqstore.config import NodeConfig
 from mqstore.consensus.raft import members_of, validate_conf
 from mqstore.consensus.types import ConfState, HardState, SnapshotMeta
-from mqstore.errors import InvalidArgument, MQStoreError, NotFound
+from mqstore.errors import InvalidArgument, MQStoreError, NotFound, NotLeader, Overloaded, Unavailable
 from mqstore.ops import facts
 from mqstore.ops.facts import META_RECOVERY_LOG, META_RESTORED_FROM
 from mqstore.store import LogStore, WriteContext
@@ -209,14 +209,20 @@ def replace_node(
 ) -> dict[str, Any]:
     """Prepare ``config``'s data dir (if empty) as a new member, add it as a learner, wait until it
     runs and caught up, promote it, then remove ``replace``. Each step is idempotent, so running
-    the command again after an interruption continues where it stopped."""
+    the command again after an interruption continues where it stopped.
+
+    The cluster may be electing a leader at any point (the leader just died, say): every step
+    waits for one (up to ``wait_s`` each, saying what it waits for), and a membership change an
+    election lost is proposed again. A change counts as made when the leader's membership shows
+    it, so a change that committed although its call failed (or whose retry was refused as
+    already made) is not an error."""
     from mqstore.node.runtime import prepare_join
     from mqstore.ops import remote
 
-    lead = remote.leader_status(client)
+    waiter = _Waiter(client, wait_s, say)
+    lead = waiter.leader("the cluster's leader")
     cluster_id = lead["cluster_id"]
     me = config.node_id
-    members = {m["id"]: m for m in lead["members"]}
     if me in lead["removed_ids"]:
         raise InvalidArgument(f"node id {me} was removed from this cluster: node ids are never reused, pick a new one")
     if replace is not None and replace == me:
@@ -233,8 +239,7 @@ def replace_node(
         if raft is None or raft.node_id != me or raft.cluster_id != cluster_id:
             raise InvalidArgument(f"{path} already holds a store that is not node {me} of cluster {cluster_id!r}: "
                                   "a replacement starts from an empty data dir")
-    if me not in members:
-        remote.change_membership(client, "add", me, config.site, config.address)
+    if waiter.change("add", me, lambda m: m is not None, site=config.site, address=config.address):
         steps.append(f"added node {me} (site {config.site}, {config.address}) as a learner")
         say(steps[-1])
     say(f"waiting for node {me} to run and catch up: start it now (mqstore serve --config <its config>)")
@@ -245,42 +250,129 @@ def replace_node(
     remote.wait_member(client, me, caught_up, wait_s, progress, "catching up")
     steps.append(f"node {me} caught up with the leader")
     say(steps[-1])
-
-    def voter(member: dict[str, Any] | None, lead: dict[str, Any]) -> bool:
-        return member is not None and bool(member["voter"])
-
-    lead = remote.leader_status(client)
-    if not next((m["voter"] for m in lead["members"] if m["id"] == me), False):
-        _retry(lambda: remote.change_membership(client, "promote", me), wait_s)
-    remote.wait_member(client, me, voter, wait_s, None, "promotion")
+    waiter.change("promote", me, lambda m: m is not None and bool(m["voter"]))
     steps.append(f"node {me} promoted to voter")
     say(steps[-1])
     if replace is not None:
-        lead = remote.leader_status(client)
-        if any(m["id"] == replace for m in lead["members"]):
-            _retry(lambda: remote.change_membership(client, "remove", replace), wait_s)
-            remote.wait_member(client, replace, lambda member, _lead: member is None, wait_s, None, "removal")
+        if waiter.change("remove", replace, lambda m: m is None):
             steps.append(f"removed node {replace} (its id is never reused)")
         else:
             steps.append(f"node {replace} was not a member any more")
         say(steps[-1])
-    final = remote.leader_status(client)
+    final = waiter.leader("the final membership")
     return {"node_id": me, "cluster_id": cluster_id, "replaced": replace, "steps": steps,
             "members": final["members"]}
 
 
-def _retry(fn: Callable[[], object], wait_s: float) -> None:
-    """Membership changes are refused while another one is being applied: retry for a while."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            fn()
-            return
-        except MQStoreError as exc:
-            transient = "not applied yet" in str(exc) or "has not committed" in str(exc)
-            if not transient or time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+#: How long a proposed membership change may take to show in the leader's membership before it is
+#: proposed again (an election can drop a proposal without an error reaching the caller).
+CHANGE_SHOWS_WITHIN_S = 10.0
+#: How long the leader's membership is watched for a change its call was refused as made already.
+REFUSED_CHANGE_SHOWS_WITHIN_S = 2.0
+_POLL_S = 0.2
+
+
+def _transient(exc: MQStoreError) -> bool:
+    """Whether ``exc`` says "not now" (no leader, an election, a change still being applied)
+    rather than anything about the request."""
+    text = str(exc)
+    return (isinstance(exc, Unavailable | NotLeader | Overloaded) or "not applied yet" in text
+            or "has not committed" in text)
+
+
+class _Waiter:
+    """The leader lookups and membership changes of :func:`replace_node`, each retried while the
+    cluster cannot answer (no leader, an election, another change being applied), for up to
+    ``wait_s``; ``say`` tells the operator what it waits for (once per new reason)."""
+
+    def __init__(self, client: Any, wait_s: float, say: Callable[[str], None]) -> None:
+        self.client = client
+        self.wait_s = wait_s
+        self.say = say
+        self._said = ""
+
+    def _waiting(self, text: str) -> None:
+        if text != self._said:
+            self._said = text
+            self.say(f"waiting: {text}")
+
+    def leader(self, what: str, deadline: float | None = None) -> dict[str, Any]:
+        """The leader's status; while there is none (or it cannot be reached), wait for one."""
+        from mqstore.ops import remote
+
+        deadline = deadline if deadline is not None else time.monotonic() + self.wait_s
+        while True:
+            try:
+                return remote.leader_status(self.client)
+            except MQStoreError as exc:
+                if not _transient(exc) or time.monotonic() > deadline:
+                    raise
+                self._waiting(f"a leader, for {what} ({exc})")
+            time.sleep(_POLL_S)
+
+    def change(
+        self, op: str, node_id: int, done: Callable[[dict[str, Any] | None], bool], site: str = "", address: str = ""
+    ) -> bool:
+        """Make membership change ``op`` of ``node_id`` take effect: ``done(member or None)`` on the
+        leader's membership. Returns False when it had taken effect already (nothing proposed)."""
+        from mqstore.ops import remote
+
+        what = f"{'adding' if op == 'add' else 'promoting' if op == 'promote' else 'removing'} node {node_id}"
+        deadline = time.monotonic() + self.wait_s
+        proposed = False
+        while True:
+            lead = self.leader(what, deadline)
+            if done(_member(lead, node_id)):
+                return proposed
+            try:
+                remote.change_membership(self.client, op, node_id, site, address)
+                proposed = True
+            except MQStoreError as exc:
+                if not _transient(exc):
+                    # Refused: maybe because it was made already (a retried call whose first
+                    # attempt committed: "already a member", "not a member"). What counts is the
+                    # membership the leader shows, once it applied what it committed.
+                    grace = time.monotonic() + REFUSED_CHANGE_SHOWS_WITHIN_S
+                    if self._shows(node_id, done, what, min(deadline, grace)):
+                        return True
+                    raise
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"{what}: gave up after {self.wait_s:.0f} s: {exc}") from None
+                self._waiting(f"{what} ({exc})")
+                time.sleep(_POLL_S)
+                continue
+            # Proposed: wait until it shows. An election may drop it; then it is proposed again.
+            if self._shows(node_id, done, what, min(deadline, time.monotonic() + CHANGE_SHOWS_WITHIN_S),
+                           leader=(lead["node_id"], lead["term"])):
+                return True
+            if time.monotonic() > deadline:
+                raise Unavailable(f"{what}: the change did not take effect within {self.wait_s:.0f} s")
+
+    def _shows(self, node_id: int, done: Callable[[dict[str, Any] | None], bool], what: str, until: float,
+               leader: tuple[int, int] | None = None) -> bool:
+        """Whether the leader's membership shows ``done`` before ``until`` (stops early, False,
+        when the leader that took a proposal is no longer the leader in that term)."""
+        from mqstore.ops import remote
+
+        while True:
+            try:
+                lead = remote.leader_status(self.client)
+            except MQStoreError as exc:
+                if not _transient(exc):
+                    raise
+                self._waiting(f"a leader, for {what} ({exc})")
+            else:
+                if done(_member(lead, node_id)):
+                    return True
+                if leader is not None and (lead["node_id"], lead["term"]) != leader:
+                    return False
+            if time.monotonic() > until:
+                return False
+            time.sleep(_POLL_S)
+
+
+def _member(lead: dict[str, Any], node_id: int) -> dict[str, Any] | None:
+    return next((m for m in lead["members"] if m["id"] == node_id), None)
 
 
 __all__ = ["RECOVERY_FILE", "force_new_cluster", "replace_node", "reseed"]
