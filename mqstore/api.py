@@ -782,7 +782,8 @@ class QueueBase:
             raise InvalidArgument("progress must be a callable(done, total)")
         key = public_key if public_key is not None else self.audit.log.public_key
         with self.log.env.read() as txn:
-            return audit_log.verify(LmdbKV(txn, self.log.env.dbs), key, trusted, progress)
+            return audit_log.verify(LmdbKV(txn, self.log.env.dbs), key, trusted, progress,
+                                    self.audit.log.checkpoint_every, self.audit.log.checkpoint_ms)
 
     def audit_checkpoint(self, *, actor: Actor | None = None) -> audit_log.Checkpoint | None:
         """Sign a checkpoint over every audit record so far (if any came since the last one) and

@@ -789,3 +789,50 @@ def test_append_costs_the_same_at_any_size() -> None:
     state = kv.get(TABLE_META, META_STATE)
     assert state is not None and len(state) == 65 + 32 * (1024).bit_count()
     assert verify(kv, SIGNER.public_key()).ok
+
+
+def _drop_checkpoints(kv: KV, keep: Callable[[int], bool] = lambda size: False) -> None:
+    """What an attacker covering a rewrite does: delete checkpoints and make meta agree."""
+    from mqstore.compliance.audit import _State
+
+    kept = [c for c in checkpoints(kv) if keep(c.size)]
+    for c in list(checkpoints(kv)):
+        if not keep(c.size):
+            kv.delete(TABLE_CHECKPOINTS, _U64.pack(c.size))
+    state = _State.load(kv)
+    first = records(kv, None, 1)[0]["time"]
+    state.ckpt_size, state.ckpt_time = (kept[-1].size, kept[-1].time) if kept else (0, first)
+    kv.put(TABLE_META, META_STATE, state.encode())
+
+
+def test_a_rewritten_log_without_its_checkpoints_is_caught() -> None:
+    """Record 6 rewritten (and the chain after it recomputed), every checkpoint deleted: the chain
+    and the head agree, but the checkpoints the writer must have written are missing."""
+    forged = forge(6, SIGNER)
+    _drop_checkpoints(forged.kv)
+    report = verify(forged.kv, SIGNER.public_key(), checkpoint_every=4, checkpoint_ms=10**9)
+    assert not report.ok and report.first_bad_checkpoint == 4 and report.checkpoints_checked == 0
+    assert report.problems[0] == ("checkpoint 4 is missing: one is written after record 4 (every 4 records); "
+                                  "checkpoints were deleted")
+    assert len(report.problems) == 3  # 4, 8, 12
+    # an honest log too short for a checkpoint has none, and needs none
+    short = MemoryBackend()
+    fill(short, 3)
+    assert verify(short.kv, SIGNER.public_key(), checkpoint_every=4, checkpoint_ms=10**9).ok
+
+
+def test_a_deleted_timed_checkpoint_is_caught_and_forced_ones_restart_the_timer() -> None:
+    kv = MemoryKV()
+    log = AuditLog(SIGNER, HMAC_KEY, checkpoint_every=10**6, checkpoint_ms=100)
+    for i in range(11):
+        log.append(kv, {"op": "x"}, 30 * i)  # timed checkpoints at 5 (120 ms) and 9 (240 ms)
+    assert log.checkpoint(kv, 320) is not None  # forced at 11: the next one is due 100 ms after it
+    for t in (330, 400, 419, 420, 430):
+        log.append(kv, {"op": "x"}, t)
+    assert [c.size for c in checkpoints(kv)] == [5, 9, 11, 15]
+    assert verify(kv, SIGNER.public_key(), checkpoint_every=10**6, checkpoint_ms=100).ok
+    _drop_checkpoints(kv, keep=lambda size: size != 9)
+    report = verify(kv, SIGNER.public_key(), checkpoint_every=10**6, checkpoint_ms=100)
+    assert report.problems == ["checkpoint 9 is missing: one is written after record 9 (0.1 s after the previous "
+                               "one); checkpoints were deleted"]
+    assert report.first_bad_checkpoint == 9

@@ -7,6 +7,7 @@ decryptable."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -864,3 +865,50 @@ def test_bad_audit_arguments_are_refused_clearly_and_tail_n_0_lists_every_record
         assert [r["seq"] for r in json.loads(out.stdout)] == list(range(1, head + 1))
     out = _cli("audit", "tail", "-n", "2", *common)
     assert [r["seq"] for r in json.loads(out.stdout)] == [head - 1, head]
+
+
+def test_audit_verify_catches_a_rewritten_log_whose_checkpoints_were_deleted(
+        qpath: Path, kek: Path, clock: Clock) -> None:
+    s = _open(qpath, kek, clock)
+    s.set_policy("finance", mode="compliance", retention_days=3650)
+    mid = _enqueue(s)
+    with pytest.raises(Immutable):
+        s.delete(mid, actor=ADMIN)
+    for _ in range(4):
+        clock.advance(61)  # a checkpoint a minute
+        _enqueue(s)
+    s.close()
+    common = ("--data-dir", str(qpath), "--key-file", str(kek), "--json")
+    assert _cli("audit", "verify", *common).returncode == 0
+
+    def rewrite(txn: Any, dbs: dict[bytes, Any]) -> None:
+        # the refused delete becomes an allowed hold by the local admin; the chain and the Merkle
+        # state in meta are recomputed, and every checkpoint is deleted
+        kv = LmdbKV(txn, dbs)
+        objs = [json.loads(bytes(v)) for _, v in kv.scan(b"audit", b"")]
+        target = next(o for o in objs if o["actor"] == ADMIN.name)
+        target.update(actor="local-admin", outcome="allowed", op="hold", reason="")
+        frontier: list[bytes] = []
+        prev = audit_mod.ZERO_HASH
+        for n, o in enumerate(objs):
+            o["prev"] = prev
+            data = audit_mod.canonical(o)
+            kv.put(b"audit", _key(o["seq"]), data)
+            audit_mod.frontier_push(frontier, n, audit_mod.leaf_hash(data))
+            prev = hashlib.sha256(data).hexdigest()
+        for k, _ in list(kv.scan(b"audit_ckpt", b"")):
+            kv.delete(b"audit_ckpt", k)
+        state = audit_mod._State(len(objs), bytes.fromhex(prev), objs[-1]["time"], 0, objs[0]["time"], frontier)
+        kv.put(b"meta", audit_mod.META_STATE, state.encode())
+
+    env = lmdb.open(str(qpath), max_dbs=32, subdir=True)
+    dbs = {name: env.open_db(name) for name in (b"audit", b"audit_ckpt", b"meta")}
+    with env.begin(write=True) as txn:
+        rewrite(txn, dbs)
+    env.close()
+    bad = _cli("audit", "verify", *common)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    report = json.loads(bad.stdout)
+    assert report["checkpoints_checked"] == 0 and report["first_bad_checkpoint"] is not None
+    assert all("is missing" in p and "checkpoints were deleted" in p for p in report["problems"]), report
+    assert "first bad: checkpoint" in _cli("audit", "verify", *common[:-1]).stdout

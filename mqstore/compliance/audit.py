@@ -72,6 +72,10 @@ AUDIT_READ_RECORDS_MAX = 100_000
 VERIFY_PROBLEMS_MAX = 100
 #: ``verify`` reports progress every this many records.
 VERIFY_PROGRESS_EVERY = 4096
+#: A checkpoint is written after every this many records, and after the first record that comes
+#: this long (compliance clock) after the previous checkpoint: ``verify`` requires each of them.
+CHECKPOINT_EVERY_DEFAULT = 256
+CHECKPOINT_MS_DEFAULT = 60_000
 HMAC_KEY_BYTES_MIN = 16
 
 # --- names -----------------------------------------------------------------------------------------
@@ -487,8 +491,8 @@ class AuditLog:
         self,
         signer: Ed25519PrivateKey | None,
         hmac_key: bytes,
-        checkpoint_every: int = 256,
-        checkpoint_ms: int = 60_000,
+        checkpoint_every: int = CHECKPOINT_EVERY_DEFAULT,
+        checkpoint_ms: int = CHECKPOINT_MS_DEFAULT,
     ) -> None:
         if signer is not None and not isinstance(signer, Ed25519PrivateKey):
             raise InvalidArgument("the audit signer is an Ed25519 private key")
@@ -801,6 +805,8 @@ def verify(
     public_key: Ed25519PublicKey | None,
     trusted: Checkpoint | None = None,
     progress: Callable[[int, int], None] | None = None,
+    checkpoint_every: int = CHECKPOINT_EVERY_DEFAULT,
+    checkpoint_ms: int = CHECKPOINT_MS_DEFAULT,
 ) -> VerifyReport:
     """Recompute the whole audit log: hash chain, Merkle roots, checkpoints, signatures, head.
 
@@ -814,6 +820,12 @@ def verify(
     when given (a log re-signed with another key fails), the log has at least ``trusted.size``
     records (else it was truncated) and its root at that size equals ``trusted.root`` (else
     records up to there were rewritten).
+
+    The checkpoints the writer must have written are required too: the schedule is recomputed
+    during the walk (after every ``checkpoint_every`` records, and after the first record
+    ``checkpoint_ms`` or more after the previous checkpoint, as :class:`AuditLog` writes them;
+    checkpoints forced in between restart the timer), and each missing one is a problem: a log
+    rewritten and re-chained whose checkpoints were deleted does not pass for an intact one.
 
     ``progress(done, total)`` is called every few thousand records (total: the head in meta)."""
     report = VerifyReport()
@@ -882,6 +894,7 @@ def verify(
         return None
 
     next_ckpt = advance_ckpt()
+    schedule_time: int | None = None  # the time the writer's checkpoint timer ran from (None: no record yet)
     frontier: list[bytes] = []
     n = 0  # leaves seen
     expected = 1
@@ -939,6 +952,11 @@ def verify(
         n += 1
         report.records_checked = n
         record_time = obj["time"] if obj is not None else None
+        if schedule_time is None and record_time is not None:
+            schedule_time = record_time  # the writer's timer starts with the first record
+        due = n % checkpoint_every == 0 or (
+            record_time is not None and schedule_time is not None and record_time - schedule_time >= checkpoint_ms)
+        found: Checkpoint | None = None
 
         # checkpoints at (or, if damaged, before) this size
         while next_ckpt is not None and next_ckpt.size <= n:
@@ -947,6 +965,7 @@ def verify(
             if ckpt.size < n:  # only possible if keys are out of order
                 v.problem(f"checkpoint {ckpt.size} is out of order", checkpoint=ckpt.size)
                 continue
+            found = ckpt
             report.checkpoints_checked += 1
             if gap:
                 v.problem(
@@ -978,6 +997,15 @@ def verify(
             if good and all_good:
                 last_good_ckpt = ckpt.size
             all_good = all_good and good
+        if found is not None:
+            schedule_time = found.time  # a forced checkpoint restarts the timer too
+        elif due:
+            rule = f"every {checkpoint_every} records" if n % checkpoint_every == 0 else (
+                f"{checkpoint_ms / 1000:g} s after the previous one")
+            v.problem(f"checkpoint {n} is missing: one is written after record {n} ({rule}); "
+                      "checkpoints were deleted", checkpoint=n)
+            all_good = False
+            schedule_time = record_time
         if trusted is not None and trusted.size == n and not gap:
             trusted_compared = True
             root = frontier_root(frontier).hex()
