@@ -270,13 +270,49 @@ class QueueBase:
         return actor
 
     def _require(self, actor: Actor | None, permission: str, namespace: str | None, op: str, target: str) -> None:
-        """Refuse (PermissionDenied, audited) a hot-path request the actor may not make."""
-        if actor is None or actor.can(permission, namespace):
+        """Refuse (PermissionDenied, audited) a hot-path request the actor may not make.
+        ``namespace`` None: a request that covers every namespace, which needs the permission in
+        every namespace (an actor limited to some must name one), as at a node's edge."""
+        if actor is None or (actor.can(permission, namespace) and (namespace is not None or actor.namespaces is None)):
             return
-        reason = f"actor {actor.name!r} lacks the {permission!r} permission" + (
-            f" in namespace {namespace!r}" if namespace else "")
+        if permission not in actor.permissions():
+            reason = f"actor {actor.name!r} lacks the {permission!r} permission"
+        elif namespace is None:
+            reason = (f"actor {actor.name!r} may only act in its namespaces ({', '.join(sorted(actor.namespaces or ()))})"
+                      ": name one (this request covers every namespace)")
+        else:
+            reason = f"actor {actor.name!r} lacks the {permission!r} permission in namespace {namespace!r}"
         self.record_denial(op, target, reason, actor)
         raise PermissionDenied(reason)
+
+    def _require_settle(self, actor: Actor | None, tokens: Sequence[object], op: str) -> None:
+        """Refuse (PermissionDenied, audited) settling leases the actor may not settle: it needs
+        ``settle`` in the namespace of each lease's message. Like a node's edge, an actor limited
+        to some namespaces learns only that a lease is not one of its own (the audit record says
+        whether it exists, and where)."""
+        target = ",".join(map(str, tokens[:8]))
+        if actor is None or actor.namespaces is None or "settle" not in actor.permissions():
+            self._require(actor, "settle", None, op, target)
+            return
+        for token in tokens:
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 < token < 2**64:
+                continue  # not a token at all: settling refuses it (StaleLease)
+            namespace = self._namespace_of_lease(token)
+            if namespace is not None and actor.can("settle", namespace):
+                continue
+            why = "is not known here" if namespace is None else f"is in namespace {namespace!r}"
+            self.record_denial(op, target, f"actor {actor.name!r} may only act in its namespaces, and lease "
+                               f"{token} {why}", actor)
+            raise PermissionDenied(f"actor {actor.name!r} (namespaces {', '.join(sorted(actor.namespaces))}): lease "
+                                   f"{token} was not found, or is not in the namespaces this identity may use")
+
+    def _namespace_of_lease(self, token: int) -> str | None:
+        """The namespace of the message lease ``token`` holds (None: no such lease)."""
+        with self.log.env.read() as txn:
+            kv = LmdbKV(txn, self.log.env.dbs)
+            raw = kv.get(b"leases", token.to_bytes(8, "big"))
+            row = None if raw is None else machine.get_message(kv, LeaseRow.decode(raw).mid)
+        return None if row is None else row.namespace
 
     def record_denial(self, op: str, target: str, reason: str, actor: Actor | None) -> None:
         """Write a denied-request record to the audit log (a request refused before it reached
@@ -465,7 +501,8 @@ class QueueBase:
         if actor is not None:
             for m in messages if isinstance(messages, (list, tuple)) else ():
                 ns = m.get("namespace", "default") if isinstance(m, Mapping) else "default"
-                self._require(actor, "enqueue", ns if isinstance(ns, str) else None, "enqueue", str(ns))
+                if isinstance(ns, str):  # (another namespace is refused as invalid)
+                    self._require(actor, "enqueue", ns, "enqueue", ns)
         return actor
 
     def enqueue(
@@ -1226,7 +1263,7 @@ class Store(QueueBase):
     ) -> None:
         self._check_reason(reason)
         actor = self._actor(actor)
-        self._require(actor, "settle", None, RecordType(rtype).name.lower(), str(token))
+        self._require_settle(actor, [token], RecordType(rtype).name.lower())
 
         def fn(wctx: WriteContext) -> Counters:
             kv = self._kv(wctx)
@@ -1256,7 +1293,7 @@ class Store(QueueBase):
         if not tokens:
             return
         actor = self._actor(actor)
-        self._require(actor, "settle", None, "ack", ",".join(map(str, tokens[:8])))
+        self._require_settle(actor, tokens, "ack")
 
         def fn(wctx: WriteContext) -> Counters:
             kv = self._kv(wctx)

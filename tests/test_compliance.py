@@ -912,3 +912,49 @@ def test_audit_verify_catches_a_rewritten_log_whose_checkpoints_were_deleted(
     assert report["checkpoints_checked"] == 0 and report["first_bad_checkpoint"] is not None
     assert all("is missing" in p and "checkpoints were deleted" in p for p in report["problems"]), report
     assert "first bad: checkpoint" in _cli("audit", "verify", *common[:-1]).stdout
+
+
+def test_an_actor_limited_to_some_namespaces_cannot_reach_others_by_naming_none(store: Store) -> None:
+    """As at a node's edge: a request that names no namespace covers every namespace, and a
+    message or lease outside the actor's namespaces is not its own to settle or compact."""
+    team_worker = Actor("team-a-worker", frozenset({"worker"}), auth="token", namespaces=frozenset({"team-a"}))
+    team_admin = Actor("team-a-admin", frozenset({"admin"}), auth="token", namespaces=frozenset({"team-a"}))
+    store.set_policy("finance", mode="compliance", retention_days=3650)
+    secret = _enqueue(store)
+    with pytest.raises(PermissionDenied, match="name one"):
+        store.lease("w", actor=team_worker)
+    assert store.get(secret).recipients[0].state == "queued"
+    # leased by a worker of its own: a team-a worker can neither settle nor bounce it
+    (lease,) = store.lease("w", namespace="finance", actor=WORKER)
+    for settle in (lambda: store.bounce(lease.token, reason="dropped", actor=team_worker),
+                   lambda: store.ack(lease.token, actor=team_worker),
+                   lambda: store.ack_many([lease.token], actor=team_worker)):
+        with pytest.raises(PermissionDenied, match="not in the namespaces this identity may use"):
+            settle()
+    with pytest.raises(PermissionDenied, match="not in the namespaces"):
+        store.ack(lease.token + 1000, actor=team_worker)  # unknown: the same answer
+    assert store.get(secret).recipients[0].state == "leased"
+    store.ack(lease.token, actor=WORKER)
+    # forced compaction of another namespace's finished message
+    other = _enqueue(store, namespace="team-b")
+    mine = _enqueue(store, namespace="team-a")
+    _deliver(store, "team-b")
+    _deliver(store, "team-a")
+    with pytest.raises(PermissionDenied, match="namespace 'team-b'"):
+        store.compact_messages([other], actor=team_admin)
+    assert store.get(other).done
+    assert store.compact_messages([other, mine], actor=team_admin) == 1
+    with pytest.raises(NotFound):
+        store.get(mine)
+    _intact(store, other)
+    denials = [(r["op"], r["actor"], r["reason"]) for r in store.audit_records(limit=10_000)
+               if r["outcome"] == "denied"]
+    assert [(op, actor) for op, actor, _ in denials] == [
+        ("lease", "team-a-worker"), ("bounce", "team-a-worker"), ("ack", "team-a-worker"), ("ack", "team-a-worker"),
+        ("ack", "team-a-worker"), ("compact", "team-a-admin"), ("compact", "team-a-admin")]
+    assert f"lease {lease.token} is in namespace 'finance'" in denials[1][2]  # the record says where
+    assert "not known here" in denials[4][2]
+    # within its namespace, the same actors work as before
+    _enqueue(store, namespace="team-a")
+    (own,) = store.lease("w", namespace="team-a", actor=team_worker)
+    store.bounce(own.token, reason="550 no such user", actor=team_worker)

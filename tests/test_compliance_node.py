@@ -281,3 +281,27 @@ def test_a_reported_denial_never_moves_the_compliance_clock(cluster: InProcessCl
     for i, server in cluster.servers.items():
         ahead_ms = server.queue.compliance_clock.now_ms() - time.time() * 1000
         assert ahead_ms < 600_000, f"node {i}'s compliance clock moved {ahead_ms / 86_400_000:.0f} days ahead"
+
+
+def test_the_nodes_queue_refuses_a_limited_actor_outside_its_namespaces(cluster: InProcessCluster) -> None:
+    """The node's queue API checks what its edge checks: a request naming no namespace covers
+    every namespace, and a lease of another namespace is not the actor's to settle."""
+    from mqstore.actor import Actor
+    from mqstore.errors import PermissionDenied
+
+    leader = cluster.leader()
+    team_worker = Actor("team-a-worker", frozenset({"worker"}), auth="token", namespaces=frozenset({"team-a"}))
+    with Client(cluster.addresses(), timeout=20) as client:
+        client.set_policy("finance", mode="compliance", retention_days=30)
+        mid = client.enqueue(mail_from="cfo@example.org", recipients=["board@example.net"], data=BODY,
+                             namespace="finance")
+        with pytest.raises(PermissionDenied, match="name one"):
+            leader.queue.lease("w", actor=team_worker)
+        (lease,) = client.lease("w", namespace="finance")
+        with pytest.raises(PermissionDenied, match="not in the namespaces"):
+            leader.queue.bounce(lease.token, reason="dropped", actor=team_worker)
+        with pytest.raises(PermissionDenied, match="not in the namespaces"):
+            leader.queue.ack_many([lease.token], actor=team_worker)
+        assert client.get(mid).recipients[0].state == "leased"
+        denied = client.audit_query(where={"actor": "team-a-worker", "outcome": "denied"})
+        assert [r["op"] for r in denied] == ["lease", "bounce", "ack"]

@@ -269,7 +269,7 @@ class ClusterQueue(QueueBase):
                 actor: Actor | None = None) -> None:
         self._check_reason(reason)
         actor = self._actor(actor)
-        self._require(actor, "settle", None, RecordType(rtype).name.lower(), str(token))
+        self._require_settle(actor, [token], RecordType(rtype).name.lower())
         wanted = None if recipients is None else list(recipients) if not isinstance(recipients, str) else recipients
         if isinstance(wanted, str):
             raise InvalidArgument("recipients must be a list of addresses, not a string")
@@ -299,7 +299,7 @@ class ClusterQueue(QueueBase):
         if not tokens:
             return
         actor = self._actor(actor)
-        self._require(actor, "settle", None, "ack", ",".join(map(str, tokens[:8])))
+        self._require_settle(actor, tokens, "ack")
 
         def plan(node: Node) -> Plan:
             now = node.now_ms()

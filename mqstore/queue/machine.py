@@ -743,7 +743,12 @@ def apply_compact(kv: KV, c: Counters, e: MaintenanceEntry) -> int | Denied:
             if row is None or not row.finished or (scheduled and row.retain_until_ms > e.now_ms):
                 continue
             lock = lock_of(kv, value, row)
-            refusal = rules.check("compact", e.ctx, lock)
+            # A person needs ``delete`` in the message's own namespace (an actor limited to some
+            # namespaces compacts nothing outside them); retention and holds bind everyone.
+            refusal = rules.check("compact", e.ctx, lock, permission=None if scheduled else "delete")
+            if refusal is not None and refusal.kind == "permission":
+                denied = _deny(kv, c, e.ctx, "compact", refusal, format_id(value), row.namespace)
+                continue
             if refusal is not None:
                 denied = _deny(kv, c, e.ctx, "compact", refusal, format_id(value), row.namespace, _lock_fields(lock))
                 kv.delete(b"retention", time_key(_removable_at(row), value))
