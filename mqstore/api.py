@@ -278,8 +278,9 @@ class QueueBase:
         if permission not in actor.permissions():
             reason = f"actor {actor.name!r} lacks the {permission!r} permission"
         elif namespace is None:
-            reason = (f"actor {actor.name!r} may only act in its namespaces ({', '.join(sorted(actor.namespaces or ()))})"
-                      ": name one (this request covers every namespace)")
+            spaces = ", ".join(sorted(actor.namespaces or ()))
+            reason = (f"actor {actor.name!r} may only act in its namespaces ({spaces}): name one (this request "
+                      "covers every namespace)")
         else:
             reason = f"actor {actor.name!r} lacks the {permission!r} permission in namespace {namespace!r}"
         self.record_denial(op, target, reason, actor)
