@@ -958,3 +958,29 @@ def test_an_actor_limited_to_some_namespaces_cannot_reach_others_by_naming_none(
     _enqueue(store, namespace="team-a")
     (own,) = store.lease("w", namespace="team-a", actor=team_worker)
     store.bounce(own.token, reason="550 no such user", actor=team_worker)
+
+
+def test_a_key_sealing_a_retained_messages_delivery_reason_cannot_be_shredded(store: Store) -> None:
+    store.set_policy("finance", mode="compliance", retention_days=3650)
+    mid = _enqueue(store)
+    old_key = store.get(mid).key_id
+    new_key = store.rotate_key("finance")  # the bounce reason below is sealed under the new key
+    (lease,) = store.lease("w1", namespace="finance")
+    evidence = "550 5.1.1 user unknown (evidence for the regulator)"
+    store.bounce(lease.token, reason=evidence)
+    assert store.get(mid).key_id == old_key != new_key
+    with pytest.raises(Immutable, match=f"delivery reasons it keeps are sealed under key {new_key}"):
+        store.shred_key(new_key)
+    denial = _last_denial(store)
+    assert (denial["op"], denial["target"], denial["first_locked"]) == ("shred_key", str(new_key), mid)
+    assert not next(k for k in store.list_keys() if k["key_id"] == new_key)["shredded"]
+    assert store.get(mid).recipients[0].last_reason == evidence
+    _intact(store, mid)
+    # still being delivered: a deferred recipient's reason under the key refuses it too
+    live = _enqueue(store, namespace="bulk")
+    newer = store.rotate_key("bulk")
+    (lease,) = store.lease("w1", namespace="bulk")
+    store.defer(lease.token, reason="451 try later")
+    with pytest.raises(InvalidArgument, match="still being delivered"):
+        store.shred_key(newer)
+    assert store.get(live).recipients[0].last_reason == "451 try later"

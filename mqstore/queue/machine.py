@@ -898,22 +898,39 @@ def apply_drop(kv: KV, c: Counters, e: NamespaceEntry) -> int | Denied:
 
 
 def check_shred(kv: KV, c: Counters, key_id: int, namespace: str, ctx: Ctx) -> list[bytes] | Denied:
-    """Whether namespace key ``key_id`` may be shredded: only when no message sealed under it is
-    retained, held or still in delivery. Returns the (finished, unlocked) messages under it, which
-    go with the key; a refusal is audited."""
+    """Whether namespace key ``key_id`` may be shredded: only when no message sealed under it, or
+    keeping a delivery reason sealed under it, is retained, held or still in delivery. Returns the
+    (finished, unlocked) messages under it, which go with the key; a refusal is audited."""
     refusal = rules.check("shred", ctx, None, permission="keys", namespace=namespace)
     if refusal is not None:
         return _deny(kv, c, ctx, "shred_key", refusal, str(key_id), namespace)
-    under = [(mid, row) for mid, row in _messages_in(kv, namespace) if row.key_id in (key_id, 0)]
+    messages = _messages_in(kv, namespace)
+    under = [(mid, row) for mid, row in messages if row.key_id in (key_id, 0)]
+    # A recipient's delivery reason is sealed under the key that was current when it was given:
+    # a message sealed under an older key can keep reasons sealed under this one. They would go
+    # unreadable with it, so they count like messages under the key (but do not go with it).
+    keeping = [(mid, row) for mid, row in messages if row.key_id not in (key_id, 0)
+               and any(_reason_key_id(r.reason) == key_id for _, r in recipients_of(kv, mid))]
     found = _first_refusal(kv, "shred", ctx, under)
+    if found is None:
+        found = _first_refusal(kv, "shred", ctx, keeping)
+        if found is not None:
+            found = (Refusal(f"{found[0].reason}; the delivery reasons it keeps are sealed under key {key_id}",
+                             found[0].kind), found[1])
     if found is not None:
         return _deny(kv, c, ctx, "shred_key", found[0], str(key_id), namespace, first_locked=found[1])
-    live = [mid for mid, row in under if not row.finished]
+    live = [mid for mid, row in under + keeping if not row.finished]
     if live:
         return _deny(kv, c, ctx, "shred_key", Refusal(
-            f"{len(live)} message(s) sealed under key {key_id} are still being delivered "
-            f"(first: {format_id(live[0])}); shredding would make them unreadable", "invalid"), str(key_id), namespace)
+            f"{len(live)} message(s) sealed under key {key_id} (or keeping delivery reasons sealed under it) are "
+            f"still being delivered (first: {format_id(live[0])}); shredding would make them unreadable", "invalid"),
+            str(key_id), namespace)
     return [mid for mid, _ in under]
+
+
+def _reason_key_id(reason: bytes) -> int:
+    """The key a recipient's last delivery reason is sealed under (0: it has none)."""
+    return int.from_bytes(reason[:4], "little") if len(reason) >= 4 else 0
 
 
 def apply_shred(kv: KV, c: Counters, key_id: int, namespace: str, ctx: Ctx) -> int | Denied:
