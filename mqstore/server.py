@@ -651,7 +651,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             try:
                 source = {"kind": "node", "node_id": node.node_id, "cluster_id": node.cluster_id,
                           "site": node.config.site, "address": node.config.address}
-                header = ops_backup.describe_copy(work, source)
+                config = node.config
+                signing_key = (Path(config.audit_signing_key) if config.audit_signing_key is not None
+                               else Path(config.data_dir) / ops_backup.AUDIT_KEY_FILE)
+                header = ops_backup.describe_copy(work, source, signing_key)
                 offset = 0
                 state = {"done": 0, "total": header["data_bytes"]}
 

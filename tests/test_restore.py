@@ -288,3 +288,27 @@ def test_restore_says_where_the_audit_signing_key_must_go(audited: tuple[Path, P
     shutil.copy2(source / "audit-signing.key", matching / "audit-signing.key")
     text = run("restore", "--in", str(backup), "--data-dir", str(matching), "--key-file", str(key))
     assert f"holds the audit signing key with key id {signer}" in text.stdout
+
+
+def test_a_backup_over_the_network_names_the_nodes_audit_signing_key(tmp_path: Path) -> None:
+    """A node's backup (``--server``) carries the public key that signed its audit checkpoints,
+    so the key to copy beside a restore can be checked against the backup itself."""
+    from mqstore.compliance.signing import key_id, public_key_hex, read_signing_key
+
+    c = LocalCluster(tmp_path / "cluster", ["a"], cluster_id="c1")
+    try:
+        c.bootstrap()
+        c.start_all()
+        c.wait_for_leader()
+        with Client(c.addresses(), timeout=15) as client:
+            client.enqueue(mail_from="a@example.org", recipients=["r@d.example"], data=RAW)
+            client.audit_checkpoint()
+        header = ok("backup", "--server", c.addresses()[0], "--out", str(tmp_path / "n1.mqbak"))["header"]
+    except BaseException:
+        print(c.log_tails())
+        raise
+    finally:
+        c.close()
+    signer = read_signing_key(c.data_dir(1) / "audit-signing.key")
+    assert header["audit_signing_key"]["key_id"] == key_id(signer)
+    assert header["audit_signing_key"]["public_key"] == public_key_hex(signer)

@@ -73,8 +73,10 @@ def copy_store(source: Path, work_dir: Path) -> Path:
     return work_dir / "data.mdb"
 
 
-def describe_copy(copy_dir: Path, source: dict[str, Any]) -> dict[str, Any]:
-    """The backup header for the copy in ``copy_dir``: where it came from and what it holds."""
+def describe_copy(copy_dir: Path, source: dict[str, Any], signing_key_file: Path | None = None) -> dict[str, Any]:
+    """The backup header for the copy in ``copy_dir``: where it came from and what it holds.
+    ``signing_key_file``: the audit signing key of the store copied (default: the one in its
+    ``data_dir``), read for its public key only."""
     data_file = copy_dir / "data.mdb"
     with open_env(copy_dir) as env:
         first, last = log_bounds(env)
@@ -99,8 +101,10 @@ def describe_copy(copy_dir: Path, source: dict[str, Any]) -> dict[str, Any]:
         # Which key signed the audit checkpoints (the key is not in the backup: it must be copied
         # beside the restored store for ``audit verify``), and its public key when it is known here.
         data_dir = source.get("data_dir")
-        if data_dir:
-            found, public = _signing_key_id(Path(data_dir) / AUDIT_KEY_FILE)
+        if signing_key_file is None and data_dir:
+            signing_key_file = Path(data_dir) / AUDIT_KEY_FILE
+        if signing_key_file is not None:
+            found, public = _signing_key_id(signing_key_file)
             if found == signing["key_id"] and public is not None:
                 signing["public_key"] = public
         header["audit_signing_key"] = {**signing, "file": AUDIT_KEY_FILE}
