@@ -1146,7 +1146,9 @@ class Store(QueueBase):
                     "not as an embedded store (that would bypass replication)"
                 )
             signer_path = Path(audit_signing_key) if audit_signing_key is not None else Path(path) / AUDIT_KEY_FILE
-            signer = load_or_create_signing_key(signer_path, create=audit_signing_key is None)
+            with log_store.env.read() as txn:  # checkpoints signed already: the store had a key
+                had_key = audit_log.signed_by(LmdbKV(txn, log_store.env.dbs))
+            signer = load_or_create_signing_key(signer_path, create=audit_signing_key is None, signed_by=had_key)
             log_store.ensure_keys([SYSTEM_NAMESPACE])  # the audit's address-HMAC key derives from it
         except BaseException:
             log_store.close()

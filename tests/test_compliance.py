@@ -984,3 +984,46 @@ def test_a_key_sealing_a_retained_messages_delivery_reason_cannot_be_shredded(st
     with pytest.raises(InvalidArgument, match="still being delivered"):
         store.shred_key(newer)
     assert store.get(live).recipients[0].last_reason == "451 try later"
+
+
+def test_a_store_restored_without_its_audit_signing_key_is_not_given_a_new_one(
+        qpath: Path, kek: Path, clock: Clock, tmp_path: Path) -> None:
+    import shutil
+
+    from mqstore.compliance import signing
+    from mqstore.errors import KeyFileError
+
+    s = _open(qpath, kek, clock)
+    s.set_policy("finance", mode="compliance", retention_days=1)
+    _enqueue(s)
+    ckpt = s.audit_checkpoint()
+    assert ckpt is not None and ckpt.signed
+    s.close()
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    shutil.copy2(qpath / "data.mdb", restored / "data.mdb")  # what a backup holds: not the key file
+    key_file = restored / "audit-signing.key"
+    with pytest.raises(KeyFileError, match=f"{key_file}.*signed by key {ckpt.key_id}"):
+        _open(restored, kek, clock)
+    assert not key_file.exists()  # nothing was created: the next open refuses the same way
+    with pytest.raises(KeyFileError, match="Put the key file back"):
+        _open(restored, kek, clock)
+    shutil.copy2(qpath / "audit-signing.key", key_file)  # the key put back: the store opens and verifies
+    s = _open(restored, kek, clock)
+    try:
+        assert s.audit_verify().ok
+    finally:
+        s.close()
+    # a new key made on purpose is used (the old checkpoints then verify with the old public key)
+    key_file.unlink()
+    signing.create_signing_key(key_file)
+    s = _open(restored, kek, clock)
+    try:
+        assert not s.audit_verify().ok
+        assert s.audit_verify(public_key=ckpt.public_key).ok
+    finally:
+        s.close()
+    # a new store, or one whose log holds no checkpoint yet, gets a key as before
+    fresh = _open(tmp_path / "fresh", kek, clock)
+    fresh.close()
+    assert (tmp_path / "fresh" / "audit-signing.key").exists()

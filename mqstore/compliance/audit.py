@@ -722,6 +722,25 @@ def latest_checkpoint(kv: KV) -> Checkpoint | None:
         raise Corruption(f"audit checkpoint {state.ckpt_size}: {exc.reason}") from None
 
 
+def signed_by(kv: KV) -> str | None:
+    """The key id that signed the log's latest checkpoint (else any signed one), None when the log
+    holds no signed checkpoint: whether a store already had an audit signing key."""
+    try:
+        latest = latest_checkpoint(kv)
+    except Corruption:
+        latest = None
+    if latest is not None and latest.signed:
+        return latest.key_id
+    for _key, data in kv.scan(TABLE_CHECKPOINTS, b""):
+        try:
+            ckpt = Checkpoint.decode(data)
+        except Corruption:
+            continue
+        if ckpt.signed:
+            return ckpt.key_id
+    return None
+
+
 # --- verification ----------------------------------------------------------------------------------
 
 
@@ -1102,6 +1121,7 @@ __all__ = [
     "node_hash",
     "query",
     "records",
+    "signed_by",
     "signed_message",
     "tail",
     "validate_fields",

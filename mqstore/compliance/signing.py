@@ -53,9 +53,23 @@ def create_signing_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(raw_key)
 
 
-def load_or_create_signing_key(path: str | os.PathLike[str], create: bool) -> Ed25519PrivateKey:
-    """The signing key in ``path``; with ``create``, a new one when the file does not exist."""
+def load_or_create_signing_key(path: str | os.PathLike[str], create: bool,
+                               signed_by: str | None = None) -> Ed25519PrivateKey:
+    """The signing key in ``path``; with ``create``, a new one when the file does not exist,
+    unless ``signed_by`` (the key id of the checkpoints the store's audit log holds already, see
+    :func:`mqstore.compliance.audit.signed_by`) says the store had a key: a new one would make
+    each of those checkpoints fail ``audit verify``, so the missing file is a KeyFileError saying
+    how to go on (a store restored from a backup, which never holds the key, needs its key back)."""
     p = Path(path)
+    if create and signed_by is not None and not os.path.lexists(p):
+        raise KeyFileError(
+            f"{_WHAT} {p} does not exist, but this store's audit log holds checkpoints signed by key {signed_by}: "
+            "a new key would make every one of them fail `mqstore audit verify`. Put the key file back (backups of "
+            "a store do not hold it), or name where it is (audit_signing_key; `audit_signing_key` in a node's "
+            "config). If it is lost for good, create a new key on purpose with "
+            f"mqstore.compliance.signing.create_signing_key({str(p)!r}); checkpoints signed before then verify "
+            "only against the old key's public key (`mqstore audit verify --public-key <hex>`)"
+        )
     if create and not os.path.lexists(p):
         try:
             return create_signing_key(p)
