@@ -67,6 +67,10 @@ _READ_CHUNK = 2_000  # rows per read transaction in long scans
 _MAINTENANCE_ITEMS_MAX = 1_000  # expiry/compaction items per maintenance record
 _LOG_COMPACT_EVERY = 50_000  # compact the log after this many new records
 AUDIT_KEY_FILE = "audit-signing.key"  # an embedded store's audit signing key, in its directory
+#: Written in the transaction that shreds a key, deleted once the key's wrapped bytes are scrubbed
+#: from the store's files: a store opened with it set (a crash came in between) scrubs first. The
+#: same marker a node keeps (mqstore/node/replica.py).
+META_SCRUB_PENDING = b"keys.scrub_pending"
 _RECIPIENT_CACHE_MAX = 65_536
 
 
@@ -1157,6 +1161,12 @@ class Store(QueueBase):
         self.path = Path(path)
         self.disk = disk
         self._compacted_at = self.log.last_index
+        if self.log.meta_get(META_SCRUB_PENDING) is not None:
+            try:  # a key was shredded and the process died before its scrub finished: finish it
+                self._scrub()
+            except BaseException:
+                self.log.close()
+                raise
         self._closed = threading.Event()
         self._wake = threading.Event()
         self._maintainer: threading.Thread | None = None
@@ -1354,17 +1364,23 @@ class Store(QueueBase):
             c.flush(kv)
             if not isinstance(result, machine.Denied):
                 self.log.apply_key_event(wctx, keyring.shred_event(key_id, self._now_ms()), ctx.encode())
+                wctx.put(b"meta", META_SCRUB_PENDING, b"\x01")  # durable with the shred (see _scrub)
             return result, c
 
         result, c = self.log.write(fn)
         self._after_apply(c)
         self._raise_denied(result)
-        # The wrapped key must not survive anywhere in the files: drop the log records that held
-        # it, then rewrite the database compactly (freed pages keep old bytes until reused).
-        self.compact_log()
-        self._rewrite_compacted()
+        self._scrub()
         assert isinstance(result, int)
         return result
+
+    def _scrub(self) -> None:
+        """After a shred: the wrapped key must not survive anywhere in the files. Drop the log
+        records that held it, rewrite the database compactly (freed pages keep old bytes until
+        reused), then clear the marker the shred set; a crash before that redoes it at open."""
+        self.compact_log()
+        self._rewrite_compacted()
+        self.log.write(lambda wctx: wctx.delete(b"meta", META_SCRUB_PENDING))
 
     def _rewrite_compacted(self) -> None:
         """Replace the database file by a compacted copy of itself (pauses writes briefly)."""

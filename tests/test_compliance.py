@@ -1027,3 +1027,59 @@ def test_a_store_restored_without_its_audit_signing_key_is_not_given_a_new_one(
     fresh = _open(tmp_path / "fresh", kek, clock)
     fresh.close()
     assert (tmp_path / "fresh" / "audit-signing.key").exists()
+
+
+_SHRED_CHILD = """
+import sys, threading, mqstore
+from mqstore.api import Store
+from mqstore.store import LogStore
+
+path, kek, key_id, where = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+
+def stop_here(*args, **kwargs):
+    print("ready", flush=True)  # the shred has committed; the parent kills us now (SIGKILL)
+    threading.Event().wait()
+
+if where == "after-commit":
+    Store.compact_log = stop_here  # the first step of the scrub
+else:
+    LogStore.replace_data = stop_here  # mid-scrub: the log is compacted, the database not yet rewritten
+store = mqstore.open(path, key_file=kek, background=False)
+store.shred_key(key_id)
+"""
+
+
+@pytest.mark.parametrize("where", ["after-commit", "mid-scrub"])
+def test_kill_9_before_a_shred_is_scrubbed_is_finished_when_the_store_opens(
+        qpath: Path, kek: Path, clock: Clock, where: str) -> None:
+    s = _open(qpath, kek, clock)
+    mid = _enqueue(s, namespace="tenant-a")
+    key_id = s.get(mid).key_id
+    wrapped = s.log.keyring.event(key_id).wrapped
+    _deliver(s, "tenant-a")
+    s.rotate_key("tenant-a")
+    keep = _enqueue(s, namespace="tenant-a")
+    s.close()
+    child = subprocess.Popen([sys.executable, "-c", _SHRED_CHILD, str(qpath), str(kek), str(key_id), where],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        assert line == b"ready\n", line + (child.stderr.read() if child.stderr else b"")
+    finally:
+        child.kill()  # SIGKILL: no cleanup
+        child.wait(30)
+    assert child.returncode == -9
+    raw = b"".join(p.read_bytes() for p in qpath.iterdir() if p.is_file())
+    assert wrapped in raw  # the shred committed, the scrub did not happen
+    s = _open(qpath, kek, clock)  # opening finishes the scrub
+    try:
+        assert s.log.keyring.is_shredded(key_id)
+        assert s.log.meta_get(b"keys.scrub_pending") is None
+        with pytest.raises(NotFound):
+            s.get(mid)
+        _intact(s, keep)
+    finally:
+        s.close()
+    raw = b"".join(p.read_bytes() for p in qpath.iterdir() if p.is_file())
+    assert wrapped not in raw, "the wrapped key survives in the store's files"
