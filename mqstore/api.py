@@ -1337,7 +1337,7 @@ class Store(QueueBase):
             c = self._counters()
             c.index = wctx.next_index
             # Audit first: a new key joins the keyring as it is stored, so nothing may fail after.
-            machine.apply_key_created(self._kv(wctx), c, event.key_id, namespace, ctx)
+            machine.apply_key_created(self._kv(wctx), c, event.key_id, namespace, ctx, wctx.now_ms)
             c.flush(self._kv(wctx))
             self.log.apply_key_event(wctx, event, ctx.encode())
             return event.key_id, c
@@ -1360,7 +1360,7 @@ class Store(QueueBase):
             ctx = self._ctx(actor)
             c = self._counters()
             c.index = wctx.next_index
-            result = machine.apply_shred(kv, c, key_id, namespace, ctx)
+            result = machine.apply_shred(kv, c, key_id, namespace, ctx, wctx.now_ms)
             c.flush(kv)
             if not isinstance(result, machine.Denied):
                 self.log.apply_key_event(wctx, keyring.shred_event(key_id, self._now_ms()), ctx.encode())

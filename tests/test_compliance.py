@@ -1083,3 +1083,63 @@ def test_kill_9_before_a_shred_is_scrubbed_is_finished_when_the_store_opens(
         s.close()
     raw = b"".join(p.read_bytes() for p in qpath.iterdir() if p.is_file())
     assert wrapped not in raw, "the wrapped key survives in the store's files"
+
+
+CENTURY_MS = 100 * 365 * 86_400_000
+
+
+def test_an_entry_whose_compliance_time_is_far_ahead_of_its_own_stamp_unlocks_nothing(
+        store: Store, clock: Clock) -> None:
+    """A replicated entry (a damaged one, or one slipped in) stamped with the queue's time but
+    carrying a compliance time a century ahead: judged at most a day ahead of its stamp, the
+    refusal says so, and the compliance clock moves no further than that."""
+    store.set_policy("finance", mode="compliance", retention_days=30)
+    locked, other = _enqueue(store), _enqueue(store)
+    applier = Applier(store.log)
+    applier.counters = store._counters
+    applier.on_applied = store._after_apply
+    stamp = round(T0 * 1000)
+    claimed = store.compliance_clock.now_ms() + CENTURY_MS
+    ctx = Ctx(SUPER, node_id=9, site="rogue", wall_ms=stamp + CENTURY_MS, compliance_ms=claimed)
+    payload = entry_payload(0, 0, 0, AdminEntry(stamp, _raw(locked), ctx).encode())
+
+    def fn(wctx: object) -> dict[int, object]:
+        index = wctx.next_index  # type: ignore[attr-defined]
+        return applier.apply(wctx, [Entry(term=1, index=index, rtype=int(RecordType.DELETE), payload=payload)])  # type: ignore[arg-type]
+
+    (result,) = store.log.write(fn).values()
+    assert "COMPLIANCE retention" in getattr(result, "reason", "")
+    assert "counts only up to a day ahead of its entry's time stamp" in getattr(result, "reason", "")
+    denial = _last_denial(store)
+    assert denial["claimed_compliance_ms"] == claimed and denial["node"] == 9
+    assert denial["time"] == stamp + 86_400_000  # the audit log's clock: a day ahead at most
+    _intact(store, locked)
+    assert store.compliance_clock.now_ms() <= stamp + 86_400_000 + 1_000
+    with pytest.raises(Immutable):
+        store.delete(other)  # the store's own clock was not moved a century either
+    # the retention still ends on time, judged by the store's own clock
+    clock.advance(31 * DAY)
+    store.delete(other)
+    with pytest.raises(NotFound):
+        store.get(other)
+
+
+def test_rebuilding_state_judges_an_injected_entry_a_century_ahead_by_its_own_stamp(
+        qpath: Path, kek: Path, clock: Clock) -> None:
+    s = _open(qpath, kek, clock)
+    s.set_policy("finance", mode="compliance", retention_days=3650)
+    locked, other = _enqueue(s), _enqueue(s)
+    ctx = Ctx(SUPER, compliance_ms=s.compliance_clock.now_ms() + CENTURY_MS)
+    entry = AdminEntry(round(T0 * 1000), _raw(locked), ctx)
+    s.log.write(lambda w: w.append(RecordType.DELETE, entry.encode()))  # appended, not applied
+    s.close()
+    out = _cli("repair", "--rebuild-state", "--data-dir", str(qpath), "--key-file", str(kek), "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    s = _open(qpath, kek, clock)
+    try:
+        _intact(s, locked)
+        assert s.compliance_clock.now_ms() - T0 * 1000 <= 86_400_000 + 1_000
+        with pytest.raises(Immutable):
+            s.delete(other)
+    finally:
+        s.close()

@@ -19,10 +19,19 @@ Time for these decisions is the **compliance clock**: it starts from the wall cl
 is created, then advances only with the process's monotonic clock and is persisted, so setting
 the wall clock ahead (or back) unlocks nothing. While no node runs, it does not advance: retention
 is then effectively extended by the downtime, which errs on the safe side.
+
+An entry's compliance time counts only up to :data:`COMPLIANCE_AHEAD_MAX_MS` (one day) ahead of
+the time stamp the writer put on the entry itself (:func:`bounded`): a request context carried
+from elsewhere, or an entry damaged or slipped into the log, can move the compliance clock (and
+the judgement of that entry) at most that far past the queue's own time. An honest writer's
+entries stay within it: its compliance clock runs at the rate of its time stamps, and gets ahead
+of them only while the stamps stand still because the clock was set back (by more than a day,
+retention is then judged a little later: the safe side).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import threading
 import time
@@ -37,6 +46,8 @@ from mqstore.errors import Corruption, InvalidArgument
 SYSTEM_ACTOR = Actor("mqstore-system", frozenset({"admin", "compliance"}), auth="local", source="maintenance")
 REASON_BYTES_MAX = 1024
 SITE_BYTES_MAX = 255
+#: How far ahead of its entry's own time stamp a request context's compliance time counts.
+COMPLIANCE_AHEAD_MAX_MS = 86_400_000
 
 
 class Mode(IntEnum):
@@ -153,6 +164,16 @@ class Ctx:
         ctx = cls(actor, node_id, site, wall, compliance, bool(bypass), reason)
         _remember(_decoded_ctx, raw, ctx)
         return ctx
+
+
+def bounded(ctx: Ctx, stamp_ms: int) -> Ctx:
+    """``ctx`` with its compliance time counted at most :data:`COMPLIANCE_AHEAD_MAX_MS` ahead of
+    ``stamp_ms``, the time stamp of the entry that carries it (``ctx`` itself when within it).
+    Deterministic: every replica applying the entry judges it at the same time."""
+    limit = max(stamp_ms, 0) + COMPLIANCE_AHEAD_MAX_MS
+    if ctx.compliance_ms <= limit:
+        return ctx
+    return dataclasses.replace(ctx, compliance_ms=limit)
 
 
 #: Contexts and actors already decoded, by their bytes (both are immutable). A replica applying
@@ -287,4 +308,5 @@ def _may_bypass(ctx: Ctx, namespace: str | None) -> bool:
     return ctx.bypass and bool(ctx.reason.strip()) and ctx.actor.can("bypass_governance", namespace)
 
 
-__all__ = ["SYSTEM_ACTOR", "ComplianceClock", "Ctx", "Lock", "Mode", "Refusal", "check", "check_reason"]
+__all__ = ["COMPLIANCE_AHEAD_MAX_MS", "SYSTEM_ACTOR", "ComplianceClock", "Ctx", "Lock", "Mode", "Refusal", "bounded",
+           "check", "check_reason"]

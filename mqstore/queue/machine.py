@@ -102,7 +102,7 @@ class Counters:
     update the cache); the audit sink; and the highest compliance time applied (persisted, so the
     compliance clock never goes back)."""
 
-    __slots__ = ("audit", "clock_loaded", "clock_ms", "deltas", "hmac", "index", "policies")
+    __slots__ = ("audit", "bounded", "clock_loaded", "clock_ms", "deltas", "hmac", "index", "policies")
 
     def __init__(self, audit: AuditSink | None = None, hmac: Callable[[str], str] | None = None) -> None:
         self.deltas: defaultdict[tuple[str, str], int] = defaultdict(int)
@@ -112,6 +112,8 @@ class Counters:
         self.clock_ms = 0
         self.clock_loaded = False
         self.index = 0  # log index of the entry being applied
+        #: The context :meth:`observe` last bounded, and the compliance time it claimed.
+        self.bounded: tuple[Ctx, int] | None = None
 
     def policy(self, kv: KV, namespace: str) -> Policy:
         policy = self.policies.get(namespace)
@@ -125,9 +127,15 @@ class Counters:
     def state(self, namespace: str, state: int, delta: int) -> None:
         self.deltas[(namespace, STATE_NAMES[state])] += delta
 
-    def observe(self, ctx: Ctx) -> None:
-        if ctx.compliance_ms > self.clock_ms:
-            self.clock_ms = ctx.compliance_ms
+    def observe(self, ctx: Ctx, stamp_ms: int) -> Ctx:
+        """Take the compliance time of the entry being applied, stamped ``stamp_ms``: counted at
+        most ``rules.COMPLIANCE_AHEAD_MAX_MS`` ahead of the stamp (see :func:`rules.bounded`).
+        Returns the context to judge and audit the entry with."""
+        judged = rules.bounded(ctx, stamp_ms)
+        self.bounded = None if judged is ctx else (judged, ctx.compliance_ms)
+        if judged.compliance_ms > self.clock_ms:
+            self.clock_ms = judged.compliance_ms
+        return judged
 
     def flush(self, kv: KV) -> None:
         for (ns, name), delta in self.deltas.items():
@@ -305,10 +313,12 @@ def audit(kv: KV, c: Counters, ctx: Ctx, op: str, *, target: str = "", namespace
         fields["before"] = before
     if after is not None:
         fields["after"] = after
+    if c.bounded is not None and c.bounded[0] is ctx:
+        fields["claimed_compliance_ms"] = c.bounded[1]  # more than a day ahead of the entry's stamp
     fields.update(extra)
-    # Records are stamped with the compliance clock, which never goes back in the audit log even
-    # when entries stamped by different writers (or without a clock) apply out of clock order.
-    c.observe(ctx)
+    # Records are stamped with the compliance clock (the caller observed the entry's context),
+    # which never goes back in the audit log even when entries stamped by different writers (or
+    # without a clock) apply out of clock order.
     if not c.clock_loaded:
         c.clock_ms = max(c.clock_ms, compliance_clock_ms(kv))
         c.clock_loaded = True
@@ -317,9 +327,13 @@ def audit(kv: KV, c: Counters, ctx: Ctx, op: str, *, target: str = "", namespace
 
 def _deny(kv: KV, c: Counters, ctx: Ctx, op: str, refusal: Refusal, target: str, namespace: str,
           before: dict[str, Any] | None = None, **extra: Any) -> Denied:
-    audit(kv, c, ctx, op, target=target, namespace=namespace, outcome="denied", reason=refusal.reason,
+    reason = refusal.reason
+    if refusal.kind == "immutable" and c.bounded is not None and c.bounded[0] is ctx:
+        reason += (f" (judged at {rules._time(ctx.compliance_ms)}: the request's compliance time "
+                   f"{rules._time(c.bounded[1])} counts only up to a day ahead of its entry's time stamp)")
+    audit(kv, c, ctx, op, target=target, namespace=namespace, outcome="denied", reason=reason,
           before=before, **extra)
-    return Denied(refusal.reason, refusal.kind)
+    return Denied(reason, refusal.kind)
 
 
 def _hmac_all(c: Counters, addresses: Iterable[str]) -> list[str]:
@@ -351,7 +365,7 @@ def apply_enqueue(kv: KV, c: Counters, index: int, env: Envelope, size_bytes: in
                 return mid
             if done is not None:
                 if ctx is not None:
-                    c.observe(ctx)
+                    c.observe(ctx, env.created_at_ms)
                 return mid
     if kv.get(b"messages", mid) is not None:
         return mid
@@ -402,7 +416,7 @@ def apply_enqueue(kv: KV, c: Counters, index: int, env: Envelope, size_bytes: in
     c.add(env.namespace, _STATS_STORED, 1)
     c.add(env.namespace, _STATS_BYTES, size_bytes)
     if ctx is not None:
-        c.observe(ctx)
+        ctx = c.observe(ctx, env.created_at_ms)
     if row.lock_mode:
         audit(kv, c, ctx or Ctx(actor=SYSTEM_ACTOR), "enqueue", target=format_id(mid), namespace=env.namespace,
               after=_lock_fields(Lock(env.namespace, Mode(row.lock_mode), row.lock_until_ms, ())),
@@ -444,7 +458,7 @@ def apply_lease(kv: KV, c: Counters, token: int, e: LeaseEntry) -> Grant:
         if got is False:  # the message is gone or held
             return _NO_GRANT
         if got is not None:
-            c.observe(e.ctx)
+            c.observe(e.ctx, e.now_ms)
             return Grant(*got) if got[0] else _NO_GRANT
     row = get_message(kv, e.mid)
     if row is None or row.held:
@@ -463,14 +477,14 @@ def apply_lease(kv: KV, c: Counters, token: int, e: LeaseEntry) -> Grant:
         kv.put(b"recipients", mid_ord(e.mid, ordinal), rcpt.encode())
         granted.append(ordinal)
         attempts = max(attempts, rcpt.attempts)
-    c.observe(e.ctx)
+    ctx = c.observe(e.ctx, e.now_ms)
     if not granted:
         return _NO_GRANT
     kv.put(b"messages", e.mid, row.encode())
     kv.put(b"leases", U64.pack(token), LeaseRow(e.mid, e.deadline_ms, tuple(granted), e.worker).encode())
     kv.put(b"lease_due", time_key(e.deadline_ms, U64.pack(token)), b"")
     if row.lock_mode:
-        audit(kv, c, e.ctx, "lease", target=format_id(e.mid), namespace=row.namespace, ordinals=granted,
+        audit(kv, c, ctx, "lease", target=format_id(e.mid), namespace=row.namespace, ordinals=granted,
               worker=e.worker, token=token, deadline_ms=e.deadline_ms)
     return Grant(tuple(granted), attempts, row.enqueue_index)
 
@@ -517,7 +531,7 @@ def apply_settle(kv: KV, c: Counters, rtype: int, e: SettleEntry, checked: Lease
                             tuple(e.next_attempt_ms), e.reason)
         if done is not None:
             if done:
-                c.observe(e.ctx)
+                c.observe(e.ctx, e.now_ms)
             return bool(done)
     row = get_message(kv, lease.mid)
     if row is None:
@@ -553,9 +567,9 @@ def apply_settle(kv: KV, c: Counters, rtype: int, e: SettleEntry, checked: Lease
     _shrink_lease(kv, e.token, lease, ords)
     _maybe_finish(kv, c, lease.mid, row, e.now_ms)
     kv.put(b"messages", lease.mid, row.encode())
-    c.observe(e.ctx)
+    ctx = c.observe(e.ctx, e.now_ms)
     if row.lock_mode:
-        audit(kv, c, e.ctx, RecordType(rtype).name.lower(), target=format_id(lease.mid), namespace=row.namespace,
+        audit(kv, c, ctx, RecordType(rtype).name.lower(), target=format_id(lease.mid), namespace=row.namespace,
               ordinals=list(ords), token=e.token, finished=row.finished)
     return True
 
@@ -576,17 +590,17 @@ _ADMIN_PERMISSION = {RecordType.HOLD: "hold", RecordType.RELEASE: "release", Rec
 def apply_admin(kv: KV, c: Counters, rtype: int, e: AdminEntry) -> bool | Denied:
     """HOLD / RELEASE / REQUEUE / DELETE. False if the message does not exist; Denied if the
     actor may not, or (DELETE) retention or a legal hold forbid it."""
-    c.observe(e.ctx)
+    ctx = c.observe(e.ctx, e.now_ms)
     row = get_message(kv, e.mid)
     if row is None:
         return False
     op = RecordType(rtype).name.lower()
     lock = lock_of(kv, e.mid, row)
-    refusal = rules.check("delete" if rtype == RecordType.DELETE else "hold", e.ctx, lock,
+    refusal = rules.check("delete" if rtype == RecordType.DELETE else "hold", ctx, lock,
                           permission=_ADMIN_PERMISSION[RecordType(rtype)])
     if refusal is not None:
-        return _deny(kv, c, e.ctx, op, refusal, format_id(e.mid), row.namespace, _lock_fields(lock))
-    audit(kv, c, e.ctx, op, target=format_id(e.mid), namespace=row.namespace, before=_lock_fields(lock))
+        return _deny(kv, c, ctx, op, refusal, format_id(e.mid), row.namespace, _lock_fields(lock))
+    audit(kv, c, ctx, op, target=format_id(e.mid), namespace=row.namespace, before=_lock_fields(lock))
     if rtype == RecordType.DELETE:
         remove_message(kv, c, e.mid, row)
         return True
@@ -649,13 +663,13 @@ def apply_expire(kv: KV, c: Counters, e: MaintenanceEntry) -> int:
 
     Each item is re-checked against the entry's time, so applying it is safe even if the state
     changed since it was planned (the lease was settled meanwhile, say)."""
-    c.observe(e.ctx)
+    ctx = c.observe(e.ctx, e.now_ms)
     done = 0
     for kind, value in e.items:
         if kind == EXPIRE_LEASE:
-            done += _expire_lease(kv, c, U64.unpack(value)[0], e.now_ms, e.ctx)
+            done += _expire_lease(kv, c, U64.unpack(value)[0], e.now_ms, ctx)
         elif kind == EXPIRE_MESSAGE:
-            done += _expire_message(kv, c, value, e.now_ms, e.ctx)
+            done += _expire_message(kv, c, value, e.now_ms, ctx)
     return done
 
 
@@ -729,12 +743,12 @@ def apply_compact(kv: KV, c: Counters, e: MaintenanceEntry) -> int | Denied:
     Either way a message under retention or a legal hold stays: the refusal is audited and the
     message is looked at again when its lock should have ended. Returns items applied, or Denied
     when a person's forced compaction refused every message it named."""
-    c.observe(e.ctx)
-    scheduled = e.ctx.actor == SYSTEM_ACTOR
+    ctx = c.observe(e.ctx, e.now_ms)
+    scheduled = ctx.actor == SYSTEM_ACTOR
     if not scheduled:
-        refusal = rules.check("compact", e.ctx, None, permission="delete")
+        refusal = rules.check("compact", ctx, None, permission="delete")
         if refusal is not None:
-            return _deny(kv, c, e.ctx, "compact", refusal, f"{len(e.items)} item(s)", "")
+            return _deny(kv, c, ctx, "compact", refusal, f"{len(e.items)} item(s)", "")
     done = 0
     denied: Denied | None = None
     for kind, value in e.items:
@@ -745,20 +759,20 @@ def apply_compact(kv: KV, c: Counters, e: MaintenanceEntry) -> int | Denied:
             lock = lock_of(kv, value, row)
             # A person needs ``delete`` in the message's own namespace (an actor limited to some
             # namespaces compacts nothing outside them); retention and holds bind everyone.
-            refusal = rules.check("compact", e.ctx, lock, permission=None if scheduled else "delete")
+            refusal = rules.check("compact", ctx, lock, permission=None if scheduled else "delete")
             if refusal is not None and refusal.kind == "permission":
-                denied = _deny(kv, c, e.ctx, "compact", refusal, format_id(value), row.namespace)
+                denied = _deny(kv, c, ctx, "compact", refusal, format_id(value), row.namespace)
                 continue
             if refusal is not None:
-                denied = _deny(kv, c, e.ctx, "compact", refusal, format_id(value), row.namespace, _lock_fields(lock))
+                denied = _deny(kv, c, ctx, "compact", refusal, format_id(value), row.namespace, _lock_fields(lock))
                 kv.delete(b"retention", time_key(_removable_at(row), value))
                 if not lock.holds:  # look again when the lock should have ended (a hold release re-adds it)
-                    row.retain_until_ms = e.now_ms + max(lock.lock_until_ms - e.ctx.compliance_ms, _COMPACT_RETRY_MS)
+                    row.retain_until_ms = e.now_ms + max(lock.lock_until_ms - ctx.compliance_ms, _COMPACT_RETRY_MS)
                     kv.put(b"retention", time_key(_removable_at(row), value), b"")
                     kv.put(b"messages", value, row.encode())
                 continue
             if row.lock_mode or not scheduled:
-                audit(kv, c, e.ctx, "compact", target=format_id(value), namespace=row.namespace,
+                audit(kv, c, ctx, "compact", target=format_id(value), namespace=row.namespace,
                       before=_lock_fields(lock))
             remove_message(kv, c, value, row)
             done += 1
@@ -785,17 +799,17 @@ def _policy_fields(p: Policy) -> dict[str, Any]:
 def apply_policy(kv: KV, e: PolicyEntry, c: Counters) -> bool | Denied:
     """POLICY: a namespace's queue policy and immutability mode. A namespace in COMPLIANCE mode
     never leaves it nor shortens its retention; weakening GOVERNANCE needs a bypass."""
-    c.observe(e.ctx)
+    ctx = c.observe(e.ctx, e.now_ms)
     current = get_policy(kv, e.namespace)
-    refusal = rules.check("policy", e.ctx, None, permission="policy", namespace=e.namespace,
+    refusal = rules.check("policy", ctx, None, permission="policy", namespace=e.namespace,
                           new_mode=Mode(e.policy.mode), new_default_ms=e.policy.lock_retention_ms,
                           current_mode=Mode(current.mode), current_default_ms=current.lock_retention_ms)
     if refusal is not None:
-        return _deny(kv, c, e.ctx, "policy", refusal, e.namespace, e.namespace, _policy_fields(current),
+        return _deny(kv, c, ctx, "policy", refusal, e.namespace, e.namespace, _policy_fields(current),
                      requested=_policy_fields(e.policy))
     kv.put(b"policies", e.namespace.encode(), e.policy.encode())
     c.policies[e.namespace] = e.policy
-    audit(kv, c, e.ctx, "policy", target=e.namespace, namespace=e.namespace, before=_policy_fields(current),
+    audit(kv, c, ctx, "policy", target=e.namespace, namespace=e.namespace, before=_policy_fields(current),
           after=_policy_fields(e.policy))
     return True
 
@@ -803,21 +817,21 @@ def apply_policy(kv: KV, e: PolicyEntry, c: Counters) -> bool | Denied:
 def apply_legal_hold(kv: KV, c: Counters, e: LegalHoldEntry) -> bool | Denied:
     """LEGAL_HOLD: add or remove the hold ``case``. False if the message does not exist or (remove)
     has no such hold. A message with any hold is locked whatever its retention."""
-    c.observe(e.ctx)
+    ctx = c.observe(e.ctx, e.now_ms)
     row = get_message(kv, e.mid)
     if row is None:
         return False
     lock = lock_of(kv, e.mid, row)
     op = "legal_hold" if e.add else "release_legal_hold"
-    refusal = rules.check("hold" if e.add else "release_hold", e.ctx, lock, permission="legal_hold")
+    refusal = rules.check("hold" if e.add else "release_hold", ctx, lock, permission="legal_hold")
     if refusal is not None:
-        return _deny(kv, c, e.ctx, op, refusal, format_id(e.mid), row.namespace, _lock_fields(lock), case=e.case)
+        return _deny(kv, c, ctx, op, refusal, format_id(e.mid), row.namespace, _lock_fields(lock), case=e.case)
     key = e.mid + e.case.encode("utf-8")
     present = kv.get(b"holds", key) is not None
     if e.add == present:
         return e.add  # already held: nothing to do (True); no such hold to release (False)
     if e.add:
-        kv.put(b"holds", key, _I64.pack(e.ctx.compliance_ms) + e.ctx.actor.name.encode())
+        kv.put(b"holds", key, _I64.pack(ctx.compliance_ms) + ctx.actor.name.encode())
         if row.finished and not lock.holds:
             kv.delete(b"retention", time_key(_removable_at(row), e.mid))
         holds = tuple(sorted((*lock.holds, e.case)))
@@ -827,7 +841,7 @@ def apply_legal_hold(kv: KV, c: Counters, e: LegalHoldEntry) -> bool | Denied:
         if row.finished and not holds:
             kv.put(b"retention", time_key(_removable_at(row), e.mid), b"")
     after = Lock(lock.namespace, lock.mode, lock.lock_until_ms, holds)
-    audit(kv, c, e.ctx, op, target=format_id(e.mid), namespace=row.namespace, before=_lock_fields(lock),
+    audit(kv, c, ctx, op, target=format_id(e.mid), namespace=row.namespace, before=_lock_fields(lock),
           after=_lock_fields(after), case=e.case)
     return True
 
@@ -835,14 +849,14 @@ def apply_legal_hold(kv: KV, c: Counters, e: LegalHoldEntry) -> bool | Denied:
 def apply_retention(kv: KV, c: Counters, e: RetentionEntry) -> bool | Denied:
     """RETENTION: set a message's lock end. Extending is always allowed (``retention``
     permission); shortening only in GOVERNANCE with a bypass, never under a legal hold."""
-    c.observe(e.ctx)
+    ctx = c.observe(e.ctx, e.now_ms)
     row = get_message(kv, e.mid)
     if row is None:
         return False
     lock = lock_of(kv, e.mid, row)
-    refusal = rules.check("retention", e.ctx, lock, permission="retention", new_until_ms=e.until_ms)
+    refusal = rules.check("retention", ctx, lock, permission="retention", new_until_ms=e.until_ms)
     if refusal is not None:
-        return _deny(kv, c, e.ctx, "retention", refusal, format_id(e.mid), row.namespace, _lock_fields(lock),
+        return _deny(kv, c, ctx, "retention", refusal, format_id(e.mid), row.namespace, _lock_fields(lock),
                      requested_until_ms=e.until_ms)
     if row.finished and not lock.holds:
         kv.delete(b"retention", time_key(_removable_at(row), e.mid))
@@ -851,7 +865,7 @@ def apply_retention(kv: KV, c: Counters, e: RetentionEntry) -> bool | Denied:
         kv.put(b"retention", time_key(_removable_at(row), e.mid), b"")
     kv.put(b"messages", e.mid, row.encode())
     after = Lock(lock.namespace, lock.mode, e.until_ms, lock.holds)
-    audit(kv, c, e.ctx, "retention", target=format_id(e.mid), namespace=row.namespace, before=_lock_fields(lock),
+    audit(kv, c, ctx, "retention", target=format_id(e.mid), namespace=row.namespace, before=_lock_fields(lock),
           after=_lock_fields(after))
     return True
 
@@ -883,17 +897,17 @@ def _first_refusal(kv: KV, op: str, ctx: Ctx, messages: list[tuple[bytes, Messag
 def apply_drop(kv: KV, c: Counters, e: NamespaceEntry) -> int | Denied:
     """DROP: remove every message of a namespace; refused (nothing removed) if any is retained
     or held. Returns how many messages were removed."""
-    c.observe(e.ctx)
-    refusal = rules.check("drop", e.ctx, None, permission="delete", namespace=e.namespace)
+    ctx = c.observe(e.ctx, e.now_ms)
+    refusal = rules.check("drop", ctx, None, permission="delete", namespace=e.namespace)
     if refusal is not None:
-        return _deny(kv, c, e.ctx, "drop_namespace", refusal, e.namespace, e.namespace)
+        return _deny(kv, c, ctx, "drop_namespace", refusal, e.namespace, e.namespace)
     messages = _messages_in(kv, e.namespace)
-    found = _first_refusal(kv, "drop", e.ctx, messages)
+    found = _first_refusal(kv, "drop", ctx, messages)
     if found is not None:
-        return _deny(kv, c, e.ctx, "drop_namespace", found[0], e.namespace, e.namespace, first_locked=found[1])
+        return _deny(kv, c, ctx, "drop_namespace", found[0], e.namespace, e.namespace, first_locked=found[1])
     for mid, row in messages:
         remove_message(kv, c, mid, row)
-    audit(kv, c, e.ctx, "drop_namespace", target=e.namespace, namespace=e.namespace, removed=len(messages))
+    audit(kv, c, ctx, "drop_namespace", target=e.namespace, namespace=e.namespace, removed=len(messages))
     return len(messages)
 
 
@@ -933,9 +947,10 @@ def _reason_key_id(reason: bytes) -> int:
     return int.from_bytes(reason[:4], "little") if len(reason) >= 4 else 0
 
 
-def apply_shred(kv: KV, c: Counters, key_id: int, namespace: str, ctx: Ctx) -> int | Denied:
-    """Shred a namespace key: the messages under it (finished, unlocked) go with it."""
-    c.observe(ctx)
+def apply_shred(kv: KV, c: Counters, key_id: int, namespace: str, ctx: Ctx, now_ms: int | None = None) -> int | Denied:
+    """Shred a namespace key: the messages under it (finished, unlocked) go with it. ``now_ms`` is
+    the shred's time stamp (None: the request context's wall time)."""
+    ctx = c.observe(ctx, ctx.wall_ms if now_ms is None else now_ms)
     found = check_shred(kv, c, key_id, namespace, ctx)
     if isinstance(found, Denied):
         return found
@@ -947,10 +962,12 @@ def apply_shred(kv: KV, c: Counters, key_id: int, namespace: str, ctx: Ctx) -> i
     return len(found)
 
 
-def apply_key_created(kv: KV, c: Counters, key_id: int, namespace: str, ctx: Ctx | None) -> None:
-    """A new namespace key (rotation): audited when someone asked for it."""
+def apply_key_created(kv: KV, c: Counters, key_id: int, namespace: str, ctx: Ctx | None,
+                      now_ms: int | None = None) -> None:
+    """A new namespace key (rotation): audited when someone asked for it. ``now_ms`` is the key's
+    time stamp (None: the request context's wall time)."""
     if ctx is not None:
-        c.observe(ctx)
+        ctx = c.observe(ctx, ctx.wall_ms if now_ms is None else now_ms)
         audit(kv, c, ctx, "rotate_key", target=str(key_id), namespace=namespace)
 
 
@@ -961,13 +978,13 @@ CHECKPOINT_OP = "audit_checkpoint"
 def apply_denial(kv: KV, c: Counters, e: DenialEntry) -> Denied | None:
     """AUDIT: an entry only the audit log sees: a request refused before it became an entry of
     its own (a permission check at the API), or a request for a checkpoint."""
-    c.observe(e.ctx)
+    ctx = c.observe(e.ctx, e.now_ms)
     if e.op == CHECKPOINT_OP:
         if c.audit is not None:
-            audit(kv, c, e.ctx, CHECKPOINT_OP, target="audit")
+            audit(kv, c, ctx, CHECKPOINT_OP, target="audit")
             c.audit.checkpoint(kv, c.clock_ms)
         return None
-    return _deny(kv, c, e.ctx, e.op, Refusal(e.reason, "permission"), e.target, "")
+    return _deny(kv, c, ctx, e.op, Refusal(e.reason, "permission"), e.target, "")
 
 
 # --- planning (read-only) ---------------------------------------------------------------------------
