@@ -926,9 +926,10 @@ def test_an_actor_limited_to_some_namespaces_cannot_reach_others_by_naming_none(
     assert store.get(secret).recipients[0].state == "queued"
     # leased by a worker of its own: a team-a worker can neither settle nor bounce it
     (lease,) = store.lease("w", namespace="finance", actor=WORKER)
-    for settle in (lambda: store.bounce(lease.token, reason="dropped", actor=team_worker),
-                   lambda: store.ack(lease.token, actor=team_worker),
-                   lambda: store.ack_many([lease.token], actor=team_worker)):
+    settles: list[Callable[[], None]] = [lambda: store.bounce(lease.token, reason="dropped", actor=team_worker),
+                                         lambda: store.ack(lease.token, actor=team_worker),
+                                         lambda: store.ack_many([lease.token], actor=team_worker)]
+    for settle in settles:
         with pytest.raises(PermissionDenied, match="not in the namespaces this identity may use"):
             settle()
     with pytest.raises(PermissionDenied, match="not in the namespaces"):
