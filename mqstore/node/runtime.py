@@ -220,7 +220,9 @@ class Node:
             raise
         #: Peers' clock offsets, and the correction this node's stamps get (see clocks.py).
         self.clocks = PeerClocks(config.node_id, clock, config.max_clock_offset_ms)
-        self.log.use_clock(self.clocks.now_ms)  # message ids carry the corrected time too
+        # Message ids and creation times carry the corrected time too; messages are created at
+        # the queue's time on this node, never earlier than a stamp it applied.
+        self.log.use_clock(self.clocks.now_ms, lambda: max(self.clocks.now_ms(), self.stamp_ms))
         self._standstill = StandStillWarning(f"node {config.node_id}", log)
         self.transport = Transport(self.cluster_id, self._address_of, self._unreachable, channel_factory,
                                    stamp=self.clocks.stamp)

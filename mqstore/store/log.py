@@ -591,7 +591,7 @@ class LogStore:
             raise InvalidArgument(f"{len(messages)} messages in one call; the limit is {limits.APPEND_RECORDS_MAX}")
         # The queue's time, as the writer stamps entries: a clock set back must not make a new
         # message older than those already queued (lease order) nor move its idempotency window.
-        now = max(self.clock_ms(), self._last_stamp_ms)
+        now = self.queue_time_ms()
         staged = []
         encode = codec.encode_envelope
         integer = validate.integer
@@ -640,12 +640,20 @@ class LogStore:
     def append_message(self, **fields: Any) -> Appended:
         return self.append_messages([NewMessage(**fields)])[0]
 
-    def use_clock(self, clock_ms: Callable[[], int]) -> None:
+    def queue_time_ms(self) -> int:
+        """The queue's time, which new messages are created at: the clock, but never earlier than
+        the latest stamp (a node replaces this with its own, see :meth:`use_clock`)."""
+        return max(self.clock_ms(), self._last_stamp_ms)
+
+    def use_clock(self, clock_ms: Callable[[], int], queue_time_ms: Callable[[], int]) -> None:
         """Take times (message ids, batch stamps) from ``clock_ms`` from now on: a node gives its
         clock corrected to the voters' (see mqstore/node/clocks.py). The node's entries carry the
-        queue's time, so the node, not the store, watches for a clock behind it."""
+        queue's time (``queue_time_ms``: its latest applied stamp, or its clock when later), so
+        the node, not the store, watches for a clock behind it; this store's own batch stamps
+        are not the queue's time there."""
         self.clock_ms = clock_ms
         self.ids.clock_ms = clock_ms
+        self.queue_time_ms = queue_time_ms  # type: ignore[method-assign]
         self._standstill = None
 
     def open_message(self, record: Record) -> StoredMessage:
