@@ -70,6 +70,7 @@ from mqstore.security import auth
 from mqstore.security.auth import Authenticator, current_peer_node
 from mqstore.security.edge import EdgeInterceptor
 from mqstore.security.tls import PeerChannelFactory, server_credentials
+from mqstore.store import LogStore
 
 log = logging.getLogger(__name__)
 
@@ -779,15 +780,21 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
                 target.unlink(missing_ok=True)
 
 
-def _audit_signer(config: NodeConfig) -> Any:
+def _audit_signer(config: NodeConfig, log_store: LogStore) -> Any:
     """The Ed25519 key this node signs its audit checkpoints with: ``audit_signing_key`` (must
-    exist), else ``<data_dir>/audit-signing.key`` (created 0600 on first start)."""
+    exist), else ``<data_dir>/audit-signing.key`` (created 0600 on first start — but never for a
+    store whose audit log holds signed checkpoints already: its key file is missing, say after a
+    restore, and a new key would make each of them fail ``audit verify``)."""
     from mqstore.api import AUDIT_KEY_FILE
+    from mqstore.compliance import audit as audit_log
     from mqstore.compliance.signing import load_or_create_signing_key
+    from mqstore.queue.kv import LmdbKV
 
     if config.audit_signing_key is not None:
         return load_or_create_signing_key(config.audit_signing_key, create=False)
-    return load_or_create_signing_key(Path(config.data_dir) / AUDIT_KEY_FILE, create=True)
+    with log_store.env.read() as txn:
+        had_key = audit_log.signed_by(LmdbKV(txn, log_store.env.dbs))
+    return load_or_create_signing_key(Path(config.data_dir) / AUDIT_KEY_FILE, create=True, signed_by=had_key)
 
 
 #: Denials a follower may hold for the leader, and how long it retries each.
@@ -819,7 +826,7 @@ class NodeServer:
             node_options["channel_factory"] = PeerChannelFactory(config.tls)
         self.node = Node(config, **node_options)
         try:
-            self.queue = ClusterQueue(self.node, audit_signer=_audit_signer(config))
+            self.queue = ClusterQueue(self.node, audit_signer=_audit_signer(config, self.node.log))
         except BaseException:
             self.node.stop(transfer_leadership=False)
             raise

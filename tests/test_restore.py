@@ -312,3 +312,38 @@ def test_a_backup_over_the_network_names_the_nodes_audit_signing_key(tmp_path: P
     signer = read_signing_key(c.data_dir(1) / "audit-signing.key")
     assert header["audit_signing_key"]["key_id"] == key_id(signer)
     assert header["audit_signing_key"]["public_key"] == public_key_hex(signer)
+
+
+def test_a_node_whose_audit_log_is_signed_does_not_start_with_a_new_signing_key(tmp_path: Path) -> None:
+    """Its key file gone (a restored data dir, a botched move), a node refuses to start rather
+    than sign with a new key, naming the file; with the file back it starts and verifies."""
+    c = LocalCluster(tmp_path / "cluster", ["a"], cluster_id="c1")
+    try:
+        c.bootstrap()
+        c.start_all()
+        c.wait_for_leader()
+        with Client(c.addresses(), timeout=15) as client:
+            client.enqueue(mail_from="a@example.org", recipients=["r@d.example"], data=RAW)
+            client.audit_checkpoint()
+        c.stop(1)
+        key_file = c.data_dir(1) / "audit-signing.key"
+        saved = key_file.read_bytes()
+        key_file.unlink()
+        c.start(1)
+        proc = c.nodes[1].process
+        assert proc is not None and proc.wait(60) != 0
+        logged = c.log_tail(1, 20)
+        assert f"{key_file} does not exist, but this store's audit log holds checkpoints signed by key" in logged
+        assert not key_file.exists()
+        key_file.write_bytes(saved)
+        key_file.chmod(0o600)
+        c.start(1)
+        c.wait_for_leader()
+        c.stop(1)
+        verified = run("audit", "verify", "--data-dir", str(c.data_dir(1)), "--key-file", str(c.key_file))
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+    except BaseException:
+        print(c.log_tails())
+        raise
+    finally:
+        c.close()
