@@ -17,6 +17,7 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
+from mqstore import limits as _limits
 from mqstore.queue import model as _model
 
 cdef enum:
@@ -32,6 +33,7 @@ cdef enum:
     RCPT_FIXED = 28  # struct "<BBHqQq"
     LEASE_FIXED = 25  # struct "<B16sq"
     MID = 16
+    ATTEMPTS_MAX = 0xFFFF  # limits.RECIPIENT_ATTEMPTS_MAX: a u16 in the recipient row
 
 cdef tuple _NAMES = (None, "queued", "leased", "deferred", "delivered", "bounced", "expired")
 cdef str _LIVE = "messages.live"
@@ -45,6 +47,7 @@ def _bind():
     assert (_model.QUEUED, _model.LEASED, _model.DEFERRED, _model.DELIVERED, _model.BOUNCED, _model.EXPIRED) == (
         QUEUED, LEASED, DEFERRED, DELIVERED, BOUNCED, EXPIRED)
     assert (_model.HELD, _model.FINISHED) == (HELD, FINISHED)
+    assert _limits.RECIPIENT_ATTEMPTS_MAX == ATTEMPTS_MAX
     assert tuple(_model.STATE_NAMES[s] for s in range(1, 7)) == _NAMES[1:]
 
 
@@ -499,7 +502,8 @@ def settle(txn, dict dbs, c, kv, int target, uint64_t token, bytes mid, tuple le
         rparts = []
         _decode_rcpt(rraw, &r, rparts)
         new = target
-        r.attempts += 1
+        if r.attempts < ATTEMPTS_MAX:  # the count stops there (the reference's _attempted)
+            r.attempts += 1
         if target == DEFERRED:
             if m.expires and now_ms >= m.expires:
                 new = EXPIRED

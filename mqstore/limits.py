@@ -45,6 +45,9 @@ PRIORITY_MIN = -128
 PRIORITY_MAX = 127
 #: Times are milliseconds since the Unix epoch, stored as signed 64-bit integers.
 TIME_MS_MAX = 2**63 - 1
+#: A recipient's attempt count is a u16 in its state row: it counts up to this and stays there
+#: (attempts go on; only the count stops), so no attempt can fail to be stored.
+RECIPIENT_ATTEMPTS_MAX = 2**16 - 1
 #: The latest time a caller may give in epoch seconds: 9999-12-31T23:59:59Z.
 EPOCH_SECONDS_MAX = 253_402_300_799
 

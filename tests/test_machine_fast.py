@@ -27,7 +27,7 @@ from mqstore.codec import Envelope, RecordType
 from mqstore.errors import Corruption, StaleLease
 from mqstore.queue import machine
 from mqstore.queue.kv import LmdbKV
-from mqstore.queue.model import STATE_NAMES, AdminEntry, LeaseEntry, LeaseRow, Policy, SettleEntry
+from mqstore.queue.model import STATE_NAMES, AdminEntry, LeaseEntry, LeaseRow, Policy, SettleEntry, mid_ord
 from mqstore.store.env import DATABASES, Environment
 
 EXAMPLES = int(os.environ.get("MQSTORE_FUZZ_EXAMPLES", "150"))
@@ -161,6 +161,12 @@ class Runner:
         if kind == "admin":
             _, rtype, n, now = op
             return machine.apply_admin(kv, c, rtype, AdminEntry(now, mid_of(n)))
+        if kind == "attempts":  # set up a state: every recipient of message n has this many attempts
+            _, n, attempts = op
+            for ordinal, rcpt in machine.recipients_of(kv, mid_of(n)):
+                rcpt.attempts = attempts
+                kv.put(b"recipients", mid_ord(mid_of(n), ordinal), rcpt.encode())
+            return None
         _, ns, retention, expired_retention, window = op
         policy = Policy(retention_ms=retention, expired_retention_ms=expired_retention, dedup_window_ms=window)
         kv.put(b"policies", ns.encode(), policy.encode())
@@ -227,6 +233,33 @@ def test_a_grant_reports_the_most_attempts_among_its_recipients() -> None:
     ])
     grant = results[-1]
     assert isinstance(grant, machine.Grant) and grant.ordinals == (2, 1, 0) and grant.attempts == 2
+
+
+def _attempts(ops: list[tuple[Any, ...]], n: int) -> list[int]:
+    """The attempt counts of message ``n``'s recipients after applying ``ops`` (compiled)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = Runner(Path(tmp), True)
+        try:
+            for op in ops:
+                runner.apply(op)
+            with runner.env.env.begin() as txn:
+                return [r.attempts for _, r in machine.recipients_of(LmdbKV(txn, runner.env.dbs), mid_of(n))]
+        finally:
+            runner.env.close()
+
+
+@pytest.mark.parametrize("rtype", [RecordType.ACK, RecordType.DEFER, RecordType.BOUNCE])
+def test_a_settle_at_the_attempt_limit_keeps_the_count_there(rtype: RecordType) -> None:
+    # The count is a u16 in the row: the 65,536th attempt used to raise AssertionError (compiled)
+    # or struct.error (reference), so the entry could not be applied.
+    ops = [("enqueue", 1, "default", 0, ["a@x.org", "b@x.org"], 0, 0, 0, 10, 0),
+           ("attempts", 1, 65_535),
+           ("lease", 1, (0, 1), 10, 100, "w"),
+           ("settle", rtype, 0, 1, 20, (1_000,), b"451", False)]  # its last recipient
+    results = run_both(ops)
+    assert isinstance(results[2], machine.Grant) and results[2].attempts == 65_535
+    assert results[-1] is True
+    assert _attempts(ops, 1) == [65_535, 65_535]
 
 
 def test_an_idempotency_key_names_one_message_inside_its_window() -> None:

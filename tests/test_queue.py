@@ -12,6 +12,11 @@ import pytest
 import mqstore
 from mqstore import InvalidArgument, NotFound, StaleLease, Store
 from mqstore.crypto import create_key_file
+from mqstore.ids import parse_id
+from mqstore.queue import machine
+from mqstore.queue.kv import LmdbKV
+from mqstore.queue.model import mid_ord
+from mqstore.store import WriteContext
 
 T0 = 1_800_000_000.0
 
@@ -40,6 +45,16 @@ def qpath(tmp_path: Path) -> Path:
 @pytest.fixture
 def kek(tmp_path: Path) -> Path:
     return create_key_file(tmp_path / "queue.key")
+
+
+@pytest.fixture(params=["compiled", "pure"])
+def either_machine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test through the compiled state machine and through the pure-Python one."""
+    if request.param == "pure":
+        monkeypatch.setattr(machine, "_fast", None)
+    elif machine._fast is None:
+        pytest.skip("the compiled state machine is not in use")
+    return str(request.param)
 
 
 @pytest.fixture
@@ -191,6 +206,47 @@ def test_maintenance_expires_leases_without_a_lease_call(store: Store, clock: Cl
     assert r.state == "deferred" and r.attempts == 1 and r.next_attempt == clock.now
     with pytest.raises(StaleLease):
         store.ack(lease.token)
+
+
+def _set_attempts(store: Store, message_id: str, attempts: int) -> None:
+    """Give every recipient of the message ``attempts`` attempts, written with the row encoder
+    (what 65,535 lease timeouts would leave, without the minutes they take)."""
+    mid = parse_id(message_id)
+
+    def fn(wctx: WriteContext) -> None:
+        kv = LmdbKV(wctx.txn, wctx.dbs)
+        for ordinal, rcpt in machine.recipients_of(kv, mid):
+            rcpt.attempts = attempts
+            kv.put(b"recipients", mid_ord(mid, ordinal), rcpt.encode())
+
+    store.log.write(fn)
+
+
+def test_the_attempt_count_stops_at_its_limit_and_the_queue_goes_on(
+    store: Store, clock: Clock, either_machine: str
+) -> None:
+    # A recipient whose worker keeps crashing: its 65,536th attempt (a lease timeout, then a
+    # defer) used to raise struct.error / AssertionError in every lease() and maintain() after.
+    flaky = _enqueue(store, recipients=["a@x.example"])
+    _set_attempts(store, flaky, 65_534)
+    (lease,) = store.lease("w", lease_seconds=1)
+    clock.advance(2)
+    (lease,) = store.lease("w", lease_seconds=1)  # the timeout counted: 65,535
+    assert lease.attempts == 65_535
+    clock.advance(2)
+    (lease,) = store.lease("w", lease_seconds=1)  # one more timeout: the count stays
+    assert lease.attempts == 65_535
+    store.defer(lease.token, reason="451 later")
+    r = store.get(flaky).recipients[0]
+    assert (r.state, r.attempts, r.last_reason) == ("deferred", 65_535, "451 later")
+    other = _enqueue(store, recipients=["b@y.example"])  # the rest of the queue is unaffected
+    assert [x.message_id for x in store.lease("w2")] == [other]
+    assert store.maintain()["expired"] == 0
+    clock.advance(86_400)
+    (lease,) = [x for x in store.lease("w3") if x.message_id == flaky]
+    store.bounce(lease.token, reason="550 gave up")
+    r = store.get(flaky).recipients[0]
+    assert (r.state, r.attempts) == ("bounced", 65_535)
 
 
 def test_message_lifetime_expires_waiting_recipients(store: Store, clock: Clock) -> None:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from mqstore import limits
 from mqstore.codec import Envelope, RecordType
 from mqstore.compliance import rules
 from mqstore.compliance.rules import SYSTEM_ACTOR, Ctx, Lock, Mode, Refusal
@@ -216,6 +217,12 @@ def _remove_ready(kv: KV, row: MessageRow, mid: bytes, ordinal: int, rcpt: Recip
     ns0 = ns_key(row.namespace)
     kv.delete(b"ready", ready_key(ns0, row.priority, rcpt.due_ms, mid, ordinal))
     kv.delete(b"ready_dom", ready_dom_key(ns0, rcpt.domain, row.priority, rcpt.due_ms, mid, ordinal))
+
+
+def _attempted(attempts: int) -> int:
+    """A recipient's attempt count after one more attempt: it stops at
+    ``limits.RECIPIENT_ATTEMPTS_MAX`` (a u16 in the row), where the next attempt would not fit."""
+    return attempts + 1 if attempts < limits.RECIPIENT_ATTEMPTS_MAX else limits.RECIPIENT_ATTEMPTS_MAX
 
 
 def _set_state(row: MessageRow, c: Counters, old: int, new: int) -> None:
@@ -545,16 +552,12 @@ def apply_settle(kv: KV, c: Counters, rtype: int, e: SettleEntry, checked: Lease
     target = _SETTLE_STATE[RecordType(rtype)]
     for i, (ordinal, rcpt) in enumerate(zip(ords, rcpts, strict=True)):
         new = target
+        rcpt.attempts = _attempted(rcpt.attempts)
         if target == DEFERRED:
-            rcpt.attempts += 1
             if row.expires_at_ms and e.now_ms >= row.expires_at_ms:
                 new = EXPIRED
             else:
                 rcpt.due_ms = e.next_attempt_ms[i] if i < len(e.next_attempt_ms) else e.now_ms
-        elif target == BOUNCED:
-            rcpt.attempts += 1
-        else:
-            rcpt.attempts += 1
         if e.reason:
             rcpt.reason = e.reason
         _set_state(row, c, LEASED, new)
@@ -689,7 +692,7 @@ def _expire_lease(kv: KV, c: Counters, token: int, now_ms: int, ctx: Ctx) -> int
         rcpt = get_recipient(kv, lease.mid, ordinal)
         if rcpt is None or rcpt.state != LEASED or rcpt.token != token:
             continue
-        rcpt.attempts += 1  # the worker vanished: that was an attempt
+        rcpt.attempts = _attempted(rcpt.attempts)  # the worker vanished: that was an attempt
         new = EXPIRED if row.expires_at_ms and now_ms >= row.expires_at_ms else DEFERRED
         _set_state(row, c, LEASED, new)
         rcpt.state = new

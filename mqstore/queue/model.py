@@ -28,6 +28,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from mqstore import limits
 from mqstore.compliance.rules import Ctx
 from mqstore.errors import Corruption
 
@@ -225,6 +226,7 @@ class MessageRow:
 
 
 _RCPT = struct.Struct("<BBHqQq")
+assert limits.RECIPIENT_ATTEMPTS_MAX == 2**16 - 1, "the attempt count is the u16 of _RCPT"
 
 
 @dataclass(slots=True)
