@@ -403,7 +403,8 @@ def lease(txn, dict dbs, object deltas, uint64_t token, bytes mid, tuple ordinal
           int64_t deadline_ms, bytes worker):
     """LEASE. Returns False when the message is gone or held (nothing to observe), None (nothing
     written) when its namespace has a compliance mode or a field does not fit, else
-    ``(granted ordinals, most attempts, enqueue index)``, the ordinals possibly empty."""
+    ``(granted ordinals, most attempts, enqueue index)``, the ordinals possibly empty (always
+    when the message's lifetime passed by ``now_ms``)."""
     cdef Msg m
     cdef Rcpt r
     cdef list parts = [], rparts
@@ -421,6 +422,8 @@ def lease(txn, dict dbs, object deltas, uint64_t token, bytes mid, tuple ordinal
         return False
     if m.lock_mode:
         return None
+    if m.expires and m.expires <= now_ms:  # its lifetime passed: nothing of it is leased
+        return ((), 0, 0)
     cdef str ns = parts[0]
     cdef bytes tail = parts[1]
     cdef bytes ns0 = ns.encode("utf-8") + b"\x00"

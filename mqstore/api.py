@@ -65,6 +65,9 @@ QSHAPE_BUCKETS_MIN = (0, 5, 10, 20, 40, 80, 160, 320, 640, 1280)
 _LIST_SCAN_MAX = 200_000  # rows one list() call may examine before returning a partial page
 _READ_CHUNK = 2_000  # rows per read transaction in long scans
 _MAINTENANCE_ITEMS_MAX = 1_000  # expiry/compaction items per maintenance record
+#: Maintenance records of expiries one lease() writes at most before it plans (a backlog beyond
+#: is left to maintenance: the plan skips messages whose lifetime passed all the same).
+_LEASE_EXPIRE_RECORDS_MAX = 4
 _LOG_COMPACT_EVERY = 50_000  # compact the log after this many new records
 AUDIT_KEY_FILE = "audit-signing.key"  # an embedded store's audit signing key, in its directory
 #: Written in the transaction that shreds a key, deleted once the key's wrapped bytes are scrubbed
@@ -1254,7 +1257,9 @@ class Store(QueueBase):
             kv = self._kv(wctx)
             c = self._counters()
             ctx = self._ctx(actor)
-            self._expire_in(wctx, kv, c)
+            for _ in range(_LEASE_EXPIRE_RECORDS_MAX):
+                if self._expire_in(wctx, kv, c) < _MAINTENANCE_ITEMS_MAX:
+                    break
             grants = []
             for plan in machine.plan_lease(kv, wctx.now_ms, max_messages, namespace, domain):
                 entry = LeaseEntry(wctx.now_ms, wctx.now_ms + lease_ms, plan.mid, plan.ordinals, worker, ctx)

@@ -219,6 +219,19 @@ def test_a_defer_at_the_expiry_time_expires_the_recipient() -> None:
                 runner.env.close()
 
 
+def test_nothing_of_a_message_whose_lifetime_passed_is_leased_or_planned() -> None:
+    # Its expiry may not be applied yet (a backlog, or a replicated leader's lease planned beside
+    # the EXPIRE entry): the LEASE entry itself must not grant it.
+    expiring = ("enqueue", 1, "default", 0, ["a@x.org", "b@x.org"], 0, 0, 300, 10, 0)
+    other = ("enqueue", 2, "default", -1, ["c@x.org"], 0, 0, 0, 10, 0)
+    for now, granted in ((299, (0, 1)), (300, ()), (301, ())):
+        results = run_both([expiring, other, ("plan", now, 4, None, None), ("lease", 1, (0, 1), now, 100, "w")])
+        plans, grant = results[2], results[3]
+        assert isinstance(plans, list) and isinstance(grant, machine.Grant)
+        assert [p.mid for p in plans] == ([mid_of(1)] if granted else []) + [mid_of(2)]
+        assert grant.ordinals == granted
+
+
 def test_a_grant_reports_the_most_attempts_among_its_recipients() -> None:
     three = ("enqueue", 1, "default", 0, ["a@x.org", "b@x.org", "c@x.org"], 0, 0, 0, 10, 0)
     results = run_both([

@@ -271,6 +271,34 @@ def test_message_lifetime_expires_waiting_recipients(store: Store, clock: Clock)
         store.get(mid)
 
 
+def test_lease_never_hands_out_a_message_whose_lifetime_passed(store: Store, clock: Clock) -> None:
+    # More expiries due than one maintenance record holds (1000): lease() used to expire 1000,
+    # then lease the 1001st, which an ack then marked delivered.
+    ids = store.enqueue_many([{"mail_from": "a@example.org", "recipients": [f"r{i}@example.net"], "data": b"x",
+                               "expires_in": 60} for i in range(1001)])
+    clock.advance(3600)
+    assert store.lease("w", max_messages=10) == []
+    assert store.stats()["recipients"]["expired"] == 1001
+    assert {r.state for r in store.get(ids[-1]).recipients} == {"expired"}
+
+
+def test_a_backlog_of_expiries_lease_does_not_write_is_still_not_leased(
+    store: Store, clock: Clock, monkeypatch: pytest.MonkeyPatch, either_machine: str
+) -> None:
+    # lease() writes a bounded number of expiries before it plans; what is left of a backlog
+    # beyond that is skipped by the plan and refused by the lease entry, and maintenance expires it.
+    monkeypatch.setattr(mqstore.api, "_MAINTENANCE_ITEMS_MAX", 2)
+    monkeypatch.setattr(mqstore.api, "_LEASE_EXPIRE_RECORDS_MAX", 2)
+    short = [_enqueue(store, recipients=[f"r{i}@x.example"], expires_in=60, priority=5) for i in range(7)]
+    live = _enqueue(store, recipients=["live@y.example"])
+    clock.advance(3600)
+    assert [(x.message_id, x.recipients) for x in store.lease("w", max_messages=3)] == [
+        (live, ("live@y.example",))]
+    assert store.stats()["recipients"]["expired"] == 4  # two records of two expiries
+    assert store.maintain()["expired"] == 3  # the rest, never leased
+    assert {r.state for mid in short for r in store.get(mid).recipients} == {"expired"}
+
+
 def test_recipient_leased_at_expiry_expires_when_it_comes_back(store: Store, clock: Clock) -> None:
     mid = _enqueue(store, recipients=["a@x.example"], expires_in=100)
     (lease,) = store.lease("w", lease_seconds=600)

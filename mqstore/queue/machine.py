@@ -457,7 +457,10 @@ def apply_lease(kv: KV, c: Counters, token: int, e: LeaseEntry) -> Grant:
     """LEASE: grant the entry's recipients that are still waiting and due; returns the grant.
 
     A recipient already leased (or final, or held) is skipped, so a recipient is never leased to
-    two workers at once even if two grants for it were planned concurrently.
+    two workers at once even if two grants for it were planned concurrently. Nothing of a message
+    whose lifetime has passed (``expires_at_ms`` at or before the entry's time) is granted, even
+    while its expiry is not yet applied (more expiries were due than one EXPIRE entry holds, or
+    a replicated leader planned the lease beside the expiry): it expires, it is not delivered.
     """
     if _fast is not None and isinstance(kv, LmdbKV):
         got = _fast.lease(kv._txn, kv._dbs, c.deltas, token, e.mid, tuple(e.ordinals), e.now_ms, e.deadline_ms,
@@ -472,7 +475,7 @@ def apply_lease(kv: KV, c: Counters, token: int, e: LeaseEntry) -> Grant:
         return _NO_GRANT
     granted = []
     attempts = 0
-    for ordinal in e.ordinals:
+    for ordinal in () if _expired(row, e.now_ms) else e.ordinals:
         rcpt = get_recipient(kv, e.mid, ordinal)
         if rcpt is None or rcpt.state not in WAITING or rcpt.due_ms > e.now_ms:
             continue
@@ -494,6 +497,11 @@ def apply_lease(kv: KV, c: Counters, token: int, e: LeaseEntry) -> Grant:
         audit(kv, c, ctx, "lease", target=format_id(e.mid), namespace=row.namespace, ordinals=granted,
               worker=e.worker, token=token, deadline_ms=e.deadline_ms)
     return Grant(tuple(granted), attempts, row.enqueue_index)
+
+
+def _expired(row: MessageRow, now_ms: int) -> bool:
+    """Whether the message's lifetime has passed at ``now_ms`` (so it is leased no more)."""
+    return bool(row.expires_at_ms) and row.expires_at_ms <= now_ms
 
 
 def check_settle(kv: KV, token: int, ordinals: Iterable[int] | None) -> tuple[LeaseRow, tuple[int, ...]]:
@@ -1053,6 +1061,10 @@ def plan_lease(
     spaces = [namespace] if namespace is not None else namespaces(kv)
     streams = [_due_in_namespace(kv, ns, domain, now_ms) for ns in spaces]
     candidates = heapq.merge(*streams) if len(streams) > 1 else (streams[0] if streams else iter(()))
+    # Messages whose lifetime passed are not leased (apply_lease grants them nothing); while
+    # some such expiry is not yet applied, each candidate's lifetime is checked here too, so
+    # the plan still fills up with messages that can be delivered.
+    overdue = first(kv, b"expiry", b"", U64.pack(max(now_ms, 0) + 1)) is not None
     seen: set[bytes] = set()
     plans: list[LeasePlan] = []
     picked: list[bytes] = []
@@ -1060,6 +1072,10 @@ def plan_lease(
         if mid in seen or (exclude and mid in exclude):
             continue
         seen.add(mid)
+        if overdue:
+            row = get_message(kv, mid)
+            if row is None or _expired(row, now_ms):
+                continue
         picked.append(mid)
         if len(picked) >= max_messages:
             break
