@@ -120,6 +120,17 @@ def _seconds(value: object, field_name: str, *, allow_zero: bool = False) -> flo
     return float(value)
 
 
+def _duration_ms(value: object, field_name: str, *, allow_zero: bool = False) -> int:
+    """A duration argument (seconds) as the whole milliseconds entries hold. One that must be
+    > 0 is refused when it rounds to 0 ms: a lifetime of 0 means "never expires", a lease of 0
+    would end as it starts."""
+    ms = _ms(_seconds(value, field_name, allow_zero=allow_zero))
+    if ms <= 0 and not allow_zero:
+        raise InvalidArgument(f"{field_name} must be at least 1 ms (0.001 s; durations are kept in whole "
+                              f"milliseconds), not {value}")
+    return ms
+
+
 # --- results --------------------------------------------------------------------------------------
 
 
@@ -417,7 +428,7 @@ class QueueBase:
             if expires_in is None:
                 lifetime_ms = self._policy(namespace).lifetime_ms
             else:
-                lifetime_ms = _ms(_seconds(expires_in, f"messages[{i}].expires_in"))
+                lifetime_ms = _duration_ms(expires_in, f"messages[{i}].expires_in")
             new.append(
                 NewMessage(
                     mail_from=m["mail_from"],
@@ -440,7 +451,7 @@ class QueueBase:
         if not isinstance(worker, str) or not worker or len(worker.encode()) > 64:
             raise InvalidArgument("worker must be a name of 1..64 bytes")
         validate.integer(max_messages, "max_messages", 1, limits.APPEND_RECORDS_MAX)
-        lease_ms = _ms(_seconds(lease_seconds, "lease_seconds"))
+        lease_ms = _duration_ms(lease_seconds, "lease_seconds")
         if namespace is not None:
             validate.namespace(namespace)
         if domain is not None:
@@ -469,19 +480,20 @@ class QueueBase:
         if backoff is not None:
             if isinstance(backoff, (str, bytes)) or not isinstance(backoff, Sequence) or len(backoff) > 64:
                 raise InvalidArgument("backoff must be a list of at most 64 delays in seconds")
-            schedule = tuple(_ms(_seconds(s, f"backoff[{i}]")) for i, s in enumerate(backoff))
+            schedule = tuple(_duration_ms(s, f"backoff[{i}]") for i, s in enumerate(backoff))
         else:
             schedule = old.backoff_ms
 
         def ms_or(old_ms: int, value: float | None, name: str, allow_zero: bool) -> int:
-            return old_ms if value is None else _ms(_seconds(value, name, allow_zero=allow_zero))
+            return old_ms if value is None else _duration_ms(value, name, allow_zero=allow_zero)
 
         new_mode = old.mode if mode is None else int(Mode.parse(mode))
         lock_ms = ms_or(old.lock_retention_ms, lock_retention, "retention", True)
         if lock_ms > limits.LOCK_RETENTION_MS_MAX:
             raise InvalidArgument(f"retention is at most {limits.LOCK_RETENTION_MS_MAX // 86_400_000} days")
         if new_mode != Mode.NONE and lock_ms <= 0:
-            raise InvalidArgument(f"mode {Mode(new_mode).name.lower()} needs a retention period (retention_days > 0)")
+            raise InvalidArgument(f"mode {Mode(new_mode).name.lower()} needs a retention period of at least 1 ms "
+                                  "(retention_days > 0)")
         return Policy(
             backoff_ms=schedule,
             lifetime_ms=ms_or(old.lifetime_ms, lifetime, "lifetime", False),

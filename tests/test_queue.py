@@ -518,6 +518,7 @@ def test_background_maintenance_expires_leases(qpath: Path, kek: Path) -> None:
         ({"not_before": "tomorrow"}, "not_before"),
         ({"expires_in": 0}, "expires_in"),
         ({"expires_in": -5}, "expires_in"),
+        ({"expires_in": 0.0004}, r"expires_in must be at least 1 ms"),  # 0 ms: it would never expire
         ({"namespace": "bad/ns"}, "namespace"),
         ({"idempotency_key": ""}, "idempotency_key"),
     ],
@@ -532,6 +533,34 @@ def test_bad_enqueue_input_is_refused_and_nothing_changes(
     with pytest.raises(InvalidArgument, match=message):
         store.enqueue(**fields)  # type: ignore[arg-type]
     assert store.log.last_index == last and store.stats()["recipients"] == stats
+
+
+def test_durations_that_round_to_zero_milliseconds_are_refused(store: Store, clock: Clock) -> None:
+    # Durations are kept in whole milliseconds, where 0 means "never expires": 0.0004 s passed
+    # the "> 0" check, then became a message (or a namespace lifetime) that never expired, and a
+    # lease whose deadline was its start.
+    mid = _enqueue(store)
+    last = store.log.last_index
+    for call, name in [
+        (lambda: store.set_namespace_policy("tiny", lifetime=0.0004), "lifetime"),
+        (lambda: store.set_namespace_policy("tiny", backoff=[60, 0.0004]), r"backoff\[1\]"),
+        (lambda: store.lease("w", lease_seconds=0.0004), "lease_seconds"),
+        (lambda: store.enqueue_many([{"mail_from": "a@example.org", "recipients": ["b@example.net"], "data": b"x"},
+                                     {"mail_from": "a@example.org", "recipients": ["b@example.net"], "data": b"x",
+                                      "expires_in": 0.0004}]), r"messages\[1\]\.expires_in"),
+    ]:
+        with pytest.raises(InvalidArgument, match=f"{name} must be at least 1 ms"):
+            call()
+    assert store.log.last_index == last and store.get_policy("tiny").lifetime_ms == 5 * 86_400_000
+    assert {r.state for r in store.get(mid).recipients} == {"queued"}
+    # What rounds to 1 ms is kept as 1 ms.
+    short = _enqueue(store, expires_in=0.0006)
+    assert store.get(short).expires_at == pytest.approx(T0 + 0.001)
+    (lease,) = store.lease("w", lease_seconds=0.0006, max_messages=1)
+    assert lease.deadline == pytest.approx(T0 + 0.001)
+    clock.advance(1)
+    store.maintain()
+    assert {r.state for r in store.get(short).recipients} == {"expired"}
 
 
 def test_bad_calls_elsewhere_are_refused(store: Store) -> None:
