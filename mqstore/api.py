@@ -120,6 +120,23 @@ def _seconds(value: object, field_name: str, *, allow_zero: bool = False) -> flo
     return float(value)
 
 
+def _utf8(value: str, field_name: str) -> bytes:
+    """A text argument in UTF-8, as entries hold it; InvalidArgument when it cannot be encoded
+    (a lone surrogate, e.g. from a file name decoded with surrogateescape)."""
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{field_name} is not valid Unicode (lone surrogate)") from None
+
+
+def _why(bypass: bool, reason: str | None) -> str:
+    """A governance bypass's reason, checked (rules.check_reason), refusing one that cannot be
+    encoded with a message that says so."""
+    if isinstance(reason, str):
+        _utf8(reason, "reason")
+    return check_reason(bypass, reason)
+
+
 def _duration_ms(value: object, field_name: str, *, allow_zero: bool = False) -> int:
     """A duration argument (seconds) as the whole milliseconds entries hold. One that must be
     > 0 is refused when it rounds to 0 ms: a lifetime of 0 means "never expires", a lease of 0
@@ -448,7 +465,7 @@ class QueueBase:
         worker: str, max_messages: int, lease_seconds: float, namespace: str | None, domain: str | None
     ) -> tuple[int, str | None]:
         """Check lease arguments; returns the lease length in ms and the normalised domain."""
-        if not isinstance(worker, str) or not worker or len(worker.encode()) > 64:
+        if not isinstance(worker, str) or not worker or len(_utf8(worker, "worker")) > 64:
             raise InvalidArgument("worker must be a name of 1..64 bytes")
         validate.integer(max_messages, "max_messages", 1, limits.APPEND_RECORDS_MAX)
         lease_ms = _duration_ms(lease_seconds, "lease_seconds")
@@ -460,7 +477,7 @@ class QueueBase:
 
     @staticmethod
     def _check_reason(reason: str | None) -> None:
-        if reason is not None and (not isinstance(reason, str) or len(reason.encode("utf-8", "replace")) > 4096):
+        if reason is not None and (not isinstance(reason, str) or len(_utf8(reason, "reason")) > 4096):
             raise InvalidArgument("reason must be a string of at most 4096 bytes")
 
     def _new_policy(
@@ -587,7 +604,7 @@ class QueueBase:
         COMPLIANCE retention or any legal hold protects it, and under GOVERNANCE retention unless
         the actor has the ``bypass_governance`` permission, passes ``bypass_governance=True`` and
         gives a ``reason``. Every outcome is audited."""
-        self._admin(RecordType.DELETE, message_id, actor, bypass_governance, check_reason(bypass_governance, reason))
+        self._admin(RecordType.DELETE, message_id, actor, bypass_governance, _why(bypass_governance, reason))
 
     def _admin(self, rtype: RecordType, message_id: str, actor: Actor | None, bypass: bool = False,
                reason: str = "") -> None:
@@ -627,7 +644,7 @@ class QueueBase:
         COMPLIANCE mode never leaves it nor shortens its lock (:class:`Immutable`)."""
         actor = self._actor(actor)
         validate.namespace(namespace)
-        why = check_reason(bypass_governance, reason)
+        why = _why(bypass_governance, reason)
         self._sync()
         self._policies.pop(namespace, None)
         policy = self._new_policy(namespace, backoff, lifetime, retention, dedup_window, expired_retention,
@@ -653,7 +670,7 @@ class QueueBase:
 
     @staticmethod
     def _case(case: object) -> str:
-        if not isinstance(case, str) or not case.strip() or len(case.encode()) > limits.LEGAL_HOLD_CASE_BYTES_MAX:
+        if not isinstance(case, str) or not case.strip() or len(_utf8(case, "case")) > limits.LEGAL_HOLD_CASE_BYTES_MAX:
             raise InvalidArgument(f"case must be a non-empty id of at most {limits.LEGAL_HOLD_CASE_BYTES_MAX} bytes")
         if any(ord(ch) < 32 for ch in case):
             raise InvalidArgument("case must not contain control characters")
@@ -708,7 +725,7 @@ class QueueBase:
         if until_ms <= 0 or until_ms > limits.TIME_MS_MAX:
             raise InvalidArgument("until must be a time after the epoch")
         actor = self._actor(actor)
-        why = check_reason(bypass_governance, reason)
+        why = _why(bypass_governance, reason)
 
         def precheck(kv: KV) -> None:
             row = machine.get_message(kv, mid)

@@ -32,7 +32,8 @@ NOW = 1_780_000_000.0
 RAW = b"From: a@example.org\r\nSubject: fuzz\r\n\r\nbody\r\n"
 
 _WRONG: list[Any] = [
-    None, True, False, 0, -1, 1, 2**70, -(2**70), 1.5, -0.5, math.nan, math.inf, "", " ", "x", "\x00", "a" * 5000,
+    None, True, False, 0, -1, 1, 2**70, -(2**70), 1.5, -0.5, 0.0004, math.nan, math.inf, "", " ", "x", "\x00",
+    "a" * 5000,
     b"bytes", bytearray(b"x"), [], [[]], [None], [1, 2], {}, {"a": 1}, (), object(), dt.datetime(2020, 1, 1),
     dt.timedelta(seconds=5),
 ]
@@ -230,6 +231,10 @@ FOUND = [
     ("rotate_key", {"namespace": object()}),
     ("shred_key", {"key_id": {}}),
     ("shred_key", {"key_id": -(2**70)}),
+    # Lone surrogates in free text (UnicodeEncodeError from inside the embedded store before).
+    ("lease", {"worker": "\ud800"}),
+    ("defer", {"token": "live", "reason": "451 \ud800"}),
+    ("bounce", {"token": "live", "reason": "550 \udcff"}),
 ]
 
 

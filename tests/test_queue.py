@@ -563,6 +563,29 @@ def test_durations_that_round_to_zero_milliseconds_are_refused(store: Store, clo
     assert {r.state for r in store.get(short).recipients} == {"expired"}
 
 
+def test_text_that_cannot_be_encoded_is_refused_and_nothing_changes(store: Store) -> None:
+    # A lone surrogate (as os.fsdecode or a careless decoder leaves in a str) passed the checks,
+    # then failed inside with UnicodeEncodeError; the reason check even used "replace".
+    mid = _enqueue(store, recipients=["a@x.example"])
+    (lease,) = store.lease("w")
+    store.add_legal_hold(mid, "SEC-1")
+    before, last = store.get(mid), store.log.last_index
+    for call, field in [
+        (lambda: store.lease("\ud800"), "worker"),
+        (lambda: store.defer(lease.token, reason="451 \ud800"), "reason"),
+        (lambda: store.bounce(lease.token, reason="550 \udcff"), "reason"),
+        (lambda: store.add_legal_hold(mid, "\ud800"), "case"),
+        (lambda: store.remove_legal_hold(mid, "SEC-\udc80"), "case"),
+        (lambda: store.delete(mid, bypass_governance=True, reason="\ud800"), "reason"),
+        (lambda: store.set_namespace_policy("default", lifetime=60, bypass_governance=True, reason="\ud800"), "reason"),
+    ]:
+        with pytest.raises(InvalidArgument, match=f"{field} is not valid Unicode"):
+            call()
+    assert store.get(mid) == before and store.log.last_index == last
+    store.defer(lease.token, reason="451 later")  # the lease is still good
+    assert store.get(mid).recipients[0].last_reason == "451 later"
+
+
 def test_bad_calls_elsewhere_are_refused(store: Store) -> None:
     mid = _enqueue(store)
     for call, message in [
