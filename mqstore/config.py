@@ -57,10 +57,13 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mqstore import limits
 from mqstore.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from mqstore.consensus.types import ConfState
 
 _KEYS = {"node_id", "site", "listen", "advertise", "data_dir", "key_file", "audit_signing_key", "min_sites",
          "peers", "cluster_id",
@@ -175,9 +178,15 @@ def _addr(value: object, where: str) -> str:
     if not isinstance(value, str) or ":" not in value:
         raise ConfigError(f"{where} must be 'host:port', not {value!r}")
     host, _, port = value.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not _port_text(port) or not 0 < int(port) < 65536:
         raise ConfigError(f"{where} must be 'host:port' with a port 1..65535, not {value!r}")
     return value
+
+
+def _port_text(port: str) -> bool:
+    """Whether ``port`` is written in ASCII digits (str.isdigit also takes '²' or Arabic-Indic
+    digits, which int() refuses or reads as another number)."""
+    return port.isascii() and port.isdigit()
 
 
 def _int(value: object, where: str, lo: int, hi: int) -> int:
@@ -193,8 +202,15 @@ def _name(value: object, where: str) -> str:
     return value
 
 
-def parse(data: dict[str, Any], source: str = "<dict>") -> NodeConfig:
-    """Validate a configuration mapping (as read from TOML)."""
+def check_cluster_id(value: object, where: str = "cluster_id") -> str:
+    """A cluster id: what a config's ``cluster_id`` and ``mqstore bootstrap|join --cluster-id``
+    accept (a name of 1-64 letters, digits, '-' or '_')."""
+    return _name(value, where)
+
+
+def parse(data: dict[str, Any], source: str = "<dict>", *, check_tls: bool = True) -> NodeConfig:
+    """Validate a configuration mapping (as read from TOML). ``check_tls=False``: the [tls] table
+    is checked, not the files it names (see :func:`load`)."""
     where = f"{source}:"
     unknown = sorted(set(data) - _KEYS)
     if unknown:
@@ -205,7 +221,7 @@ def parse(data: dict[str, Any], source: str = "<dict>") -> NodeConfig:
     node_id = _int(data["node_id"], f"{where} node_id", 1, 2**63 - 1)
     site = _name(data["site"], f"{where} site")
     listen = _addr(data["listen"], f"{where} listen")
-    advertise = _addr(data["advertise"], f"{where} advertise") if data.get("advertise") else ""
+    advertise = _addr(data["advertise"], f"{where} advertise") if "advertise" in data else ""
     if not isinstance(data["data_dir"], str) or not data["data_dir"]:
         raise ConfigError(f"{where} data_dir must be a path")
     key_file = data.get("key_file")
@@ -235,9 +251,7 @@ def parse(data: dict[str, Any], source: str = "<dict>") -> NodeConfig:
             raise ConfigError(f"{pw}.id {pid} is used twice (node ids are unique)")
         seen.add(pid)
         peers.append(Peer(pid, _name(p["site"], f"{pw}.site"), _addr(p["address"], f"{pw}.address")))
-    cluster_id = data.get("cluster_id", "")
-    if cluster_id:
-        _name(cluster_id, f"{where} cluster_id")
+    cluster_id = check_cluster_id(data["cluster_id"], f"{where} cluster_id") if "cluster_id" in data else ""
     log_level = data.get("log_level", "info")
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{where} log_level must be debug, info, warning or error, not {log_level!r}")
@@ -247,7 +261,7 @@ def parse(data: dict[str, Any], source: str = "<dict>") -> NodeConfig:
     insecure = data.get("insecure", False)
     if not isinstance(insecure, bool):
         raise ConfigError(f"{where} insecure must be true or false, not {insecure!r}")
-    tls = _tls(data.get("tls"), where, node_id, insecure)
+    tls = _tls(data.get("tls"), where, node_id, insecure, check_tls)
     return NodeConfig(
         insecure=insecure,
         tls=tls,
@@ -289,7 +303,7 @@ def _path(value: object, where: str) -> Path:
     return Path(value)
 
 
-def _tls(value: object, where: str, node_id: int, insecure: bool) -> TLSFiles | None:
+def _tls(value: object, where: str, node_id: int, insecure: bool, check_files: bool) -> TLSFiles | None:
     from mqstore.security.certs import check_tls_files
 
     if value is None:
@@ -307,6 +321,8 @@ def _tls(value: object, where: str, node_id: int, insecure: bool) -> TLSFiles | 
                      _path(t["key"], f"{where} tls.key"))
     if insecure:
         raise ConfigError(f"{where} insecure = true and a [tls] table: choose one")
+    if not check_files:
+        return files
     try:
         check_tls_files(files.ca, files.cert, files.key, node_id=node_id, where=where)
     except InvalidArgument as exc:
@@ -374,7 +390,7 @@ def _metrics(value: object, where: str) -> str:
         return ""
     value = t["listen"]
     host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:  # port 0: any free port (tests)
+    if not host or not _port_text(port) or not 0 <= int(port) < 65536:  # port 0: any free port (tests)
         raise ConfigError(f"{where} metrics.listen must be 'host:port' with a port 0..65535, not {value!r}")
     return str(value)
 
@@ -392,8 +408,44 @@ def _health(value: object, where: str) -> dict[str, Any]:
     return out
 
 
-def load(path: str | Path) -> NodeConfig:
-    """Read and validate a TOML configuration file."""
+def bootstrap_conf(config: NodeConfig) -> ConfState:
+    """The first membership ``mqstore bootstrap`` gives a new cluster from ``config``: this node
+    and its ``peers`` as voters, in their sites; ``min_sites`` defaults to 2, or 1 for a cluster
+    in a single site (a one-node trial, say)."""
+    from mqstore.consensus.types import ConfState
+
+    sites = sorted({(config.node_id, config.site), *((p.id, p.site) for p in config.peers)})
+    distinct = len({s for _, s in sites})
+    min_sites = config.min_sites if config.min_sites is not None else (2 if distinct > 1 else 1)
+    return ConfState(voters=frozenset(n for n, _ in sites), sites=tuple(sites), min_sites=min_sites)
+
+
+def check_placement(config: NodeConfig) -> ConfState:
+    """Raise ConfigError naming the file unless the membership ``mqstore bootstrap`` would create
+    from ``config`` (:func:`bootstrap_conf`) follows the placement rules, checked by the same
+    function bootstrap and every membership change use
+    (:func:`mqstore.consensus.raft.validate_conf`)."""
+    from mqstore.consensus.raft import validate_conf
+    from mqstore.consensus.types import InvalidConfig
+
+    conf = bootstrap_conf(config)
+    try:
+        validate_conf(conf)
+    except InvalidConfig as exc:
+        raise ConfigError(
+            f"{config.source}: min_sites, site and [[peers]]: this node and its peers break the placement rules "
+            f"(`mqstore bootstrap` refuses them): {exc}"
+        ) from None
+    return conf
+
+
+def load(path: str | Path, *, check_tls: bool = True) -> NodeConfig:
+    """Read and validate a TOML configuration file.
+
+    ``check_tls=False`` leaves out reading the TLS files (readable, matching, signed by the CA,
+    valid now, naming the node): for commands that read a stopped node's config only for its
+    data dir, key file and node id, which work on the store whatever state its certificate is in
+    (expired, say: exactly when an operator needs them)."""
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -403,7 +455,8 @@ def load(path: str | Path) -> NodeConfig:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
-    return parse(data, str(p))
+    return parse(data, str(p), check_tls=check_tls)
 
 
-__all__ = ["AuthConfig", "ClientRoles", "ConfigError", "EdgeLimits", "NodeConfig", "Peer", "TLSFiles", "load", "parse"]
+__all__ = ["AuthConfig", "ClientRoles", "ConfigError", "EdgeLimits", "NodeConfig", "Peer", "TLSFiles", "bootstrap_conf",
+           "check_cluster_id", "check_placement", "load", "parse"]

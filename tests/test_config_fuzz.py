@@ -12,8 +12,10 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import os
+import re
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -55,7 +57,7 @@ _SCALARS = st.one_of(
     st.booleans(),
     st.text(max_size=30),
     st.sampled_from(["", " ", "ams", "127.0.0.1:0", "127.0.0.1:99999", "host:", ":7001", "../x", "\x00",
-                     "debug", "a" * 300, "[::1]:7001"]),
+                     "debug", "a" * 300, "[::1]:7001", "127.0.0.1:\u00b2", "127.0.0.1:\u0661\u0662"]),
     st.datetimes(min_value=dt.datetime(1970, 1, 1), max_value=dt.datetime(2100, 1, 1)),
     st.dates(min_value=dt.date(1970, 1, 1)),
     st.times(),
@@ -111,3 +113,32 @@ def test_a_damaged_configuration_is_valid_or_a_config_error(data: dict[str, Any]
         assert str(exc).startswith(SOURCE), str(exc)
         return
     assert isinstance(config, NodeConfig)
+
+
+#: A port written with digits other than ASCII ones: '²' (int() refuses it), Arabic-Indic '١٢'
+#: (int() reads 12), fullwidth '７００１'.
+_ODD_PORTS = ["127.0.0.1:\u00b2", "127.0.0.1:\u0661\u0662", "127.0.0.1:\uff17\uff10\uff10\uff11"]
+
+
+@pytest.mark.parametrize("port", _ODD_PORTS)
+@pytest.mark.parametrize("key", ["listen", "advertise", "peers[0].address", "metrics.listen"])
+def test_a_port_in_other_digits_than_ascii_is_a_config_error_naming_the_key(key: str, port: str) -> None:
+    data = _valid()
+    if key == "peers[0].address":
+        data["peers"][0]["address"] = port
+    elif key == "metrics.listen":
+        data["metrics"]["listen"] = port
+    else:
+        data[key] = port
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{SOURCE}: {key} must be")):
+        parse(data, SOURCE)
+
+
+@pytest.mark.parametrize("key, value", [("cluster_id", False), ("cluster_id", 0), ("cluster_id", ""),
+                                        ("cluster_id", "bad id!"), ("advertise", 0), ("advertise", False),
+                                        ("advertise", "")])
+def test_a_present_key_is_checked_even_when_its_value_is_falsy(key: str, value: Any) -> None:
+    data = _valid()
+    data[key] = value
+    with pytest.raises(ConfigError, match=rf"^{SOURCE}: {key} must be"):
+        parse(data, SOURCE)
