@@ -50,9 +50,11 @@ def add_target_args(p: argparse.ArgumentParser, *, server: bool = True, offline:
 
 
 def _config(args: argparse.Namespace) -> Any:
+    """The --config node's config, read for its data dir, key file and node id: its TLS files are
+    not checked (a node stopped by an expired certificate is when its store needs looking at)."""
     from mqstore import config as cfg
 
-    return cfg.load(args.config) if getattr(args, "config", None) else None
+    return cfg.load(args.config, check_tls=False) if getattr(args, "config", None) else None
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
@@ -130,6 +132,8 @@ class Target:
         path = _data_dir(args)
         self.where = str(path)
         key = _key_file(args)
+        if not (path / "data.mdb").exists():  # never create a store where none is (a typo'd path)
+            raise NotFound(f"no mqstore store at {path}")
         if write:
             import mqstore
 
@@ -141,8 +145,6 @@ class Target:
             from mqstore.api import QueueBase
             from mqstore.store import LogStore
 
-            if not (path / "data.mdb").exists():
-                raise NotFound(f"no mqstore store at {path}")
             self.log = LogStore(path, key_file=key, readonly=True, create=False)
             self.queue = QueueBase(self.log, time.time)
 
@@ -225,6 +227,17 @@ def duration(text: str) -> float:
     if not 0 <= seconds <= 100 * 365 * 86400:  # also refuses nan and infinity
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration from 0 to a century (e.g. 90, 15m, 2h, 3d)")
     return seconds
+
+
+def _top(text: str) -> int:
+    """qshape --top: a count of domains, 0 for all."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of domains (0 or more; 0: all)")
+    return value
 
 
 def _phase_progress(bar: Progress) -> Callable[[str, int, int], None]:
@@ -602,7 +615,14 @@ def cmd_bulk(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"{op} what? give message ids (or - to read them from stdin), filters, or --all")
     ids = _ids_from(args) if args.ids else None
     with Target(args, write=not args.dry_run) as target:
+        if args.dry_run and not target.remote and target.log.meta_get(b"node.id") is not None:
+            # As the real run (mqstore.open refuses a node's data dir): say so now, not after counting.
+            raise InvalidArgument(
+                f"{target.where} is the data dir of a cluster node: change its queue through the node (--server), "
+                "not on its data dir (that would bypass replication)"
+            )
         action = _bulk_action(target, op, args)
+        refusal_of = _dry_run_refusal(target, op, args) if args.dry_run else None
         counts = {"matched": 0, "would_change": 0, "changed": 0, "unchanged": 0, "missing": 0, "refused": 0}
         refusals: list[dict[str, str]] = []
         bar = Progress.for_args(args, f"{op}:")
@@ -628,11 +648,16 @@ def cmd_bulk(args: argparse.Namespace) -> int:
                         continue
                     change = _would_change(op, m.held, m.done, _states_of(m))
                 counts["matched"] += 1
-                if change:
-                    counts["would_change"] += 1
-                if not change:
+                refusal = refusal_of(mid) if change and refusal_of is not None else None
+                if refusal is not None:  # a dry run: the real run would be refused this one
+                    counts["refused"] += 1
+                    if len(refusals) < 1000:
+                        refusals.append({"message_id": mid, **refusal})
+                elif not change:
                     counts["unchanged"] += 1
-                elif not args.dry_run:
+                else:
+                    counts["would_change"] += 1
+                if refusal is None and change and not args.dry_run:
                     try:
                         action(mid)
                         counts["changed"] += 1
@@ -647,7 +672,9 @@ def cmd_bulk(args: argparse.Namespace) -> int:
                **counts, "refusals": refusals}
     if args.dry_run:
         lines = [f"dry run: {op} would change {counts['would_change']} of {counts['matched']} matching message(s)"
+                 + (f", {counts['refused']} would be REFUSED" if counts["refused"] else "")
                  + (f"; {counts['missing']} id(s) not found" if counts["missing"] else "")]
+        lines += [f"  {r['message_id']}: {r['error']}: {r['message']}" for r in refusals[:50]]
     else:
         lines = [f"{op}: changed {counts['changed']} of {counts['matched']} matching message(s)"
                  + (f", {counts['unchanged']} needed no change" if counts["unchanged"] else "")
@@ -658,13 +685,60 @@ def cmd_bulk(args: argparse.Namespace) -> int:
     return 1 if counts["refused"] or (ids is not None and counts["missing"]) else 0
 
 
+def _dry_run_refusal(target: Target, op: str, args: argparse.Namespace) -> Callable[[str], dict[str, str] | None]:
+    """For a dry run: why the real run would refuse ``op`` on a message because of its retention
+    or legal holds (None: it would not), decided by the enforcement function the state machine
+    applies (:func:`mqstore.compliance.rules.check`) on the message's lock. Only ``delete`` can be
+    refused so: the state machine checks hold, release and requeue as "hold", which retention
+    never refuses. Judged at the store's compliance time (offline), or at this host's clock
+    (--server, which has the cluster's within its clock offset). Permissions are the real run's
+    to check (offline, the local administrator has every role)."""
+    from mqstore.compliance import rules
+    from mqstore.ids import parse_id
+
+    if op != "delete":
+        return lambda mid: None
+    bypass = bool(getattr(args, "bypass_governance", False))
+    reason = (getattr(args, "reason", None) or "") if bypass else ""
+    if target.remote:
+        def lock_of(mid: str) -> rules.Lock | None:
+            try:
+                m = target.queue.get(mid)
+            except NotFound:
+                return None
+            until = round(m.locked_until * 1000) if m.locked_until is not None else 0
+            return rules.Lock(m.namespace, rules.Mode.parse(m.retention_mode), until, tuple(m.legal_holds))
+
+        now_ms = int(time.time() * 1000)
+    else:
+        from mqstore.queue import machine
+        from mqstore.queue.kv import LmdbKV
+
+        def lock_of(mid: str) -> rules.Lock | None:
+            key = parse_id(mid)
+            with target.log.env.read() as txn:
+                kv = LmdbKV(txn, target.log.env.dbs)
+                row = machine.get_message(kv, key)
+                return machine.lock_of(kv, key, row) if row is not None else None
+
+        now_ms = target.queue.compliance_clock.now_ms()
+    ctx = rules.Ctx(cli_actor(), compliance_ms=now_ms, bypass=bypass, reason=reason)
+
+    def refusal(mid: str) -> dict[str, str] | None:
+        lock = lock_of(mid)
+        found = rules.check("delete", ctx, lock) if lock is not None else None
+        if found is None:
+            return None
+        return {"error": "PermissionDenied" if found.kind == "permission" else "Immutable", "message": found.reason}
+
+    return refusal
+
+
 def _bulk_action(target: Target, op: str, args: argparse.Namespace) -> Callable[[str], None]:
     queue = target.queue
     if op == "bounce":
         bounce = getattr(queue, "bounce_message", None)
-        if bounce is None:
-            if args.dry_run:
-                return lambda mid: None
+        if bounce is None:  # refused as the real run would be, dry run or not
             raise InvalidArgument(
                 "bounce needs an operator 'bounce a whole message' operation, which this version's queue API does "
                 "not have yet: bounce through the worker that holds the lease (Queue.Bounce), or delete"
@@ -848,6 +922,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from mqstore.crypto.providers import read_key_file
     from mqstore.ops import backup
 
+    if args.cluster_id is not None:  # as bootstrap's (an empty one would seed nothing, silently)
+        from mqstore.config import check_cluster_id
+
+        check_cluster_id(args.cluster_id, "--cluster-id")
     conf = _config(args)
     if args.cluster_id and conf is None:
         raise InvalidArgument("--cluster-id (seeding a new cluster from the backup) needs --config for the new node")
@@ -945,7 +1023,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
     from mqstore import config as cfg
     from mqstore.ops import recover
 
-    conf = cfg.load(args.config)
+    # Forcing a new cluster works on the survivor's stopped data dir: its TLS files are not needed
+    # (replacing a node starts a new one, which serves: its config is checked whole).
+    conf = cfg.load(args.config, check_tls=not args.force_new_cluster)
     if args.force_new_cluster:
         if args.server:
             raise InvalidArgument("--force-new-cluster works on a stopped survivor's data dir (no --server)")
@@ -1051,7 +1131,7 @@ def register(sub: Any) -> None:
     qs.add_argument("--namespace")
     qs.add_argument("--state", choices=["queued", "deferred", "held"],
                     help="only queued, only deferred, or the held messages' recipients (default: all waiting)")
-    qs.add_argument("--top", type=int, default=20, help="domains shown (default 20; 0: all)")
+    qs.add_argument("--top", type=_top, default=20, help="domains shown (default 20; 0: all)")
     qs.set_defaults(func=cmd_qshape)
 
     helps = {
