@@ -98,6 +98,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     from mqstore import config as cfg
     from mqstore.node.runtime import bootstrap
 
+    cfg.check_cluster_id(args.cluster_id, "--cluster-id")  # as a config's cluster_id: an empty one checks nothing
     config = cfg.load(args.config)
     conf = bootstrap(config, args.cluster_id)
     payload = {
@@ -119,6 +120,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     from mqstore import config as cfg
     from mqstore.node.runtime import prepare_join
 
+    cfg.check_cluster_id(args.cluster_id, "--cluster-id")
     config = cfg.load(args.config)
     prepare_join(config, args.cluster_id)
     emit(args, {"node_id": config.node_id, "cluster_id": args.cluster_id, "data_dir": str(config.data_dir)}, [
@@ -142,7 +144,8 @@ def register(sub: Any) -> None:
 
     boot = sub.add_parser("bootstrap", help="create a new cluster: run on each initial member's empty data dir")
     boot.add_argument("--config", required=True, help="node configuration file (TOML)")
-    boot.add_argument("--cluster-id", required=True, help="name of the new cluster (the same on every member)")
+    boot.add_argument("--cluster-id", required=True, help="name of the new cluster (the same on every member): "
+                      "1-64 letters, digits, '-' or '_'")
     boot.add_argument("--json", action="store_true", help="machine-readable output")
     boot.set_defaults(func=cmd_bootstrap)
 

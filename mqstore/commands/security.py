@@ -18,8 +18,10 @@ def _list(value: str | None) -> list[str] | None:
 
 
 def cmd_certs_init(args: argparse.Namespace) -> int:
-    from mqstore.security.certs import init_ca
+    from mqstore.security.certs import check_ca_name, check_days, init_ca
 
+    check_ca_name(args.name, "--name")
+    check_days(args.days, "--days")
     pair = init_ca(args.dir, name=args.name, days=args.days, overwrite=args.force)
     emit(args, {"ca": str(pair.cert), "key": str(pair.key)}, [
         f"created the cluster CA {pair.cert} (key {pair.key}, mode 0600: keep it offline once the certificates "
@@ -93,6 +95,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     c = cfg.load(args.file)
     tokens = len(TokenStore(c.auth.tokens_file).list()) if c.auth.tokens_file is not None else None
     bootstrapped = (Path(c.data_dir) / "data.mdb").exists()
+    if not bootstrapped:
+        # What `mqstore bootstrap` would refuse: the members' placement (once bootstrapped, the
+        # membership lives in the store and changes through `mqstore cluster`).
+        cfg.check_placement(c)
     payload: dict[str, Any] = {
         "file": str(args.file),
         "valid": True,
@@ -128,7 +134,7 @@ def register(sub: Any) -> None:
     init = certs_sub.add_parser("init", help="create the cluster CA (ca.pem, ca.key) in --dir")
     init.add_argument("--dir", required=True, help="directory for the CA (and, by default, the certificates)")
     init.add_argument("--name", default="mqstore cluster CA", help="the CA's common name")
-    init.add_argument("--days", type=int, default=3650, help="validity (default: %(default)s days)")
+    init.add_argument("--days", type=int, default=3650, help="validity (1..36500; default: %(default)s days)")
     init.add_argument("--force", action="store_true", help="replace an existing CA (every certificate with it)")
     init.add_argument("--json", action="store_true", help="machine-readable output")
     init.set_defaults(func=cmd_certs_init)
@@ -143,7 +149,7 @@ def register(sub: Any) -> None:
     issue.add_argument("--name", help="client: its name")
     issue.add_argument("--roles", help="client: roles, comma-separated (producer, worker, reader, admin, compliance)")
     issue.add_argument("--namespaces", help="client: limit its roles to these namespaces (comma-separated)")
-    issue.add_argument("--days", type=int, default=397, help="validity (default: %(default)s days)")
+    issue.add_argument("--days", type=int, default=397, help="validity (1..36500; default: %(default)s days)")
     issue.add_argument("--json", action="store_true", help="machine-readable output")
     issue.set_defaults(func=_checked_issue)
 
@@ -176,9 +182,17 @@ def register(sub: Any) -> None:
 
 def _checked_issue(args: argparse.Namespace) -> int:
     from mqstore.errors import InvalidArgument
+    from mqstore.security.certs import check_days, check_hosts, check_name, check_roles
 
     if args.kind == "node" and args.id is None:
         raise InvalidArgument("certs issue node needs --id")
     if args.kind == "client" and (not args.name or not args.roles):
         raise InvalidArgument("certs issue client needs --name and --roles")
+    check_days(args.days, "--days")
+    if args.kind == "node" and args.host:
+        check_hosts(args.host, "--host")
+    if args.kind == "client":
+        check_name(args.name, "--name")
+        if not check_roles(_list(args.roles) or [], "--roles"):  # as `tokens add`: a client acts only by its roles
+            raise InvalidArgument(f"--roles names no role ({args.roles!r}): give at least one, comma-separated")
     return cmd_certs_issue(args)

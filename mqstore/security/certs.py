@@ -40,7 +40,10 @@ CLIENT_URI_PREFIX = "mqstore://client/"
 CA_DAYS_DEFAULT = 3650
 CERT_DAYS_DEFAULT = 397  # what browsers accept for a leaf certificate; renew yearly
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}\Z")
+_HOST_RE = re.compile(r"(?:\*\.)?[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?\.?\Z")
 _CLOCK_SKEW = _dt.timedelta(minutes=5)  # certificates start a little in the past
+DAYS_MAX = 36500  # a century: what a certificate's validity in days may be (1..DAYS_MAX)
+_CN_CHARS_MAX = 64  # the longest common name X.509 allows (ub-common-name)
 
 
 def node_dns_name(node_id: int) -> str:
@@ -111,8 +114,49 @@ def _write_pair(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, cert_pa
     return CertPair(cert_path, key_path)
 
 
+def check_days(days: object, what: str = "days") -> int:
+    """A certificate's validity in days: an integer 1..DAYS_MAX (0 would issue one already expired)."""
+    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= DAYS_MAX:
+        raise InvalidArgument(f"{what} must be a number of days 1..{DAYS_MAX}, not {days!r}")
+    return days
+
+
+def check_ca_name(name: object, what: str = "a CA's name") -> str:
+    """A CA's common name: 1-64 printable characters (what X.509 allows)."""
+    if not isinstance(name, str) or not 1 <= len(name) <= _CN_CHARS_MAX or not name.isprintable():
+        raise InvalidArgument(f"{what} must be 1-{_CN_CHARS_MAX} printable characters, not {name!r}")
+    return name
+
+
+def check_hosts(hosts: object, what: str = "hosts") -> list[x509.GeneralName]:
+    """A node certificate's host names and IP addresses as subject alternative names: each an IP
+    address or an ASCII DNS name (an internationalized name written as its A-label, xn--...)."""
+    if isinstance(hosts, str) or not isinstance(hosts, (list, tuple)):
+        raise InvalidArgument(f"{what} must be a list of host names or IP addresses")
+    out: list[x509.GeneralName] = []
+    for host in hosts:
+        if isinstance(host, str):
+            try:
+                out.append(x509.IPAddress(ipaddress.ip_address(host)))
+                continue
+            except ValueError:
+                pass
+        if not isinstance(host, str) or not _HOST_RE.match(host):
+            raise InvalidArgument(
+                f"{what}: {host!r} is not an IP address or a DNS name of ASCII letters, digits, '-', '_' and dots "
+                "(write an internationalized name as its A-label, xn--...)"
+            )
+        try:
+            out.append(x509.DNSName(host))
+        except ValueError as exc:
+            raise InvalidArgument(f"{what}: {host!r}: {exc}") from None
+    return out
+
+
 def _validity(days: int, not_before: _dt.datetime | None, not_after: _dt.datetime | None) -> tuple[_dt.datetime, ...]:
     now = _dt.datetime.now(_dt.UTC)
+    if not_after is None:
+        check_days(days)
     start = not_before or now - _CLOCK_SKEW
     end = not_after or now + _dt.timedelta(days=days)
     if end <= start:
@@ -127,9 +171,10 @@ def init_ca(directory: str | os.PathLike[str], *, name: str = "mqstore cluster C
     pair = CertPair(d / "ca.pem", d / "ca.key")
     if not overwrite and (pair.cert.exists() or pair.key.exists()):
         raise InvalidArgument(f"{d} already holds a CA (ca.pem/ca.key): refusing to replace it")
+    check_ca_name(name)
+    start, end = _validity(days, None, None)
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    start, end = _validity(days, None, None)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -204,12 +249,8 @@ class CA:
         sans: list[x509.GeneralName] = [
             x509.UniformResourceIdentifier(f"{NODE_URI_PREFIX}{node_id}"),
             x509.DNSName(node_dns_name(node_id)),
+            *check_hosts(list(hosts or ("localhost", "127.0.0.1"))),
         ]
-        for host in hosts or ("localhost", "127.0.0.1"):
-            try:
-                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-            except ValueError:
-                sans.append(x509.DNSName(host))
         cert, key = self._issue(f"node-{node_id}", sans, [ExtendedKeyUsageOID.SERVER_AUTH,
                                                           ExtendedKeyUsageOID.CLIENT_AUTH],
                                 days, not_before, not_after)
@@ -329,9 +370,13 @@ __all__ = [
     "CA_DAYS_DEFAULT",
     "CERT_DAYS_DEFAULT",
     "CLIENT_URI_PREFIX",
+    "DAYS_MAX",
     "NODE_URI_PREFIX",
     "CertPair",
     "Identity",
+    "check_ca_name",
+    "check_days",
+    "check_hosts",
     "check_name",
     "check_namespaces",
     "check_roles",
