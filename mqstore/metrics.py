@@ -39,6 +39,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from mqstore.errors import InvalidArgument
+
 log = logging.getLogger(__name__)
 
 #: Write latencies: from a fsync's ~0.2 ms to a slow quorum's seconds.
@@ -81,7 +83,10 @@ class NodeMetrics:
     def serve(self, listen: str) -> int:
         """Serve ``/metrics`` over HTTP on ``listen`` (``host:port``); returns the port."""
         host, _, port = listen.rpartition(":")
-        self._http, self._http_thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        try:
+            self._http, self._http_thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        except OSError as exc:
+            raise InvalidArgument(f"metrics.listen {listen}: cannot listen there: {exc.strerror or exc}") from None
         self.http_port = int(self._http.server_address[1])
         return self.http_port
 

@@ -191,3 +191,19 @@ def test_a_node_without_a_leader_is_not_serving_and_says_so(tmp_path: Path) -> N
             c.enqueue(mail_from="a@example.org", recipients=["b@example.net"], data=MAIL)
     finally:
         cluster.close()
+
+
+def test_a_metrics_address_in_use_is_named_in_the_error() -> None:
+    import socket
+
+    from mqstore.errors import InvalidArgument
+    from mqstore.metrics import NodeMetrics
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        metrics = NodeMetrics(lambda: {})
+        expected = rf"^metrics.listen {listen}: cannot listen there: Address already in use"
+        with pytest.raises(InvalidArgument, match=expected):
+            metrics.serve(listen)
