@@ -1064,6 +1064,15 @@ class RawNode:
         else:
             raise NotLeader(f"node {self._id} knows no leader", self._lead)
 
+    def cancel_read(self, context: bytes) -> None:
+        """Forget the read ``context`` asked for with :meth:`read_index` (its caller gave up): no
+        answer comes for it, and it no longer counts against the reads a leader holds. Unknown or
+        already answered contexts are ignored."""
+        if self._read_requests.pop(context, None) is not None:
+            self._read_queue.remove(context)
+        if any(c == context for c, _ in self._reads_waiting):
+            self._reads_waiting = [(c, frm) for c, frm in self._reads_waiting if c != context]
+
     def report_snapshot(self, to: NodeId, success: bool) -> None:
         """The transport finished (or failed) streaming a snapshot to ``to``."""
         pr = self._progress.get(to)

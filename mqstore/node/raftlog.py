@@ -247,6 +247,20 @@ class LmdbRaftStorage:
 
         ctx.on_commit(remember)
 
+    @staticmethod
+    def installed_snapshot_meta(meta: SnapshotMeta, hard: HardState) -> dict[bytes, bytes]:
+        """The ``meta`` rows a node's copy of another node's snapshot gets before it becomes the
+        node's database (see ``Node._install_snapshot``): this node's hard state, and the snapshot
+        point as its snapshot, compaction point, configuration and applied index. Written into
+        the copy, so the database swap installs them in the same step as the data."""
+        return {
+            META_HARD_STATE: _HARD.pack(hard.term, hard.vote, hard.commit),
+            META_CONF_STATE: encode_conf_state(meta.conf_state),
+            META_APPLIED: _APPLIED.pack(meta.index),
+            META_SNAPSHOT: encode_snapshot_meta(meta),
+            META_COMPACTED: _POINT.pack(meta.index, meta.term),
+        }
+
     def set_compacted(self, ctx: WriteContext, index: int, term: int) -> None:
         ctx.put(b"meta", META_COMPACTED, _POINT.pack(index, term))
 

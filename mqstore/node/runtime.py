@@ -21,6 +21,7 @@ import logging
 import os
 import queue
 import random
+import re
 import shutil
 import struct
 import threading
@@ -60,6 +61,7 @@ from mqstore.node.transport import ChannelFactory, Transport, insecure_channel
 from mqstore.queue.kv import LmdbKV
 from mqstore.standstill import StandStillWarning
 from mqstore.store import LogStore, WriteContext
+from mqstore.store.env import DATA_FILE, Environment
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,14 @@ _LINGER_ENTRIES_MAX = 64
 SNAPSHOT_EVERY_ENTRIES = 100_000
 KEEP_ENTRIES_AFTER_SNAPSHOT = 10_000
 SNAPSHOT_DIR = "snapshots"
+#: What this code writes in ``snapshots/`` besides ``snap-<index>.mdb``: snapshots being received
+#: (server.py), copies being written (``_write_snapshot_file``), a scrub's copy of the database,
+#: a received snapshot being prepared for installing. Left behind only by a crash: removed at start.
+_SNAPSHOT_DIR_SCRAPS = re.compile(r"incoming-[0-9a-f]{32}\.mdb|(?:tmp|scrub|install)-[0-9]+-[0-9a-f]{8}")
+_SNAPSHOT_FILE = re.compile(r"snap-[0-9]{20}\.mdb")
 OPERATION_TIMEOUT_S = 10.0
+#: Reads (ReadIndex) the raft thread holds at once; more are refused (Unavailable) until some end.
+READS_PENDING_MAX = raftcore.READ_REQUESTS_PENDING_MAX
 _U64 = struct.Struct(">Q")
 
 
@@ -229,6 +238,9 @@ class Node:
         self.snapshot_dir = Path(config.data_dir) / SNAPSHOT_DIR
         self.snapshot_dir.mkdir(mode=0o700, exist_ok=True)
         self._snapshot_index = self.storage.snapshot_meta().index
+        self._clean_snapshot_dir()
+        #: A snapshot's file was missing when a peer needed it: take a new one between Readys.
+        self._snapshot_wanted = False
         self._compactor: threading.Thread | None = None
         self._shreds_scrubbed = 0
         # a shred applied before a crash, whose scrub did not finish: do it once running
@@ -260,6 +272,10 @@ class Node:
         self._thread = threading.Thread(target=self._run, name=f"mqstore-raft-{config.node_id}", daemon=True)
         self._status_lock = threading.Lock()
         self.on_apply: Callable[[int], None] | None = None  # test hook: called after each apply
+        #: Called in the raft thread once what the queue may cache from the applied state changed
+        #: under it: after applying a POLICY or DROP entry (whichever node proposed it; False),
+        #: and after a snapshot replaced the whole state (True). The queue drops its caches then.
+        self.on_state_changed: Callable[[bool], None] | None = None
 
     # --- public ----------------------------------------------------------------------------------
 
@@ -322,10 +338,14 @@ class Node:
         if not self.is_leader:
             raise self._not_leader()
         future: Future[int] = Future()
-        self._inbox.put(("read", future))
+        context = uuid.uuid4().bytes
+        self._inbox.put(("read", (context, future)))
         try:
             future.result(timeout)
         except TimeoutError:
+            # Nobody waits for this read any more: the raft thread forgets it (here and in the
+            # consensus core), so reads that time out never pile up.
+            self._inbox.put(("read-abandoned", (context, future)))
             raise Unavailable("the leader could not confirm its leadership in time") from None
 
     def call(self, fn: Callable[[], object], timeout: float = OPERATION_TIMEOUT_S) -> object:
@@ -479,6 +499,9 @@ class Node:
                 if self._scrub_pending:  # a scrub a crash interrupted: between Readys, as usual
                     self._scrub_pending = False
                     self.scrub_after_shred()
+                if self._snapshot_wanted:
+                    self._snapshot_wanted = False
+                    self.create_snapshot()
         except BaseException as exc:
             log.exception("node %d: raft thread failed; the node stops", self.node_id)
             self.failure = exc
@@ -516,16 +539,32 @@ class Node:
         elif kind == "op":
             self._new_ops.append(item)
         elif kind == "read":
+            context, future = item
             if not self.is_leader:
-                item.set_exception(self._not_leader())
+                future.set_exception(self._not_leader())
                 return
-            context = uuid.uuid4().bytes
+            if len(self._reads) + len(self._read_waiters) >= READS_PENDING_MAX:
+                future.set_exception(Unavailable(
+                    f"{READS_PENDING_MAX} reads are already waiting for the leader to confirm its leadership: retry"
+                ))
+                return
             try:
                 self.raw.read_index(context)
             except CoreNotLeader:
-                item.set_exception(self._not_leader())
+                future.set_exception(self._not_leader())
                 return
-            self._reads[context] = item
+            except ProposalDropped as exc:
+                # The consensus core holds as many reads as it takes (a new leader that cannot
+                # commit in its term yet holds every read until it can): refuse this one.
+                future.set_exception(Unavailable(f"the leader takes no more reads for now ({exc}): retry"))
+                return
+            self._reads[context] = future
+        elif kind == "read-abandoned":
+            context, future = item
+            if self._reads.pop(context, None) is not None:
+                self.raw.cancel_read(context)
+            elif not future.done():
+                self._read_waiters = [(i, f) for i, f in self._read_waiters if f is not future]
         elif kind == "call":
             fn, future = item
             try:
@@ -654,6 +693,8 @@ class Node:
                 if e.rtype == RecordType.MEMBERS:
                     self.members = read_members(self.log)
                     break
+            if self.on_state_changed is not None and any(e.rtype in _CACHED_TYPES for e in committed):
+                self.on_state_changed(False)  # before any caller hears back (those never early)
             self._finish_applied(committed, results)
         for rs in rd.read_states:
             future = self._reads.pop(rs.context, None)
@@ -737,31 +778,41 @@ class Node:
             pass
 
     def _install_snapshot(self, snapshot: Snapshot) -> None:
-        """Make the leader's snapshot this node's state (the core decided to restore it)."""
+        """Make the leader's snapshot this node's state (the core decided to restore it).
+
+        The received copy is the leader's database: it names the leader, holds the leader's hard
+        state and its log after the snapshot point. A copy of it gets this node's rows first (see
+        :meth:`_adopt_snapshot_copy`), then replaces the database in one rename, so a crash at any
+        point leaves either the old state or the new one, each this node's. The received file
+        itself becomes this node's snapshot file of that index: once leading, the node sends it
+        to a follower that needs it."""
         meta = snapshot.meta
-        if meta.index != BOOTSTRAP_INDEX:
-            path = self._incoming.pop(meta.index, None)
-            if path is None:
+        hard = HardState(term=self.raw.term, vote=self.raw.vote, commit=max(self.raw.commit_index, meta.index))
+        if meta.index == BOOTSTRAP_INDEX:
+            self._record_bootstrap_snapshot(meta, hard)
+        else:
+            received = self._incoming.pop(meta.index, None)
+            if received is None:
                 raise AssertionError(f"no data received for the snapshot at {meta.index}")
-            self.log.replace_data(path)  # the same LogStore, new data: the applier (and the
-            self.storage.reload()          # queue's audit hooks on it) stay as they are
+            if self._compactor is not None:
+                self._compactor.join()  # it compacts the database about to be replaced
+            staging = self.snapshot_dir / f"install-{meta.index}-{uuid.uuid4().hex[:8]}"
+            staging.mkdir(mode=0o700)
+            try:
+                data = staging / DATA_FILE
+                shutil.copyfile(received, data)
+                _fsync_path(data)
+                self._adopt_snapshot_copy(staging, meta, hard)
+                final = self.snapshot_file(meta.index)
+                os.replace(received, final)  # fsynced by the receiver; named before it is needed
+                _fsync_path(self.snapshot_dir)
+                self.log.replace_data(data)  # the swap (renamed, the directory fsynced); the same
+            finally:                         # LogStore: the applier and the queue's hooks stay
+                shutil.rmtree(staging, ignore_errors=True)
             for other in self._incoming.values():
                 other.unlink(missing_ok=True)
             self._incoming.clear()
-        hard = HardState(term=self.raw.term, vote=self.raw.vote, commit=max(self.raw.commit_index, meta.index))
-
-        def fn(ctx: WriteContext) -> None:
-            ctx.put(b"meta", META_NODE_ID, _U64.pack(self.node_id))  # the copy names the leader
-            self.storage.set_snapshot_meta(ctx, meta)
-            self.storage.set_compacted(ctx, meta.index, meta.term)
-            self.storage.set_conf_state(ctx, meta.conf_state)
-            self.storage.set_applied(ctx, meta.index)
-            self.storage.set_hard_state(ctx, hard)
-            if ctx.next_index > meta.index + 1:
-                ctx.truncate_suffix(meta.index + 1)  # the leader's entries after the snapshot point
-            ctx.put(b"meta", b"log.first", _U64.pack(meta.index + 1))
-
-        self.log.write(fn)
+            self._drop_snapshots_but(final)
         self.log.reset_bounds()
         self.storage.reload()
         self._applied = meta.index
@@ -770,7 +821,66 @@ class Node:
         if raw_stamp:
             self.stamp_ms = max(self.stamp_ms, _U64.unpack(raw_stamp)[0])
         self.members = read_members(self.log)
+        if self.log.meta_get(META_SCRUB_PENDING) is not None:
+            # The leader copied its store while scrubbing a shredded key: its copy may still hold
+            # the key's wrapped bytes in the log. Scrub here too, now (between Readys).
+            self._scrub_pending = True
+        if self.on_state_changed is not None:
+            self.on_state_changed(True)
         log.info("node %d: installed the snapshot at index %d (term %d)", self.node_id, meta.index, meta.term)
+
+    def _record_bootstrap_snapshot(self, meta: SnapshotMeta, hard: HardState) -> None:
+        """A new member's snapshot is the cluster's first state (index 1): no data, only metadata."""
+
+        def fn(ctx: WriteContext) -> None:
+            for key, value in self.storage.installed_snapshot_meta(meta, hard).items():
+                ctx.put(b"meta", key, value)
+            if ctx.next_index > meta.index + 1:
+                ctx.truncate_suffix(meta.index + 1)
+            ctx.put(b"meta", b"log.first", _U64.pack(meta.index + 1))
+
+        self.log.write(fn)
+
+    def _adopt_snapshot_copy(self, directory: Path, meta: SnapshotMeta, hard: HardState) -> None:
+        """Turn the copy of another node's database in ``directory`` into this node's state at the
+        snapshot ``meta``, in one durable transaction: this node's id and hard state, the snapshot
+        point as snapshot, compaction point, configuration and applied index, and none of the
+        sender's log after that point (its entries there may not be committed). What else the
+        copy holds is replicated state, the same on every member at that index (the member
+        directory, removed ids, keys, the audit log)."""
+        # Room for the rows this writes (the copy is compacted: every change takes new pages).
+        room = 2 * (directory / DATA_FILE).stat().st_size + limits.MAP_SIZE_BYTES_MIN
+        env = Environment(directory, map_size=min(max(limits.MAP_SIZE_BYTES_DEFAULT, room), limits.MAP_SIZE_BYTES_MAX))
+        try:
+            with env.env.begin(write=True) as txn:
+                meta_db, log_db = env.dbs[b"meta"], env.dbs[b"log"]
+                txn.put(META_NODE_ID, _U64.pack(self.node_id), db=meta_db)
+                for key, value in self.storage.installed_snapshot_meta(meta, hard).items():
+                    txn.put(key, value, db=meta_db)
+                txn.put(b"log.first", _U64.pack(meta.index + 1), db=meta_db)
+                after = _U64.pack(meta.index + 1)
+                for db in (log_db, env.dbs[b"quarantine"]):  # quarantine: the sender's records
+                    with txn.cursor(db=db) as cur:
+                        doomed = list(cur.iternext(values=False)) if cur.set_range(after) else []
+                    for key in doomed:
+                        txn.delete(key, db=db)
+        finally:
+            env.close()
+
+    def _clean_snapshot_dir(self) -> None:
+        """At start: remove what a crash left in ``snapshots/`` (a snapshot received and not
+        installed, a copy being written, a scrub's copy, a copy being prepared for installing)
+        and every snapshot file but the one the snapshot metadata names. Only names this code
+        gives its files are touched."""
+        keep = self.snapshot_file(self._snapshot_index).name
+        for path in self.snapshot_dir.iterdir():
+            name = path.name
+            if _SNAPSHOT_DIR_SCRAPS.fullmatch(name) or (_SNAPSHOT_FILE.fullmatch(name) and name != keep):
+                log.info("node %d: removing %s (left by an earlier run)", self.node_id, path)
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
     def create_snapshot(self) -> SnapshotMeta:
         """Raft thread, between Readys (so the copy is exactly the applied state): copy the store
@@ -858,9 +968,11 @@ class Node:
         """Copy the store (compacted) to the snapshot file of ``index``, atomically."""
         work = self.snapshot_dir / f"tmp-{index}-{uuid.uuid4().hex[:8]}"
         copied = self.log.copy_to(work)
+        _fsync_path(copied)  # whole before it has its name: a crash never leaves half a snapshot
         final = self.snapshot_file(index)
         os.replace(copied, final)
         work.rmdir()
+        _fsync_path(self.snapshot_dir)
         return final
 
     def _drop_snapshots_but(self, keep: Path) -> None:
@@ -893,6 +1005,14 @@ class Node:
         def done(ok: bool) -> None:
             self._inbox.put(("snapshot-sent", (message.to, ok)))
 
+        if not path.exists():
+            # Its file is gone (a crash between installing a snapshot and keeping its file, or a
+            # file removed by hand): take a new snapshot between Readys; the core sends that one
+            # when it tries again.
+            log.warning("node %d: %s is missing: taking a new snapshot for node %d", self.node_id, path, message.to)
+            self._snapshot_wanted = True
+            done(False)
+            return
         self.transport.send_snapshot(message, path, done)
 
     def receive_snapshot(self, message: Message, path: Path) -> None:
@@ -927,6 +1047,29 @@ class Node:
     def propose_conf_change(self, cc: ConfChange) -> None:
         self.raw.propose_conf_change(cc)
 
+    def change_membership(self, cc: ConfChange, timeout: float = OPERATION_TIMEOUT_S) -> None:
+        """Propose the membership change ``cc`` on the leader and wait until this node applied it
+        (the new configuration is in force). Raises Unavailable when another leader's entry took
+        its place (it never happened: retry) or when it did not commit within ``timeout`` (it may
+        still: check the membership before retrying); the core's refusals as they are."""
+        deadline = time.monotonic() + timeout
+        op = Operation(plan=lambda node: [])
+
+        def propose() -> None:
+            self.raw.propose_conf_change(cc)
+            index, term = self.raw.last_index, self.raw.term
+            op.indices.append((index, term))
+            self._pending[index] = (term, op)  # answered by _finish_applied, as writes are
+
+        self.call(propose, timeout)
+        try:
+            op.future.result(max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise Unavailable(
+                f"the membership change did not commit within {timeout:.0f} s (leader {self._leader}); it may "
+                "still: check the membership before retrying"
+            ) from None
+
 
 class _ReadView:
     """A short read transaction over the applied state, as a KV (use as a context manager)."""
@@ -943,6 +1086,18 @@ class _ReadView:
     def __exit__(self, *exc: object) -> None:
         self._cm.__exit__(*exc)
 
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (the names in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+#: Entry types that change what the queue caches from the applied state (namespace policies).
+_CACHED_TYPES = frozenset((RecordType.POLICY, RecordType.DROP))
 
 _STAMPED = frozenset(
     (RecordType.LEASE, RecordType.ACK, RecordType.DEFER, RecordType.BOUNCE, RecordType.HOLD, RecordType.RELEASE,

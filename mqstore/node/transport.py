@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import grpc
 
@@ -116,11 +117,13 @@ SNAPSHOT_CHUNK_BYTES = 1 << 20
 SNAPSHOT_TIMEOUT_S = 600.0
 
 
-def _snapshot_chunks(message: Message, path: Path, cluster_id: str) -> Iterator[raft_pb2.SnapshotChunk]:
+def _snapshot_chunks(message: Message, f: BinaryIO, cluster_id: str) -> Iterator[raft_pb2.SnapshotChunk]:
+    """The chunks of the snapshot file open as ``f`` (opened by the caller: a file that cannot be
+    opened fails the transfer before it starts, not inside gRPC's request stream)."""
     header = message_to_proto(message, cluster_id).SerializeToString()
     digest = hashlib.sha256()
     offset = 0
-    with path.open("rb") as f:
+    with f:
         first = True
         while True:
             data = f.read(SNAPSHOT_CHUNK_BYTES)
@@ -238,16 +241,18 @@ class Transport:
                 address = self.address_of(message.to)
                 if address is None:
                     return
+                f = path.open("rb")
                 channel = self.channel_to(address, message.to)
                 try:
                     ack = raft_pb2_grpc.RaftStub(channel).InstallSnapshot(
-                        _snapshot_chunks(message, path, self.cluster_id), timeout=SNAPSHOT_TIMEOUT_S
+                        _snapshot_chunks(message, f, self.cluster_id), timeout=SNAPSHOT_TIMEOUT_S
                     )
                     ok = bool(ack.ok)
                     if not ok:
                         log.warning("peer %d refused the snapshot: %s", message.to, ack.error)
                 finally:
                     channel.close()
+                    f.close()
             except (grpc.RpcError, OSError) as exc:
                 log.warning("sending the snapshot to peer %d failed: %s", message.to, exc)
             finally:
