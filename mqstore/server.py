@@ -49,7 +49,7 @@ from mqstore.metrics import NodeMetrics
 from mqstore.node.cluster_queue import ClusterQueue
 from mqstore.node.raftlog import entry_payload
 from mqstore.node.replica import MemberInfo
-from mqstore.node.runtime import Node, Operation
+from mqstore.node.runtime import OPERATION_TIMEOUT_S, Node, Operation
 from mqstore.node.transport import CHANNEL_OPTIONS
 from mqstore.node.wire import message_from_proto
 from mqstore.ops import backup as ops_backup
@@ -472,7 +472,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             raise errors.InvalidArgument("op must be ADD_LEARNER, PROMOTE or REMOVE")
         if not self.node.is_leader:
             raise self.node._not_leader()
-        self.node.call(lambda: self.node.propose_conf_change(ConfChange((item,))))
+        # Answered once applied here: the reply's member table shows the change in force.
+        remaining = context.time_remaining()
+        timeout = OPERATION_TIMEOUT_S if remaining is None else min(OPERATION_TIMEOUT_S, remaining)
+        self.node.change_membership(ConfChange((item,)), timeout)
         return admin_pb2.MembershipResponse(members=[admin_pb2.Member(**m) for m in self.node.status()["members"]])
 
     @handled
