@@ -20,7 +20,7 @@ from mqstore.client import Client
 from mqstore.config import ConfigError, NodeConfig, load, parse
 from mqstore.consensus.types import InvalidConfig
 from mqstore.crypto import create_key_file
-from mqstore.errors import InvalidArgument
+from mqstore.errors import InvalidArgument, Unavailable
 from mqstore.node.runtime import Node, NotBootstrapped, bootstrap, prepare_join
 from mqstore.proto import admin_pb2, admin_pb2_grpc
 from mqstore.server import NodeServer
@@ -46,14 +46,16 @@ def _config(root: Path, key: Path, node_id: int, sites: dict[int, str], ports: d
 
 
 class InProcessCluster:
-    def __init__(self, root: Path, sites: dict[int, str], initial: list[int], **node_options: Any) -> None:
+    def __init__(self, root: Path, sites: dict[int, str], initial: list[int], *,
+                 config_extra: dict[str, Any] | None = None, **node_options: Any) -> None:
         self.root = root
         self.key = create_key_file(root / "kek.key")
         self.sites = sites
         self.ports = {i: free_port() for i in sites}
         self.options = node_options
         self.servers: dict[int, NodeServer] = {}
-        self.configs = {i: _config(root, self.key, i, sites, self.ports, initial) for i in initial}
+        self.configs = {i: _config(root, self.key, i, sites, self.ports, initial, **(config_extra or {}))
+                        for i in initial}
         for i in initial:
             bootstrap(self.configs[i], "t")
         for i in initial:
@@ -337,7 +339,7 @@ def test_a_write_answered_before_its_apply_synced_survives_losing_that_transacti
         with Client(c.addresses(), timeout=10) as client:
             first = client.enqueue("a@example.org", ["b@example.net"], b"first")
             env = _FailingApplyEnv(server.node.log.env.env, META_APPLIED)
-            server.node.log.env.env = env
+            server.node.log.env.env = env  # type: ignore[assignment]
             env.armed = True
             answered = client.enqueue("a@example.org", ["c@example.net"], b"answered early")
             assert env.failed == 1  # the apply of this very enqueue was lost
@@ -402,3 +404,77 @@ def test_closed_loop_callers_share_one_raft_round(tmp_path: Path, monkeypatch: p
             assert sizes.count(callers) < rounds - 3, sizes
     finally:
         c.close()
+
+
+def _lead(cluster: InProcessCluster, node_id: int) -> None:
+    """Make ``node_id`` the leader (a leadership transfer) and wait until it leads."""
+    current = cluster.leader()
+    if current.node.node_id != node_id:
+        current.node.call(lambda: current.node.raw.transfer_leadership(node_id))
+    deadline = time.monotonic() + 10
+    while not cluster.servers[node_id].node.is_leader and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert cluster.servers[node_id].node.is_leader
+
+
+def _lifetime_s(client: Client, message_id: str) -> float:
+    got = client.get(message_id)
+    assert got.expires_at is not None
+    return round(got.expires_at - got.created)
+
+
+def test_a_policy_set_while_another_node_led_applies_here_too(cluster: InProcessCluster) -> None:
+    """Every node that applies a policy change uses it for the messages it creates afterwards,
+    whichever node proposed it (no node keeps a policy it read before)."""
+    _lead(cluster, 1)
+    with Client(cluster.addresses(), timeout=10) as client:
+        before = _lifetime_s(client, client.enqueue(**_messages(1, "before")[0]))  # node 1 reads "default"
+        _lead(cluster, 2)
+        client.set_namespace_policy("default", lifetime=60)
+        assert _lifetime_s(client, client.enqueue(**_messages(1, "on2")[0])) == 60 != before
+        _lead(cluster, 1)
+        assert _lifetime_s(client, client.enqueue(**_messages(1, "on1")[0])) == 60
+
+
+def test_reads_that_time_out_never_stop_the_leader(tmp_path: Path) -> None:
+    """A new leader that cannot commit in its term (a site down, min_sites = 3) answers no read:
+    reads time out (Unavailable). However many do, the node goes on, and reads work again once
+    the site is back."""
+    c = InProcessCluster(tmp_path, {1: "a", 2: "b", 3: "c"}, [1, 2, 3], config_extra={"min_sites": 3})
+    try:
+        with Client(c.addresses(), timeout=10) as client:
+            mid = client.enqueue(**_messages(1, "r")[0])
+        old = c.leader().node.node_id
+        down, new = (i for i in (1, 2, 3) if i != old)
+        c.stop(down)
+        _lead(c, new)
+        node = c.servers[new].node
+        for _ in range(4200):  # more than the 4096 reads the consensus core holds
+            with pytest.raises(Unavailable):
+                node.read_barrier(timeout=0)  # the caller gives up at once
+        with pytest.raises(Unavailable):
+            node.read_barrier(timeout=1)  # the raft thread went through all of them meanwhile
+        assert not node.failed.is_set() and node.is_leader
+        deadline = time.monotonic() + 5
+        while node._reads and time.monotonic() < deadline:  # the last one's caller just gave up
+            time.sleep(0.02)
+        assert not node._reads and not node.raw._reads_waiting  # nothing held for callers gone
+        c.start(down)
+        with Client(c.addresses(), timeout=10) as client:
+            assert client.get(mid).data == b"x" * 300
+        assert not node.failed.is_set()
+    finally:
+        c.close()
+
+
+def test_a_membership_change_is_answered_once_it_is_in_force(cluster: InProcessCluster) -> None:
+    """Admin.ChangeMembership answers after the change committed and was applied: its member
+    table, and the leader's configuration, show it."""
+    leader = cluster.leader()
+    follower = next(i for i in cluster.servers if i != leader.node.node_id)
+    stub = admin_pb2_grpc.AdminStub(grpc.insecure_channel(leader.config.listen))
+    req = admin_pb2.MembershipRequest
+    reply = stub.ChangeMembership(req(op=req.REMOVE, node_id=follower), timeout=10)
+    assert follower not in [m.id for m in reply.members]
+    assert follower not in dict(leader.node.raw.conf_state.sites)
+    assert follower in leader.node.removed_ids()

@@ -24,7 +24,7 @@ from mqstore.ids import format_id
 from mqstore.node.raftlog import entry_payload
 from mqstore.node.runtime import Node, Operation, Plan
 from mqstore.queue import machine
-from mqstore.queue.kv import KV
+from mqstore.queue.kv import KV, LmdbKV
 from mqstore.queue.model import (
     DenialEntry,
     LeaseEntry,
@@ -53,6 +53,7 @@ class ClusterQueue(QueueBase):
         node.applier.counters = self._counters
         node.applier.on_applied = self._after_apply
         node.log.key_creator = self._create_key
+        node.on_state_changed = self._state_changed
         self._last_key_id = 0
         self._closed = threading.Event()
         self._maintainer: threading.Thread | None = None
@@ -70,6 +71,15 @@ class ClusterQueue(QueueBase):
 
     def _compliance_start_ms(self) -> int:
         return self.node.clocks.now_ms()  # this node's clock corrected to the voters' (node/clocks.py)
+
+    def _state_changed(self, replaced: bool) -> None:
+        """The raft thread applied a policy change (proposed by whichever node led then), or a
+        snapshot replaced the whole state (``replaced``): cached policies are stale. A snapshot
+        also brings the cluster's compliance time, which this node's clock never falls behind."""
+        self._policies.clear()
+        if replaced:
+            with self.log.env.read() as txn:
+                self.compliance_clock.observe(machine.compliance_clock_ms(LmdbKV(txn, self.log.env.dbs)))
 
     def close(self) -> None:
         self._closed.set()
