@@ -444,8 +444,17 @@ class QueueBase:
             expires_in = m.get("expires_in")
             if expires_in is None:
                 lifetime_ms = self._policy(namespace).lifetime_ms
+                lifetime = f"the {lifetime_ms / 1000:g} s lifetime of namespace {namespace!r}"
             else:
                 lifetime_ms = _duration_ms(expires_in, f"messages[{i}].expires_in")
+                lifetime = f"its expires_in of {lifetime_ms / 1000:g} s"
+            not_before_ms = _to_ms(m.get("not_before"), f"messages[{i}].not_before")
+            expires_at_ms = now + lifetime_ms if lifetime_ms else 0
+            if expires_at_ms and not_before_ms >= expires_at_ms:
+                raise InvalidArgument(
+                    f"messages[{i}].not_before ({not_before_ms / 1000:.3f}) is at or after the message's expiry "
+                    f"({expires_at_ms / 1000:.3f}, now + {lifetime}): it would expire before its first attempt"
+                )
             new.append(
                 NewMessage(
                     mail_from=m["mail_from"],
@@ -453,8 +462,8 @@ class QueueBase:
                     data=m["data"],
                     namespace=namespace,
                     priority=m.get("priority", 0),
-                    not_before_ms=_to_ms(m.get("not_before"), f"messages[{i}].not_before"),
-                    expires_at_ms=now + lifetime_ms if lifetime_ms else 0,
+                    not_before_ms=not_before_ms,
+                    expires_at_ms=expires_at_ms,
                     idempotency_key=m.get("idempotency_key"),
                 )
             )

@@ -4,8 +4,9 @@ retention, idempotency, listing, qshape, stats, restart persistence and bad inpu
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -320,6 +321,29 @@ def test_not_before_and_priority_order(store: Store, clock: Clock) -> None:
     assert [lease.message_id for lease in store.lease("w")] == [late]
 
 
+def test_a_message_that_would_expire_before_its_first_attempt_is_refused(store: Store, clock: Clock) -> None:
+    # It used to be stored, then expired untried (its not_before at or after its expiry).
+    store.set_namespace_policy("short", lifetime=100)
+    last, stats = store.log.last_index, store.stats()["recipients"]
+    mail: dict[str, Any] = {"mail_from": "a@example.org", "recipients": ["b@x.example"], "data": b"x"}
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"not_before": T0 + 6 * 86400}, "the 432000 s lifetime of namespace 'default'"),  # 5 days by default
+        ({"not_before": T0 + 60, "expires_in": 60}, "its expires_in of 60 s"),
+        ({"not_before": T0 + 100, "namespace": "short"}, "the 100 s lifetime of namespace 'short'"),
+    ]
+    for late, why in cases:
+        with pytest.raises(InvalidArgument, match="before its first attempt") as info:
+            store.enqueue(**mail, **late)
+        assert "at or after the message's expiry" in str(info.value) and why in str(info.value)
+        with pytest.raises(InvalidArgument, match=r"messages\[1\]\.not_before"):  # the whole call is refused
+            store.enqueue_many([mail, {**mail, **late}])
+    assert store.log.last_index == last and store.stats()["recipients"] == stats
+    # Just before its expiry it is stored, and leased when due.
+    mid = store.enqueue(**mail, not_before=T0 + 59.999, expires_in=60)
+    clock.advance(59.999)
+    assert [x.message_id for x in store.lease("w")] == [mid]
+
+
 def test_oldest_due_first_within_a_priority(store: Store, clock: Clock) -> None:
     ids = []
     for i in range(5):
@@ -541,14 +565,15 @@ def test_durations_that_round_to_zero_milliseconds_are_refused(store: Store, clo
     # lease whose deadline was its start.
     mid = _enqueue(store)
     last = store.log.last_index
-    for call, name in [
+    calls: list[tuple[Callable[[], object], str]] = [
         (lambda: store.set_namespace_policy("tiny", lifetime=0.0004), "lifetime"),
         (lambda: store.set_namespace_policy("tiny", backoff=[60, 0.0004]), r"backoff\[1\]"),
         (lambda: store.lease("w", lease_seconds=0.0004), "lease_seconds"),
         (lambda: store.enqueue_many([{"mail_from": "a@example.org", "recipients": ["b@example.net"], "data": b"x"},
                                      {"mail_from": "a@example.org", "recipients": ["b@example.net"], "data": b"x",
                                       "expires_in": 0.0004}]), r"messages\[1\]\.expires_in"),
-    ]:
+    ]
+    for call, name in calls:
         with pytest.raises(InvalidArgument, match=f"{name} must be at least 1 ms"):
             call()
     assert store.log.last_index == last and store.get_policy("tiny").lifetime_ms == 5 * 86_400_000
@@ -570,7 +595,7 @@ def test_text_that_cannot_be_encoded_is_refused_and_nothing_changes(store: Store
     (lease,) = store.lease("w")
     store.add_legal_hold(mid, "SEC-1")
     before, last = store.get(mid), store.log.last_index
-    for call, field in [
+    calls: list[tuple[Callable[[], object], str]] = [
         (lambda: store.lease("\ud800"), "worker"),
         (lambda: store.defer(lease.token, reason="451 \ud800"), "reason"),
         (lambda: store.bounce(lease.token, reason="550 \udcff"), "reason"),
@@ -578,7 +603,8 @@ def test_text_that_cannot_be_encoded_is_refused_and_nothing_changes(store: Store
         (lambda: store.remove_legal_hold(mid, "SEC-\udc80"), "case"),
         (lambda: store.delete(mid, bypass_governance=True, reason="\ud800"), "reason"),
         (lambda: store.set_namespace_policy("default", lifetime=60, bypass_governance=True, reason="\ud800"), "reason"),
-    ]:
+    ]
+    for call, field in calls:
         with pytest.raises(InvalidArgument, match=f"{field} is not valid Unicode"):
             call()
     assert store.get(mid) == before and store.log.last_index == last
@@ -588,7 +614,7 @@ def test_text_that_cannot_be_encoded_is_refused_and_nothing_changes(store: Store
 
 def test_bad_calls_elsewhere_are_refused(store: Store) -> None:
     mid = _enqueue(store)
-    for call, message in [
+    calls: list[tuple[Callable[[], object], str]] = [
         (lambda: store.get("not-an-id"), "message id"),
         (lambda: store.get("0" * 26), "no message"),
         (lambda: store.lease(""), "worker"),
@@ -603,13 +629,14 @@ def test_bad_calls_elsewhere_are_refused(store: Store) -> None:
          "unknown field"),
         (lambda: store.set_namespace_policy("n", backoff=[0]), "backoff"),
         (lambda: store.hold(12345), "message id"),  # type: ignore[arg-type]
-    ]:
+    ]
+    for call, message in calls:
         with pytest.raises((InvalidArgument, NotFound), match=message):
             call()
     assert store.get(mid).recipients[0].state == "queued"
     (lease,) = store.lease("w")
     with pytest.raises(InvalidArgument, match="not a string"):
-        store.ack(lease.token, recipients="alice@example.net")  # type: ignore[arg-type]
+        store.ack(lease.token, recipients="alice@example.net")
     with pytest.raises(InvalidArgument, match="reason"):
         store.defer(lease.token, reason="x" * 5000)
     assert {r.state for r in store.get(mid).recipients} == {"leased"}

@@ -84,6 +84,7 @@ WORKERS = ("w1", "w2")
 REASONS = ("", "451 4.7.1 try again later", "550 5.1.1 no such user")
 UNKNOWN_ID = "0" * 26  # a well-formed id that is never issued (its time is 1970)
 UNKNOWN_TOKENS = (0, 10**12)
+ATTEMPTS_MAX = 65_535  # a recipient's attempt count stops there
 
 QUEUED, LEASED, DEFERRED = "queued", "leased", "deferred"
 DELIVERED, BOUNCED, EXPIRED = "delivered", "bounced", "expired"
@@ -222,10 +223,21 @@ class Model:
             return hit[0]
         return None
 
+    @staticmethod
+    def lifetime_ms(spec: dict[str, Any]) -> int:
+        return LIFETIME_MS if spec["expires_in"] is None else int(spec["expires_in"]) * SECOND
+
+    @classmethod
+    def refuses(cls, spec: dict[str, Any]) -> bool:
+        """A message that would expire before its first attempt (its not_before at or after its
+        expiry) is refused, and so is the whole call that carries it."""
+        nb = spec["not_before_s"]
+        return nb is not None and nb * SECOND >= cls.lifetime_ms(spec)
+
     def add(self, mid: str, spec: dict[str, Any]) -> None:
         ns = spec["namespace"]
         nb = spec["not_before_ms"]
-        lifetime = LIFETIME_MS if spec["expires_in"] is None else spec["expires_in"] * SECOND
+        lifetime = self.lifetime_ms(spec)
         due = max(nb or 0, self.now_ms)
         self.msgs[mid] = Msg(
             mid=mid,
@@ -261,7 +273,7 @@ class Model:
             m = self.msgs[lease.mid]
             for o in lease.ordinals:
                 r = m.rcpts[o]
-                r.attempts += 1
+                r.attempts = min(r.attempts + 1, ATTEMPTS_MAX)
                 r.state = EXPIRED if now >= m.expires_at_ms else DEFERRED
                 r.due_ms = now
                 r.token = r.deadline_ms = 0
@@ -298,6 +310,7 @@ class Model:
                 r.state in WAITING
                 and not m.held
                 and r.due_ms <= self.now_ms
+                and self.now_ms < m.expires_at_ms  # a message past its lifetime is never leased
                 and (namespace is None or m.namespace == namespace)
                 and (domain is None or r.domain == domain)
             )
@@ -344,7 +357,7 @@ class Model:
             ordinals = [held[a] for a in addresses]
         for o in ordinals:
             r = m.rcpts[o]
-            r.attempts += 1
+            r.attempts = min(r.attempts + 1, ATTEMPTS_MAX)
             r.token = r.deadline_ms = 0
             if reason:
                 r.reason = reason
@@ -670,13 +683,22 @@ class QueueMachine(RuleBasedStateMachine):
     @rule(spec=message_specs)
     def enqueue(self, spec: dict[str, Any]) -> None:
         request = self._request(spec)
+        if self.model.refuses(spec):
+            with pytest.raises(InvalidArgument, match="would expire before its first attempt"):
+                self.store.enqueue(**request)
+            return
         mid = self.store.enqueue(**request)
         assert isinstance(mid, str)
         self._record_enqueued([spec], [mid])
 
     @rule(specs=st.lists(message_specs, min_size=2, max_size=6))
     def enqueue_many(self, specs: list[dict[str, Any]]) -> None:
-        ids = self.store.enqueue_many([self._request(s) for s in specs])
+        requests = [self._request(s) for s in specs]
+        if any(self.model.refuses(s) for s in specs):
+            with pytest.raises(InvalidArgument, match="would expire before its first attempt"):
+                self.store.enqueue_many(requests)
+            return
+        ids = self.store.enqueue_many(requests)
         self._record_enqueued(specs, ids)
 
     # -- rules: leasing and settling --
