@@ -549,9 +549,19 @@ cdef int _maybe_finish(txn, dict dbs, c, kv, bytes mid, Msg* m, str ns, int64_t 
     txn.delete(mid, b"", dbs[b"live"])
     if m.expires:
         txn.delete(_time_key(m.expires, mid), b"", dbs[b"expiry"])
-    txn.put(_time_key(m.retain, mid), b"", True, True, False, dbs[b"retention"])
+    if not _has_holds(txn, dbs[b"holds"], mid):  # a legal hold keeps it out of the index (retention_key)
+        txn.put(_time_key(m.retain, mid), b"", True, True, False, dbs[b"retention"])
     _count(c.deltas, ns, _LIVE, -1)
     return 0
+
+
+cdef bint _has_holds(txn, db, bytes mid) except -1:
+    """Whether the message has a legal hold (a key of the holds table starts with its id)."""
+    with txn.cursor(db=db) as cur:
+        if not cur.set_range(mid):
+            return False
+        key = _raw(cur.key())
+        return PyBytes_GET_SIZE(key) >= MID and key[:MID] == mid
 
 
 # --- planning -------------------------------------------------------------------------------------

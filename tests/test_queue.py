@@ -428,6 +428,41 @@ def test_retention_keeps_finished_messages_then_compacts(store: Store, clock: Cl
         store.get(mid)
 
 
+def _retention_index(store: Store) -> list[bytes]:
+    with store.log.env.read() as txn:
+        return [k for k, _ in LmdbKV(txn, store.log.env.dbs).scan(b"retention", b"")]
+
+
+def test_a_legal_hold_protects_a_message_without_retention_mode_alike_before_or_after_it_finishes(
+    store: Store, clock: Clock, either_machine: str
+) -> None:
+    # Placed before the message finished, the hold used to leave it due for compaction: when its
+    # retention passed, maintenance tried, was refused and audited a denial; placed after, not.
+    store.set_namespace_policy("default", retention=60)
+    early, late = _enqueue(store, recipients=["a@x.example"]), _enqueue(store, recipients=["b@x.example"])
+    store.add_legal_hold(early, "SEC-1")
+    for lease in store.lease("w"):
+        store.ack(lease.token)
+    store.add_legal_hold(late, "SEC-2")
+    assert _retention_index(store) == []  # nothing due for compaction while held
+    with store.log.env.read() as txn:
+        kv = LmdbKV(txn, store.log.env.dbs)
+        for mid in (early, late):
+            row = machine.get_message(kv, parse_id(mid))
+            assert row is not None and row.finished and machine.retention_key(kv, parse_id(mid), row) is None
+    clock.advance(61)
+    assert store.maintain()["compacted"] == 0
+    assert store.audit_query(where={"op": "compact"}) == []  # no refused compaction of either
+    assert [(m.done, m.legal_holds) for m in map(store.get, (early, late))] == [(True, ("SEC-1",)), (True, ("SEC-2",))]
+    store.remove_legal_hold(early, "SEC-1")
+    store.remove_legal_hold(late, "SEC-2")
+    assert len(_retention_index(store)) == 2
+    assert store.maintain()["compacted"] == 2
+    for mid in (early, late):
+        with pytest.raises(NotFound):
+            store.get(mid)
+
+
 def test_default_retention_zero_removes_finished_messages_and_log_compaction_keeps_live_bodies(
     store: Store,
 ) -> None:

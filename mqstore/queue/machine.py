@@ -249,8 +249,9 @@ def _maybe_finish(kv: KV, c: Counters, mid: bytes, row: MessageRow, now_ms: int)
     kv.delete(b"live", mid)
     if row.expires_at_ms:
         kv.delete(b"expiry", time_key(row.expires_at_ms, mid))  # may be gone already
-    if not row.lock_mode or not has_holds(kv, mid):
-        kv.put(b"retention", time_key(_removable_at(row), mid), b"")
+    key = retention_key(kv, mid, row)
+    if key is not None:
+        kv.put(b"retention", key, b"")
     c.add(row.namespace, _STATS_LIVE, -1)
 
 
@@ -287,6 +288,17 @@ def lock_of(kv: KV, mid: bytes, row: MessageRow) -> Lock:
 def _removable_at(row: MessageRow) -> int:
     """When compaction should look at a finished message (its retention index time)."""
     return max(row.retain_until_ms, row.lock_until_ms) if row.lock_mode else row.retain_until_ms
+
+
+def retention_key(kv: KV, mid: bytes, row: MessageRow) -> bytes | None:
+    """Where message ``mid``'s entry in the retention index belongs: keyed at when compaction
+    should look at it (its housekeeping retention end; under a retention mode the later of that
+    and its lock end). None when it has none: it is not finished, or a legal hold keeps it out of
+    the index while the hold lasts (with or without a retention mode: a held message is locked
+    whatever its retention, and releasing its last hold puts it back)."""
+    if not row.finished or has_holds(kv, mid):
+        return None
+    return time_key(_removable_at(row), mid)
 
 
 def _lock_fields(lock: Lock) -> dict[str, Any]:
@@ -1172,6 +1184,7 @@ __all__ = [
     "plan_lease",
     "read_stats",
     "recipients_of",
+    "retention_key",
 ]
 
 
