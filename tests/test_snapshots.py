@@ -18,8 +18,10 @@ from test_node import InProcessCluster, _config, _messages
 from mqstore.client import Client
 from mqstore.config import parse
 from mqstore.crypto import create_key_file
+from mqstore.node.replica import META_SCRUB_PENDING
 from mqstore.node.runtime import Node, bootstrap, prepare_join
 from mqstore.proto import admin_pb2, admin_pb2_grpc
+from mqstore.queue import machine
 from mqstore.testing.cluster import free_port
 
 
@@ -195,3 +197,52 @@ def test_a_snapshot_copy_left_by_a_crash_is_removed_at_start(tmp_path: Path) -> 
         assert sorted(p.name for p in snapshots.iterdir()) == ["notes.txt"]
     finally:
         node.stop(transfer_leadership=False)
+
+
+def test_a_node_that_installed_a_snapshot_is_never_behind_its_compliance_time(cluster: InProcessCluster) -> None:
+    """The compliance time a snapshot brings holds at once, even with nothing applied after it
+    (the node may lead next and stamp entries with its compliance clock)."""
+    leader = cluster.leader()
+    victim = next(i for i in cluster.servers if i != leader.node.node_id)
+    with Client(cluster.addresses(), timeout=10) as client:
+        client.enqueue(**_messages(1, "first")[0])  # the victim has a compliance time of its own
+    cluster.wait_applied(victim, leader.node.applied_index)
+    cluster.stop(victim)
+    time.sleep(3)  # the cluster's compliance time moves on without it
+    with Client(cluster.addresses(), timeout=10) as client:
+        for k in range(30):
+            client.enqueue_many(_messages(3, f"r{k}-"))
+    time.sleep(0.3)
+    snapshot = leader.node.snapshot_now()
+    assert snapshot.index == leader.node.raw.last_index  # nothing after the snapshot point
+    cluster.start(victim)
+    cluster.wait_applied(victim, snapshot.index)
+    server = cluster.servers[victim]
+    assert server.node.storage.snapshot_meta().index == snapshot.index
+    with server.node.read_state() as kv:
+        applied = machine.compliance_clock_ms(kv)
+    assert server.queue.compliance_clock.now_ms() >= applied
+
+
+def test_a_node_that_installed_a_snapshot_taken_by_a_scrub_scrubs_at_once(cluster: InProcessCluster) -> None:
+    """A leader scrubbing a shredded key snapshots before its scrub is done (so its snapshots say
+    the scrub is pending): a follower that installs one scrubs right away, not after its next
+    restart."""
+    leader = cluster.leader()
+    victim = next(i for i in cluster.servers if i != leader.node.node_id)
+    with Client(cluster.addresses(), timeout=10) as client:
+        shredded = client.rotate_key("default")
+        client.rotate_key("default")  # messages are sealed under this one
+        cluster.stop(victim)
+        for k in range(30):
+            client.enqueue_many(_messages(3, f"r{k}-"))
+        client.shred_key(shredded)
+    cluster.start(victim)
+    cluster.wait_applied(victim, leader.node.applied_index)
+    node = cluster.servers[victim].node
+    deadline = time.monotonic() + 10
+    while node.log.meta_get(META_SCRUB_PENDING) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert node.log.meta_get(META_SCRUB_PENDING) is None
+    assert _stored(cluster, victim) == 90
+    assert not node.failed.is_set()
