@@ -220,6 +220,29 @@ def test_bootstrap_refuses_a_site_majority_and_unsatisfiable_min_sites(tmp_path:
     assert conf.min_sites == 1 and conf.voters == {1}
 
 
+def test_a_refused_bootstrap_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A bootstrap the placement rules refuse writes nothing (no store, no key file), so the
+    corrected command just runs; a data dir that existed keeps exactly what it held."""
+    text = ('node_id = 1\nsite = "a"\nlisten = "127.0.0.1:1"\ndata_dir = "{dir}"\ninsecure = true\n'
+            'min_sites = {min_sites}\n[[peers]]\nid = 2\nsite = "b"\naddress = "127.0.0.1:2"\n')
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    for data_dir in (tmp_path / "new", kept):
+        config = tmp_path / f"{data_dir.name}.toml"
+        config.write_text(text.format(dir=data_dir, min_sites=3))  # two sites cannot meet min_sites = 3
+        out = subprocess.run([sys.executable, "-m", "mqstore", "bootstrap", "--config", str(config),
+                              "--cluster-id", "c1"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and "min_sites" in out.stderr + out.stdout, out.stderr
+        left = sorted(p.name for p in data_dir.iterdir()) if data_dir.exists() else None
+        assert left == (["notes.txt"] if data_dir == kept else None)
+        config.write_text(text.format(dir=data_dir, min_sites=2))
+        out = subprocess.run([sys.executable, "-m", "mqstore", "bootstrap", "--config", str(config),
+                              "--cluster-id", "c1"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert (data_dir / "data.mdb").exists()
+
+
 def test_data_dirs_are_never_used_by_accident(tmp_path: Path) -> None:
     key = create_key_file(tmp_path / "k")
     cfg = _config(tmp_path, key, 1, {1: "a"}, {1: free_port()}, [1])

@@ -35,7 +35,7 @@ from typing import Any
 
 from mqstore import limits
 from mqstore.codec import RecordType
-from mqstore.config import NodeConfig
+from mqstore.config import NodeConfig, bootstrap_conf
 from mqstore.consensus import raft as raftcore
 from mqstore.consensus.raft import Config as RaftConfig
 from mqstore.consensus.raft import RawNode, decode_conf_change
@@ -105,8 +105,32 @@ def _open_log(config: NodeConfig, key_provider: KeyProvider | None, create: bool
 def _initialize(
     config: NodeConfig, cluster_id: str, conf: ConfState | None, key_provider: KeyProvider | None
 ) -> None:
-    if (Path(config.data_dir) / "data.mdb").exists():
+    data_dir = Path(config.data_dir)
+    if (data_dir / "data.mdb").exists():
         raise InvalidArgument(f"{config.data_dir} already holds a store: refusing to overwrite it")
+    if conf is not None:
+        raftcore.validate_conf(conf)  # before anything is written: a refused config leaves nothing
+    existed = data_dir.exists()
+    before = set(os.listdir(data_dir)) if existed else set()
+    try:
+        _write_initial_state(config, cluster_id, conf, key_provider)
+    except BaseException:
+        # Nothing of a half-made store may stay behind: the corrected command must just run.
+        if not existed:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        else:
+            for name in set(os.listdir(data_dir)) - before:
+                target = data_dir / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    target.unlink(missing_ok=True)
+        raise
+
+
+def _write_initial_state(
+    config: NodeConfig, cluster_id: str, conf: ConfState | None, key_provider: KeyProvider | None
+) -> None:
     store = _open_log(config, key_provider, create=True)
     try:
         storage = LmdbRaftStorage(store)
@@ -115,7 +139,6 @@ def _initialize(
             ctx.put(b"meta", META_NODE_ID, _U64.pack(config.node_id))
             ctx.put(b"meta", META_CLUSTER_ID, cluster_id.encode())
             if conf is not None:
-                raftcore.validate_conf(conf)
                 meta = SnapshotMeta(index=BOOTSTRAP_INDEX, term=1, conf_state=conf)
                 storage.set_snapshot_meta(ctx, meta)
                 storage.set_conf_state(ctx, conf)
@@ -136,11 +159,7 @@ def _initialize(
 def bootstrap(config: NodeConfig, cluster_id: str, key_provider: KeyProvider | None = None) -> ConfState:
     """Create a new cluster's first state in an empty data dir. Every initial member runs this
     with the same member list (its own node plus ``peers``) and cluster id."""
-    sites = sorted({(config.node_id, config.site), *((p.id, p.site) for p in config.peers)})
-    distinct = len({s for _, s in sites})
-    # min_sites defaults to 2, or 1 for a cluster in a single site (a one-node trial, say).
-    min_sites = config.min_sites if config.min_sites is not None else (2 if distinct > 1 else 1)
-    conf = ConfState(voters=frozenset(n for n, _ in sites), sites=tuple(sites), min_sites=min_sites)
+    conf = bootstrap_conf(config)
     _initialize(config, cluster_id, conf, key_provider)  # validates the placement rules
     return conf
 
