@@ -844,7 +844,10 @@ class NodeServer:
             self.queue.disk = self.health.disk  # stats() reports the disk the watcher reads
             self.edge = EdgeInterceptor(self, config.limits, client_calls_max=workers - limits.PEER_THREADS_RESERVED,
                                         tls=config.tls is not None)
-            options = [*CHANNEL_OPTIONS, ("grpc.max_concurrent_streams", limits.CONNECTION_STREAMS_MAX)]
+            # No SO_REUSEPORT (gRPC's default): a second node on an address in use must fail to
+            # start, not share the port and answer every other connection from another store.
+            options = [*CHANNEL_OPTIONS, ("grpc.max_concurrent_streams", limits.CONNECTION_STREAMS_MAX),
+                       ("grpc.so_reuseport", 0)]
             self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[self.edge],
                                     options=options)
             self.in_flight = InFlight()
@@ -863,7 +866,8 @@ class NodeServer:
             except RuntimeError:
                 self.port = 0
             if self.port == 0:
-                raise errors.InvalidArgument(f"cannot listen on {config.listen}")
+                raise errors.InvalidArgument(f"cannot listen on {config.listen} (listen): the address is in use "
+                                             "or not one of this machine's")
         except BaseException:
             self.queue.close()
             self.node.stop(transfer_leadership=False)
@@ -875,11 +879,17 @@ class NodeServer:
         self._closed = False
 
     def start(self) -> None:
+        try:
+            # The metrics address first: one that cannot be listened on starts nothing.
+            if self.config.metrics_listen and self.metrics is not None:
+                self.metrics_port = self.metrics.serve(self.config.metrics_listen)
+        except BaseException:
+            self.queue.close()
+            self.node.stop(transfer_leadership=False)
+            raise
         self.grpc.start()
         self.node.start()
         self.health.start()
-        if self.config.metrics_listen and self.metrics is not None:
-            self.metrics_port = self.metrics.serve(self.config.metrics_listen)
 
     def stop(self, grace: float = 5.0) -> None:
         """Graceful (SIGTERM): hand leadership to another voter while everything still runs, stop

@@ -207,3 +207,31 @@ def test_a_metrics_address_in_use_is_named_in_the_error() -> None:
         expected = rf"^metrics.listen {listen}: cannot listen there: Address already in use"
         with pytest.raises(InvalidArgument, match=expected):
             metrics.serve(listen)
+
+
+def test_a_second_node_on_an_address_in_use_does_not_start(tmp_path: Path) -> None:
+    """gRPC servers share a port by default (SO_REUSEPORT): a second node would answer every
+    other connection from another store. It must refuse to start instead, naming the address."""
+    from mqstore.testing.cluster import free_port, wait_until
+
+    listen = f"127.0.0.1:{free_port()}"
+    serve = [sys.executable, "-m", "mqstore", "serve", "--listen", listen]
+    first = subprocess.Popen([*serve, "--data-dir", str(tmp_path / "a")], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        def serving() -> bool:
+            try:
+                with Client([listen], timeout=2) as client:
+                    client.stats()
+                return True
+            except Exception:
+                return False
+
+        assert wait_until(serving, 60, 0.2), "the first node did not start"
+        second = subprocess.run([*serve, "--data-dir", str(tmp_path / "b")], capture_output=True, text=True,
+                                timeout=60)
+        assert second.returncode == 2, second.stderr
+        assert f"cannot listen on {listen} (listen): the address is in use" in second.stderr
+    finally:
+        first.terminate()
+        first.wait(30)
