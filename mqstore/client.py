@@ -366,9 +366,14 @@ def _ms(seconds: float) -> int:
     return round(seconds * 1000)
 
 
-def _positive_ms(seconds: float) -> int:
-    """A duration that must stay > 0 on the wire (where 0 means "the default")."""
-    return max(1, _ms(seconds))
+def _positive_ms(seconds: float, name: str) -> int:
+    """A duration that must stay > 0 on the wire (where 0 means "the default"): one that rounds
+    to 0 ms is refused, as the embedded store refuses it."""
+    ms = _ms(seconds)
+    if ms <= 0:
+        raise errors.InvalidArgument(f"{name} must be at least 1 ms (0.001 s; durations are kept in whole "
+                                     f"milliseconds), not {seconds}")
+    return ms
 
 
 def _optional(value: Any, check: Callable[[Any, str], Any], name: str) -> str:
@@ -398,7 +403,8 @@ def _new_message(m: object, i: int) -> Any:
     not_before = m.get("not_before")
     not_before_ms = _to_ms(not_before, f"messages[{i}].not_before")
     expires_in = m.get("expires_in")
-    expires_in_ms = 0 if expires_in is None else _positive_ms(_seconds(expires_in, f"messages[{i}].expires_in"))
+    expires_in_ms = 0 if expires_in is None else _positive_ms(_seconds(expires_in, f"messages[{i}].expires_in"),
+                                                               f"messages[{i}].expires_in")
     key = m.get("idempotency_key")
     key = uuid.uuid4().hex if key is None else validate.idempotency_key(key)
     with _building(f"messages[{i}]"):
@@ -453,7 +459,7 @@ def _lease_request(
     worker: str, max_messages: int, lease_seconds: float, namespace: str | None, domain: str | None
 ) -> Any:
     validate.integer(max_messages, "max_messages", 1, limits.APPEND_RECORDS_MAX)  # 0 would mean "100"
-    lease_ms = _positive_ms(_seconds(lease_seconds, "lease_seconds"))  # 0 would mean "300 s"
+    lease_ms = _positive_ms(_seconds(lease_seconds, "lease_seconds"), "lease_seconds")  # 0 would mean "300 s"
     with _building("lease"):
         return queue_pb2.LeaseRequest(
             worker=worker,
@@ -503,6 +509,10 @@ def _message_id(message_id: object) -> str:
         return ids.format_id(message_id)
     if not isinstance(message_id, str):
         raise errors.InvalidArgument(f"a message id is a string, not {type(message_id).__name__}")
+    try:
+        message_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise errors.InvalidArgument("a message id is not valid Unicode (lone surrogate)") from None
     return message_id
 
 
@@ -543,7 +553,7 @@ def _policy_request(
     if backoff is not None:
         if isinstance(backoff, (str, bytes)) or not isinstance(backoff, Sequence) or len(backoff) > 64:
             raise errors.InvalidArgument("backoff must be a list of at most 64 delays in seconds")
-        backoff_ms = [_positive_ms(_seconds(s, f"backoff[{i}]")) for i, s in enumerate(backoff)]
+        backoff_ms = [_positive_ms(_seconds(s, f"backoff[{i}]"), f"backoff[{i}]") for i, s in enumerate(backoff)]
 
     def keep_or_ms(value: float | None, name: str) -> int:
         return -1 if value is None else _ms(_seconds(value, name, allow_zero=True))
@@ -553,7 +563,7 @@ def _policy_request(
             namespace=namespace,
             backoff_ms=backoff_ms,
             reset_backoff=backoff is not None and not backoff,
-            lifetime_ms=0 if lifetime is None else _positive_ms(_seconds(lifetime, "lifetime")),
+            lifetime_ms=0 if lifetime is None else _positive_ms(_seconds(lifetime, "lifetime"), "lifetime"),
             retention_ms=keep_or_ms(retention, "retention"),
             dedup_window_ms=keep_or_ms(dedup_window, "dedup_window"),
             expired_retention_ms=keep_or_ms(expired_retention, "expired_retention"),

@@ -32,7 +32,7 @@ NOW = 1_780_000_000.0
 RAW = b"From: a@example.org\r\nSubject: fuzz\r\n\r\nbody\r\n"
 
 _WRONG: list[Any] = [
-    None, True, False, 0, -1, 1, 2**70, -(2**70), 1.5, -0.5, 0.0004, math.nan, math.inf, "", " ", "x", "\x00",
+    None, True, False, 0, -1, 1, 2**70, -(2**70), 1.5, -0.5, 0.0004, math.nan, math.inf, "", " ", "x", "\x00", "\ud800",
     "a" * 5000,
     b"bytes", bytearray(b"x"), [], [[]], [None], [1, 2], {}, {"a": 1}, (), object(), dt.datetime(2020, 1, 1),
     dt.timedelta(seconds=5),

@@ -850,3 +850,14 @@ def test_compliance_arguments_of_the_wrong_type_are_invalid_before_any_call() ->
             c.extend_retention("01M8XEP1JTA8SSGH0VGEGBCJ1V", until="soon")  # type: ignore[arg-type]
         with pytest.raises(InvalidArgument, match="audit_records"):
             c.audit_records(limit="all")  # type: ignore[arg-type]
+
+
+def test_durations_under_a_millisecond_are_refused_before_anything_is_sent() -> None:
+    """As the embedded store refuses them: 0 ms would mean "the default" on the wire."""
+    with Client(["127.0.0.1:1"], timeout=1) as client:  # nothing listens there: nothing may be sent
+        with pytest.raises(InvalidArgument, match=r"^lease_seconds must be at least 1 ms"):
+            client.lease(worker="w", lease_seconds=0.0004)
+        with pytest.raises(InvalidArgument, match=r"expires_in must be at least 1 ms"):
+            client.enqueue(mail_from="a@example.org", recipients=["b@example.net"], data=b"x", expires_in=0.0004)
+        with pytest.raises(InvalidArgument, match=r"^a message id is not valid Unicode"):
+            client.get("\ud800")

@@ -309,15 +309,10 @@ def _check_state(log: LogStore, report: VerifyReport, seen: dict[int, _Sealed], 
         _check_stats(kv, report, stats, states_known=not expect["rcpts_undecodable"])
 
 
-def retention_entry(kv: LmdbKV, mid: bytes, row: MessageRow) -> tuple[bytes, bool | None]:
-    """The retention index key of the finished message ``mid`` and whether the state machine keeps
-    it there: True (it must be there), False (it must not: a legal hold locks a message under a
-    retention mode) or None (either: a hold on a message without a retention mode leaves it where
-    it was when the hold came). The key is the machine's own: when compaction should look at it."""
-    key = time_key(machine._removable_at(row), mid)
-    if not machine.has_holds(kv, mid):
-        return key, True
-    return key, None if not row.lock_mode else False
+def retention_entry(kv: LmdbKV, mid: bytes, row: MessageRow) -> bytes | None:
+    """The retention index key the finished message ``mid`` must have, by the state machine's own
+    rule (None: it must have none, a legal hold keeps it out of the index)."""
+    return machine.retention_key(kv, mid, row)
 
 
 def _recipients(
@@ -412,14 +407,12 @@ def _check_message(
     if live == row.finished:
         bad("in the live index though finished" if live else "missing from the live index though unfinished", "live")
     if row.finished:
-        key, wanted = retention_entry(kv, mid, row)
-        present = kv.get(b"retention", key) is not None
-        if present:
-            expect["retention"] += 1
-        if wanted and not present:
-            bad("finished but missing from the retention index", "retention")
-        elif wanted is False and present:
-            bad("in the retention index though a legal hold locks it", "retention")
+        key = retention_entry(kv, mid, row)
+        if key is not None:  # (held: an entry of it is a stray, named by _check_indexes)
+            if kv.get(b"retention", key) is not None:
+                expect["retention"] += 1
+            else:
+                bad("finished but missing from the retention index", "retention")
     else:
         expect["live"] += 1
         stats[(ns, "messages.live")] += 1
@@ -471,7 +464,7 @@ def _check_indexes(kv: LmdbKV, report: VerifyReport, expect: dict[str, int]) -> 
                     stray(table, key, mid, "index entry for a message that does not exist")
                 elif table == "live" and row.finished:
                     stray(table, key, mid, "live index entry for a finished message")
-                elif table == "retention" and (not row.finished or retention_entry(kv, mid, row)[0] != key):
+                elif table == "retention" and (not row.finished or retention_entry(kv, mid, row) != key):
                     stray(table, key, mid, "retention entry that does not match the message")
     for key, _ in kv.scan(b"expiry", b""):
         mid = key[8:24]
