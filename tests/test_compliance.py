@@ -1144,3 +1144,13 @@ def test_rebuilding_state_judges_an_injected_entry_a_century_ahead_by_its_own_st
             s.delete(other)
     finally:
         s.close()
+
+
+def test_a_reason_that_cannot_be_encoded_is_named_as_such() -> None:
+    from mqstore.compliance import rules
+
+    with pytest.raises(InvalidArgument, match=r"^reason is not valid Unicode \(lone surrogate\)$"):
+        rules.check_reason(True, "legal asked \ud800")
+    with pytest.raises(InvalidArgument, match="at most 1024 bytes"):
+        rules.check_reason(True, "x" * 1025)
+    assert rules.check_reason(False, None) == ""

@@ -201,6 +201,8 @@ def _utf8_len(text: object) -> int:
 
 
 def check_reason(bypass: bool, reason: str | None) -> str:
+    if isinstance(reason, str) and _utf8_len(reason) == 1 << 62:
+        raise InvalidArgument("reason is not valid Unicode (lone surrogate)")
     if reason is not None and _utf8_len(reason) > REASON_BYTES_MAX:
         raise InvalidArgument(f"reason must be a string of at most {REASON_BYTES_MAX} bytes")
     if not isinstance(bypass, bool):
