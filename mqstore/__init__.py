@@ -22,7 +22,7 @@ from mqstore.errors import (
 
 __version__ = "0.1.0"
 
-from mqstore.api import Lease, Message, MessageSummary, Page, QShape, RecipientStatus, Store, open
+from mqstore.api import BounceResult, Lease, Message, MessageSummary, Page, QShape, RecipientStatus, Store, open
 
 
 def __getattr__(name: str) -> object:
@@ -35,6 +35,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "AsyncClient",
+    "BounceResult",
     "Client",
     "Corruption",
     "DecryptionFailed",

@@ -43,6 +43,7 @@ from mqstore.queue.model import (
     STATE_BY_NAME,
     STATE_NAMES,
     AdminEntry,
+    BounceMessageEntry,
     DenialEntry,
     LeaseEntry,
     LeaseRow,
@@ -197,6 +198,21 @@ class Message:
     locked_until: float | None = None  # immutable until then (compliance clock), if a mode is set
     legal_holds: tuple[str, ...] = ()
     key_id: int = 0  # the namespace key its body is sealed under
+
+
+@dataclass(frozen=True, slots=True)
+class BounceResult:
+    """What :meth:`Store.bounce_message` did: ``bounced`` recipients (queued or deferred) are now
+    bounced; ``left_leased`` recipients were leased to a worker and left alone (a delivery may be
+    in flight: the worker settles them)."""
+
+    message_id: str
+    bounced: int
+    left_leased: int
+
+
+#: The reason :meth:`Store.bounce_message` keeps when none is given.
+BOUNCE_REASON_DEFAULT = "bounced by the operator"
 
 
 @dataclass(frozen=True, slots=True)
@@ -614,6 +630,39 @@ class QueueBase:
         the actor has the ``bypass_governance`` permission, passes ``bypass_governance=True`` and
         gives a ``reason``. Every outcome is audited."""
         self._admin(RecordType.DELETE, message_id, actor, bypass_governance, _why(bypass_governance, reason))
+
+    def bounce_message(self, message_id: str, *, reason: str | None = BOUNCE_REASON_DEFAULT,
+                       actor: Actor | None = None) -> BounceResult:
+        """Give up on the message (Exim's ``-Mg``): every queued or deferred recipient, held
+        message or not, becomes bounced with ``reason`` (empty or None: "bounced by the
+        operator"), counted as an attempt, so the MTA finds it with ``list(state="bounced")`` and
+        sends the DSN. Recipients leased to a worker are left alone (a delivery may be in flight:
+        the worker settles them; ``left_leased`` counts them); delivered, bounced and expired ones
+        are untouched. Needs the ``delete`` permission (role admin): like a delete it ends
+        delivery for good. Retention and legal holds do not forbid it (the message is kept).
+        Raises NotFound for an unknown id. Audited."""
+        mid = self._mid(message_id)
+        self._check_reason(reason)
+        why = reason or BOUNCE_REASON_DEFAULT
+        actor = self._actor(actor)
+        namespace = ""
+
+        def precheck(kv: KV) -> None:
+            nonlocal namespace
+            row = machine.get_message(kv, mid)
+            if row is None:
+                raise NotFound(f"no message {format_id(mid)}")
+            namespace = row.namespace
+
+        def make(now: int, ctx: Ctx) -> BounceMessageEntry:
+            return BounceMessageEntry(now, mid, self._seal_reason(namespace, mid, why), ctx)
+
+        result = self._propose(RecordType.BOUNCE_MESSAGE, make, actor, precheck=precheck)
+        self._raise_denied(result)
+        if result is False:
+            raise NotFound(f"no message {format_id(mid)}")
+        assert isinstance(result, machine.BounceOutcome)
+        return BounceResult(format_id(mid), result.bounced, result.left_leased)
 
     def _admin(self, rtype: RecordType, message_id: str, actor: Actor | None, bypass: bool = False,
                reason: str = "") -> None:
@@ -1537,4 +1586,5 @@ def open(path: str | os.PathLike[str] = "mqstore-data", **options: Any) -> Store
     return Store(path, **options)
 
 
-__all__ = ["Lease", "Message", "MessageSummary", "Page", "QShape", "QueueBase", "RecipientStatus", "Store", "open"]
+__all__ = ["BOUNCE_REASON_DEFAULT", "BounceResult", "Lease", "Message", "MessageSummary", "Page", "QShape", "QueueBase",
+           "RecipientStatus", "Store", "open"]

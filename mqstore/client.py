@@ -56,6 +56,8 @@ import grpc.aio
 
 from mqstore import errors, ids, limits, validate
 from mqstore.api import (
+    BOUNCE_REASON_DEFAULT,
+    BounceResult,
     Lease,
     Message,
     MessageSummary,
@@ -574,6 +576,18 @@ def _delete_request(message_id: str, bypass_governance: bool, reason: str | None
     with _building("delete"):
         return queue_pb2.MessageRef(message_id=_message_id(message_id), bypass_governance=bypass_governance,
                                     reason=reason or "")
+
+
+def _bounce_message_request(message_id: str, reason: str | None) -> Any:
+    if reason is not None and not isinstance(reason, str):
+        raise errors.InvalidArgument(f"reason must be a string, not {type(reason).__name__}")
+    with _building("bounce_message"):
+        return queue_pb2.BounceMessageRequest(message_id=_message_id(message_id), reason=reason or "")
+
+
+def _bounce_result(message_id: str, response: Any) -> BounceResult:
+    # The id as the store spells it (the call succeeded: the server parsed it).
+    return BounceResult(ids.format_id(ids.parse_id(_message_id(message_id))), response.bounced, response.left_leased)
 
 
 def _set_policy_request(
@@ -1103,6 +1117,11 @@ class Client(_ClientBase):
         See the embedded API for the GOVERNANCE bypass."""
         self._call("Delete", _delete_request(message_id, bypass_governance, reason))
 
+    def bounce_message(self, message_id: str, *, reason: str | None = BOUNCE_REASON_DEFAULT) -> BounceResult:
+        """Give up on the message: its queued and deferred recipients become bounced with
+        ``reason``; leased ones are left to their worker (``left_leased``). See the embedded API."""
+        return _bounce_result(message_id, self._call("BounceMessage", _bounce_message_request(message_id, reason)))
+
     def list(
         self,
         state: str | None = None,
@@ -1484,6 +1503,10 @@ class AsyncClient(_ClientBase):
 
     async def delete(self, message_id: str, bypass_governance: bool = False, reason: str | None = None) -> None:
         await self._call("Delete", _delete_request(message_id, bypass_governance, reason))
+
+    async def bounce_message(self, message_id: str, *, reason: str | None = BOUNCE_REASON_DEFAULT) -> BounceResult:
+        request = _bounce_message_request(message_id, reason)
+        return _bounce_result(message_id, await self._call("BounceMessage", request))
 
     async def list(
         self,

@@ -345,6 +345,11 @@ class QueueService(queue_pb2_grpc.QueueServicer):  # type: ignore[misc]
         return queue_pb2.AdminResponse()
 
     @handled
+    def BounceMessage(self, request: Any, context: grpc.ServicerContext) -> Any:
+        result = self.queue.bounce_message(request.message_id, reason=request.reason or None)
+        return queue_pb2.BounceMessageResponse(bounced=result.bounced, left_leased=result.left_leased)
+
+    @handled
     def List(self, request: Any, context: grpc.ServicerContext) -> Any:
         page = self.queue.list(
             state=request.state or None,

@@ -77,6 +77,7 @@ class RecordType(IntEnum):
     MEMBERS = 20  # cluster directory: a member's site and advertised address
     AUDIT = 21  # a refused request: only the audit log records it
     DROP = 22  # remove a whole namespace
+    BOUNCE_MESSAGE = 23  # an operator gives up on a message: its waiting recipients bounce
 
 
 class Flags(IntFlag):

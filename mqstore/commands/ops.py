@@ -594,8 +594,8 @@ def _would_change(op: str, held: bool, done: bool, states: dict[str, int]) -> bo
         return held
     if op == "requeue":
         return states.get("deferred", 0) > 0
-    if op == "bounce":
-        return any(states.get(s, 0) for s in ("queued", "leased", "deferred"))
+    if op == "bounce":  # leased recipients are left to their worker: only waiting ones bounce
+        return any(states.get(s, 0) for s in ("queued", "deferred"))
     return True  # delete
 
 
@@ -624,6 +624,8 @@ def cmd_bulk(args: argparse.Namespace) -> int:
         action = _bulk_action(target, op, args)
         refusal_of = _dry_run_refusal(target, op, args) if args.dry_run else None
         counts = {"matched": 0, "would_change": 0, "changed": 0, "unchanged": 0, "missing": 0, "refused": 0}
+        # bounce: recipients bounced, and leased ones left to their worker (the real run's results)
+        recipients = {"bounced_recipients": 0, "left_leased": 0}
         refusals: list[dict[str, str]] = []
         bar = Progress.for_args(args, f"{op}:")
 
@@ -659,8 +661,11 @@ def cmd_bulk(args: argparse.Namespace) -> int:
                     counts["would_change"] += 1
                 if refusal is None and change and not args.dry_run:
                     try:
-                        action(mid)
+                        result = action(mid)
                         counts["changed"] += 1
+                        if op == "bounce":
+                            recipients["bounced_recipients"] += result.bounced
+                            recipients["left_leased"] += result.left_leased
                     except NotFound:
                         counts["missing"] += 1
                     except MQStoreError as exc:
@@ -669,7 +674,7 @@ def cmd_bulk(args: argparse.Namespace) -> int:
                             refusals.append({"message_id": mid, "error": type(exc).__name__, "message": str(exc)})
                 bar.update(counts["matched"] + counts["missing"], len(ids or ()))
     payload = {"operation": op, "dry_run": args.dry_run, "selection": "ids" if ids is not None else flt.describe(),
-               **counts, "refusals": refusals}
+               **counts, **(recipients if op == "bounce" and not args.dry_run else {}), "refusals": refusals}
     if args.dry_run:
         lines = [f"dry run: {op} would change {counts['would_change']} of {counts['matched']} matching message(s)"
                  + (f", {counts['refused']} would be REFUSED" if counts["refused"] else "")
@@ -680,6 +685,10 @@ def cmd_bulk(args: argparse.Namespace) -> int:
                  + (f", {counts['unchanged']} needed no change" if counts["unchanged"] else "")
                  + (f", {counts['missing']} not found" if counts["missing"] else "")
                  + (f", {counts['refused']} REFUSED" if counts["refused"] else "")]
+        if op == "bounce":
+            lines.append(f"  {recipients['bounced_recipients']} recipient(s) bounced"
+                         + (f"; {recipients['left_leased']} leased recipient(s) left to their worker (a delivery "
+                            "may be in flight: the worker settles them)" if recipients["left_leased"] else ""))
         lines += [f"  {r['message_id']}: {r['error']}: {r['message']}" for r in refusals[:50]]
     emit(args, payload, lines)
     return 1 if counts["refused"] or (ids is not None and counts["missing"]) else 0
@@ -689,8 +698,8 @@ def _dry_run_refusal(target: Target, op: str, args: argparse.Namespace) -> Calla
     """For a dry run: why the real run would refuse ``op`` on a message because of its retention
     or legal holds (None: it would not), decided by the enforcement function the state machine
     applies (:func:`mqstore.compliance.rules.check`) on the message's lock. Only ``delete`` can be
-    refused so: the state machine checks hold, release and requeue as "hold", which retention
-    never refuses. Judged at the store's compliance time (offline), or at this host's clock
+    refused so: the state machine checks hold, release, requeue and bounce as "hold", which
+    retention never refuses (a bounced message is kept). Judged at the store's compliance time (offline), or at this host's clock
     (--server, which has the cluster's within its clock offset). Permissions are the real run's
     to check (offline, the local administrator has every role)."""
     from mqstore.compliance import rules
@@ -734,22 +743,18 @@ def _dry_run_refusal(target: Target, op: str, args: argparse.Namespace) -> Calla
     return refusal
 
 
-def _bulk_action(target: Target, op: str, args: argparse.Namespace) -> Callable[[str], None]:
+def _bulk_action(target: Target, op: str, args: argparse.Namespace) -> Callable[[str], Any]:
     queue = target.queue
     if op == "bounce":
-        bounce = getattr(queue, "bounce_message", None)
-        if bounce is None:  # refused as the real run would be, dry run or not
-            raise InvalidArgument(
-                "bounce needs an operator 'bounce a whole message' operation, which this version's queue API does "
-                "not have yet: bounce through the worker that holds the lease (Queue.Bounce), or delete"
-            )
-        reason = args.reason or "bounced by the operator"
-        return lambda mid: bounce(mid, reason=reason)
+        from mqstore.api import BOUNCE_REASON_DEFAULT
+
+        reason = args.reason or BOUNCE_REASON_DEFAULT
+        return lambda mid: queue.bounce_message(mid, reason=reason)
     if op == "delete" and args.bypass_governance:
         if not args.reason:
             raise InvalidArgument("--bypass-governance needs --reason")
         return lambda mid: queue.delete(mid, bypass_governance=True, reason=args.reason)
-    fn: Callable[[str], None] = getattr(queue, op)
+    fn: Callable[[str], Any] = getattr(queue, op)
     return fn
 
 
@@ -1139,7 +1144,8 @@ def register(sub: Any) -> None:
         "release": "release held messages",
         "requeue": "make deferred recipients due now",
         "delete": "delete messages (compliance rules apply)",
-        "bounce": "bounce every unfinished recipient of messages",
+        "bounce": "give up on messages: their queued and deferred recipients bounce (leased ones are left to "
+                  "their worker)",
     }
     for op in BULK_OPS:
         p = sub.add_parser(op, help=f"{helps[op]}: by id (args, or - for stdin) or by filter")
@@ -1151,8 +1157,11 @@ def register(sub: Any) -> None:
         if op == "delete":
             p.add_argument("--bypass-governance", action="store_true",
                            help="delete under GOVERNANCE retention (needs the permission; audited)")
-        if op in ("delete", "bounce"):
-            p.add_argument("--reason", help="why (kept with the bounce; required with --bypass-governance)")
+        if op == "delete":
+            p.add_argument("--reason", help="why (required with --bypass-governance; audited)")
+        if op == "bounce":
+            p.add_argument("--reason", help="kept with each recipient it bounces, for the DSN (default: "
+                                            "'bounced by the operator')")
         p.set_defaults(func=cmd_bulk, command=op)
 
     ver = sub.add_parser("verify", help="full check of a store: record CRCs, decryption, state vs log, audit chain")

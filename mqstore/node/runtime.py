@@ -1120,7 +1120,8 @@ _CACHED_TYPES = frozenset((RecordType.POLICY, RecordType.DROP))
 
 _STAMPED = frozenset(
     (RecordType.LEASE, RecordType.ACK, RecordType.DEFER, RecordType.BOUNCE, RecordType.HOLD, RecordType.RELEASE,
-     RecordType.REQUEUE, RecordType.DELETE, RecordType.EXPIRE, RecordType.COMPACT, RecordType.POLICY)
+     RecordType.REQUEUE, RecordType.DELETE, RecordType.EXPIRE, RecordType.COMPACT, RecordType.POLICY,
+     RecordType.BOUNCE_MESSAGE)
 )
 
 
@@ -1129,7 +1130,7 @@ _STAMPED = frozenset(
 _ANSWER_BEFORE_SYNC = frozenset({
     RecordType.NOOP, RecordType.ENQUEUE, RecordType.LEASE, RecordType.ACK, RecordType.DEFER,
     RecordType.BOUNCE, RecordType.HOLD, RecordType.RELEASE, RecordType.REQUEUE, RecordType.DELETE,
-    RecordType.EXPIRE, RecordType.BLOB,
+    RecordType.EXPIRE, RecordType.BLOB, RecordType.BOUNCE_MESSAGE,
 })
 
 

@@ -123,6 +123,12 @@ def message_history(log: LogStore, message_id: str, enqueue_index: int | None = 
                     event["next_attempt_ms"] = list(entry.next_attempt_ms)
             elif rtype in _ADMIN_NAMES and entry.mid == mid:
                 event = {"event": _ADMIN_NAMES[RecordType(rtype)]}
+            elif rtype == RecordType.BOUNCE_MESSAGE and entry.mid == mid:
+                # Which recipients it bounced depends on their states then (leased ones are left).
+                event = {"event": "bounced by the operator"}
+                reason = _open_reason(log, entry.reason)
+                if reason:
+                    event["reason"] = reason
             elif rtype == RecordType.EXPIRE:
                 for kind, value in entry.items:
                     if kind == EXPIRE_LEASE and U64.unpack(value)[0] in tokens:

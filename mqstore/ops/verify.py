@@ -239,7 +239,7 @@ def _check_sealed(log: LogStore, report: VerifyReport, record: Record, seen: dic
             report.sealed_checked += 1
         elif rtype == RecordType.KEY:
             KeyEvent.decode(record.payload)
-        elif rtype in (RecordType.DEFER, RecordType.BOUNCE):
+        elif rtype in (RecordType.DEFER, RecordType.BOUNCE, RecordType.BOUNCE_MESSAGE):
             entry: Any = machine.decode_entry(rtype, record.payload)
             blob = entry.reason
             if blob:

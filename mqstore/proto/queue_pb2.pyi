@@ -127,6 +127,22 @@ class AdminResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class BounceMessageRequest(_message.Message):
+    __slots__ = ("message_id", "reason")
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    message_id: str
+    reason: str
+    def __init__(self, message_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class BounceMessageResponse(_message.Message):
+    __slots__ = ("bounced", "left_leased")
+    BOUNCED_FIELD_NUMBER: _ClassVar[int]
+    LEFT_LEASED_FIELD_NUMBER: _ClassVar[int]
+    bounced: int
+    left_leased: int
+    def __init__(self, bounced: _Optional[int] = ..., left_leased: _Optional[int] = ...) -> None: ...
+
 class RecipientStatus(_message.Message):
     __slots__ = ("address", "state", "attempts", "next_attempt_ms", "last_reason", "lease_token", "lease_deadline_ms")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]

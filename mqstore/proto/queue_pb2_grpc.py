@@ -100,6 +100,11 @@ class QueueStub:
                 request_serializer=queue__pb2.MessageRef.SerializeToString,
                 response_deserializer=queue__pb2.AdminResponse.FromString,
                 _registered_method=True)
+        self.BounceMessage = channel.unary_unary(
+                '/mqstore.v1.Queue/BounceMessage',
+                request_serializer=queue__pb2.BounceMessageRequest.SerializeToString,
+                response_deserializer=queue__pb2.BounceMessageResponse.FromString,
+                _registered_method=True)
         self.List = channel.unary_unary(
                 '/mqstore.v1.Queue/List',
                 request_serializer=queue__pb2.ListRequest.SerializeToString,
@@ -205,6 +210,14 @@ class QueueServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BounceMessage(self, request, context):
+        """Give up on a message: its queued and deferred recipients become bounced (the operator's
+        bounce, like Exim's -Mg); leased ones are left to their worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def List(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -296,6 +309,11 @@ def add_QueueServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=queue__pb2.MessageRef.FromString,
                     response_serializer=queue__pb2.AdminResponse.SerializeToString,
+            ),
+            'BounceMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.BounceMessage,
+                    request_deserializer=queue__pb2.BounceMessageRequest.FromString,
+                    response_serializer=queue__pb2.BounceMessageResponse.SerializeToString,
             ),
             'List': grpc.unary_unary_rpc_method_handler(
                     servicer.List,
@@ -669,6 +687,33 @@ class Queue:
             '/mqstore.v1.Queue/Delete',
             queue__pb2.MessageRef.SerializeToString,
             queue__pb2.AdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BounceMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mqstore.v1.Queue/BounceMessage',
+            queue__pb2.BounceMessageRequest.SerializeToString,
+            queue__pb2.BounceMessageResponse.FromString,
             options,
             channel_credentials,
             insecure,

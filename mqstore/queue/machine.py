@@ -48,6 +48,7 @@ from mqstore.queue.model import (
     U64,
     WAITING,
     AdminEntry,
+    BounceMessageEntry,
     DenialEntry,
     LeaseEntry,
     LeaseRow,
@@ -655,6 +656,58 @@ def apply_admin(kv: KV, c: Counters, rtype: int, e: AdminEntry) -> bool | Denied
     return True
 
 
+#: The permission an operator's bounce of a whole message needs: it ends delivery for good (the
+#: recipients get a DSN instead), as irreversible for delivery as deleting the message.
+BOUNCE_MESSAGE_PERMISSION = "delete"
+
+
+@dataclass(frozen=True, slots=True)
+class BounceOutcome:
+    """What a BOUNCE_MESSAGE entry did: recipients bounced, and leased ones left to their worker."""
+
+    bounced: int
+    left_leased: int
+
+
+def apply_bounce_message(kv: KV, c: Counters, e: BounceMessageEntry) -> BounceOutcome | bool | Denied:
+    """BOUNCE_MESSAGE: every QUEUED or DEFERRED recipient (the message held or not) becomes
+    BOUNCED with the entry's reason, counted as an attempt like a worker's bounce. LEASED
+    recipients are left alone (a delivery may be in flight: their worker settles them); final
+    ones are untouched. False if the message does not exist; Denied if the actor may not.
+    Retention never forbids it (the message is kept), as for HOLD."""
+    ctx = c.observe(e.ctx, e.now_ms)
+    row = get_message(kv, e.mid)
+    if row is None:
+        return False
+    lock = lock_of(kv, e.mid, row)
+    refusal = rules.check("hold", ctx, lock, permission=BOUNCE_MESSAGE_PERMISSION)
+    if refusal is not None:
+        return _deny(kv, c, ctx, "bounce_message", refusal, format_id(e.mid), row.namespace, _lock_fields(lock))
+    bounced: list[int] = []
+    leased: list[int] = []
+    for ordinal, rcpt in recipients_of(kv, e.mid):
+        if rcpt.state == LEASED:
+            leased.append(ordinal)
+            continue
+        if rcpt.state not in WAITING:
+            continue
+        if not row.held:
+            _remove_ready(kv, row, e.mid, ordinal, rcpt)
+        _set_state(row, c, rcpt.state, BOUNCED)
+        rcpt.state = BOUNCED
+        rcpt.attempts = _attempted(rcpt.attempts)
+        if e.reason:
+            rcpt.reason = e.reason
+        kv.put(b"recipients", mid_ord(e.mid, ordinal), rcpt.encode())
+        bounced.append(ordinal)
+    if bounced:
+        _maybe_finish(kv, c, e.mid, row, e.now_ms)
+        kv.put(b"messages", e.mid, row.encode())
+    audit(kv, c, ctx, "bounce_message", target=format_id(e.mid), namespace=row.namespace,
+          before=_lock_fields(lock), ordinals=bounced, left_leased=leased, finished=row.finished)
+    return BounceOutcome(len(bounced), len(leased))
+
+
 def remove_message(kv: KV, c: Counters, mid: bytes, row: MessageRow) -> None:
     """Remove every trace of a message from the state tables (delete, compaction)."""
     for ordinal, rcpt in recipients_of(kv, mid):
@@ -1149,13 +1202,16 @@ def next_timer_ms(kv: KV) -> int | None:
 
 
 __all__ = [
+    "BOUNCE_MESSAGE_PERMISSION",
     "AuditSink",
+    "BounceOutcome",
     "Counters",
     "Denied",
     "Grant",
     "LeasePlan",
     "StaleLease",
     "apply_admin",
+    "apply_bounce_message",
     "apply_compact",
     "apply_denial",
     "apply_drop",
@@ -1218,6 +1274,8 @@ def decode_entry(rtype: int, payload: bytes) -> object:
         return DenialEntry.decode(payload)
     if rtype == RecordType.DROP:
         return NamespaceEntry.decode(payload)
+    if rtype == RecordType.BOUNCE_MESSAGE:
+        return BounceMessageEntry.decode(payload)
     raise AssertionError(f"record type {rtype} has no queue entry")
 
 
@@ -1258,6 +1316,9 @@ def apply_entry(kv: KV, c: Counters, index: int, rtype: int, entry: object) -> o
     if rtype == RecordType.DROP:
         assert isinstance(entry, NamespaceEntry)
         return apply_drop(kv, c, entry)
+    if rtype == RecordType.BOUNCE_MESSAGE:
+        assert isinstance(entry, BounceMessageEntry)
+        return apply_bounce_message(kv, c, entry)
     if rtype in PASSIVE_TYPES:
         return None
     raise AssertionError(f"unknown record type {rtype}")

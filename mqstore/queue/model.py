@@ -466,6 +466,31 @@ class AdminEntry:
         return cls(now, mid, ctx)
 
 
+@dataclass(frozen=True, slots=True)
+class BounceMessageEntry:
+    """BOUNCE_MESSAGE: an operator gives up on message ``mid``: its queued and deferred
+    recipients (held or not) become bounced with the (sealed) ``reason``; leased ones are left
+    to the worker that holds them."""
+
+    now_ms: int
+    mid: bytes
+    reason: bytes = b""
+    ctx: Ctx = NO_CTX
+
+    def encode(self) -> bytes:
+        return _ADMIN.pack(1, self.now_ms, self.mid) + _bytes16(self.reason) + _ctx(self.ctx)
+
+    @classmethod
+    def decode(cls, buf: bytes) -> BounceMessageEntry:
+        r = _Reader(buf, "bounce message entry")
+        v, now, mid = r.unpack(_ADMIN)
+        _version(v, 1, r)
+        reason = r.bytes16()
+        ctx = _read_ctx(r)
+        r.done()
+        return cls(now, mid, reason, ctx)
+
+
 # EXPIRE / COMPACT items
 EXPIRE_LEASE = 1  # value: token (u64 BE)
 EXPIRE_MESSAGE = 2  # value: message id

@@ -111,6 +111,8 @@ METHODS: dict[str, Method] = {
     _Q + "Release": Method("client", "release", lookup="messages", keys=lambda r: [r.message_id], write=True),
     _Q + "Requeue": Method("client", "requeue", lookup="messages", keys=lambda r: [r.message_id], write=True),
     _Q + "Delete": Method("client", "delete", lookup="messages", keys=lambda r: [r.message_id], write=True),
+    # Bouncing a whole message ends its delivery for good, as deleting it does: ``delete``.
+    _Q + "BounceMessage": Method("client", "delete", lookup="messages", keys=lambda r: [r.message_id], write=True),
     _Q + "List": Method("client", "read", _optional_ns),
     _Q + "QShape": Method("client", "read", _optional_ns),
     _Q + "Stats": Method("client", "read", _every),
