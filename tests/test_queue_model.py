@@ -1,7 +1,7 @@
 """Model-based test of the queue semantics: the real store against a deliberately simple model.
 
 A hypothesis state machine runs the same random sequence of operations (enqueue, lease, ack,
-defer, bounce, hold, release, requeue, delete, maintenance, reopen) and clock moves on the real
+defer, bounce, hold, release, requeue, delete, bounce_message, maintenance, reopen) and clock moves on the real
 :class:`mqstore.Store` and on :class:`Model` below: plain dicts and lists, no indexes, no
 cleverness. After every step every observable must agree: return values and errors, every
 message (``get``), ``stats``, ``list`` (with each state filter) and ``qshape``.
@@ -398,6 +398,23 @@ class Model:
             self.remove(mid)
         else:
             raise AssertionError(kind)
+
+    def bounce_message(self, mid: str, reason: str | None) -> tuple[int, int]:
+        """The operator's bounce: waiting recipients (held or not) bounce, counted as an attempt;
+        leased ones are left. Returns (bounced, left leased)."""
+        m = self.msgs.get(mid)
+        if m is None:
+            raise ModelNotFound
+        bounced = 0
+        for r in m.rcpts:
+            if r.state in WAITING:
+                r.state = BOUNCED
+                r.attempts = min(r.attempts + 1, ATTEMPTS_MAX)
+                r.reason = reason or "bounced by the operator"
+                r.due_bounds = None
+                bounced += 1
+        self.finish_if_done(m)
+        return bounced, m.count(LEASED)
 
     # -- what the store should show --
 
@@ -884,6 +901,24 @@ class QueueMachine(RuleBasedStateMachine):
         else:
             prefer = sorted(k for k, m in msgs.items() if not m.done)
         self._admin(kind, self._pick_id(data, prefer))
+
+    @rule(reason=st.sampled_from([None, *REASONS]), data=st.data())
+    def bounce_message(self, reason: str | None, data: st.DataObject) -> None:
+        """The operator gives up on a message: often one with leased recipients (they are left)."""
+        msgs = self.model.msgs
+        prefer = sorted(k for k, m in msgs.items() if not m.done and any(r.state == LEASED for r in m.rcpts))
+        mid = self._pick_id(data, prefer or sorted(k for k, m in msgs.items() if not m.done))
+        try:
+            want: tuple[int, int] | None = self.model.bounce_message(mid, reason)
+        except ModelNotFound:
+            want = None
+        try:
+            got = self.store.bounce_message(mid, reason=reason)
+        except NotFound:
+            assert want is None, f"bounce_message({mid}) raised NotFound; the model has the message"
+            return
+        assert want is not None, f"bounce_message({mid}) succeeded; the model says the message does not exist"
+        assert (got.message_id, got.bounced, got.left_leased) == (mid, *want)
 
     def _deferred_not_due(self) -> list[str]:
         now = self.model.now_ms

@@ -699,9 +699,10 @@ def _dry_run_refusal(target: Target, op: str, args: argparse.Namespace) -> Calla
     or legal holds (None: it would not), decided by the enforcement function the state machine
     applies (:func:`mqstore.compliance.rules.check`) on the message's lock. Only ``delete`` can be
     refused so: the state machine checks hold, release, requeue and bounce as "hold", which
-    retention never refuses (a bounced message is kept). Judged at the store's compliance time (offline), or at this host's clock
-    (--server, which has the cluster's within its clock offset). Permissions are the real run's
-    to check (offline, the local administrator has every role)."""
+    retention never refuses (a bounced message is kept). Judged at the store's compliance time
+    (offline), or at this host's clock (--server, which has the cluster's within its clock
+    offset). Permissions are the real run's to check (offline, the local administrator has every
+    role)."""
     from mqstore.compliance import rules
     from mqstore.ids import parse_id
 
