@@ -19,7 +19,6 @@ import lmdb
 import pytest
 
 import mqstore
-from mqstore.api import QueueBase
 from mqstore.client import Client
 from mqstore.crypto import create_key_file
 from mqstore.ids import format_id, parse_id
@@ -236,17 +235,25 @@ def test_bulk_changes_by_id_and_by_filter(fresh: tuple[Path, Path, dict[str, lis
     # No selection at all is refused (a bare "delete" must never mean "everything").
     assert fails("delete", *target)["error"] == "InvalidArgument"
     assert fails("hold", queued[0], *target, "--state", "queued")["error"] == "InvalidArgument"
-    # Bounce: the dry run counts the messages with unfinished recipients. Bouncing a whole message
-    # needs an operator operation in the queue API (issue 5); until it exists the command says so,
-    # and so does its dry run (it never counts changes the real run cannot make).
-    if hasattr(QueueBase, "bounce_message"):
-        assert ok("bounce", *target, "--namespace", "default", "--dry-run")["would_change"] == 9
-        assert ok("bounce", queued[4], *target, "--reason", "spam run")["changed"] == 1
-    else:
-        for dry_run in ((), ("--dry-run",)):
-            assert "bounce through the worker" in fails("bounce", *target, "--namespace", "default",
-                                                        *dry_run)["message"]
-        assert "bounce through the worker" in fails("bounce", queued[4], *target)["message"]
+    # Bounce: the dry run counts the messages with a queued or deferred recipient (12 in default,
+    # 3 of them delivered) and changes nothing; the real run bounces them with the reason.
+    dry = ok("bounce", *target, "--namespace", "default", "--dry-run")
+    assert (dry["would_change"], dry["unchanged"], dry["changed"]) == (9, 3, 0)
+    assert ok("queue", "list", *target, "--state", "bounced")["count"] == 0
+    one = ok("bounce", queued[4], *target, "--reason", "550 5.7.1 spam run")
+    assert (one["changed"], one["bounced_recipients"], one["left_leased"]) == (1, 1, 0)
+    shown = ok("message", "show", queued[4], *target)
+    assert shown["recipients"][0]["state"] == "bounced"
+    assert shown["recipients"][0]["last_reason"] == "550 5.7.1 spam run"
+    assert shown["history"]["events"][-1]["event"] == "bounced by the operator"
+    rest = ok("bounce", *target, "--namespace", "default")
+    assert (rest["changed"], rest["unchanged"], rest["bounced_recipients"]) == (8, 4, 8)
+    assert ok("queue", "list", *target, "--state", "bounced")["count"] == 9
+    assert ok("bounce", *target, "--namespace", "default", "--dry-run")["would_change"] == 0
+    human = run("bounce", *target, "--all")
+    assert human.returncode == 0 and human.stdout.startswith("bounce: changed 0 of ")
+    verified = ok("verify", *target)  # the log replays to the same state
+    assert verified["clean"] and verified["replayed"]
     human = run("hold", *target, "--domain", "d2.example", "--dry-run")
     assert human.returncode == 0 and human.stdout.startswith("dry run: hold would change")
 
@@ -563,6 +570,34 @@ def test_history_of_a_deleted_message(cluster: LocalCluster) -> None:
     assert gone["stored"] is False
     assert [e["event"] for e in gone["history"]["events"]] == ["enqueued", "deleted"]
     assert parse_id(mid)
+
+
+def test_bounce_over_the_cluster_leaves_leased_recipients(cluster: LocalCluster) -> None:
+    srv = ("--server", cluster.servers())
+    with Client(cluster.addresses(), timeout=15) as client:
+        client.set_namespace_policy("giveup", retention=3600)
+        first = client.enqueue("a@example.org", ["q1@gq.example", "l1@gl.example"], RAW, namespace="giveup")
+        second = client.enqueue("a@example.org", ["q2@gq.example"], RAW, namespace="giveup")
+        only_leased = client.enqueue("a@example.org", ["l3@gl.example"], RAW, namespace="giveup")
+        leases = client.lease("w", namespace="giveup", domain="gl.example", lease_seconds=600)
+        assert sorted(lease.message_id for lease in leases) == sorted([first, only_leased])
+        dry = ok("bounce", *srv, "--namespace", "giveup", "--dry-run")
+        assert (dry["matched"], dry["would_change"], dry["unchanged"], dry["changed"]) == (3, 2, 1, 0)
+        assert {r.state for r in client.get(second).recipients} == {"queued"}
+        done = ok("bounce", *srv, "--namespace", "giveup", "--reason", "550 5.7.1 given up")
+        assert (done["changed"], done["unchanged"], done["refused"]) == (2, 1, 0)
+        assert (done["bounced_recipients"], done["left_leased"]) == (2, 1)
+        assert {r.address: r.state for r in client.get(first).recipients} == {"q1@gq.example": "bounced",
+                                                                             "l1@gl.example": "leased"}
+        assert client.get(second).recipients[0].last_reason == "550 5.7.1 given up"
+        for lease in leases:  # the worker settles what it held
+            client.ack(lease.token)
+        assert client.get(first).done and client.get(only_leased).done
+    human = run("bounce", only_leased, *srv, "--dry-run")
+    assert human.returncode == 0 and human.stdout.startswith("dry run: bounce would change 0 of 1"), human.stdout
+    cluster.wait_converged()
+    report = ok("verify", "--server", cluster.nodes[cluster.wait_for_leader()].address)
+    assert report["clean"] and report["replayed"]
 
 
 class _Tty:

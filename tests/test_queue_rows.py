@@ -23,6 +23,7 @@ from mqstore.errors import Corruption
 from mqstore.queue.model import (
     NO_CTX,
     AdminEntry,
+    BounceMessageEntry,
     DenialEntry,
     LeaseEntry,
     LeaseRow,
@@ -132,6 +133,7 @@ CASES: dict[str, st.SearchStrategy[Any]] = {
     "RetentionEntry": st.builds(RetentionEntry, now_ms=I64, mid=MID, until_ms=I64, ctx=CTXS),
     "DenialEntry": st.builds(DenialEntry, now_ms=I64, op=TEXT8, target=TEXT16, reason=TEXT16, ctx=CTXS),
     "NamespaceEntry": st.builds(NamespaceEntry, now_ms=I64, namespace=TEXT8, ctx=CTXS),
+    "BounceMessageEntry": st.builds(BounceMessageEntry, now_ms=I64, mid=MID, reason=st.binary(max_size=300), ctx=CTXS),
 }
 
 EXAMPLES = settings(

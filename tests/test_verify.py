@@ -226,3 +226,26 @@ def test_a_locked_messages_lost_retention_entry_is_named(locked: tuple[Path, Pat
     named = {(p["problem"], p.get("message_id")) for p in report.problems}
     assert named == {("finished but missing from the retention index", format_id(made["extended"])),
                      ("retention entry that does not match the message", format_id(made["held"]))}, report.problems
+
+
+def test_a_store_after_operator_bounces_verifies_clean_and_their_reasons_open(tmp_path: Path) -> None:
+    """verify replays BOUNCE_MESSAGE records (a held message, a recipient left leased and settled
+    later, a deferred one) to the same state, and opens the sealed reason each one carries."""
+    key = create_key_file(tmp_path / "kek.key")
+    with mqstore.open(tmp_path / "store", key_file=key, background=False) as store:
+        mid = store.enqueue("a@example.org", ["q@q.example", "d@d.example", "l@l.example"], b"x")
+        held = store.enqueue("a@example.org", ["h@h.example"], b"y")
+        (later,) = store.lease("w", domain="d.example")
+        store.defer(later.token, reason="451 later")
+        (leased,) = store.lease("w", domain="l.example")
+        store.hold(held)
+    before = verify_path(tmp_path / "store", key_file=str(key))
+    assert before.clean and before.replayed, before.problems
+    with mqstore.open(tmp_path / "store", key_file=key, background=False) as store:
+        assert store.bounce_message(mid, reason="550 given up").left_leased == 1
+        store.bounce_message(held)
+        store.ack(leased.token)
+        assert store.get(mid).done and store.get(held).done
+    report = verify_path(tmp_path / "store", key_file=str(key))
+    assert report.clean and report.replayed, report.problems
+    assert report.sealed_checked == before.sealed_checked + 2  # each bounce's sealed reason opened
