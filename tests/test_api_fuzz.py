@@ -139,6 +139,8 @@ def test_fuzzed_calls_work_or_raise_clear_errors_and_change_nothing(store: Any) 
         "release": (store.release, st.fixed_dictionaries({"message_id": arg("id")})),
         "requeue": (store.requeue, st.fixed_dictionaries({"message_id": arg("id")})),
         "delete": (store.delete, st.fixed_dictionaries({"message_id": arg("id")})),
+        "bounce_message": (store.bounce_message, st.fixed_dictionaries(
+            {"message_id": arg("id")}, optional={"reason": arg("text")})),
         "get": (store.get, st.fixed_dictionaries({"message_id": arg("id")})),
         "list": (store.list, st.fixed_dictionaries(
             {}, optional={"state": arg("state"), "namespace": arg("text"), "domain": arg("text"),
