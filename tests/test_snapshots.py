@@ -151,8 +151,13 @@ def test_a_node_killed_while_installing_a_snapshot_starts_and_catches_up(cluster
     cluster.wait_applied(victim, leader.node.applied_index)  # ...and catches up
     assert _stored(cluster, victim) == 90
     assert node.storage.snapshot_meta().index > 50
-    # Nothing the crash left stays: only the snapshot this node now has.
-    assert _snapshot_files(node) == [node.snapshot_file(node.storage.snapshot_meta().index).name]
+    # Nothing the crash left stays: only the snapshot this node now has (a copy the leader sent
+    # again meanwhile is removed as soon as it arrived, once the node holds that index).
+    current = [node.snapshot_file(node.storage.snapshot_meta().index).name]
+    deadline = time.monotonic() + 15
+    while _snapshot_files(node) != current and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _snapshot_files(node) == current
     assert node.log.scan().clean
 
 
@@ -246,3 +251,25 @@ def test_a_node_that_installed_a_snapshot_taken_by_a_scrub_scrubs_at_once(cluste
     assert node.log.meta_get(META_SCRUB_PENDING) is None
     assert _stored(cluster, victim) == 90
     assert not node.failed.is_set()
+
+
+def test_snapshot_data_received_for_an_index_already_held_is_removed(cluster: InProcessCluster) -> None:
+    """A copy the leader sent twice (or one that arrived after the node caught up by the log) is
+    never installed: its file goes at once instead of staying until the next install."""
+    from mqstore.consensus.types import Message, MessageType, Snapshot, SnapshotMeta
+
+    leader = cluster.leader()
+    follower = next(s.node for i, s in cluster.servers.items() if i != leader.node.node_id)
+    with Client(cluster.addresses(), timeout=10) as client:
+        client.enqueue_many(_messages(3, "s-"))
+    cluster.wait_applied(follower.node_id, leader.node.applied_index)
+    stale = follower.snapshot_dir / ("incoming-" + "ab" * 16 + ".mdb")
+    stale.write_bytes(b"an old copy")
+    meta = SnapshotMeta(index=2, term=leader.node.raw.term, conf_state=follower.raw.conf_state)
+    follower.receive_snapshot(Message(MessageType.SNAPSHOT, follower.node_id, leader.node.node_id,
+                                      leader.node.raw.term, snapshot=Snapshot(meta)), stale)
+    deadline = time.monotonic() + 10
+    while stale.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not stale.exists()
+    assert follower.applied_index >= leader.node.applied_index - 5  # and it goes on as before

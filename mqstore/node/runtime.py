@@ -515,6 +515,8 @@ class Node:
                     self.clocks.update(conf.voters, (n for n, _ in conf.sites), self._leader)
                 while self.raw.has_ready():
                     self._process_ready()
+                if self._incoming:
+                    self._drop_stale_incoming()
                 if self._scrub_pending:  # a scrub a crash interrupted: between Readys, as usual
                     self._scrub_pending = False
                     self.scrub_after_shred()
@@ -1033,6 +1035,12 @@ class Node:
             done(False)
             return
         self.transport.send_snapshot(message, path, done)
+
+    def _drop_stale_incoming(self) -> None:
+        """Remove received snapshot data the core will never install: at or below the applied
+        index (a copy sent twice, or one that arrived after the node caught up by the log)."""
+        for index in [i for i in self._incoming if i <= self._applied]:
+            self._incoming.pop(index).unlink(missing_ok=True)
 
     def receive_snapshot(self, message: Message, path: Path) -> None:
         """The Raft service received and verified a snapshot's data in ``path``."""
