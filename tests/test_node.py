@@ -494,6 +494,8 @@ def test_a_membership_change_is_answered_once_it_is_in_force(cluster: InProcessC
     """Admin.ChangeMembership answers after the change committed and was applied: its member
     table, and the leader's configuration, show it."""
     leader = cluster.leader()
+    # A new leader takes no membership change before its first entry applied (it may hide one).
+    cluster.wait_applied(leader.node.node_id, 2)
     follower = next(i for i in cluster.servers if i != leader.node.node_id)
     stub = admin_pb2_grpc.AdminStub(grpc.insecure_channel(leader.config.listen))
     req = admin_pb2.MembershipRequest
