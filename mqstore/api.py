@@ -30,7 +30,7 @@ from mqstore.compliance import audit as audit_log
 from mqstore.compliance.rules import SYSTEM_ACTOR, ComplianceClock, Ctx, Mode, check_reason
 from mqstore.compliance.signing import load_or_create_signing_key, public_key_from_hex
 from mqstore.crypto import KeyProvider
-from mqstore.crypto.keyring import SYSTEM_NAMESPACE
+from mqstore.crypto.keyring import META_SCRUB_PENDING, SYSTEM_NAMESPACE
 from mqstore.diskspace import DiskSpace
 from mqstore.errors import Immutable, InvalidArgument, NotFound, PermissionDenied, StaleLease
 from mqstore.ids import format_id, id_time_ms, parse_id
@@ -71,10 +71,6 @@ _MAINTENANCE_ITEMS_MAX = 1_000  # expiry/compaction items per maintenance record
 _LEASE_EXPIRE_RECORDS_MAX = 4
 _LOG_COMPACT_EVERY = 50_000  # compact the log after this many new records
 AUDIT_KEY_FILE = "audit-signing.key"  # an embedded store's audit signing key, in its directory
-#: Written in the transaction that shreds a key, deleted once the key's wrapped bytes are scrubbed
-#: from the store's files: a store opened with it set (a crash came in between) scrubs first. The
-#: same marker a node keeps (mqstore/node/replica.py).
-META_SCRUB_PENDING = b"keys.scrub_pending"
 _RECIPIENT_CACHE_MAX = 65_536
 
 

@@ -216,7 +216,7 @@ def test_kill_9_while_nodes_scrub_a_shredded_key(tmp_path: Path) -> None:
 
 
 def test_a_scrub_a_crash_interrupted_is_finished_when_the_node_starts(tmp_path: Path) -> None:
-    from mqstore.node.replica import META_SCRUB_PENDING
+    from mqstore.crypto.keyring import META_SCRUB_PENDING
     from mqstore.store import LogStore
     from mqstore.testing.cluster import wait_until
 

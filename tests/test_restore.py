@@ -4,6 +4,7 @@ about it afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -290,12 +291,11 @@ def test_restore_says_where_the_audit_signing_key_must_go(audited: tuple[Path, P
     assert f"holds the audit signing key with key id {signer}" in text.stdout
 
 
-def test_a_backup_over_the_network_names_the_nodes_audit_signing_key(tmp_path: Path) -> None:
-    """A node's backup (``--server``) carries the public key that signed its audit checkpoints,
-    so the key to copy beside a restore can be checked against the backup itself."""
-    from mqstore.compliance.signing import key_id, public_key_hex, read_signing_key
-
-    c = LocalCluster(tmp_path / "cluster", ["a"], cluster_id="c1")
+@contextlib.contextmanager
+def _signed_node(root: Path) -> Iterator[LocalCluster]:
+    """A running one-node cluster whose audit log holds a signed checkpoint (its log tails are
+    printed when the block fails)."""
+    c = LocalCluster(root / "cluster", ["a"], cluster_id="c1")
     try:
         c.bootstrap()
         c.start_all()
@@ -303,12 +303,21 @@ def test_a_backup_over_the_network_names_the_nodes_audit_signing_key(tmp_path: P
         with Client(c.addresses(), timeout=15) as client:
             client.enqueue(mail_from="a@example.org", recipients=["r@d.example"], data=RAW)
             client.audit_checkpoint()
-        header = ok("backup", "--server", c.addresses()[0], "--out", str(tmp_path / "n1.mqbak"))["header"]
+        yield c
     except BaseException:
         print(c.log_tails())
         raise
     finally:
         c.close()
+
+
+def test_a_backup_over_the_network_names_the_nodes_audit_signing_key(tmp_path: Path) -> None:
+    """A node's backup (``--server``) carries the public key that signed its audit checkpoints,
+    so the key to copy beside a restore can be checked against the backup itself."""
+    from mqstore.compliance.signing import key_id, public_key_hex, read_signing_key
+
+    with _signed_node(tmp_path) as c:
+        header = ok("backup", "--server", c.addresses()[0], "--out", str(tmp_path / "n1.mqbak"))["header"]
     signer = read_signing_key(c.data_dir(1) / "audit-signing.key")
     assert header["audit_signing_key"]["key_id"] == key_id(signer)
     assert header["audit_signing_key"]["public_key"] == public_key_hex(signer)
@@ -317,14 +326,7 @@ def test_a_backup_over_the_network_names_the_nodes_audit_signing_key(tmp_path: P
 def test_a_node_whose_audit_log_is_signed_does_not_start_with_a_new_signing_key(tmp_path: Path) -> None:
     """Its key file gone (a restored data dir, a botched move), a node refuses to start rather
     than sign with a new key, naming the file; with the file back it starts and verifies."""
-    c = LocalCluster(tmp_path / "cluster", ["a"], cluster_id="c1")
-    try:
-        c.bootstrap()
-        c.start_all()
-        c.wait_for_leader()
-        with Client(c.addresses(), timeout=15) as client:
-            client.enqueue(mail_from="a@example.org", recipients=["r@d.example"], data=RAW)
-            client.audit_checkpoint()
+    with _signed_node(tmp_path) as c:
         c.stop(1)
         key_file = c.data_dir(1) / "audit-signing.key"
         saved = key_file.read_bytes()
@@ -342,8 +344,3 @@ def test_a_node_whose_audit_log_is_signed_does_not_start_with_a_new_signing_key(
         c.stop(1)
         verified = run("audit", "verify", "--data-dir", str(c.data_dir(1)), "--key-file", str(c.key_file))
         assert verified.returncode == 0, verified.stdout + verified.stderr
-    except BaseException:
-        print(c.log_tails())
-        raise
-    finally:
-        c.close()

@@ -18,7 +18,7 @@ from test_node import InProcessCluster, _config, _messages
 from mqstore.client import Client
 from mqstore.config import parse
 from mqstore.crypto import create_key_file
-from mqstore.node.replica import META_SCRUB_PENDING
+from mqstore.crypto.keyring import META_SCRUB_PENDING
 from mqstore.node.runtime import Node, bootstrap, prepare_join
 from mqstore.proto import admin_pb2, admin_pb2_grpc
 from mqstore.queue import machine

@@ -35,6 +35,10 @@ SYSTEM_NAMESPACE = "__system__"
 _EVENT_VERSION = 1
 ACTION_CREATE = 1
 ACTION_SHRED = 2
+#: ``meta`` key set in the transaction that applies a key shred, cleared once the key's wrapped
+#: bytes are scrubbed from the store's files: a store (or node) opened with it set finishes the
+#: scrub first (a crash came in between).
+META_SCRUB_PENDING = b"keys.scrub_pending"
 _EVENT_HEAD = struct.Struct("<BBIqB")  # version, action, key id, created_at_ms, namespace length
 
 
@@ -264,6 +268,7 @@ __all__ = [
     "ACTION_CREATE",
     "ACTION_SHRED",
     "HKDF_SALT",
+    "META_SCRUB_PENDING",
     "SYSTEM_NAMESPACE",
     "KeyEvent",
     "KeyRing",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from mqstore.codec import Record, RecordType
 from mqstore.compliance.rules import Ctx
 from mqstore.consensus.types import Entry
-from mqstore.crypto.keyring import ACTION_CREATE, KeyEvent
+from mqstore.crypto.keyring import ACTION_CREATE, META_SCRUB_PENDING, KeyEvent
 from mqstore.errors import Corruption
 from mqstore.node.raftlog import entry_to_record
 from mqstore.queue import machine
@@ -62,11 +62,6 @@ def read_members(log: LogStore) -> dict[int, MemberInfo]:
             info = MemberInfo.decode(value)
             out[info.node_id] = info
     return out
-
-
-#: Set (in the applying transaction) when a key shred was applied; cleared once the node has
-#: scrubbed the key's wrapped bytes from its files.
-META_SCRUB_PENDING = b"keys.scrub_pending"
 
 
 class Applier:

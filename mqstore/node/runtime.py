@@ -53,15 +53,16 @@ from mqstore.consensus.types import (
 )
 from mqstore.consensus.types import NotLeader as CoreNotLeader
 from mqstore.crypto import KeyProvider
+from mqstore.crypto.keyring import META_SCRUB_PENDING
 from mqstore.errors import InvalidArgument, MQStoreError, NotLeader, Unavailable
 from mqstore.node.clocks import PeerClocks
 from mqstore.node.raftlog import LmdbRaftStorage, entry_payload
-from mqstore.node.replica import META_SCRUB_PENDING, Applier, MemberInfo, read_members
+from mqstore.node.replica import Applier, MemberInfo, read_members
 from mqstore.node.transport import ChannelFactory, Transport, insecure_channel
 from mqstore.queue.kv import LmdbKV
 from mqstore.standstill import StandStillWarning
 from mqstore.store import LogStore, WriteContext
-from mqstore.store.env import DATA_FILE, Environment
+from mqstore.store.env import DATA_FILE, Environment, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +121,7 @@ def _initialize(
             shutil.rmtree(data_dir, ignore_errors=True)
         else:
             for name in set(os.listdir(data_dir)) - before:
-                target = data_dir / name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target, ignore_errors=True)
-                else:
-                    target.unlink(missing_ok=True)
+                _remove(data_dir / name)
         raise
 
 
@@ -822,11 +819,11 @@ class Node:
             try:
                 data = staging / DATA_FILE
                 shutil.copyfile(received, data)
-                _fsync_path(data)
+                fsync_path(data)
                 self._adopt_snapshot_copy(staging, meta, hard)
                 final = self.snapshot_file(meta.index)
                 os.replace(received, final)  # fsynced by the receiver; named before it is needed
-                _fsync_path(self.snapshot_dir)
+                fsync_path(self.snapshot_dir)
                 self.log.replace_data(data)  # the swap (renamed, the directory fsynced); the same
             finally:                         # LogStore: the applier and the queue's hooks stay
                 shutil.rmtree(staging, ignore_errors=True)
@@ -898,10 +895,7 @@ class Node:
             name = path.name
             if _SNAPSHOT_DIR_SCRAPS.fullmatch(name) or (_SNAPSHOT_FILE.fullmatch(name) and name != keep):
                 log.info("node %d: removing %s (left by an earlier run)", self.node_id, path)
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+                _remove(path)
 
     def create_snapshot(self) -> SnapshotMeta:
         """Raft thread, between Readys (so the copy is exactly the applied state): copy the store
@@ -989,11 +983,11 @@ class Node:
         """Copy the store (compacted) to the snapshot file of ``index``, atomically."""
         work = self.snapshot_dir / f"tmp-{index}-{uuid.uuid4().hex[:8]}"
         copied = self.log.copy_to(work)
-        _fsync_path(copied)  # whole before it has its name: a crash never leaves half a snapshot
+        fsync_path(copied)  # whole before it has its name: a crash never leaves half a snapshot
         final = self.snapshot_file(index)
         os.replace(copied, final)
         work.rmdir()
-        _fsync_path(self.snapshot_dir)
+        fsync_path(self.snapshot_dir)
         return final
 
     def _drop_snapshots_but(self, keep: Path) -> None:
@@ -1114,13 +1108,12 @@ class _ReadView:
         self._cm.__exit__(*exc)
 
 
-def _fsync_path(path: Path) -> None:
-    """fsync a file, or a directory (the names in it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _remove(path: Path) -> None:
+    """Remove a file, or a directory with what it holds (a symbolic link itself, never its target)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 #: Entry types that change what the queue caches from the applied state (namespace policies).

@@ -118,32 +118,31 @@ SNAPSHOT_TIMEOUT_S = 600.0
 
 
 def _snapshot_chunks(message: Message, f: BinaryIO, cluster_id: str) -> Iterator[raft_pb2.SnapshotChunk]:
-    """The chunks of the snapshot file open as ``f`` (opened by the caller: a file that cannot be
-    opened fails the transfer before it starts, not inside gRPC's request stream)."""
+    """The chunks of the snapshot file open as ``f`` (opened, and closed, by the caller: a file
+    that cannot be opened fails the transfer before it starts, not inside gRPC's request stream)."""
     header = message_to_proto(message, cluster_id).SerializeToString()
     digest = hashlib.sha256()
     offset = 0
-    with f:
-        first = True
-        while True:
-            data = f.read(SNAPSHOT_CHUNK_BYTES)
-            digest.update(data)
-            last = len(data) < SNAPSHOT_CHUNK_BYTES
-            yield raft_pb2.SnapshotChunk(
-                cluster_id=cluster_id,
-                to=message.to,
-                meta=header if first else b"",
-                offset=offset,
-                data=data,
-                crc32c=crc32c(data),
-                last=last,
-                sha256=digest.digest() if last else b"",
-                **{"from": message.frm},
-            )
-            offset += len(data)
-            first = False
-            if last:
-                return
+    first = True
+    while True:
+        data = f.read(SNAPSHOT_CHUNK_BYTES)
+        digest.update(data)
+        last = len(data) < SNAPSHOT_CHUNK_BYTES
+        yield raft_pb2.SnapshotChunk(
+            cluster_id=cluster_id,
+            to=message.to,
+            meta=header if first else b"",
+            offset=offset,
+            data=data,
+            crc32c=crc32c(data),
+            last=last,
+            sha256=digest.digest() if last else b"",
+            **{"from": message.frm},
+        )
+        offset += len(data)
+        first = False
+        if last:
+            return
 
 
 def _same_but_recipient(a: Message, b: Message) -> bool:
@@ -241,18 +240,17 @@ class Transport:
                 address = self.address_of(message.to)
                 if address is None:
                     return
-                f = path.open("rb")
-                channel = self.channel_to(address, message.to)
-                try:
-                    ack = raft_pb2_grpc.RaftStub(channel).InstallSnapshot(
-                        _snapshot_chunks(message, f, self.cluster_id), timeout=SNAPSHOT_TIMEOUT_S
-                    )
-                    ok = bool(ack.ok)
-                    if not ok:
-                        log.warning("peer %d refused the snapshot: %s", message.to, ack.error)
-                finally:
-                    channel.close()
-                    f.close()
+                with path.open("rb") as f:
+                    channel = self.channel_to(address, message.to)
+                    try:
+                        ack = raft_pb2_grpc.RaftStub(channel).InstallSnapshot(
+                            _snapshot_chunks(message, f, self.cluster_id), timeout=SNAPSHOT_TIMEOUT_S
+                        )
+                        ok = bool(ack.ok)
+                        if not ok:
+                            log.warning("peer %d refused the snapshot: %s", message.to, ack.error)
+                    finally:
+                        channel.close()
             except (grpc.RpcError, OSError) as exc:
                 log.warning("sending the snapshot to peer %d failed: %s", message.to, exc)
             finally:

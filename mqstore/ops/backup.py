@@ -49,7 +49,7 @@ from mqstore.ops.facts import (
     raft_facts,
 )
 from mqstore.queue.kv import LmdbKV
-from mqstore.store.env import LOCK_FILE, Environment
+from mqstore.store.env import LOCK_FILE, Environment, fsync_path
 
 MAGIC = b"MQSTORE-BACKUP\n\x01"
 FORMAT_VERSION = 1
@@ -315,16 +315,8 @@ def write_file(out: Path, pieces: Iterator[bytes]) -> int:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    _fsync_dir(out.parent)
+    fsync_path(out.parent)
     return size
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_file(path: Path, progress: ProgressFn | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -432,8 +424,8 @@ def _staging(data_dir: Path) -> Iterator[Path]:
                 os.rename(entry, data_dir / entry.name)
             work.rmdir()
             work = None
-            _fsync_dir(data_dir)
-        _fsync_dir(parent)
+            fsync_path(data_dir)
+        fsync_path(parent)
     except BaseException:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)

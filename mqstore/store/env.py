@@ -142,6 +142,15 @@ def check_data_file(data_file: Path) -> None:
         )
 
 
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (the names in it: a rename or a new file survives a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class _ReadGate:
     """Lets many read transactions run, but none while the map is being resized.
 
@@ -273,11 +282,7 @@ class Environment:
         with self.gate.exclusive():
             self.env.close()
             os.replace(data_file, self.path / "data.mdb")
-            dir_fd = os.open(self.path, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)  # the rename is durable before anything relies on it
-            finally:
-                os.close(dir_fd)
+            fsync_path(self.path)  # the rename is durable before anything relies on it
             self._open_lmdb()
 
     def copy_to(self, target: Path) -> None:
@@ -364,4 +369,4 @@ class Environment:
             self._release_lock()
 
 
-__all__ = ["DATABASES", "DATA_FILE", "LOCK_FILE", "Environment", "check_data_file"]
+__all__ = ["DATABASES", "DATA_FILE", "LOCK_FILE", "Environment", "check_data_file", "fsync_path"]
