@@ -279,6 +279,10 @@ class QueueBase:
         self._rcpt_cache: OrderedDict[bytes, tuple[str, ...]] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._policies: dict[str, Policy] = {}
+        #: Bumped whenever a policy may have changed: a reader that started before a change never
+        #: caches what it read (see :meth:`_policy`).
+        self._policy_generation = 0
+        self._policy_lock = threading.Lock()
         self.node_id = node_id
         self.site = site
         #: Who a mutation without an ``actor`` is attributed to in the audit log (the local
@@ -393,10 +397,21 @@ class QueueBase:
     def _policy(self, namespace: str) -> Policy:
         policy = self._policies.get(namespace)
         if policy is None:
+            generation = self._policy_generation
             with self.log.env.read() as txn:
                 policy = machine.get_policy(LmdbKV(txn, self.log.env.dbs), namespace)
-            self._policies[namespace] = policy
+            with self._policy_lock:
+                # A change committed while this read ran may be missing from it: use it once, but
+                # cache it only if no change happened since the read began.
+                if generation == self._policy_generation:
+                    self._policies[namespace] = policy
         return policy
+
+    def _forget_policies(self) -> None:
+        """Drop cached policies after a change to any (or a state replaced by a snapshot)."""
+        with self._policy_lock:
+            self._policy_generation += 1
+            self._policies.clear()
 
     def _remember_recipients(self, mid: bytes, recipients: tuple[str, ...]) -> None:
         with self._cache_lock:
@@ -700,14 +715,14 @@ class QueueBase:
         validate.namespace(namespace)
         why = _why(bypass_governance, reason)
         self._sync()
-        self._policies.pop(namespace, None)
+        self._forget_policies()
         policy = self._new_policy(namespace, backoff, lifetime, retention, dedup_window, expired_retention,
                                   mode, lock_retention)
         try:
             result = self._propose(RecordType.POLICY, lambda now, ctx: PolicyEntry(now, namespace, policy, ctx),
                                    actor, bypass_governance, why)
         finally:
-            self._policies.pop(namespace, None)
+            self._forget_policies()
         self._raise_denied(result)
         return policy
 
@@ -1276,7 +1291,7 @@ class Store(QueueBase):
         result, c = self.log.write(fn)
         self._after_apply(c)
         if rtype == RecordType.POLICY or rtype == RecordType.DROP:
-            self._policies.clear()
+            self._forget_policies()
         return result
 
     # --- enqueue -----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ retention, idempotency, listing, qshape, stats, restart persistence and bad inpu
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -675,3 +676,27 @@ def test_bad_calls_elsewhere_are_refused(store: Store) -> None:
     with pytest.raises(InvalidArgument, match="reason"):
         store.defer(lease.token, reason="x" * 5000)
     assert {r.state for r in store.get(mid).recipients} == {"leased"}
+
+
+def test_a_policy_change_during_a_policy_read_is_not_hidden_by_the_cache(
+        store: Store, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An enqueue that read the namespace's policy just before a change committed used to cache
+    # what it read, so every later enqueue kept the old lifetime until the next change.
+    original = machine.get_policy
+    changed: list[bool] = []
+
+    def read_then_change(kv: Any, namespace: str) -> Any:
+        policy = original(kv, namespace)  # the old policy, read in the old snapshot
+        if not changed:
+            changed.append(True)
+            t = threading.Thread(target=store.set_namespace_policy, args=("default",), kwargs={"lifetime": 3600})
+            t.start()
+            t.join()
+        return policy
+
+    monkeypatch.setattr(machine, "get_policy", read_then_change)
+    first = _enqueue(store)  # raced with the change: may use the old lifetime once
+    second = _enqueue(store)
+    assert changed
+    assert store.get(first).expires_at == T0 + 5 * 86400
+    assert store.get(second).expires_at == T0 + 3600

@@ -76,7 +76,7 @@ class ClusterQueue(QueueBase):
         """The raft thread applied a policy change (proposed by whichever node led then), or a
         snapshot replaced the whole state (``replaced``): cached policies are stale. A snapshot
         also brings the cluster's compliance time, which this node's clock never falls behind."""
-        self._policies.clear()
+        self._forget_policies()
         if replaced:
             with self.log.env.read() as txn:
                 self.compliance_clock.observe(machine.compliance_clock_ms(LmdbKV(txn, self.log.env.dbs)))
@@ -189,7 +189,7 @@ class ClusterQueue(QueueBase):
 
         result = self.node.submit(Operation(plan=plan, finish=finish))
         if rtype in (RecordType.POLICY, RecordType.DROP):
-            self._policies.clear()
+            self._forget_policies()
         return result
 
     # --- enqueue -----------------------------------------------------------------------------------
