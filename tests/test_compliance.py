@@ -1125,6 +1125,37 @@ def test_an_entry_whose_compliance_time_is_far_ahead_of_its_own_stamp_unlocks_no
         store.get(other)
 
 
+def test_a_replicated_shred_claiming_a_century_ahead_is_judged_by_the_key_events_own_stamp(
+        store: Store, clock: Clock) -> None:
+    """A KEY shred entry carries the leader's time stamp in its event: a request context a century
+    ahead of it used to be judged unbounded on a replica, so the retention lock looked long over
+    and the key went with the locked messages under it."""
+    store.set_policy("finance", mode="compliance", retention_days=30)
+    locked = _enqueue(store)
+    _deliver(store)
+    key_id = store.get(locked).key_id
+    store.rotate_key("finance", actor=ADMIN)
+    applier = Applier(store.log)
+    applier.counters = store._counters
+    applier.on_applied = store._after_apply
+    stamp = round(T0 * 1000)
+    claimed = store.compliance_clock.now_ms() + CENTURY_MS
+    ctx = Ctx(SUPER, node_id=9, site="rogue", wall_ms=stamp + CENTURY_MS, compliance_ms=claimed).encode()
+    event = store.log.keyring.shred_event(key_id, stamp).encode()
+    payload = entry_payload(0, 0, 0, event + len(ctx).to_bytes(2, "little") + ctx)
+
+    def fn(wctx: object) -> dict[int, object]:
+        index = wctx.next_index  # type: ignore[attr-defined]
+        return applier.apply(wctx, [Entry(term=1, index=index, rtype=int(RecordType.KEY), payload=payload)])  # type: ignore[arg-type]
+
+    (result,) = store.log.write(fn).values()
+    assert "COMPLIANCE retention" in getattr(result, "reason", "")
+    assert "counts only up to a day ahead of its entry's time stamp" in getattr(result, "reason", "")
+    assert not store.log.keyring.is_shredded(key_id)
+    _intact(store, locked)
+    assert store.compliance_clock.now_ms() <= stamp + 86_400_000 + 1_000
+
+
 def test_rebuilding_state_judges_an_injected_entry_a_century_ahead_by_its_own_stamp(
         qpath: Path, kek: Path, clock: Clock) -> None:
     s = _open(qpath, kek, clock)

@@ -144,13 +144,13 @@ class Applier:
                 raise Corruption(f"KEY entry {entry.index} reuses key id {event.key_id} for another key")
             keyring.check_applicable(event)
             # Audit first: a new key joins the keyring as it is stored, so nothing may fail after.
-            machine.apply_key_created(kv, c, event.key_id, event.namespace, request)
+            machine.apply_key_created(kv, c, event.key_id, event.namespace, request, event.created_at_ms)
             self.log.store_key_event(ctx, event)
             return event.key_id
         keyring.check_applicable(event)
         if keyring.is_shredded(event.key_id):
             return machine.Denied(f"key {event.key_id} was shredded already", "invalid")
-        result = machine.apply_shred(kv, c, event.key_id, event.namespace, request or Ctx())
+        result = machine.apply_shred(kv, c, event.key_id, event.namespace, request or Ctx(), event.created_at_ms)
         if not isinstance(result, machine.Denied):
             self.log.store_key_event(ctx, event)
             # Durable with the shred: the node scrubs the key from its files, after a crash too.
