@@ -29,6 +29,7 @@ cdef enum:
     EXPIRED = 6
     HELD = 0x01
     FINISHED = 0x02
+    GIVEN_UP = 0x04
     MSG_FIXED = 74  # struct "<BBbH6HQqqqqIBqI"
     RCPT_FIXED = 28  # struct "<BBHqQq"
     LEASE_FIXED = 25  # struct "<B16sq"
@@ -46,7 +47,7 @@ def _bind():
     assert _model._MSG.size == MSG_FIXED and _model._RCPT.size == RCPT_FIXED and _model._LEASE.size == LEASE_FIXED
     assert (_model.QUEUED, _model.LEASED, _model.DEFERRED, _model.DELIVERED, _model.BOUNCED, _model.EXPIRED) == (
         QUEUED, LEASED, DEFERRED, DELIVERED, BOUNCED, EXPIRED)
-    assert (_model.HELD, _model.FINISHED) == (HELD, FINISHED)
+    assert (_model.HELD, _model.FINISHED, _model.GIVEN_UP) == (HELD, FINISHED, GIVEN_UP)
     assert _limits.RECIPIENT_ATTEMPTS_MAX == ATTEMPTS_MAX
     assert tuple(_model.STATE_NAMES[s] for s in range(1, 7)) == _NAMES[1:]
 
@@ -541,7 +542,7 @@ cdef int _maybe_finish(txn, dict dbs, c, kv, bytes mid, Msg* m, str ns, int64_t 
         return 0
     policy = c.policy(kv, ns)
     cdef int64_t retention = policy.retention_ms
-    if m.counts[EXPIRED - 1]:
+    if m.counts[EXPIRED - 1] or m.flags & GIVEN_UP:
         retention = max(retention, <int64_t>policy.expired_retention_ms)
     m.flags |= FINISHED
     m.finished = now_ms

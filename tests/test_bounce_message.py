@@ -113,6 +113,31 @@ def test_a_lease_that_expires_after_the_bounce_leaves_its_recipient_to_bounce_ag
         "bounced by the operator"}
 
 
+def test_a_message_given_up_is_kept_for_its_dsn_like_an_expired_one(store: tuple[mqstore.Store, Clock]) -> None:
+    # With the default retention of 0 it used to be compacted by the next maintenance (about a
+    # second with the background thread), before the MTA could find it to send the DSN.
+    s, clock = store
+    given_up = s.enqueue("a@example.org", ["x@q.example"], RAW)
+    partly = s.enqueue("a@example.org", ["y@l.example", "z@q2.example"], RAW)
+    (held,) = s.lease("w1", domain="l.example")
+    delivered = s.enqueue("a@example.org", ["d@ok.example"], RAW)
+    (lease,) = s.lease("w1", domain="ok.example")
+    s.ack(lease.token)
+    assert s.bounce_message(given_up).bounced == 1 and s.bounce_message(partly).left_leased == 1
+    s.ack(held.token)  # the worker settles the rest: the message finishes after the operator's bounce
+    assert s.maintain()["compacted"] == 1  # the delivered one, retention 0
+    with pytest.raises(NotFound):
+        s.get(delivered)
+    assert {x.message_id for x in s.list(state="bounced")} == {given_up, partly}
+    week = 7 * 86_400
+    assert s.get(given_up).retain_until == clock.now + week
+    clock.now += week - 1
+    assert s.maintain()["compacted"] == 0
+    clock.now += 1
+    assert s.maintain()["compacted"] == 2
+    assert s.list(state="bounced") == []
+
+
 def test_a_held_message_is_bounced_and_an_unknown_one_is_not_found(store: tuple[mqstore.Store, Clock]) -> None:
     s, _clock = store
     mid = s.enqueue("a@example.org", ["x@h.example", "y@h.example"], RAW)

@@ -143,6 +143,7 @@ def test_defer_uses_postfix_backoff_with_jitter(store: Store, clock: Clock) -> N
         assert r.next_attempt is not None
         delay = r.next_attempt - clock.now
         assert base * 0.9 - 0.001 <= delay <= base * 1.1 + 0.001, (attempt, delay)
+        assert 300 <= delay <= 4000  # the jitter never leaves Postfix's minimum and maximum
         assert store.lease("w") == []  # not due yet
         clock.now = r.next_attempt
     assert len(store.lease("w")) == 1

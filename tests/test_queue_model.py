@@ -106,8 +106,9 @@ def backoff_bounds_ms(namespace: str, attempts: int) -> tuple[int, int]:
         delay = schedule[min(attempts, len(schedule)) - 1] * SECOND
         return delay, delay
     base = min(BACKOFF_MIN_MS * 2 ** (attempts - 1), BACKOFF_MAX_MS)
-    # +-10% of the base; 1 ms of slack below for the store's float arithmetic truncating.
-    return base * 9 // 10 - 1, base * 11 // 10
+    # +-10% of the base, never outside Postfix's minimum and maximum; 1 ms of slack below for the
+    # store's float arithmetic truncating.
+    return max(base * 9 // 10 - 1, BACKOFF_MIN_MS), min(base * 11 // 10, BACKOFF_MAX_MS)
 
 
 class SeededRandomness:
@@ -183,6 +184,7 @@ class Msg:
     held: bool = False
     done: bool = False
     retain_until_ms: int = 0  # when done
+    given_up: bool = False  # the operator bounced some recipients: kept like an expired message
 
     def count(self, state: str) -> int:
         return sum(1 for r in self.rcpts if r.state == state)
@@ -261,7 +263,7 @@ class Model:
     def finish_if_done(self, m: Msg) -> None:
         if not m.done and all(r.state in FINAL for r in m.rcpts):
             m.done = True
-            expired = any(r.state == EXPIRED for r in m.rcpts)
+            expired = m.given_up or any(r.state == EXPIRED for r in m.rcpts)
             m.retain_until_ms = self.now_ms + (max(RETENTION_MS, EXPIRED_RETENTION_MS) if expired else RETENTION_MS)
 
     def expire(self) -> None:
@@ -413,6 +415,7 @@ class Model:
                 r.reason = reason or "bounced by the operator"
                 r.due_bounds = None
                 bounced += 1
+        m.given_up = m.given_up or bounced > 0
         self.finish_if_done(m)
         return bounced, m.count(LEASED)
 

@@ -41,6 +41,7 @@ from mqstore.queue.model import (
     EXPIRED,
     FINAL,
     FINISHED,
+    GIVEN_UP,
     HELD,
     LEASED,
     QUEUED,
@@ -242,7 +243,7 @@ def _maybe_finish(kv: KV, c: Counters, mid: bytes, row: MessageRow, now_ms: int)
         return
     policy = c.policy(kv, row.namespace)
     retention = policy.retention_ms
-    if row.count(EXPIRED):
+    if row.count(EXPIRED) or row.flags & GIVEN_UP:  # the MTA sends a DSN for these: keep them for it
         retention = max(retention, policy.expired_retention_ms)
     row.flags |= FINISHED
     row.finished_ms = now_ms
@@ -701,6 +702,7 @@ def apply_bounce_message(kv: KV, c: Counters, e: BounceMessageEntry) -> BounceOu
         kv.put(b"recipients", mid_ord(e.mid, ordinal), rcpt.encode())
         bounced.append(ordinal)
     if bounced:
+        row.flags |= GIVEN_UP
         _maybe_finish(kv, c, e.mid, row, e.now_ms)
         kv.put(b"messages", e.mid, row.encode())
     audit(kv, c, ctx, "bounce_message", target=format_id(e.mid), namespace=row.namespace,
@@ -1071,14 +1073,15 @@ def backoff_ms(policy: Policy, attempts: int, mid: bytes, ordinal: int) -> int:
 
     An explicit schedule is used as given (its last step repeats). The default follows Postfix:
     300 s, doubling, at most 4000 s, with +-10% jitter derived from the message id, recipient and
-    attempt, so every replica planning it would pick the same time (only the writer plans)."""
+    attempt, so every replica planning it would pick the same time (only the writer plans). The
+    jitter never takes a delay outside Postfix's minimum and maximum (300..4000 s)."""
     attempts = max(attempts, 1)
     if policy.backoff_ms:
         return policy.backoff_ms[min(attempts, len(policy.backoff_ms)) - 1]
     base = min(BACKOFF_MIN_MS * (1 << min(attempts - 1, 20)), BACKOFF_MAX_MS)
     digest = hashlib.blake2b(mid + bytes((ordinal & 0xFF, ordinal >> 8, attempts & 0xFF)), digest_size=4).digest()
     unit = int.from_bytes(digest, "big") / 0xFFFFFFFF  # 0..1
-    return int(base * (1 - BACKOFF_JITTER + 2 * BACKOFF_JITTER * unit))
+    return min(max(int(base * (1 - BACKOFF_JITTER + 2 * BACKOFF_JITTER * unit)), BACKOFF_MIN_MS), BACKOFF_MAX_MS)
 
 
 @dataclass(frozen=True, slots=True)

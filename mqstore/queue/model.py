@@ -49,6 +49,9 @@ WAITING = frozenset((QUEUED, DEFERRED))  # in the ready index unless the message
 # message flags
 HELD = 0x01
 FINISHED = 0x02
+#: The operator gave up on some recipients (bounce_message): once finished, the message is kept as
+#: long as an expired one (policy ``expired_retention``) so the MTA can send their DSN.
+GIVEN_UP = 0x04
 
 U64 = struct.Struct(">Q")
 U16BE = struct.Struct(">H")
