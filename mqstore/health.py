@@ -68,13 +68,15 @@ class NodeHealth:
         self.serving = serving
 
     def enqueue_refusal(self) -> MQStoreError | None:
-        """Why a new enqueue must be refused now (None: it may go ahead)."""
-        refusal = self.disk.refusal()  # read every CHECK_INTERVAL_S by the watcher thread
-        if refusal is not None:
-            return refusal
-        if self.leader_id() == 0:
+        """Why a new enqueue must be refused now (None: it may go ahead). Only the leader's disk
+        counts: a follower lets the call through to answer with the leader's address (it stores
+        the leader's entries whatever it answers a client)."""
+        leader = self.leader_id()
+        if leader == 0:
             return Unavailable(f"node {self.node_id} knows no leader (an election is under way): retry shortly")
-        return None
+        if leader != self.node_id:
+            return None
+        return self.disk.refusal()  # read every CHECK_INTERVAL_S by the watcher thread
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"mqstore-health-{self.node_id}", daemon=True)

@@ -841,6 +841,7 @@ class NodeServer:
         try:
             self.metrics: NodeMetrics | None = NodeMetrics(self._metrics_state)
             self.node.log.commit_observer = self.metrics.observe_fsync
+            self.queue.on_enqueued = self.metrics.enqueued.inc
             self.health = NodeHealth(
                 config.node_id, config.data_dir, lambda: self.node.leader_id,
                 disk_free_min_bytes=config.disk_free_min_bytes, disk_free_min_percent=config.disk_free_min_percent,

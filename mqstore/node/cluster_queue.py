@@ -55,6 +55,9 @@ class ClusterQueue(QueueBase):
         node.log.key_creator = self._create_key
         node.on_state_changed = self._state_changed
         self._last_key_id = 0
+        #: Told how many messages each enqueue stored anew (not those an idempotency key resolved
+        #: to an earlier message): the node's ``mqstore_enqueued_messages_total``.
+        self.on_enqueued: Callable[[int], None] | None = None
         self._closed = threading.Event()
         self._maintainer: threading.Thread | None = None
         if maintenance:
@@ -215,6 +218,10 @@ class ClusterQueue(QueueBase):
             return [(RecordType.ENQUEUE, entry_payload(sl.flags, sl.key_id, sl.dict_id, sl.payload)) for sl in sealed]
 
         def finish(results: list[tuple[int, object]]) -> list[str]:
+            if self.on_enqueued is not None:
+                # A message whose idempotency key resolved to an earlier one stored nothing new.
+                self.on_enqueued(sum(1 for (_, mid), st in zip(results, staged, strict=True)
+                                     if mid == st.envelope.message_id))
             return [format_id(mid) for _, mid in results]  # type: ignore[arg-type]
 
         sizes = [len(n.data) for n in new]

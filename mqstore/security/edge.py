@@ -40,6 +40,8 @@ certificate (over TLS); the node id it names is put in
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -379,7 +381,7 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def _serve_response_stream(self, inner: Callable[[Any, Any], Iterator[Any]], method: str, rule: Method,
                                metadata: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        rid = logs.request_id.set(self._request_id(metadata, context))
+        rid = self._begin_request(metadata, context)
         admitted: _Admitted | None = None
         try:
             admitted = self._admit_plain(method, rule, metadata, context, request)
@@ -397,6 +399,14 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             if admitted is not None:
                 self._leave_plain(admitted)
             logs.request_id.reset(rid)
+
+    def _begin_request(self, metadata: Any, context: grpc.ServicerContext) -> contextvars.Token[str | None]:
+        """Take the call's request id (the client's ``x-request-id``, else a new one) for the log
+        lines written while serving it, and send it back to the client as initial metadata."""
+        rid = self._request_id(metadata, context)
+        with contextlib.suppress(Exception):  # a call already cancelled or ended: nothing to tell
+            context.send_initial_metadata(((REQUEST_ID, rid),))
+        return logs.request_id.set(rid)
 
     def _request_id(self, metadata: Any, context: grpc.ServicerContext) -> str:
         for key, value in metadata or ():
@@ -525,7 +535,7 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def _serve_unary(self, inner: Callable[[Any, Any], Any], method: str, rule: Method, metadata: Any,
                      request: Any, context: grpc.ServicerContext) -> Any:
-        rid = logs.request_id.set(self._request_id(metadata, context))
+        rid = self._begin_request(metadata, context)
         started = time.perf_counter()
         entered = False
         actor_token = None
@@ -587,11 +597,7 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         metrics.requests.labels(short, "OK").inc()
         if rule.write:
             metrics.commit_latency.labels(short).observe(time.perf_counter() - started)
-        if short == "Enqueue":
-            metrics.enqueued.inc()
-        elif short == "EnqueueBatch":
-            metrics.enqueued.inc(len(response.message_ids))
-        elif short == "Lease":
+        if short == "Lease":
             metrics.leased.inc(len(response.leases))
         elif short in ("Ack", "Defer", "Bounce"):
             metrics.settled.labels(short.lower()).inc()
@@ -600,7 +606,7 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def _serve_stream(self, inner: Callable[[Any, Any], Iterator[Any]], method: str, rule: Method, metadata: Any,
                       request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        rid = logs.request_id.set(self._request_id(metadata, context))
+        rid = self._begin_request(metadata, context)
         stream_key: str | None = None
         try:
             try:
@@ -623,10 +629,10 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             frames = self._stream_frames(method, rule, actor, rate_key, request_iterator, failure, metadata, context)
             actor_token = current_actor.set(actor)
             try:
-                for response in inner(frames, context):
-                    if self.host.metrics is not None and rule.enqueue:
-                        self.host.metrics.enqueued.inc(len(response.message_ids))
-                    yield response
+                yield from inner(frames, context)
+            except Exception:
+                self._count_failure(method, context)
+                raise
             finally:
                 current_actor.reset(actor_token)
             if failure:
