@@ -173,7 +173,7 @@ def test_stale_and_unknown_tokens_change_nothing(store: Store) -> None:
             store.ack(bad)
     with pytest.raises(StaleLease, match="does not hold"):
         store.ack(lease.token, recipients=["stranger@example.org"])
-    with pytest.raises(StaleLease):
+    with pytest.raises(InvalidArgument, match="a lease token is an integer, not str"):
         store.ack("not-a-token")  # type: ignore[arg-type]
     assert store.get(mid) == before and store.log.last_index == last
 
@@ -701,3 +701,20 @@ def test_a_policy_change_during_a_policy_read_is_not_hidden_by_the_cache(
     assert changed
     assert store.get(first).expires_at == T0 + 5 * 86400
     assert store.get(second).expires_at == T0 + 3600
+
+
+def test_a_token_that_is_not_an_integer_is_an_invalid_argument(store: Store) -> None:
+    # It used to raise StaleLease, as if it were a lease that had expired; the Client says this.
+    _enqueue(store)
+    (lease,) = store.lease("w")
+    last = store.log.last_index
+    for wrong in ("5", str(lease.token), True, float(lease.token), None):
+        for settle in (store.ack, store.defer, store.bounce):
+            with pytest.raises(InvalidArgument, match="a lease token is an integer"):
+                settle(wrong)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="a lease token is an integer"):
+            store.ack_many([lease.token, wrong])  # type: ignore[list-item]
+    with pytest.raises(StaleLease):
+        store.ack(2**70)  # an integer no lease has: unknown
+    assert store.log.last_index == last and _states(store, lease.message_id)["alice@example.net"] == "leased"
+    store.ack(lease.token)

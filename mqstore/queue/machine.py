@@ -27,7 +27,7 @@ from mqstore import limits
 from mqstore.codec import Envelope, RecordType
 from mqstore.compliance import rules
 from mqstore.compliance.rules import SYSTEM_ACTOR, Ctx, Lock, Mode, Refusal
-from mqstore.errors import StaleLease
+from mqstore.errors import InvalidArgument, StaleLease
 from mqstore.ids import format_id
 from mqstore.queue.kv import KV, LmdbKV, first, prefix_end
 from mqstore.queue.model import (
@@ -521,8 +521,11 @@ def _expired(row: MessageRow, now_ms: int) -> bool:
 def check_settle(kv: KV, token: int, ordinals: Iterable[int] | None) -> tuple[LeaseRow, tuple[int, ...]]:
     """The lease ``token`` and the ordinals to settle (all of the lease's when None).
 
-    Raises :class:`StaleLease` when the token is unknown or does not cover every ordinal."""
-    if isinstance(token, bool) or not isinstance(token, int) or not 0 < token < 2**64:
+    Raises :class:`StaleLease` when the token is unknown or does not cover every ordinal, and
+    :class:`InvalidArgument` when it is not an integer at all (as the Client does)."""
+    if isinstance(token, bool) or not isinstance(token, int):
+        raise InvalidArgument(f"a lease token is an integer, not {type(token).__name__}")
+    if not 0 < token < 2**64:
         raise StaleLease(f"{token!r} is not a lease token")
     raw = kv.get(b"leases", U64.pack(token))
     if raw is None:
