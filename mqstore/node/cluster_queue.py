@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from mqstore.actor import Actor
-from mqstore.api import QueueBase, token_list
+from mqstore.api import _LEASE_EXPIRE_RECORDS_MAX, _MAINTENANCE_ITEMS_MAX, QueueBase, token_list
 from mqstore.codec import RecordType
 from mqstore.compliance.rules import SYSTEM_ACTOR, Ctx
 from mqstore.crypto.keyring import SYSTEM_NAMESPACE
@@ -36,7 +36,6 @@ from mqstore.store.log import key_record_payload
 
 log = logging.getLogger(__name__)
 
-_MAINTENANCE_ITEMS_MAX = 1_000
 _MAINTENANCE_PERIOD_S = 1.0
 
 
@@ -252,10 +251,13 @@ class ClusterQueue(QueueBase):
             ctx = self._ctx(actor)
             out: Plan = []
             with node.read_state() as kv:
-                expire = machine.plan_expire(kv, now, _MAINTENANCE_ITEMS_MAX)
-                if expire:
-                    system = self._ctx(SYSTEM_ACTOR)
-                    out.append(_plain(RecordType.EXPIRE, MaintenanceEntry(now, tuple(expire), system).encode()))
+                # A backlog of expiries (after downtime) is written first, in records of at most
+                # a page each and up to as many as the embedded store's lease writes.
+                expire = machine.plan_expire(kv, now, _MAINTENANCE_ITEMS_MAX * _LEASE_EXPIRE_RECORDS_MAX)
+                system = self._ctx(SYSTEM_ACTOR)
+                for at in range(0, len(expire), _MAINTENANCE_ITEMS_MAX):
+                    page = tuple(expire[at : at + _MAINTENANCE_ITEMS_MAX])
+                    out.append(_plain(RecordType.EXPIRE, MaintenanceEntry(now, page, system).encode()))
                 for p in machine.plan_lease(kv, now, max_messages, namespace, domain, exclude=node._reserved):
                     entry = LeaseEntry(now, now + lease_ms, p.mid, p.ordinals, worker, ctx)
                     out.append(_plain(RecordType.LEASE, entry.encode()))
