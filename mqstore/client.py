@@ -29,10 +29,28 @@ Retries and duplicates
     the caller stops iterating early, messages already sent may be stored without their ids having
     been yielded (give them your own keys to find them again).
 
-    ``ack``/``defer``/``bounce``/``ack_many`` (and the admin writes) are retried too. If an attempt
-    committed but its answer was lost (the leader failed right after committing), the retry finds
-    the lease already settled and raises :class:`~mqstore.errors.StaleLease`: after an ambiguous
-    failure StaleLease means "already settled, or expired" — the client does not guess which.
+    ``ack``/``defer``/``bounce``/``ack_many`` are retried too. If an attempt committed but its
+    answer was lost (the leader failed right after committing), the retry finds the lease already
+    settled and raises :class:`~mqstore.errors.StaleLease`: after an ambiguous failure StaleLease
+    means "already settled, or expired" — the client does not guess which.
+
+    Reads, and the writes that set a state (``hold``, ``release``, ``requeue``,
+    ``set_namespace_policy``, ``set_policy``, ``add_legal_hold``, ``extend_retention``,
+    ``audit_checkpoint``: done twice, they leave the same state and give the same answer), are
+    retried freely.
+
+    The writes that are not idempotent (``delete``, ``bounce_message``, ``remove_legal_hold``,
+    ``drop_namespace``, ``compact_messages``, ``rotate_key``, ``shred_key``: done twice, the second
+    would raise NotFound, count 0, or make a second key) are resent only after an answer that
+    says the node did nothing with the request: a follower's NotLeader, a refusal before the
+    write was proposed (no leader known, shutting down, the leader refused the proposal), or a
+    connection that could not be made (the request was never sent). After any other failure (the
+    connection broke once the request was sent, the attempt timed out, the node answered
+    Unavailable because the write may still commit) the call raises
+    :class:`~mqstore.errors.Unavailable` saying the operation may or may not have been applied,
+    and how to check (``get`` the message, ``list_keys``, ...). An attempt of such a write may use
+    all of the call's ``timeout``, and when time runs out after refusals only, the Unavailable
+    says it was not applied.
 """
 
 from __future__ import annotations
@@ -68,6 +86,7 @@ from mqstore.api import (
     _to_ms,
     token_list,
 )
+from mqstore.compliance.audit import AUDIT_READ_RECORDS_MAX
 from mqstore.node.transport import CHANNEL_OPTIONS, GRPC_MESSAGE_BYTES_MAX
 from mqstore.proto import admin_pb2, admin_pb2_grpc, compliance_pb2, compliance_pb2_grpc, queue_pb2, queue_pb2_grpc
 from mqstore.queue.model import Policy
@@ -142,6 +161,50 @@ _BY_STATUS: dict[Any, type[errors.MQStoreError]] = {
 _RETRY_STATUS = frozenset((grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED))
 _RETRY_ERRORS = frozenset(("NotLeader", "Unavailable", "ProposalDropped", "StoreClosed"))
 
+#: Calls the client may send again after a failure that leaves open whether the node acted on the
+#: request (the answer was lost, the attempt timed out, the node answered "it may still commit"):
+#: reads; enqueues (their idempotency key makes a repeat return the first ids); ``Lease`` (a lease
+#: whose answer was lost just expires); settles (a repeat raises StaleLease, documented); and the
+#: writes that set a state, so that doing one twice leaves the same state and gives the same
+#: answer (a policy of absolute values, a hold flag, a legal hold added, a retention end). Every
+#: other call is in :data:`_NOT_RESENT`.
+_RESENT = frozenset((
+    "Enqueue", "EnqueueBatch", "Lease", "Ack", "Defer", "Bounce", "AckMany",
+    "Get", "List", "QShape", "Stats", "GetPolicy", "ListKeys", "AuditRecords", "AuditQuery", "AuditHead",
+    "Status",
+    "Hold", "Release", "Requeue", "SetNamespacePolicy", "SetPolicy", "AddLegalHold", "ExtendRetention",
+    "AuditCheckpoint",
+))
+#: The writes that are not idempotent (a repeat after the first took effect raises NotFound,
+#: counts 0, makes a second key, ...): resent only after an answer that guarantees the node did
+#: nothing (:func:`_nothing_done`). Their names in the API, and how a caller finds out whether one
+#: whose outcome is unknown was applied. A call not listed in either set is treated as these.
+_NOT_RESENT: dict[str, tuple[str, str]] = {
+    "Delete": ("delete", "get(message_id) raises NotFound once it is deleted"),
+    "BounceMessage": ("bounce_message", "get(message_id) shows each recipient's state ('bounced' and its reason)"),
+    "RemoveLegalHold": ("remove_legal_hold", "get(message_id).legal_holds lists the holds still on it"),
+    "DropNamespace": ("drop_namespace", "list(namespace=...) shows the messages left in it"),
+    "CompactMessages": ("compact_messages", "get() each message: NotFound means it was removed"),
+    "RotateKey": ("rotate_key", "list_keys() shows the namespace's keys and which one is current"),
+    "ShredKey": ("shred_key", "list_keys() shows whether the key is shredded"),
+}
+#: A node's Unavailable answers given before the write reached the consensus log, so nothing of it
+#: was or will be applied (their texts: mqstore/health.py enqueue_refusal, the edge's no-leader
+#: refusal; mqstore/node/runtime.py Node.submit and Node._start_ops).
+_REFUSED_BEFORE_PROPOSING = (
+    "knows no leader",
+    "is shutting down",
+    "the leader refused the write for now",
+)
+#: gRPC's own UNAVAILABLE when no connection could be made: the request was never sent.
+_NEVER_SENT = (
+    "failed to connect to all addresses",
+    "Failed to connect to remote host",
+    "Connection refused",
+    "errors resolving",
+    "DNS resolution failed",
+)
+
 
 def _trailer(exc: Any, key: str) -> str:
     try:
@@ -209,6 +272,20 @@ def _retriable(exc: Any) -> bool:
     return _code(exc) in _RETRY_STATUS or _code(exc) == grpc.StatusCode.INTERNAL
 
 
+def _nothing_done(exc: Any) -> bool:
+    """Whether a failed attempt certainly did nothing (so even a write that is not idempotent may
+    be sent again): a follower's NotLeader, a refusal before the write was proposed, or a
+    connection that could not be made."""
+    name = _trailer(exc, "mqstore-error")
+    if name in ("NotLeader", "ProposalDropped"):
+        return True
+    if name == "Unavailable":
+        return any(text in _details(exc) for text in _REFUSED_BEFORE_PROPOSING)
+    if name:
+        return False
+    return _code(exc) == grpc.StatusCode.UNAVAILABLE and any(text in _details(exc) for text in _NEVER_SENT)
+
+
 class _Router:
     """Which node to call: the last one that answered as leader, else the addresses in turn.
     Shared by all calls of a client (thread safe)."""
@@ -257,9 +334,15 @@ class _Router:
 class _Attempts:
     """The retry state of one call: which node to try next, the backoff, the time left."""
 
-    def __init__(self, router: _Router, timeout: float, address: str | None = None) -> None:
+    def __init__(
+        self, router: _Router, timeout: float, address: str | None = None, method: str | None = None
+    ) -> None:
         self.router = router
         self.timeout = timeout
+        #: May the request be sent again after a failure that leaves its outcome open? (A call
+        #: without ``method`` is a stream: it resends with the same idempotency keys.)
+        self.resend = method is None or method in _RESENT
+        self.method = method or ""
         self.fixed = address is not None
         self.address = address or router.current()
         self.deadline = time.monotonic() + timeout
@@ -275,7 +358,10 @@ class _Attempts:
 
     def attempt_limit(self) -> float:
         """How long one attempt may take: part of the call's time, so that a node that hangs (a
-        machine gone without closing its connections) leaves time to try the others."""
+        machine gone without closing its connections) leaves time to try the others. A write that
+        is not resent after a timeout may use all of it (trying another node would not help)."""
+        if not self.resend:
+            return self.timeout
         return max(ATTEMPT_TIMEOUT_MIN_S, self.timeout * ATTEMPT_TIMEOUT_SHARE)
 
     def attempt_timeout(self) -> float:
@@ -298,6 +384,8 @@ class _Attempts:
         error = _map_error(exc)
         if not _retriable(exc):
             raise error from None
+        if not self.resend and not _nothing_done(exc):
+            raise self.outcome_unknown(error) from None  # it may have been applied: do not repeat it
         self.last = error
         leader = error.leader_address if isinstance(error, errors.NotLeader) else ""
         if not _trailer(exc, "mqstore-error"):
@@ -345,9 +433,25 @@ class _Attempts:
     def give_up(self) -> errors.MQStoreError:
         last = self.last
         tried = f"{self.count} attempt(s) in {self.timeout:g} s"
+        if not self.resend:
+            # Every attempt was refused before it did anything (else outcome_unknown was raised).
+            tried += f"; {self._name()} was not applied"
         if isinstance(last, errors.NotLeader):
             return errors.NotLeader(f"no leader answered ({tried}); last: {last}", last.leader_id, last.leader_address)
         return errors.Unavailable(f"no mqstore node could serve the call ({tried}); last error: {last}")
+
+    def _name(self) -> str:
+        return _NOT_RESENT.get(self.method, (self.method, ""))[0]
+
+    def outcome_unknown(self, error: errors.MQStoreError) -> errors.Unavailable:
+        """The error for a write that is not resent after a failure that leaves open whether the
+        node applied it (the answer was lost, the attempt timed out, "it may still commit")."""
+        check = _NOT_RESENT.get(self.method, ("", "read the state it changes"))[1]
+        return errors.Unavailable(
+            f"{self._name()} may or may not have been applied: the attempt on {self.address} failed without an "
+            f"answer that says which ({error}). It was not sent again (doing it twice is not the same as doing it "
+            f"once): check before trying again: {check}"
+        )
 
 
 # --- requests ---------------------------------------------------------------------------------------
@@ -621,6 +725,8 @@ def _compact_request(message_ids: Iterable[str]) -> Any:
 
 
 def _audit_records_request(after: int | None, limit: int) -> Any:
+    if isinstance(limit, int):  # 0 would mean "the default" (1000) on the wire: refused, as embedded
+        validate.integer(limit, "limit", 1, AUDIT_READ_RECORDS_MAX)
     with _building("audit_records"):
         return compliance_pb2.AuditRecordsRequest(after=after or 0, limit=limit)
 
@@ -628,6 +734,9 @@ def _audit_records_request(after: int | None, limit: int) -> Any:
 def _audit_query_request(
     where: Mapping[str, Any] | None, since_ms: int | None, until_ms: int | None, after: int | None, limit: int
 ) -> Any:
+    # As the embedded audit_query (mqstore.compliance.audit.query), first; 0 would mean "1000".
+    if not isinstance(limit, int) or not 1 <= limit <= AUDIT_READ_RECORDS_MAX:
+        raise errors.InvalidArgument(f"limit is 1..{AUDIT_READ_RECORDS_MAX}")
     for name, value in (("since_ms", since_ms), ("until_ms", until_ms), ("after", after)):
         if value is not None:
             validate.integer(value, name, 0, 2**63 - 1)
@@ -914,7 +1023,7 @@ class Client(_ClientBase):
 
     def _call(self, method: str, request: Any, *, admin: bool = False, address: str | None = None,
               compliance: bool = False) -> Any:
-        attempts = _Attempts(self._router, self.timeout, address)
+        attempts = _Attempts(self._router, self.timeout, address, method)
         while True:
             stubs = self._get_stubs(attempts.address)
             rpc = getattr(stubs.compliance if compliance else stubs.admin if admin else stubs.queue, method)
@@ -1272,7 +1381,7 @@ class AsyncClient(_ClientBase):
         timeout: float | None = None,
         compliance: bool = False,
     ) -> Any:
-        attempts = _Attempts(self._router, self.timeout if timeout is None else timeout, address)
+        attempts = _Attempts(self._router, self.timeout if timeout is None else timeout, address, method)
         while True:
             stubs = self._get_stubs(attempts.address)
             rpc = getattr(stubs.compliance if compliance else stubs.admin if admin else stubs.queue, method)
