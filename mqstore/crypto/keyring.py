@@ -133,6 +133,11 @@ class KeyRing:
 
     Thread safe. Mutations come only from applying KEY events (:meth:`apply`), so every replica
     that applies the same log holds the same key ids.
+
+    A key created by a write transaction is *staged* (:meth:`stage`): only the thread running
+    that transaction sees it (records of the same transaction may be sealed or opened under it),
+    until the transaction commits (:meth:`publish_staged`) or is abandoned
+    (:meth:`discard_staged`: aborted, run again, or its commit failed), which leaves no trace.
     """
 
     def __init__(self, provider: KeyProvider) -> None:
@@ -148,12 +153,22 @@ class KeyRing:
         # OrderedDict because dropping the oldest entry of a plain dict again and again costs a
         # scan over the holes left by the earlier deletions
         self._data_keys: OrderedDict[tuple[int, bytes], bytes] = OrderedDict()
+        # Keys created by the running write transaction, not committed yet (see :meth:`stage`):
+        # key id -> CREATE event, namespace -> newest staged key id, and the thread running it.
+        self._staged: dict[int, KeyEvent] = {}
+        self._staged_current: dict[str, int] = {}
+        self._staged_thread: int | None = None
 
     # --- mutations (from the log) ----------------------------------------------------------------
 
+    def _sees_staged(self) -> bool:
+        """Whether the calling thread runs the transaction that staged keys (if any are)."""
+        return bool(self._staged) and self._staged_thread == threading.get_ident()
+
     def max_key_id(self) -> int:
         with self._lock:
-            return max(self._events, default=0)
+            staged = self._staged if self._sees_staged() else {}
+            return max(max(self._events, default=0), max(staged, default=0))
 
     def new_key_event(self, namespace: str, now_ms: int, key_id: int | None = None) -> KeyEvent:
         """A CREATE event for a fresh random key of ``namespace`` (not yet applied), with the next
@@ -172,10 +187,58 @@ class KeyRing:
     def check_applicable(self, event: KeyEvent) -> None:
         """Raise if ``event`` cannot be applied to the current key set (no state changed)."""
         with self._lock:
-            if event.action == ACTION_CREATE and event.key_id in self._events:
+            staged = self._staged if self._sees_staged() else {}
+            known = event.key_id in self._events or event.key_id in staged
+            if event.action == ACTION_CREATE and known:
                 raise UnknownKey(f"key id {event.key_id} already exists")
-            if event.action == ACTION_SHRED and event.key_id not in self._events:
+            if event.action == ACTION_SHRED and not known:
                 raise UnknownKey(f"cannot shred key id {event.key_id}: no such key")
+
+    def stage(self, event: KeyEvent) -> None:
+        """Apply a CREATE event for the calling thread's write transaction only: that thread sees
+        the key at once (to seal or open records of the same transaction under it), every other
+        thread only once :meth:`publish_staged` ran after the commit. Raises like :meth:`apply`."""
+        if event.action != ACTION_CREATE:
+            raise AssertionError("only a key's creation is staged; a shred takes effect at commit")
+        self.check_applicable(event)
+        me = threading.get_ident()
+        with self._lock:
+            if self._staged and self._staged_thread != me:
+                raise AssertionError("keys staged by two write transactions at once")
+            self._staged_thread = me
+            self._staged[event.key_id] = event
+            if event.key_id > self._staged_current.get(event.namespace, 0):
+                self._staged_current[event.namespace] = event.key_id
+
+    def publish_staged(self) -> None:
+        """The transaction that staged keys committed: every thread sees them from now on."""
+        if not self._staged:
+            return
+        with self._lock:
+            events = sorted(self._staged.values(), key=lambda e: e.key_id)
+            self._staged = {}
+            self._staged_current = {}
+            self._staged_thread = None
+        for event in events:
+            if event.key_id not in self._events:
+                self.apply(event)
+
+    def discard_staged(self) -> None:
+        """The transaction that staged keys did not commit: forget them (and anything derived
+        from them), as if they had never been created; a re-run stages them again."""
+        if not self._staged:
+            return
+        with self._lock:
+            gone = set(self._staged)
+            self._staged = {}
+            self._staged_current = {}
+            self._staged_thread = None
+            for key_id in gone:
+                if key_id not in self._events:
+                    self._prk.pop(key_id, None)
+                    self._expanders.pop(key_id, None)
+            for k in [k for k in self._data_keys if k[0] in gone and k[0] not in self._events]:
+                self._data_keys.pop(k, None)
 
     def apply(self, event: KeyEvent) -> None:
         self.check_applicable(event)
@@ -204,16 +267,25 @@ class KeyRing:
 
     def current_key_id(self, namespace: str) -> int | None:
         """The key id new records of ``namespace`` are sealed under, or None if it has none yet."""
+        if self._staged and self._sees_staged():
+            staged = self._staged_current.get(namespace)
+            if staged is not None:
+                return staged
         return self._current.get(namespace)
 
     def key_ids(self, namespace: str | None = None) -> list[int]:
         with self._lock:
-            return sorted(k for k, e in self._events.items() if namespace is None or e.namespace == namespace)
+            events = dict(self._events)
+            if self._sees_staged():
+                events.update(self._staged)
+            return sorted(k for k, e in events.items() if namespace is None or e.namespace == namespace)
 
     def event(self, key_id: int) -> KeyEvent:
         try:
             return self._events[key_id]
         except KeyError:
+            if self._staged and self._sees_staged() and key_id in self._staged:
+                return self._staged[key_id]
             raise UnknownKey(f"key id {key_id} is not known to this store") from None
 
     def is_shredded(self, key_id: int) -> bool:

@@ -32,6 +32,7 @@ from mqstore.errors import (
     Corruption,
     InvalidArgument,
     NotFound,
+    StorageFull,
     UnknownKey,
     WrongKey,
 )
@@ -148,13 +149,14 @@ class ScanReport:
 class _Batch:
     """State of one writer transaction, shared by the write functions of a batch."""
 
-    __slots__ = ("hooks", "next_index", "pre_commit", "term")
+    __slots__ = ("dict_ids", "hooks", "next_index", "pre_commit", "term")
 
     def __init__(self, next_index: int, term: int) -> None:
         self.next_index = next_index
         self.term = term
         self.hooks: list[Callable[[], None]] = []
         self.pre_commit: list[Callable[[], None]] = []
+        self.dict_ids: set[int] = set()  # dictionary ids this transaction allocated
 
 
 class WriteContext:
@@ -263,8 +265,17 @@ class WriteContext:
     def delete(self, db: bytes, key: bytes) -> bool:
         return bool(self.txn.delete(key, db=self.dbs[db]))
 
+    def new_dictionary_id(self) -> int:
+        """A dictionary id no other dictionary has: not the store's, nor one allocated earlier
+        in this transaction (two dictionaries added by one group commit get distinct ids)."""
+        taken = self._batch.dict_ids
+        dict_id = max(max(self.store.sealer.dictionary_ids(), default=0), max(taken, default=0)) + 1
+        taken.add(dict_id)
+        return dict_id
+
     def on_commit(self, hook: Callable[[], None]) -> None:
-        """Run ``hook`` in the writer thread once this batch committed (never if it did not)."""
+        """Run ``hook`` in the writer thread once this batch committed (never if it did not).
+        A hook that raises is logged: the batch stays committed and its callers are answered."""
         self._batch.hooks.append(hook)
 
     def before_commit(self, hook: Callable[[], None]) -> None:
@@ -450,7 +461,12 @@ class LogStore:
         function gets its exception, and the batch runs again without it: a refused write leaves
         no trace, and the others still commit together. (Nested transactions would do the same
         per function, but each one releases and re-takes the GIL twice, which under many callers
-        costs more than the rare re-run.) If the map is full, it grows and the batch runs again.
+        costs more than the rare re-run.) If the map is full, it grows and the batch runs again;
+        if it cannot grow any more (``map_size_max``), the batch fails with StorageFull.
+
+        Keys created by the batch's functions are staged in the keyring (seen by this thread
+        only): published once the transaction committed, discarded whenever it did not (a re-run
+        stages them again), so no key the store did not commit is ever used.
 
         Requests that asked for sealing are sealed first, all in one call: one thread compressing
         and encrypting a batch beats many caller threads each doing a little, because CPython's
@@ -470,6 +486,7 @@ class LogStore:
                 self._standstill.check(clock_ms, self._last_stamp_ms)
             now_ms = max(clock_ms, self._last_stamp_ms)
             failed: Pending[Any] | None = None
+            committed = False
             try:
                 txn = env.begin(write=True)
                 try:
@@ -490,31 +507,44 @@ class LogStore:
                             txn.put(_META_IDS, ids_last.to_bytes(16, "big"), db=self.env.dbs[b"meta"])
                         for hook in state.pre_commit:
                             hook()
-                        observer = self.commit_observer
-                        if observer is None:
-                            txn.commit()
-                        else:
-                            t0 = time.perf_counter()
-                            txn.commit()
-                            observer(time.perf_counter() - t0)
+                        t0 = time.perf_counter()
+                        txn.commit()
+                        committed = True
                     else:
                         txn.abort()
                 except BaseException:
-                    txn.abort()
+                    if not committed:
+                        txn.abort()
                     raise
             except lmdb.MapFullError:
+                self.keyring.discard_staged()
                 grow_attempts += 1
                 if grow_attempts > _MAP_GROW_ATTEMPTS:
                     raise AssertionError("the map kept filling up after growing it repeatedly") from None
-                new_size = self.env.grow()
+                try:
+                    new_size = self.env.grow()
+                except lmdb.MapFullError as exc:
+                    # map_size_max reached: this batch cannot be stored; the store goes on (acks,
+                    # deletes and compaction free pages that later writes reuse).
+                    full = StorageFull(
+                        f"write failed, nothing was committed: the store reached its maximum map size "
+                        f"({self.env.map_size_max} bytes, map_size_max): {exc}"
+                    )
+                    log.error("store %s: %s", self.path, full)
+                    for item in live:
+                        item.result = None
+                        item.error = full
+                    return
                 log.info("store %s: map full, grown to %d bytes; retrying the batch", self.path, new_size)
                 continue
             except lmdb.PanicError:
                 # LMDB could not write a meta page and refuses every later write of this
                 # environment: the writer stops (WriterFailed: "reopen the store"), rather than
                 # failing every write one by one with the same words as a full disk.
+                self.keyring.discard_staged()
                 raise
             except lmdb.Error as exc:
+                self.keyring.discard_staged()
                 # Disk full, I/O error: nothing of this batch is committed; every caller hears it.
                 error = write_failure(self.env.path / "data.mdb", exc, sum(item.size for item in live))
                 log.error("store %s: %s", self.path, error)
@@ -522,19 +552,40 @@ class LogStore:
                     item.result = None
                     item.error = error
                 return
+            except BaseException:
+                if not committed:
+                    self.keyring.discard_staged()
+                raise
             if failed is not None:
+                self.keyring.discard_staged()
                 live.remove(failed)
                 for item in live:
                     item.result = None
                 continue
-            self.commits += 1
-            self._last_stamp_ms = now_ms
-            self._ids_persisted = ids_last
-            self._last_index = state.next_index - 1
-            self._term = state.term
-            for hook in state.hooks:
-                hook()
+            self._after_commit(state, now_ms, ids_last, time.perf_counter() - t0)
             return
+
+    def _after_commit(self, state: _Batch, now_ms: int, ids_last: int, commit_s: float) -> None:
+        """Publish what a committed batch changed. Nothing here may fail the batch: it is
+        durable, and its callers must hear so (a failing hook is logged, the others still run)."""
+        self.keyring.publish_staged()
+        self.commits += 1
+        self._last_stamp_ms = now_ms
+        self._ids_persisted = ids_last
+        self._last_index = state.next_index - 1
+        self._term = state.term
+        observer = self.commit_observer
+        if observer is not None:
+            try:
+                observer(commit_s)
+            except Exception:
+                log.exception("store %s: the commit observer failed", self.path)
+        for hook in state.hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("store %s: an action after a committed write failed (the write is committed)",
+                              self.path)
 
     def _seal_batch(self, batch: list[Pending[Any]]) -> None:
         """Seal what the batch's requests asked for, in one call (compression uses every core);
@@ -722,7 +773,9 @@ class LogStore:
         if event.action == ACTION_CREATE:
             ctx.put(b"keys", _KEYS_PREFIX + kid, event.encode())
             if event.key_id not in self.keyring.key_ids():
-                self.keyring.apply(event)
+                # Seen by this transaction at once, by everybody once it commits; forgotten if
+                # it does not (a re-run of the batch stages it again).
+                self.keyring.stage(event)
         else:
             created = self.keyring.event(event.key_id)
             gone = KeyEvent(ACTION_CREATE, created.key_id, created.namespace, created.created_at_ms, b"")
@@ -740,7 +793,7 @@ class LogStore:
         self.ensure_keys([SYSTEM_NAMESPACE])
 
         def fn(ctx: WriteContext) -> int:
-            dict_id = max(self.sealer.dictionary_ids(), default=0) + 1
+            dict_id = ctx.new_dictionary_id()
             sealed = self.sealer.seal(RecordType.DICTIONARY, SYSTEM_NAMESPACE, _dict_message_id(dict_id), data)
             index = ctx.append(RecordType.DICTIONARY, sealed.payload, flags=sealed.flags,
                                key_id=sealed.key_id, dict_id=sealed.dict_id)
