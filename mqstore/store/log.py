@@ -149,7 +149,7 @@ class ScanReport:
 class _Batch:
     """State of one writer transaction, shared by the write functions of a batch."""
 
-    __slots__ = ("dict_ids", "hooks", "next_index", "pre_commit", "term")
+    __slots__ = ("dict_ids", "first_index", "hooks", "next_index", "pre_commit", "term")
 
     def __init__(self, next_index: int, term: int) -> None:
         self.next_index = next_index
@@ -157,6 +157,7 @@ class _Batch:
         self.hooks: list[Callable[[], None]] = []
         self.pre_commit: list[Callable[[], None]] = []
         self.dict_ids: set[int] = set()  # dictionary ids this transaction allocated
+        self.first_index = 0  # the log's first index once committed (0: unchanged)
 
 
 class WriteContext:
@@ -249,6 +250,7 @@ class WriteContext:
             self.txn.delete(key, db=db)
         deleted = len(doomed)
         self._batch.next_index = min(self._batch.next_index, from_index)
+        self.store._forget_quarantined(self, from_index, None)
         return deleted
 
     def set_term(self, term: int) -> None:
@@ -329,7 +331,14 @@ class LogStore:
             self.sealer = Sealer(self.keyring, compression_level)
             self.ids = MessageIdGenerator(self.clock_ms)
             self._key_lock = threading.Lock()
-            self._quarantine_mem: dict[int, str] = {}
+            # Held by the writer from a commit until the bounds in memory match it (see
+            # _missing_inside_bounds); reentrant: an after-commit hook may read the log.
+            self._bounds_lock = threading.RLock()
+            self._quarantine_mem: dict[int, str] = {}  # found corrupt since opening, and why
+            # Quarantine entries queued for the writer (not committed yet) and committed: a
+            # record found corrupt again is queued again only when neither holds its reason.
+            self._quarantine_queued: dict[int, str] = {}
+            self._quarantine_saved: dict[int, str] = {}
             self._first_index, self._last_index, self._term = self._load_bounds()
             raw_stamp = self.meta_get(_META_STAMP)
             self._last_stamp_ms = _U64.unpack(raw_stamp)[0] if raw_stamp else 0
@@ -508,7 +517,12 @@ class LogStore:
                         for hook in state.pre_commit:
                             hook()
                         t0 = time.perf_counter()
-                        txn.commit()
+                        self._bounds_lock.acquire()
+                        try:
+                            txn.commit()
+                        except BaseException:
+                            self._bounds_lock.release()
+                            raise
                         committed = True
                     else:
                         txn.abort()
@@ -562,7 +576,10 @@ class LogStore:
                 for item in live:
                     item.result = None
                 continue
-            self._after_commit(state, now_ms, ids_last, time.perf_counter() - t0)
+            try:
+                self._after_commit(state, now_ms, ids_last, time.perf_counter() - t0)
+            finally:
+                self._bounds_lock.release()
             return
 
     def _after_commit(self, state: _Batch, now_ms: int, ids_last: int, commit_s: float) -> None:
@@ -573,6 +590,8 @@ class LogStore:
         self._last_stamp_ms = now_ms
         self._ids_persisted = ids_last
         self._last_index = state.next_index - 1
+        if state.first_index > self._first_index:
+            self._first_index = state.first_index
         self._term = state.term
         observer = self.commit_observer
         if observer is not None:
@@ -708,9 +727,23 @@ class LogStore:
         self._standstill = None
 
     def open_message(self, record: Record) -> StoredMessage:
-        """Decrypt and decode an ENQUEUE record."""
+        """Decrypt and decode an ENQUEUE record.
+
+        A record whose sealed content is damaged (authentication tag, framing inside the seal,
+        envelope) raises Corruption naming its index and is quarantined like a bad CRC. A key
+        that is shredded (KeyShredded), unknown (UnknownKey) or not opened by the KEK (WrongKey)
+        says nothing about the record and quarantines nothing."""
         if record.type != RecordType.ENQUEUE:
             raise InvalidArgument(f"log index {record.index} is a {_type_name(record.type)} record, not a message")
+        try:
+            return self._open_message(record)
+        except Corruption as exc:
+            # Only errors about this record's bytes name its index (a damaged key's do not).
+            if exc.index is not None and exc.index == record.index and record.index >= 1:
+                self._record_corrupt(record.index, exc.reason)
+            raise
+
+    def _open_message(self, record: Record) -> StoredMessage:
         opened = self.sealer.open(record)
         try:
             envelope, used = codec.decode_envelope(opened.plaintext)
@@ -834,7 +867,7 @@ class LogStore:
 
     def _decode(self, raw: bytes | None, index: int) -> Record:
         if raw is None:
-            if self._first_index <= index <= self._last_index:
+            if self._first_index <= index <= self._last_index and self._missing_inside_bounds(index):
                 # Inside the log's bounds a record can only be missing if something deleted it
                 # behind mqstore's back: that is damage, not absence.
                 self._record_corrupt(index, "record missing from the log")
@@ -845,6 +878,15 @@ class LogStore:
         except Corruption as exc:
             self._record_corrupt(index, exc.reason)
             raise exc.with_index(index) from None
+
+    def _missing_inside_bounds(self, index: int) -> bool:
+        """A record inside the bounds known in memory was absent from a read: is it still inside
+        them once the writer published every commit that read could have seen? The writer holds
+        ``_bounds_lock`` from a commit until the bounds in memory are updated (compaction moves
+        the first index, truncation the last one), so a read that raced with such a commit
+        finds the record below or above the bounds now: absent (NotFound), not damaged."""
+        with self._bounds_lock:
+            return self._first_index <= index <= self._last_index
 
     @staticmethod
     def frame(record: Record) -> bytes:
@@ -921,16 +963,54 @@ class LogStore:
             for key in doomed:
                 ctx.txn.delete(key, db=db)
             deleted = len(doomed)
-            new_first = max(self._first_index, upto_index)
-            ctx.put(b"meta", _META_FIRST_INDEX, _U64.pack(new_first))
-
-            def hook() -> None:
-                self._first_index = new_first
-
-            ctx.on_commit(hook)
+            self._advance_first_index(ctx, upto_index)
             return deleted
 
         return self.write(fn)
+
+    def _advance_first_index(self, ctx: WriteContext, new_first: int) -> None:
+        """Records below ``new_first`` were compacted away (by ``ctx``'s transaction): move the
+        log's first index there, on disk and (once committed) in memory, and forget quarantine
+        entries of records no longer in the log."""
+        new_first = max(self._first_index, new_first)
+        ctx.put(b"meta", _META_FIRST_INDEX, _U64.pack(new_first))
+        self._forget_quarantined(ctx, 0, new_first)
+        ctx._batch.first_index = max(ctx._batch.first_index, new_first)  # set with the commit
+
+    def _forget_quarantined(self, ctx: WriteContext, lo: int, hi: int | None) -> None:
+        """Drop the quarantine entries of indices ``lo <= index < hi`` (None: no upper end) that
+        have no record in the log any more (compacted away, truncated): a record that is not in
+        the log is not damaged. Kept records (compaction keeps some) stay quarantined."""
+        if b"quarantine" not in ctx.dbs:
+            return
+        qdb, ldb = ctx.dbs[b"quarantine"], ctx.dbs[b"log"]
+        gone = []
+        with ctx.txn.cursor(db=qdb) as cur:
+            ok = cur.set_range(_U64.pack(lo))
+            while ok:
+                key = bytes(cur.key())
+                if hi is not None and key_index(key) >= hi:
+                    break
+                if ctx.txn.get(key, db=ldb) is None:
+                    gone.append(key)
+                ok = cur.next()
+        for key in gone:
+            ctx.txn.delete(key, db=qdb)
+        found = [  # list(): readers add entries meanwhile
+            i for i in list(self._quarantine_mem)
+            if i >= lo and (hi is None or i < hi) and ctx.txn.get(_U64.pack(i), db=ldb) is None
+        ]
+        if not found and not gone:
+            return
+        forget = found + [key_index(k) for k in gone]
+
+        def hook() -> None:
+            for index in forget:
+                self._quarantine_mem.pop(index, None)
+                self._quarantine_saved.pop(index, None)
+                self._quarantine_queued.pop(index, None)
+
+        ctx.on_commit(hook)
 
     def compact(
         self, upto_index: int, keep: Callable[[WriteContext, int, bytes], bool], chunk: int = 10_000
@@ -966,14 +1046,12 @@ class LogStore:
             for key in doomed:
                 ctx.txn.delete(key, db=db)
             if not ok or last_key is None:
-                new_first = max(self._first_index, upto_index)
-                ctx.put(b"meta", _META_FIRST_INDEX, _U64.pack(new_first))
-
-                def hook() -> None:
-                    self._first_index = new_first
-
-                ctx.on_commit(hook)
+                self._advance_first_index(ctx, upto_index)
                 return len(doomed), None
+            # Every record up to last_key is compacted (or kept): the log starts after it now,
+            # so a read between two chunks finds a deleted record below the first index (absent),
+            # not missing inside the log (damage).
+            self._advance_first_index(ctx, key_index(last_key) + 1)
             return len(doomed), last_key + b"\x00"
 
         while True:
@@ -984,15 +1062,32 @@ class LogStore:
             position = nxt
 
     def _record_corrupt(self, index: int, reason: str) -> None:
-        if self._quarantine_mem.get(index) == reason:
+        if self._quarantine_mem.get(index) != reason:
+            self._quarantine_mem[index] = reason
+            log.error("store %s: log index %d is corrupt: %s", self.path, index, reason)
+        writer = self.writer
+        if writer is None or reason in (self._quarantine_saved.get(index), self._quarantine_queued.get(index)):
             return
-        self._quarantine_mem[index] = reason
-        log.error("store %s: log index %d is corrupt: %s", self.path, index, reason)
-        if self.writer is not None:
-            # Persist without waiting (a read must not block on the writer); if the queue is
-            # full the next read of the record records it again.
-            value = f"{self.clock_ms()} {reason}".encode()
-            self.writer.submit_nowait(lambda ctx: ctx.put(b"quarantine", _U64.pack(index), value))
+        # Persist without waiting (a read must not block on the writer). If the queue is full,
+        # or the write does not commit, the next read of the record records it again.
+        value = f"{self.clock_ms()} {reason}".encode()
+
+        def persist(ctx: WriteContext) -> None:
+            if self._quarantine_queued.get(index) == reason:
+                self._quarantine_queued.pop(index, None)  # from now on the commit decides
+            key = _U64.pack(index)
+            if index < self._first_index and ctx.txn.get(key, db=ctx.dbs[b"log"]) is None:
+                return  # compacted away meanwhile: nothing left to quarantine
+            ctx.put(b"quarantine", key, value)
+
+            def saved() -> None:
+                self._quarantine_saved[index] = reason
+
+            ctx.on_commit(saved)
+
+        self._quarantine_queued[index] = reason
+        if not writer.submit_nowait(persist):
+            self._quarantine_queued.pop(index, None)
 
     def quarantined(self) -> dict[int, str]:
         """Indices found corrupt (persisted ones and those found since opening) and why."""
@@ -1023,6 +1118,7 @@ class LogStore:
             def hook() -> None:
                 for index in records:
                     self._quarantine_mem.pop(index, None)
+                    self._quarantine_saved.pop(index, None)
 
             ctx.on_commit(hook)
 
@@ -1128,6 +1224,8 @@ class LogStore:
         self.sealer = Sealer(self.keyring, self.sealer.level)
         self._load_keys_and_dictionaries()
         self._quarantine_mem.clear()
+        self._quarantine_saved.clear()
+        self._quarantine_queued.clear()
         self.writer = Writer(self._run_batch, name=f"mqstore-writer:{self.path.name}")
 
     # --- lifecycle ----------------------------------------------------------------------------------
