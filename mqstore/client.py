@@ -277,9 +277,9 @@ def _nothing_done(exc: Any) -> bool:
     be sent again): a follower's NotLeader, a refusal before the write was proposed, or a
     connection that could not be made."""
     name = _trailer(exc, "mqstore-error")
-    if name in ("NotLeader", "ProposalDropped"):
+    if name in ("NotLeader", "ProposalDropped") or _trailer(exc, "mqstore-not-applied") == "1":
         return True
-    if name == "Unavailable":
+    if name == "Unavailable":  # a node that does not say so in a trailer yet: by the refusal's words
         return any(text in _details(exc) for text in _REFUSED_BEFORE_PROPOSING)
     if name:
         return False

@@ -87,7 +87,15 @@ class NotLeader(MQStoreError):
 
 class Unavailable(MQStoreError):
     """The cluster cannot serve the request right now (no leader, shutting down, timed out
-    waiting for a quorum). Retrying later is safe: writes carry idempotency keys."""
+    waiting for a quorum). Retrying later is safe: writes carry idempotency keys.
+
+    ``not_applied``: the request was refused before it was proposed, so it did nothing and any
+    request (even one that is not idempotent) may be sent again. A node says so to clients in the
+    ``mqstore-not-applied`` trailer."""
+
+    def __init__(self, message: str = "", *, not_applied: bool = False) -> None:
+        super().__init__(message)
+        self.not_applied = not_applied
 
 
 class Immutable(MQStoreError):

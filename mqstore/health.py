@@ -73,7 +73,8 @@ class NodeHealth:
         the leader's entries whatever it answers a client)."""
         leader = self.leader_id()
         if leader == 0:
-            return Unavailable(f"node {self.node_id} knows no leader (an election is under way): retry shortly")
+            return Unavailable(f"node {self.node_id} knows no leader (an election is under way): retry shortly",
+                               not_applied=True)
         if leader != self.node_id:
             return None
         return self.disk.refusal()  # read every CHECK_INTERVAL_S by the watcher thread

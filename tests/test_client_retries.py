@@ -118,6 +118,9 @@ BEFORE = {
     "shutting down": (grpc.StatusCode.UNAVAILABLE, (("mqstore-error", "Unavailable"),), "node 1 is shutting down"),
     "proposal refused": (grpc.StatusCode.UNAVAILABLE, (("mqstore-error", "Unavailable"),),
                          "the leader refused the write for now: leadership is being transferred to node 2"),
+    # Whatever the words: the node's trailer says the request did nothing.
+    "said not applied": (grpc.StatusCode.UNAVAILABLE, (("mqstore-error", "Unavailable"), ("mqstore-not-applied", "1")),
+                         "node 3 cannot take writes right now"),
 }
 
 

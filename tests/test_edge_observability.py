@@ -11,7 +11,9 @@ from typing import Any
 import grpc
 import pytest
 
+from mqstore import server
 from mqstore.client import Client
+from mqstore.errors import Unavailable
 from mqstore.proto import queue_pb2, queue_pb2_grpc
 from mqstore.testing.secure import InProcessCluster
 
@@ -106,3 +108,26 @@ def test_every_call_gets_its_request_id_back(cluster: InProcessCluster, sent: st
         assert len(initial["x-request-id"]) == 16  # one the node made up for its log lines
     else:
         assert initial["x-request-id"] == sent
+
+
+class _Context:
+    def __init__(self) -> None:
+        self.trailers: tuple[tuple[str, str], ...] = ()
+
+    def set_trailing_metadata(self, trailers: tuple[tuple[str, str], ...]) -> None:
+        self.trailers = trailers
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise RuntimeError(code, details)
+
+
+@pytest.mark.parametrize(("error", "said"), [
+    (Unavailable("node 1 is shutting down", not_applied=True), True),
+    (Unavailable("no quorum confirmed the write; it may still commit"), False),
+])
+def test_a_servicer_says_when_a_refused_request_did_nothing(error: Unavailable, said: bool) -> None:
+    context = _Context()
+    with pytest.raises(RuntimeError):
+        server._abort(context, error)  # type: ignore[arg-type]
+    assert ("mqstore-error", "Unavailable") in context.trailers
+    assert (("mqstore-not-applied", "1") in context.trailers) is said

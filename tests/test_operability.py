@@ -189,6 +189,14 @@ def test_a_node_without_a_leader_is_not_serving_and_says_so(tmp_path: Path) -> N
         assert _wait(lambda: _health(address) == _NOT_SERVING), "node 1 still reports SERVING"
         with Client(address, timeout=2) as c, pytest.raises(Unavailable):
             c.enqueue(mail_from="a@example.org", recipients=["b@example.net"], data=MAIL)
+        # Refused before anything was proposed: the node says any request may be sent again.
+        with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as err:
+            queue_pb2_grpc.QueueStub(channel).Enqueue(
+                queue_pb2.EnqueueRequest(message=queue_pb2.NewMessage(
+                    mail_from="a@example.org", recipients=["b@example.net"], data=MAIL)), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        trailers = tuple(err.value.trailing_metadata() or ())
+        assert ("mqstore-error", "Unavailable") in trailers and ("mqstore-not-applied", "1") in trailers
     finally:
         cluster.close()
 

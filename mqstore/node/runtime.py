@@ -329,7 +329,7 @@ class Node:
     def submit(self, op: Operation, timeout: float = OPERATION_TIMEOUT_S) -> object:
         """Run ``op`` on the leader and wait for its entries to be applied here."""
         if self._stopping.is_set():
-            raise Unavailable(f"node {self.node_id} is shutting down")
+            raise Unavailable(f"node {self.node_id} is shutting down", not_applied=True)
         if not self.is_leader:
             raise self._not_leader()
         with self._outstanding_lock:
@@ -632,7 +632,7 @@ class Node:
         except (ProposalDropped, CoreNotLeader) as exc:
             for op, _ in planned:
                 self._release(op)
-                op.future.set_exception(Unavailable(f"the leader refused the write for now: {exc}"))
+                op.future.set_exception(Unavailable(f"the leader refused the write for now: {exc}", not_applied=True))
             return
         term = self.raw.term
         for op, plan in planned:

@@ -237,8 +237,17 @@ def _short(method: str) -> str:
     return method.rsplit("/", 1)[-1] if method.startswith("/mqstore.") else method
 
 
-def _abort(context: grpc.ServicerContext, refused: _Refused) -> None:
-    context.set_trailing_metadata((("mqstore-error", refused.error),))
+#: Trailer of a refusal given before the request reached the servicer or the consensus log: it did
+#: nothing, so a client may send any request again (see mqstore.errors.Unavailable.not_applied).
+NOT_APPLIED = "mqstore-not-applied"
+
+
+def _abort(context: grpc.ServicerContext, refused: _Refused, *, not_applied: bool = True) -> None:
+    """End the call with ``refused``: by default one refused before anything was done."""
+    trailers = [("mqstore-error", refused.error)]
+    if not_applied:
+        trailers.append((NOT_APPLIED, "1"))
+    context.set_trailing_metadata(tuple(trailers))
     context.abort(refused.code, refused.message)
 
 
@@ -637,7 +646,7 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 current_actor.reset(actor_token)
             if failure:
                 self._count(method, failure[0].code.name, failure[0].reason, failure[0].error)
-                _abort(context, failure[0])
+                _abort(context, failure[0], not_applied=False)  # earlier frames may be stored
             self._count(method, "OK")
         finally:
             if stream_key is not None:
