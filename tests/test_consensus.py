@@ -1037,6 +1037,24 @@ def test_read_index_waits_for_the_new_leaders_first_commit() -> None:
     assert c.read_states[2][0].index >= leader.last_index - 1
 
 
+def test_a_read_a_follower_forwarded_and_cancelled_is_never_answered() -> None:
+    # The follower used to turn any answer from its leader into a ReadState, cancelled or not.
+    c = Cluster(SITES3)
+    c.elect(1)
+    c.propose(1, b"x")
+    follower = c.nodes[2]
+    follower.read_index(b"given-up")
+    follower.read_index(b"kept")
+    follower.cancel_read(b"given-up")
+    c.deliver()
+    assert [r.context for r in c.read_states[2]] == [b"kept"]
+    # An answer for a read it never asked for (or one answered already) is dropped too.
+    follower.step(Message(MessageType.READ_INDEX_RESPONSE, to=2, frm=1, term=follower.term, index=1, context=b"kept"))
+    follower.step(Message(MessageType.READ_INDEX_RESPONSE, to=2, frm=1, term=follower.term, index=1, context=b"other"))
+    c.deliver()
+    assert [r.context for r in c.read_states[2]] == [b"kept"]
+
+
 def test_read_index_without_leader_raises() -> None:
     c = Cluster(SITES3)
     with pytest.raises(NotLeader):

@@ -872,6 +872,9 @@ class RawNode:
         self._read_requests: dict[bytes, _ReadRequest] = {}
         self._read_queue: deque[bytes] = deque()
         self._reads_waiting: list[tuple[bytes, NodeId]] = []  # until the leader commits in its term
+        #: Reads this node (a follower) forwarded to its leader and still expects an answer for,
+        #: oldest first (bounded: the oldest is forgotten when full; its caller times out).
+        self._reads_forwarded: dict[bytes, None] = {}
         self._switch_config(conf)
         self._become_follower(self._term, NONE)
         self._prev_hard_state = hard_state
@@ -1060,6 +1063,9 @@ class RawNode:
         if self._role == Role.LEADER:
             self._leader_read_index(context, self._id)
         elif self._role == Role.FOLLOWER and self._lead != NONE:
+            if len(self._reads_forwarded) >= READ_REQUESTS_PENDING_MAX:
+                del self._reads_forwarded[next(iter(self._reads_forwarded))]
+            self._reads_forwarded[context] = None
             self._send(Message(MessageType.READ_INDEX, to=self._lead, frm=self._id, term=self._term, context=context))
         else:
             raise NotLeader(f"node {self._id} knows no leader", self._lead)
@@ -1072,6 +1078,7 @@ class RawNode:
             self._read_queue.remove(context)
         if any(c == context for c, _ in self._reads_waiting):
             self._reads_waiting = [(c, frm) for c, frm in self._reads_waiting if c != context]
+        self._reads_forwarded.pop(context, None)
 
     def report_snapshot(self, to: NodeId, success: bool) -> None:
         """The transport finished (or failed) streaming a snapshot to ``to``."""
@@ -1258,6 +1265,7 @@ class RawNode:
         self._read_requests = {}
         self._read_queue = deque()
         self._reads_waiting = []
+        self._reads_forwarded = {}
 
     def _become_follower(self, term: int, lead: NodeId) -> None:
         self._reset(term)
@@ -1541,7 +1549,9 @@ class RawNode:
                 self._handle_snapshot(m)
         elif t == MessageType.TIMEOUT_NOW:
             self._hup(transfer=True)
-        elif t == MessageType.READ_INDEX_RESPONSE:
+        # An answer counts only for a read still asked for: not one cancelled, answered already
+        # or forgotten.
+        elif t == MessageType.READ_INDEX_RESPONSE and self._reads_forwarded.pop(m.context, 0) is None:
             self._read_states.append(ReadState(index=m.index, context=m.context))
         # A READ_INDEX reaching a follower was meant for a leader that is gone: the asking node
         # times out and retries. Vote responses are stale.
