@@ -54,6 +54,10 @@ REGRESSION_SEEDS: list[int] = [
     # progress (KeyError). Fixed: a pre-candidate or candidate that is no longer a voter steps
     # down, when the change applies and when a vote response arrives.
     7006916,
+    # Core bug: a follower turned every READ_INDEX_RESPONSE into a ReadState, so a read its caller
+    # had cancelled (cancel_read) was answered anyway. Found once the simulator's followers began
+    # to cancel forwarded reads. Fixed: a follower answers only the reads it still waits for.
+    7038001,
 ]  # fmt: skip
 
 

@@ -137,6 +137,7 @@ class SimResult:
     conf_refused: int = 0
     transfers: int = 0
     reads_answered: int = 0
+    reads_cancelled: int = 0
     down_reports: int = 0
     site_lost: str = ""
     converge_ticks: int = 0
@@ -213,6 +214,7 @@ class _Node:
     commit_seen: int = 0
     pending_props: dict[bytes, int] = field(default_factory=dict)  # payload -> tick proposed
     pending_reads: dict[bytes, int] = field(default_factory=dict)  # context -> acked floor
+    cancelled_reads: set[bytes] = field(default_factory=set)  # forwarded, then given up
     leader_commit_checked: int = 0
     crash_soon: bool = False
     leader_term: int = 0
@@ -301,6 +303,9 @@ class _Sim:
     def __init__(self, seed: int, opts: _Options, trace: bool, driver_bug: str | None) -> None:
         self.seed = seed
         self.rng = random.Random(seed)  # everything the run decides (options have their own)
+        #: Which forwarded reads a follower gives up on. Its own generator: a follower's
+        #: cancel_read sends nothing, so the run's messages and draws stay those of the seed.
+        self.cancel_rng = random.Random(seed ^ 0x5CA9CE1)
         self.opts = opts
         self.tick = 0
         self.trace_on = trace
@@ -388,6 +393,7 @@ class _Sim:
         node.commit_seen = raw.commit_index
         node.pending_props.clear()
         node.pending_reads.clear()
+        node.cancelled_reads.clear()
         node.crash_soon = False
         # What survived must still agree with what was committed.
         self._check_commit_matches(node, raw)
@@ -746,6 +752,8 @@ class _Sim:
         disk.write(op)
 
     def _read_answered(self, node: _Node, index: int, context: bytes) -> None:
+        if context in node.cancelled_reads:
+            raise self.fail(f"read {context!r} on n{node.id} was answered after it was cancelled")
         floor = node.pending_reads.pop(context, None)
         if floor is None:
             return  # a read of an earlier incarnation, or a duplicate answer
@@ -881,6 +889,19 @@ class _Sim:
         except (NotLeader, ProposalDropped):
             return
         target.pending_reads[context] = self.acked_max_index
+
+    def _cancel_forwarded_read(self) -> None:
+        """Now and then a follower's caller gives up on a read it forwarded: no answer may come."""
+        if self.cancel_rng.random() >= 0.05:
+            return
+        for node in sorted(self.nodes.values(), key=lambda n: n.id):
+            if node.raw is not None and node.raw.role == Role.FOLLOWER and node.pending_reads:
+                context = self.cancel_rng.choice(sorted(node.pending_reads))
+                node.raw.cancel_read(context)
+                del node.pending_reads[context]
+                node.cancelled_reads.add(context)
+                self.result.reads_cancelled += 1
+                return
 
     def _transfer(self) -> None:
         leader = self._leader()
@@ -1053,6 +1074,7 @@ class _Sim:
                     self._propose()
             if rng.random() < o.read_per_tick:
                 self._read()
+            self._cancel_forwarded_read()
         self._deliver_reports()
         for node in list(self.nodes.values()):
             self.process(node)
