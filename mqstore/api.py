@@ -1432,7 +1432,11 @@ class Store(QueueBase):
         """A new key for ``namespace``: new messages are sealed under it, old ones keep theirs
         (and still decrypt). Needs the ``keys`` permission; audited. Returns the new key id."""
         actor = self._actor(actor)
-        self._check_rotate(namespace, actor)
+        with self.log.key_lock:  # the id is chosen here: no other key may take it before this one commits
+            self._check_rotate(namespace, actor)
+            return self._rotate_key(namespace, actor)
+
+    def _rotate_key(self, namespace: str, actor: Actor | None) -> int:
         event = self.log.keyring.new_key_event(namespace, self._now_ms())
 
         def fn(wctx: WriteContext) -> tuple[int, Counters]:

@@ -453,6 +453,34 @@ def test_rotate_key_old_messages_still_decrypt(store: Store) -> None:
     assert ("rotate_key", "allowed", "ops-admin") in ops and ("rotate_key", "denied", "compliance-officer") in ops
 
 
+def test_concurrent_rotations_each_get_a_key_of_their_own(store: Store) -> None:
+    # Two threads used to pick the same key id; the second then failed with UnknownKey.
+    import threading
+
+    old = _enqueue(store)
+    before = set(store.log.keyring.key_ids("finance"))
+    got: list[int] = []
+    failed: list[BaseException] = []
+
+    def rotate() -> None:
+        try:
+            got.append(store.rotate_key("finance", actor=ADMIN))
+        except BaseException as exc:  # reported by the assertion below
+            failed.append(exc)
+
+    threads = [threading.Thread(target=rotate) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert failed == [] and len(set(got)) == 4
+    assert set(store.log.keyring.key_ids("finance")) == before | set(got)
+    new = _enqueue(store)
+    assert store.get(new).key_id == max(got)
+    _intact(store, old)
+    _intact(store, new)
+
+
 def test_shred_key_makes_its_records_unreadable(qpath: Path, kek: Path, clock: Clock) -> None:
     s = _open(qpath, kek, clock)
     mid = _enqueue(s, namespace="tenant-a")

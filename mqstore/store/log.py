@@ -330,7 +330,8 @@ class LogStore:
             self.keyring = KeyRing(provider)
             self.sealer = Sealer(self.keyring, compression_level)
             self.ids = MessageIdGenerator(self.clock_ms)
-            self._key_lock = threading.Lock()
+            #: Held while a key id is chosen and its key written: two threads must never pick one id.
+            self.key_lock = threading.RLock()
             # Held by the writer from a commit until the bounds in memory match it (see
             # _missing_inside_bounds); reentrant: an after-commit hook may read the log.
             self._bounds_lock = threading.RLock()
@@ -772,7 +773,7 @@ class LogStore:
         """Create a key for every namespace that has none yet (one durable commit each)."""
         for ns in namespaces:
             if self.keyring.current_key_id(ns) is None:
-                with self._key_lock:  # two threads must not both create a namespace's first key
+                with self.key_lock:  # two threads must not both create a namespace's first key
                     if self.keyring.current_key_id(ns) is None:
                         (self.key_creator or self.rotate_key)(ns)
 
@@ -782,13 +783,14 @@ class LogStore:
             validate.namespace(namespace)
         if len(self.keyring.key_ids(namespace)) >= limits.KEYS_PER_NAMESPACE_MAX:
             raise InvalidArgument(f"namespace {namespace!r} has {limits.KEYS_PER_NAMESPACE_MAX} keys already")
-        event = self.keyring.new_key_event(namespace, self.clock_ms())
+        with self.key_lock:  # the id is chosen here: no other key may take it before this one commits
+            event = self.keyring.new_key_event(namespace, self.clock_ms())
 
-        def fn(ctx: WriteContext) -> int:
-            self.apply_key_event(ctx, event)
-            return event.key_id
+            def fn(ctx: WriteContext) -> int:
+                self.apply_key_event(ctx, event)
+                return event.key_id
 
-        return self.write(fn)
+            return self.write(fn)
 
     def apply_key_event(self, ctx: WriteContext, event: KeyEvent, context: bytes = b"") -> int:
         """Append a KEY record for ``event`` (followed by the request ``context`` when given) and
