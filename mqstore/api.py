@@ -1193,6 +1193,9 @@ class QueueBase:
             },
             "log": self.log.stats(),
             "disk": self._disk_stats(),
+            # The time retention and legal holds are judged at (epoch seconds): the store's
+            # compliance clock, which never goes back (see "Compliance" in the README).
+            "compliance_time": self.compliance_clock.now_ms() / 1000,
         }
 
     def _disk_stats(self) -> dict[str, Any]:

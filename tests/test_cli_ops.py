@@ -339,6 +339,28 @@ def test_bulk_delete_dry_run_counts_what_retention_and_legal_holds_refuse(tmp_pa
     assert {r["message_id"] for r in real["refusals"]} == set(refused)
 
 
+def test_a_dry_run_through_a_node_judges_retention_at_the_leaders_compliance_time(tmp_path: Path) -> None:
+    # The leader's clock is two days behind this host's: a message locked for a day is still
+    # locked there. The dry run used to judge it by this host's clock and say it would go.
+    from mqstore.testing.secure import InProcessCluster
+
+    cluster = InProcessCluster(tmp_path, ["a"], node_options={1: {"clock": lambda: time.time() - 2 * 86400}})
+    try:
+        queue = cluster.leader().queue
+        queue.set_policy("locked", mode="compliance", retention_days=1)
+        mid = queue.enqueue(mail_from="a@example.org", recipients=["x@example.net"], data=RAW, namespace="locked")
+        plain = queue.enqueue(mail_from="a@example.org", recipients=["w@example.net"], data=RAW)
+        server = ("--server", cluster.address(1))
+        dry = ok("delete", mid, plain, *server, "--dry-run", code=1)
+        assert (dry["would_change"], dry["refused"]) == (1, 1)
+        assert [r["message_id"] for r in dry["refusals"]] == [mid]
+        assert "COMPLIANCE retention until" in dry["refusals"][0]["message"]
+        real = ok("delete", mid, plain, *server, code=1)
+        assert (real["changed"], real["refused"]) == (dry["would_change"], dry["refused"])
+    finally:
+        cluster.close()
+
+
 def _tamper(path: Path, table: bytes) -> bytes:
     """Delete the first entry of a state table behind mqstore's back; returns its key."""
     env = lmdb.open(str(path), max_dbs=64, create=False)

@@ -700,9 +700,8 @@ def _dry_run_refusal(target: Target, op: str, args: argparse.Namespace) -> Calla
     applies (:func:`mqstore.compliance.rules.check`) on the message's lock. Only ``delete`` can be
     refused so: the state machine checks hold, release, requeue and bounce as "hold", which
     retention never refuses (a bounced message is kept). Judged at the store's compliance time
-    (offline), or at this host's clock (--server, which has the cluster's within its clock
-    offset). Permissions are the real run's to check (offline, the local administrator has every
-    role)."""
+    (offline), or at the leader's (--server, from its stats). Permissions are the real run's to
+    check (offline, the local administrator has every role)."""
     from mqstore.compliance import rules
     from mqstore.ids import parse_id
 
@@ -719,7 +718,8 @@ def _dry_run_refusal(target: Target, op: str, args: argparse.Namespace) -> Calla
             until = round(m.locked_until * 1000) if m.locked_until is not None else 0
             return rules.Lock(m.namespace, rules.Mode.parse(m.retention_mode), until, tuple(m.legal_holds))
 
-        now_ms = int(time.time() * 1000)
+        judged_at = target.queue.stats().get("compliance_time")  # the cluster's (a node older than it: ours)
+        now_ms = round(judged_at * 1000) if isinstance(judged_at, (int, float)) else int(time.time() * 1000)
     else:
         from mqstore.queue import machine
         from mqstore.queue.kv import LmdbKV
