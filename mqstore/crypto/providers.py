@@ -96,13 +96,16 @@ def read_secret_file(path: str | os.PathLike[str], what: str) -> tuple[str, byte
     unsafe permissions and malformed contents; returns the header and the key bytes."""
     p = Path(path)
     try:
-        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: opening a FIFO (or a device) must not block waiting for a writer; what is
+        # not a regular file is refused below, before anything is read from it.
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         raise KeyFileError(f"{what} {p} does not exist") from None
     except OSError as exc:
         raise KeyFileError(f"cannot open {what} {p}: {exc.strerror}") from None
     try:
         _check_secret_mode(p, os.fstat(fd).st_mode, what)
+        os.set_blocking(fd, True)  # a regular file: read it normally
         raw = os.read(fd, 4096)
     finally:
         os.close(fd)

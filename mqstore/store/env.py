@@ -154,13 +154,20 @@ def fsync_path(path: Path) -> None:
 class _ReadGate:
     """Lets many read transactions run, but none while the map is being resized.
 
-    LMDB's ``mdb_env_set_mapsize`` may only be called with no transaction active in the process.
+    LMDB's ``mdb_env_set_mapsize`` may only be called with no transaction active in the process
+    (py-lmdb invalidates the open ones), and by one thread at a time. A thread must not ask for
+    :meth:`exclusive` while it is inside :meth:`reading` (it would wait for itself).
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._readers = 0
         self._resizing = False
+        self._mine = threading.local()  # .depth: this thread's readings (nested reads)
+
+    def held(self) -> bool:
+        """Whether the calling thread is inside :meth:`reading`."""
+        return bool(getattr(self._mine, "depth", 0))
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
@@ -168,9 +175,11 @@ class _ReadGate:
             while self._resizing:
                 self._cond.wait()
             self._readers += 1
+        self._mine.depth = getattr(self._mine, "depth", 0) + 1
         try:
             yield
         finally:
+            self._mine.depth -= 1
             with self._cond:
                 self._readers -= 1
                 if self._readers == 0:
@@ -179,6 +188,8 @@ class _ReadGate:
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         with self._cond:
+            while self._resizing:  # one resize at a time
+                self._cond.wait()
             self._resizing = True
             while self._readers:
                 self._cond.wait()
@@ -330,17 +341,28 @@ class Environment:
     def read(self) -> Iterator[Any]:
         """A short read transaction (never held across a map resize)."""
         self.check_open()
-        with self.gate.reading():
-            try:
-                txn = self.env.begin(write=False, buffers=False)
-            except lmdb.MapResizedError:
-                # Another process grew the map; adopt its size and retry once.
+        tries = 3
+        for _ in range(tries):
+            with self.gate.reading():
+                try:
+                    txn = self.env.begin(write=False, buffers=False)
+                except lmdb.MapResizedError:
+                    pass
+                else:
+                    try:
+                        yield txn
+                    finally:
+                        txn.abort()
+                    return
+            # Another process grew the map: adopt its size, then read again. set_mapsize
+            # invalidates every read transaction of this process, so it waits (outside the
+            # reading gate) until the other threads' reads have ended, and none starts meanwhile.
+            if self.gate.held():  # a read nested in this thread's own: it would wait for itself
+                raise MQStoreError(f"store {self.path}: another process grew the map during this read; retry")
+            with self.gate.exclusive():
+                self.check_open()
                 self.env.set_mapsize(0)
-                txn = self.env.begin(write=False, buffers=False)
-            try:
-                yield txn
-            finally:
-                txn.abort()
+        raise MQStoreError(f"store {self.path}: the map kept growing under this reader ({tries} tries); retry")
 
     def map_size(self) -> int:
         return int(self.env.info()["map_size"])

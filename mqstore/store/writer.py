@@ -28,7 +28,10 @@ inline (it would commit alone); the first batch that finds only one caller ends 
 caller never lingers.
 
 The request queue is bounded: when it is full, callers block (back-pressure) and give up with
-``Overloaded`` after ``limits.WRITE_QUEUE_WAIT_MS``.
+``Overloaded`` after ``limits.WRITE_QUEUE_WAIT_MS``. Once the writer has stopped (the store
+closed) or failed, the queue is closed: whatever it still held is answered (``StoreClosed``, or
+``WriterFailed`` when the writer failed), and a caller still waiting for room, or submitting
+later, is refused with the same error at once; no write waits for a writer that is gone.
 """
 
 from __future__ import annotations
@@ -104,6 +107,10 @@ class Pending(Generic[T]):
 _STOP = object()
 
 
+class _QueueClosed(Exception):
+    """The writer stopped reading the queue (it stopped or failed): nothing more is accepted."""
+
+
 class _Requests:
     """The writer's bounded FIFO of requests. Submitters wake the writer only once ``want``
     requests are queued, so a writer lingering for a fuller batch is not woken by each one."""
@@ -115,11 +122,15 @@ class _Requests:
         self.ready = threading.Condition(self.lock)  # the writer waits here
         self.room = threading.Condition(self.lock)  # submitters wait here while it is full
         self.want = 1
+        self.closed = False  # set by drain(): the writer reads no more, nothing is accepted
 
     def put(self, item: Any, timeout: float) -> bool:
         """Append ``item``, waiting up to ``timeout`` seconds for room (0: not at all); False if
-        there was none."""
+        there was none. Raises ``_QueueClosed`` once the queue was drained (also to a caller
+        that was waiting for room then)."""
         with self.lock:
+            if self.closed:
+                raise _QueueClosed
             if len(self.items) >= self.maxsize:
                 deadline = time.monotonic() + timeout
                 while len(self.items) >= self.maxsize:
@@ -127,6 +138,8 @@ class _Requests:
                     if rest <= 0:
                         return False
                     self.room.wait(rest)
+                    if self.closed:
+                        raise _QueueClosed
             self.items.append(item)
             if len(self.items) >= self.want or item is _STOP:
                 self.ready.notify()
@@ -176,7 +189,10 @@ class _Requests:
                 self.want = 1
 
     def drain(self) -> list[Any]:
+        """Close the queue (every later or waiting ``put`` raises ``_QueueClosed``) and return
+        what it still held, for the writer to answer."""
         with self.lock:
+            self.closed = True
             rest = list(self.items)
             self.items.clear()
             self.room.notify_all()
@@ -200,6 +216,7 @@ class Writer:
         self._queue = _Requests(queue_items_max)
         self._failed: BaseException | None = None
         self._stopping = False
+        self._stop_queued = False  # stop() put the stop marker in the queue
         self._submit_lock = threading.Lock()  # orders stop() against late submissions
         self._commit_lock = threading.Lock()  # held while a batch runs, in any thread
         self._count_lock = threading.Lock()
@@ -231,19 +248,29 @@ class Writer:
         return self._put(Pending(fn, size, callback, seal), wait_ms)
 
     def _check_writable(self) -> None:
-        if self._failed is not None:
-            raise WriterFailed(f"the store's writer stopped: {self._failed!r}; reopen the store")
-        if self._stopping:
-            raise StoreClosed("the store is closing")
+        if self._failed is not None or self._stopping:
+            raise self._gone()
         if threading.current_thread() is self._thread or self._inline_thread == threading.get_ident():
             raise AssertionError("a write function cannot itself write and wait (it would deadlock)")
+
+    def _gone(self) -> MQStoreError:
+        """The error for a write the writer will not run: it failed, or the store is closing."""
+        if self._failed is not None:
+            return WriterFailed(f"the store's writer stopped: {self._failed!r}; reopen the store")
+        return StoreClosed("the store is closing")
 
     def _put(self, item: Pending[T], wait_ms: int) -> Pending[T]:
         with self._count_lock:
             self._outstanding += 1
-        if not self._queue.put(item, timeout=wait_ms / 1000):
+        try:
+            added = self._queue.put(item, timeout=wait_ms / 1000)
+        except _QueueClosed:
+            added = False
+        if not added:
             with self._count_lock:
                 self._outstanding -= 1
+            if self._queue.closed:
+                raise self._gone() from None
             raise Overloaded(
                 f"the write queue stayed full ({self._queue_items_max} requests) for {wait_ms} ms"
             ) from None
@@ -288,7 +315,11 @@ class Writer:
             return False
         with self._count_lock:
             self._outstanding += 1
-        if not self._queue.put(Pending(fn, 0, None), timeout=0):
+        try:
+            added = self._queue.put(Pending(fn, 0, None), timeout=0)
+        except _QueueClosed:
+            added = False
+        if not added:
             with self._count_lock:
                 self._outstanding -= 1
             return False
@@ -337,24 +368,39 @@ class Writer:
                 if not item.done():
                     item.error = WriterFailed(f"the store's writer stopped: {exc!r}")
                     item.finish()
-        # Answer whatever is still queued so no caller waits forever.
+        # Answer whatever is still queued, and close the queue (a caller waiting for room is
+        # refused, not queued behind a writer that is gone): no caller waits forever.
         for item in self._queue.drain():
             if item is not _STOP:
-                item.error = StoreClosed("the store closed before this write ran")
+                item.error = (
+                    StoreClosed("the store closed before this write ran")
+                    if self._failed is None
+                    else WriterFailed(f"the store's writer stopped before this write ran: {self._failed!r}")
+                )
                 item.finish()
 
-    def stop(self, timeout: float = 60.0) -> None:
-        """Finish everything already queued, then stop the thread."""
+    def stop(self, timeout: float = 60.0) -> bool:
+        """Finish everything already queued, then stop the thread.
+
+        Returns True once the thread has ended; False if it is still running a batch after
+        ``timeout`` seconds: that batch still uses the environment, which must not be closed
+        under it (calling ``stop`` again waits again).
+        """
+        deadline = time.monotonic() + timeout
         with self._submit_lock:
-            if self._stopping:
-                return
             self._stopping = True
-        if self._thread.is_alive():
-            deadline = time.monotonic() + timeout
-            while not self._queue.put(_STOP, timeout=0.1):
-                if time.monotonic() > deadline or not self._thread.is_alive():
+        while not self._stop_queued and self._thread.is_alive():
+            try:
+                if self._queue.put(_STOP, timeout=0.1):
+                    self._stop_queued = True
                     break
+            except _QueueClosed:
+                break  # the writer already ended (it failed)
+            if time.monotonic() > deadline:
+                break  # the queue stayed full; a later stop() queues the marker
+        if self._thread is not threading.current_thread():
             self._thread.join(max(0.0, deadline - time.monotonic()))
+        return not self._thread.is_alive()
 
 
 __all__ = ["Pending", "Writer", "WriterFailed"]
