@@ -31,6 +31,7 @@ from mqstore.diskspace import write_failure
 from mqstore.errors import (
     Corruption,
     InvalidArgument,
+    MQStoreError,
     NotFound,
     StorageFull,
     UnknownKey,
@@ -1216,7 +1217,7 @@ class LogStore:
         bounds, keys and dictionaries."""
         if self.readonly or self.writer is None:
             raise InvalidArgument(f"store {self.path} is open read-only")
-        self.writer.stop()
+        self._stop_writer()
         self.env.replace_data(data_file)
         self._first_index, self._last_index, self._term = self._load_bounds()
         raw_stamp = self.meta_get(_META_STAMP)
@@ -1235,8 +1236,16 @@ class LogStore:
     def close(self) -> None:
         """Finish queued writes, stop the writer and close the environment. Idempotent."""
         if self.writer is not None:
-            self.writer.stop()
+            self._stop_writer()
         self.env.close()
+
+    def _stop_writer(self) -> None:
+        """Stop the writer; raise while it still runs a batch (the environment must stay open under
+        it: call close() again)."""
+        assert self.writer is not None
+        if not self.writer.stop():
+            raise MQStoreError(f"store {self.path}: the writer is still running a batch; the store stays open "
+                               "(call close() again)")
 
     def __enter__(self) -> LogStore:
         return self
