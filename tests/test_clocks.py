@@ -453,3 +453,27 @@ def test_a_node_says_when_its_clock_is_behind_the_queues_time(tmp_path: Path,
         assert 7199 < float(warning.split()[5]) < 7201
     finally:
         c.close()
+
+
+def test_a_nodes_queue_time_never_goes_back_after_its_clock_steps_back(tmp_path: Path) -> None:
+    # Enqueues did not raise the node's queue time: after an NTP step back, new messages were
+    # created (and leases stamped) before messages already queued, which then waited behind them.
+    offset = [0.0]
+    c = InProcessCluster(tmp_path, ["a"], node_options={1: {"clock": lambda: time.time() + offset[0]}})
+    try:
+        queue = c.leader().queue
+        mail = {"mail_from": "a@example.org", "data": b"Subject: s\r\n\r\nx\r\n"}
+        warm = queue.enqueue(recipients=["warm@x.example"], **mail)  # the namespace's key exists now
+        queue.delete(warm)
+        offset[0] = 600.0
+        first = queue.enqueue(recipients=["first@x.example"], **mail)
+        created = queue.get(first).created
+        offset[0] = 0.0  # the clock steps back ten minutes
+        second = queue.enqueue(recipients=["second@x.example"], **mail)
+        assert queue.get(second).created >= created
+        leases = queue.lease(worker="w", max_messages=2, lease_seconds=30)
+        assert [lease.message_id for lease in leases] == [first, second]  # the one that waited longest first
+        assert all(lease.deadline >= created + 30 for lease in leases)
+        assert queue.stats()["oldest_age_seconds"] >= 0
+    finally:
+        c.close()

@@ -239,6 +239,8 @@ class Node:
             )
             raw_stamp = self.log.meta_get(META_STAMP)
             self.stamp_ms = _U64.unpack(raw_stamp)[0] if raw_stamp else 0
+            #: Guards stamp_ms, which the Raft thread and the threads staging enqueues both raise.
+            self._stamp_lock = threading.Lock()
             self.members: dict[int, MemberInfo] = read_members(self.log)
         except BaseException:
             self.log.close()
@@ -246,8 +248,9 @@ class Node:
         #: Peers' clock offsets, and the correction this node's stamps get (see clocks.py).
         self.clocks = PeerClocks(config.node_id, clock, config.max_clock_offset_ms)
         # Message ids and creation times carry the corrected time too; messages are created at
-        # the queue's time on this node, never earlier than a stamp it applied.
-        self.log.use_clock(self.clocks.now_ms, lambda: max(self.clocks.now_ms(), self.stamp_ms))
+        # the queue's time on this node, never earlier than a stamp it applied or a message it
+        # created before (creating one raises the queue's time like any other entry).
+        self.log.use_clock(self.clocks.now_ms, self.now_ms)
         self._standstill = StandStillWarning(f"node {config.node_id}", log)
         self.transport = Transport(self.cluster_id, self._address_of, self._unreachable, channel_factory,
                                    stamp=self.clocks.stamp)
@@ -445,11 +448,17 @@ class Node:
     # --- helpers for operations (raft thread) ---------------------------------------------------
 
     def now_ms(self) -> int:
-        """The time stamp for new entries: never earlier than anything applied or in the log."""
+        """The time stamp for new entries (and new messages' creation time): never earlier than
+        anything applied, in the log or stamped before. Any thread."""
         clock_ms = self.clocks.now_ms()
         self._standstill.check(clock_ms, self.stamp_ms)
-        self.stamp_ms = max(self.stamp_ms, clock_ms)
-        return self.stamp_ms
+        return self._raise_stamp(clock_ms)
+
+    def _raise_stamp(self, stamp_ms: int) -> int:
+        with self._stamp_lock:
+            if stamp_ms > self.stamp_ms:
+                self.stamp_ms = stamp_ms
+            return self.stamp_ms
 
     def read_state(self) -> _ReadView:
         return _ReadView(self.log)
@@ -791,7 +800,7 @@ class Node:
         lo = max(self._applied - 64, self.storage.first_index())
         try:
             for e in self.raw.entries(lo, self.raw.last_index + 1):
-                self.stamp_ms = max(self.stamp_ms, entry_stamp_ms(e.rtype, e.payload))
+                self._raise_stamp(entry_stamp_ms(e.rtype, e.payload))
         except MQStoreError:
             pass
 
@@ -837,7 +846,7 @@ class Node:
         self._snapshot_index = meta.index
         raw_stamp = self.log.meta_get(META_STAMP)
         if raw_stamp:
-            self.stamp_ms = max(self.stamp_ms, _U64.unpack(raw_stamp)[0])
+            self._raise_stamp(_U64.unpack(raw_stamp)[0])
         self.members = read_members(self.log)
         if self.log.meta_get(META_SCRUB_PENDING) is not None:
             # The leader copied its store while scrubbing a shredded key: its copy may still hold
