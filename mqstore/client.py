@@ -82,11 +82,14 @@ from mqstore.api import (
     Page,
     QShape,
     RecipientStatus,
+    _duration_ms,
     _seconds,
     _to_ms,
+    _why,
     token_list,
 )
 from mqstore.compliance.audit import AUDIT_READ_RECORDS_MAX
+from mqstore.compliance.rules import Mode
 from mqstore.node.transport import CHANNEL_OPTIONS, GRPC_MESSAGE_BYTES_MAX
 from mqstore.proto import admin_pb2, admin_pb2_grpc, compliance_pb2, compliance_pb2_grpc, queue_pb2, queue_pb2_grpc
 from mqstore.queue.model import Policy
@@ -472,16 +475,6 @@ def _ms(seconds: float) -> int:
     return round(seconds * 1000)
 
 
-def _positive_ms(seconds: float, name: str) -> int:
-    """A duration that must stay > 0 on the wire (where 0 means "the default"): one that rounds
-    to 0 ms is refused, as the embedded store refuses it."""
-    ms = _ms(seconds)
-    if ms <= 0:
-        raise errors.InvalidArgument(f"{name} must be at least 1 ms (0.001 s; durations are kept in whole "
-                                     f"milliseconds), not {seconds}")
-    return ms
-
-
 def _optional(value: Any, check: Callable[[Any, str], Any], name: str) -> str:
     """A filter argument: None means any ("" on the wire); anything else must be valid."""
     if value is None:
@@ -498,24 +491,24 @@ def _new_message(m: object, i: int) -> Any:
         raise errors.InvalidArgument(f"messages[{i}] has unknown field(s) {sorted(unknown)}")
     if "mail_from" not in m or "recipients" not in m or "data" not in m:
         raise errors.InvalidArgument(f"messages[{i}] needs mail_from, recipients and data")
+    # The embedded store's checks, in its order (mqstore.api QueueBase._new_messages, then the log's).
+    namespace = validate.namespace(m.get("namespace", "default"))
+    expires_in = m.get("expires_in")
+    expires_in_ms = 0 if expires_in is None else _duration_ms(expires_in, f"messages[{i}].expires_in")
+    not_before_ms = _to_ms(m.get("not_before"), f"messages[{i}].not_before")
+    mail_from = validate.address(m["mail_from"], "mail_from", allow_null=True)  # None is not "" (the null path)
     recipients = m["recipients"]
     if isinstance(recipients, (str, bytes)) or not isinstance(recipients, Iterable):
         raise errors.InvalidArgument(f"recipients must be a list of addresses, not {type(recipients).__name__}")
     data = m["data"]
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise errors.InvalidArgument(f"data must be bytes (the raw RFC 5322 message), not {type(data).__name__}")
-    namespace = validate.namespace(m.get("namespace", "default"))
     priority = validate.integer(m.get("priority", 0), "priority", limits.PRIORITY_MIN, limits.PRIORITY_MAX)
-    not_before = m.get("not_before")
-    not_before_ms = _to_ms(not_before, f"messages[{i}].not_before")
-    expires_in = m.get("expires_in")
-    expires_in_ms = 0 if expires_in is None else _positive_ms(_seconds(expires_in, f"messages[{i}].expires_in"),
-                                                               f"messages[{i}].expires_in")
     key = m.get("idempotency_key")
     key = uuid.uuid4().hex if key is None else validate.idempotency_key(key)
     with _building(f"messages[{i}]"):
         return queue_pb2.NewMessage(
-            mail_from=m["mail_from"],
+            mail_from=mail_from,
             recipients=list(recipients),
             data=bytes(data),
             namespace=namespace,
@@ -565,7 +558,7 @@ def _lease_request(
     worker: str, max_messages: int, lease_seconds: float, namespace: str | None, domain: str | None
 ) -> Any:
     validate.integer(max_messages, "max_messages", 1, limits.APPEND_RECORDS_MAX)  # 0 would mean "100"
-    lease_ms = _positive_ms(_seconds(lease_seconds, "lease_seconds"), "lease_seconds")  # 0 would mean "300 s"
+    lease_ms = _duration_ms(lease_seconds, "lease_seconds")  # 0 would mean "300 s": refused, as embedded
     with _building("lease"):
         return queue_pb2.LeaseRequest(
             worker=worker,
@@ -647,6 +640,19 @@ def _list_request(
         )
 
 
+def _mode_name(mode: object) -> str:
+    return Mode.parse(mode).name.lower()
+
+
+def _lock_retention_ms(seconds: object) -> int:
+    """A namespace's lock retention (seconds) in ms, checked as the embedded store checks it
+    (mqstore.api QueueBase._new_policy; "retention" is the name its messages use)."""
+    ms = _duration_ms(seconds, "retention", allow_zero=True)
+    if ms > limits.LOCK_RETENTION_MS_MAX:
+        raise errors.InvalidArgument(f"retention is at most {limits.LOCK_RETENTION_MS_MAX // 86_400_000} days")
+    return ms
+
+
 def _policy_request(
     namespace: str,
     backoff: Sequence[float] | None,
@@ -654,25 +660,40 @@ def _policy_request(
     retention: float | None,
     dedup_window: float | None,
     expired_retention: float | None,
+    mode: str | Mode | None,
+    lock_retention: float | None,
+    bypass_governance: bool,
+    reason: str | None,
 ) -> Any:
+    # The embedded set_namespace_policy's checks, in its order. On the wire -1 (0 for lifetime,
+    # "" for mode, an empty list for backoff) keeps a value: every value sent was checked first,
+    # so a value the store refuses never reaches the wire as one of those.
+    validate.namespace(namespace)
+    why = _why(bypass_governance, reason)
     backoff_ms: list[int] = []
     if backoff is not None:
         if isinstance(backoff, (str, bytes)) or not isinstance(backoff, Sequence) or len(backoff) > 64:
             raise errors.InvalidArgument("backoff must be a list of at most 64 delays in seconds")
-        backoff_ms = [_positive_ms(_seconds(s, f"backoff[{i}]"), f"backoff[{i}]") for i, s in enumerate(backoff)]
+        backoff_ms = [_duration_ms(s, f"backoff[{i}]") for i, s in enumerate(backoff)]
+    mode_name = "" if mode is None else _mode_name(mode)
+    lock_ms = -1 if lock_retention is None else _lock_retention_ms(lock_retention)
 
     def keep_or_ms(value: float | None, name: str) -> int:
-        return -1 if value is None else _ms(_seconds(value, name, allow_zero=True))
+        return -1 if value is None else _duration_ms(value, name, allow_zero=True)
 
     with _building("set_namespace_policy"):
         return queue_pb2.PolicyRequest(
             namespace=namespace,
             backoff_ms=backoff_ms,
             reset_backoff=backoff is not None and not backoff,
-            lifetime_ms=0 if lifetime is None else _positive_ms(_seconds(lifetime, "lifetime"), "lifetime"),
+            lifetime_ms=0 if lifetime is None else _duration_ms(lifetime, "lifetime"),
             retention_ms=keep_or_ms(retention, "retention"),
             dedup_window_ms=keep_or_ms(dedup_window, "dedup_window"),
             expired_retention_ms=keep_or_ms(expired_retention, "expired_retention"),
+            mode=mode_name,
+            lock_retention_ms=lock_ms,
+            bypass_governance=bypass_governance,
+            reason=why,
         )
 
 
@@ -697,11 +718,19 @@ def _bounce_result(message_id: str, response: Any) -> BounceResult:
 def _set_policy_request(
     namespace: str, mode: str, retention_days: float | None, bypass_governance: bool, reason: str | None
 ) -> Any:
+    # The embedded set_policy's checks, in its order: a retention that is not a number of days
+    # >= 0 is refused here, never sent as -1 ("keep") or as a made-up number.
+    retention_s = None
+    if retention_days is not None:
+        retention_s = _seconds(retention_days, "retention_days", allow_zero=True) * 86_400
+    validate.namespace(namespace)
+    why = _why(bypass_governance, reason)
+    mode_name = _mode_name(mode)
+    retention_ms = -1 if retention_s is None else _lock_retention_ms(retention_s)  # -1: keep
     with _building("set_policy"):
-        retention_ms = -1 if retention_days is None else round(float(retention_days) * 86_400_000)  # -1: keep
         return compliance_pb2.SetPolicyRequest(
-            namespace=namespace, mode=mode, retention_ms=retention_ms, bypass_governance=bypass_governance,
-            reason=reason or "")
+            namespace=namespace, mode=mode_name, retention_ms=retention_ms, bypass_governance=bypass_governance,
+            reason=why)
 
 
 def _legal_hold_request(message_id: str, case: str) -> Any:
@@ -712,11 +741,15 @@ def _legal_hold_request(message_id: str, case: str) -> Any:
 def _retention_request(
     message_id: str, until: float | _dt.datetime, bypass_governance: bool, reason: str | None
 ) -> Any:
+    # The embedded extend_retention's checks, in its order.
+    mid = _message_id(message_id)
+    until_ms = _to_ms(until, "until")
+    if until_ms <= 0 or until_ms > limits.TIME_MS_MAX:
+        raise errors.InvalidArgument("until must be a time after the epoch")
+    why = _why(bypass_governance, reason)
     with _building("extend_retention"):
-        until_s = until.timestamp() if isinstance(until, _dt.datetime) else float(until)
         return compliance_pb2.RetentionRequest(
-            message_id=_message_id(message_id), until_ms=round(until_s * 1000), bypass_governance=bypass_governance,
-            reason=reason or "")
+            message_id=mid, until_ms=until_ms, bypass_governance=bypass_governance, reason=why)
 
 
 def _compact_request(message_ids: Iterable[str]) -> Any:
@@ -725,8 +758,10 @@ def _compact_request(message_ids: Iterable[str]) -> Any:
 
 
 def _audit_records_request(after: int | None, limit: int) -> Any:
-    if isinstance(limit, int):  # 0 would mean "the default" (1000) on the wire: refused, as embedded
-        validate.integer(limit, "limit", 1, AUDIT_READ_RECORDS_MAX)
+    # The embedded audit_records' checks (0 would mean "the default", 1000, on the wire).
+    if after is not None:
+        validate.integer(after, "after", 0, 2**63)
+    validate.integer(limit, "limit", 1, AUDIT_READ_RECORDS_MAX)
     with _building("audit_records"):
         return compliance_pb2.AuditRecordsRequest(after=after or 0, limit=limit)
 
@@ -752,19 +787,36 @@ def _audit_query_request(
 
 
 def _policy(p: Any) -> Policy:
+    """A queue.PolicyResponse (SetNamespacePolicy's answer) as the embedded store's Policy."""
     return Policy(
         backoff_ms=tuple(p.backoff_ms),
         lifetime_ms=p.lifetime_ms,
         retention_ms=p.retention_ms,
         dedup_window_ms=p.dedup_window_ms,
         expired_retention_ms=p.expired_retention_ms,
+        mode=int(Mode.parse(p.mode or "none")),
+        lock_retention_ms=p.lock_retention_ms,
     )
 
 
 def _lock_policy(p: Any) -> Policy:
-    from mqstore.compliance.rules import Mode
+    """A compliance.PolicyInfo (SetPolicy's and GetPolicy's answer): the namespace's whole policy."""
+    return Policy(
+        backoff_ms=tuple(p.backoff_ms),
+        lifetime_ms=p.lifetime_ms,
+        retention_ms=p.finished_retention_ms,
+        dedup_window_ms=p.dedup_window_ms,
+        expired_retention_ms=p.expired_retention_ms,
+        mode=int(Mode.parse(p.mode or "none")),
+        lock_retention_ms=p.retention_ms,
+    )
 
-    return Policy(mode=int(Mode.parse(p.mode or "none")), lock_retention_ms=p.retention_ms)
+
+def _no_unknown_filters(unknown: Mapping[str, Any]) -> None:
+    """audit_query's keyword arguments it does not know: refused as the embedded store refuses them."""
+    if unknown:
+        raise errors.InvalidArgument(f"audit_query has no filter(s) {sorted(unknown)}: filter on record fields with "
+                                     "where={name: value}; the others are since_ms, until_ms, after and limit")
 
 
 def _s(ms: int) -> float | None:
@@ -1260,10 +1312,16 @@ class Client(_ClientBase):
         retention: float | None = None,
         dedup_window: float | None = None,
         expired_retention: float | None = None,
+        mode: str | None = None,
+        lock_retention: float | None = None,
+        bypass_governance: bool = False,
+        reason: str | None = None,
     ) -> Policy:
         """Change a namespace's policy (None keeps a value; ``backoff=[]`` restores Postfix's
-        doubling schedule); returns the resulting policy."""
-        request = _policy_request(namespace, backoff, lifetime, retention, dedup_window, expired_retention)
+        doubling schedule), immutability ``mode`` and ``lock_retention`` (seconds) included, as the
+        embedded :meth:`mqstore.Store.set_namespace_policy`; returns the resulting policy."""
+        request = _policy_request(namespace, backoff, lifetime, retention, dedup_window, expired_retention,
+                                  mode, lock_retention, bypass_governance, reason)
         return _policy(self._call("SetNamespacePolicy", request))
 
     # --- compliance (the embedded API's names; see mqstore.Store) -------------------------------
@@ -1309,7 +1367,8 @@ class Client(_ClientBase):
 
     def audit_query(self, where: Mapping[str, Any] | None = None, since_ms: int | None = None,
                     until_ms: int | None = None, after: int | None = None,
-                    limit: int = 1000) -> builtins.list[dict[str, Any]]:
+                    limit: int = 1000, **unknown: Any) -> builtins.list[dict[str, Any]]:
+        _no_unknown_filters(unknown)
         request = _audit_query_request(where, since_ms, until_ms, after, limit)
         return _audit_records(self._c("AuditQuery", request))
 
@@ -1645,8 +1704,13 @@ class AsyncClient(_ClientBase):
         retention: float | None = None,
         dedup_window: float | None = None,
         expired_retention: float | None = None,
+        mode: str | None = None,
+        lock_retention: float | None = None,
+        bypass_governance: bool = False,
+        reason: str | None = None,
     ) -> Policy:
-        request = _policy_request(namespace, backoff, lifetime, retention, dedup_window, expired_retention)
+        request = _policy_request(namespace, backoff, lifetime, retention, dedup_window, expired_retention,
+                                  mode, lock_retention, bypass_governance, reason)
         return _policy(await self._call("SetNamespacePolicy", request))
 
     # --- compliance (as Client's) ------------------------------------------------------------------
@@ -1692,7 +1756,8 @@ class AsyncClient(_ClientBase):
 
     async def audit_query(self, where: Mapping[str, Any] | None = None, since_ms: int | None = None,
                           until_ms: int | None = None, after: int | None = None,
-                          limit: int = 1000) -> builtins.list[dict[str, Any]]:
+                          limit: int = 1000, **unknown: Any) -> builtins.list[dict[str, Any]]:
+        _no_unknown_filters(unknown)
         request = _audit_query_request(where, since_ms, until_ms, after, limit)
         return _audit_records(await self._c("AuditQuery", request))
 

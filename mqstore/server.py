@@ -33,6 +33,7 @@ from mqstore import errors, limits
 from mqstore.actor import Actor
 from mqstore.api import Lease, Message, MessageSummary, QueueBase
 from mqstore.codec import crc32c
+from mqstore.compliance.rules import Mode
 from mqstore.compliance.service import ComplianceService
 from mqstore.config import NodeConfig
 from mqstore.consensus.types import (
@@ -405,6 +406,8 @@ class QueueService(queue_pb2_grpc.QueueServicer):  # type: ignore[misc]
             retention_ms=policy.retention_ms,
             dedup_window_ms=policy.dedup_window_ms,
             expired_retention_ms=policy.expired_retention_ms,
+            mode=Mode(policy.mode).name.lower(),
+            lock_retention_ms=policy.lock_retention_ms,
         )
 
 

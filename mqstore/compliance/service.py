@@ -19,7 +19,11 @@ from mqstore.proto import compliance_pb2, compliance_pb2_grpc
 
 def _policy_info(namespace: str, policy: Any) -> Any:
     return compliance_pb2.PolicyInfo(namespace=namespace, mode=Mode(policy.mode).name.lower(),
-                                     retention_ms=policy.lock_retention_ms)
+                                     retention_ms=policy.lock_retention_ms,
+                                     backoff_ms=list(policy.backoff_ms), lifetime_ms=policy.lifetime_ms,
+                                     finished_retention_ms=policy.retention_ms,
+                                     dedup_window_ms=policy.dedup_window_ms,
+                                     expired_retention_ms=policy.expired_retention_ms)
 
 
 def _records(records: list[dict[str, Any]]) -> Any:

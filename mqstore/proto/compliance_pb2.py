@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x63ompliance.proto\x12\nmqstore.v1\"t\n\x10SetPolicyRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x14\n\x0cretention_ms\x18\x03 \x01(\x03\x12\x19\n\x11\x62ypass_governance\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\"!\n\x0cNamespaceRef\x12\x11\n\tnamespace\x18\x01 \x01(\t\"C\n\nPolicyInfo\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x14\n\x0cretention_ms\x18\x03 \x01(\x03\"4\n\x10LegalHoldRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63\x61se\x18\x02 \x01(\t\"c\n\x10RetentionRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x10\n\x08until_ms\x18\x02 \x01(\x03\x12\x19\n\x11\x62ypass_governance\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x14\n\x12\x43omplianceResponse\"\x1e\n\rCountResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\"%\n\x0e\x43ompactRequest\x12\x13\n\x0bmessage_ids\x18\x01 \x03(\t\"\x18\n\x06KeyRef\x12\x0e\n\x06key_id\x18\x01 \x01(\r\"c\n\x07KeyInfo\x12\x0e\n\x06key_id\x18\x01 \x01(\r\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x12\n\ncreated_ms\x18\x03 \x01(\x03\x12\x10\n\x08shredded\x18\x04 \x01(\x08\x12\x0f\n\x07\x63urrent\x18\x05 \x01(\x08\"\x11\n\x0fListKeysRequest\"5\n\x10ListKeysResponse\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.mqstore.v1.KeyInfo\"3\n\x13\x41uditRecordsRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\"i\n\x11\x41uditQueryRequest\x12\x12\n\nwhere_json\x18\x01 \x01(\t\x12\x10\n\x08since_ms\x18\x02 \x01(\x03\x12\x10\n\x08until_ms\x18\x03 \x01(\x03\x12\r\n\x05\x61\x66ter\x18\x04 \x01(\x04\x12\r\n\x05limit\x18\x05 \x01(\r\",\n\x14\x41uditRecordsResponse\x12\x14\n\x0crecords_json\x18\x01 \x03(\t\"\x12\n\x10\x41uditHeadRequest\" \n\x11\x41uditHeadResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"\x13\n\x11\x43heckpointRequest\"-\n\x12\x43heckpointResponse\x12\x17\n\x0f\x63heckpoint_json\x18\x01 \x01(\t2\x90\x08\n\nCompliance\x12\x41\n\tSetPolicy\x12\x1c.mqstore.v1.SetPolicyRequest\x1a\x16.mqstore.v1.PolicyInfo\x12=\n\tGetPolicy\x12\x18.mqstore.v1.NamespaceRef\x1a\x16.mqstore.v1.PolicyInfo\x12L\n\x0c\x41\x64\x64LegalHold\x12\x1c.mqstore.v1.LegalHoldRequest\x1a\x1e.mqstore.v1.ComplianceResponse\x12O\n\x0fRemoveLegalHold\x12\x1c.mqstore.v1.LegalHoldRequest\x1a\x1e.mqstore.v1.ComplianceResponse\x12O\n\x0f\x45xtendRetention\x12\x1c.mqstore.v1.RetentionRequest\x1a\x1e.mqstore.v1.ComplianceResponse\x12\x44\n\rDropNamespace\x12\x18.mqstore.v1.NamespaceRef\x1a\x19.mqstore.v1.CountResponse\x12H\n\x0f\x43ompactMessages\x12\x1a.mqstore.v1.CompactRequest\x1a\x19.mqstore.v1.CountResponse\x12@\n\tRotateKey\x12\x18.mqstore.v1.NamespaceRef\x1a\x19.mqstore.v1.CountResponse\x12\x39\n\x08ShredKey\x12\x12.mqstore.v1.KeyRef\x1a\x19.mqstore.v1.CountResponse\x12\x45\n\x08ListKeys\x12\x1b.mqstore.v1.ListKeysRequest\x1a\x1c.mqstore.v1.ListKeysResponse\x12Q\n\x0c\x41uditRecords\x12\x1f.mqstore.v1.AuditRecordsRequest\x1a .mqstore.v1.AuditRecordsResponse\x12M\n\nAuditQuery\x12\x1d.mqstore.v1.AuditQueryRequest\x1a .mqstore.v1.AuditRecordsResponse\x12H\n\tAuditHead\x12\x1c.mqstore.v1.AuditHeadRequest\x1a\x1d.mqstore.v1.AuditHeadResponse\x12P\n\x0f\x41uditCheckpoint\x12\x1d.mqstore.v1.CheckpointRequest\x1a\x1e.mqstore.v1.CheckpointResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x63ompliance.proto\x12\nmqstore.v1\"t\n\x10SetPolicyRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x14\n\x0cretention_ms\x18\x03 \x01(\x03\x12\x19\n\x11\x62ypass_governance\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\"!\n\x0cNamespaceRef\x12\x11\n\tnamespace\x18\x01 \x01(\t\"\xc2\x01\n\nPolicyInfo\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x14\n\x0cretention_ms\x18\x03 \x01(\x03\x12\x12\n\nbackoff_ms\x18\x04 \x03(\x03\x12\x13\n\x0blifetime_ms\x18\x05 \x01(\x03\x12\x1d\n\x15\x66inished_retention_ms\x18\x06 \x01(\x03\x12\x17\n\x0f\x64\x65\x64up_window_ms\x18\x07 \x01(\x03\x12\x1c\n\x14\x65xpired_retention_ms\x18\x08 \x01(\x03\"4\n\x10LegalHoldRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63\x61se\x18\x02 \x01(\t\"c\n\x10RetentionRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x10\n\x08until_ms\x18\x02 \x01(\x03\x12\x19\n\x11\x62ypass_governance\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x14\n\x12\x43omplianceResponse\"\x1e\n\rCountResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\"%\n\x0e\x43ompactRequest\x12\x13\n\x0bmessage_ids\x18\x01 \x03(\t\"\x18\n\x06KeyRef\x12\x0e\n\x06key_id\x18\x01 \x01(\r\"c\n\x07KeyInfo\x12\x0e\n\x06key_id\x18\x01 \x01(\r\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x12\n\ncreated_ms\x18\x03 \x01(\x03\x12\x10\n\x08shredded\x18\x04 \x01(\x08\x12\x0f\n\x07\x63urrent\x18\x05 \x01(\x08\"\x11\n\x0fListKeysRequest\"5\n\x10ListKeysResponse\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.mqstore.v1.KeyInfo\"3\n\x13\x41uditRecordsRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\"i\n\x11\x41uditQueryRequest\x12\x12\n\nwhere_json\x18\x01 \x01(\t\x12\x10\n\x08since_ms\x18\x02 \x01(\x03\x12\x10\n\x08until_ms\x18\x03 \x01(\x03\x12\r\n\x05\x61\x66ter\x18\x04 \x01(\x04\x12\r\n\x05limit\x18\x05 \x01(\r\",\n\x14\x41uditRecordsResponse\x12\x14\n\x0crecords_json\x18\x01 \x03(\t\"\x12\n\x10\x41uditHeadRequest\" \n\x11\x41uditHeadResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"\x13\n\x11\x43heckpointRequest\"-\n\x12\x43heckpointResponse\x12\x17\n\x0f\x63heckpoint_json\x18\x01 \x01(\t2\x90\x08\n\nCompliance\x12\x41\n\tSetPolicy\x12\x1c.mqstore.v1.SetPolicyRequest\x1a\x16.mqstore.v1.PolicyInfo\x12=\n\tGetPolicy\x12\x18.mqstore.v1.NamespaceRef\x1a\x16.mqstore.v1.PolicyInfo\x12L\n\x0c\x41\x64\x64LegalHold\x12\x1c.mqstore.v1.LegalHoldRequest\x1a\x1e.mqstore.v1.ComplianceResponse\x12O\n\x0fRemoveLegalHold\x12\x1c.mqstore.v1.LegalHoldRequest\x1a\x1e.mqstore.v1.ComplianceResponse\x12O\n\x0f\x45xtendRetention\x12\x1c.mqstore.v1.RetentionRequest\x1a\x1e.mqstore.v1.ComplianceResponse\x12\x44\n\rDropNamespace\x12\x18.mqstore.v1.NamespaceRef\x1a\x19.mqstore.v1.CountResponse\x12H\n\x0f\x43ompactMessages\x12\x1a.mqstore.v1.CompactRequest\x1a\x19.mqstore.v1.CountResponse\x12@\n\tRotateKey\x12\x18.mqstore.v1.NamespaceRef\x1a\x19.mqstore.v1.CountResponse\x12\x39\n\x08ShredKey\x12\x12.mqstore.v1.KeyRef\x1a\x19.mqstore.v1.CountResponse\x12\x45\n\x08ListKeys\x12\x1b.mqstore.v1.ListKeysRequest\x1a\x1c.mqstore.v1.ListKeysResponse\x12Q\n\x0c\x41uditRecords\x12\x1f.mqstore.v1.AuditRecordsRequest\x1a .mqstore.v1.AuditRecordsResponse\x12M\n\nAuditQuery\x12\x1d.mqstore.v1.AuditQueryRequest\x1a .mqstore.v1.AuditRecordsResponse\x12H\n\tAuditHead\x12\x1c.mqstore.v1.AuditHeadRequest\x1a\x1d.mqstore.v1.AuditHeadResponse\x12P\n\x0f\x41uditCheckpoint\x12\x1d.mqstore.v1.CheckpointRequest\x1a\x1e.mqstore.v1.CheckpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,40 +36,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SETPOLICYREQUEST']._serialized_end=148
   _globals['_NAMESPACEREF']._serialized_start=150
   _globals['_NAMESPACEREF']._serialized_end=183
-  _globals['_POLICYINFO']._serialized_start=185
-  _globals['_POLICYINFO']._serialized_end=252
-  _globals['_LEGALHOLDREQUEST']._serialized_start=254
-  _globals['_LEGALHOLDREQUEST']._serialized_end=306
-  _globals['_RETENTIONREQUEST']._serialized_start=308
-  _globals['_RETENTIONREQUEST']._serialized_end=407
-  _globals['_COMPLIANCERESPONSE']._serialized_start=409
-  _globals['_COMPLIANCERESPONSE']._serialized_end=429
-  _globals['_COUNTRESPONSE']._serialized_start=431
-  _globals['_COUNTRESPONSE']._serialized_end=461
-  _globals['_COMPACTREQUEST']._serialized_start=463
-  _globals['_COMPACTREQUEST']._serialized_end=500
-  _globals['_KEYREF']._serialized_start=502
-  _globals['_KEYREF']._serialized_end=526
-  _globals['_KEYINFO']._serialized_start=528
-  _globals['_KEYINFO']._serialized_end=627
-  _globals['_LISTKEYSREQUEST']._serialized_start=629
-  _globals['_LISTKEYSREQUEST']._serialized_end=646
-  _globals['_LISTKEYSRESPONSE']._serialized_start=648
-  _globals['_LISTKEYSRESPONSE']._serialized_end=701
-  _globals['_AUDITRECORDSREQUEST']._serialized_start=703
-  _globals['_AUDITRECORDSREQUEST']._serialized_end=754
-  _globals['_AUDITQUERYREQUEST']._serialized_start=756
-  _globals['_AUDITQUERYREQUEST']._serialized_end=861
-  _globals['_AUDITRECORDSRESPONSE']._serialized_start=863
-  _globals['_AUDITRECORDSRESPONSE']._serialized_end=907
-  _globals['_AUDITHEADREQUEST']._serialized_start=909
-  _globals['_AUDITHEADREQUEST']._serialized_end=927
-  _globals['_AUDITHEADRESPONSE']._serialized_start=929
-  _globals['_AUDITHEADRESPONSE']._serialized_end=961
-  _globals['_CHECKPOINTREQUEST']._serialized_start=963
-  _globals['_CHECKPOINTREQUEST']._serialized_end=982
-  _globals['_CHECKPOINTRESPONSE']._serialized_start=984
-  _globals['_CHECKPOINTRESPONSE']._serialized_end=1029
-  _globals['_COMPLIANCE']._serialized_start=1032
-  _globals['_COMPLIANCE']._serialized_end=2072
+  _globals['_POLICYINFO']._serialized_start=186
+  _globals['_POLICYINFO']._serialized_end=380
+  _globals['_LEGALHOLDREQUEST']._serialized_start=382
+  _globals['_LEGALHOLDREQUEST']._serialized_end=434
+  _globals['_RETENTIONREQUEST']._serialized_start=436
+  _globals['_RETENTIONREQUEST']._serialized_end=535
+  _globals['_COMPLIANCERESPONSE']._serialized_start=537
+  _globals['_COMPLIANCERESPONSE']._serialized_end=557
+  _globals['_COUNTRESPONSE']._serialized_start=559
+  _globals['_COUNTRESPONSE']._serialized_end=589
+  _globals['_COMPACTREQUEST']._serialized_start=591
+  _globals['_COMPACTREQUEST']._serialized_end=628
+  _globals['_KEYREF']._serialized_start=630
+  _globals['_KEYREF']._serialized_end=654
+  _globals['_KEYINFO']._serialized_start=656
+  _globals['_KEYINFO']._serialized_end=755
+  _globals['_LISTKEYSREQUEST']._serialized_start=757
+  _globals['_LISTKEYSREQUEST']._serialized_end=774
+  _globals['_LISTKEYSRESPONSE']._serialized_start=776
+  _globals['_LISTKEYSRESPONSE']._serialized_end=829
+  _globals['_AUDITRECORDSREQUEST']._serialized_start=831
+  _globals['_AUDITRECORDSREQUEST']._serialized_end=882
+  _globals['_AUDITQUERYREQUEST']._serialized_start=884
+  _globals['_AUDITQUERYREQUEST']._serialized_end=989
+  _globals['_AUDITRECORDSRESPONSE']._serialized_start=991
+  _globals['_AUDITRECORDSRESPONSE']._serialized_end=1035
+  _globals['_AUDITHEADREQUEST']._serialized_start=1037
+  _globals['_AUDITHEADREQUEST']._serialized_end=1055
+  _globals['_AUDITHEADRESPONSE']._serialized_start=1057
+  _globals['_AUDITHEADRESPONSE']._serialized_end=1089
+  _globals['_CHECKPOINTREQUEST']._serialized_start=1091
+  _globals['_CHECKPOINTREQUEST']._serialized_end=1110
+  _globals['_CHECKPOINTRESPONSE']._serialized_start=1112
+  _globals['_CHECKPOINTRESPONSE']._serialized_end=1157
+  _globals['_COMPLIANCE']._serialized_start=1160
+  _globals['_COMPLIANCE']._serialized_end=2200
 # @@protoc_insertion_point(module_scope)

@@ -28,14 +28,24 @@ class NamespaceRef(_message.Message):
     def __init__(self, namespace: _Optional[str] = ...) -> None: ...
 
 class PolicyInfo(_message.Message):
-    __slots__ = ("namespace", "mode", "retention_ms")
+    __slots__ = ("namespace", "mode", "retention_ms", "backoff_ms", "lifetime_ms", "finished_retention_ms", "dedup_window_ms", "expired_retention_ms")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     RETENTION_MS_FIELD_NUMBER: _ClassVar[int]
+    BACKOFF_MS_FIELD_NUMBER: _ClassVar[int]
+    LIFETIME_MS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_RETENTION_MS_FIELD_NUMBER: _ClassVar[int]
+    DEDUP_WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_RETENTION_MS_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     mode: str
     retention_ms: int
-    def __init__(self, namespace: _Optional[str] = ..., mode: _Optional[str] = ..., retention_ms: _Optional[int] = ...) -> None: ...
+    backoff_ms: _containers.RepeatedScalarFieldContainer[int]
+    lifetime_ms: int
+    finished_retention_ms: int
+    dedup_window_ms: int
+    expired_retention_ms: int
+    def __init__(self, namespace: _Optional[str] = ..., mode: _Optional[str] = ..., retention_ms: _Optional[int] = ..., backoff_ms: _Optional[_Iterable[int]] = ..., lifetime_ms: _Optional[int] = ..., finished_retention_ms: _Optional[int] = ..., dedup_window_ms: _Optional[int] = ..., expired_retention_ms: _Optional[int] = ...) -> None: ...
 
 class LegalHoldRequest(_message.Message):
     __slots__ = ("message_id", "case")

@@ -323,15 +323,19 @@ class PolicyRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., backoff_ms: _Optional[_Iterable[int]] = ..., lifetime_ms: _Optional[int] = ..., retention_ms: _Optional[int] = ..., dedup_window_ms: _Optional[int] = ..., expired_retention_ms: _Optional[int] = ..., reset_backoff: _Optional[bool] = ..., mode: _Optional[str] = ..., lock_retention_ms: _Optional[int] = ..., bypass_governance: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class PolicyResponse(_message.Message):
-    __slots__ = ("backoff_ms", "lifetime_ms", "retention_ms", "dedup_window_ms", "expired_retention_ms")
+    __slots__ = ("backoff_ms", "lifetime_ms", "retention_ms", "dedup_window_ms", "expired_retention_ms", "mode", "lock_retention_ms")
     BACKOFF_MS_FIELD_NUMBER: _ClassVar[int]
     LIFETIME_MS_FIELD_NUMBER: _ClassVar[int]
     RETENTION_MS_FIELD_NUMBER: _ClassVar[int]
     DEDUP_WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
     EXPIRED_RETENTION_MS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    LOCK_RETENTION_MS_FIELD_NUMBER: _ClassVar[int]
     backoff_ms: _containers.RepeatedScalarFieldContainer[int]
     lifetime_ms: int
     retention_ms: int
     dedup_window_ms: int
     expired_retention_ms: int
-    def __init__(self, backoff_ms: _Optional[_Iterable[int]] = ..., lifetime_ms: _Optional[int] = ..., retention_ms: _Optional[int] = ..., dedup_window_ms: _Optional[int] = ..., expired_retention_ms: _Optional[int] = ...) -> None: ...
+    mode: str
+    lock_retention_ms: int
+    def __init__(self, backoff_ms: _Optional[_Iterable[int]] = ..., lifetime_ms: _Optional[int] = ..., retention_ms: _Optional[int] = ..., dedup_window_ms: _Optional[int] = ..., expired_retention_ms: _Optional[int] = ..., mode: _Optional[str] = ..., lock_retention_ms: _Optional[int] = ...) -> None: ...
