@@ -32,7 +32,7 @@ from mqstore.compliance.signing import load_or_create_signing_key, public_key_fr
 from mqstore.crypto import KeyProvider
 from mqstore.crypto.keyring import META_SCRUB_PENDING, SYSTEM_NAMESPACE
 from mqstore.diskspace import DiskSpace
-from mqstore.errors import Immutable, InvalidArgument, NotFound, PermissionDenied, StaleLease
+from mqstore.errors import Immutable, InvalidArgument, NotFound, PermissionDenied, StaleLease, Unavailable
 from mqstore.ids import format_id, id_time_ms, parse_id
 from mqstore.queue import machine
 from mqstore.queue.kv import KV, LmdbKV, prefix_end
@@ -378,6 +378,8 @@ class QueueBase:
                 raise PermissionDenied(result.reason)
             if result.kind == "invalid":
                 raise InvalidArgument(result.reason)
+            if result.kind == "retry":
+                raise Unavailable(result.reason)
             raise Immutable(result.reason)
 
     def _propose(self, rtype: RecordType, make: Callable[[int, Ctx], object], actor: Actor | None,

@@ -1184,6 +1184,63 @@ def test_a_replicated_shred_claiming_a_century_ahead_is_judged_by_the_key_events
     assert store.compliance_clock.now_ms() <= stamp + 86_400_000 + 1_000
 
 
+def _replica(store: Store) -> Applier:
+    applier = Applier(store.log)
+    applier.counters = store._counters
+    applier.on_applied = store._after_apply
+    return applier
+
+
+def _apply(store: Store, applier: Applier, entries: list[tuple[RecordType, bytes]]) -> list[object]:
+    def fn(wctx: object) -> dict[int, object]:
+        first = wctx.next_index  # type: ignore[attr-defined]
+        batch = [Entry(term=1, index=first + i, rtype=int(rtype), payload=payload)
+                 for i, (rtype, payload) in enumerate(entries)]
+        return applier.apply(wctx, batch)  # type: ignore[arg-type]
+
+    return list(store.log.write(fn).values())
+
+
+def test_an_enqueue_sealed_under_a_key_shredded_before_it_is_refused_alike_on_every_replica(store: Store) -> None:
+    """An enqueue that raced a shred lands after it in the log. A follower could not decrypt it
+    (its Raft thread died, again after every restart) while the leader stored it from its hint:
+    replicas diverged. Now every replica refuses it the same way, in the shred's batch or later."""
+    mid = _enqueue(store, namespace="tenant-a")
+    key_id = store.get(mid).key_id
+    (record,) = [store.log.read(i) for i in range(store.log.first_index, store.log.last_index + 1)
+                 if store.log.read(i).type == RecordType.ENQUEUE]
+    enqueue = (RecordType.ENQUEUE, entry_payload(int(record.flags), record.key_id, record.dict_id, record.payload))
+    _deliver(store, "tenant-a")
+    store.rotate_key("tenant-a", actor=ADMIN)
+    ctx = Ctx(SUPER).encode()
+    shred = (RecordType.KEY, entry_payload(0, 0, 0, store.log.keyring.shred_event(key_id, round(T0 * 1000)).encode()
+                                           + len(ctx).to_bytes(2, "little") + ctx))
+    applier = _replica(store)
+    removed, refused = _apply(store, applier, [shred, enqueue])  # one batch: the shred is not committed yet
+    assert removed == 1 and store.log.keyring.is_shredded(key_id)
+    assert getattr(refused, "kind", "") == "retry" and "shredded before it could be stored" in refused.reason
+    with pytest.raises(NotFound):
+        store.get(mid)
+    (again,) = _apply(store, applier, [enqueue])  # a later batch: the key is gone from the keyring
+    assert getattr(again, "kind", "") == "retry"
+    with pytest.raises(NotFound):
+        store.get(mid)
+    assert store.stats()["messages"] == 0
+
+
+def test_a_key_entry_reusing_an_id_is_refused_alike_on_every_replica(store: Store) -> None:
+    """Two leaders gave out one key id: applying the second entry raised Corruption, which
+    stopped every replica (again after each restart). Now the first key keeps the id and the
+    second entry is refused."""
+    mid = _enqueue(store, namespace="tenant-a")
+    key_id = store.get(mid).key_id
+    other = store.log.keyring.new_key_event("tenant-b", round(T0 * 1000), key_id)
+    (refused,) = _apply(store, _replica(store), [(RecordType.KEY, entry_payload(0, 0, 0, other.encode()))])
+    assert getattr(refused, "kind", "") == "retry" and f"key id {key_id} was given to another key" in refused.reason
+    assert store.log.keyring.namespace_of(key_id) == "tenant-a"
+    _intact(store, mid)
+
+
 def test_rebuilding_state_judges_an_injected_entry_a_century_ahead_by_its_own_stamp(
         qpath: Path, kek: Path, clock: Clock) -> None:
     s = _open(qpath, kek, clock)

@@ -92,8 +92,9 @@ class ClusterQueue(QueueBase):
 
     def _key_plan(self, node: Node, namespace: str, ctx: Ctx | None = None) -> Plan:
         # Plans run one at a time in the raft thread: allocate ids past every key planned so far,
-        # applied or not, so two keys planned close together never share an id.
-        key_id = max(node.log.keyring.max_key_id(), self._last_key_id) + 1
+        # applied or not, so two keys planned close together never share an id — and past every
+        # key in the log not applied yet (a previous leader's, which this leader will commit).
+        key_id = max(node.log.keyring.max_key_id(), self._last_key_id, node.unapplied_key_id_max()) + 1
         self._last_key_id = key_id
         event = node.log.keyring.new_key_event(namespace, node.now_ms(), key_id)
         return [_plain(RecordType.KEY, key_record_payload(event, ctx.encode() if ctx is not None else b""))]
@@ -104,7 +105,10 @@ class ClusterQueue(QueueBase):
                 return []
             return self._key_plan(node, namespace)
 
-        return self.node.submit(Operation(plan=plan))
+        results = self.node.submit(Operation(plan=plan))
+        for _, result in results:  # type: ignore[attr-defined]
+            self._raise_denied(result)
+        return results
 
     def rotate_key(self, namespace: str, *, actor: Actor | None = None) -> int:
         actor = self._actor(actor)
@@ -117,6 +121,7 @@ class ClusterQueue(QueueBase):
             return results[0][1]
 
         key_id = self.node.submit(Operation(plan=plan, finish=finish))
+        self._raise_denied(key_id)
         assert isinstance(key_id, int)
         return key_id
 
@@ -217,6 +222,8 @@ class ClusterQueue(QueueBase):
             return [(RecordType.ENQUEUE, entry_payload(sl.flags, sl.key_id, sl.dict_id, sl.payload)) for sl in sealed]
 
         def finish(results: list[tuple[int, object]]) -> list[str]:
+            for _, result in results:
+                self._raise_denied(result)  # sealed under a key shredded meanwhile: not stored
             if self.on_enqueued is not None:
                 # A message whose idempotency key resolved to an earlier one stored nothing new.
                 self.on_enqueued(sum(1 for (_, mid), st in zip(results, staged, strict=True)

@@ -90,12 +90,20 @@ class Applier:
         kv = LmdbKV(ctx.txn, ctx.dbs)
         c = self.counters()
         results: dict[int, object] = {}
+        shredded: set[int] = set()  # keys shredded by entries applied so far in this batch
         for entry in entries:
             rtype = entry.rtype
             c.index = entry.index
             if rtype == RecordType.ENQUEUE:
                 hint = hints.get(entry.index)
                 record = entry_to_record(entry)
+                if record.key_id and (self.log.keyring.is_shredded(record.key_id) or record.key_id in shredded):
+                    # Sealed under a key a SHRED entry before it removed (an enqueue that raced
+                    # the shred): stored by no replica, whether it could still decrypt it or not.
+                    results[entry.index] = machine.Denied(
+                        f"the message was sealed under key {record.key_id}, shredded before it could be stored "
+                        f"(log index {entry.index}): nothing was stored, enqueue it again", "retry")
+                    continue
                 if isinstance(hint, tuple):
                     envelope, size, request = hint
                 else:
@@ -106,7 +114,7 @@ class Applier:
                 results[entry.index] = machine.apply_enqueue(kv, c, entry.index, envelope, size, request,
                                                              record.key_id)
             elif rtype == RecordType.KEY:
-                results[entry.index] = self._apply_key(ctx, kv, c, entry)
+                results[entry.index] = self._apply_key(ctx, kv, c, entry, shredded)
             elif rtype == RecordType.DICTIONARY:
                 results[entry.index] = self._apply_dictionary(ctx, entry_to_record(entry))
             elif rtype == RecordType.MEMBERS:
@@ -125,7 +133,8 @@ class Applier:
             ctx.on_commit(lambda: done(c))
         return results
 
-    def _apply_key(self, ctx: WriteContext, kv: LmdbKV, c: machine.Counters, entry: Entry) -> object:
+    def _apply_key(self, ctx: WriteContext, kv: LmdbKV, c: machine.Counters, entry: Entry,
+                   shredded: set[int]) -> object:
         payload = entry_to_record(entry).payload
         event, used = KeyEvent.decode_prefix(payload)
         request: Ctx | None = None
@@ -141,7 +150,10 @@ class Applier:
             if event.key_id in keyring.key_ids():
                 if keyring.event(event.key_id) == event:
                     return event.key_id  # the same event again: nothing to do
-                raise Corruption(f"KEY entry {entry.index} reuses key id {event.key_id} for another key")
+                # Two leaders gave out one id (the second before it saw the first's entry): the
+                # first entry's key keeps it; this one is refused on every replica alike.
+                return machine.Denied(f"key id {event.key_id} was given to another key by an earlier entry "
+                                      f"(log index {entry.index}): nothing was created, rotate again", "retry")
             keyring.check_applicable(event)
             # Audit first: a new key joins the keyring as it is stored, so nothing may fail after.
             machine.apply_key_created(kv, c, event.key_id, event.namespace, request, event.created_at_ms)
@@ -156,6 +168,7 @@ class Applier:
             # Durable with the shred: the node scrubs the key from its files, after a crash too.
             ctx.put(b"meta", META_SCRUB_PENDING, b"\x01")
             self.shreds += 1
+            shredded.add(event.key_id)  # an ENQUEUE after it in this batch sees it gone
         return result
 
     def _apply_dictionary(self, ctx: WriteContext, record: Record) -> int:

@@ -53,10 +53,10 @@ from mqstore.consensus.types import (
 )
 from mqstore.consensus.types import NotLeader as CoreNotLeader
 from mqstore.crypto import KeyProvider
-from mqstore.crypto.keyring import META_SCRUB_PENDING
+from mqstore.crypto.keyring import ACTION_CREATE, META_SCRUB_PENDING, KeyEvent
 from mqstore.errors import InvalidArgument, MQStoreError, NotLeader, Unavailable
 from mqstore.node.clocks import PeerClocks
-from mqstore.node.raftlog import LmdbRaftStorage, entry_payload
+from mqstore.node.raftlog import LmdbRaftStorage, entry_payload, split_payload
 from mqstore.node.replica import Applier, MemberInfo, read_members
 from mqstore.node.transport import ChannelFactory, Transport, insecure_channel
 from mqstore.queue.kv import LmdbKV
@@ -793,6 +793,21 @@ class Node:
     def _plan_member(self, node_id: int) -> Plan:
         info = MemberInfo(node_id, self.config.site, self.config.address)
         return [(RecordType.MEMBERS, entry_payload(0, 0, 0, info.encode()))]
+
+    def unapplied_key_id_max(self) -> int:
+        """The largest key id that a KEY entry in this node's log creates and that is not applied
+        yet (0: none): a leader allocating a key id must go past it — the entry may be a previous
+        leader's, which this leader's log will commit. Raft thread."""
+        last = self.raw.last_index
+        if self._applied >= last:
+            return 0
+        best = 0
+        for e in self.raw.entries(max(self._applied + 1, self.storage.first_index()), last + 1):
+            if e.rtype == RecordType.KEY:
+                event, _ = KeyEvent.decode_prefix(split_payload(e.rtype, e.payload)[3])
+                if event.action == ACTION_CREATE:
+                    best = max(best, event.key_id)
+        return best
 
     def _raise_stamp_from_log(self) -> None:
         """A new leader stamps no earlier than the entries already in its log (the previous

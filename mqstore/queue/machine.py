@@ -270,7 +270,7 @@ class Denied:
     """The enforcement function refused this entry: nothing changed except the audit log."""
 
     reason: str
-    kind: str = "immutable"  # "permission", "immutable" or "invalid"
+    kind: str = "immutable"  # "permission", "immutable", "invalid" or "retry" (nothing done: do it again)
 
 
 def has_holds(kv: KV, mid: bytes) -> bool:
