@@ -191,14 +191,6 @@ _NOT_RESENT: dict[str, tuple[str, str]] = {
     "RotateKey": ("rotate_key", "list_keys() shows the namespace's keys and which one is current"),
     "ShredKey": ("shred_key", "list_keys() shows whether the key is shredded"),
 }
-#: A node's Unavailable answers given before the write reached the consensus log, so nothing of it
-#: was or will be applied (their texts: mqstore/health.py enqueue_refusal, the edge's no-leader
-#: refusal; mqstore/node/runtime.py Node.submit and Node._start_ops).
-_REFUSED_BEFORE_PROPOSING = (
-    "knows no leader",
-    "is shutting down",
-    "the leader refused the write for now",
-)
 #: gRPC's own UNAVAILABLE when no connection could be made: the request was never sent.
 _NEVER_SENT = (
     "failed to connect to all addresses",
@@ -281,9 +273,7 @@ def _nothing_done(exc: Any) -> bool:
     connection that could not be made."""
     name = _trailer(exc, "mqstore-error")
     if name in ("NotLeader", "ProposalDropped") or _trailer(exc, "mqstore-not-applied") == "1":
-        return True
-    if name == "Unavailable":  # a node that does not say so in a trailer yet: by the refusal's words
-        return any(text in _details(exc) for text in _REFUSED_BEFORE_PROPOSING)
+        return True  # the node says so (mqstore.errors.Unavailable.not_applied)
     if name:
         return False
     return _code(exc) == grpc.StatusCode.UNAVAILABLE and any(text in _details(exc) for text in _NEVER_SENT)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import inspect
 import json
 import logging
 import threading
@@ -36,6 +35,7 @@ from mqstore.node.runtime import bootstrap
 from mqstore.queue.model import Policy
 from mqstore.server import NodeServer
 from mqstore.testing.cluster import free_port
+from mqstore.testing.facade import AsyncFacade
 
 SITES = {1: "a", 2: "b", 3: "c"}
 KINDS = ["sync", "async"]
@@ -134,42 +134,6 @@ def fresh_cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield c
     finally:
         c.close()
-
-
-class AsyncFacade:
-    """An AsyncClient driven from a private event loop thread, so one test body covers both
-    clients (an async iterator from enqueue_stream is collected into a list)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="async-client-loop", daemon=True)
-        self._thread.start()
-
-        async def make() -> AsyncClient:
-            return AsyncClient(*args, **kwargs)
-
-        self.client = self._run(make())
-
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.client, name)
-        if name == "enqueue_stream":
-
-            async def collect(messages: Any) -> list[str]:
-                return [mid async for mid in attr(messages)]
-
-            return lambda messages: iter(self._run(collect(messages)))
-        if inspect.iscoroutinefunction(attr):
-            return lambda *a, **kw: self._run(attr(*a, **kw))
-        return attr
-
-    def close(self) -> None:
-        self._run(self.client.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
 
 
 def make_client(kind: str, addresses: str | list[str], **kwargs: Any) -> Any:

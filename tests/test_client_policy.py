@@ -19,12 +19,9 @@ the same Policy, or the same exception with the same message. What they used to 
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import itertools
 import logging
 import math
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,50 +30,15 @@ import pytest
 
 import mqstore
 from mqstore.api import Store
-from mqstore.client import AsyncClient, Client
+from mqstore.client import Client
 from mqstore.crypto import create_key_file
 from mqstore.testing.cluster import free_port
+from mqstore.testing.facade import AsyncFacade
 from mqstore.testing.secure import InProcessCluster
 
 KINDS = ["sync", "async"]
 RAW = b"Subject: hi\r\n\r\nbody\r\n"
 _NAMESPACES = itertools.count()
-
-
-class AsyncFacade:
-    """An AsyncClient driven from a private event loop thread, so one test body covers both clients
-    (enqueue_stream's async iterator is collected into a list)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="async-client-loop", daemon=True)
-        self._thread.start()
-
-        async def make() -> AsyncClient:
-            return AsyncClient(*args, **kwargs)
-
-        self.client: AsyncClient = self._run(make())
-
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.client, name)
-        if name == "enqueue_stream":
-
-            async def collect(messages: Any) -> list[str]:
-                return [mid async for mid in attr(messages)]
-
-            return lambda messages: iter(self._run(collect(messages)))
-        if inspect.iscoroutinefunction(attr):
-            return lambda *a, **kw: self._run(attr(*a, **kw))
-        return attr
-
-    def close(self) -> None:
-        self._run(self.client.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
 
 
 def make_client(kind: str, address: str, timeout: float = 10.0) -> Any:

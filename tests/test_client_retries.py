@@ -12,8 +12,6 @@ idempotent writes are resent as before. audit_records/audit_query refuse a limit
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import logging
 import threading
 import time
@@ -31,13 +29,14 @@ import pytest
 import mqstore
 from mqstore import InvalidArgument, NotFound, StaleLease
 from mqstore.api import BounceResult
-from mqstore.client import CLIENT_CHANNEL_OPTIONS, AsyncClient, Client
+from mqstore.client import CLIENT_CHANNEL_OPTIONS, Client
 from mqstore.config import parse
 from mqstore.crypto import create_key_file
 from mqstore.errors import Unavailable
 from mqstore.node.runtime import bootstrap
 from mqstore.server import NodeServer
 from mqstore.testing.cluster import free_port
+from mqstore.testing.facade import AsyncFacade
 
 SITES = {1: "a", 2: "b", 3: "c"}
 KINDS = ["sync", "async"]
@@ -108,19 +107,18 @@ AFTER = {
                          "no quorum confirmed the write within 10 s (leader 1); it may still commit: retry with "
                          "the same idempotency key"),
 }
+NOT_APPLIED = (("mqstore-error", "Unavailable"), ("mqstore-not-applied", "1"))
 #: Refusals before the request reaches the servicer (nothing done), as nodes and gRPC give them.
 BEFORE = {
     "connection refused": (grpc.StatusCode.UNAVAILABLE, (),
                            "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:7001: Failed to "
                            "connect to remote host: Connection refused"),
-    "no leader": (grpc.StatusCode.UNAVAILABLE, (("mqstore-error", "Unavailable"),),
+    # A node's refusals before the write reached the consensus log, marked as such.
+    "no leader": (grpc.StatusCode.UNAVAILABLE, NOT_APPLIED,
                   "node 2 knows no leader (an election is under way): retry shortly"),
-    "shutting down": (grpc.StatusCode.UNAVAILABLE, (("mqstore-error", "Unavailable"),), "node 1 is shutting down"),
-    "proposal refused": (grpc.StatusCode.UNAVAILABLE, (("mqstore-error", "Unavailable"),),
+    "shutting down": (grpc.StatusCode.UNAVAILABLE, NOT_APPLIED, "node 1 is shutting down"),
+    "proposal refused": (grpc.StatusCode.UNAVAILABLE, NOT_APPLIED,
                          "the leader refused the write for now: leadership is being transferred to node 2"),
-    # Whatever the words: the node's trailer says the request did nothing.
-    "said not applied": (grpc.StatusCode.UNAVAILABLE, (("mqstore-error", "Unavailable"), ("mqstore-not-applied", "1")),
-                         "node 3 cannot take writes right now"),
 }
 
 
@@ -173,35 +171,6 @@ class AioFaults(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
             return call
         await call
         raise Faults.error(fault)
-
-
-class AsyncFacade:
-    """An AsyncClient driven from a private event loop thread, so one test body covers both clients."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="async-client-loop", daemon=True)
-        self._thread.start()
-
-        async def make() -> AsyncClient:
-            return AsyncClient(*args, **kwargs)
-
-        self.client = self._run(make())
-
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.client, name)
-        if inspect.iscoroutinefunction(attr):
-            return lambda *a, **kw: self._run(attr(*a, **kw))
-        return attr
-
-    def close(self) -> None:
-        self._run(self.client.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
 
 
 def make_client(kind: str, addresses: list[str], faults: Faults | None = None, timeout: float = 5.0) -> Any:
@@ -429,14 +398,3 @@ def test_audit_records_with_a_limit_return_at_most_that_many(kind: str, cluster:
         assert len(c.audit_query(limit=1)) == 1
     finally:
         c.close()
-
-
-def test_the_refusals_taken_as_nothing_done_are_the_nodes_own_words() -> None:
-    """The client resends a non-idempotent write after a node's Unavailable only when its text
-    says the write was never proposed: those texts must still be what the node says."""
-    from mqstore import client, health
-    from mqstore.node import runtime
-
-    sources = inspect.getsource(health) + inspect.getsource(runtime)
-    for text in client._REFUSED_BEFORE_PROPOSING:
-        assert text in sources, text

@@ -222,12 +222,12 @@ class ClusterQueue(QueueBase):
             return [(RecordType.ENQUEUE, entry_payload(sl.flags, sl.key_id, sl.dict_id, sl.payload)) for sl in sealed]
 
         def finish(results: list[tuple[int, object]]) -> list[str]:
-            for _, result in results:
-                self._raise_denied(result)  # sealed under a key shredded meanwhile: not stored
             if self.on_enqueued is not None:
                 # A message whose idempotency key resolved to an earlier one stored nothing new.
                 self.on_enqueued(sum(1 for (_, mid), st in zip(results, staged, strict=True)
                                      if mid == st.envelope.message_id))
+            for _, result in results:
+                self._raise_denied(result)  # sealed under a key shredded meanwhile: not stored
             return [format_id(mid) for _, mid in results]  # type: ignore[arg-type]
 
         sizes = [len(n.data) for n in new]

@@ -337,10 +337,10 @@ class LogStore:
             # _missing_inside_bounds); reentrant: an after-commit hook may read the log.
             self._bounds_lock = threading.RLock()
             self._quarantine_mem: dict[int, str] = {}  # found corrupt since opening, and why
-            # Quarantine entries queued for the writer (not committed yet) and committed: a
-            # record found corrupt again is queued again only when neither holds its reason.
-            self._quarantine_queued: dict[int, str] = {}
-            self._quarantine_saved: dict[int, str] = {}
+            # Quarantine entries queued for the writer or committed, and why: a record found
+            # corrupt again is queued again only when its reason is not here (a queued write that
+            # ran but did not commit leaves it out again).
+            self._quarantine_recorded: dict[int, str] = {}
             self._first_index, self._last_index, self._term = self._load_bounds()
             raw_stamp = self.meta_get(_META_STAMP)
             self._last_stamp_ms = _U64.unpack(raw_stamp)[0] if raw_stamp else 0
@@ -499,81 +499,79 @@ class LogStore:
             failed: Pending[Any] | None = None
             committed = False
             try:
-                txn = env.begin(write=True)
                 try:
-                    for item in live:
-                        try:
-                            item.result = item.fn(WriteContext(self, txn, state, now_ms, item.sealed))
-                        except lmdb.MapFullError:
-                            raise
-                        except Exception as exc:
-                            item.error = exc
-                            failed = item
-                            break
-                    if failed is None:
-                        if now_ms != self._last_stamp_ms:
-                            txn.put(_META_STAMP, _U64.pack(now_ms), db=self.env.dbs[b"meta"])
-                        ids_last = self.ids.last
-                        if ids_last != self._ids_persisted:
-                            txn.put(_META_IDS, ids_last.to_bytes(16, "big"), db=self.env.dbs[b"meta"])
-                        for hook in state.pre_commit:
-                            hook()
-                        t0 = time.perf_counter()
-                        self._bounds_lock.acquire()
-                        try:
-                            txn.commit()
-                        except BaseException:
-                            self._bounds_lock.release()
-                            raise
-                        committed = True
-                    else:
-                        txn.abort()
-                except BaseException:
-                    if not committed:
-                        txn.abort()
+                    txn = env.begin(write=True)
+                    try:
+                        for item in live:
+                            try:
+                                item.result = item.fn(WriteContext(self, txn, state, now_ms, item.sealed))
+                            except lmdb.MapFullError:
+                                raise
+                            except Exception as exc:
+                                item.error = exc
+                                failed = item
+                                break
+                        if failed is None:
+                            if now_ms != self._last_stamp_ms:
+                                txn.put(_META_STAMP, _U64.pack(now_ms), db=self.env.dbs[b"meta"])
+                            ids_last = self.ids.last
+                            if ids_last != self._ids_persisted:
+                                txn.put(_META_IDS, ids_last.to_bytes(16, "big"), db=self.env.dbs[b"meta"])
+                            for hook in state.pre_commit:
+                                hook()
+                            t0 = time.perf_counter()
+                            self._bounds_lock.acquire()
+                            try:
+                                txn.commit()
+                            except BaseException:
+                                self._bounds_lock.release()
+                                raise
+                            committed = True
+                        else:
+                            txn.abort()
+                    except BaseException:
+                        if not committed:
+                            txn.abort()
+                        raise
+                except lmdb.MapFullError:
+                    grow_attempts += 1
+                    if grow_attempts > _MAP_GROW_ATTEMPTS:
+                        raise AssertionError("the map kept filling up after growing it repeatedly") from None
+                    try:
+                        new_size = self.env.grow()
+                    except lmdb.MapFullError as exc:
+                        # map_size_max reached: this batch cannot be stored; the store goes on (acks,
+                        # deletes and compaction free pages that later writes reuse).
+                        full = StorageFull(
+                            f"write failed, nothing was committed: the store reached its maximum map size "
+                            f"({self.env.map_size_max} bytes, map_size_max): {exc}"
+                        )
+                        log.error("store %s: %s", self.path, full)
+                        for item in live:
+                            item.result = None
+                            item.error = full
+                        return
+                    log.info("store %s: map full, grown to %d bytes; retrying the batch", self.path, new_size)
+                    continue
+                except lmdb.PanicError:
+                    # LMDB could not write a meta page and refuses every later write of this
+                    # environment: the writer stops (WriterFailed: "reopen the store"), rather than
+                    # failing every write one by one with the same words as a full disk.
                     raise
-            except lmdb.MapFullError:
-                self.keyring.discard_staged()
-                grow_attempts += 1
-                if grow_attempts > _MAP_GROW_ATTEMPTS:
-                    raise AssertionError("the map kept filling up after growing it repeatedly") from None
-                try:
-                    new_size = self.env.grow()
-                except lmdb.MapFullError as exc:
-                    # map_size_max reached: this batch cannot be stored; the store goes on (acks,
-                    # deletes and compaction free pages that later writes reuse).
-                    full = StorageFull(
-                        f"write failed, nothing was committed: the store reached its maximum map size "
-                        f"({self.env.map_size_max} bytes, map_size_max): {exc}"
-                    )
-                    log.error("store %s: %s", self.path, full)
+                except lmdb.Error as exc:
+                    # Disk full, I/O error: nothing of this batch is committed; every caller hears it.
+                    error = write_failure(self.env.path / "data.mdb", exc, sum(item.size for item in live))
+                    log.error("store %s: %s", self.path, error)
                     for item in live:
                         item.result = None
-                        item.error = full
+                        item.error = error
                     return
-                log.info("store %s: map full, grown to %d bytes; retrying the batch", self.path, new_size)
-                continue
-            except lmdb.PanicError:
-                # LMDB could not write a meta page and refuses every later write of this
-                # environment: the writer stops (WriterFailed: "reopen the store"), rather than
-                # failing every write one by one with the same words as a full disk.
-                self.keyring.discard_staged()
-                raise
-            except lmdb.Error as exc:
-                self.keyring.discard_staged()
-                # Disk full, I/O error: nothing of this batch is committed; every caller hears it.
-                error = write_failure(self.env.path / "data.mdb", exc, sum(item.size for item in live))
-                log.error("store %s: %s", self.path, error)
-                for item in live:
-                    item.result = None
-                    item.error = error
-                return
-            except BaseException:
+            finally:
                 if not committed:
+                    # Keys the batch's functions staged leave no trace: the batch failed, runs
+                    # again (a refused request, a grown map), or the writer stops.
                     self.keyring.discard_staged()
-                raise
             if failed is not None:
-                self.keyring.discard_staged()
                 live.remove(failed)
                 for item in live:
                     item.result = None
@@ -1010,8 +1008,7 @@ class LogStore:
         def hook() -> None:
             for index in forget:
                 self._quarantine_mem.pop(index, None)
-                self._quarantine_saved.pop(index, None)
-                self._quarantine_queued.pop(index, None)
+                self._quarantine_recorded.pop(index, None)
 
         ctx.on_commit(hook)
 
@@ -1069,28 +1066,28 @@ class LogStore:
             self._quarantine_mem[index] = reason
             log.error("store %s: log index %d is corrupt: %s", self.path, index, reason)
         writer = self.writer
-        if writer is None or reason in (self._quarantine_saved.get(index), self._quarantine_queued.get(index)):
+        if writer is None or self._quarantine_recorded.get(index) == reason:
             return
         # Persist without waiting (a read must not block on the writer). If the queue is full,
         # or the write does not commit, the next read of the record records it again.
         value = f"{self.clock_ms()} {reason}".encode()
 
         def persist(ctx: WriteContext) -> None:
-            if self._quarantine_queued.get(index) == reason:
-                self._quarantine_queued.pop(index, None)  # from now on the commit decides
+            if self._quarantine_recorded.get(index) == reason:
+                self._quarantine_recorded.pop(index, None)  # from now on the commit decides
             key = _U64.pack(index)
             if index < self._first_index and ctx.txn.get(key, db=ctx.dbs[b"log"]) is None:
                 return  # compacted away meanwhile: nothing left to quarantine
             ctx.put(b"quarantine", key, value)
 
             def saved() -> None:
-                self._quarantine_saved[index] = reason
+                self._quarantine_recorded[index] = reason
 
             ctx.on_commit(saved)
 
-        self._quarantine_queued[index] = reason
+        self._quarantine_recorded[index] = reason
         if not writer.submit_nowait(persist):
-            self._quarantine_queued.pop(index, None)
+            self._quarantine_recorded.pop(index, None)
 
     def quarantined(self) -> dict[int, str]:
         """Indices found corrupt (persisted ones and those found since opening) and why."""
@@ -1121,7 +1118,7 @@ class LogStore:
             def hook() -> None:
                 for index in records:
                     self._quarantine_mem.pop(index, None)
-                    self._quarantine_saved.pop(index, None)
+                    self._quarantine_recorded.pop(index, None)
 
             ctx.on_commit(hook)
 
@@ -1227,8 +1224,7 @@ class LogStore:
         self.sealer = Sealer(self.keyring, self.sealer.level)
         self._load_keys_and_dictionaries()
         self._quarantine_mem.clear()
-        self._quarantine_saved.clear()
-        self._quarantine_queued.clear()
+        self._quarantine_recorded.clear()
         self.writer = Writer(self._run_batch, name=f"mqstore-writer:{self.path.name}")
 
     # --- lifecycle ----------------------------------------------------------------------------------

@@ -107,10 +107,6 @@ class Pending(Generic[T]):
 _STOP = object()
 
 
-class _QueueClosed(Exception):
-    """The writer stopped reading the queue (it stopped or failed): nothing more is accepted."""
-
-
 class _Requests:
     """The writer's bounded FIFO of requests. Submitters wake the writer only once ``want``
     requests are queued, so a writer lingering for a fuller batch is not woken by each one."""
@@ -126,11 +122,11 @@ class _Requests:
 
     def put(self, item: Any, timeout: float) -> bool:
         """Append ``item``, waiting up to ``timeout`` seconds for room (0: not at all); False if
-        there was none. Raises ``_QueueClosed`` once the queue was drained (also to a caller
-        that was waiting for room then)."""
+        there was none or the queue was drained meanwhile (``closed``: also for a caller that was
+        waiting for room then)."""
         with self.lock:
             if self.closed:
-                raise _QueueClosed
+                return False
             if len(self.items) >= self.maxsize:
                 deadline = time.monotonic() + timeout
                 while len(self.items) >= self.maxsize:
@@ -139,7 +135,7 @@ class _Requests:
                         return False
                     self.room.wait(rest)
                     if self.closed:
-                        raise _QueueClosed
+                        return False
             self.items.append(item)
             if len(self.items) >= self.want or item is _STOP:
                 self.ready.notify()
@@ -189,7 +185,7 @@ class _Requests:
                 self.want = 1
 
     def drain(self) -> list[Any]:
-        """Close the queue (every later or waiting ``put`` raises ``_QueueClosed``) and return
+        """Close the queue (every later or waiting ``put`` returns False) and return
         what it still held, for the writer to answer."""
         with self.lock:
             self.closed = True
@@ -262,11 +258,7 @@ class Writer:
     def _put(self, item: Pending[T], wait_ms: int) -> Pending[T]:
         with self._count_lock:
             self._outstanding += 1
-        try:
-            added = self._queue.put(item, timeout=wait_ms / 1000)
-        except _QueueClosed:
-            added = False
-        if not added:
+        if not self._queue.put(item, timeout=wait_ms / 1000):
             with self._count_lock:
                 self._outstanding -= 1
             if self._queue.closed:
@@ -315,11 +307,7 @@ class Writer:
             return False
         with self._count_lock:
             self._outstanding += 1
-        try:
-            added = self._queue.put(Pending(fn, 0, None), timeout=0)
-        except _QueueClosed:
-            added = False
-        if not added:
+        if not self._queue.put(Pending(fn, 0, None), timeout=0):
             with self._count_lock:
                 self._outstanding -= 1
             return False
@@ -366,17 +354,13 @@ class Writer:
             log.exception("mqstore writer thread failed; the store must be reopened")
             for item in batch:
                 if not item.done():
-                    item.error = WriterFailed(f"the store's writer stopped: {exc!r}")
+                    item.error = self._gone()
                     item.finish()
         # Answer whatever is still queued, and close the queue (a caller waiting for room is
         # refused, not queued behind a writer that is gone): no caller waits forever.
         for item in self._queue.drain():
             if item is not _STOP:
-                item.error = (
-                    StoreClosed("the store closed before this write ran")
-                    if self._failed is None
-                    else WriterFailed(f"the store's writer stopped before this write ran: {self._failed!r}")
-                )
+                item.error = self._gone()
                 item.finish()
 
     def stop(self, timeout: float = 60.0) -> bool:
@@ -390,11 +374,10 @@ class Writer:
         with self._submit_lock:
             self._stopping = True
         while not self._stop_queued and self._thread.is_alive():
-            try:
-                if self._queue.put(_STOP, timeout=0.1):
-                    self._stop_queued = True
-                    break
-            except _QueueClosed:
+            if self._queue.put(_STOP, timeout=0.1):
+                self._stop_queued = True
+                break
+            if self._queue.closed:
                 break  # the writer already ended (it failed)
             if time.monotonic() > deadline:
                 break  # the queue stayed full; a later stop() queues the marker
