@@ -229,6 +229,12 @@ def _details(exc: Any) -> str:
 
 def _map_error(exc: Any) -> errors.MQStoreError:
     """The exception the embedded API would raise for a failed call (a ``grpc.RpcError``)."""
+    error = _error_of(exc)
+    error.request_id = _trailer(exc, "x-request-id") or None
+    return error
+
+
+def _error_of(exc: Any) -> errors.MQStoreError:
     name = _trailer(exc, "mqstore-error")
     details = _details(exc)
     if name == "NotLeader":
@@ -429,9 +435,13 @@ class _Attempts:
         if not self.resend:
             # Every attempt was refused before it did anything (else outcome_unknown was raised).
             tried += f"; {self._name()} was not applied"
+        error: errors.MQStoreError
         if isinstance(last, errors.NotLeader):
-            return errors.NotLeader(f"no leader answered ({tried}); last: {last}", last.leader_id, last.leader_address)
-        return errors.Unavailable(f"no mqstore node could serve the call ({tried}); last error: {last}")
+            error = errors.NotLeader(f"no leader answered ({tried}); last: {last}", last.leader_id, last.leader_address)
+        else:
+            error = errors.Unavailable(f"no mqstore node could serve the call ({tried}); last error: {last}")
+        error.request_id = last.request_id if last is not None else None  # the last attempt's
+        return error
 
     def _name(self) -> str:
         return _NOT_RESENT.get(self.method, (self.method, ""))[0]
@@ -440,11 +450,13 @@ class _Attempts:
         """The error for a write that is not resent after a failure that leaves open whether the
         node applied it (the answer was lost, the attempt timed out, "it may still commit")."""
         check = _NOT_RESENT.get(self.method, ("", "read the state it changes"))[1]
-        return errors.Unavailable(
+        unknown = errors.Unavailable(
             f"{self._name()} may or may not have been applied: the attempt on {self.address} failed without an "
             f"answer that says which ({error}). It was not sent again (doing it twice is not the same as doing it "
             f"once): check before trying again: {check}"
         )
+        unknown.request_id = error.request_id
+        return unknown
 
 
 # --- requests ---------------------------------------------------------------------------------------

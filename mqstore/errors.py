@@ -9,7 +9,13 @@ from __future__ import annotations
 
 
 class MQStoreError(Exception):
-    """Base class of every error mqstore raises on purpose."""
+    """Base class of every error mqstore raises on purpose.
+
+    ``request_id``: on an error a :class:`mqstore.Client` call got from a node, the call's
+    request id, which the node's log lines of that call carry (None otherwise).
+    """
+
+    request_id: str | None = None
 
 
 class InvalidArgument(MQStoreError, ValueError):

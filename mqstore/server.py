@@ -69,7 +69,7 @@ from mqstore.proto import (
 from mqstore.queue.model import DenialEntry
 from mqstore.security import auth
 from mqstore.security.auth import Authenticator, current_peer_node
-from mqstore.security.edge import NOT_APPLIED, EdgeInterceptor
+from mqstore.security.edge import NOT_APPLIED, EdgeInterceptor, add_trailers
 from mqstore.security.tls import PeerChannelFactory, server_credentials
 from mqstore.store import LogStore
 
@@ -117,7 +117,7 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
         trailers += [("mqstore-leader", exc.leader_address), ("mqstore-leader-id", str(exc.leader_id))]
     if isinstance(exc, errors.Unavailable) and exc.not_applied:
         trailers.append((NOT_APPLIED, "1"))
-    context.set_trailing_metadata(tuple(trailers))
+    add_trailers(context, trailers)
     context.abort(code, str(exc) or type(exc).__name__)
 
 

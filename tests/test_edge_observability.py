@@ -13,7 +13,7 @@ import pytest
 
 from mqstore import server
 from mqstore.client import Client
-from mqstore.errors import Unavailable
+from mqstore.errors import NotFound, Unavailable
 from mqstore.proto import queue_pb2, queue_pb2_grpc
 from mqstore.testing.secure import InProcessCluster
 
@@ -97,17 +97,39 @@ def test_a_follower_with_a_nearly_full_disk_sends_the_client_on_to_the_leader(cl
 
 @pytest.mark.parametrize("sent", [None, "req-42"])
 def test_every_call_gets_its_request_id_back(cluster: InProcessCluster, sent: str | None) -> None:
-    leader = cluster.leader()
+    leader, follower = cluster.leader(), _follower(cluster)
     metadata = () if sent is None else (("x-request-id", sent),)
     with grpc.insecure_channel(cluster.address(leader.node.node_id)) as channel:
         _, call = queue_pb2_grpc.QueueStub(channel).Stats.with_call(
             queue_pb2.StatsRequest(), metadata=metadata, timeout=10)
-        initial = dict(call.initial_metadata())
-    assert "x-request-id" in initial
+        answered = dict(call.trailing_metadata())
+    # A refused call brings it back too, beside the error's own trailers.
+    request = queue_pb2.EnqueueRequest(message=queue_pb2.NewMessage(
+        mail_from="a@example.org", recipients=["b@example.net"], data=MAIL))
+    with grpc.insecure_channel(cluster.address(follower.node.node_id)) as channel, \
+            pytest.raises(grpc.RpcError) as err:
+        queue_pb2_grpc.QueueStub(channel).Enqueue(request, metadata=metadata, timeout=10)
+    refused = dict(err.value.trailing_metadata() or ())
+    assert refused["mqstore-error"] == "NotLeader"
+    for trailers in (answered, refused):
+        if sent is None:
+            assert len(trailers["x-request-id"]) == 16  # one the node made up for its log lines
+        else:
+            assert trailers["x-request-id"] == sent
     if sent is None:
-        assert len(initial["x-request-id"]) == 16  # one the node made up for its log lines
-    else:
-        assert initial["x-request-id"] == sent
+        assert answered["x-request-id"] != refused["x-request-id"]
+
+
+def test_a_client_error_names_the_request_id_of_the_failed_call(cluster: InProcessCluster) -> None:
+    leader = cluster.leader()
+    seen = []
+    with Client(cluster.address(leader.node.node_id), timeout=10) as c:
+        for _ in range(2):
+            with pytest.raises(NotFound) as err:
+                c.get("0" * 26)
+            seen.append(err.value.request_id)
+    assert all(isinstance(rid, str) and len(rid) == 16 for rid in seen)  # the ids the node logged the calls under
+    assert seen[0] != seen[1]
 
 
 class _Context:
@@ -116,6 +138,9 @@ class _Context:
 
     def set_trailing_metadata(self, trailers: tuple[tuple[str, str], ...]) -> None:
         self.trailers = trailers
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.trailers
 
     def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise RuntimeError(code, details)
