@@ -201,6 +201,23 @@ def test_forced_compaction_drop_and_shred_refused_while_retained(store: Store) -
     _intact(store, mid)
 
 
+def test_a_refused_compaction_keeps_the_housekeeping_retention(store: Store, clock: Clock) -> None:
+    """A refusal changes nothing: the message stays its 30 days of retention, not the day of its
+    GOVERNANCE lock."""
+    store.set_namespace_policy("finance", mode="governance", lock_retention=1 * DAY, retention=30 * DAY)
+    mid = _enqueue(store)
+    _deliver(store)
+    with pytest.raises(Immutable):
+        store.compact_messages([mid], actor=ADMIN)
+    clock.advance(1 * DAY + 120)
+    store.maintain()
+    _intact(store, mid)
+    clock.advance(29 * DAY)
+    store.maintain()
+    with pytest.raises(NotFound):
+        store.get(mid)
+
+
 def test_retention_passes_then_compaction_removes_it(store: Store, clock: Clock) -> None:
     store.set_policy("finance", mode="compliance", retention_days=2)
     mid = _enqueue(store)

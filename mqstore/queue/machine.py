@@ -848,7 +848,9 @@ def apply_compact(kv: KV, c: Counters, e: MaintenanceEntry) -> int | Denied:
                 denied = _deny(kv, c, ctx, "compact", refusal, format_id(value), row.namespace, _lock_fields(lock))
                 kv.delete(b"retention", time_key(_removable_at(row), value))
                 if not lock.holds:  # look again when the lock should have ended (a hold release re-adds it)
-                    row.retain_until_ms = e.now_ms + max(lock.lock_until_ms - ctx.compliance_ms, _COMPACT_RETRY_MS)
+                    # ... but never before its own housekeeping retention: a refusal changes nothing.
+                    row.retain_until_ms = max(row.retain_until_ms, e.now_ms + max(
+                        lock.lock_until_ms - ctx.compliance_ms, _COMPACT_RETRY_MS))
                     kv.put(b"retention", time_key(_removable_at(row), value), b"")
                     kv.put(b"messages", value, row.encode())
                 continue
