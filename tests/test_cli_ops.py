@@ -4,6 +4,7 @@ parsed, its exit codes (0 ok, 1 a problem found, 2 an error)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -416,6 +417,26 @@ def test_verify_names_problems_and_repair_rebuilds_state(fresh: tuple[Path, Path
     assert any("no peers" in n for n in unrepaired["notes"])
     assert fails("repair", *target, "--no-scan", "--index", str(index), "--rebuild-state")["error"] == "Corruption"
     assert ok("status", "--data-dir", str(path))["quarantined"] == 1
+
+
+def test_rebuild_state_over_damaged_records_names_a_command_that_exists(
+    fresh: tuple[Path, Path, dict[str, list[str]]],
+) -> None:
+    """The refusal of --rebuild-state while records are damaged tells the operator what to run:
+    every option it names is one ``mqstore repair`` has."""
+    from mqstore import cli
+
+    path, key, _made = fresh
+    target = ("--data-dir", str(path), "--key-file", str(key))
+    _corrupt(path, 3)
+    error = fails("repair", *target, "--rebuild-state")
+    assert error["error"] == "Corruption" and "mqstore repair --data-dir" in error["message"], error
+    assert "restore a backup" in error["message"]
+    parser = cli.build_parser()
+    repair = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["repair"]
+    known = {o for a in repair._actions for o in a.option_strings}
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", error["message"]))
+    assert named and named <= known, (named - known, error["message"])
 
 
 def test_repair_dry_run_writes_nothing_and_works_beside_a_running_store(

@@ -17,6 +17,7 @@ then restore a backup, or (cluster member) rebuild the node from its peers with 
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from typing import Any
 
@@ -172,7 +173,9 @@ def rebuild_state(log: LogStore, progress: Callable[[int, int], None] | None = N
     if not scan.clean:
         listed = ", ".join(str(i) for i, _ in scan.corrupt[:20])
         raise Corruption(f"damaged log records ({listed}{', ...' if len(scan.corrupt) > 20 else ''}) must be "
-                         "repaired first (mqstore repair --records)")
+                         f"repaired first: mqstore repair --data-dir {shlex.quote(str(log.path))} puts back "
+                         "committed copies from the node's peers (or --peer HOST:PORT); an embedded store has "
+                         "no replicas: restore a backup (mqstore restore)")
     applied = applied_index_of(log)
     first = log.first_index
     total = max(0, applied - first + 1)
