@@ -157,12 +157,13 @@ class _FakeCluster:
         self.proposals: list[tuple[str, int]] = []
         self.on_propose: list[Exception | None] = []  # per proposal: raise this (after it took effect)
         self.refuse: Exception | None = None  # raise this instead of making the change
+        self.removed: list[int] = []
 
     def leader_status(self, client: Any, first: Any = None) -> dict[str, Any]:
         if self.no_leader_for:
             self.no_leader_for -= 1
             raise Unavailable("node 2 knows no leader right now (role follower, term 3)")
-        return {"node_id": 1, "term": 2, "role": "leader", "cluster_id": "c1", "removed_ids": [],
+        return {"node_id": 1, "term": 2, "role": "leader", "cluster_id": "c1", "removed_ids": list(self.removed),
                 "commit_index": 10, "members": [dict(m) for m in self.members]}
 
     def change_membership(self, client: Any, op: str, node_id: int, site: str = "", address: str = "") -> list[Any]:
@@ -175,6 +176,7 @@ class _FakeCluster:
             next(m for m in self.members if m["id"] == node_id)["voter"] = True
         else:
             self.members = [m for m in self.members if m["id"] != node_id]
+            self.removed.append(node_id)
         error = self.on_propose.pop(0) if self.on_propose else None
         if error is not None:
             raise error
@@ -213,3 +215,39 @@ def test_each_membership_step_retries_and_counts_a_change_made_by_a_failed_call(
     with pytest.raises(MQStoreError, match="fewer than 2 sites"):
         recover._Waiter(object(), 5, said.append).change("remove", 2, lambda m: m is None)
     assert fake.proposals[-1] == ("remove", 2) and 2 in [m["id"] for m in fake.members]
+
+
+def test_replace_of_an_id_that_never_was_a_member_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--replace 9`` (a typo for the lost node 3) is refused before anything is done, naming the
+    members; ``--replace 3`` run again once node 3 was removed still finishes."""
+    from mqstore import cli
+    from mqstore.ops import recover, remote
+
+    fake = _FakeCluster([{"id": n, "site": s, "address": f"127.0.0.1:{n}", "voter": True, "match_index": 10}
+                         for n, s in ((1, "a"), (2, "b"), (3, "c"))])
+    monkeypatch.setattr(remote, "leader_status", fake.leader_status)
+    monkeypatch.setattr(remote, "change_membership", fake.change_membership)
+    monkeypatch.setattr(recover, "_POLL_S", 0.01, raising=False)
+    prepared: list[str] = []
+    monkeypatch.setattr("mqstore.node.runtime.prepare_join", lambda config, cluster_id: prepared.append(cluster_id))
+    conf = tmp_path / "node4.toml"
+    conf.write_text(f'node_id = 4\nsite = "c"\nlisten = "127.0.0.1:4"\ndata_dir = "{tmp_path / "n4"}"\n'
+                    'insecure = true\n[[peers]]\nid = 1\nsite = "a"\naddress = "127.0.0.1:1"\n')
+    command = ["recover", "--config", str(conf), "--server", "127.0.0.1:1", "--wait", "5", "--json"]
+
+    assert cli.main([*command, "--replace", "9"]) == 2
+    error = json.loads(capsys.readouterr().out)
+    assert error["error"] == "InvalidArgument", error
+    assert "node 9 is not a member of cluster 'c1' and never was" in error["message"]
+    assert "members: 1 (voter, site a), 2 (voter, site b), 3 (voter, site c)" in error["message"]
+    assert fake.proposals == [] and prepared == []  # nothing was done
+
+    assert cli.main([*command, "--replace", "3"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert "removed node 3 (its id is never reused)" in done["steps"]
+    assert cli.main([*command, "--replace", "3"]) == 0  # run again: node 3 is gone already
+    again = json.loads(capsys.readouterr().out)
+    assert again["steps"][-1] == "node 3 was not a member any more"
+    assert fake.proposals == [("add", 4), ("promote", 4), ("remove", 3)]

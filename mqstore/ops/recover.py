@@ -227,6 +227,13 @@ def replace_node(
         raise InvalidArgument(f"node id {me} was removed from this cluster: node ids are never reused, pick a new one")
     if replace is not None and replace == me:
         raise InvalidArgument("the new node needs a new node id (node ids are never reused)")
+    if replace is not None and _member(lead, replace) is None and replace not in lead["removed_ids"]:
+        # Not a member, and never removed: a typo for the lost node's id. Going on would leave the
+        # lost node a voter while saying it was replaced.
+        members = ", ".join(f"{m['id']} ({'voter' if m['voter'] else 'learner'}, site {m['site']})"
+                            for m in lead["members"])
+        raise InvalidArgument(f"--replace {replace}: node {replace} is not a member of cluster {cluster_id!r} and "
+                              f"never was (members: {members or 'none'}): give the lost node's id")
     steps: list[str] = []
     path = Path(config.data_dir)
     if not (path / "data.mdb").exists():
