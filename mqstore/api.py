@@ -930,6 +930,12 @@ class QueueBase:
             return audit_log.verify(LmdbKV(txn, self.log.env.dbs), key, trusted, progress,
                                     self.audit.log.checkpoint_every, self.audit.log.checkpoint_ms)
 
+    def _audit_tick_due(self, kv: KV, compliance_ms: int) -> bool:
+        """Whether audit records wait for a time-based checkpoint that no new record will write
+        (a quiet log): maintenance then writes a tick entry (every replica signs one)."""
+        due = self.audit.log.tick_due_ms(kv)
+        return due is not None and due <= compliance_ms
+
     def audit_checkpoint(self, *, actor: Actor | None = None) -> audit_log.Checkpoint | None:
         """Sign a checkpoint over every audit record so far (if any came since the last one) and
         return the latest checkpoint with the signing public key, to keep somewhere safe."""
@@ -1529,6 +1535,11 @@ class Store(QueueBase):
                 c.index = wctx.append(RecordType.COMPACT, entry.encode())
                 result = machine.apply_compact(kv, c, entry)
                 compacted = result if isinstance(result, int) else 0
+            ctx = self._ctx(SYSTEM_ACTOR)
+            if self._audit_tick_due(kv, ctx.compliance_ms):  # last: it covers the records above too
+                tick = DenialEntry(wctx.now_ms, machine.TICK_OP, "", "", ctx)
+                c.index = wctx.append(RecordType.AUDIT, tick.encode())
+                machine.apply_denial(kv, c, tick)
             c.flush(kv)
             return expired, compacted, c
 
@@ -1562,9 +1573,11 @@ class Store(QueueBase):
         while not self._closed.is_set():
             try:
                 with self.log.env.read() as txn:
-                    due = machine.next_timer_ms(LmdbKV(txn, self.log.env.dbs))
+                    kv = LmdbKV(txn, self.log.env.dbs)
+                    due = machine.next_timer_ms(kv)
+                    tick = self._audit_tick_due(kv, self.compliance_clock.now_ms())
                 now = self._now_ms()
-                if due is not None and due <= now:
+                if tick or (due is not None and due <= now):
                     self.maintain()
                     continue
                 wait = 1.0 if due is None else min(1.0, max(0.01, (due - now) / 1000))

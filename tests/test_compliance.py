@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -566,6 +567,47 @@ def test_audit_verify_passes_and_checkpoint_exports(store: Store) -> None:
     report = store.audit_verify(trusted=audit_mod.Checkpoint.from_json(ckpt.to_json()))
     assert report.ok, report.problems
     assert report.records_checked == ckpt.size
+
+
+def _covered(store: Store) -> int:
+    """How many audit records the latest signed checkpoint covers."""
+    with store.log.env.read() as txn:
+        latest = audit_mod.latest_checkpoint(LmdbKV(txn, store.log.env.dbs))
+    return 0 if latest is None else latest.size
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_quiet_logs_last_records_are_signed_within_a_minute(
+        qpath: Path, kek: Path, clock: Clock, background: bool) -> None:
+    """Records arriving write the time-based checkpoints; when none arrive, maintenance does, so
+    the last records before a quiet period (here a refusal) cannot be dropped unnoticed."""
+    s = mqstore.open(qpath, key_file=kek, clock=clock, monotonic=clock.monotonic, background=background)
+    try:
+        s.set_policy("finance", mode="compliance", retention_days=30)
+        mid = _enqueue(s)
+        clock.advance(61)
+        _enqueue(s)  # 60 s after the first record: a checkpoint
+        with pytest.raises(Immutable):
+            s.delete(mid, actor=ADMIN)
+        head = s.audit_head()
+        assert _covered(s) < head
+        s.maintain()
+        assert _covered(s) < head  # a minute has not passed yet
+        clock.advance(61)
+        if background:
+            deadline = time.monotonic() + 10
+            while _covered(s) < head and time.monotonic() < deadline:
+                time.sleep(0.05)
+        else:
+            s.maintain()
+        assert _covered(s) == head
+        assert s.audit_head() == head  # the tick adds no record of its own
+        assert s.audit_verify().ok
+    finally:
+        s.close()
+    with _open(qpath, kek, clock) as again:
+        assert _covered(again) == head
+        assert again.audit_verify().ok
 
 
 # --- ciphertext and plain text ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -305,3 +306,30 @@ def test_the_nodes_queue_refuses_a_limited_actor_outside_its_namespaces(cluster:
         assert client.get(mid).recipients[0].state == "leased"
         denied = client.audit_query(where={"actor": "team-a-worker", "outcome": "denied"})
         assert [r["op"] for r in denied] == ["lease", "bounce", "ack"]
+
+
+def test_a_quiet_clusters_last_audit_records_are_signed_on_every_replica(cluster: InProcessCluster) -> None:
+    """No record arrives after a refusal: the leader's maintenance writes a tick entry and every
+    replica signs a checkpoint covering the refusal (a minute later by default; 0.3 s here)."""
+    cluster.leader()
+    for server in cluster.servers.values():
+        server.queue.audit.log.checkpoint_ms = 300
+    with Client(cluster.addresses(), timeout=20) as client:
+        client.set_policy("finance", mode="compliance", retention_days=30)
+        mid = client.enqueue(mail_from="cfo@example.org", recipients=["board@example.net"], data=BODY,
+                             namespace="finance")
+        with pytest.raises(Immutable):
+            client.delete(mid)
+        head = client.audit_head()
+    covered: dict[int, int] = {}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for i, server in cluster.servers.items():
+            with server.node.read_state() as kv:
+                latest = audit.latest_checkpoint(kv)
+            covered[i] = 0 if latest is None else latest.size
+        if all(size == head for size in covered.values()):
+            break
+        time.sleep(0.1)
+    assert covered == {1: head, 2: head, 3: head}
+    assert len(_audit_tables(cluster)[1]) == head  # the ticks added no record

@@ -564,6 +564,12 @@ class AuditLog:
             return self._checkpoint_now(kv, state, time_ms)
         return None
 
+    def tick_due_ms(self, kv: KV) -> int | None:
+        """When :meth:`tick` would write a checkpoint (compliance time), or None: every record is
+        covered by one."""
+        state = _State.load(kv)
+        return state.ckpt_time + self.checkpoint_ms if state.seq > state.ckpt_size else None
+
     def checkpoint(self, kv: KV, time_ms: int) -> Checkpoint | None:
         """Write a checkpoint now if records came since the last one (None: nothing new)."""
         state = _State.load(kv)

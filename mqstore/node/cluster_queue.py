@@ -158,7 +158,7 @@ class ClusterQueue(QueueBase):
                 entry = DenialEntry.decode(raw)
             except MQStoreError as exc:
                 raise InvalidArgument(f"not a denial entry: {exc}") from None
-            if entry.op == machine.CHECKPOINT_OP:
+            if entry.op in (machine.CHECKPOINT_OP, machine.TICK_OP):
                 raise InvalidArgument("not a denial entry: a checkpoint request")
             reported.append(entry)
         if not self.node.is_leader:
@@ -356,10 +356,13 @@ class ClusterQueue(QueueBase):
             with node.read_state() as kv:
                 expire = machine.plan_expire(kv, now, _MAINTENANCE_ITEMS_MAX)
                 compact = machine.plan_compact(kv, now, _MAINTENANCE_ITEMS_MAX)
+                tick = self._audit_tick_due(kv, ctx.compliance_ms)
             if expire:
                 out.append(_plain(RecordType.EXPIRE, MaintenanceEntry(now, tuple(expire), ctx).encode()))
             if compact:
                 out.append(_plain(RecordType.COMPACT, MaintenanceEntry(now, tuple(compact), ctx).encode()))
+            if tick:  # last, so it covers what the entries above audit too
+                out.append(_plain(RecordType.AUDIT, DenialEntry(now, machine.TICK_OP, "", "", ctx).encode()))
             return out
 
         def finish(results: list[tuple[int, object]]) -> dict[str, int]:
@@ -375,7 +378,8 @@ class ClusterQueue(QueueBase):
             try:
                 with self.node.read_state() as kv:
                     due = machine.next_timer_ms(kv)
-                if due is not None and due <= self._now_ms():
+                    tick = self._audit_tick_due(kv, self.compliance_clock.now_ms())
+                if tick or (due is not None and due <= self._now_ms()):
                     self.maintain()
             except (NotLeader, Unavailable):
                 continue

@@ -98,6 +98,8 @@ class AuditSink(Protocol):
 
     def checkpoint(self, kv: KV, time_ms: int) -> Any: ...
 
+    def tick(self, kv: KV, time_ms: int) -> Any: ...
+
 
 class Counters:
     """Per-write context of the machine: stats deltas, flushed once (one read-modify-write per
@@ -1056,6 +1058,9 @@ def apply_key_created(kv: KV, c: Counters, key_id: int, namespace: str, ctx: Ctx
 
 #: The AUDIT entry ``op`` that asks for a signed audit checkpoint (``audit export-checkpoint``).
 CHECKPOINT_OP = "audit_checkpoint"
+#: The AUDIT entry ``op`` maintenance writes when a quiet log's last records wait for a time-based
+#: checkpoint (records arriving are what writes one otherwise): it adds no record of its own.
+TICK_OP = "audit_tick"
 
 
 def apply_denial(kv: KV, c: Counters, e: DenialEntry) -> Denied | None:
@@ -1066,6 +1071,10 @@ def apply_denial(kv: KV, c: Counters, e: DenialEntry) -> Denied | None:
         if c.audit is not None:
             audit(kv, c, ctx, CHECKPOINT_OP, target="audit")
             c.audit.checkpoint(kv, c.clock_ms)
+        return None
+    if e.op == TICK_OP:
+        if c.audit is not None:
+            c.audit.tick(kv, c.clock_ms)
         return None
     return _deny(kv, c, ctx, e.op, Refusal(e.reason, "permission"), e.target, "")
 
