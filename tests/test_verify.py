@@ -127,6 +127,8 @@ CASES = {
                                       "queued"),
     "lease row does not decode": (_undecodable_lease, "leases", "row does not decode", None),
     "stray expiry entry": (_stray_expiry, "expiry", "expiry entry that does not match", None),
+    "expiry entry lost": (_delete_with(b"expiry", "expiring"), "expiry", "missing from the expiry index",
+                          "expiring"),
     "counter off": (_counter_off, "stats", "counter queued is", None),
 }
 
@@ -249,3 +251,24 @@ def test_a_store_after_operator_bounces_verifies_clean_and_their_reasons_open(tm
     report = verify_path(tmp_path / "store", key_file=str(key))
     assert report.clean and report.replayed, report.problems
     assert report.sealed_checked == before.sealed_checked + 2  # each bounce's sealed reason opened
+
+
+def test_an_expired_message_with_a_recipient_still_leased_verifies_clean(tmp_path: Path) -> None:
+    """Once a message's expiry is applied it leaves the expiry index while a leased recipient keeps
+    it unfinished (that one expires when it settles): no expiry entry is missing then."""
+    key = create_key_file(tmp_path / "kek.key")
+    now = [1_900_000_000.0]
+    with mqstore.open(tmp_path / "store", key_file=key, background=False, clock=lambda: now[0]) as store:
+        mid = store.enqueue("a@example.org", ["l@l.example", "q@q.example"], b"x", expires_in=60)
+        (lease,) = store.lease("w", domain="l.example")
+        now[0] += 120
+        store.maintain()
+        message = store.get(mid)
+        assert not message.done and sorted(r.state for r in message.recipients) == ["expired", "leased"]
+    report = verify_path(tmp_path / "store", key_file=str(key))
+    assert report.clean and report.replayed, report.problems
+    with mqstore.open(tmp_path / "store", key_file=key, background=False, clock=lambda: now[0]) as store:
+        store.defer(lease.token, reason="451 later")  # settles as expired: the message is finished
+        assert store.get(mid).done
+    report = verify_path(tmp_path / "store", key_file=str(key))
+    assert report.clean and report.replayed, report.problems

@@ -416,6 +416,13 @@ def _check_message(
     else:
         expect["live"] += 1
         stats[(ns, "messages.live")] += 1
+        # An unfinished message with a lifetime is in the expiry index until its expiry is applied;
+        # that turns every waiting recipient (held ones too) into an expired one, and none waits
+        # again after it (a leased one settles as expired). So while one waits, the entry is due.
+        waiting = any(r.state in WAITING for _, r in rcpts)
+        if row.expires_at_ms and waiting and kv.get(b"expiry", time_key(row.expires_at_ms, mid)) is None:
+            bad("unfinished, with recipients waiting, but missing from the expiry index (it would never expire)",
+                "expiry")
     stats[(ns, "messages.stored")] += 1
     stats[(ns, "bytes")] += row.size_bytes
 
