@@ -87,6 +87,10 @@ READ_RANGE_RECORDS_MAX = 65_536
 #: Bytes of recently persisted Raft entries a node keeps in memory to read them back without
 #: LMDB (payloads plus a per-entry estimate; see mqstore/node/raftlog.py).
 RAFT_ENTRY_CACHE_BYTES = 32 * 1024 * 1024
+#: A learner is promoted to voter only when its log is at most this many entries behind the
+#: leader's commit index and it answered the leader lately: a voter that cannot keep up (or
+#: does not run) would count towards the quorum without helping to reach it.
+PROMOTE_LAG_ENTRIES_MAX = 1_000
 
 # --- compression and encryption (mqstore.crypto) -----------------------------------------------
 

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -36,6 +36,7 @@ from mqstore.codec import crc32c
 from mqstore.compliance.rules import Mode
 from mqstore.compliance.service import ComplianceService
 from mqstore.config import NodeConfig
+from mqstore.consensus.raft import ProgressStatus
 from mqstore.consensus.types import (
     ConfChange,
     ConfChangeItem,
@@ -476,6 +477,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             if site is None:
                 raise errors.NotFound(f"node {node_id} is not a member")
             item = ConfChangeItem(ConfChangeType.ADD_VOTER, node_id, site)
+            if node_id not in self.node.raw.conf_state.voters:
+                self._wait_ready_to_vote(node_id, context)
         elif op == admin_pb2.MembershipRequest.REMOVE:
             item = ConfChangeItem(ConfChangeType.REMOVE, node_id)
         else:
@@ -487,6 +490,45 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         timeout = OPERATION_TIMEOUT_S if remaining is None else min(OPERATION_TIMEOUT_S, remaining)
         self.node.change_membership(ConfChange((item,)), timeout)
         return admin_pb2.MembershipResponse(members=[admin_pb2.Member(**m) for m in self.node.status()["members"]])
+
+    def _wait_ready_to_vote(self, node_id: int, context: grpc.ServicerContext) -> None:
+        """Wait (up to two election timeouts) until learner ``node_id`` has caught up with the
+        leader's commit index and answers it, and the voters that answer, with it, make a quorum
+        of the new configuration; else refuse the promotion (nothing changed). Promoting a learner
+        that is down or far behind raises the quorum without adding a voter that helps reach it:
+        with one voter lost as well, the cluster could elect no leader."""
+        node = self.node
+        wait_s = 2 * node.config.election_tick * node.config.heartbeat_ms / 1000
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + (wait_s if remaining is None else max(0.0, min(wait_s, remaining - 1.0)))
+
+        def view() -> tuple[dict[int, ProgressStatus], int]:
+            return node.raw.progress(), node.raw.commit_index
+
+        while True:
+            if not node.is_leader:
+                raise node._not_leader()
+            progress, commit = cast(tuple[dict[int, ProgressStatus], int], node.call(view))
+            pr = progress.get(node_id)
+            voters = set(node.raw.conf_state.voters) | {node_id}
+            answering = {n for n in voters if n == node.node_id or (n in progress and progress[n].recent_active)}
+            quorum = len(voters) // 2 + 1
+            if pr is None or not pr.recent_active or pr.match == 0:  # a new learner starts "active"
+                why = "it has not answered the leader lately (is it running, and is its address right?)"
+            elif pr.match + limits.PROMOTE_LAG_ENTRIES_MAX < commit:
+                why = (f"its log is at index {pr.match}, the leader's commit index is {commit} (it must be within "
+                       f"{limits.PROMOTE_LAG_ENTRIES_MAX} entries)")
+            elif len(answering) < quorum:
+                why = (f"only {len(answering)} of the {len(voters)} voters it would make answer the leader, fewer "
+                       f"than the {quorum} a quorum needs")
+            else:
+                return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        raise errors.Unavailable(
+            f"node {node_id} is not ready to vote: {why}. Nothing was changed; promote it once `mqstore status` "
+            "shows it caught up", not_applied=True)
 
     @handled
     def TransferLeader(self, request: Any, context: grpc.ServicerContext) -> Any:

@@ -208,6 +208,32 @@ def test_new_node_joins_as_learner_is_promoted_and_old_ids_are_never_reused(clus
     assert "already a member" in err.value.details()
 
 
+def test_a_learner_that_is_not_running_or_behind_is_not_promoted(cluster: InProcessCluster) -> None:
+    """Promoting a learner that is down would raise the quorum to 3 of 4 with a voter that never
+    answers: one more node lost and no leader could be elected. The promotion is refused,
+    nothing changes, and the same learner is promoted once it runs and caught up."""
+    with Client(cluster.addresses(), timeout=10) as client:
+        client.enqueue_many(_messages(20, "p"))
+    leader = cluster.leader()
+    cluster.configs[4] = _config(cluster.root, cluster.key, 4, cluster.sites, cluster.ports, [1, 2, 3, 4])
+    prepare_join(cluster.configs[4], "t")
+    stub = admin_pb2_grpc.AdminStub(grpc.insecure_channel(leader.config.listen))
+    req = admin_pb2.MembershipRequest
+    stub.ChangeMembership(req(op=req.ADD_LEARNER, node_id=4, site="c", address=cluster.configs[4].listen))
+    with pytest.raises(grpc.RpcError) as err:  # node 4 does not run
+        stub.ChangeMembership(req(op=req.PROMOTE, node_id=4), timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "node 4 is not ready to vote" in err.value.details() and "answered" in err.value.details()
+    assert ("mqstore-not-applied", "1") in tuple(err.value.trailing_metadata() or ())
+    assert sorted(leader.node.raw.conf_state.voters) == [1, 2, 3]
+    with Client(cluster.addresses(), timeout=10) as client:
+        client.enqueue_many(_messages(5, "q"))  # the cluster goes on as before
+    cluster.start(4)
+    cluster.wait_applied(4, leader.node.applied_index)
+    stub.ChangeMembership(req(op=req.PROMOTE, node_id=4), timeout=30)
+    assert 4 in leader.node.raw.conf_state.voters
+
+
 def test_bootstrap_refuses_a_site_majority_and_unsatisfiable_min_sites(tmp_path: Path) -> None:
     key = create_key_file(tmp_path / "k")
     ports = {1: 1, 2: 2, 3: 3}
