@@ -315,6 +315,27 @@ def test_checkpoints_every_t_ms() -> None:
     assert report.checkpoints_checked == 5
 
 
+def test_a_node_adopting_another_nodes_log_signs_its_checkpoints_that_match() -> None:
+    """A snapshot brings another node's checkpoints: the receiving node signs each one again with
+    its own key, but only where its records hash to the checkpoint's root."""
+    kv = MemoryKV()
+    sender = AuditLog(FORGER, HMAC_KEY, checkpoint_every=4, checkpoint_ms=10**9)
+    for i in range(10):
+        sender.append(kv, {"op": "x"}, 1000 + i)
+    assert [c.size for c in checkpoints(kv)] == [4, 8]
+    assert not verify(kv, SIGNER.public_key(), checkpoint_every=4, checkpoint_ms=10**9).ok  # another key
+    # the copy's checkpoint 8 does not match its records (a record changed on the way)
+    (key, data), = [(k, v) for k, v in kv.scan(TABLE_AUDIT, b"") if k == _U64.pack(6)]
+    kv.put(TABLE_AUDIT, key, data.replace(b'"x"', b'"y"'))
+    receiver = AuditLog(SIGNER, HMAC_KEY, checkpoint_every=4, checkpoint_ms=10**9)
+    assert receiver.adopt_checkpoints(kv) == 1
+    by_size = {c.size: c for c in checkpoints(kv)}
+    assert by_size[4].key_id == key_id(SIGNER.public_key())
+    assert by_size[4].signature_problem(SIGNER.public_key()) is None
+    assert by_size[8].key_id == key_id(FORGER.public_key())  # left as it was: verify reports it
+    assert receiver.adopt_checkpoints(kv) == 0  # nothing more it can sign
+
+
 def test_unsigned_checkpoints_are_reported_when_a_key_is_expected() -> None:
     b = MemoryBackend()
     fill(b, 8, signer=None)

@@ -16,6 +16,7 @@ import pytest
 from test_node import InProcessCluster, _config, _messages
 
 from mqstore.client import Client
+from mqstore.compliance import audit, signing
 from mqstore.config import parse
 from mqstore.crypto import create_key_file
 from mqstore.crypto.keyring import META_SCRUB_PENDING
@@ -227,6 +228,35 @@ def test_a_node_that_installed_a_snapshot_is_never_behind_its_compliance_time(cl
     with server.node.read_state() as kv:
         applied = machine.compliance_clock_ms(kv)
     assert server.queue.compliance_clock.now_ms() >= applied
+
+
+def test_a_node_that_installed_a_snapshot_verifies_its_audit_log_with_its_own_key(cluster: InProcessCluster) -> None:
+    """The snapshot brings the leader's checkpoints, signed by the leader; the new node signs them
+    again (the records match their roots), so `audit verify` with its own key passes as on every
+    other node, instead of reporting checkpoints "signed by another key"."""
+    leader = cluster.leader()
+    victim = next(i for i in cluster.servers if i != leader.node.node_id)
+    cluster.stop(victim)
+    with Client(cluster.addresses(), timeout=10) as client:
+        client.set_policy("finance", mode="compliance", retention_days=30)
+        for k in range(20):
+            client.enqueue(mail_from="cfo@example.org", recipients=[f"r{k}@example.net"], data=b"x",
+                           namespace="finance")
+        ckpt = client.audit_checkpoint()  # signed by the leader, inside the snapshot
+        assert ckpt is not None
+    snapshot = leader.node.snapshot_now()
+    cluster.start(victim)
+    cluster.wait_applied(victim, snapshot.index)
+    server = cluster.servers[victim]
+    assert server.node.storage.snapshot_meta().index == snapshot.index
+    own = server.queue.audit.log.public_key
+    assert own is not None
+    with server.node.read_state() as kv:
+        report = audit.verify(kv, own)
+        signers = {c.key_id for c in audit.checkpoints(kv)}
+    assert report.ok, report.problems
+    assert report.signatures_checked >= 1
+    assert signers == {signing.key_id(own)}
 
 
 def test_a_node_that_installed_a_snapshot_taken_by_a_scrub_scrubs_at_once(cluster: InProcessCluster) -> None:

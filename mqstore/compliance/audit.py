@@ -570,6 +570,34 @@ class AuditLog:
         state = _State.load(kv)
         return state.ckpt_time + self.checkpoint_ms if state.seq > state.ckpt_size else None
 
+    def adopt_checkpoints(self, kv: KV) -> int:
+        """After another node's copy of the store became this node's (a snapshot installed): sign
+        with this node's key the checkpoints the other node signed, each only if this log's
+        records hash to its root (one that does not match is left as it is, for verify to
+        report), so this node's log verifies with its own key like every other node's. Returns
+        how many were signed."""
+        if self._signer is None:
+            return 0
+        foreign = {ckpt.size: ckpt for ckpt in checkpoints(kv) if ckpt.key_id != self._key_id}
+        if not foreign:
+            return 0
+        last = max(foreign)
+        frontier: list[bytes] = []
+        adopted = []
+        for size, (key, data) in enumerate(kv.scan(TABLE_AUDIT, b""), start=1):
+            if key != _seq_key(size):
+                break  # a gap: nothing after it can match
+            frontier_push(frontier, size - 1, leaf_hash(data))
+            ckpt = foreign.get(size)
+            if ckpt is not None and frontier_root(frontier).hex() == ckpt.root:
+                signature = self._signer.sign(signed_message(ckpt.size, ckpt.root, ckpt.time)).hex()
+                adopted.append(Checkpoint(ckpt.size, ckpt.root, ckpt.time, signature, self._key_id))
+            if size >= last:
+                break
+        for ckpt in adopted:  # written after the scan (no write while a cursor of the table runs)
+            kv.put(TABLE_CHECKPOINTS, _seq_key(ckpt.size), ckpt.encode())
+        return len(adopted)
+
     def checkpoint(self, kv: KV, time_ms: int) -> Checkpoint | None:
         """Write a checkpoint now if records came since the last one (None: nothing new)."""
         state = _State.load(kv)

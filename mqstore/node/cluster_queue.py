@@ -53,6 +53,7 @@ class ClusterQueue(QueueBase):
         node.applier.on_applied = self._after_apply
         node.log.key_creator = self._create_key
         node.on_state_changed = self._state_changed
+        node.on_snapshot_adopted = self.audit.log.adopt_checkpoints
         self._last_key_id = 0
         #: Told how many messages each enqueue stored anew (not those an idempotency key resolved
         #: to an earlier message): the node's ``mqstore_enqueued_messages_total``.

@@ -295,6 +295,8 @@ class Node:
         #: under it: after applying a POLICY or DROP entry (whichever node proposed it; False),
         #: and after a snapshot replaced the whole state (True). The queue drops its caches then.
         self.on_state_changed: Callable[[bool], None] | None = None
+        #: Called in the transaction that makes a received snapshot copy this node's state.
+        self.on_snapshot_adopted: Callable[[LmdbKV], object] | None = None
 
     # --- public ----------------------------------------------------------------------------------
 
@@ -900,6 +902,8 @@ class Node:
                 for key, value in self.storage.installed_snapshot_meta(meta, hard).items():
                     txn.put(key, value, db=meta_db)
                 txn.put(b"log.first", _U64.pack(meta.index + 1), db=meta_db)
+                if self.on_snapshot_adopted is not None:  # the audit's checkpoints, signed by this node
+                    self.on_snapshot_adopted(LmdbKV(txn, env.dbs))
                 after = _U64.pack(meta.index + 1)
                 for db in (log_db, env.dbs[b"quarantine"]):  # quarantine: the sender's records
                     with txn.cursor(db=db) as cur:
