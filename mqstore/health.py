@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 from grpc_health.v1 import health, health_pb2
 
 from mqstore.diskspace import DiskSpace
@@ -25,6 +27,42 @@ log = logging.getLogger(__name__)
 
 SERVICES = ("", "mqstore.v1.Queue")
 CHECK_INTERVAL_S = 0.25
+
+
+class NodeHealthServicer(health.HealthServicer):  # type: ignore[misc]
+    """grpcio-health's servicer, answering only for the services a node reports (SERVICES):
+    another name is NOT_FOUND, and is not remembered. (The library keeps every name ever
+    watched, for ever: a caller watching new names would grow the node's memory without bound.)"""
+
+    def Check(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if request.service not in SERVICES:
+            return self._unknown(request, context)
+        return super().Check(request, context)
+
+    def Watch(self, request: Any, context: grpc.ServicerContext,
+              send_response_callback: Callable[[Any], None] | None = None) -> Any:
+        if request.service not in SERVICES:
+            return self._unknown_watch(request, context)
+        return super().Watch(request, context, send_response_callback)
+
+    @staticmethod
+    def _unknown(request: Any, context: grpc.ServicerContext) -> Any:
+        context.set_code(grpc.StatusCode.NOT_FOUND)
+        context.set_details(_unknown_details(request.service))
+        return health_pb2.HealthCheckResponse()
+
+    @staticmethod
+    def _unknown_watch(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        # SERVICE_UNKNOWN (what the protocol sends for a name it does not know yet), then the
+        # call ends: the name will never be known here.
+        yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+        context.set_code(grpc.StatusCode.NOT_FOUND)
+        context.set_details(_unknown_details(request.service))
+
+
+def _unknown_details(service: str) -> str:
+    shown = service if len(service) <= 64 else service[:64] + "..."
+    return f"unknown service {shown!r}: this node reports {', '.join(repr(s) for s in SERVICES)}"
 
 
 class NodeHealth:
@@ -44,7 +82,7 @@ class NodeHealth:
         self.data_dir = Path(data_dir)
         self.leader_id = leader_id
         self.on_leader_change = on_leader_change
-        self.servicer = health.HealthServicer()
+        self.servicer = NodeHealthServicer()
         self.disk = DiskSpace(self.data_dir, disk_free_min_bytes, disk_free_min_percent, what=f"node {node_id}",
                               settings="health.disk_free_min_bytes / disk_free_min_percent")
         self.serving = False
@@ -97,4 +135,4 @@ class NodeHealth:
             self._thread.join(2)
 
 
-__all__ = ["CHECK_INTERVAL_S", "SERVICES", "NodeHealth"]
+__all__ = ["CHECK_INTERVAL_S", "SERVICES", "NodeHealth", "NodeHealthServicer"]

@@ -5,7 +5,9 @@ For a client call, in this order (cheapest first; nothing is written before the 
 
 1. a request id (``x-request-id`` metadata, or a new one) for the logs;
 2. authentication (:class:`~mqstore.security.auth.Authenticator`) -> UNAUTHENTICATED;
-3. the client's request rate (a token bucket per identity; per connection when anonymous; a
+3. the client's request rate (a token bucket per identity; per connection when anonymous; calls
+   failing authentication are refused by the rate of their source address, whatever the
+   connection, and of the whole node, UNAUTHENTICATED_PER_SECOND, before each is audited; a
    request counts 1 plus 1 per RATE_COST_BYTES it carries): a call over it waits for its turn
    when that is within a second and the client has at most CLIENT_WAITING_CALLS_MAX calls
    waiting (one connection can have no more in flight); else it is refused with
@@ -24,6 +26,11 @@ For a client call, in this order (cheapest first; nothing is written before the 
    flood of calls cannot stall replication. A call answered with a stream (Admin.Verify,
    Admin.Backup) counts as one of its client's streams, and a node runs at most
    STORE_COPIES_MAX calls that copy its whole store at once.
+
+Health checks and server reflection ("open" calls) need no identity, but are counted in flight
+within the clients' share of the threads (so never the peers' reserve), at most
+OPEN_CALLS_PER_SOURCE_MAX per source address and half the clients' share in all, and take turns
+from their address's rate: idle reflection streams or health Watches cannot hold every thread.
 
 An open EnqueueStream is authenticated again on its next frame once a second has passed since the
 last check: a token removed from the tokens file (nodes re-read it within a second) ends the
@@ -218,6 +225,34 @@ class _Counter:
 #: An open stream's credentials are checked again at most this often (a token lookup: an HMAC).
 STREAM_REAUTHENTICATE_S = 1.0
 
+#: Health and reflection calls one source address may have in flight at once (they need no
+#: identity, so they are counted per address; each holds a server thread while it lasts).
+OPEN_CALLS_PER_SOURCE_MAX = 8
+
+#: Calls failing authentication a node audits per second, from all sources together (each is a
+#: replicated audit record); more are refused by rate, not audited. Each source address has its
+#: own bucket too (the client rate), so one flooding address does not take them all.
+UNAUTHENTICATED_PER_SECOND = 50.0
+UNAUTHENTICATED_BURST = 200.0
+
+
+def source_key(peer: str | None) -> str:
+    """The rate-limiter key of a caller without an identity: its IP address, without the port
+    (``ipv4:10.0.0.7:51234`` and ``ipv6:[::1]:51234`` as gRPC names them), so reconnecting does
+    not give it a fresh bucket; a Unix socket's callers share one key."""
+    text = peer or ""
+    kind, _, rest = text.partition(":")
+    if kind == "ipv4":
+        address = rest.rsplit(":", 1)[0]
+    elif kind == "ipv6":
+        address = rest[1:].split("]", 1)[0] if rest.startswith("[") else rest.rsplit(":", 1)[0]
+    elif kind.startswith("unix"):
+        address = "unix"
+    else:
+        address = text or "unknown"
+    return "source:" + address
+
+
 #: Calls that copy a node's whole store (Admin.Verify, Admin.Backup: disk space and I/O of the
 #: store's size each) a node runs at once; more are refused with RESOURCE_EXHAUSTED.
 STORE_COPIES_MAX = 2
@@ -269,6 +304,13 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         #: Calls waiting for their client's turn (they hold a thread each: at most half of them).
         self.waiting = _Counter()
         self.waiting_max = max(limits.CLIENT_WAITING_CALLS_MAX, client_calls_max // 2)
+        #: Health and reflection calls in flight (also counted in ``in_flight``).
+        self.open_calls = _Counter()
+        self.open_calls_max = max(1, client_calls_max // 2)
+        #: One bucket for every call that fails authentication, whatever its source: each is an
+        #: audit record (a replicated entry and an fsync on every node).
+        self.unauthenticated = RateLimiter(min(edge.requests_per_second, UNAUTHENTICATED_PER_SECOND),
+                                           min(edge.requests_burst, UNAUTHENTICATED_BURST))
         self._label_cache: dict[str, str] = {}
 
     # --- dispatch ----------------------------------------------------------------------------------
@@ -280,10 +322,108 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         method: str = details.method
         rule = method_rule(method)
         if rule.kind == "open":
-            return handler
+            return self._open_handler(handler, method)
         if rule.kind == "peer":
             return self._peer_handler(handler, method)
         return self._client_handler(handler, method, rule, details.invocation_metadata)
+
+    # --- open calls (health, reflection) ----------------------------------------------------------
+
+    def _open_handler(self, handler: Any, method: str) -> Any:
+        """Health checks and reflection need no identity, but each call holds one of the node's
+        threads while it lasts (a reflection stream or a health Watch as long as its caller
+        likes): they are counted in flight like client calls, within the client share of the
+        threads (never the peers' reserve), at most OPEN_CALLS_PER_SOURCE_MAX from one address
+        and at most half the client share in all; each call and each frame takes a turn from
+        its address's rate. Over a limit: RESOURCE_EXHAUSTED."""
+        if handler.request_streaming and handler.response_streaming:
+            inner_ss = handler.stream_stream
+
+            def stream_stream(request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+                key = self._admit_open(method, context)
+                try:
+                    yield from inner_ss(self._open_frames(method, key, request_iterator, context), context)
+                finally:
+                    self._leave_open(key)
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream, handler.request_deserializer,
+                                                         handler.response_serializer)
+        if handler.request_streaming:
+            inner_su = handler.stream_unary
+
+            def stream_unary(request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+                key = self._admit_open(method, context)
+                try:
+                    return inner_su(self._open_frames(method, key, request_iterator, context), context)
+                finally:
+                    self._leave_open(key)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer,
+                                                        handler.response_serializer)
+        if handler.response_streaming:
+            inner_us = handler.unary_stream
+
+            def unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                key = self._admit_open(method, context)
+                try:
+                    yield from inner_us(request, context)
+                finally:
+                    self._leave_open(key)
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer,
+                                                        handler.response_serializer)
+        inner_uu = handler.unary_unary
+
+        def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
+            key = self._admit_open(method, context)
+            try:
+                return inner_uu(request, context)
+            finally:
+                self._leave_open(key)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
+                                                   handler.response_serializer)
+
+    def _admit_open(self, method: str, context: grpc.ServicerContext) -> str:
+        """Count an open call in flight (see :meth:`_open_handler`); its key, for
+        :meth:`_leave_open`. Aborts the call when refused."""
+        key = source_key(context.peer())
+        try:
+            if not self.rates.take(key):
+                raise _refused(errors.Overloaded(f"too many requests from {key[len('source:'):]}: slow down"), "rate")
+            why = self.open_calls.enter(self.open_calls_max)
+            if why is not None:
+                raise _refused(errors.Overloaded(
+                    f"node busy: health and reflection calls: {why}; retry shortly"), "busy")
+            why = self.in_flight.enter(self.client_calls_max, "open:" + key, OPEN_CALLS_PER_SOURCE_MAX)
+            if why is not None:
+                self.open_calls.leave()
+                raise _refused(errors.Overloaded(
+                    f"node busy: health and reflection calls and client calls: {why} (from this address); "
+                    "retry shortly"), "busy")
+        except _Refused as refused:
+            self._count(method, refused.code.name, refused.reason, refused.error)
+            _abort(context, refused)
+        return key
+
+    def _leave_open(self, key: str) -> None:
+        self.in_flight.leave("open:" + key)
+        self.open_calls.leave()
+
+    def _open_frames(self, method: str, key: str, frames: Iterator[Any],
+                     context: grpc.ServicerContext) -> Iterator[Any]:
+        """An open stream's frames, each taking a turn from its address's rate (waiting for it
+        when that is soon; else the stream ends, RESOURCE_EXHAUSTED)."""
+        for frame in frames:
+            wait = self.rates.reserve(key, limits.STREAM_THROTTLE_WAIT_MS_MAX / 1000)
+            if wait is None:
+                refused = _refused(errors.Overloaded(f"too many requests from {key[len('source:'):]}: slow down"),
+                                   "rate")
+                self._count(method, refused.code.name, refused.reason, refused.error)
+                _abort(context, refused)
+            elif wait > 0:
+                time.sleep(wait)
+            yield frame
 
     # --- peers -------------------------------------------------------------------------------------
 
@@ -295,6 +435,11 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             if self.tls:
                 ident = peer_identity(context)
                 if ident is None or ident.kind != "node":
+                    try:
+                        self._check_unauthenticated_rate(context)
+                    except _Refused as refused:
+                        self._count(method, refused.code.name, refused.reason, refused.error)
+                        _abort(context, refused)
                     who = "no identity" if ident is None else f"client {ident.name!r}"
                     reason = f"only cluster nodes may call {method}; this certificate names {who}"
                     self._deny(unauthenticated_actor(context), method, reason)
@@ -434,14 +579,24 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         try:
             return self.host.authenticator.authenticate(metadata, context)
         except errors.Unauthenticated as exc:
-            # An unauthenticated flood is refused by rate, not audited call by call.
-            if not self.rates.take("peer:" + (context.peer() or "")):
-                raise _refused(errors.Overloaded("too many requests from this connection"), "rate") from None
+            self._check_unauthenticated_rate(context)
             self._deny(unauthenticated_actor(context), method, str(exc))
             raise _refused(exc, "unauthenticated") from None
 
+    def _check_unauthenticated_rate(self, context: grpc.ServicerContext) -> None:
+        """A flood of calls without a valid identity is refused by rate (RESOURCE_EXHAUSTED, not
+        audited) before each would be audited: per source address (not per connection: a
+        client reconnecting gets no fresh bucket), and UNAUTHENTICATED_PER_SECOND for the node."""
+        if not self.rates.take(source_key(context.peer())):
+            raise _refused(errors.Overloaded("too many requests from this address: slow down"), "rate")
+        if not self.unauthenticated.take("node"):
+            raise _refused(errors.Overloaded(
+                "too many calls that fail authentication reach this node: slow down, and check the credentials"),
+                "rate")
+
     def _rate_key(self, actor: Actor, context: grpc.ServicerContext) -> str:
         if actor.auth == "none":
+            # Anonymous (an insecure trial node: every role to everyone): one client per connection.
             return "peer:" + (context.peer() or "")
         return f"{actor.auth}:{actor.name}"
 
