@@ -315,6 +315,19 @@ def test_checkpoints_every_t_ms() -> None:
     assert report.checkpoints_checked == 5
 
 
+def test_verify_notes_the_records_no_checkpoint_covers_yet() -> None:
+    kv = MemoryKV()
+    log = AuditLog(SIGNER, HMAC_KEY, checkpoint_every=4, checkpoint_ms=100)
+    for i in range(6):
+        log.append(kv, {"op": "x"}, i)
+    report = verify(kv, SIGNER.public_key(), checkpoint_every=4, checkpoint_ms=100)
+    assert report.ok
+    assert any("records 5..6 are not covered by a signed checkpoint yet" in n for n in report.notes), report.notes
+    assert log.tick(kv, 200) is not None
+    report = verify(kv, SIGNER.public_key(), checkpoint_every=4, checkpoint_ms=100)
+    assert report.ok and not any("not covered" in n for n in report.notes), report.notes
+
+
 def test_a_node_adopting_another_nodes_log_signs_its_checkpoints_that_match() -> None:
     """A snapshot brings another node's checkpoints: the receiving node signs each one again with
     its own key, but only where its records hash to the checkpoint's root."""
