@@ -61,7 +61,8 @@ class Method:
     which namespaces the request touches; ``lookup`` says the request names ``messages`` (ids)
     or ``tokens`` (lease tokens) whose namespaces the node looks up; ``keys`` extracts them.
     ``copies_store``: the call copies the node's whole store (disk and I/O of its size), so the
-    edge lets only a few run at once on a node."""
+    edge lets only a few run at once on a node. ``nodes``: a caller presenting a cluster node's
+    certificate may make the call without ``permission`` (a peer repairing its log)."""
 
     kind: str
     permission: str = ""
@@ -71,6 +72,7 @@ class Method:
     enqueue: bool = False
     write: bool = False
     copies_store: bool = False
+    nodes: bool = False
 
 
 def _every(_: Any) -> list[str] | None:
@@ -121,7 +123,9 @@ METHODS: dict[str, Method] = {
     _A + "ChangeMembership": Method("client", "membership", write=True),
     _A + "TransferLeader": Method("client", "membership", write=True),
     _A + "Snapshot": Method("client", "membership", write=True),
-    _A + "ReadRecords": Method("client", "read", _every),
+    # Raw log records hold everything, the audit log's entries included: the ``audit``
+    # permission (role compliance), or a node's certificate (a peer repairing damaged records).
+    _A + "ReadRecords": Method("client", "audit", _every, nodes=True),
     _A + "Repair": Method("client", "membership", write=True),
     _A + "Verify": Method("client", "read", _every, copies_store=True),
     _A + "Backup": Method("client", "membership", copies_store=True),

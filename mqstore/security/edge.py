@@ -594,6 +594,13 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 "too many calls that fail authentication reach this node: slow down, and check the credentials"),
                 "rate")
 
+    def _from_node(self, context: grpc.ServicerContext) -> bool:
+        """Whether the caller presented a cluster node's certificate (over TLS)."""
+        if not self.tls:
+            return False
+        ident = peer_identity(context)
+        return ident is not None and ident.kind == "node"
+
     def _rate_key(self, actor: Actor, context: grpc.ServicerContext) -> str:
         if actor.auth == "none":
             # Anonymous (an insecure trial node: every role to everyone): one client per connection.
@@ -722,7 +729,8 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     raise _malformed(method, request)
                 if rule.enqueue:
                     self._check_messages([request.message] if method.endswith("/Enqueue") else request.messages)
-                self._authorize(actor, method, rule, request)
+                if not (rule.nodes and self._from_node(context)):
+                    self._authorize(actor, method, rule, request)
                 if rule.enqueue:
                     refusal = self.host.enqueue_refusal()
                     if refusal is not None:

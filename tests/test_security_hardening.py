@@ -1,0 +1,102 @@
+"""Permissions at a TLS node's edge that the rules table alone did not make plain: the raw log
+(Admin.ReadRecords, audit records included) is for the ``audit`` permission and for peers, and a
+request naming no namespace still needs its permission."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from mqstore.proto import admin_pb2, admin_pb2_grpc, queue_pb2, queue_pb2_grpc
+from mqstore.security.certs import CertPair
+from mqstore.security.tokens import TokenStore
+from mqstore.server import AdminService
+from mqstore.testing.cluster import wait_until
+from mqstore.testing.secure import InProcessCluster, Pki
+
+ROLES = {
+    "ops": (["admin", "reader"], None),
+    "officer": (["compliance"], None),
+    "reader": (["reader"], None),
+    "alpha-reader": (["reader"], ["alpha"]),
+    "producer": (["producer"], None),
+}
+
+
+class Cluster:
+    """Two TLS nodes with a tokens file."""
+
+    def __init__(self, root: Path) -> None:
+        self.pki = Pki(root / "pki")
+        store = TokenStore(root / "tokens.json", create=True)
+        self.tokens = {name: store.add(name, roles, ns) for name, (roles, ns) in ROLES.items()}
+        extra: dict[str, Any] = {"auth": {"tokens_file": str(root / "tokens.json")}}
+        self.cluster = InProcessCluster(root / "cluster", ["a", "b"], pki=self.pki, extra=extra)
+        self.leader = self.cluster.leader()
+        self.address = self.cluster.address(self.leader.node.node_id)
+        self.plain = self.pki.client("no-roles", [])
+
+    def channel(self, pair: CertPair | None = None, address: str | None = None) -> grpc.Channel:
+        pair = pair or self.plain
+        creds = grpc.ssl_channel_credentials(self.pki.ca_pem.read_bytes(), pair.key.read_bytes(),
+                                             pair.cert.read_bytes())
+        return grpc.secure_channel(address or self.address, creds,
+                                   options=[("grpc.ssl_target_name_override", "localhost")])
+
+
+def _md(token: str) -> list[tuple[str, str]]:
+    return [("authorization", "Bearer " + token)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("hardening"))
+    try:
+        yield c
+    finally:
+        c.cluster.close()
+
+
+def _code(call: Any) -> tuple[str, str]:
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code().name, exc.details() or ""
+    return "OK", ""
+
+
+# --- Admin.ReadRecords: the raw log, audit records included -------------------------------------------
+
+
+def test_raw_log_records_need_the_audit_permission_or_a_node_certificate(cluster: Cluster) -> None:
+    """The raw records hold the audit log's entries (who was refused what, from where): an admin
+    or a reader may not read them (as they may not read the audit log), a compliance officer
+    may, and so may a node's certificate: a peer repairing its log still gets its copies."""
+    # A denial to find in the raw log.
+    with cluster.channel() as ch:
+        assert _code(lambda: queue_pb2_grpc.QueueStub(ch).Lease(
+            queue_pb2.LeaseRequest(worker="w"), metadata=_md(cluster.tokens["producer"]), timeout=10))[0] == \
+            "PERMISSION_DENIED"
+    last = cluster.leader.node.raw.commit_index
+    request = admin_pb2.ReadRecordsRequest(indices=list(range(1, last + 1)))
+    with cluster.channel() as ch:
+        stub = admin_pb2_grpc.AdminStub(ch)
+        for who in ("ops", "reader"):
+            code, details = _code(lambda who=who: stub.ReadRecords(request, metadata=_md(cluster.tokens[who]),
+                                                                   timeout=10))
+            assert code == "PERMISSION_DENIED", (who, code, details)
+            assert "'audit' permission (role compliance)" in details
+        assert _code(lambda: stub.ReadRecords(request, timeout=10))[0] == "PERMISSION_DENIED"  # no roles
+        answer = stub.ReadRecords(request, metadata=_md(cluster.tokens["officer"]), timeout=10)
+        assert b"needs the 'lease' permission" in b"".join(r.data for r in answer.records)
+    # The other node, as a peer repairing damaged records asks it (its own node certificate).
+    follower = next(s for s in cluster.cluster.servers.values() if s is not cluster.leader)
+    wait_until(lambda: follower.node.raw.commit_index >= last, timeout=10)
+    admin = AdminService(cluster.leader.node, cluster.leader.queue, cluster.leader.in_flight)
+    found, notes = admin._peer_fetch(list(range(1, last + 1)))
+    assert last in found, notes  # (the first records may be compacted behind a snapshot there)
+    assert not any("PERMISSION_DENIED" in note for note in notes), notes
