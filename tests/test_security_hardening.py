@@ -100,3 +100,62 @@ def test_raw_log_records_need_the_audit_permission_or_a_node_certificate(cluster
     found, notes = admin._peer_fetch(list(range(1, last + 1)))
     assert last in found, notes  # (the first records may be compacted behind a snapshot there)
     assert not any("PERMISSION_DENIED" in note for note in notes), notes
+
+
+# --- a client certificate's empty namespace list ---------------------------------------------------
+
+
+def _client_cert_with_uri(cluster: Cluster, uri: str, out: Path) -> CertPair:
+    """A client certificate whose SAN URI is ``uri`` (as another PKI, or an older mqstore, may write it)."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from mqstore.security.certs import CA, _write_pair
+
+    ca = CA.load(cluster.pki.root)
+    cert, key = ca._issue("tenant-x", [x509.UniformResourceIdentifier(uri)], [ExtendedKeyUsageOID.CLIENT_AUTH], 30,
+                          None, None)
+    return _write_pair(cert, key, out / "tenant-x.pem", out / "tenant-x.key")
+
+
+def test_a_certificate_with_an_empty_namespace_list_grants_no_namespace(cluster: Cluster, tmp_path: Path) -> None:
+    """``namespaces=`` (blank) in a client certificate limits it to no namespace; it used to be
+    read as "every namespace" (the blank value was dropped)."""
+    from cryptography import x509
+
+    from mqstore.security.certs import identity_of
+
+    pair = _client_cert_with_uri(cluster, "mqstore://client/tenant-x?roles=admin,reader&namespaces=", tmp_path)
+    ident = identity_of(x509.load_pem_x509_certificate(pair.cert.read_bytes()))
+    assert ident is not None and ident.namespaces == frozenset()
+    with cluster.channel(pair) as ch:
+        stub = queue_pb2_grpc.QueueStub(ch)
+        code, details = _code(lambda: stub.Stats(queue_pb2.StatsRequest(), timeout=10))
+        assert code == "PERMISSION_DENIED", (code, details)
+        code, details = _code(lambda: stub.List(queue_pb2.ListRequest(namespace="default"), timeout=10))
+        assert code == "PERMISSION_DENIED", (code, details)
+        assert "may not act in namespace 'default'" in details
+
+
+def test_an_empty_namespace_list_is_refused_when_issuing_or_adding(cluster: Cluster, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from mqstore.errors import InvalidArgument
+    from mqstore.security.certs import CA
+
+    ca = CA.load(cluster.pki.root)
+    with pytest.raises(InvalidArgument, match="an empty list would allow no namespace"):
+        ca.issue_client("tenant-y", tmp_path, roles=["reader"], namespaces=[])
+    store = TokenStore(tmp_path / "tokens.json", create=True)
+    with pytest.raises(InvalidArgument, match="an empty list would allow no namespace"):
+        store.add("tenant-y", ["reader"], [])
+    for argv in (["certs", "issue", "client", "--dir", str(cluster.pki.root), "--name", "tenant-y", "--roles",
+                  "reader", "--namespaces", ",", "--out", str(tmp_path)],
+                 ["tokens", "add", "tenant-y", "--file", str(tmp_path / "tokens.json"), "--roles", "reader",
+                  "--namespaces", ","]):
+        run = subprocess.run([sys.executable, "-m", "mqstore", *argv], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2, (argv, run.stdout, run.stderr)
+        assert "an empty list would allow no namespace" in run.stderr
+    assert not (tmp_path / "client-tenant-y.pem").exists()
+    assert "tenant-y" not in (tmp_path / "tokens.json").read_text()

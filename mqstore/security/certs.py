@@ -267,6 +267,10 @@ class CA:
         check_name(name, "a client's name")
         role_set = check_roles(list(roles))
         spaces = check_namespaces(namespaces)
+        if spaces is not None and not spaces:
+            raise InvalidArgument(
+                "namespaces: an empty list would allow no namespace at all: name at least one, or leave "
+                "namespaces out for every namespace")
         query = {"roles": ",".join(sorted(role_set))}
         if spaces is not None:
             query["namespaces"] = ",".join(sorted(spaces))
@@ -295,7 +299,9 @@ def identity_of(cert: x509.Certificate) -> Identity | None:
         elif uri.startswith(CLIENT_URI_PREFIX):
             parsed = urllib.parse.urlsplit(uri)
             name = urllib.parse.unquote(parsed.path.lstrip("/"))
-            query = urllib.parse.parse_qs(parsed.query)
+            # Blank values kept: ``namespaces=`` is an empty list (no namespace), never "every
+            # namespace" (which is what leaving ``namespaces`` out says).
+            query = urllib.parse.parse_qs(parsed.query, keep_blank_values=True)
             try:
                 check_name(name)
                 roles = check_roles([r for r in ",".join(query.get("roles", [])).split(",") if r])

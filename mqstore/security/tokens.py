@@ -153,6 +153,10 @@ class TokenStore:
         if not role_set:
             raise InvalidArgument("a token needs at least one role")
         spaces = check_namespaces(None if namespaces is None else list(namespaces))
+        if spaces is not None and not spaces:
+            raise InvalidArgument(
+                "namespaces: an empty list would allow no namespace at all: name at least one, or leave "
+                "namespaces out for every namespace")
         with self._lock:
             self._load()
             if any(t.name == name for t in self._by_digest.values()):
