@@ -91,6 +91,35 @@ def _check_secret_mode(path: Path, mode: int, what: str) -> None:
         )
 
 
+def read_private_file(path: str | os.PathLike[str], what: str, size_max: int = 1 << 20) -> bytes:
+    """The bytes of a private key file other than mqstore's own secret files (a node's TLS key),
+    refusing one other users could read or change, as :func:`read_secret_file` does (group read
+    allowed). A symbolic link is followed (secret stores mount keys through them): the mode
+    checked is the file's it leads to. Raises KeyFileError."""
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise KeyFileError(f"{what} {p} does not exist") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot open {what} {p}: {exc.strerror}") from None
+    try:
+        _check_secret_mode(p, os.fstat(fd).st_mode, what)
+        os.set_blocking(fd, True)
+        chunks = []
+        size = 0
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > size_max:
+                raise KeyFileError(f"{what} {p} is over {size_max} bytes: not a key")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {what} {p}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def read_secret_file(path: str | os.PathLike[str], what: str) -> tuple[str, bytes]:
     """Read a ``<header>:<hex>`` secret file (a KEK, an audit signing key), refusing symlinks,
     unsafe permissions and malformed contents; returns the header and the key bytes."""
@@ -169,4 +198,5 @@ __all__ = [
     "KeyProvider",
     "create_key_file",
     "read_key_file",
+    "read_private_file",
 ]

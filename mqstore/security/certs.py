@@ -33,7 +33,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mqstore.actor import ROLES
-from mqstore.errors import InvalidArgument
+from mqstore.crypto.providers import read_private_file
+from mqstore.errors import InvalidArgument, KeyFileError
 
 NODE_URI_PREFIX = "mqstore://node/"
 CLIENT_URI_PREFIX = "mqstore://client/"
@@ -327,7 +328,8 @@ def identity_from_pem(pem: bytes) -> Identity | None:
 def check_tls_files(ca_path: Path, cert_path: Path, key_path: Path, *, node_id: int | None = None,
                     where: str = "") -> None:
     """Check a node's TLS material; raises InvalidArgument naming the key and the problem: files
-    readable and PEM, the key matches the certificate, the CA signed it, it is valid now, and
+    readable and PEM, the key private to its owner (no access for other users, no group write),
+    the key matches the certificate, the CA signed it, it is valid now, and
     (with ``node_id``) it names that node."""
     def read(path: Path, key: str) -> bytes:
         try:
@@ -335,7 +337,12 @@ def check_tls_files(ca_path: Path, cert_path: Path, key_path: Path, *, node_id: 
         except OSError as exc:
             raise InvalidArgument(f"{where} {key}: cannot read {path}: {exc.strerror}") from None
 
-    ca_pem, cert_pem, key_pem = read(ca_path, "tls.ca"), read(cert_path, "tls.cert"), read(key_path, "tls.key")
+    ca_pem, cert_pem = read(ca_path, "tls.ca"), read(cert_path, "tls.cert")
+    try:
+        # The node's identity: whoever reads the key can join the cluster as this node.
+        key_pem = read_private_file(key_path, "the TLS key")
+    except KeyFileError as exc:
+        raise InvalidArgument(f"{where} tls.key: {exc}") from None
     try:
         ca = x509.load_pem_x509_certificate(ca_pem)
     except ValueError:

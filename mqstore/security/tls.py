@@ -10,6 +10,9 @@ bearer token when it sends one, else from the certificate (see :mod:`mqstore.sec
 Peers dial each other with the peer's DNS name ``node-<id>.mqstore`` as the TLS target name, so
 the handshake checks the dialed node's identity whatever address or proxy the link goes through;
 the receiving node checks the sender's certificate against each message's ``from``.
+
+A node's key is refused when other users can read it or its group can change it (as the KEK is):
+whoever reads it can join the cluster as that node.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import grpc
 import grpc.aio
 
 from mqstore.config import TLSFiles
-from mqstore.errors import InvalidArgument
+from mqstore.crypto.providers import read_private_file
+from mqstore.errors import InvalidArgument, KeyFileError
 from mqstore.node.transport import CHANNEL_OPTIONS
 from mqstore.security.certs import node_dns_name
 
@@ -39,13 +43,21 @@ def _read(path: Path, what: str) -> bytes:
         raise InvalidArgument(f"cannot read the {what} {path}: {exc.strerror}") from None
 
 
+def _read_node_key(path: Path) -> bytes:
+    """A node's TLS key, refused when other users could read or change it (as the KEK is)."""
+    try:
+        return read_private_file(path, "the node's TLS key (tls.key)")
+    except KeyFileError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
 # --- node side ---------------------------------------------------------------------------------------
 
 
 def server_credentials(tls: TLSFiles) -> grpc.ServerCredentials:
     """Mutual TLS for a node's port: its certificate, and the cluster CA for every caller's."""
     return grpc.ssl_server_credentials(
-        [(_read(tls.key, "TLS key"), _read(tls.cert, "TLS certificate"))],
+        [(_read_node_key(tls.key), _read(tls.cert, "TLS certificate"))],
         root_certificates=_read(tls.ca, "CA certificate"),
         require_client_auth=True,
     )
@@ -58,7 +70,7 @@ class PeerChannelFactory:
     def __init__(self, tls: TLSFiles, options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS) -> None:
         self.credentials = grpc.ssl_channel_credentials(
             root_certificates=_read(tls.ca, "CA certificate"),
-            private_key=_read(tls.key, "TLS key"),
+            private_key=_read_node_key(tls.key),
             certificate_chain=_read(tls.cert, "TLS certificate"),
         )
         self.options = list(options)
