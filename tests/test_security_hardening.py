@@ -159,3 +159,25 @@ def test_an_empty_namespace_list_is_refused_when_issuing_or_adding(cluster: Clus
         assert "an empty list would allow no namespace" in run.stderr
     assert not (tmp_path / "client-tenant-y.pem").exists()
     assert "tenant-y" not in (tmp_path / "tokens.json").read_text()
+
+
+# --- AuditQuery with a where_json nested too deeply -------------------------------------------------
+
+
+@pytest.mark.parametrize(("where", "said"), [
+    ('{"actor": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
+    ("[" * 100_000, "over the 65536 a query may have"),
+])
+def test_an_audit_query_nested_too_deeply_is_invalid_argument(cluster: Cluster, where: str, said: str) -> None:
+    from mqstore.proto import compliance_pb2, compliance_pb2_grpc
+
+    with cluster.channel() as ch:
+        stub = compliance_pb2_grpc.ComplianceStub(ch)
+        code, details = _code(lambda: stub.AuditQuery(compliance_pb2.AuditQueryRequest(where_json=where),
+                                                      metadata=_md(cluster.tokens["officer"]), timeout=10))
+        assert code == "INVALID_ARGUMENT", (code, details)
+        assert said in details
+        # The node goes on answering queries.
+        answer = stub.AuditQuery(compliance_pb2.AuditQueryRequest(where_json='{"outcome": "denied"}'),
+                                 metadata=_md(cluster.tokens["officer"]), timeout=10)
+        assert answer is not None

@@ -32,6 +32,10 @@ def _records(records: list[dict[str, Any]]) -> Any:
     )
 
 
+#: The longest ``where_json`` an AuditQuery may send (a few field names and values).
+WHERE_JSON_CHARS_MAX = 64 * 1024
+
+
 class ComplianceService(compliance_pb2_grpc.ComplianceServicer):  # type: ignore[misc]
     def __init__(self, queue: Any, in_flight: Any) -> None:
         from mqstore.server import handled
@@ -85,8 +89,13 @@ class ComplianceService(compliance_pb2_grpc.ComplianceServicer):  # type: ignore
         return _records(self.queue.audit_records(after=request.after or None, limit=request.limit or 1000))
 
     def AuditQuery(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if len(request.where_json) > WHERE_JSON_CHARS_MAX:
+            raise InvalidArgument(f"where_json is {len(request.where_json)} characters, over the "
+                                  f"{WHERE_JSON_CHARS_MAX} a query may have")
         try:
             where = json.loads(request.where_json) if request.where_json else {}
+        except RecursionError:
+            raise InvalidArgument("where_json is nested too deeply") from None
         except ValueError:
             raise InvalidArgument("where_json is not JSON") from None
         if not isinstance(where, dict):
