@@ -181,3 +181,29 @@ def test_an_audit_query_nested_too_deeply_is_invalid_argument(cluster: Cluster, 
         answer = stub.AuditQuery(compliance_pb2.AuditQueryRequest(where_json='{"outcome": "denied"}'),
                                  metadata=_md(cluster.tokens["officer"]), timeout=10)
         assert answer is not None
+
+
+# --- a request naming no item still needs its permission ----------------------------------------------
+
+
+def test_an_empty_enqueue_needs_the_enqueue_permission(cluster: Cluster) -> None:
+    """An EnqueueBatch or EnqueueStream without messages names no namespace; it is refused with
+    PERMISSION_DENIED (and audited) for an identity without ``enqueue``, as a full one is, not let
+    through to the queue (an empty stream ended OK)."""
+    before = len(cluster.leader.queue.audit_query(where={"outcome": "denied"}))
+    with cluster.channel() as ch:
+        stub = queue_pb2_grpc.QueueStub(ch)
+        for who in ("reader", "alpha-reader"):
+            md = _md(cluster.tokens[who])
+            code, details = _code(lambda md=md: stub.EnqueueBatch(queue_pb2.EnqueueBatchRequest(), metadata=md,
+                                                                  timeout=10))
+            assert code == "PERMISSION_DENIED", (who, code, details)
+            assert "needs the 'enqueue' permission" in details
+            code, details = _code(lambda md=md: list(stub.EnqueueStream(
+                iter([queue_pb2.EnqueueBatchRequest()] * 3), metadata=md, timeout=10)))
+            assert code == "PERMISSION_DENIED", (who, code, details)
+        # A producer's empty batch is not a permission problem.
+        code, details = _code(lambda: stub.EnqueueBatch(queue_pb2.EnqueueBatchRequest(),
+                                                        metadata=_md(cluster.tokens["producer"]), timeout=10))
+        assert code != "PERMISSION_DENIED", details
+    wait_until(lambda: len(cluster.leader.queue.audit_query(where={"outcome": "denied"})) >= before + 4, timeout=10)

@@ -630,6 +630,11 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 spaces = rule.namespaces(request)
                 if spaces is None:
                     self.host.authorize(actor, rule.permission, None)
+                elif not spaces:
+                    # A request naming no item (an empty batch) still needs the permission, in
+                    # some namespace at least.
+                    if rule.permission not in actor.permissions():
+                        self.host.authorize(actor, rule.permission, None)  # "it needs the ... permission"
                 else:
                     for ns in spaces:
                         self.host.authorize(actor, rule.permission, ns)
