@@ -5,17 +5,24 @@ Messages are stored compressed and encrypted in an append-only log on LMDB.
 
 from __future__ import annotations
 
+from mqstore.actor import Actor
 from mqstore.errors import (
     Corruption,
     DecryptionFailed,
+    Immutable,
     InvalidArgument,
     KeyFileError,
     MQStoreError,
     NotFound,
+    NotLeader,
     Overloaded,
+    PermissionDenied,
     StaleLease,
+    StorageFull,
     StoreClosed,
     StoreLocked,
+    Unauthenticated,
+    Unavailable,
     UnknownKey,
     WrongKey,
 )
@@ -34,11 +41,13 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'mqstore' has no attribute {name!r}")
 
 __all__ = [
+    "Actor",
     "AsyncClient",
     "BounceResult",
     "Client",
     "Corruption",
     "DecryptionFailed",
+    "Immutable",
     "InvalidArgument",
     "KeyFileError",
     "Lease",
@@ -46,14 +55,19 @@ __all__ = [
     "Message",
     "MessageSummary",
     "NotFound",
+    "NotLeader",
     "Overloaded",
     "Page",
+    "PermissionDenied",
     "QShape",
     "RecipientStatus",
     "StaleLease",
+    "StorageFull",
     "Store",
     "StoreClosed",
     "StoreLocked",
+    "Unauthenticated",
+    "Unavailable",
     "UnknownKey",
     "WrongKey",
     "__version__",

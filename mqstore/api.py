@@ -1258,8 +1258,9 @@ class Store(QueueBase):
         try:
             if log_store.meta_get(b"node.id") is not None:
                 raise InvalidArgument(
-                    f"{path} is the data dir of a cluster node: write to it through the node (mqstore.Client), "
-                    "not as an embedded store (that would bypass replication)"
+                    f"{path} is the data dir of a cluster node (the trial `mqstore serve` makes one there too): write "
+                    "to it through the node (mqstore.Client), not as an embedded store (that would bypass "
+                    "replication); an embedded store needs another directory"
                 )
             signer_path = Path(audit_signing_key) if audit_signing_key is not None else Path(path) / AUDIT_KEY_FILE
             with log_store.env.read() as txn:  # checkpoints signed already: the store had a key

@@ -243,3 +243,20 @@ def test_a_second_node_on_an_address_in_use_does_not_start(tmp_path: Path) -> No
     finally:
         first.terminate()
         first.wait(30)
+
+
+def test_the_trial_node_and_the_embedded_demo_do_not_mix_up_a_directory(tmp_path: Path) -> None:
+    """`mqstore demo` and the trial `mqstore serve` both default to ./mqstore-data: whichever
+    comes second says what the directory holds and what to do, and changes nothing."""
+    from mqstore.testing.cluster import free_port
+
+    demo = subprocess.run([sys.executable, "-m", "mqstore", "demo"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert demo.returncode == 0, demo.stderr
+    before = sorted(p.name for p in (tmp_path / "mqstore-data").iterdir())
+    serve = subprocess.run([sys.executable, "-m", "mqstore", "serve", "--listen", f"127.0.0.1:{free_port()}"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert serve.returncode == 2, serve.stderr
+    assert "mqstore-data is not a cluster node's data dir: it holds an embedded store" in serve.stderr
+    assert "mqstore serve --data-dir DIR" in serve.stderr
+    assert sorted(p.name for p in (tmp_path / "mqstore-data").iterdir()) == before

@@ -111,8 +111,22 @@ def test_plaintext_client_is_refused(node: Node) -> None:
 
 
 def test_client_without_certificate_is_refused(node: Node) -> None:
-    with Client(node.address, timeout=1.5, tls=node.pki.client_tls(None)) as c, pytest.raises(Unavailable):
+    # The Client says so at once (a token alone does not help) ...
+    with pytest.raises(InvalidArgument, match="require a client certificate"), \
+            Client(node.address, timeout=1.5, tls=node.pki.client_tls(None), token="any") as c:
         c.stats()
+    # ... and the node refuses the handshake of any client without one.
+    ca = node.pki.ca_pem.read_bytes()
+    admin = node.certs["admin"]
+
+    def stats(creds: grpc.ChannelCredentials) -> None:
+        with grpc.secure_channel(node.address, creds) as channel:
+            queue_pb2_grpc.QueueStub(channel).Stats(queue_pb2.StatsRequest(), timeout=5)
+
+    stats(grpc.ssl_channel_credentials(ca, admin.key.read_bytes(), admin.cert.read_bytes()))  # with one: served
+    with pytest.raises(grpc.RpcError) as err:
+        stats(grpc.ssl_channel_credentials(ca))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_wrong_ca_is_refused(node: Node, tmp_path: Path) -> None:

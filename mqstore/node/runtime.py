@@ -218,7 +218,11 @@ class Node:
         try:
             raw_id = self.log.meta_get(META_NODE_ID)
             if raw_id is None:
-                raise NotBootstrapped(f"{config.data_dir} is not a cluster node's data dir")
+                raise NotBootstrapped(
+                    f"{config.data_dir} is not a cluster node's data dir: it holds an embedded store (one "
+                    "`mqstore demo` or mqstore.open made there); give the node another directory (`mqstore serve "
+                    "--data-dir DIR`, or data_dir in its config)"
+                )
             stored_id = _U64.unpack(raw_id)[0]
             if stored_id != config.node_id:
                 raise InvalidArgument(

@@ -100,6 +100,13 @@ class ClientTLS:
     def credentials(self) -> grpc.ChannelCredentials:
         if (self.cert is None) != (self.key is None):
             raise InvalidArgument("give both a client certificate and its key, or neither")
+        if self.cert is None:
+            # Refused here rather than by every node's handshake, which a client only sees as
+            # "Socket closed" after retrying until its timeout.
+            raise InvalidArgument(
+                "mqstore nodes require a client certificate on every TLS connection: give the certificate and "
+                "its key (MQSTORE_CERT and MQSTORE_KEY); a bearer token only sets the roles the calls get"
+            )
         return grpc.ssl_channel_credentials(
             root_certificates=_read(self.ca, "CA certificate"),
             private_key=_read(self.key, "client key") if self.key else None,
