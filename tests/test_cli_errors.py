@@ -7,8 +7,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +183,72 @@ def test_certs_issue_takes_the_limits_and_ascii_names(tmp_path: Path) -> None:
     out = _mqstore("certs", "issue", "client", "--dir", pki, "--name", "mta", "--roles", "producer,,", "--days",
                    "36500")
     assert out.returncode == 0, out.stderr
+
+
+@pytest.fixture(autouse=True)
+def _keep_sigpipe() -> Iterator[None]:
+    """cli.main() run in this process makes SIGPIPE end it quietly (as the command does): undone after."""
+    handler = signal.getsignal(signal.SIGPIPE)
+    yield
+    signal.signal(signal.SIGPIPE, handler)
+
+
+OUT_OF_RANGE = [
+    (["backup", "--server", "127.0.0.1:1", "--no-wait", "--wait", "-1", "--out", "{tmp}/b1.mqbak"], "--wait", "-1"),
+    (["backup", "--server", "127.0.0.1:1", "--no-wait", "--wait", "1e7", "--out", "{tmp}/b2.mqbak"], "--wait", "1e7"),
+    (["backup", "--server", "127.0.0.1:1", "--no-wait", "--wait", "0", "--out", "{tmp}/b3.mqbak"], "--wait", "0"),
+    (["repair", "--data-dir", "{store}", "--index", "99999999999999999999"], "--index", "99999999999999999999"),
+    (["repair", "--server", "127.0.0.1:1", "--index", "-1"], "--index", "-1"),
+    (["cluster", "promote", "--server", "127.0.0.1:1", "--id", "-1"], "--id", "-1"),
+    (["cluster", "remove", "--server", "127.0.0.1:1", "--id", "0"], "--id", "0"),
+    (["cluster", "transfer-leader", "--server", "127.0.0.1:1", "--to", "-1"], "--to", "-1"),
+    (["cluster", "add", "--server", "127.0.0.1:1", "--id", str(2**64), "--site", "d", "--address", "10.0.0.1:7001"],
+     "--id", str(2**64)),
+    (["recover", "--config", "{tmp}/node.toml", "--server", "127.0.0.1:1", "--wait", "1", "--timeout", "1",
+      "--replace", "-3"], "--replace", "-3"),
+]
+
+
+@pytest.mark.parametrize(("template", "option", "value"), OUT_OF_RANGE,
+                         ids=[f"{t[0]} {o} {v}" for t, o, v in OUT_OF_RANGE])
+def test_out_of_range_numbers_are_refused_by_name_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], template: list[str], option: str, value: str
+) -> None:
+    """Ids, log indexes and waits out of range (negative, zero, past 64 bits, a wait past what a
+    node is asked for) are refused naming the option, before any call: no traceback, exit 2."""
+    import mqstore
+    from mqstore import cli
+
+    store = tmp_path / "store"
+    with mqstore.open(store, key_file=create_key_file(tmp_path / "kek.key"), background=False):
+        pass
+    _node_toml(tmp_path)
+    args = [a.format(tmp=tmp_path, store=store) for a in template]
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*args, "--json"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {option}: '{value}' is not " in err, err
+    assert "Traceback" not in err
+
+
+def test_a_sub_millisecond_backup_wait_is_not_the_nodes_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--wait 0.0001`` asks the node to wait 1 ms, not 0 ms (which the node reads as its
+    default of 30 s)."""
+    from mqstore import cli
+    from mqstore.ops import remote
+
+    asked: list[Any] = []
+
+    class Stub:
+        def Backup(self, request: Any, timeout: float) -> Any:
+            asked.append(request)
+            return iter(())
+
+    monkeypatch.setattr(remote, "stub", lambda client, address: Stub())
+    cli.main(["backup", "--server", "127.0.0.1:1", "--no-wait", "--wait", "0.0001", "--out",
+              str(tmp_path / "b.mqbak"), "--json"])
+    capsys.readouterr()
+    assert [r.wait_ms for r in asked] == [1]

@@ -5,6 +5,7 @@ a membership change it had not applied."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -215,6 +216,14 @@ def test_each_membership_step_retries_and_counts_a_change_made_by_a_failed_call(
     with pytest.raises(MQStoreError, match="fewer than 2 sites"):
         recover._Waiter(object(), 5, said.append).change("remove", 2, lambda m: m is None)
     assert fake.proposals[-1] == ("remove", 2) and 2 in [m["id"] for m in fake.members]
+
+
+@pytest.fixture(autouse=True)
+def _keep_sigpipe() -> Iterator[None]:
+    """cli.main() run in this process makes SIGPIPE end it quietly (as the command does): undone after."""
+    handler = signal.getsignal(signal.SIGPIPE)
+    yield
+    signal.signal(signal.SIGPIPE, handler)
 
 
 def test_replace_of_an_id_that_never_was_a_member_is_refused(

@@ -240,6 +240,43 @@ def _top(text: str) -> int:
     return value
 
 
+U64_MAX = 2**64 - 1
+#: The longest --wait a node is asked for: its request carries milliseconds in 32 bits.
+WAIT_S_MAX = (2**32 - 1) // 1000
+
+
+def _whole_number(text: str, what: str, lo: int, hi: int) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = lo - 1
+    if not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what} (a whole number from {lo} to {hi})")
+    return value
+
+
+def node_id(text: str) -> int:
+    """A node id: 1 to 2**64-1."""
+    return _whole_number(text, "a node id", 1, U64_MAX)
+
+
+def log_index(text: str) -> int:
+    """A log index: 1 to 2**64-1."""
+    return _whole_number(text, "a log index", 1, U64_MAX)
+
+
+def wait_seconds(text: str) -> float:
+    """Seconds to wait: more than 0, at most :data:`WAIT_S_MAX`."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= WAIT_S_MAX:  # also refuses nan and infinity
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds to wait (more than 0, at most "
+                                         f"{WAIT_S_MAX})")
+    return value
+
+
 def _phase_progress(bar: Progress) -> Callable[[str, int, int], None]:
     current = {"phase": ""}
 
@@ -1173,7 +1210,7 @@ def register(sub: Any) -> None:
 
     rep = sub.add_parser("repair", help="fetch good copies of damaged records from peers; rebuild state tables")
     add_target_args(rep)
-    rep.add_argument("--index", type=int, action="append", help="a log index to repair (repeatable)")
+    rep.add_argument("--index", type=log_index, action="append", help="a log index to repair (repeatable)")
     rep.add_argument("--no-scan", action="store_true", help="only the quarantined and --index records (no full scan)")
     rep.add_argument("--peer", action="append", help="offline: a peer's host:port (default: the node's members)")
     rep.add_argument("--rebuild-state", action="store_true",
@@ -1186,7 +1223,8 @@ def register(sub: Any) -> None:
     bk.add_argument("--out", required=True, help="the backup file to write (never overwritten)")
     bk.add_argument("--no-wait", action="store_true",
                     help="--server: copy the node as it is (default: first wait until it applied the leader's commit)")
-    bk.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the node to catch up (default 30)")
+    bk.add_argument("--wait", type=wait_seconds, default=30.0,
+                    help="seconds to wait for the node to catch up (default 30)")
     bk.set_defaults(func=cmd_backup)
 
     rs = sub.add_parser("restore", help="restore a backup into a new directory (and verify it)")
@@ -1205,7 +1243,7 @@ def register(sub: Any) -> None:
                     help="the new node's config (or, with --force-new-cluster, the survivor's)")
     rc.add_argument("--server", default=None, help=f"the surviving cluster (any node; default ${SERVER_ENV})")
     rc.add_argument("--timeout", type=float, default=15.0, help="seconds per call")
-    rc.add_argument("--replace", type=int, help="the failed node's id: removed once the new node is a voter")
+    rc.add_argument("--replace", type=node_id, help="the failed node's id: removed once the new node is a voter")
     rc.add_argument("--wait", type=float, default=600.0, help="seconds to wait for each step (default 600)")
     rc.add_argument("--force-new-cluster", action="store_true",
                     help="majority lost: make this stopped survivor the only member (never automatic)")
@@ -1218,15 +1256,15 @@ def register(sub: Any) -> None:
                         "and snapshots")
     csub = cl.add_subparsers(dest="cluster_command", required=True)
     add = csub.add_parser("add", help="add a node as a learner (prepare it with mqstore join, start it)")
-    add.add_argument("--id", type=int, required=True)
+    add.add_argument("--id", type=node_id, required=True)
     add.add_argument("--site", required=True)
     add.add_argument("--address", required=True, help="its advertised host:port")
     pro = csub.add_parser("promote", help="make a caught-up learner a voter (placement rules checked)")
-    pro.add_argument("--id", type=int, required=True)
+    pro.add_argument("--id", type=node_id, required=True)
     rem = csub.add_parser("remove", help="remove a member (its id is never reused)")
-    rem.add_argument("--id", type=int, required=True)
+    rem.add_argument("--id", type=node_id, required=True)
     tl = csub.add_parser("transfer-leader", help="hand leadership to a voter (default: the most up-to-date)")
-    tl.add_argument("--to", type=int, default=0)
+    tl.add_argument("--to", type=node_id, default=0, help="a voter's node id (default: the most up-to-date)")
     snap = csub.add_parser("snapshot", help="snapshot each --server node now and compact its log behind it "
                            "(a node also does so by itself every 100,000 applied entries)")
     for p in (add, pro, rem, tl, snap):

@@ -9,6 +9,7 @@ only; the others follow the leader like every client call.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -204,7 +205,11 @@ def backup(
     caller). Returns its size."""
     if out.exists():
         raise InvalidArgument(f"{out} exists: refusing to overwrite a backup")
-    request = admin_pb2.BackupRequest(min_applied_index=min_applied_index, wait_ms=int(wait_s * 1000))
+    if not 0 < wait_s <= (2**32 - 1) / 1000:  # also refuses nan
+        raise InvalidArgument(f"wait_s must be more than 0 and at most {(2**32 - 1) // 1000} seconds, not {wait_s}")
+    # At least 1 ms: 0 would ask for the node's default wait.
+    wait_ms = min(2**32 - 1, max(1, math.ceil(wait_s * 1000)))
+    request = admin_pb2.BackupRequest(min_applied_index=min_applied_index, wait_ms=wait_ms)
     expected = 0
 
     def pieces() -> Any:
