@@ -928,6 +928,12 @@ def cmd_backup(args: argparse.Namespace) -> int:
     from mqstore.ops import backup
 
     out = Path(args.out)
+    removed, older = backup.clear_leftovers(out)
+    for path in removed:
+        print(f"mqstore: removed {path}, left by a backup to {out} that was killed", file=sys.stderr)
+    for path in older:
+        print(f"mqstore: warning: {path} looks left by an interrupted backup of an earlier mqstore version: "
+              "remove it once no such backup runs", file=sys.stderr)
     bar = Progress.for_args(args, "backup", unit="B")
     with bar:
         if _remote(args):
@@ -946,7 +952,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
             backup.backup_local(_data_dir(args), out, progress=bar.update)
         bar.phase("checking the backup")
         header, trailer = backup.check_file(out, progress=bar.update)
-    payload = {"file": str(out), "file_bytes": out.stat().st_size, "header": header, "sha256": trailer["sha256"]}
+    payload = {"file": str(out), "file_bytes": out.stat().st_size, "header": header, "sha256": trailer["sha256"],
+               "leftovers_removed": [str(p) for p in removed]}
     src = header["source"]
     emit(args, payload, [
         f"backup of {src.get('kind')} {src.get('node_id') or src.get('data_dir', '')} written to {out} "

@@ -21,6 +21,8 @@ the key file), and restore says where the restored store needs it.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -292,29 +294,120 @@ def backup_local(source: Path, out: Path, progress: ProgressFn | None = None) ->
     store read beside its writer) to ``out``. Returns the header."""
     if out.exists():
         raise InvalidArgument(f"{out} exists: refusing to overwrite a backup")
-    with tempfile.TemporaryDirectory(prefix="mqstore-backup-", dir=out.parent) as tmp:
-        copy = copy_store(source, Path(tmp) / "copy")
-        header = describe_copy(Path(tmp) / "copy", {"kind": "store", "data_dir": str(source.resolve())})
+    with _owned_temporary(out, COPY_MARK, directory=True) as (tmp, _fd):
+        copy = copy_store(source, tmp / "copy")
+        header = describe_copy(tmp / "copy", {"kind": "store", "data_dir": str(source.resolve())})
         write_file(out, backup_bytes(copy, header, progress))
     return header
 
 
-def write_file(out: Path, pieces: Iterator[bytes]) -> int:
-    """Write ``pieces`` to ``out`` durably: a temporary name, fsync, rename, fsync of the directory.
-    Returns the size written."""
-    partial = out.with_name(out.name + ".partial")
-    size = 0
+#: The temporary files of a backup to ``OUT``, beside it: ``OUT.partial-XXXXXXXX``, the file being
+#: written (it becomes ``OUT`` only by an atomic link once complete and synced), and
+#: ``OUT.copy-XXXXXXXX``, the directory of the database copy it is made from. Each name is unique
+#: to its run, and the run holds an exclusive lock (flock) on it while it runs: one that nobody
+#: holds was left by a run that was killed.
+PARTIAL_MARK = "partial"
+COPY_MARK = "copy"
+
+
+@contextlib.contextmanager
+def _owned_temporary(out: Path, mark: str, *, directory: bool) -> Iterator[tuple[Path, int]]:
+    """A new file or directory ``OUT.<mark>-XXXXXXXX`` beside ``out``, locked by this run while the
+    block runs (yields its path and an open descriptor of it); removed when the block ends."""
+    prefix = f"{out.name}.{mark}-"
+    while True:
+        if directory:
+            path = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, dir=out.parent)
+            path = Path(name)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Between its creation and the lock another run may have taken it for a killed run's
+            # leftover and removed it: then it is not ours any more, make another.
+            ours = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except (BlockingIOError, FileNotFoundError):
+            ours = False
+        if ours:
+            break
+        os.close(fd)
     try:
-        with partial.open("xb") as f:
+        yield path, fd
+    finally:
+        try:
+            if directory:
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
+def clear_leftovers(out: Path) -> tuple[list[Path], list[Path]]:
+    """Temporary files that killed backups to ``out`` left beside it: removes those of this
+    version's runs that no running backup holds, and returns them, with those an earlier mqstore
+    may have left (``OUT.partial``, ``mqstore-backup-*``: not removed, since whether a backup of
+    that version still runs is not known)."""
+    prefixes = (f"{out.name}.{PARTIAL_MARK}-", f"{out.name}.{COPY_MARK}-")
+    removed: list[Path] = []
+    older: list[Path] = []
+    try:
+        entries = sorted(out.parent.iterdir())
+    except OSError:
+        return removed, older  # the backup itself reports a directory it cannot use
+    for path in entries:
+        if path.name == f"{out.name}.partial" or (path.name.startswith("mqstore-backup-") and path.is_dir()):
+            older.append(path)
+            continue
+        if not path.name.startswith(prefixes):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # a backup to the same file is running: its files are its own
+        try:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed, older
+
+
+def write_file(out: Path, pieces: Iterator[bytes]) -> int:
+    """Write ``pieces`` to ``out`` durably: a temporary name of this run's own (``OUT.partial-*``),
+    fsync, then ``out`` appears at once, complete (a hard link: never over a file of that name,
+    such as another run's backup finished first), and the directory is synced. Returns the size
+    written."""
+    size = 0
+    with _owned_temporary(out, PARTIAL_MARK, directory=False) as (partial, fd):
+        with os.fdopen(os.dup(fd), "wb") as f:  # (mode 0600, as mkstemp makes it)
             for piece in pieces:
                 f.write(piece)
                 size += len(piece)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(partial, out)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+        try:
+            os.link(partial, out)
+        except FileExistsError:
+            raise InvalidArgument(f"{out} exists: refusing to overwrite a backup (another backup to it "
+                                  "finished first?)") from None
+        except OSError as exc:  # a file system without hard links: a rename, once out is known absent
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            if out.exists():
+                raise InvalidArgument(f"{out} exists: refusing to overwrite a backup") from None
+            os.rename(partial, out)
     fsync_path(out.parent)
     return size
 
@@ -503,6 +596,7 @@ __all__ = [
     "backup_bytes",
     "backup_local",
     "check_file",
+    "clear_leftovers",
     "copy_store",
     "describe_copy",
     "read_backup",
