@@ -826,6 +826,7 @@ def _verify_lines(report: dict[str, Any]) -> list[str]:
                                                 "messages_checked", "sealed_checked", "replayed", "replay_note",
                                                 "audit", "problems")})
     r.problems_total = report["problems_total"]
+    r.consistent_copy = bool(report.get("consistent_copy"))
     r.by_check.update(report["problems_by_check"])
     lines = r.lines()
     if "node_id" in report:
@@ -1212,7 +1213,8 @@ def register(sub: Any) -> None:
     ver = sub.add_parser("verify", help="full check of a store: record CRCs, decryption, state vs log, audit chain")
     add_target_args(ver)
     ver.add_argument("--no-replay", action="store_true", help="skip rebuilding the state from the log to compare")
-    ver.add_argument("--scratch", help="directory for the replay's scratch copy (default: the temp dir)")
+    ver.add_argument("--scratch", help="directory for the replay's scratch store, and for the consistent copy "
+                     "of a store in use that is verified (default: the temp dir)")
     ver.set_defaults(func=cmd_verify)
 
     rep = sub.add_parser("repair", help="fetch good copies of damaged records from peers; rebuild state tables")

@@ -14,7 +14,9 @@ Phases (each reports progress):
               table, key by key;
 ``audit``     the compliance audit chain, when the store has one.
 
-The store is read in read-only mode; nothing is written to it.
+The store is read in read-only mode; nothing is written to it. A store in use (a running node or
+embedded store, its writer appending) is verified on a consistent copy of it, taken in one read
+transaction (see :func:`verify_path`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from mqstore.codec import Flags, Record, RecordType
 from mqstore.crypto.keyring import KeyEvent
 from mqstore.errors import Corruption, MQStoreError
 from mqstore.ids import format_id
-from mqstore.ops.facts import META_RESTORED_FROM, STATE_TABLES, open_env
+from mqstore.ops.facts import META_RESTORED_FROM, STATE_TABLES, open_env, writer_running
 from mqstore.queue import machine
 from mqstore.queue.kv import LmdbKV, prefix_end
 from mqstore.queue.model import (
@@ -54,6 +56,7 @@ from mqstore.queue.model import (
     time_key,
 )
 from mqstore.store import LogStore, WriteContext
+from mqstore.store.log import DEFAULT_KEY_FILE
 
 PROBLEMS_LISTED_MAX = 10_000  # problems reported word for word (the rest are counted)
 _CHUNK = 4096
@@ -76,6 +79,8 @@ class VerifyReport:
     problems: list[dict[str, Any]] = field(default_factory=list)
     problems_total: int = 0
     by_check: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    #: The store was in use (its writer running): a consistent copy of it was verified.
+    consistent_copy: bool = False
 
     @property
     def clean(self) -> bool:
@@ -111,10 +116,13 @@ class VerifyReport:
             "problems_total": self.problems_total,
             "problems_by_check": dict(self.by_check),
             "problems": list(self.problems),
+            "consistent_copy": self.consistent_copy,
         }
 
     def lines(self) -> list[str]:
-        out = [f"{self.records_checked} records checked (log {self.first_index}..{self.last_index}, "
+        out = ["the store is in use (its writer is running): verified a consistent copy of it, taken in one read "
+               "transaction"] if self.consistent_copy else []
+        out += [f"{self.records_checked} records checked (log {self.first_index}..{self.last_index}, "
                f"applied {self.applied_index}); {self.sealed_checked} sealed records opened; "
                f"{self.messages_checked} messages checked against the log"]
         out.append("replay: " + ("state tables rebuilt from the log and compared" if self.replayed
@@ -670,9 +678,42 @@ def verify_path(
     replay: bool = True,
     scratch_dir: Path | None = None,
 ) -> VerifyReport:
-    """Verify the store in ``path`` (stopped, or read beside its writer), opened read-only."""
-    with open_env(path):
-        pass  # a clear NotFound when there is no store
+    """Verify the store in ``path`` (stopped, or in use: a running node or embedded store),
+    opened read-only.
+
+    The checks read the store in several read transactions (the records in short ones, then the
+    state tables, then the replay up to the applied index): beside a running writer they would
+    see different states and report a healthy store as damaged. So a store in use is verified
+    on a consistent copy of it, taken in one read transaction in a new directory under
+    ``scratch_dir`` (default: the temp dir) and removed afterwards; the report says so."""
+    with open_env(path) as env:  # a clear NotFound when there is no store
+        if writer_running(path):
+            copy = Path(tempfile.mkdtemp(prefix="mqstore-verify-copy-", dir=scratch_dir))
+            try:
+                env.copy_to(copy)
+            except BaseException:
+                shutil.rmtree(copy, ignore_errors=True)
+                raise
+        else:
+            copy = None
+    if copy is None:
+        return _verify_at(path, key_file=key_file, key_provider=key_provider, progress=progress, replay=replay,
+                          scratch_dir=scratch_dir)
+    try:
+        if key_provider is None and key_file is None:
+            key_file = str(path / DEFAULT_KEY_FILE)  # the store's own default, not the copy's directory
+        report = _verify_at(copy, key_file=key_file, key_provider=key_provider, progress=progress, replay=replay,
+                            scratch_dir=scratch_dir)
+        report.consistent_copy = True
+        return report
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+def _verify_at(
+    path: Path, *, key_file: str | None, key_provider: Any, progress: PhaseProgress | None, replay: bool,
+    scratch_dir: Path | None,
+) -> VerifyReport:
     if key_provider is not None:
         log = LogStore(path, key_provider=key_provider, readonly=True, create=False)
     else:
