@@ -502,6 +502,9 @@ def test_backup_and_restore_offline(fresh: tuple[Path, Path, dict[str, list[str]
     assert [m["message_id"] for m in after] == [m["message_id"] for m in before]
     st = ok("status", "--data-dir", str(restored))
     assert st["kind"] == "restored" and st["restored_from"]["applied_index"] == backup["header"]["applied_index"]
+    shown = run("status", "--data-dir", str(restored))
+    assert (f"restored from a backup of the embedded store at {path.resolve()} at applied index "
+            f"{backup['header']['applied_index']}") in shown.stdout, shown.stdout
     assert fails("restore", "--in", str(out), "--data-dir", str(restored))["error"] == "InvalidArgument"
     # A damaged backup is refused, naming where.
     data = bytearray(out.read_bytes())

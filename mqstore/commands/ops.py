@@ -372,8 +372,25 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
                      f"{rec.get('reason')}")
     if st.get("restored_from"):
         src = st["restored_from"]
-        lines.append(f"restored from a backup of {src.get('source', {})} at applied index {src.get('applied_index')}")
+        lines.append(f"restored from a backup of {_backup_source(src.get('source'))} at applied index "
+                     f"{src.get('applied_index')}")
     return lines
+
+
+def _backup_source(source: object) -> str:
+    """Where a backup came from, for people: "node 2 (site fra) of cluster prod-eu at ADDR"."""
+    if not isinstance(source, dict):
+        return str(source)
+    if source.get("kind") == "node":
+        out = f"node {source.get('node_id')}"
+        if source.get("site"):
+            out += f" (site {source['site']})"
+        if source.get("cluster_id"):
+            out += f" of cluster {source['cluster_id']}"
+        if source.get("address"):
+            out += f" at {source['address']}"
+        return out
+    return "the embedded store" + (f" at {source['data_dir']}" if source.get("data_dir") else "")
 
 
 def _ts(ms: int) -> str:
