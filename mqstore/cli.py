@@ -15,6 +15,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import NoReturn
 
 from mqstore import __version__
 from mqstore.commands._common import DEFAULT_DATA_DIR, default_data_dir, emit
@@ -30,8 +31,23 @@ COMMAND_MODULES = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's refusal of a malformed argument (exit 2, usage on stderr), and with ``--json``
+    on the command line also the JSON error object every command prints on an error, so a script
+    reads one format whatever went wrong."""
+
+    json_requested = False
+
+    def error(self, message: str) -> NoReturn:
+        if _Parser.json_requested:
+            json.dump({"error": "InvalidArgument", "message": f"{self.prog}: {message}"}, sys.stdout)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mqstore", description="mqstore: a durable, encrypted mail-queue store")
+    parser = _Parser(prog="mqstore", description="mqstore: a durable, encrypted mail-queue store")
     parser.add_argument("--version", action="version", version=f"mqstore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
@@ -43,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Behave like a Unix tool: a closed pipe (mqstore ... | head) ends quietly; warnings are one line.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     warnings.formatwarning = lambda message, *_a, **_k: f"mqstore: warning: {message}\n"
+    _Parser.json_requested = "--json" in (sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

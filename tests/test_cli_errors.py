@@ -227,9 +227,11 @@ def test_out_of_range_numbers_are_refused_by_name_with_exit_2(
     with pytest.raises(SystemExit) as exited:
         cli.main([*args, "--json"])
     assert exited.value.code == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert f"error: argument {option}: '{value}' is not " in err, err
     assert "Traceback" not in err
+    doc = json.loads(out)  # --json: the same error as one JSON object on stdout, as for every error
+    assert doc["error"] == "InvalidArgument" and f"argument {option}: '{value}' is not " in doc["message"], doc
 
 
 def test_a_sub_millisecond_backup_wait_is_not_the_nodes_default(
