@@ -91,21 +91,34 @@ def _check_secret_mode(path: Path, mode: int, what: str) -> None:
         )
 
 
-def read_private_file(path: str | os.PathLike[str], what: str, size_max: int = 1 << 20) -> bytes:
-    """The bytes of a private key file other than mqstore's own secret files (a node's TLS key),
-    refusing one other users could read or change, as :func:`read_secret_file` does (group read
-    allowed). A symbolic link is followed (secret stores mount keys through them): the mode
-    checked is the file's it leads to. Raises KeyFileError."""
-    p = Path(path)
+def _open_private(p: Path, what: str, *, follow: bool) -> int:
+    """An open descriptor of private file ``p`` (blocking, ready to read), after the mode check;
+    ``follow``: whether a symbolic link is followed (else refused). Raises KeyFileError."""
     try:
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+        # O_NONBLOCK: opening a FIFO (or a device) must not block waiting for a writer; what is
+        # not a regular file is refused below, before anything is read from it.
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW))
     except FileNotFoundError:
         raise KeyFileError(f"{what} {p} does not exist") from None
     except OSError as exc:
         raise KeyFileError(f"cannot open {what} {p}: {exc.strerror}") from None
     try:
         _check_secret_mode(p, os.fstat(fd).st_mode, what)
-        os.set_blocking(fd, True)
+        os.set_blocking(fd, True)  # a regular file: read it normally
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_private_file(path: str | os.PathLike[str], what: str, size_max: int = 1 << 20) -> bytes:
+    """The bytes of a private key file other than mqstore's own secret files (a node's TLS key),
+    refusing one other users could read or change, as :func:`read_secret_file` does (group read
+    allowed). A symbolic link is followed (secret stores mount keys through them): the mode
+    checked is the file's it leads to. Raises KeyFileError."""
+    p = Path(path)
+    fd = _open_private(p, what, follow=True)
+    try:
         chunks = []
         size = 0
         while chunk := os.read(fd, 65536):
@@ -124,17 +137,8 @@ def read_secret_file(path: str | os.PathLike[str], what: str) -> tuple[str, byte
     """Read a ``<header>:<hex>`` secret file (a KEK, an audit signing key), refusing symlinks,
     unsafe permissions and malformed contents; returns the header and the key bytes."""
     p = Path(path)
+    fd = _open_private(p, what, follow=False)
     try:
-        # O_NONBLOCK: opening a FIFO (or a device) must not block waiting for a writer; what is
-        # not a regular file is refused below, before anything is read from it.
-        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise KeyFileError(f"{what} {p} does not exist") from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot open {what} {p}: {exc.strerror}") from None
-    try:
-        _check_secret_mode(p, os.fstat(fd).st_mode, what)
-        os.set_blocking(fd, True)  # a regular file: read it normally
         raw = os.read(fd, 4096)
     finally:
         os.close(fd)
