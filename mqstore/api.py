@@ -27,7 +27,7 @@ from mqstore import limits, validate
 from mqstore.actor import LOCAL_ADMIN, Actor
 from mqstore.codec import Flags, Record, RecordType
 from mqstore.compliance import audit as audit_log
-from mqstore.compliance.rules import SYSTEM_ACTOR, ComplianceClock, Ctx, Mode, check_reason
+from mqstore.compliance.rules import COMPLIANCE_AHEAD_MAX_MS, SYSTEM_ACTOR, ComplianceClock, Ctx, Mode, check_reason
 from mqstore.compliance.signing import load_or_create_signing_key, public_key_from_hex
 from mqstore.crypto import KeyProvider
 from mqstore.crypto.keyring import META_SCRUB_PENDING, SYSTEM_NAMESPACE
@@ -930,11 +930,17 @@ class QueueBase:
             return audit_log.verify(LmdbKV(txn, self.log.env.dbs), key, trusted, progress,
                                     self.audit.log.checkpoint_every, self.audit.log.checkpoint_ms)
 
-    def _audit_tick_due(self, kv: KV, compliance_ms: int) -> bool:
+    def _audit_tick_due(self, kv: KV, compliance_ms: int, stamp_ms: int) -> bool:
         """Whether audit records wait for a time-based checkpoint that no new record will write
-        (a quiet log): maintenance then writes a tick entry (every replica signs one)."""
+        (a quiet log): maintenance then writes a tick entry (every replica signs one). Judged at
+        the time applying a tick stamped ``stamp_ms`` would use (the compliance time counts at
+        most a day ahead of the stamp; never before the compliance time already applied), so a
+        tick found due always writes its checkpoint."""
         due = self.audit.log.tick_due_ms(kv)
-        return due is not None and due <= compliance_ms
+        if due is None:
+            return False
+        at = max(machine.compliance_clock_ms(kv), min(compliance_ms, stamp_ms + COMPLIANCE_AHEAD_MAX_MS))
+        return due <= at
 
     def audit_checkpoint(self, *, actor: Actor | None = None) -> audit_log.Checkpoint | None:
         """Sign a checkpoint over every audit record so far (if any came since the last one) and
@@ -1537,7 +1543,7 @@ class Store(QueueBase):
                 result = machine.apply_compact(kv, c, entry)
                 compacted = result if isinstance(result, int) else 0
             ctx = self._ctx(SYSTEM_ACTOR)
-            if self._audit_tick_due(kv, ctx.compliance_ms):  # last: it covers the records above too
+            if self._audit_tick_due(kv, ctx.compliance_ms, wctx.now_ms):  # last: it covers the records above too
                 tick = DenialEntry(wctx.now_ms, machine.TICK_OP, "", "", ctx)
                 c.index = wctx.append(RecordType.AUDIT, tick.encode())
                 machine.apply_denial(kv, c, tick)
@@ -1576,7 +1582,7 @@ class Store(QueueBase):
                 with self.log.env.read() as txn:
                     kv = LmdbKV(txn, self.log.env.dbs)
                     due = machine.next_timer_ms(kv)
-                    tick = self._audit_tick_due(kv, self.compliance_clock.now_ms())
+                    tick = self._audit_tick_due(kv, self.compliance_clock.now_ms(), self._now_ms())
                 now = self._now_ms()
                 if tick or (due is not None and due <= now):
                     self.maintain()

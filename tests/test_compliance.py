@@ -610,6 +610,55 @@ def test_a_quiet_logs_last_records_are_signed_within_a_minute(
         assert again.audit_verify().ok
 
 
+def test_a_tick_applies_alike_however_replicas_batch_the_entries() -> None:
+    """A tick judges at the compliance time already applied, as every audit record does, not
+    only at what its own batch saw: replicas that batch the same entries differently sign the
+    same checkpoints."""
+    from mqstore.compliance.rules import SYSTEM_ACTOR
+    from mqstore.queue import machine
+    from mqstore.queue.kv import MemoryKV
+    from mqstore.queue.model import DenialEntry, MaintenanceEntry
+
+    def ctx(ms: int) -> Ctx:
+        return Ctx(SYSTEM_ACTOR, 1, "", ms, ms)
+
+    log = audit_mod.AuditLog(None, b"k" * 32)
+    refused = DenialEntry(39_500, "enqueue", "x", "denied", ctx(39_500))
+    later = MaintenanceEntry(100_000, (), ctx(100_000))  # the old leader's last entry
+    tick = DenialEntry(99_000, machine.TICK_OP, "", "", ctx(99_000))  # a new leader 1 s behind
+
+    def replica(batches: list[list[DenialEntry | MaintenanceEntry]]) -> dict[bytes, bytes]:
+        kv = MemoryKV()
+        for batch in batches:
+            c = machine.Counters(log, log.hmac_address)
+            for e in batch:
+                if isinstance(e, MaintenanceEntry):
+                    machine.apply_expire(kv, c, e)
+                else:
+                    machine.apply_denial(kv, c, e)
+            c.flush(kv)
+        return dict(kv.tables().get(audit_mod.TABLE_CHECKPOINTS, {}))
+
+    together = replica([[refused], [later, tick]])
+    apart = replica([[refused], [later], [tick]])
+    assert together == apart and len(apart) == 1
+
+
+def test_maintenance_writes_no_tick_that_cannot_sign(qpath: Path, kek: Path, clock: Clock) -> None:
+    """With the compliance clock more than a day ahead of the entries' stamps (the wall clock set
+    back while the store runs), a tick would be applied at stamp + 1 day and sign nothing:
+    maintenance does not write one (it wrote one per call, and its loop spun)."""
+    with _open(qpath, kek, clock) as s:
+        mid = _enqueue(s)
+        clock.mono += DAY + 300  # the compliance clock runs on; the wall clock does not
+        s.hold(mid)
+        clock.mono += 120
+        before = s.log.last_index
+        for _ in range(3):
+            s.maintain()
+        assert s.log.last_index == before
+
+
 # --- ciphertext and plain text ------------------------------------------------------------------------
 
 

@@ -357,7 +357,7 @@ class ClusterQueue(QueueBase):
             with node.read_state() as kv:
                 expire = machine.plan_expire(kv, now, _MAINTENANCE_ITEMS_MAX)
                 compact = machine.plan_compact(kv, now, _MAINTENANCE_ITEMS_MAX)
-                tick = self._audit_tick_due(kv, ctx.compliance_ms)
+                tick = self._audit_tick_due(kv, ctx.compliance_ms, now)
             if expire:
                 out.append(_plain(RecordType.EXPIRE, MaintenanceEntry(now, tuple(expire), ctx).encode()))
             if compact:
@@ -379,7 +379,7 @@ class ClusterQueue(QueueBase):
             try:
                 with self.node.read_state() as kv:
                     due = machine.next_timer_ms(kv)
-                    tick = self._audit_tick_due(kv, self.compliance_clock.now_ms())
+                    tick = self._audit_tick_due(kv, self.compliance_clock.now_ms(), self.node.now_ms())
                 if tick or (due is not None and due <= self._now_ms()):
                     self.maintain()
             except (NotLeader, Unavailable):

@@ -342,10 +342,15 @@ def audit(kv: KV, c: Counters, ctx: Ctx, op: str, *, target: str = "", namespace
     # Records are stamped with the compliance clock (the caller observed the entry's context),
     # which never goes back in the audit log even when entries stamped by different writers (or
     # without a clock) apply out of clock order.
+    _load_clock(kv, c)
+    c.audit.append(kv, fields, c.clock_ms)
+
+
+def _load_clock(kv: KV, c: Counters) -> None:
+    """Count the compliance time already applied (stored) in ``c``'s clock, once per write."""
     if not c.clock_loaded:
         c.clock_ms = max(c.clock_ms, compliance_clock_ms(kv))
         c.clock_loaded = True
-    c.audit.append(kv, fields, c.clock_ms)
 
 
 def _deny(kv: KV, c: Counters, ctx: Ctx, op: str, refusal: Refusal, target: str, namespace: str,
@@ -1074,6 +1079,7 @@ def apply_denial(kv: KV, c: Counters, e: DenialEntry) -> Denied | None:
         return None
     if e.op == TICK_OP:
         if c.audit is not None:
+            _load_clock(kv, c)  # as audit() does: what earlier writes applied counts, not only this batch
             c.audit.tick(kv, c.clock_ms)
         return None
     return _deny(kv, c, ctx, e.op, Refusal(e.reason, "permission"), e.target, "")
