@@ -222,14 +222,10 @@ def parse(data: dict[str, Any], source: str = "<dict>", *, check_tls: bool = Tru
     site = _name(data["site"], f"{where} site")
     listen = _addr(data["listen"], f"{where} listen")
     advertise = _addr(data["advertise"], f"{where} advertise") if "advertise" in data else ""
-    if not isinstance(data["data_dir"], str) or not data["data_dir"]:
-        raise ConfigError(f"{where} data_dir must be a path")
-    key_file = data.get("key_file")
-    if key_file is not None and (not isinstance(key_file, str) or not key_file):
-        raise ConfigError(f"{where} key_file must be a path")
-    signing_key = data.get("audit_signing_key")
-    if signing_key is not None and (not isinstance(signing_key, str) or not signing_key):
-        raise ConfigError(f"{where} audit_signing_key must be a path")
+    data_dir = _path(data["data_dir"], f"{where} data_dir")
+    key_file = _path(data["key_file"], f"{where} key_file") if "key_file" in data else None
+    signing_key = (_path(data["audit_signing_key"], f"{where} audit_signing_key")
+                   if "audit_signing_key" in data else None)
     min_sites = _int(data["min_sites"], f"{where} min_sites", 1, 64) if "min_sites" in data else None
     peers_raw = data.get("peers", [])
     if not isinstance(peers_raw, list):
@@ -251,6 +247,13 @@ def parse(data: dict[str, Any], source: str = "<dict>", *, check_tls: bool = Tru
             raise ConfigError(f"{pw}.id {pid} is used twice (node ids are unique)")
         seen.add(pid)
         peers.append(Peer(pid, _name(p["site"], f"{pw}.site"), _addr(p["address"], f"{pw}.address")))
+    if peers and key_file is None:
+        # Without it each node would make a key of its own in its data dir: the followers could
+        # not open the first namespace key the leader replicates, and their Raft threads stop.
+        raise ConfigError(
+            f"{where} key_file is required for a cluster member: every member needs the same key-encryption "
+            "key file (the first node's `mqstore bootstrap` creates it there if missing; copy it to each node)"
+        )
     cluster_id = check_cluster_id(data["cluster_id"], f"{where} cluster_id") if "cluster_id" in data else ""
     log_level = data.get("log_level", "info")
     if log_level not in ("debug", "info", "warning", "error"):
@@ -273,9 +276,9 @@ def parse(data: dict[str, Any], source: str = "<dict>", *, check_tls: bool = Tru
         site=site,
         listen=listen,
         advertise=advertise,
-        data_dir=Path(data["data_dir"]),
-        key_file=Path(key_file) if key_file else None,
-        audit_signing_key=Path(signing_key) if signing_key else None,
+        data_dir=data_dir,
+        key_file=key_file,
+        audit_signing_key=signing_key,
         min_sites=min_sites,
         peers=tuple(peers),
         cluster_id=cluster_id,
@@ -300,6 +303,8 @@ def _table(value: object, where: str, known: set[str]) -> dict[str, Any]:
 def _path(value: object, where: str) -> Path:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where} must be a path, not {value!r}")
+    if "\x00" in value:
+        raise ConfigError(f"{where} must be a path: it contains a NUL character")
     return Path(value)
 
 

@@ -499,6 +499,25 @@ def test_concurrent_rotations_each_get_a_key_of_their_own(store: Store) -> None:
     _intact(store, new)
 
 
+def test_the_store_file_stays_private_after_a_shred_rewrote_it(tmp_path: Path, kek: Path, clock: Clock) -> None:
+    """A shred rewrites the database as a compacted copy (made with the umask's mode): in a data
+    dir others may enter, the store file must stay 0600, as the store made it."""
+    qpath = tmp_path / "spool"
+    qpath.mkdir(mode=0o755)
+    old_umask = os.umask(0o022)
+    try:
+        with _open(qpath, kek, clock) as s:
+            mid = _enqueue(s, namespace="tenant-a")
+            key_id = s.get(mid).key_id
+            assert (qpath / "data.mdb").stat().st_mode & 0o777 == 0o600
+            _deliver(s, "tenant-a")
+            s.rotate_key("tenant-a")
+            assert s.shred_key(key_id, actor=ADMIN) == 1
+            assert (qpath / "data.mdb").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old_umask)
+
+
 def test_shred_key_makes_its_records_unreadable(qpath: Path, kek: Path, clock: Clock) -> None:
     s = _open(qpath, kek, clock)
     mid = _enqueue(s, namespace="tenant-a")

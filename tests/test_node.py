@@ -249,7 +249,9 @@ def test_bootstrap_refuses_a_site_majority_and_unsatisfiable_min_sites(tmp_path:
 def test_a_refused_bootstrap_leaves_nothing_behind(tmp_path: Path) -> None:
     """A bootstrap the placement rules refuse writes nothing (no store, no key file), so the
     corrected command just runs; a data dir that existed keeps exactly what it held."""
+    key = create_key_file(tmp_path / "kek.key")
     text = ('node_id = 1\nsite = "a"\nlisten = "127.0.0.1:1"\ndata_dir = "{dir}"\ninsecure = true\n'
+            f'key_file = "{key}"\n'
             'min_sites = {min_sites}\n[[peers]]\nid = 2\nsite = "b"\naddress = "127.0.0.1:2"\n')
     kept = tmp_path / "kept"
     kept.mkdir()
@@ -284,6 +286,9 @@ def test_data_dirs_are_never_used_by_accident(tmp_path: Path) -> None:
     wrong_cluster = parse({**_as_dict(cfg), "cluster_id": "another"})
     with pytest.raises(InvalidArgument, match="belongs to cluster"):
         Node(wrong_cluster)
+    moved = parse({**_as_dict(cfg), "site": "b"})  # the commit rule counts it in site a
+    with pytest.raises(InvalidArgument, match="holds node 1 of site 'a', but the config says site 'b'"):
+        Node(moved)
 
 
 def _as_dict(cfg: NodeConfig) -> dict[str, Any]:
@@ -304,6 +309,10 @@ def _as_dict(cfg: NodeConfig) -> dict[str, Any]:
         ('node_id = 1\nsite = "a"\nlisten = "127.0.0.1:1"\ndata_dir = "d"\n[[peers]]\nid = 2\nsite = "b"\n',
          "peers[0]: missing 'address'"),
         ("node_id = [", "not valid TOML"),
+        ('node_id = 1\nsite = "a"\nlisten = "127.0.0.1:1"\ndata_dir = "d"\n[[peers]]\nid = 2\nsite = "b"\n'
+         'address = "127.0.0.1:2"\n', "key_file is required for a cluster member"),
+        ('node_id = 1\nsite = "a"\nlisten = "127.0.0.1:1"\ndata_dir = "d\\u0000x"\n',
+         "data_dir must be a path: it contains a NUL"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:

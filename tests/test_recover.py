@@ -199,7 +199,8 @@ def test_each_membership_step_retries_and_counts_a_change_made_by_a_failed_call(
     monkeypatch.setattr(recover, "REFUSED_CHANGE_SHOWS_WITHIN_S", 0.1, raising=False)
     monkeypatch.setattr("mqstore.node.runtime.prepare_join", lambda config, cluster_id: None)
     config = parse({"node_id": 4, "site": "c", "listen": "127.0.0.1:4", "data_dir": str(tmp_path / "n4"),
-                    "insecure": True, "peers": [{"id": 1, "site": "a", "address": "127.0.0.1:1"}]})
+                    "key_file": str(tmp_path / "kek.key"), "insecure": True,
+                    "peers": [{"id": 1, "site": "a", "address": "127.0.0.1:1"}]})
     said: list[str] = []
     fake.no_leader_for = 3  # an election when recover starts
     fake.on_propose = [
@@ -243,6 +244,7 @@ def test_replace_of_an_id_that_never_was_a_member_is_refused(
     monkeypatch.setattr("mqstore.node.runtime.prepare_join", lambda config, cluster_id: prepared.append(cluster_id))
     conf = tmp_path / "node4.toml"
     conf.write_text(f'node_id = 4\nsite = "c"\nlisten = "127.0.0.1:4"\ndata_dir = "{tmp_path / "n4"}"\n'
+                    f'key_file = "{tmp_path / "kek.key"}"\n'
                     'insecure = true\n[[peers]]\nid = 1\nsite = "a"\naddress = "127.0.0.1:1"\n')
     command = ["recover", "--config", str(conf), "--server", "127.0.0.1:1", "--wait", "5", "--json"]
 

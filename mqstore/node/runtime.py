@@ -241,6 +241,14 @@ class Node:
                 self.storage,
                 random.Random(os.urandom(16)),
             )
+            stored_site = dict(self.raw.conf_state.sites).get(config.node_id)
+            if stored_site is not None and stored_site != config.site:
+                # The commit rule counts sites from the membership: a node that believed itself
+                # elsewhere would report, audit and advertise one site while counting as another.
+                raise InvalidArgument(
+                    f"{config.data_dir} holds node {config.node_id} of site {stored_site!r}, but the config says site "
+                    f"{config.site!r}: a member's site changes only by replacing it (add a new node, remove this one)"
+                )
             raw_stamp = self.log.meta_get(META_STAMP)
             self.stamp_ms = _U64.unpack(raw_stamp)[0] if raw_stamp else 0
             #: Guards stamp_ms, which the Raft thread and the threads staging enqueues both raise.

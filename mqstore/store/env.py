@@ -290,6 +290,7 @@ class Environment:
         """Swap the whole database for ``data_file`` (a verified copy of another store, e.g. a
         snapshot from the leader). The caller must have stopped every writer; readers wait."""
         self.check_open()
+        os.chmod(data_file, 0o600)  # a copy is made with the umask's mode: the store stays private
         with self.gate.exclusive():
             self.env.close()
             os.replace(data_file, self.path / "data.mdb")
