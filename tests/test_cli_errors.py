@@ -84,6 +84,37 @@ def test_config_check_refuses_members_bootstrap_refuses(tmp_path: Path, peers: l
     assert json.loads(checked.stdout)["valid"] is True
 
 
+def test_config_check_refuses_what_serve_refuses_about_the_files(tmp_path: Path) -> None:
+    """`config check` says "valid" only for a config `serve` would start with: the key file
+    private and present once bootstrapped, a named audit signing key present, and a data dir that
+    is this node's, of this site and cluster."""
+    key = create_key_file(tmp_path / "kek.key")
+    conf = _node_toml(tmp_path)
+    text = conf.read_text()
+    before = _mqstore("config", "check", str(conf), "--json")  # before bootstrap: it creates a missing key
+    assert before.returncode == 0, before.stderr
+    assert _mqstore("bootstrap", "--config", str(conf), "--cluster-id", "c1").returncode == 0
+    assert _mqstore("config", "check", str(conf)).returncode == 0
+    key.chmod(0o644)
+    assert "is accessible to every user (mode 0644)" in _refused("config", "check", str(conf))
+    key.chmod(0o600)
+    cases = [
+        (f'audit_signing_key = "{tmp_path / "nope.key"}"\n', "does not exist"),
+        ('cluster_id = "other"\n', "belongs to cluster 'c1', the config says 'other'"),
+    ]
+    for extra, problem in cases:
+        assert problem in _refused("config", "check", str(_node_toml(tmp_path, extra))), extra
+    other = tmp_path / "other.toml"
+    other.write_text(text.replace('site = "a"', 'site = "b"'))
+    assert "holds node 1 of site 'a', the config says site 'b'" in _refused("config", "check", str(other))
+    other.write_text(text.replace("node_id = 1", "node_id = 2"))
+    assert "belongs to node 1, the config says node 2" in _refused("config", "check", str(other))
+    conf.write_text(text)
+    assert _mqstore("config", "check", str(conf)).returncode == 0
+    key.unlink()
+    assert "does not exist" in _refused("config", "check", str(conf))
+
+
 # --- bootstrap / join --cluster-id ------------------------------------------------------------------
 
 

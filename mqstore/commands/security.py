@@ -4,6 +4,7 @@ and its configuration."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         # What `mqstore bootstrap` would refuse: the members' placement (once bootstrapped, the
         # membership lives in the store and changes through `mqstore cluster`).
         cfg.check_placement(c)
+    _check_node_files(c, bootstrapped)
     payload: dict[str, Any] = {
         "file": str(args.file),
         "valid": True,
@@ -126,6 +128,43 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         lines.append(f"metrics on http://{c.metrics_listen}/metrics")
     emit(args, payload, lines)
     return 0
+
+
+def _check_node_files(c: Any, bootstrapped: bool) -> None:
+    """What `serve` would refuse about the files a config names, besides its TLS files: the key
+    file (must be private and well-formed; it may be missing only before bootstrap, which creates
+    it), the audit signing key when one is named (must exist), and a bootstrapped data dir that
+    belongs to another node, site or cluster. Raises ConfigError naming the key."""
+    from mqstore import config as cfg
+    from mqstore.compliance.signing import read_signing_key
+    from mqstore.crypto.providers import read_secret_file
+    from mqstore.errors import KeyFileError
+    from mqstore.ops import facts
+
+    where = str(c.source) if c.source else "config"
+    try:
+        if c.key_file is not None and (bootstrapped or os.path.lexists(c.key_file)):
+            read_secret_file(c.key_file, "key file")
+        if c.audit_signing_key is not None:
+            read_signing_key(c.audit_signing_key)
+    except KeyFileError as exc:
+        raise cfg.ConfigError(f"{where}: {exc}") from None
+    if not bootstrapped:
+        return
+    with facts.open_env(c.data_dir) as env:
+        raft = facts.raft_facts(env)
+    if raft is None or not raft.node_id:
+        raise cfg.ConfigError(f"{where}: data_dir {c.data_dir} holds an embedded store, not a cluster node's data")
+    if raft.node_id != c.node_id:
+        raise cfg.ConfigError(f"{where}: data_dir {c.data_dir} belongs to node {raft.node_id}, the config says "
+                              f"node {c.node_id}")
+    if c.cluster_id and raft.cluster_id != c.cluster_id:
+        raise cfg.ConfigError(f"{where}: data_dir {c.data_dir} belongs to cluster {raft.cluster_id!r}, the config "
+                              f"says {c.cluster_id!r}")
+    site = dict(raft.conf.sites).get(c.node_id)
+    if site is not None and site != c.site:
+        raise cfg.ConfigError(f"{where}: data_dir {c.data_dir} holds node {c.node_id} of site {site!r}, the config "
+                              f"says site {c.site!r}")
 
 
 def register(sub: Any) -> None:
