@@ -612,12 +612,13 @@ def test_serve_says_loudly_that_it_is_insecure(tmp_path: Path) -> None:
             if line.startswith("{") and "leader in term" in line:
                 break
         text = "".join(lines)
-        assert "WARNING: INSECURE" in text and "PLAINTEXT" in text
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
     records = [json.loads(x) for x in text.splitlines() if x.startswith("{")]
     assert records, "log_json = true writes JSON lines"
+    assert [r for r in records if r["level"].lower() == "warning" and r["message"].startswith("INSECURE")
+            and "PLAINTEXT" in r["message"]], text
     assert all(r["node_id"] == 1 and "term" in r and "request_id" in r and r["level"] for r in records)
     assert records[-1]["term"] >= 1
 

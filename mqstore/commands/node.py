@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -42,19 +43,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load_config(args)
     handler = logs.configure(args.log_level or config.log_level, json_lines=config.log_json, node_id=config.node_id)
+
+    def say(text: str, level: int = logging.INFO) -> None:
+        """A line for the operator: with log_json through the log (one JSON object per line,
+        like every other line), else as it always was."""
+        if config.log_json:
+            logging.getLogger("mqstore.serve").log(level, text)
+        else:
+            print(f"mqstore: {'WARNING: ' if level == logging.WARNING else ''}{text}", file=sys.stderr, flush=True)
+
     if config.insecure:
-        print(
-            "mqstore: WARNING: INSECURE: this node speaks PLAINTEXT (insecure = true): no TLS, no peer "
+        say(
+            "INSECURE: this node speaks PLAINTEXT (insecure = true): no TLS, no peer "
             "or client certificates; anyone who can reach "
             f"{config.listen} can read and change the queue" + ("" if config.auth.tokens_file else
                                                                 " (and, with no tokens file, do anything)")
             + ". Use it for tests and trials only.",
-            file=sys.stderr,
-            flush=True,
+            logging.WARNING,
         )
     if not args.config and not (Path(config.data_dir) / "data.mdb").exists():
         bootstrap(config, "trial")
-        print(f"mqstore: bootstrapped a single-node trial store in {config.data_dir}", file=sys.stderr)
+        say(f"bootstrapped a single-node trial store in {config.data_dir}")
     server = NodeServer(config)
     logs.set_term_source(handler, lambda: server.node.raw.term)
     stop = threading.Event()
@@ -74,22 +83,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stop.set()
 
     threading.Thread(target=watch_failure, name="mqstore-failure-watch", daemon=True).start()
-    print(
-        f"mqstore: node {config.node_id} (site {config.site}) serving on {config.listen} "
+    say(
+        f"node {config.node_id} (site {config.site}) serving on {config.listen} "
         + ("(mutual TLS)" if config.tls is not None else "(PLAINTEXT)")
         + f", data in {config.data_dir}"
         + (f", metrics on http://{config.metrics_listen.rpartition(':')[0]}:{server.metrics_port}/metrics"
-           if server.metrics_port else ""),
-        file=sys.stderr,
-        flush=True,
+           if server.metrics_port else "")
     )
     stop.wait()
     if server.node.failed.is_set():
-        print(f"mqstore: node {config.node_id} failed ({server.node.failure!r}); stopping so that it can be "
-              "restarted (it applies its log again on start)", file=sys.stderr, flush=True)
+        say(f"node {config.node_id} failed ({server.node.failure!r}); stopping so that it can be "
+            "restarted (it applies its log again on start)", logging.ERROR)
         server.stop(grace=1.0)
         return 1
-    print(f"mqstore: node {config.node_id} shutting down", file=sys.stderr, flush=True)
+    say(f"node {config.node_id} shutting down")
     server.stop()
     return 0
 
