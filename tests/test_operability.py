@@ -261,6 +261,7 @@ def test_the_trial_node_and_the_embedded_demo_do_not_mix_up_a_directory(tmp_path
     serve = subprocess.run([sys.executable, "-m", "mqstore", "serve", "--listen", f"127.0.0.1:{free_port()}"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert serve.returncode == 2, serve.stderr
+    assert "mqstore: WARNING: INSECURE: this node speaks PLAINTEXT" in serve.stderr  # the trial node says so
     assert "mqstore-data is not a cluster node's data dir: it holds an embedded store" in serve.stderr
     assert "mqstore serve --data-dir DIR" in serve.stderr
     assert sorted(p.name for p in (tmp_path / "mqstore-data").iterdir()) == before
