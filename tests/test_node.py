@@ -538,3 +538,23 @@ def test_a_membership_change_is_answered_once_it_is_in_force(cluster: InProcessC
     assert follower not in [m.id for m in reply.members]
     assert follower not in dict(leader.node.raw.conf_state.sites)
     assert follower in leader.node.removed_ids()
+
+
+def test_a_bootstrap_interrupted_before_its_first_state_says_how_to_go_on(tmp_path: Path) -> None:
+    """A bootstrap killed after creating the store but before writing the node's state leaves an
+    empty store: running it again says so and what to remove (not just "already holds a store")."""
+    from mqstore.store import LogStore
+
+    key = create_key_file(tmp_path / "k")
+    cfg = _config(tmp_path, key, 1, {1: "a"}, {1: free_port()}, [1])
+    LogStore(cfg.data_dir, key_file=key, create=True).close()  # what the killed bootstrap left
+    with pytest.raises(InvalidArgument, match="holds an empty store and no node: a bootstrap or join that was "
+                                              "interrupted"):
+        bootstrap(cfg, "t")
+    with pytest.raises(NotBootstrapped, match="holds an empty store and no node"):
+        Node(cfg)
+    for name in ("data.mdb", "lock.mdb"):
+        (Path(cfg.data_dir) / name).unlink()
+    assert bootstrap(cfg, "t").voters == {1}
+    with pytest.raises(InvalidArgument, match="already holds a store"):  # a real one is never called empty
+        bootstrap(cfg, "t")

@@ -108,6 +108,12 @@ def _initialize(
 ) -> None:
     data_dir = Path(config.data_dir)
     if (data_dir / "data.mdb").exists():
+        if _never_written(data_dir):
+            raise InvalidArgument(
+                f"{config.data_dir} holds an empty store and no node: a bootstrap or join that was interrupted "
+                "(or a store opened and never written). Nothing is in it: remove its data.mdb and lock.mdb and "
+                "run the command again"
+            )
         raise InvalidArgument(f"{config.data_dir} already holds a store: refusing to overwrite it")
     if conf is not None:
         raftcore.validate_conf(conf)  # before anything is written: a refused config leaves nothing
@@ -123,6 +129,19 @@ def _initialize(
             for name in set(os.listdir(data_dir)) - before:
                 _remove(data_dir / name)
         raise
+
+
+def _never_written(data_dir: Path) -> bool:
+    """Whether the store in ``data_dir`` holds nothing: no node rows and no log record (what a
+    bootstrap killed between creating the store and writing its first state leaves)."""
+    from mqstore.ops import facts
+
+    try:
+        with facts.open_env(data_dir) as env:
+            first, last = facts.log_bounds(env)
+            return facts.raft_facts(env) is None and last < first
+    except Exception:
+        return False
 
 
 def _write_initial_state(
@@ -217,6 +236,12 @@ class Node:
         self.log = _open_log(config, key_provider, create=False)
         try:
             raw_id = self.log.meta_get(META_NODE_ID)
+            if raw_id is None and self.log.last_index < self.log.first_index:
+                raise NotBootstrapped(
+                    f"{config.data_dir} holds an empty store and no node: a bootstrap or join that was interrupted "
+                    "(or a store opened and never written). Nothing is in it: remove its data.mdb and lock.mdb and "
+                    "run `mqstore bootstrap` or `mqstore join` again"
+                )
             if raw_id is None:
                 raise NotBootstrapped(
                     f"{config.data_dir} is not a cluster node's data dir: it holds an embedded store (one "
