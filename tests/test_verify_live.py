@@ -101,3 +101,34 @@ def test_the_command_says_it_verified_a_copy_of_a_store_in_use(
     child.wait(timeout=60)
     stopped = json.loads(subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=120).stdout)
     assert stopped["clean"] and stopped["consistent_copy"] is False
+
+
+def test_a_killed_verifys_scratch_copy_is_removed_by_the_next(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Each verify holds a lock on its scratch directory (a store copy: as large as the store).
+    One left by a verify that was killed (nobody holds its lock) is removed by the next verify
+    and named; one in use, or not made by a verify, is left alone."""
+    import fcntl
+    import os
+
+    key = create_key_file(tmp_path / "kek.key")
+    with mqstore.open(tmp_path / "store", key_file=key, background=False) as store:
+        store.enqueue(mail_from="a@example.org", recipients=["b@example.net"], data=b"x")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    stale, busy, foreign = (scratch / f"mqstore-verify-replay-{n}" for n in ("killed", "running", "other"))
+    for d in (stale, busy, foreign):
+        d.mkdir()
+        (d / "data.mdb").write_bytes(b"\0" * 4096)
+    for d in (stale, busy):
+        (d / ".mqstore-scratch.lock").touch()
+    held = os.open(busy / ".mqstore-scratch.lock", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        report = verify_path(tmp_path / "store", key_file=str(key), scratch_dir=scratch)
+    finally:
+        os.close(held)
+    assert report.clean and report.replayed
+    assert not stale.exists() and busy.exists() and foreign.exists()
+    assert f"removed {stale}, left by a verify that was killed" in capsys.readouterr().err
+    assert sorted(p.name for p in scratch.iterdir()) == sorted([busy.name, foreign.name])  # its own is gone too

@@ -21,9 +21,13 @@ transaction (see :func:`verify_path`).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shutil
 import struct
+import sys
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -547,12 +551,46 @@ def _iter_log(log: LogStore, lo: int, hi: int) -> Iterator[list[Record]]:
         index = batch[-1].index + 1
 
 
+_SCRATCH_LOCK = ".mqstore-scratch.lock"
+
+
+@contextlib.contextmanager
+def _scratch(prefix: str, parent: Path | None) -> Iterator[Path]:
+    """A new directory ``<prefix>XXXXXXXX`` under ``parent`` (default: the temp dir), locked
+    (flock on a file in it) while this run uses it and removed afterwards. A directory of the same
+    prefix that nobody holds the lock of was left by a verify that was killed: it is removed
+    first, and named on stderr (a store copy each: they would fill the disk)."""
+    where = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    for old in where.glob(prefix + "*"):
+        try:
+            fd = os.open(old / _SCRATCH_LOCK, os.O_RDWR)
+        except OSError:
+            continue  # no lock file: not one of ours (or being created): leave it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # in use by a running verify
+        finally:
+            os.close(fd)
+        shutil.rmtree(old, ignore_errors=True)
+        print(f"mqstore: removed {old}, left by a verify that was killed", file=sys.stderr)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
+    try:
+        fd = os.open(path / _SCRATCH_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield path
+        finally:
+            os.close(fd)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _replay_and_compare(
     log: LogStore, report: VerifyReport, applied: int, scratch_parent: Path | None, progress: PhaseProgress
 ) -> None:
     """Apply the whole log again into a scratch store (same key), then compare state tables."""
-    tmp = Path(tempfile.mkdtemp(prefix="mqstore-verify-", dir=scratch_parent))
-    try:
+    with _scratch("mqstore-verify-replay-", scratch_parent) as tmp:
         scratch = LogStore(tmp / "store", key_provider=log.keyring.provider)
         try:
             applier = applier_for(scratch)
@@ -573,8 +611,6 @@ def _replay_and_compare(
             report.replayed = True
         finally:
             scratch.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 _ZERO_COUNTER = (0).to_bytes(8, "little", signed=True)
@@ -686,28 +722,20 @@ def verify_path(
     see different states and report a healthy store as damaged. So a store in use is verified
     on a consistent copy of it, taken in one read transaction in a new directory under
     ``scratch_dir`` (default: the temp dir) and removed afterwards; the report says so."""
-    with open_env(path) as env:  # a clear NotFound when there is no store
-        if writer_running(path):
-            copy = Path(tempfile.mkdtemp(prefix="mqstore-verify-copy-", dir=scratch_dir))
-            try:
-                env.copy_to(copy)
-            except BaseException:
-                shutil.rmtree(copy, ignore_errors=True)
-                raise
-        else:
-            copy = None
-    if copy is None:
+    with open_env(path):  # a clear NotFound when there is no store
+        in_use = writer_running(path)
+    if not in_use:
         return _verify_at(path, key_file=key_file, key_provider=key_provider, progress=progress, replay=replay,
                           scratch_dir=scratch_dir)
-    try:
+    with _scratch("mqstore-verify-copy-", scratch_dir) as copy:
+        with open_env(path) as env:
+            env.copy_to(copy)
         if key_provider is None and key_file is None:
             key_file = str(path / DEFAULT_KEY_FILE)  # the store's own default, not the copy's directory
         report = _verify_at(copy, key_file=key_file, key_provider=key_provider, progress=progress, replay=replay,
                             scratch_dir=scratch_dir)
         report.consistent_copy = True
         return report
-    finally:
-        shutil.rmtree(copy, ignore_errors=True)
 
 
 def _verify_at(
