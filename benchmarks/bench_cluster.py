@@ -1432,6 +1432,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _no_nan(value: Any) -> Any:
+    """``value`` with every NaN (a figure with no samples) as None: JSON has no NaN."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_no_nan(v) for v in value]
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="runs per case; the median is reported")
@@ -1476,7 +1487,7 @@ def main() -> int:
         args.runs, args.seconds, args.failovers = 1, 2.0, 1
     report = run(args)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        Path(args.json).write_text(json.dumps(_no_nan(report), indent=2, allow_nan=False))
     return 0
 
 

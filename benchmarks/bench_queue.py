@@ -665,6 +665,17 @@ def run_lease_scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
     return out
 
 
+def _no_nan(value: Any) -> Any:
+    """``value`` with every NaN (a figure with no samples) as None: JSON has no NaN."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_no_nan(v) for v in value]
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="runs per lifecycle case; the median is reported")
@@ -698,7 +709,7 @@ def main() -> int:
     report["total_s"] = time.perf_counter() - start
     print(f"total {report['total_s']:.0f} s", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        Path(args.json).write_text(json.dumps(_no_nan(report), indent=2, allow_nan=False))
     return 0
 
 
