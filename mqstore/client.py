@@ -1452,6 +1452,10 @@ class AsyncClient(_ClientBase):
                 await asyncio.sleep(attempts.failed(exc))
                 attempts.check_time()
                 continue
+            except asyncio.CancelledError:
+                if self._cancelled_by_close():
+                    raise errors.StoreClosed("the client was closed while the call ran") from None
+                raise
             if not admin:
                 self._router.succeeded(attempts.address)
             return response
@@ -1524,6 +1528,10 @@ class AsyncClient(_ClientBase):
                     except grpc.RpcError as exc:
                         failure = exc
                         continue
+                    except asyncio.CancelledError:
+                        if self._cancelled_by_close():
+                            raise errors.StoreClosed("the client was closed while the call ran") from None
+                        raise
                     if response is grpc.aio.EOF:
                         if stream.pending:
                             raise stream.finished_early()
@@ -1774,6 +1782,13 @@ class AsyncClient(_ClientBase):
         return _status(await self._call("Status", admin_pb2.StatusRequest(), admin=True, address=address))
 
     # --- lifecycle -------------------------------------------------------------------------------
+
+    def _cancelled_by_close(self) -> bool:
+        """Whether a call asyncio cancelled was cancelled by this client's close() (closing the
+        channels cancels the calls on them: the call raises StoreClosed), not by a cancel of the
+        task itself (which must go on as a cancellation, as asyncio expects)."""
+        task = asyncio.current_task()
+        return self._closed and (task is None or task.cancelling() == 0)
 
     async def close(self) -> None:
         self._closed = True

@@ -231,3 +231,80 @@ def test_a_reader_adopting_a_grown_map_leaves_other_readers_intact(tmp_path: Pat
             grower.stdin.write("\n")
             grower.stdin.flush()
         grower.wait(30)
+
+
+def test_close_waits_for_a_write_running_in_its_callers_thread(tmp_path: Path) -> None:
+    """An idle writer runs a lone write in its caller's thread: close() waits for that write too
+    (it closed the environment under it: the caller got a raw lmdb.Error, close() could hang)."""
+    from mqstore.crypto import create_key_file
+
+    log = LogStore(tmp_path / "store", key_file=create_key_file(tmp_path / "kek.key"))
+    entered, release = threading.Event(), threading.Event()
+    caller_thread: list[int] = []
+    got: list[object] = []
+
+    def fn(ctx: Any) -> int:
+        caller_thread.append(threading.get_ident())
+        entered.set()
+        release.wait(10)
+        ctx.put(b"meta", b"test.key", b"1")
+        return 7
+
+    def write() -> None:
+        try:
+            got.append(log.write(fn))
+        except BaseException as exc:  # what the caller sees
+            got.append(exc)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    assert entered.wait(10)
+    assert caller_thread == [writer.ident]  # it runs inline, in the caller's thread
+    closer = threading.Thread(target=log.close)
+    closer.start()
+    time.sleep(0.3)
+    assert closer.is_alive()  # waiting for the write
+    release.set()
+    writer.join(10)
+    closer.join(10)
+    assert not closer.is_alive() and got == [7]
+    with pytest.raises(StoreClosed):
+        log.write(fn)
+
+
+def test_reads_running_when_the_store_closes_get_store_closed(tmp_path: Path) -> None:
+    import mqstore
+    from mqstore.crypto import create_key_file
+
+    key = create_key_file(tmp_path / "kek.key")
+    for trial in range(3):
+        store = mqstore.open(tmp_path / f"s{trial}", key_file=key, background=False)
+        mids = store.enqueue_many([{"mail_from": "a@example.org", "recipients": [f"r{i}@d{i % 5}.example.net"],
+                                    "data": b"x" * 100} for i in range(300)])
+        seen: list[BaseException] = []
+
+        def reader(kind: str, store: Any = store, mids: list[str] = mids, seen: list[BaseException] = seen) -> None:
+            i = 0
+            while True:
+                i += 1
+                try:
+                    if kind == "get":
+                        store.get(mids[i % len(mids)])
+                    elif kind == "list":
+                        store.list(limit=500)
+                    elif kind == "stats":
+                        store.stats()
+                    else:
+                        store.qshape()
+                except BaseException as exc:
+                    seen.append(exc)
+                    return
+
+        threads = [threading.Thread(target=reader, args=(k,)) for k in ("get", "list", "stats", "qshape")]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        store.close()
+        for t in threads:
+            t.join(10)
+        assert len(seen) == 4 and all(isinstance(e, StoreClosed) for e in seen), [repr(e) for e in seen]

@@ -345,6 +345,7 @@ class Environment:
         tries = 3
         for _ in range(tries):
             with self.gate.reading():
+                self.check_open()  # closed while this read waited for the gate
                 try:
                     txn = self.env.begin(write=False, buffers=False)
                 except lmdb.MapResizedError:
@@ -388,7 +389,14 @@ class Environment:
             return
         self._closed = True
         if fork_generation() == self._generation:
-            self.env.close()
+            # Reads still running end first (LMDB must not free what they use); new ones see
+            # _closed and raise StoreClosed. A thread closing inside its own read would wait
+            # for itself: it closes at once instead (its read ends with the environment).
+            if self.gate.held():
+                self.env.close()
+            else:
+                with self.gate.exclusive():
+                    self.env.close()
             self._release_lock()
 
 

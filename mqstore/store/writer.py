@@ -383,7 +383,15 @@ class Writer:
                 break  # the queue stayed full; a later stop() queues the marker
         if self._thread is not threading.current_thread():
             self._thread.join(max(0.0, deadline - time.monotonic()))
-        return not self._thread.is_alive()
+        if self._thread.is_alive():
+            return False
+        # A batch may still run inline in a caller's thread (it took the commit lock before
+        # _stopping was set): the environment must not be closed under it either. Any later
+        # write sees _stopping once it holds the lock, and is refused.
+        if not self._commit_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False
+        self._commit_lock.release()
+        return True
 
 
 __all__ = ["Pending", "Writer", "WriterFailed"]
