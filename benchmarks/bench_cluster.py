@@ -83,6 +83,8 @@ from typing import Any
 
 import grpc
 
+from mqstore.testing.figures import write_json
+
 warnings.filterwarnings("ignore", message="mqstore created a key-encryption key")
 
 MESSAGE_BYTES = 2048
@@ -1432,16 +1434,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _no_nan(value: Any) -> Any:
-    """``value`` with every NaN (a figure with no samples) as None: JSON has no NaN."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _no_nan(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_no_nan(v) for v in value]
-    return value
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1487,7 +1479,7 @@ def main() -> int:
         args.runs, args.seconds, args.failovers = 1, 2.0, 1
     report = run(args)
     if args.json:
-        Path(args.json).write_text(json.dumps(_no_nan(report), indent=2, allow_nan=False))
+        write_json(args.json, report)
     return 0
 
 

@@ -33,7 +33,6 @@ Run:  python benchmarks/bench_log.py            (about 4 minutes on 2 cores)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -56,6 +55,7 @@ from mqstore.codec import Envelope, RecordType
 from mqstore.codec import _reference as reference
 from mqstore.crypto import create_key_file, train_dictionary
 from mqstore.store import LogStore, NewMessage
+from mqstore.testing.figures import write_json
 from mqstore.testing.mail import MailFactory
 
 warnings.filterwarnings("ignore", message="mqstore created a key-encryption key")
@@ -434,16 +434,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _no_nan(value: Any) -> Any:
-    """``value`` with every NaN (a figure with no samples) as None: JSON has no NaN."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _no_nan(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_no_nan(v) for v in value]
-    return value
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -458,7 +448,7 @@ def main() -> int:
         args.runs, args.scale = 1, 0.1
     report = run(args)
     if args.json:
-        Path(args.json).write_text(json.dumps(_no_nan(report), indent=2, allow_nan=False))
+        write_json(args.json, report)
     return 0
 
 

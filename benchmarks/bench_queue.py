@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import shutil
 import sqlite3
@@ -57,6 +56,7 @@ from typing import Any
 import mqstore
 from mqstore import codec
 from mqstore.crypto import create_key_file
+from mqstore.testing.figures import write_json
 from mqstore.testing.mail import MailFactory
 
 try:
@@ -665,16 +665,6 @@ def run_lease_scaling(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
     return out
 
 
-def _no_nan(value: Any) -> Any:
-    """``value`` with every NaN (a figure with no samples) as None: JSON has no NaN."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _no_nan(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_no_nan(v) for v in value]
-    return value
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -709,7 +699,7 @@ def main() -> int:
     report["total_s"] = time.perf_counter() - start
     print(f"total {report['total_s']:.0f} s", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(_no_nan(report), indent=2, allow_nan=False))
+        write_json(args.json, report)
     return 0
 
 
