@@ -539,10 +539,16 @@ def run_lifecycle(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         cases["pq_put"] = lambda: bench_pq_put(workdir, mail, count)
         cases["pq_lifecycle"] = lambda: bench_pq_lifecycle(workdir, mail, count)
         cases["pq_lifecycle_clear"] = lambda: bench_pq_lifecycle(workdir, mail, count, PQ_CLEAR_EVERY)
-    results: dict[str, Result] = {}
-    for key, fn in cases.items():
-        results[key] = median_result([fn() for _ in range(args.runs)])
-        _print_result(results[key])
+    # The cases take turns (each once, then again), so a disk or CPU that drifts during the run
+    # weighs on every case alike.
+    runs: dict[str, list[Result]] = {key: [] for key in cases}
+    for turn in range(args.runs):
+        for key, fn in cases.items():
+            runs[key].append(fn())
+        print(f"[lifecycle] turn {turn + 1}/{args.runs} done", flush=True)
+    results: dict[str, Result] = {key: median_result(rs) for key, rs in runs.items()}
+    for r in results.values():
+        _print_result(r)
     ratios: dict[str, float] = {
         "mqstore batched, audited COMPLIANCE namespace / unaudited": results["mq_batched_audited"].rate
         / results["mq_batched"].rate,
