@@ -285,3 +285,10 @@ def test_a_sub_millisecond_backup_wait_is_not_the_nodes_default(
               str(tmp_path / "b.mqbak"), "--json"])
     capsys.readouterr()
     assert [r.wait_ms for r in asked] == [1]
+
+
+def test_repair_of_a_running_node_refuses_peer_addresses_it_would_ignore() -> None:
+    """`--peer` names where a stopped node fetches copies; a running node asks its members, so
+    `repair --server ... --peer ...` is refused before anything is asked (it was ignored)."""
+    message = _refused("repair", "--server", "127.0.0.1:1", "--peer", "127.0.0.1:2")
+    assert "--peer is for a stopped node" in message, message

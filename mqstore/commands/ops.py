@@ -856,6 +856,9 @@ def cmd_repair(args: argparse.Namespace) -> int:
     if _remote(args):
         if args.rebuild_state:
             raise InvalidArgument("--rebuild-state works on a stopped node's data dir (--data-dir/--config)")
+        if args.peer:
+            raise InvalidArgument("--peer is for a stopped node (--config/--data-dir): a running node (--server) "
+                                  "asks its own members")
         from mqstore.ops import remote
 
         with client_from_args(args) as client:
