@@ -36,6 +36,7 @@ from mqstore.codec import crc32c
 from mqstore.compliance.rules import Mode
 from mqstore.compliance.service import ComplianceService
 from mqstore.config import NodeConfig
+from mqstore.consensus.quorum import majority
 from mqstore.consensus.raft import ProgressStatus
 from mqstore.consensus.types import (
     ConfChange,
@@ -512,7 +513,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             pr = progress.get(node_id)
             voters = set(node.raw.conf_state.voters) | {node_id}
             answering = {n for n in voters if n == node.node_id or (n in progress and progress[n].recent_active)}
-            quorum = len(voters) // 2 + 1
+            quorum = majority(len(voters))
             if pr is None or not pr.recent_active or pr.match == 0:  # a new learner starts "active"
                 why = "it has not answered the leader lately (is it running, and is its address right?)"
             elif pr.match + limits.PROMOTE_LAG_ENTRIES_MAX < commit:

@@ -153,8 +153,7 @@ _FROM_NODE_2: dict[str, Any] = {"from": 2}
 
 def test_client_certificate_cannot_speak_raft(node: Node) -> None:
     pair = node.certs["admin"]
-    creds = grpc.ssl_channel_credentials(node.pki.ca_pem.read_bytes(), pair.key.read_bytes(), pair.cert.read_bytes())
-    channel = grpc.secure_channel(node.address, creds)
+    channel = node.pki.channel(node.address, pair)
     msg = raft_pb2.RaftMessage(to=1, cluster_id="test", **_FROM_NODE_2)
     with pytest.raises(grpc.RpcError) as err:
         raft_pb2_grpc.RaftStub(channel).Send(iter([msg]), timeout=5)
@@ -165,8 +164,7 @@ def test_client_certificate_cannot_speak_raft(node: Node) -> None:
 
 def test_a_node_certificate_must_name_the_sender(node: Node) -> None:
     pair = node.pki.node(3)
-    creds = grpc.ssl_channel_credentials(node.pki.ca_pem.read_bytes(), pair.key.read_bytes(), pair.cert.read_bytes())
-    channel = grpc.secure_channel(node.address, creds)
+    channel = node.pki.channel(node.address, pair)
     before = node.server.node.raw.term
     msg = raft_pb2.RaftMessage(to=1, cluster_id="test", term=before + 5, type=1, **_FROM_NODE_2)  # claims node 2
     with pytest.raises(grpc.RpcError) as err:

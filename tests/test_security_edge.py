@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from mqstore.client import Client
@@ -22,7 +21,7 @@ from mqstore.proto import admin_pb2
 from mqstore.security import edge
 from mqstore.security.tokens import TokenStore
 from mqstore.testing.cluster import wait_until
-from mqstore.testing.secure import InProcessCluster, Pki
+from mqstore.testing.secure import InProcessCluster, Pki, status_of
 
 MAIL = b"From: a@example.org\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -70,15 +69,6 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         n.cluster.close()
 
 
-def _code(call: Any) -> tuple[str, str]:
-    """Run ``call``; its status code and details (``OK``, "" when it succeeded)."""
-    try:
-        call()
-    except grpc.RpcError as exc:
-        return exc.code().name, exc.details() or ""
-    return "OK", ""
-
-
 # --- Verify and Backup -----------------------------------------------------------------------------
 
 
@@ -91,7 +81,7 @@ def test_verify_is_rate_limited_like_other_calls(tmp_path: Path) -> None:
             stub = n.admin_stub(c)
 
             def verify(_: int) -> tuple[str, str]:
-                return _code(lambda: list(stub.Verify(admin_pb2.VerifyRequest(), timeout=60)))
+                return status_of(lambda: list(stub.Verify(admin_pb2.VerifyRequest(), timeout=60)))
 
             with ThreadPoolExecutor(16) as pool:
                 results = list(pool.map(verify, range(16)))
@@ -116,14 +106,14 @@ def test_verify_and_backup_are_counted_in_flight_and_capped(node: Node) -> None:
         waiting = admin_pb2.BackupRequest(min_applied_index=10**12, wait_ms=3000)
 
         def backup() -> None:
-            results.append(_code(lambda: list(stub.Backup(waiting, timeout=20))))
+            results.append(status_of(lambda: list(stub.Backup(waiting, timeout=20))))
 
         threads = [threading.Thread(target=backup) for _ in range(edge.STORE_COPIES_MAX)]
         for t in threads:
             t.start()
         try:
             assert wait_until(lambda: node.in_flight() == edge.STORE_COPIES_MAX, timeout=5), node.in_flight()
-            code, details = _code(lambda: list(stub.Backup(waiting, timeout=20)))
+            code, details = status_of(lambda: list(stub.Backup(waiting, timeout=20)))
             assert code == "RESOURCE_EXHAUSTED" and "copy the whole store (Verify, Backup)" in details
             with pytest.raises(Overloaded, match="copy the whole store"):
                 remote.verify(c, node.address)
@@ -142,7 +132,7 @@ def test_a_request_that_does_not_parse_is_invalid_argument(node: Node, rpc: str)
     ("Exception deserializing request!")."""
     with node.client("admin") as c:
         channel = c._get_stubs(node.address).channel
-        code, details = _code(lambda: list(channel.unary_stream(f"/mqstore.v1.Admin/{rpc}")(b"\xff\xff\xff",
+        code, details = status_of(lambda: list(channel.unary_stream(f"/mqstore.v1.Admin/{rpc}")(b"\xff\xff\xff",
                                                                                            timeout=5)))
     assert (code, details.split(":")[0]) == ("INVALID_ARGUMENT", f"the request is not a valid {rpc} request")
 

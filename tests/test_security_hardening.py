@@ -16,7 +16,7 @@ from mqstore.security.certs import CertPair
 from mqstore.security.tokens import TokenStore
 from mqstore.server import AdminService
 from mqstore.testing.cluster import wait_until
-from mqstore.testing.secure import InProcessCluster, Pki
+from mqstore.testing.secure import InProcessCluster, Pki, status_of
 
 ROLES = {
     "ops": (["admin", "reader"], None),
@@ -41,11 +41,7 @@ class Cluster:
         self.plain = self.pki.client("no-roles", [])
 
     def channel(self, pair: CertPair | None = None, address: str | None = None) -> grpc.Channel:
-        pair = pair or self.plain
-        creds = grpc.ssl_channel_credentials(self.pki.ca_pem.read_bytes(), pair.key.read_bytes(),
-                                             pair.cert.read_bytes())
-        return grpc.secure_channel(address or self.address, creds,
-                                   options=[("grpc.ssl_target_name_override", "localhost")])
+        return self.pki.channel(address or self.address, pair or self.plain)
 
 
 def _md(token: str) -> list[tuple[str, str]]:
@@ -61,14 +57,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.cluster.close()
 
 
-def _code(call: Any) -> tuple[str, str]:
-    try:
-        call()
-    except grpc.RpcError as exc:
-        return exc.code().name, exc.details() or ""
-    return "OK", ""
-
-
 # --- Admin.ReadRecords: the raw log, audit records included -------------------------------------------
 
 
@@ -78,7 +66,7 @@ def test_raw_log_records_need_the_audit_permission_or_a_node_certificate(cluster
     may, and so may a node's certificate: a peer repairing its log still gets its copies."""
     # A denial to find in the raw log.
     with cluster.channel() as ch:
-        assert _code(lambda: queue_pb2_grpc.QueueStub(ch).Lease(
+        assert status_of(lambda: queue_pb2_grpc.QueueStub(ch).Lease(
             queue_pb2.LeaseRequest(worker="w"), metadata=_md(cluster.tokens["producer"]), timeout=10))[0] == \
             "PERMISSION_DENIED"
     last = cluster.leader.node.raw.commit_index
@@ -86,11 +74,11 @@ def test_raw_log_records_need_the_audit_permission_or_a_node_certificate(cluster
     with cluster.channel() as ch:
         stub = admin_pb2_grpc.AdminStub(ch)
         for who in ("ops", "reader"):
-            code, details = _code(lambda who=who: stub.ReadRecords(request, metadata=_md(cluster.tokens[who]),
+            code, details = status_of(lambda who=who: stub.ReadRecords(request, metadata=_md(cluster.tokens[who]),
                                                                    timeout=10))
             assert code == "PERMISSION_DENIED", (who, code, details)
             assert "'audit' permission (role compliance)" in details
-        assert _code(lambda: stub.ReadRecords(request, timeout=10))[0] == "PERMISSION_DENIED"  # no roles
+        assert status_of(lambda: stub.ReadRecords(request, timeout=10))[0] == "PERMISSION_DENIED"  # no roles
         answer = stub.ReadRecords(request, metadata=_md(cluster.tokens["officer"]), timeout=10)
         assert b"needs the 'lease' permission" in b"".join(r.data for r in answer.records)
     # The other node, as a peer repairing damaged records asks it (its own node certificate).
@@ -130,9 +118,9 @@ def test_a_certificate_with_an_empty_namespace_list_grants_no_namespace(cluster:
     assert ident is not None and ident.namespaces == frozenset()
     with cluster.channel(pair) as ch:
         stub = queue_pb2_grpc.QueueStub(ch)
-        code, details = _code(lambda: stub.Stats(queue_pb2.StatsRequest(), timeout=10))
+        code, details = status_of(lambda: stub.Stats(queue_pb2.StatsRequest(), timeout=10))
         assert code == "PERMISSION_DENIED", (code, details)
-        code, details = _code(lambda: stub.List(queue_pb2.ListRequest(namespace="default"), timeout=10))
+        code, details = status_of(lambda: stub.List(queue_pb2.ListRequest(namespace="default"), timeout=10))
         assert code == "PERMISSION_DENIED", (code, details)
         assert "may not act in namespace 'default'" in details
 
@@ -173,7 +161,7 @@ def test_an_audit_query_nested_too_deeply_is_invalid_argument(cluster: Cluster, 
 
     with cluster.channel() as ch:
         stub = compliance_pb2_grpc.ComplianceStub(ch)
-        code, details = _code(lambda: stub.AuditQuery(compliance_pb2.AuditQueryRequest(where_json=where),
+        code, details = status_of(lambda: stub.AuditQuery(compliance_pb2.AuditQueryRequest(where_json=where),
                                                       metadata=_md(cluster.tokens["officer"]), timeout=10))
         assert code == "INVALID_ARGUMENT", (code, details)
         assert said in details
@@ -195,15 +183,15 @@ def test_an_empty_enqueue_needs_the_enqueue_permission(cluster: Cluster) -> None
         stub = queue_pb2_grpc.QueueStub(ch)
         for who in ("reader", "alpha-reader"):
             md = _md(cluster.tokens[who])
-            code, details = _code(lambda md=md: stub.EnqueueBatch(queue_pb2.EnqueueBatchRequest(), metadata=md,
+            code, details = status_of(lambda md=md: stub.EnqueueBatch(queue_pb2.EnqueueBatchRequest(), metadata=md,
                                                                   timeout=10))
             assert code == "PERMISSION_DENIED", (who, code, details)
             assert "needs the 'enqueue' permission" in details
-            code, details = _code(lambda md=md: list(stub.EnqueueStream(
+            code, details = status_of(lambda md=md: list(stub.EnqueueStream(
                 iter([queue_pb2.EnqueueBatchRequest()] * 3), metadata=md, timeout=10)))
             assert code == "PERMISSION_DENIED", (who, code, details)
         # A producer's empty batch is not a permission problem.
-        code, details = _code(lambda: stub.EnqueueBatch(queue_pb2.EnqueueBatchRequest(),
+        code, details = status_of(lambda: stub.EnqueueBatch(queue_pb2.EnqueueBatchRequest(),
                                                         metadata=_md(cluster.tokens["producer"]), timeout=10))
         assert code != "PERMISSION_DENIED", details
     wait_until(lambda: len(cluster.leader.queue.audit_query(where={"outcome": "denied"})) >= before + 4, timeout=10)

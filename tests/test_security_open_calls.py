@@ -19,9 +19,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from mqstore.config import EdgeLimits
 from mqstore.proto import admin_pb2, admin_pb2_grpc, queue_pb2, queue_pb2_grpc
 from mqstore.security import edge
+from mqstore.security.certs import CertPair
 from mqstore.security.tokens import TokenStore
 from mqstore.testing.cluster import wait_until
-from mqstore.testing.secure import CertPair, InProcessCluster, Pki
+from mqstore.testing.secure import InProcessCluster, Pki
 
 
 class Node:
@@ -40,10 +41,7 @@ class Node:
         self.plain = self.pki.client("no-roles", [])
 
     def channel(self, pair: CertPair | None = None) -> grpc.Channel:
-        pair = pair or self.plain
-        creds = grpc.ssl_channel_credentials(self.pki.ca_pem.read_bytes(), pair.key.read_bytes(),
-                                             pair.cert.read_bytes())
-        return grpc.secure_channel(self.address, creds, options=[("grpc.ssl_target_name_override", "localhost")])
+        return self.pki.channel(self.address, pair or self.plain)
 
     def denials(self) -> int:
         return len(self.server.queue.audit_query(where={"outcome": "denied"}))
@@ -200,7 +198,7 @@ def test_calls_failing_authentication_from_many_addresses_are_limited_for_the_wh
     refusal = ""
     for i in range(int(edge.UNAUTHENTICATED_BURST) + 50):
         try:
-            interceptor._check_unauthenticated_rate(_Context(f"ipv4:10.1.{i // 250}.{i % 250}:4000"))  # type: ignore[arg-type]
+            interceptor._check_unauthenticated_rate(_Context(f"ipv4:10.1.{i // 250}.{i % 250}:4000"))
             admitted += 1
         except edge._Refused as refused:
             assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED

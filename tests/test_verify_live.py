@@ -107,7 +107,7 @@ def test_a_killed_verifys_scratch_copy_is_removed_by_the_next(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """Each verify holds a lock on its scratch directory (a store copy: as large as the store).
     One left by a verify that was killed (nobody holds its lock) is removed by the next verify
-    and named; one in use, or not made by a verify, is left alone."""
+    and named; one in use, or not named as verify names them, is left alone."""
     import fcntl
     import os
 
@@ -116,13 +116,12 @@ def test_a_killed_verifys_scratch_copy_is_removed_by_the_next(tmp_path: Path,
         store.enqueue(mail_from="a@example.org", recipients=["b@example.net"], data=b"x")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    stale, busy, foreign = (scratch / f"mqstore-verify-replay-{n}" for n in ("killed", "running", "other"))
+    stale, busy = scratch / "mqstore-verify-replay-killed", scratch / "mqstore-verify-replay-running"
+    foreign = scratch / "mqstore-verify-notes"  # not a name verify gives its directories
     for d in (stale, busy, foreign):
         d.mkdir()
         (d / "data.mdb").write_bytes(b"\0" * 4096)
-    for d in (stale, busy):
-        (d / ".mqstore-scratch.lock").touch()
-    held = os.open(busy / ".mqstore-scratch.lock", os.O_RDWR)
+    held = os.open(busy, os.O_RDONLY | os.O_DIRECTORY)  # as a running verify holds its directory
     fcntl.flock(held, fcntl.LOCK_EX)
     try:
         report = verify_path(tmp_path / "store", key_file=str(key), scratch_dir=scratch)

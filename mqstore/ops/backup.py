@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -50,6 +49,7 @@ from mqstore.ops.facts import (
     queue_counts,
     raft_facts,
 )
+from mqstore.ops.scratch import owned_temporary, remove_unowned
 from mqstore.queue.kv import LmdbKV
 from mqstore.store.env import LOCK_FILE, Environment, fsync_path
 
@@ -310,38 +310,9 @@ PARTIAL_MARK = "partial"
 COPY_MARK = "copy"
 
 
-@contextlib.contextmanager
-def _owned_temporary(out: Path, mark: str, *, directory: bool) -> Iterator[tuple[Path, int]]:
-    """A new file or directory ``OUT.<mark>-XXXXXXXX`` beside ``out``, locked by this run while the
-    block runs (yields its path and an open descriptor of it); removed when the block ends."""
-    prefix = f"{out.name}.{mark}-"
-    while True:
-        if directory:
-            path = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        else:
-            fd, name = tempfile.mkstemp(prefix=prefix, dir=out.parent)
-            path = Path(name)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # Between its creation and the lock another run may have taken it for a killed run's
-            # leftover and removed it: then it is not ours any more, make another.
-            ours = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
-        except (BlockingIOError, FileNotFoundError):
-            ours = False
-        if ours:
-            break
-        os.close(fd)
-    try:
-        yield path, fd
-    finally:
-        try:
-            if directory:
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        finally:
-            os.close(fd)
+def _owned_temporary(out: Path, mark: str, *, directory: bool) -> contextlib.AbstractContextManager[tuple[Path, int]]:
+    """A new file or directory ``OUT.<mark>-XXXXXXXX`` beside ``out``, locked by this run."""
+    return owned_temporary(out.parent, f"{out.name}.{mark}-", directory=directory)
 
 
 def clear_leftovers(out: Path) -> tuple[list[Path], list[Path]]:
@@ -349,38 +320,11 @@ def clear_leftovers(out: Path) -> tuple[list[Path], list[Path]]:
     version's runs that no running backup holds, and returns them, with those an earlier mqstore
     may have left (``OUT.partial``, ``mqstore-backup-*``: not removed, since whether a backup of
     that version still runs is not known)."""
-    prefixes = (f"{out.name}.{PARTIAL_MARK}-", f"{out.name}.{COPY_MARK}-")
-    removed: list[Path] = []
-    older: list[Path] = []
-    try:
-        entries = sorted(out.parent.iterdir())
-    except OSError:
-        return removed, older  # the backup itself reports a directory it cannot use
-    for path in entries:
-        if path.name == f"{out.name}.partial" or (path.name.startswith("mqstore-backup-") and path.is_dir()):
-            older.append(path)
-            continue
-        if not path.name.startswith(prefixes):
-            continue
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue  # a backup to the same file is running: its files are its own
-        try:
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-            removed.append(path)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+    older = [
+        path for path in sorted(out.parent.glob("*"))
+        if path.name == f"{out.name}.partial" or (path.name.startswith("mqstore-backup-") and path.is_dir())
+    ] if out.parent.is_dir() else []
+    removed = remove_unowned(out.parent, (f"{out.name}.{PARTIAL_MARK}-", f"{out.name}.{COPY_MARK}-"))
     return removed, older
 
 

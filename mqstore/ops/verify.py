@@ -22,10 +22,7 @@ transaction (see :func:`verify_path`).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
-import shutil
 import struct
 import sys
 import tempfile
@@ -41,6 +38,7 @@ from mqstore.crypto.keyring import KeyEvent
 from mqstore.errors import Corruption, MQStoreError
 from mqstore.ids import format_id
 from mqstore.ops.facts import META_RESTORED_FROM, STATE_TABLES, open_env, writer_running
+from mqstore.ops.scratch import owned_temporary, remove_unowned
 from mqstore.queue import machine
 from mqstore.queue.kv import LmdbKV, prefix_end
 from mqstore.queue.model import (
@@ -551,39 +549,17 @@ def _iter_log(log: LogStore, lo: int, hi: int) -> Iterator[list[Record]]:
         index = batch[-1].index + 1
 
 
-_SCRATCH_LOCK = ".mqstore-scratch.lock"
-
-
 @contextlib.contextmanager
 def _scratch(prefix: str, parent: Path | None) -> Iterator[Path]:
-    """A new directory ``<prefix>XXXXXXXX`` under ``parent`` (default: the temp dir), locked
-    (flock on a file in it) while this run uses it and removed afterwards. A directory of the same
-    prefix that nobody holds the lock of was left by a verify that was killed: it is removed
-    first, and named on stderr (a store copy each: they would fill the disk)."""
+    """A new directory ``<prefix>XXXXXXXX`` under ``parent`` (default: the temp dir), locked by
+    this run and removed afterwards. One of the same prefix that no running verify holds was left
+    by a verify that was killed (a store copy each: they would fill the disk): removed first, and
+    named on stderr."""
     where = Path(parent) if parent is not None else Path(tempfile.gettempdir())
-    for old in where.glob(prefix + "*"):
-        try:
-            fd = os.open(old / _SCRATCH_LOCK, os.O_RDWR)
-        except OSError:
-            continue  # no lock file: not one of ours (or being created): leave it
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # in use by a running verify
-        finally:
-            os.close(fd)
-        shutil.rmtree(old, ignore_errors=True)
+    for old in remove_unowned(where, (prefix,)):
         print(f"mqstore: removed {old}, left by a verify that was killed", file=sys.stderr)
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
-    try:
-        fd = os.open(path / _SCRATCH_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield path
-        finally:
-            os.close(fd)
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    with owned_temporary(where, prefix, directory=True) as (path, _fd):
+        yield path
 
 
 def _replay_and_compare(

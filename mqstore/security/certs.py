@@ -95,6 +95,16 @@ def check_namespaces(namespaces: object, what: str = "namespaces") -> frozenset[
     return frozenset(validate.namespace(n, what) for n in namespaces)
 
 
+def check_granted_namespaces(namespaces: object, what: str = "namespaces") -> frozenset[str] | None:
+    """:func:`check_namespaces` for an identity being created (a certificate, a token): an empty
+    list is refused — it would allow no namespace at all, surely not what was meant."""
+    spaces = check_namespaces(namespaces, what)
+    if spaces is not None and not spaces:
+        raise InvalidArgument(f"{what}: an empty list would allow no namespace at all: name at least one, or "
+                              f"leave {what} out for every namespace")
+    return spaces
+
+
 # --- writing -----------------------------------------------------------------------------------
 
 
@@ -267,11 +277,7 @@ class CA:
         given, the namespaces they are limited to)."""
         check_name(name, "a client's name")
         role_set = check_roles(list(roles))
-        spaces = check_namespaces(namespaces)
-        if spaces is not None and not spaces:
-            raise InvalidArgument(
-                "namespaces: an empty list would allow no namespace at all: name at least one, or leave "
-                "namespaces out for every namespace")
+        spaces = check_granted_namespaces(namespaces)
         query = {"roles": ",".join(sorted(role_set))}
         if spaces is not None:
             query["namespaces"] = ",".join(sorted(spaces))

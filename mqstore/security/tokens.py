@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mqstore.errors import InvalidArgument
-from mqstore.security.certs import check_name, check_namespaces, check_roles
+from mqstore.security.certs import check_granted_namespaces, check_name, check_namespaces, check_roles
 
 FORMAT = "mqstore-tokens/1"
 TOKEN_PREFIX = "mqs_"
@@ -152,11 +152,7 @@ class TokenStore:
         role_set = check_roles(list(roles))
         if not role_set:
             raise InvalidArgument("a token needs at least one role")
-        spaces = check_namespaces(None if namespaces is None else list(namespaces))
-        if spaces is not None and not spaces:
-            raise InvalidArgument(
-                "namespaces: an empty list would allow no namespace at all: name at least one, or leave "
-                "namespaces out for every namespace")
+        spaces = check_granted_namespaces(None if namespaces is None else list(namespaces))
         with self._lock:
             self._load()
             if any(t.name == name for t in self._by_digest.values()):

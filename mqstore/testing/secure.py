@@ -6,8 +6,11 @@ from __future__ import annotations
 import datetime as _dt
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import grpc
 
 from mqstore.config import NodeConfig, parse
 from mqstore.crypto import create_key_file
@@ -40,6 +43,12 @@ class Pki:
             extra = {"not_before": now - _dt.timedelta(days=30), "not_after": now - _dt.timedelta(days=1)}
         return self.ca.issue_client(name, self.root, roles=roles, namespaces=namespaces, prefix=prefix, **extra)
 
+    def channel(self, address: str, pair: CertPair) -> grpc.Channel:
+        """A raw gRPC channel to ``address`` presenting ``pair`` (a client's or a node's certificate),
+        for calls a test makes without mqstore.Client."""
+        creds = grpc.ssl_channel_credentials(self.ca_pem.read_bytes(), pair.key.read_bytes(), pair.cert.read_bytes())
+        return grpc.secure_channel(address, creds)
+
     def client_tls(self, pair: CertPair | None = None, ca: Path | None = None) -> ClientTLS:
         return ClientTLS(ca or self.ca_pem, pair.cert if pair else None, pair.key if pair else None)
 
@@ -49,6 +58,15 @@ class Pki:
         if not cert.exists():
             self.node(node_id)
         return {"ca": str(self.ca_pem), "cert": str(cert), "key": str(key)}
+
+
+def status_of(call: Callable[..., object]) -> tuple[str, str]:
+    """Run ``call`` (a raw gRPC call); its status code's name and details ("OK", "" on success)."""
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code().name, exc.details() or ""
+    return "OK", ""
 
 
 class InProcessCluster:
