@@ -732,6 +732,26 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
     def __init__(self, node: Node, queue: ClusterQueue | None = None) -> None:
         self.node = node
         self.queue = queue
+        self._founding_quiet_until: dict[int, float] = {}
+
+    def _other_founding(self, sender: int, founding: bytes) -> str | None:
+        """Why a message from ``sender`` carrying ``founding`` is refused (None: it is not): both
+        digests known and different means the two nodes were founded apart (see
+        :func:`mqstore.node.runtime.founding_digest`). Logged once a minute per sender."""
+        mine = self.node.founding
+        if not founding or not mine or founding == mine:
+            return None
+        why = (
+            f"node {sender} was bootstrapped with another member list than node {self.node.node_id} (founding "
+            f"{founding.hex()} vs {mine.hex()}), or one of them was reseeded apart (recover --force-new-cluster, "
+            f"restore --cluster-id): they are two clusters under the id {self.node.cluster_id!r}. Every initial "
+            "member is bootstrapped with the same [[peers]] (ids and sites) and min_sites"
+        )
+        now = time.monotonic()
+        if now >= self._founding_quiet_until.get(sender, 0.0):
+            self._founding_quiet_until[sender] = now + 60
+            log.error("refusing raft messages: %s", why)
+        return why
 
     def RecordDenials(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
         """A follower's edge refused calls: append them to the audit log (leader only)."""
@@ -764,6 +784,9 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
                 )
             if p.cluster_id != self.node.cluster_id:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, f"message from cluster {p.cluster_id!r}, not ours")
+            other = self._other_founding(getattr(p, "from"), p.founding)
+            if other is not None:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, other)
             if p.to != self.node.node_id:
                 context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, f"message for node {p.to}, this is node {self.node.node_id}"
@@ -802,6 +825,9 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
                         )
                     if chunk.cluster_id != node.cluster_id or chunk.to != node.node_id:
                         return raft_pb2.SnapshotAck(ok=False, error="snapshot for another cluster or node")
+                    other = self._other_founding(getattr(chunk, "from"), chunk.founding)
+                    if other is not None:
+                        return raft_pb2.SnapshotAck(ok=False, error=other)
                     if header is None:
                         if not chunk.meta:
                             return raft_pb2.SnapshotAck(ok=False, error="first chunk carries no metadata")

@@ -21,7 +21,8 @@ from mqstore.config import ConfigError, NodeConfig, load, parse
 from mqstore.consensus.types import InvalidConfig
 from mqstore.crypto import create_key_file
 from mqstore.errors import InvalidArgument, Unavailable
-from mqstore.node.runtime import Node, NotBootstrapped, bootstrap, prepare_join
+from mqstore.node.runtime import Node, NotBootstrapped, bootstrap, founding_digest, prepare_join
+from mqstore.ops import facts
 from mqstore.proto import admin_pb2, admin_pb2_grpc
 from mqstore.server import NodeServer
 from mqstore.testing.cluster import free_port
@@ -183,10 +184,12 @@ def test_new_node_joins_as_learner_is_promoted_and_old_ids_are_never_reused(clus
     cluster.configs[4] = _config(cluster.root, cluster.key, 4, cluster.sites, cluster.ports, [1, 2, 3, 4])
     prepare_join(cluster.configs[4], "t")
     cluster.start(4)
+    assert cluster.servers[4].node.founding == b""  # a joined node does not know it yet
     stub = admin_pb2_grpc.AdminStub(grpc.insecure_channel(leader.config.listen))
     req = admin_pb2.MembershipRequest
     stub.ChangeMembership(req(op=req.ADD_LEARNER, node_id=4, site="c", address=cluster.configs[4].listen))
     cluster.wait_applied(4, leader.node.applied_index)
+    assert cluster.servers[4].node.founding == leader.node.founding != b""  # learnt from the snapshot
     time.sleep(0.3)
     stub.ChangeMembership(req(op=req.PROMOTE, node_id=4))
     deadline = time.monotonic() + 10
@@ -558,3 +561,85 @@ def test_a_bootstrap_interrupted_before_its_first_state_says_how_to_go_on(tmp_pa
     assert bootstrap(cfg, "t").voters == {1}
     with pytest.raises(InvalidArgument, match="already holds a store"):  # a real one is never called empty
         bootstrap(cfg, "t")
+
+
+def test_the_founding_digest_is_the_member_list_not_its_order_or_addresses(tmp_path: Path) -> None:
+    """Every initial member computes the same digest from the same list, whatever the order of
+    its ``[[peers]]`` and the addresses it dials them at; another list, site, min_sites or
+    cluster id gives another. `bootstrap` prints it, and the store keeps it."""
+    key = create_key_file(tmp_path / "k")
+    sites = {1: "a", 2: "b", 3: "c", 4: "c"}
+    ports = {1: 1, 2: 2, 3: 3, 4: 4}
+    other_ports = {1: 11, 2: 12, 3: 13, 4: 14}
+    conf = bootstrap(_config(tmp_path / "1", key, 1, sites, ports, [1, 2, 3]), "t")
+    same = founding_digest("t", conf)
+    assert same == founding_digest("t", bootstrap(_config(tmp_path / "3", key, 3, sites, other_ports, [3, 2, 1]), "t"))
+    assert len(same) == 16
+    for cluster_id, root, node_sites, members, extra in [
+        ("t", "4", sites, [1, 2, 4], {}),                                # another member
+        ("t", "2", {**sites, 3: "d"}, [1, 2, 3], {}),                    # another site for node 3
+        ("t", "2m", sites, [1, 2, 3], {"min_sites": 3}),                 # another min_sites
+        ("u", "2c", sites, [1, 2, 3], {}),                               # another cluster id
+    ]:
+        node = 4 if 4 in members else 2
+        other = bootstrap(_config(tmp_path / root, key, node, node_sites, ports, members, **extra), cluster_id)
+        assert founding_digest(cluster_id, other) != same, (cluster_id, node_sites, members, extra)
+    with facts.open_env(tmp_path / "1" / "n1") as env:
+        raft = facts.raft_facts(env)
+    assert raft is not None and raft.founding == same.hex()
+    config = tmp_path / "n5.toml"
+    config.write_text(f'node_id = 5\nsite = "b"\nlisten = "127.0.0.1:5"\ndata_dir = "{tmp_path / "n5"}"\n'
+                      f'insecure = true\nkey_file = "{key}"\n'
+                      '[[peers]]\nid = 1\nsite = "a"\naddress = "127.0.0.1:1"\n'
+                      '[[peers]]\nid = 3\nsite = "c"\naddress = "127.0.0.1:3"\n')
+    out = subprocess.run([sys.executable, "-m", "mqstore", "bootstrap", "--config", str(config), "--cluster-id", "t",
+                          "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    printed = json.loads(out.stdout)["founding"]
+    with facts.open_env(tmp_path / "n5") as env:
+        raft = facts.raft_facts(env)
+    assert raft is not None and printed == raft.founding and printed != same.hex()
+
+
+def test_nodes_bootstrapped_with_different_member_lists_refuse_each_other(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nodes 1, 2, 3 are bootstrapped as cluster "t" of {1, 2, 3}; node 4, by mistake, as "t" of
+    {1, 2, 4}. Both founding states are (index 1, term 1): without a check node 2, with no leader
+    of its own yet and a log as long as node 4's, would vote node 4 in and take its entries, and
+    two clusters would write into one log. Node 2 refuses node 4's messages instead, and says why;
+    node 4 never leads, and cluster {1, 2, 3} runs without it."""
+    key = create_key_file(tmp_path / "kek.key")
+    sites = {1: "a", 2: "b", 3: "c", 4: "c"}
+    ports = {i: free_port() for i in sites}
+    configs = {i: _config(tmp_path, key, i, sites, ports, [1, 2, 3], election_tick=5, heartbeat_ms=50)
+               for i in (1, 2, 3)}
+    configs[4] = _config(tmp_path, key, 4, sites, ports, [1, 2, 4], election_tick=5, heartbeat_ms=50)
+    for config in configs.values():
+        bootstrap(config, "t")
+    # At serve time every config lists every node (a peer's address in a config is where that node
+    # dials it): node 2 can answer node 4.
+    configs = {i: _config(tmp_path, key, i, sites, ports, [1, 2, 3, 4], election_tick=5, heartbeat_ms=50)
+               for i in sites}
+    servers: dict[int, NodeServer] = {}
+    try:
+        for i in (2, 4):
+            servers[i] = NodeServer(configs[i])
+            servers[i].start()
+        deadline = time.monotonic() + 4.0  # about 15 election timeouts
+        while time.monotonic() < deadline:
+            assert not servers[4].node.is_leader, "node 4 was voted in by a node of another founding"
+            assert not servers[2].node.is_leader
+            time.sleep(0.02)
+        assert servers[2].node.applied_index == servers[4].node.applied_index == 1
+        assert "refusing raft messages: node 4 was bootstrapped with another member list than node 2" in caplog.text
+        assert "refuses this node's messages" in caplog.text  # node 4's side of it
+        servers[1] = NodeServer(configs[1])
+        servers[1].start()
+        with Client([f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[2]}"], timeout=15) as client:
+            mid = client.enqueue(mail_from="a@example.org", recipients=["b@example.net"], data=b"hello")
+            assert client.get(mid).data == b"hello"
+        assert not servers[4].node.is_leader and servers[4].node.applied_index == 1
+    finally:
+        for server in servers.values():
+            server.stop(grace=1.0)

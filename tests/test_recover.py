@@ -75,11 +75,14 @@ def test_force_new_cluster_keeps_committed_writes_after_an_unapplied_membership_
     finally:
         log.close()
     assert applied < config_index < acked.index
+    founding = ok(c, "status", "--data-dir", str(c.data_dir(1)))["founding"]
     entry = ok(c, "recover", "--force-new-cluster", "--config", str(c.config_path(1)), "--reason", "test",
                "--i-understand-acknowledged-writes-may-be-lost")
     assert entry["config_replaced"] == [config_index] and entry["log_cut_from"] is None
     human = (c.data_dir(1) / "RECOVERY.log").read_text()
     assert f'"config_replaced": [{config_index}]' in human
+    # Founded anew: a second survivor reseeded apart would be refused, not merged.
+    assert len(founding) == 32 and ok(c, "status", "--data-dir", str(c.data_dir(1)))["founding"] not in ("", founding)
     log = LogStore(c.data_dir(1), key_file=c.key_file, readonly=True, create=False)
     try:
         assert log.last_index == acked.index

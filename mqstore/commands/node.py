@@ -103,22 +103,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     from mqstore import config as cfg
-    from mqstore.node.runtime import bootstrap
+    from mqstore.node.runtime import bootstrap, founding_digest
 
     cfg.check_cluster_id(args.cluster_id, "--cluster-id")  # as a config's cluster_id: an empty one checks nothing
     config = cfg.load(args.config)
     conf = bootstrap(config, args.cluster_id)
+    founding = founding_digest(args.cluster_id, conf).hex()
     payload = {
         "node_id": config.node_id,
         "cluster_id": args.cluster_id,
         "voters": sorted(conf.voters),
         "sites": dict(conf.sites),
         "min_sites": conf.min_sites,
+        "founding": founding,
         "data_dir": str(config.data_dir),
     }
     emit(args, payload, [
         f"bootstrapped node {config.node_id} of new cluster {args.cluster_id!r} in {config.data_dir}",
         f"voters {sorted(conf.voters)} in sites {sorted(set(dict(conf.sites).values()))}, min_sites {conf.min_sites}",
+        f"founding {founding}: every initial member's bootstrap prints the same (else their member lists differ, "
+        "and the nodes will refuse each other)",
     ])
     return 0
 

@@ -321,7 +321,8 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
         role = st["role"]
         where = f" ({st['kind']})" if "kind" in st else ""
         lines.append(f"node {st['node_id']}{' (site ' + st['site'] + ')' if st.get('site') else ''}: {role}{where}, "
-                     f"term {st['term']}, cluster {st.get('cluster_id') or '?'}")
+                     f"term {st['term']}, cluster {st.get('cluster_id') or '?'}"
+                     + (f" (founding {st['founding']})" if st.get("founding") else ""))
         if st.get("leader_id"):
             lines.append(f"leader: node {st['leader_id']} at {st.get('leader_address') or '?'}")
         elif "leader_error" in st:

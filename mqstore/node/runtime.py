@@ -17,6 +17,8 @@ replication round (group commit on the leader).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import queue
@@ -69,6 +71,7 @@ log = logging.getLogger(__name__)
 META_NODE_ID = b"node.id"
 META_CLUSTER_ID = b"cluster.id"
 META_REMOVED = b"cluster.removed"  # node ids that left: never reused
+META_FOUNDING = b"cluster.founding"  # digest of the founding member list (founding_digest; as ops/facts.py)
 META_STAMP = b"raft.stamp_ms"  # the largest time stamp applied: a new leader never stamps earlier
 BOOTSTRAP_INDEX = 1
 INBOX_ITEMS_PER_LOOP_MAX = 4096
@@ -101,6 +104,29 @@ def _open_log(config: NodeConfig, key_provider: KeyProvider | None, create: bool
     if key_provider is not None:
         return LogStore(config.data_dir, key_provider=key_provider, create=create)
     return LogStore(config.data_dir, key_file=config.key_file, create=create)
+
+
+def founding_digest(cluster_id: str, conf: ConfState, salt: bytes = b"") -> bytes:
+    """The digest a cluster is founded with: of its id and the founding member list (voters,
+    learners, each member's site, ``min_sites``), not of addresses (a peer's address in a config is that node's
+    own way to reach it). Every initial member computes the same one from the same list, in any
+    order; a node bootstrapped with another list gets another, and the nodes refuse each other's
+    messages (Raft's log matching assumes one founding state per cluster: two under one id would
+    vote in, and overwrite, each other's logs). A reseed (``recover --force-new-cluster``,
+    ``restore --cluster-id``) founds anew with a random ``salt``: two survivors reseeded apart are
+    two clusters, each refusing the other."""
+    canonical = json.dumps(
+        {
+            "cluster_id": cluster_id,
+            "voters": sorted(conf.voters),
+            "learners": sorted(conf.learners),
+            "min_sites": conf.min_sites,
+            "sites": sorted([node_id, site] for node_id, site in conf.sites),
+            "salt": salt.hex(),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(b"mqstore-founding-v1\0" + canonical.encode()).digest()[:16]
 
 
 def _initialize(
@@ -158,6 +184,7 @@ def _write_initial_state(
                 meta = SnapshotMeta(index=BOOTSTRAP_INDEX, term=1, conf_state=conf)
                 storage.set_snapshot_meta(ctx, meta)
                 storage.set_conf_state(ctx, conf)
+                ctx.put(b"meta", META_FOUNDING, founding_digest(cluster_id, conf))
                 storage.set_hard_state(ctx, HardState(term=1, vote=0, commit=BOOTSTRAP_INDEX))
                 storage.set_applied(ctx, BOOTSTRAP_INDEX)
                 ctx.put(b"meta", b"log.first", _U64.pack(BOOTSTRAP_INDEX + 1))
@@ -258,6 +285,9 @@ class Node:
                 raise InvalidArgument(
                     f"{config.data_dir} belongs to cluster {self.cluster_id!r}, the config says {config.cluster_id!r}"
                 )
+            #: Digest of the member list this node's cluster was founded with (b"": not known
+            #: yet, a joined node before its first snapshot): see :func:`founding_digest`.
+            self.founding = self.log.meta_get(META_FOUNDING) or b""
             self.storage = LmdbRaftStorage(self.log)
             self.applier = Applier(self.log)
             applied = self.storage.applied_index()
@@ -291,6 +321,7 @@ class Node:
         self._standstill = StandStillWarning(f"node {config.node_id}", log)
         self.transport = Transport(self.cluster_id, self._address_of, self._unreachable, channel_factory,
                                    stamp=self.clocks.stamp)
+        self.transport.founding = self.founding
         self.snapshot_dir = Path(config.data_dir) / SNAPSHOT_DIR
         self.snapshot_dir.mkdir(mode=0o700, exist_ok=True)
         self._snapshot_index = self.storage.snapshot_meta().index
@@ -896,6 +927,9 @@ class Node:
             self._drop_snapshots_but(final)
         self.log.reset_bounds()
         self.storage.reload()
+        # A joined node learns its cluster's founding digest from the first snapshot (the copy's
+        # meta is the leader's); a founding node's is unchanged (a copy with another was refused).
+        self.founding = self.transport.founding = self.log.meta_get(META_FOUNDING) or b""
         self._applied = meta.index
         self._snapshot_index = meta.index
         raw_stamp = self.log.meta_get(META_STAMP)

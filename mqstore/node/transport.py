@@ -54,6 +54,7 @@ class _Peer:
         self.peer_id = peer_id
         self.queue: queue.Queue[raft_pb2.RaftMessage | None] = queue.Queue(maxsize=PEER_QUEUE_MESSAGES_MAX)
         self.stopped = False
+        self._denied_quiet_until = 0.0
         self.thread = threading.Thread(target=self._run, name=f"mqstore-peer-{peer_id}", daemon=True)
         self.thread.start()
 
@@ -103,6 +104,12 @@ class _Peer:
             except grpc.RpcError as exc:
                 if not self.stopped:
                     log.debug("peer %d at %s: stream ended: %s", self.peer_id, address, exc.code())
+                    if exc.code() == grpc.StatusCode.PERMISSION_DENIED and time.monotonic() >= self._denied_quiet_until:
+                        # Not a network fault: the peer refuses this node (another cluster or
+                        # founding, a certificate naming another node). Said once a minute.
+                        self._denied_quiet_until = time.monotonic() + 60
+                        log.error("peer %d at %s refuses this node's messages: %s", self.peer_id, address,
+                                  exc.details())
                     # UNAVAILABLE: the connection was refused or reset (the peer's process is
                     # most likely gone), not a slow or rejecting peer.
                     self.transport.on_unreachable(self.peer_id, exc.code() == grpc.StatusCode.UNAVAILABLE)
@@ -117,10 +124,12 @@ SNAPSHOT_CHUNK_BYTES = 1 << 20
 SNAPSHOT_TIMEOUT_S = 600.0
 
 
-def _snapshot_chunks(message: Message, f: BinaryIO, cluster_id: str) -> Iterator[raft_pb2.SnapshotChunk]:
+def _snapshot_chunks(
+    message: Message, f: BinaryIO, cluster_id: str, founding: bytes = b""
+) -> Iterator[raft_pb2.SnapshotChunk]:
     """The chunks of the snapshot file open as ``f`` (opened, and closed, by the caller: a file
     that cannot be opened fails the transfer before it starts, not inside gRPC's request stream)."""
-    header = message_to_proto(message, cluster_id).SerializeToString()
+    header = message_to_proto(message, cluster_id, founding).SerializeToString()
     digest = hashlib.sha256()
     offset = 0
     first = True
@@ -130,6 +139,7 @@ def _snapshot_chunks(message: Message, f: BinaryIO, cluster_id: str) -> Iterator
         last = len(data) < SNAPSHOT_CHUNK_BYTES
         yield raft_pb2.SnapshotChunk(
             cluster_id=cluster_id,
+            founding=founding,
             to=message.to,
             meta=header if first else b"",
             offset=offset,
@@ -179,6 +189,8 @@ class Transport:
         stamp: Callable[[int, raft_pb2.RaftMessage], None] | None = None,
     ) -> None:
         self.cluster_id = cluster_id
+        #: The founding digest sent with every message (the node sets it; see founding_digest).
+        self.founding = b""
         self.stamp = stamp  # sets a message's clock fields as it leaves (PeerClocks.stamp)
         self.address_of = address_of
         self.on_unreachable = on_unreachable
@@ -211,7 +223,7 @@ class Transport:
                 proto.CopyFrom(built[1])
                 proto.to = m.to
             else:
-                proto = message_to_proto(m, self.cluster_id)
+                proto = message_to_proto(m, self.cluster_id, self.founding)
                 if m.entries:
                     built = (m, proto)
             if not peer.send(proto):
@@ -244,7 +256,7 @@ class Transport:
                     channel = self.channel_to(address, message.to)
                     try:
                         ack = raft_pb2_grpc.RaftStub(channel).InstallSnapshot(
-                            _snapshot_chunks(message, f, self.cluster_id), timeout=SNAPSHOT_TIMEOUT_S
+                            _snapshot_chunks(message, f, self.cluster_id, self.founding), timeout=SNAPSHOT_TIMEOUT_S
                         )
                         ok = bool(ack.ok)
                         if not ok:

@@ -8,7 +8,7 @@ from mqstore.errors import Corruption, InvalidArgument
 from mqstore.proto import raft_pb2
 
 
-def message_to_proto(m: Message, cluster_id: str) -> raft_pb2.RaftMessage:
+def message_to_proto(m: Message, cluster_id: str, founding: bytes = b"") -> raft_pb2.RaftMessage:
     return raft_pb2.RaftMessage(
         type=int(m.type),
         to=m.to,
@@ -23,6 +23,7 @@ def message_to_proto(m: Message, cluster_id: str) -> raft_pb2.RaftMessage:
         snapshot_meta=encode_snapshot_meta(m.snapshot.meta) if m.snapshot is not None else b"",
         context=m.context,
         cluster_id=cluster_id,
+        founding=founding,
     )
 
 

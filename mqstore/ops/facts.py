@@ -32,6 +32,7 @@ _HARD = struct.Struct(">QQQ")
 META_NODE_ID = b"node.id"
 META_CLUSTER_ID = b"cluster.id"
 META_REMOVED = b"cluster.removed"
+META_FOUNDING = b"cluster.founding"
 META_HARD_STATE = b"raft.hard_state"
 META_CONF_STATE = b"raft.conf_state"
 META_APPLIED = b"raft.applied"
@@ -84,6 +85,7 @@ class RaftFacts:
     conf: ConfState
     removed: tuple[int, ...]
     members: dict[int, tuple[str, str]]  # node id -> (site, advertised address)
+    founding: str = ""  # hex digest of the founding member list ("" unknown: joined, no snapshot yet)
 
 
 def _get(txn: Any, env: Environment, key: bytes) -> bytes | None:
@@ -107,6 +109,7 @@ def raft_facts(env: Environment) -> RaftFacts | None:
         compacted_raw = _get(txn, env, META_COMPACTED)
         removed_raw = _get(txn, env, META_REMOVED)
         cluster = (_get(txn, env, META_CLUSTER_ID) or b"").decode()
+        founding = (_get(txn, env, META_FOUNDING) or b"").hex()
         members: dict[int, tuple[str, str]] = {}
         with txn.cursor(db=env.dbs[b"meta"]) as cur:
             if cur.set_range(META_MEMBER_PREFIX):
@@ -128,6 +131,7 @@ def raft_facts(env: Environment) -> RaftFacts | None:
         conf=decode_conf_state(conf_raw) if conf_raw else ConfState(),
         removed=tuple(int(x) for x in removed_raw.decode().split(",") if x) if removed_raw else (),
         members=members,
+        founding=founding,
     )
 
 
@@ -223,6 +227,7 @@ def store_facts(path: str | os.PathLike[str], now_ms: int) -> dict[str, Any]:
         out.update(
             node_id=raft.node_id,
             cluster_id=raft.cluster_id,
+            founding=raft.founding,
             term=raft.term,
             vote=raft.vote,
             commit_index=raft.commit_index,

@@ -38,7 +38,7 @@ from mqstore.consensus.raft import members_of, validate_conf
 from mqstore.consensus.types import ConfState, HardState, SnapshotMeta
 from mqstore.errors import InvalidArgument, MQStoreError, NotFound, NotLeader, Overloaded, Unavailable
 from mqstore.ops import facts
-from mqstore.ops.facts import META_RECOVERY_LOG, META_RESTORED_FROM
+from mqstore.ops.facts import META_FOUNDING, META_RECOVERY_LOG, META_RESTORED_FROM
 from mqstore.store import LogStore, WriteContext
 
 BOOTSTRAP_INDEX = 1
@@ -87,6 +87,7 @@ def reseed(
     same index and term (``config_replaced``), and the entries around it are kept."""
     from mqstore.node.raftlog import LmdbRaftStorage
     from mqstore.node.replica import MemberInfo
+    from mqstore.node.runtime import founding_digest
 
     path = data_dir or Path(config.data_dir)
     log = _open(config, path)
@@ -145,6 +146,8 @@ def reseed(
                 ctx.txn.put(_U64.pack(index), noop, db=ctx.dbs[b"log"])
             ctx.put(b"meta", b"node.id", me.to_bytes(8, "big"))
             ctx.put(b"meta", b"cluster.id", cluster_id.encode())
+            # Founded anew: two survivors reseeded apart (or a backup seeded twice) refuse each other.
+            ctx.put(b"meta", META_FOUNDING, founding_digest(cluster_id, new_conf, os.urandom(16)))
             storage.set_conf_state(ctx, new_conf)
             storage.set_hard_state(ctx, HardState(term=hard.term, vote=hard.vote, commit=commit))
             ctx.put(b"meta", b"member." + str(me).encode(), MemberInfo(me, config.site, config.address).encode())

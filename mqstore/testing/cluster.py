@@ -214,11 +214,12 @@ class LocalCluster:
 
     # --- processes ----------------------------------------------------------------------------------
 
-    def start(self, node_id: int) -> None:
+    def start(self, node_id: int, members: list[int] | None = None) -> None:
+        """Start the node (``members``: the peers its config lists, default every node)."""
         spec = self.nodes[node_id]
         if spec.process is not None and spec.process.poll() is None:
             return
-        self.write_config(node_id)
+        self.write_config(node_id, members)
         spec.log_path = self.root / f"node{node_id}.log"
         spec.process = self._mqstore("serve", "--config", str(self.config_path(node_id)), log_path=spec.log_path)
 
