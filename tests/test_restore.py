@@ -23,6 +23,7 @@ from mqstore.client import Client
 from mqstore.consensus.types import HardState
 from mqstore.crypto import create_key_file
 from mqstore.node.raftlog import LmdbRaftStorage
+from mqstore.ops.backup import clear_restore_leftovers
 from mqstore.store import LogStore, NewMessage
 from mqstore.testing.cluster import LocalCluster
 
@@ -209,6 +210,67 @@ def test_a_restore_that_fails_leaves_nothing_behind(embedded: tuple[Path, Path],
     assert ok("restore", "--in", str(backup), "--data-dir", str(root / "r1"), "--key-file", str(key))["verify"]["clean"]
     assert ok("status", "--data-dir", str(root / "r1"))["stats"]["messages"] == 5
     assert _left(root) == ["r1"]
+
+
+#: A restore run in a child process that stops inside its write (its first progress call prints
+#: "writing" and waits for a line on stdin).
+_STOPPED_RESTORE = """
+import sys
+from pathlib import Path
+from mqstore.ops.backup import restore
+
+said = []
+
+def progress(done, total):
+    if not said:
+        said.append(1)
+        print("writing", flush=True)
+        sys.stdin.readline()
+
+restore(Path(sys.argv[1]), Path(sys.argv[2]), progress=progress)
+print("finished", flush=True)
+"""
+
+
+def _stopped_restore(backup: Path, data_dir: Path) -> subprocess.Popen[str]:
+    child = subprocess.Popen([sys.executable, "-c", _STOPPED_RESTORE, str(backup), str(data_dir)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    line = child.stdout.readline()
+    assert line == "writing\n", (line, child.stderr.read() if child.stderr else "")
+    return child
+
+
+def test_the_restore_after_one_killed_mid_write_removes_its_leftovers(
+    embedded: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A restore killed with SIGKILL leaves its staging directory beside the target; the next
+    restore into that target removes it and names it, and keeps one a running restore holds."""
+    backup, key = embedded
+    root = tmp_path / "r"
+    root.mkdir()
+    target = root / "spool"
+    killed = _stopped_restore(backup, target)
+    killed.kill()
+    killed.wait(timeout=60)
+    left = _left(root)
+    assert len(left) == 1 and left[0].startswith(".spool.restoring-") and not target.exists()
+    out = run("restore", "--in", str(backup), "--data-dir", str(target), "--key-file", str(key), "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout)["leftovers_removed"] == [str(root / left[0])]
+    assert f"mqstore: removed {root / left[0]}, left by a restore into {target} that was killed" in out.stderr
+    assert _left(root) == ["spool"]
+    assert ok("status", "--data-dir", str(target))["stats"]["messages"] == 5
+    # A restore still running holds its directory: it is not taken for a leftover.
+    other = root / "other"
+    running = _stopped_restore(backup, other)
+    try:
+        (held,) = set(_left(root)) - {"spool"}
+        assert clear_restore_leftovers(other) == [] and (root / held).is_dir()
+    finally:
+        running.kill()
+        running.wait(timeout=60)
+    assert clear_restore_leftovers(other) == [root / held] and _left(root) == ["spool"]
 
 
 def test_a_restore_into_an_existing_directory_keeps_what_it_holds(embedded: tuple[Path, Path], tmp_path: Path) -> None:

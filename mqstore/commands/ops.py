@@ -1036,6 +1036,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
             bar.phase("verify:")
             report = verify_path(work, key_file=key, progress=_phase_progress(bar)).to_dict()
 
+    leftovers = [str(p) for p in backup.clear_restore_leftovers(path)]
+    for left in leftovers:
+        print(f"mqstore: removed {left}, left by a restore into {path} that was killed", file=sys.stderr)
     with bar:
         signing_key_file = (conf.audit_signing_key if seed_conf is not None and conf.audit_signing_key is not None
                             else path / backup.AUDIT_KEY_FILE)
@@ -1044,7 +1047,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         header = restored["header"]
     signing = restored["audit_signing_key"]
     payload = {"data_dir": str(path), "header": header, "log": restored["log"], "verify": report, "seeded": seeded,
-               "audit_signing_key": signing}
+               "audit_signing_key": signing, "leftovers_removed": leftovers + restored["leftovers_removed"]}
     lines = [f"restored {args.input} into {path}: applied index {header['applied_index']}, "
              f"{header['messages']} messages"]
     cut = restored["log"]

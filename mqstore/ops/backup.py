@@ -25,9 +25,7 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import struct
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +38,7 @@ from mqstore.codec import crc32c
 from mqstore.errors import Corruption, InvalidArgument
 from mqstore.ops.facts import (
     META_CLUSTER_ID,
+    META_FOUNDING,
     META_MEMBER_PREFIX,
     META_NODE_ID,
     META_REMOVED,
@@ -372,7 +371,8 @@ def restore(
 ) -> dict[str, Any]:
     """Restore ``backup`` into the new store directory ``data_dir`` (it must hold no store).
     Returns ``{"header": the backup's header, "log": what was done to the node's log or None,
-    "audit_signing_key": what the restored store needs to verify its audit log, or None}``.
+    "audit_signing_key": what the restored store needs to verify its audit log, or None,
+    "leftovers_removed": the staging directories of killed restores into ``data_dir`` removed}``.
 
     A backup holds no key, the audit signing key neither: when the store's audit checkpoints are
     signed, the key that signed them must be copied to ``signing_key_file`` (default
@@ -403,6 +403,7 @@ def restore(
     if node and header.get("source", {}).get("kind") != "node" and not header.get("term"):
         raise InvalidArgument("the backup holds an embedded store (no Raft state): only a cluster node's backup "
                               "can seed a cluster")
+    leftovers = clear_restore_leftovers(data_dir)
     with _staging(data_dir) as work:
         with backup.open("rb") as src, (work / "data.mdb").open("xb") as dst:
             header, _ = read_backup(src, dst, progress)
@@ -417,11 +418,13 @@ def restore(
                 meta = env.dbs[b"meta"]
                 txn.delete(META_NODE_ID, db=meta)
                 txn.delete(META_CLUSTER_ID, db=meta)
+                txn.delete(META_FOUNDING, db=meta)
                 txn.put(META_RESTORED_FROM, json.dumps(header, sort_keys=True).encode(), db=meta)
             signing = signing_key_status(env, signing_key_file or data_dir / AUDIT_KEY_FILE)
         if finish is not None:
             finish(work)
-    return {"header": header, "log": done, "audit_signing_key": signing}
+    return {"header": header, "log": done, "audit_signing_key": signing,
+            "leftovers_removed": [str(p) for p in leftovers]}
 
 
 #: Files of a store directory that are not its data (LMDB's lock file and mqstore's writer lock):
@@ -429,12 +432,23 @@ def restore(
 _LOCK_FILES = ("lock.mdb", LOCK_FILE)
 
 
+def _staging_prefix(data_dir: Path) -> str:
+    return f".{data_dir.name}.restoring-"
+
+
+def clear_restore_leftovers(data_dir: Path) -> list[Path]:
+    """Remove the staging directories beside ``data_dir`` left by restores into it that were
+    killed (each running restore holds a lock on its own, which is kept); returns them."""
+    return remove_unowned(data_dir.absolute().parent, [_staging_prefix(data_dir)])
+
+
 @contextlib.contextmanager
 def _staging(data_dir: Path) -> Iterator[Path]:
-    """A new directory beside ``data_dir`` to build a store in; when the block ends without an
-    error its contents are moved into ``data_dir`` (created if missing; the store's ``data.mdb``
-    comes last, so ``data_dir`` holds a store only once it holds all of it). On an error it is
-    removed, and so are the parents of ``data_dir`` that were made for it."""
+    """A new directory beside ``data_dir`` to build a store in, locked by this run (see
+    mqstore/ops/scratch.py: one nobody holds was left by a killed restore); when the block ends
+    without an error its contents are moved into ``data_dir`` (created if missing; the store's
+    ``data.mdb`` comes last, so ``data_dir`` holds a store only once it holds all of it). On an
+    error it is removed, and so are the parents of ``data_dir`` that were made for it."""
     made: list[Path] = []
     parent = data_dir.absolute().parent
     for p in [parent, *parent.parents]:
@@ -443,29 +457,23 @@ def _staging(data_dir: Path) -> Iterator[Path]:
         made.append(p)
     for p in reversed(made):
         p.mkdir()
-    work: Path | None = None
     try:
-        work = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.restoring-", dir=parent))
-        yield work
-        for name in _LOCK_FILES:
-            (work / name).unlink(missing_ok=True)
-        if not data_dir.exists():
-            os.rename(work, data_dir)
-            work = None
-        else:
-            entries = sorted(work.iterdir(), key=lambda e: e.name == "data.mdb")
-            taken = [e.name for e in entries if os.path.lexists(data_dir / e.name)]
-            if taken:
-                raise InvalidArgument(f"{data_dir} already holds {', '.join(taken)}: restore into a new directory")
-            for entry in entries:
-                os.rename(entry, data_dir / entry.name)
-            work.rmdir()
-            work = None
-            fsync_path(data_dir)
+        with owned_temporary(parent, _staging_prefix(data_dir), directory=True) as (work, _fd):
+            yield work
+            for name in _LOCK_FILES:
+                (work / name).unlink(missing_ok=True)
+            if not data_dir.exists():
+                os.rename(work, data_dir)  # (owned_temporary's removal then finds nothing)
+            else:
+                entries = sorted(work.iterdir(), key=lambda e: e.name == "data.mdb")
+                taken = [e.name for e in entries if os.path.lexists(data_dir / e.name)]
+                if taken:
+                    raise InvalidArgument(f"{data_dir} already holds {', '.join(taken)}: restore into a new directory")
+                for entry in entries:
+                    os.rename(entry, data_dir / entry.name)
+                fsync_path(data_dir)
         fsync_path(parent)
     except BaseException:
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
         for p in made:
             with contextlib.suppress(OSError):
                 p.rmdir()
@@ -488,7 +496,7 @@ def _check_seedable(env: Environment) -> None:
 
 
 #: Meta keys of a node that an embedded store has no use for (``raft.*``, ``member.*`` and these).
-_NODE_META_KEYS = (META_NODE_ID, META_CLUSTER_ID, META_REMOVED)
+_NODE_META_KEYS = (META_NODE_ID, META_CLUSTER_ID, META_FOUNDING, META_REMOVED)
 _NODE_META_PREFIXES = (b"raft.", META_MEMBER_PREFIX)
 _META_LOG_TERM = b"log.term"
 
