@@ -91,6 +91,11 @@ def _ms(seconds: float) -> int:
     return round(seconds * 1000)
 
 
+#: The keys of one message given to enqueue_many (enqueue's keyword names).
+_ENQUEUE_FIELDS = frozenset({"mail_from", "recipients", "data", "namespace", "priority", "not_before", "expires_in",
+                             "idempotency_key"})
+
+
 def _to_ms(value: float | _dt.datetime | None, field_name: str) -> int:
     if value is None:
         return 0
@@ -459,27 +464,31 @@ class QueueBase:
             raise InvalidArgument("messages must be a non-empty list of dicts")
         now = self._now_ms()
         new = []
-        allowed = {"mail_from", "recipients", "data", "namespace", "priority", "not_before", "expires_in",
-                   "idempotency_key"}
+        allowed = _ENQUEUE_FIELDS
+        lifetimes: dict[str, int] = {}  # namespace -> its lifetime (ms), looked up once per call
         for i, m in enumerate(messages):
-            if not isinstance(m, Mapping):
+            if type(m) is not dict and not isinstance(m, Mapping):
                 raise InvalidArgument(f"messages[{i}] must be a dict, not {type(m).__name__}")
-            unknown = set(m) - allowed
-            if unknown:
-                raise InvalidArgument(f"messages[{i}] has unknown field(s) {sorted(unknown)}")
+            if not m.keys() <= allowed:
+                raise InvalidArgument(f"messages[{i}] has unknown field(s) {sorted(set(m) - allowed)}")
             if "mail_from" not in m or "recipients" not in m or "data" not in m:
                 raise InvalidArgument(f"messages[{i}] needs mail_from, recipients and data")
-            namespace = validate.namespace(m.get("namespace", "default"))
+            namespace = m.get("namespace", "default")
             expires_in = m.get("expires_in")
             if expires_in is None:
-                lifetime_ms = self._policy(namespace).lifetime_ms
-                lifetime = f"the {lifetime_ms / 1000:g} s lifetime of namespace {namespace!r}"
+                lifetime_ms = lifetimes.get(namespace) if type(namespace) is str else None
+                if lifetime_ms is None:
+                    namespace = validate.namespace(namespace)
+                    lifetime_ms = lifetimes[namespace] = self._policy(namespace).lifetime_ms
             else:
+                namespace = validate.namespace(namespace)
                 lifetime_ms = _duration_ms(expires_in, f"messages[{i}].expires_in")
-                lifetime = f"its expires_in of {lifetime_ms / 1000:g} s"
-            not_before_ms = _to_ms(m.get("not_before"), f"messages[{i}].not_before")
+            not_before = m.get("not_before")
+            not_before_ms = 0 if not_before is None else _to_ms(not_before, f"messages[{i}].not_before")
             expires_at_ms = now + lifetime_ms if lifetime_ms else 0
             if expires_at_ms and not_before_ms >= expires_at_ms:
+                lifetime = (f"the {lifetime_ms / 1000:g} s lifetime of namespace {namespace!r}" if expires_in is None
+                            else f"its expires_in of {lifetime_ms / 1000:g} s")
                 raise InvalidArgument(
                     f"messages[{i}].not_before ({not_before_ms / 1000:.3f}) is at or after the message's expiry "
                     f"({expires_at_ms / 1000:.3f}, now + {lifetime}): it would expire before its first attempt"
@@ -574,10 +583,12 @@ class QueueBase:
     def _check_enqueue(self, messages: Sequence[Mapping[str, Any]], actor: Actor | None) -> Actor | None:
         actor = self._actor(actor)
         if actor is not None:
+            checked: set[str] = set()  # each namespace once per call
             for m in messages if isinstance(messages, (list, tuple)) else ():
                 ns = m.get("namespace", "default") if isinstance(m, Mapping) else "default"
-                if isinstance(ns, str):  # (another namespace is refused as invalid)
+                if isinstance(ns, str) and ns not in checked:  # (another namespace is refused as invalid)
                     self._require(actor, "enqueue", ns, "enqueue", ns)
+                    checked.add(ns)
         return actor
 
     def enqueue(
