@@ -470,6 +470,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 )
             if node_id in dict(self.node.raw.conf_state.sites):
                 raise errors.InvalidArgument(f"node {node_id} is already a member")
+            if not self.node.is_leader:
+                raise self.node._not_leader()
+            self._check_new_member(node_id, request.site, request.address)
             info = MemberInfo(node_id, request.site, request.address)
             self.node.submit(Operation(plan=lambda n: [(20, entry_payload(0, 0, 0, info.encode()))]))
             item = ConfChangeItem(ConfChangeType.ADD_LEARNER, node_id, request.site)
@@ -491,6 +494,34 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         timeout = OPERATION_TIMEOUT_S if remaining is None else min(OPERATION_TIMEOUT_S, remaining)
         self.node.change_membership(ConfChange((item,)), timeout)
         return admin_pb2.MembershipResponse(members=[admin_pb2.Member(**m) for m in self.node.status()["members"]])
+
+    def _check_new_member(self, node_id: int, site: str, address: str) -> None:
+        """Ask the node at ``address`` who it is before adding it: a site given that is not the
+        one in the node's own config would be counted by the commit rule (a voter of site b that
+        stands in site c), and the node could never start again (its store names another site
+        than its config). Refused, nothing changed, when it answers as another node, site or
+        cluster; a node that does not answer within 5 s (not started) is taken as given, with a
+        warning."""
+        try:
+            channel = self.node.transport.channel_to(address, node_id)
+            try:
+                answer = admin_pb2_grpc.AdminStub(channel).Status(admin_pb2.StatusRequest(), timeout=5.0,
+                                                                  wait_for_ready=True)
+            finally:
+                channel.close()
+        except grpc.RpcError as exc:
+            log.warning("adding node %d at %s: it did not say who it is (%s: %s); its site %r is taken as given",
+                        node_id, address, exc.code().name, exc.details(), site)
+            return
+        wrong = []
+        if answer.node_id != node_id:
+            wrong.append(f"it is node {answer.node_id}, not {node_id}")
+        if answer.site != site:
+            wrong.append(f"its config says site {answer.site!r}, not {site!r}")
+        if answer.cluster_id and answer.cluster_id != self.node.cluster_id:
+            wrong.append(f"it was prepared for cluster {answer.cluster_id!r}, not {self.node.cluster_id!r}")
+        if wrong:
+            raise errors.InvalidArgument(f"the node at {address} does not match: {'; '.join(wrong)}; nothing changed")
 
     def _wait_ready_to_vote(self, node_id: int, context: grpc.ServicerContext) -> None:
         """Wait (up to two election timeouts) until learner ``node_id`` has caught up with the
@@ -747,11 +778,26 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
             f"restore --cluster-id): they are two clusters under the id {self.node.cluster_id!r}. Every initial "
             "member is bootstrapped with the same [[peers]] (ids and sites) and min_sites"
         )
+        self._log_refusal(sender, why)
+        return why
+
+    def _log_refusal(self, sender: int, why: str) -> None:
+        """Log why ``sender``'s messages are refused, once a minute per sender."""
         now = time.monotonic()
         if now >= self._founding_quiet_until.get(sender, 0.0):
             self._founding_quiet_until[sender] = now + 60
             log.error("refusing raft messages: %s", why)
-        return why
+
+    def _refused_sender(self, sender: int, founding: bytes) -> str | None:
+        """Why ``sender``'s Raft messages and snapshots are refused (None: they are not): it was
+        removed from this cluster (its id never comes back; after a reseed every old member is),
+        or it belongs to another founding (see :meth:`_other_founding`)."""
+        if sender in self.node.removed:
+            why = (f"node {sender} was removed from cluster {self.node.cluster_id!r} (or left behind by a reseed of "
+                   f"node {self.node.node_id}): a removed node id is never a member again")
+            self._log_refusal(sender, why)
+            return why
+        return self._other_founding(sender, founding)
 
     def RecordDenials(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
         """A follower's edge refused calls: append them to the audit log (leader only)."""
@@ -784,7 +830,7 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
                 )
             if p.cluster_id != self.node.cluster_id:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, f"message from cluster {p.cluster_id!r}, not ours")
-            other = self._other_founding(getattr(p, "from"), p.founding)
+            other = self._refused_sender(getattr(p, "from"), p.founding)
             if other is not None:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, other)
             if p.to != self.node.node_id:
@@ -797,6 +843,8 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
                 message = message_from_proto(p)
             except errors.InvalidArgument as exc:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            if message.snapshot is not None:
+                self.node.note_snapshot_founding(message.snapshot.meta.index, p.founding)
             self.node.clocks.observe(message.frm, p.clock_sent_us, p.clock_echo_us, p.clock_echo_received_us,
                                      p.clock_correction_ms if p.HasField("clock_correction_ms") else None)
             self.node.receive(message)
@@ -825,7 +873,7 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
                         )
                     if chunk.cluster_id != node.cluster_id or chunk.to != node.node_id:
                         return raft_pb2.SnapshotAck(ok=False, error="snapshot for another cluster or node")
-                    other = self._other_founding(getattr(chunk, "from"), chunk.founding)
+                    other = self._refused_sender(getattr(chunk, "from"), chunk.founding)
                     if other is not None:
                         return raft_pb2.SnapshotAck(ok=False, error=other)
                     if header is None:
@@ -842,6 +890,7 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
                         if header.to != node.node_id or header.frm != getattr(chunk, "from"):
                             return raft_pb2.SnapshotAck(ok=False, error="snapshot metadata names another sender "
                                                         "or receiver than its stream")
+                        node.note_snapshot_founding(header.snapshot.meta.index, chunk.founding)
                     if chunk.offset != offset or crc32c(chunk.data) != chunk.crc32c:
                         error = f"chunk at {chunk.offset} is damaged or out of order"
                         return raft_pb2.SnapshotAck(ok=False, error=error)

@@ -643,3 +643,68 @@ def test_nodes_bootstrapped_with_different_member_lists_refuse_each_other(
     finally:
         for server in servers.values():
             server.stop(grace=1.0)
+
+
+def test_a_joined_node_learns_the_founding_from_the_bootstrap_snapshot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cluster that has not taken a snapshot of its data yet (the default: every 100,000
+    entries) sends a new node the metadata-only snapshot of index 1: the node learns the founding
+    digest from it too, keeps it across a restart, and refuses a node of another founding."""
+    c = InProcessCluster(tmp_path, {1: "a", 2: "b", 3: "c", 4: "c"}, [1, 2, 3])
+    other: NodeServer | None = None
+    try:
+        with Client(c.addresses(), timeout=10) as client:
+            client.enqueue_many(_messages(5, "f"))
+        leader = c.leader()
+        c.configs[4] = _config(c.root, c.key, 4, c.sites, c.ports, [1, 2, 3, 4])
+        prepare_join(c.configs[4], "t")
+        c.start(4)
+        stub = admin_pb2_grpc.AdminStub(grpc.insecure_channel(leader.config.listen))
+        req = admin_pb2.MembershipRequest
+        stub.ChangeMembership(req(op=req.ADD_LEARNER, node_id=4, site="c", address=c.configs[4].listen))
+        c.wait_applied(4, leader.node.applied_index)
+        assert c.servers[4].node.storage.snapshot_meta().index == 1  # no data snapshot was needed
+        assert c.servers[4].node.founding == leader.node.founding != b""
+        c.stop(4)
+        c.start(4)
+        assert c.servers[4].node.founding == leader.node.founding  # kept in the store
+        # Node 5, bootstrapped by mistake as {4, 5} of cluster "t", is refused by node 4 too.
+        ports = {**c.ports, 5: free_port()}
+        sites = {**c.sites, 5: "b"}
+        bad = _config(tmp_path / "bad", c.key, 5, sites, ports, [4, 5], election_tick=5, heartbeat_ms=50)
+        bootstrap(bad, "t")
+        other = NodeServer(bad)
+        other.start()
+        refused = "refusing raft messages: node 5 was bootstrapped with another member list than node 4"
+        deadline = time.monotonic() + 5
+        while refused not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert refused in caplog.text
+        assert not other.node.is_leader
+    finally:
+        if other is not None:
+            other.stop(grace=1.0)
+        c.close()
+
+
+def test_adding_a_node_under_another_site_than_its_own_is_refused(cluster: InProcessCluster) -> None:
+    """`cluster add --site b` for a node whose config says site c: the leader asks the node who
+    it is and refuses (nothing changed). Before, the commit rule counted it in site b, and the
+    node could never start again (its store named site b, its config c)."""
+    leader = cluster.leader()
+    cluster.configs[4] = _config(cluster.root, cluster.key, 4, cluster.sites, cluster.ports, [1, 2, 3, 4])
+    prepare_join(cluster.configs[4], "t")
+    cluster.start(4)
+    stub = admin_pb2_grpc.AdminStub(grpc.insecure_channel(leader.config.listen))
+    req = admin_pb2.MembershipRequest
+    before = dict(leader.node.raw.conf_state.sites)
+    for site, node_id, words in [("b", 4, "its config says site 'c', not 'b'"), ("c", 5, "it is node 4, not 5")]:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ChangeMembership(req(op=req.ADD_LEARNER, node_id=node_id, site=site,
+                                      address=cluster.configs[4].listen))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.value.details()
+        assert dict(leader.node.raw.conf_state.sites) == before
+    stub.ChangeMembership(req(op=req.ADD_LEARNER, node_id=4, site="c", address=cluster.configs[4].listen))
+    cluster.wait_applied(4, leader.node.applied_index)
+    assert dict(leader.node.raw.conf_state.sites)[4] == "c"

@@ -317,7 +317,7 @@ class ClusterQueue(QueueBase):
             if results and results[0][1] is not True:
                 raise StaleLease(f"lease {token} was settled or expired meanwhile; nothing changed")
 
-        self.node.submit(Operation(plan=plan, finish=finish))
+        self.node.submit(Operation(plan=plan, finish=finish, settling={token}))
 
     def ack_many(self, tokens: Iterable[int], actor: Actor | None = None) -> None:
         """Settle every recipient of each lease as delivered. Each lease is checked when planned
@@ -329,6 +329,11 @@ class ClusterQueue(QueueBase):
         self._require_settle(actor, tokens, "ack")
 
         def plan(node: Node) -> Plan:
+            # All or none: a lease another call is settling right now (planned, not applied) is
+            # refused here, before anything is proposed, as one already settled would be.
+            busy = [t for t in tokens if t in node.settling]
+            if busy:
+                raise StaleLease(f"lease(s) {busy} are being settled by another call; nothing changed")
             now = node.now_ms()
             ctx = self._ctx(actor)
             out: Plan = []
@@ -343,7 +348,7 @@ class ClusterQueue(QueueBase):
             if stale:
                 raise StaleLease(f"lease(s) {stale} were settled or expired before they were applied")
 
-        self.node.submit(Operation(plan=plan, finish=finish))
+        self.node.submit(Operation(plan=plan, finish=finish, settling=set(tokens)))
 
     # --- maintenance -----------------------------------------------------------------------------
 

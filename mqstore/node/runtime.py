@@ -88,6 +88,9 @@ SNAPSHOT_DIR = "snapshots"
 _SNAPSHOT_DIR_SCRAPS = re.compile(r"incoming-[0-9a-f]{32}\.mdb|(?:tmp|scrub|install)-[0-9]+-[0-9a-f]{8}")
 _SNAPSHOT_FILE = re.compile(r"snap-[0-9]{20}\.mdb")
 OPERATION_TIMEOUT_S = 10.0
+#: How long a new leader holds operations until it applied an entry of its term (see
+#: Node._term_ready): less than OPERATION_TIMEOUT_S, so a caller hears "nothing was written".
+TERM_WAIT_MAX_S = OPERATION_TIMEOUT_S / 2
 #: Reads (ReadIndex) the raft thread holds at once; more are refused (Unavailable) until some end.
 READS_PENDING_MAX = raftcore.READ_REQUESTS_PENDING_MAX
 _U64 = struct.Struct(">Q")
@@ -231,6 +234,8 @@ class Operation:
     indices: list[tuple[int, int]] = field(default_factory=list)
     results: dict[int, object] = field(default_factory=dict)
     reserved: set[bytes] = field(default_factory=set)
+    #: Lease tokens this operation settles (planned, not applied yet): see ``Node.settling``.
+    settling: set[int] = field(default_factory=set)
     #: Per planned entry (same order as the plan), what applying it can use instead of decoding
     #: the entry again (the leader already has each new message's envelope); None: nothing.
     hints: list[object] | None = None
@@ -309,6 +314,8 @@ class Node:
             #: Guards stamp_ms, which the Raft thread and the threads staging enqueues both raise.
             self._stamp_lock = threading.Lock()
             self.members: dict[int, MemberInfo] = read_members(self.log)
+            #: Ids removed from the cluster (cached: the Raft service refuses their messages).
+            self.removed: frozenset[int] = frozenset(self.removed_ids())
         except BaseException:
             self.log.close()
             raise
@@ -343,9 +350,19 @@ class Node:
         self._hold_until: float | None = None  # until when _new_ops wait for more
         self._linger_s = limits.PROPOSE_LINGER_MAX_US / 1e6
         self._reserved: set[bytes] = set()  # messages with a lease planned but not applied yet
+        #: Lease tokens with a settle planned and not applied yet, with how many operations settle
+        #: each: a plan that must settle all of its leases or none (ack_many) refuses one of them.
+        self.settling: dict[int, int] = {}
         self._reads: dict[bytes, Future[int]] = {}
         self._read_waiters: list[tuple[int, Future[int]]] = []
         self._applied = applied
+        try:
+            self._applied_term = self.storage.term(applied)  # the term of the last entry applied
+        except MQStoreError:
+            self._applied_term = 0
+        self._term_wait_since: float | None = None  # since when operations wait for _term_ready
+        #: Founding digests snapshots were sent with, by snapshot index (note_snapshot_founding).
+        self._snapshot_founding: dict[int, bytes] = {}
         self._role = Role.FOLLOWER
         self._leader = 0
         self._stopping = threading.Event()
@@ -398,6 +415,14 @@ class Node:
     def receive(self, message: Message) -> None:
         """A message from a peer (called by the Raft service)."""
         self._inbox.put(("msg", message))
+
+    def note_snapshot_founding(self, index: int, founding: bytes) -> None:
+        """The founding digest a snapshot at ``index`` was sent with (Raft service): a node that
+        does not know its founding yet (joined) takes it when it installs that snapshot."""
+        if founding and not self.founding:
+            if len(self._snapshot_founding) >= 16:
+                self._snapshot_founding.clear()
+            self._snapshot_founding[index] = founding
 
     def submit(self, op: Operation, timeout: float = OPERATION_TIMEOUT_S) -> object:
         """Run ``op`` on the leader and wait for its entries to be applied here."""
@@ -615,6 +640,9 @@ class Node:
         was answered, for at most ``limits.PROPOSE_LINGER_MAX_US``, puts them in one round (one
         fsync, one append per follower) instead of a trickle of small rounds, and merges groups
         that a burst split. A lone caller never waits. Raft messages are handled meanwhile."""
+        if self.is_leader and not self._term_ready():
+            return self._wait_for_term()
+        self._term_wait_since = None
         if len(self._new_ops) >= self._expect_ops or not self.is_leader or not self._linger_s:
             return True
         if sum(len(op.hints) if op.hints else 1 for op in self._new_ops) >= _LINGER_ENTRIES_MAX:
@@ -624,6 +652,32 @@ class Node:
             self._hold_until = now + self._linger_s
             return False
         return now >= self._hold_until
+
+    def _term_ready(self) -> bool:
+        """Whether this node applied an entry of its current term. A new leader's applied state
+        may lack entries an earlier leader committed (and answered for): plans read that state (is
+        a lease token live, does a message exist), so they wait until the leader applied the empty
+        entry it appends on election, which comes after every entry committed before it."""
+        return self._applied_term == self.raw.term
+
+    def _wait_for_term(self) -> bool:
+        """Hold new operations until :meth:`_term_ready` (polling every ms while the raft thread
+        goes on); ones held for TERM_WAIT_MAX_S fail with Unavailable, nothing proposed.
+        Returns False: nothing is to be proposed now."""
+        now = time.monotonic()
+        if self._term_wait_since is None:
+            self._term_wait_since = now
+        elif now - self._term_wait_since >= TERM_WAIT_MAX_S:
+            ops, self._new_ops = self._new_ops, []
+            self._term_wait_since = None
+            for op in ops:
+                op.future.set_exception(Unavailable(
+                    f"leader {self.node_id} has not committed an entry of its term {self.raw.term} within "
+                    f"{TERM_WAIT_MAX_S:g} s (no quorum answers it?): nothing was written, retry",
+                    not_applied=True))
+            return False
+        self._hold_until = now + 0.001
+        return False
 
     def _handle(self, kind: str, item: Any) -> None:
         if kind == "msg":
@@ -703,6 +757,8 @@ class Node:
                 continue
             planned.append((op, plan))
             self._reserved |= op.reserved  # later plans of this group must see these leases
+            for token in op.settling:  # ... and these settles
+                self.settling[token] = self.settling.get(token, 0) + 1
         if not planned:
             return
         items = [item for _, plan in planned for item in plan]
@@ -725,6 +781,13 @@ class Node:
     def _release(self, op: Operation) -> None:
         self._reserved -= op.reserved
         op.reserved = set()
+        for token in op.settling:
+            left = self.settling.get(token, 0) - 1
+            if left > 0:
+                self.settling[token] = left
+            else:
+                self.settling.pop(token, None)
+        op.settling = set()
 
     def _process_ready(self) -> None:
         rd: Ready = self.raw.ready()
@@ -779,6 +842,8 @@ class Node:
             results = self.log.write(fn, size=sum(len(e.payload) for e in entries))
         else:
             results = {}
+        if removed:
+            self.removed = frozenset(self.removed_ids())
         regular = [m for m in rd.messages if m.snapshot is None or m.snapshot.meta.index == BOOTSTRAP_INDEX]
         self.transport.send(regular)
         for m in rd.messages:
@@ -786,6 +851,7 @@ class Node:
                 self._send_snapshot(m)
         if committed:
             self._applied = committed[-1].index
+            self._applied_term = committed[-1].term
             for e in committed:
                 if e.rtype == RecordType.MEMBERS:
                     self.members = read_members(self.log)
@@ -900,8 +966,11 @@ class Node:
         to a follower that needs it."""
         meta = snapshot.meta
         hard = HardState(term=self.raw.term, vote=self.raw.vote, commit=max(self.raw.commit_index, meta.index))
+        # The founding this node keeps: its own, else (joined) the one the snapshot came with.
+        founding = self.founding or self._snapshot_founding.pop(meta.index, b"")
+        self._snapshot_founding.clear()
         if meta.index == BOOTSTRAP_INDEX:
-            self._record_bootstrap_snapshot(meta, hard)
+            self._record_bootstrap_snapshot(meta, hard, founding)
         else:
             received = self._incoming.pop(meta.index, None)
             if received is None:
@@ -914,7 +983,7 @@ class Node:
                 data = staging / DATA_FILE
                 shutil.copyfile(received, data)
                 fsync_path(data)
-                self._adopt_snapshot_copy(staging, meta, hard)
+                self._adopt_snapshot_copy(staging, meta, hard, founding)
                 final = self.snapshot_file(meta.index)
                 os.replace(received, final)  # fsynced by the receiver; named before it is needed
                 fsync_path(self.snapshot_dir)
@@ -927,10 +996,12 @@ class Node:
             self._drop_snapshots_but(final)
         self.log.reset_bounds()
         self.storage.reload()
-        # A joined node learns its cluster's founding digest from the first snapshot (the copy's
-        # meta is the leader's); a founding node's is unchanged (a copy with another was refused).
+        # A joined node learns its cluster's founding digest from its first snapshot; a founding
+        # node's is unchanged (a snapshot sent with another was refused).
         self.founding = self.transport.founding = self.log.meta_get(META_FOUNDING) or b""
+        self.removed = frozenset(self.removed_ids())
         self._applied = meta.index
+        self._applied_term = meta.term
         self._snapshot_index = meta.index
         raw_stamp = self.log.meta_get(META_STAMP)
         if raw_stamp:
@@ -944,25 +1015,29 @@ class Node:
             self.on_state_changed(True)
         log.info("node %d: installed the snapshot at index %d (term %d)", self.node_id, meta.index, meta.term)
 
-    def _record_bootstrap_snapshot(self, meta: SnapshotMeta, hard: HardState) -> None:
-        """A new member's snapshot is the cluster's first state (index 1): no data, only metadata."""
+    def _record_bootstrap_snapshot(self, meta: SnapshotMeta, hard: HardState, founding: bytes) -> None:
+        """A new member's snapshot is the cluster's first state (index 1): no data, only metadata
+        (and the cluster's founding digest, which the snapshot came with)."""
 
         def fn(ctx: WriteContext) -> None:
             for key, value in self.storage.installed_snapshot_meta(meta, hard).items():
                 ctx.put(b"meta", key, value)
+            if founding:
+                ctx.put(b"meta", META_FOUNDING, founding)
             if ctx.next_index > meta.index + 1:
                 ctx.truncate_suffix(meta.index + 1)
             ctx.put(b"meta", b"log.first", _U64.pack(meta.index + 1))
 
         self.log.write(fn)
 
-    def _adopt_snapshot_copy(self, directory: Path, meta: SnapshotMeta, hard: HardState) -> None:
+    def _adopt_snapshot_copy(self, directory: Path, meta: SnapshotMeta, hard: HardState, founding: bytes) -> None:
         """Turn the copy of another node's database in ``directory`` into this node's state at the
         snapshot ``meta``, in one durable transaction: this node's id and hard state, the snapshot
         point as snapshot, compaction point, configuration and applied index, and none of the
         sender's log after that point (its entries there may not be committed). What else the
         copy holds is replicated state, the same on every member at that index (the member
-        directory, removed ids, keys, the audit log)."""
+        directory, removed ids, keys, the audit log); the founding digest is this node's (or the
+        one the snapshot came with)."""
         # Room for the rows this writes (the copy is compacted: every change takes new pages).
         room = 2 * (directory / DATA_FILE).stat().st_size + limits.MAP_SIZE_BYTES_MIN
         env = Environment(directory, map_size=min(max(limits.MAP_SIZE_BYTES_DEFAULT, room), limits.MAP_SIZE_BYTES_MAX))
@@ -970,6 +1045,8 @@ class Node:
             with env.env.begin(write=True) as txn:
                 meta_db, log_db = env.dbs[b"meta"], env.dbs[b"log"]
                 txn.put(META_NODE_ID, _U64.pack(self.node_id), db=meta_db)
+                if founding:  # the sender's copy may hold none (its node joined before it knew)
+                    txn.put(META_FOUNDING, founding, db=meta_db)
                 for key, value in self.storage.installed_snapshot_meta(meta, hard).items():
                     txn.put(key, value, db=meta_db)
                 txn.put(b"log.first", _U64.pack(meta.index + 1), db=meta_db)
