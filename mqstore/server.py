@@ -510,6 +510,20 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             finally:
                 channel.close()
         except grpc.RpcError as exc:
+            if self.node.config.tls is not None:
+                # Dialed as node_id, a node presenting another node's certificate fails the
+                # handshake just as a node not running does: ask the certificate itself.
+                from mqstore.security.tls import presented_node_id
+
+                try:
+                    presented = presented_node_id(self.node.config.tls, address)
+                except OSError:
+                    presented = node_id  # nothing answers there: not started
+                if presented != node_id:
+                    raise errors.InvalidArgument(
+                        f"the node at {address} does not match: its certificate names "
+                        f"{f'node {presented}' if presented else 'no node'}, not node {node_id}; nothing changed"
+                    ) from None
             log.warning("adding node %d at %s: it did not say who it is (%s: %s); its site %r is taken as given",
                         node_id, address, exc.code().name, exc.details(), site)
             return

@@ -17,6 +17,7 @@ import pytest
 
 from mqstore import StaleLease
 from mqstore.consensus.types import Message, MessageType
+from mqstore.errors import MQStoreError, Unavailable
 from mqstore.testing.secure import InProcessCluster
 
 MAIL: dict[str, Any] = {"mail_from": "a@example.org", "data": b"Subject: s\r\n\r\nx\r\n"}
@@ -32,12 +33,12 @@ def cluster(tmp_path: Path) -> Iterator[InProcessCluster]:
 
 
 class Links:
-    """Filters every node's outgoing Raft messages: ``dead`` (a node cut off both ways),
+    """Filters every node's outgoing Raft messages: ``dead`` (nodes cut off both ways),
     ``commit_cap`` ((node, index): that node's messages say its commit index is below ``index``),
     ``hold_responses`` (append responses are dropped, so a new leader cannot commit)."""
 
     def __init__(self, cluster: InProcessCluster) -> None:
-        self.dead: int | None = None
+        self.dead: set[int] = set()
         self.commit_cap: tuple[int, int] | None = None
         self.hold_responses = False
         for node_id, server in cluster.servers.items():
@@ -48,7 +49,7 @@ class Links:
         def filtered(messages: list[Message]) -> None:
             out = []
             for m in messages:
-                if self.dead is not None and self.dead in (m.frm, m.to):
+                if m.frm in self.dead or m.to in self.dead:
                     continue
                 if self.commit_cap is not None and src == self.commit_cap[0] and m.commit >= self.commit_cap[1]:
                     m = dataclasses.replace(m, commit=self.commit_cap[1] - 1)
@@ -76,7 +77,7 @@ def test_a_new_leader_answers_from_everything_committed_before_it(cluster: InPro
     other_mid = q_old.enqueue(recipients=["b@x.example"], **MAIL)
     assert lease.message_id == leased_mid
     links.hold_responses = True
-    links.dead = old_id
+    links.dead.add(old_id)
     new = cluster.leader(among=[i for i in cluster.servers if i != old_id])
     assert new.node.applied_index < new.node.raw.last_index  # the enqueues and the lease: not applied
     release = threading.Timer(1.5, lambda: setattr(links, "hold_responses", False))
@@ -87,7 +88,7 @@ def test_a_new_leader_answers_from_everything_committed_before_it(cluster: InPro
         q_new.hold(other_mid)
     finally:
         release.cancel()
-        links.dead = None
+        links.dead.clear()
     assert q_new.get(leased_mid).recipients[0].state == "delivered"
     assert q_new.get(other_mid).held
 
@@ -136,3 +137,88 @@ def test_ack_many_settles_all_or_none_beside_a_concurrent_ack(cluster: InProcess
             assert state == "delivered"
         outcomes.add(result["ack_many"])
     assert "stale" in outcomes  # the race was run, not only one order
+
+
+def _call(fn: Callable[[], object], out: dict[str, BaseException | None]) -> threading.Thread:
+    """Run ``fn`` in a thread; ``out["error"]`` is what it raised (None: nothing)."""
+
+    def run() -> None:
+        try:
+            fn()
+            out["error"] = None
+        except MQStoreError as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_a_leader_that_cannot_commit_its_term_fails_held_calls_and_answers_them_at_stop(
+    cluster: InProcessCluster,
+) -> None:
+    """A new leader whose first entry cannot commit holds calls: after 5 s each fails with
+    "nothing was written" (and the raft thread goes back to sleeping, not polling); one held when
+    the node stops hears so at once, not at its 10 s timeout with "it may still commit"."""
+    old = cluster.leader()
+    links = Links(cluster)
+    links.dead.add(old.node.node_id)
+    links.hold_responses = True
+    new = cluster.leader(among=[i for i in cluster.servers if i != old.node.node_id])
+    first: dict[str, BaseException | None] = {}
+    _call(lambda: new.queue.enqueue(recipients=["r@x.example"], **MAIL), first).join(timeout=30)
+    error = first["error"]
+    assert isinstance(error, Unavailable) and error.not_applied, error
+    assert "has not committed an entry of its term" in str(error)
+    assert new.node._hold_until is None  # nothing held: the loop sleeps until something happens
+    second: dict[str, BaseException | None] = {}
+    thread = _call(lambda: new.queue.enqueue(recipients=["s@x.example"], **MAIL), second)
+    deadline = time.monotonic() + 3
+    while not new.node._new_ops and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert new.node._new_ops, "the call was not held"
+    new.node.stop(transfer_leadership=False)
+    thread.join(timeout=30)
+    error = second["error"]
+    assert isinstance(error, Unavailable) and error.not_applied and "stopped" in str(error), error
+
+
+def test_a_settle_whose_entry_a_snapshot_replaced_is_answered_and_released(tmp_path: Path) -> None:
+    """A leader cut off right after planning ack(T): the others elect a leader, go on, snapshot and
+    compact; the old node installs that snapshot. Its ack is answered then (it may have committed),
+    and T is no longer counted as being settled: once the old node leads again, ack_many([T]) acks
+    the live lease (before, it refused T for the life of the process)."""
+    options = {i: {"snapshot_every": 40, "keep_entries": 10} for i in (1, 2, 3)}
+    c = InProcessCluster(tmp_path, ["a", "b", "c"], node_options=options)
+    try:
+        old = c.leader()
+        old_id = old.node.node_id
+        links = Links(c)
+        mid = old.queue.enqueue(recipients=["r@x.example"], **MAIL)
+        (lease,) = old.queue.lease("w", 1, 600)
+        time.sleep(0.3)
+        links.dead.add(old_id)
+        cut_off: dict[str, BaseException | None] = {}
+        thread = _call(lambda: old.queue.ack(lease.token), cut_off)
+        deadline = time.monotonic() + 3
+        while lease.token not in old.node.settling and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert lease.token in old.node.settling
+        new = c.leader(among=[i for i in c.servers if i != old_id])
+        for k in range(120):
+            new.queue.enqueue(recipients=[f"f{k}@x.example"], **MAIL)
+        assert new.node.storage.snapshot_meta().index > old.node.applied_index
+        links.dead.clear()
+        thread.join(timeout=30)
+        error = cut_off["error"]
+        assert isinstance(error, Unavailable) and "installed a snapshot covering the write" in str(error), error
+        assert old.node.settling == {}
+        new.node.call(lambda: new.node.raw.transfer_leadership(old_id))
+        deadline = time.monotonic() + 10
+        while not old.node.is_leader and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert old.node.is_leader
+        old.queue.ack_many([lease.token])
+        assert old.queue.get(mid).recipients[0].state == "delivered"
+    finally:
+        c.close()

@@ -708,3 +708,41 @@ def test_adding_a_node_under_another_site_than_its_own_is_refused(cluster: InPro
     stub.ChangeMembership(req(op=req.ADD_LEARNER, node_id=4, site="c", address=cluster.configs[4].listen))
     cluster.wait_applied(4, leader.node.applied_index)
     assert dict(leader.node.raw.conf_state.sites)[4] == "c"
+
+
+def test_adding_a_node_under_another_id_is_refused_with_tls(tmp_path: Path) -> None:
+    """With TLS the leader dials the node as the id it is told: a node holding another node's
+    certificate fails that handshake just as a node not running does. The certificate it presents
+    tells them apart: refused, nothing changed (before, member 5 was added at node 4's address,
+    an id used up for a learner that could never connect)."""
+    from mqstore.testing.secure import InProcessCluster as SecureCluster
+    from mqstore.testing.secure import Pki
+
+    pki = Pki(tmp_path / "pki")
+    c = SecureCluster(tmp_path, ["a", "b", "c"], pki=pki)
+    joined: NodeServer | None = None
+    try:
+        leader = c.leader()
+        address = f"127.0.0.1:{free_port()}"
+        config = parse({"node_id": 4, "site": "c", "listen": address, "data_dir": str(tmp_path / "n4"),
+                        "key_file": str(tmp_path / "kek.key"), "tls": pki.node_tls(4),
+                        "peers": [{"id": j, "site": site, "address": c.addresses[j]}
+                                  for j, site in ((1, "a"), (2, "b"), (3, "c"))]})
+        prepare_join(config, "test")
+        joined = NodeServer(config)
+        joined.start()
+        stub = admin_pb2_grpc.AdminStub(pki.channel(leader.config.listen, pki.client("ops", ["admin"])))
+        req = admin_pb2.MembershipRequest
+        before = dict(leader.node.raw.conf_state.sites)
+        for node_id, site, words in [(5, "c", "its certificate names node 4, not node 5"),
+                                     (4, "b", "its config says site 'c', not 'b'")]:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ChangeMembership(req(op=req.ADD_LEARNER, node_id=node_id, site=site, address=address), timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.value.details()
+            assert dict(leader.node.raw.conf_state.sites) == before
+        stub.ChangeMembership(req(op=req.ADD_LEARNER, node_id=4, site="c", address=address), timeout=30)
+        assert dict(leader.node.raw.conf_state.sites)[4] == "c"
+    finally:
+        if joined is not None:
+            joined.stop(grace=1.0)
+        c.close()

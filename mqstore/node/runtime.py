@@ -234,6 +234,8 @@ class Operation:
     indices: list[tuple[int, int]] = field(default_factory=list)
     results: dict[int, object] = field(default_factory=dict)
     reserved: set[bytes] = field(default_factory=set)
+    #: When it was made (monotonic): a new leader holds it at most TERM_WAIT_MAX_S from then.
+    made: float = field(default_factory=time.monotonic)
     #: Lease tokens this operation settles (planned, not applied yet): see ``Node.settling``.
     settling: set[int] = field(default_factory=set)
     #: Per planned entry (same order as the plan), what applying it can use instead of decoding
@@ -360,7 +362,6 @@ class Node:
             self._applied_term = self.storage.term(applied)  # the term of the last entry applied
         except MQStoreError:
             self._applied_term = 0
-        self._term_wait_since: float | None = None  # since when operations wait for _term_ready
         #: Founding digests snapshots were sent with, by snapshot index (note_snapshot_founding).
         self._snapshot_founding: dict[int, bytes] = {}
         self._role = Role.FOLLOWER
@@ -642,7 +643,6 @@ class Node:
         that a burst split. A lone caller never waits. Raft messages are handled meanwhile."""
         if self.is_leader and not self._term_ready():
             return self._wait_for_term()
-        self._term_wait_since = None
         if len(self._new_ops) >= self._expect_ops or not self.is_leader or not self._linger_s:
             return True
         if sum(len(op.hints) if op.hints else 1 for op in self._new_ops) >= _LINGER_ENTRIES_MAX:
@@ -662,21 +662,19 @@ class Node:
 
     def _wait_for_term(self) -> bool:
         """Hold new operations until :meth:`_term_ready` (polling every ms while the raft thread
-        goes on); ones held for TERM_WAIT_MAX_S fail with Unavailable, nothing proposed.
-        Returns False: nothing is to be proposed now."""
+        goes on); one held TERM_WAIT_MAX_S since it was made fails with Unavailable, nothing
+        proposed. Returns False: nothing is to be proposed now."""
         now = time.monotonic()
-        if self._term_wait_since is None:
-            self._term_wait_since = now
-        elif now - self._term_wait_since >= TERM_WAIT_MAX_S:
-            ops, self._new_ops = self._new_ops, []
-            self._term_wait_since = None
-            for op in ops:
+        expired = [op for op in self._new_ops if now - op.made >= TERM_WAIT_MAX_S]
+        if expired:
+            self._new_ops = [op for op in self._new_ops if now - op.made < TERM_WAIT_MAX_S]
+            for op in expired:
                 op.future.set_exception(Unavailable(
                     f"leader {self.node_id} has not committed an entry of its term {self.raw.term} within "
                     f"{TERM_WAIT_MAX_S:g} s (no quorum answers it?): nothing was written, retry",
                     not_applied=True))
-            return False
-        self._hold_until = now + 0.001
+        # Poll while operations wait; none left: sleep as usual (a stale hold would spin the loop).
+        self._hold_until = now + 0.001 if self._new_ops else None
         return False
 
     def _handle(self, kind: str, item: Any) -> None:
@@ -1003,6 +1001,7 @@ class Node:
         self._applied = meta.index
         self._applied_term = meta.term
         self._snapshot_index = meta.index
+        self._drop_pending_upto(meta.index)
         raw_stamp = self.log.meta_get(META_STAMP)
         if raw_stamp:
             self._raise_stamp(_U64.unpack(raw_stamp)[0])
@@ -1014,6 +1013,21 @@ class Node:
         if self.on_state_changed is not None:
             self.on_state_changed(True)
         log.info("node %d: installed the snapshot at index %d (term %d)", self.node_id, meta.index, meta.term)
+
+    def _drop_pending_upto(self, index: int) -> None:
+        """Operations with an entry at or below ``index`` that a snapshot just replaced: this node
+        never applies those entries itself, so their callers hear now (their entries may well
+        have committed) and their leases and settles are no longer counted as in flight."""
+        covered = {id(op): op for i, (_, op) in self._pending.items() if i <= index}
+        for op in covered.values():
+            for i, _ in op.indices:
+                self._pending.pop(i, None)
+                self._hints.pop(i, None)
+            self._release(op)
+            if not op.future.done():
+                op.future.set_exception(Unavailable(
+                    f"node {self.node_id} installed a snapshot covering the write before applying it: it may have "
+                    "committed; check before retrying (an enqueue: retry with the same idempotency key)"))
 
     def _record_bootstrap_snapshot(self, meta: SnapshotMeta, hard: HardState, founding: bytes) -> None:
         """A new member's snapshot is the cluster's first state (index 1): no data, only metadata
@@ -1230,6 +1244,17 @@ class Node:
             if not op.future.done():
                 op.future.set_exception(exc)
         self._pending.clear()
+        held, self._new_ops = self._new_ops, []  # never proposed: nothing was written
+        while True:  # ... nor was what is still in the inbox
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "op":
+                held.append(item)
+        for op in held:
+            if not op.future.done():
+                op.future.set_exception(Unavailable(str(exc), not_applied=True))
         for future in self._reads.values():
             if not future.done():
                 future.set_exception(exc)

@@ -83,6 +83,36 @@ class PeerChannelFactory:
         return grpc.secure_channel(address, self.credentials, options=options)
 
 
+def presented_node_id(tls: TLSFiles, address: str, timeout: float = 2.0) -> int | None:
+    """The node id in the certificate the node at ``address`` presents (verified against the
+    cluster CA, this node's certificate offered as the client's), whatever id it was dialed as;
+    None when it names no node. Raises OSError (ssl.SSLError included) when it cannot be reached
+    or the handshake fails. For a check that must tell "another node answers there" from "nothing
+    answers there", which a channel dialed as a given node id cannot (both fail its handshake)."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    from mqstore.security.certs import identity_of
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # the identity is read from the certificate below
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cafile=str(tls.ca))
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection((host, int(port)), timeout=timeout) as raw, \
+            context.wrap_socket(raw, server_hostname=None) as conn:
+        der = conn.getpeercert(binary_form=True)
+    if der is None:
+        return None
+    ident = identity_of(x509.load_der_x509_certificate(der))
+    return ident.node_id if ident is not None and ident.kind == "node" else None
+
+
 # --- client side -------------------------------------------------------------------------------------
 
 
