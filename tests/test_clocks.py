@@ -173,6 +173,57 @@ def test_a_leader_with_a_wrong_clock_stamps_with_the_voters_median(caplog: pytes
     assert "node 2's clock agrees with this node's again" in caplog.text
 
 
+def test_a_leader_whose_clock_is_stepped_keeps_the_queues_time(caplog: pytest.LogCaptureFixture) -> None:
+    """The leader's clock is stepped two hours ahead while it leads (NTP, a VM resumed), then put
+    right. Its stamps go on as its monotonic clock does across both steps, and once fresh samples
+    arrive the voters' median keeps them there. Before, its samples from before the step still
+    said the voters agreed with it: the queue's time jumped two hours (mail expired untried,
+    finished mail was compacted early, then time stood still)."""
+    w = World()
+    offset = [0.0]
+    leader = PeerClocks(1, lambda: w.t + offset[0], 500, monotonic=lambda: w.mono)
+    nodes = [leader, make(w, 2, 0), make(w, 3, 0)]
+    voters = [1, 2, 3]
+    exchange_all(w, leader, nodes[1:])
+    leader.update(voters, voters, leader=1)
+    assert leader.correction_ms == 0 and leader.now_ms() == pytest.approx(w.t * 1000, abs=2)
+    caplog.set_level(logging.WARNING, logger="mqstore.node.clocks")
+    for step_s, expected_ms in ((2 * 3600, -2 * HOUR_MS), (-2 * 3600, 0)):
+        w.advance(0.1)
+        offset[0] += step_s
+        assert leader.now_ms() == pytest.approx(w.t * 1000, abs=2)  # the step is taken back at once
+        assert f"this node's clock was stepped 7200.000 s {'forward' if step_s > 0 else 'back'}" in caplog.text
+        assert all(leader.offset(n) is None for n in (2, 3))  # samples of the old clock: dropped
+        leader.update(voters, voters, leader=1)
+        assert leader.now_ms() == pytest.approx(w.t * 1000, abs=2)  # no samples yet: kept
+        exchange_all(w, leader, nodes[1:])
+        leader.update(voters, voters, leader=1)
+        assert leader.decided and leader.correction_ms == pytest.approx(expected_ms, abs=2)
+        assert leader.now_ms() == pytest.approx(w.t * 1000, abs=2)
+        for follower in nodes[1:]:
+            follower.update(voters, voters, leader=1)
+            assert follower.correction_ms == 0 and follower.now_ms() == pytest.approx(w.t * 1000, abs=2)
+
+
+def test_a_stepped_clock_with_no_voters_to_decide_goes_back_to_its_own_after_the_window() -> None:
+    """With too few voters heard from to decide (two voters), a step stays taken back only for
+    WINDOW_S; then the node's clock as it is now is all there is to go by."""
+    w = World()
+    offset = [0.0]
+    node = PeerClocks(1, lambda: w.t + offset[0], 500, monotonic=lambda: w.mono)
+    peer = make(w, 2, 0)
+    exchange_all(w, node, [peer])
+    node.update([1, 2], [1, 2], leader=1)
+    offset[0] += 600.0
+    assert node.now_ms() == pytest.approx(w.t * 1000, abs=2)
+    w.advance(WINDOW_S / 2)
+    node.update([1, 2], [1, 2], leader=1)
+    assert node.now_ms() == pytest.approx(w.t * 1000, abs=2)
+    w.advance(WINDOW_S / 2 + 1)
+    node.update([1, 2], [1, 2], leader=1)
+    assert node.now_ms() == pytest.approx((w.t + 600) * 1000, abs=2)
+
+
 def test_a_follower_with_a_wrong_clock_takes_its_leaders_time_before_it_is_elected() -> None:
     w = World()
     nodes = cluster_of(w, [0, 10, -HOUR_MS])  # node 3 an hour behind, a follower

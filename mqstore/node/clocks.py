@@ -28,7 +28,14 @@ What a node does with them:
   corrected one, when the two are more than ``max_clock_offset_ms`` apart. A node thus has its
   correction before it is elected, and one node with a wrong clock, leader or not, does not move
   the queue's time; in a cluster whose clocks disagree with no majority, the leader keeps its own
-  clock (and a correction it had already).
+  clock (and a correction it had already);
+- notices its own clock being stepped (NTP, a VM resumed, an operator): the wall clock moved more
+  than ``STEP_MS_MIN`` more (or less) than the monotonic clock since it last looked. The
+  correction then takes the step back, so the time it stamps with goes on as the monotonic clock
+  does, and every sample taken with the old clock is dropped; fresh samples decide again within a
+  few heartbeats. Without this a leader's clock stepped an hour ahead moved the queue's time an
+  hour ahead for good (its samples from before the step still said the voters agreed with it):
+  mail expired untried, finished mail was compacted early, and then time stood still for an hour.
 """
 
 from __future__ import annotations
@@ -51,6 +58,9 @@ SAMPLE_SLOT_S = 1.0
 _ROUNDING_US_MAX = 10
 #: A correction larger than this is not applied (a clock that far off is not a clock to follow).
 CORRECTION_MS_MAX = 10 * 366 * 86_400_000
+#: The wall clock moving this much more (or less) than the monotonic clock between two looks is a
+#: step, not drift (NTP slews at most 0.5 ms per second).
+STEP_MS_MIN = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +105,37 @@ class PeerClocks:
         #: (sent to peers only then).
         self.decided = False
         self._off: set[int] = set()  # peers whose clocks are off by more than the limit (logged)
+        #: (wall clock us, monotonic s) when this node last looked at its clock (step detection).
+        self._looked: tuple[int, float] | None = None
+        #: This node's wall clock (us) right after its last step: echoes of earlier times mix clocks.
+        self._stepped_at_us = 0
+        #: A step taken back into the correction and not yet confirmed by fresh samples (ms), and
+        #: until when (monotonic) it is kept without them (see :meth:`update`).
+        self._step_undo_ms = 0
+        self._step_undo_until = 0.0
+
+    def _check_step(self) -> None:
+        """Notice a step of this node's wall clock (see the module doc): take it back into the
+        correction, drop every sample. Called before anything reads the clock for a decision."""
+        wall, mono = self._now_us(), self._monotonic()
+        with self._lock:
+            looked, self._looked = self._looked, (wall, mono)
+            if looked is None:
+                return
+            step_ms = ((wall - looked[0]) - (mono - looked[1]) * 1_000_000) / 1000
+            if abs(step_ms) < STEP_MS_MIN or not self._peers:
+                return  # (a node without peers has no clocks to decide again from: it keeps its own)
+            for samples in self._peers.values():
+                samples.slots.clear()
+                samples.last_in = None
+            self._stepped_at_us = wall
+            self.correction_ms -= round(step_ms)
+            self._step_undo_ms += round(step_ms)
+            self._step_undo_until = mono + WINDOW_S
+            self.decided = False
+        log.warning("node %d: this node's clock was stepped %.3f s %s: its stamps go on from the time before the "
+                    "step (correction %d ms) until fresh samples of the voters' clocks decide again",
+                    self.node_id, abs(step_ms) / 1000, "forward" if step_ms > 0 else "back", self.correction_ms)
 
     def _now_us(self) -> int:
         return round(self._clock() * 1_000_000)
@@ -122,13 +163,14 @@ class PeerClocks:
         ``correction_ms`` None: the peer did not say)."""
         if sent_us <= 0:
             return
+        self._check_step()
         arrived = self._now_us()
         with self._lock:
             s = self._samples(peer)
             s.last_in = (sent_us, arrived)
             s.correction_ms = correction_ms
-            if echo_us <= 0 or echo_received_us <= 0:
-                return
+            if echo_us <= 0 or echo_received_us <= 0 or echo_us < self._stepped_at_us:
+                return  # (an echo of a time before this node's clock was stepped: no sample)
             round_trip = (arrived - echo_us) - (sent_us - echo_received_us)
             if round_trip < 0:
                 if round_trip < -_ROUNDING_US_MAX:
@@ -161,6 +203,7 @@ class PeerClocks:
         """Log peers whose clocks are off (or agree again) and set :attr:`correction_ms` (see
         the module doc; ``leader``: the leader this node knows, itself included, 0: none).
         Called by the Raft thread every heartbeat and when it becomes leader."""
+        self._check_step()
         limit = self.max_offset_ms
         for peer, est in self.offsets(members).items():
             off = est is not None and abs(est.offset_ms) - est.error_ms > limit
@@ -179,7 +222,15 @@ class PeerClocks:
         decided = self._decide(list(voters), leader)
         if decided is None:
             self.decided = False
+            if self._step_undo_ms and self._monotonic() >= self._step_undo_until:
+                # No clocks to go by since the step (too few voters heard from): this node's own
+                # clock, as it is now, is all there is.
+                self.correction_ms += self._step_undo_ms
+                self._step_undo_ms = 0
+                log.warning("node %d: no voters' clocks decided after this node's clock was stepped: it stamps with "
+                            "its clock as it is now (correction %d ms)", self.node_id, self.correction_ms)
             return  # nothing new to go by: keep the correction as it is
+        self._step_undo_ms = 0
         correction, source = decided
         if abs(correction) > CORRECTION_MS_MAX:
             self.decided = False
@@ -221,8 +272,10 @@ class PeerClocks:
         return round(est.offset_ms) + theirs, f"the cluster's time (as leader {leader} keeps it)"
 
     def now_ms(self) -> int:
-        """This node's clock in epoch milliseconds, corrected as :meth:`update` decided."""
+        """This node's clock in epoch milliseconds, corrected as :meth:`update` decided (and for
+        a step of its clock noticed now)."""
+        self._check_step()
         return round(self._clock() * 1000) + self.correction_ms
 
 
-__all__ = ["CORRECTION_MS_MAX", "SAMPLE_SLOT_S", "WINDOW_S", "ClockOffset", "PeerClocks"]
+__all__ = ["CORRECTION_MS_MAX", "SAMPLE_SLOT_S", "STEP_MS_MIN", "WINDOW_S", "ClockOffset", "PeerClocks"]
