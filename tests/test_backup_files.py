@@ -19,25 +19,7 @@ import pytest
 import mqstore
 from mqstore.crypto import create_key_file
 from mqstore.ops.backup import check_file
-
-#: A backup run in a child process that stops inside its write: it prints "writing" from its first
-#: progress call and waits for a line on stdin before it goes on.
-_STOPPED_BACKUP = """
-import sys
-from pathlib import Path
-from mqstore.ops.backup import backup_local
-
-said = []
-
-def progress(done, total):
-    if not said:
-        said.append(1)
-        print("writing", flush=True)
-        sys.stdin.readline()
-
-backup_local(Path(sys.argv[1]), Path(sys.argv[2]), progress=progress)
-print("finished", flush=True)
-"""
+from mqstore.testing.kill import stopped_in_write
 
 
 def _mqstore(*args: str) -> subprocess.CompletedProcess[str]:
@@ -59,13 +41,8 @@ def store(tmp_path: Path) -> Path:
 def stopped(store: Path, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
     """A backup of ``store`` to ``backups/spool.mqbak``, stopped half way through its write."""
     (tmp_path / "backups").mkdir()
-    child = subprocess.Popen([sys.executable, "-c", _STOPPED_BACKUP, str(store), str(tmp_path / "backups" /
-                                                                                    "spool.mqbak")],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = stopped_in_write("backup_local", str(store), str(tmp_path / "backups" / "spool.mqbak"))
     try:
-        assert child.stdout is not None
-        line = child.stdout.readline()
-        assert line == "writing\n", (line, child.stderr.read() if child.stderr else "")
         yield child
     finally:
         if child.poll() is None:

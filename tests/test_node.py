@@ -93,6 +93,16 @@ class InProcessCluster:
         for i in list(self.servers):
             self.stop(i)
 
+    def join(self, i: int, *, start: bool = True) -> Any:
+        """Prepare node ``i`` to join (``mqstore join``), start it, and return an Admin stub on
+        the leader (the caller adds it with ChangeMembership)."""
+        leader = self.leader()
+        self.configs[i] = _config(self.root, self.key, i, self.sites, self.ports, [*self.configs, i])
+        prepare_join(self.configs[i], "t")
+        if start:
+            self.start(i)
+        return admin_pb2_grpc.AdminStub(grpc.insecure_channel(leader.config.listen))
+
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[InProcessCluster]:
@@ -181,11 +191,8 @@ def test_new_node_joins_as_learner_is_promoted_and_old_ids_are_never_reused(clus
     with Client(cluster.addresses(), timeout=10) as client:
         client.enqueue_many(_messages(60, "j"))
     leader = cluster.leader()
-    cluster.configs[4] = _config(cluster.root, cluster.key, 4, cluster.sites, cluster.ports, [1, 2, 3, 4])
-    prepare_join(cluster.configs[4], "t")
-    cluster.start(4)
+    stub = cluster.join(4)
     assert cluster.servers[4].node.founding == b""  # a joined node does not know it yet
-    stub = admin_pb2_grpc.AdminStub(grpc.insecure_channel(leader.config.listen))
     req = admin_pb2.MembershipRequest
     stub.ChangeMembership(req(op=req.ADD_LEARNER, node_id=4, site="c", address=cluster.configs[4].listen))
     cluster.wait_applied(4, leader.node.applied_index)
@@ -218,9 +225,7 @@ def test_a_learner_that_is_not_running_or_behind_is_not_promoted(cluster: InProc
     with Client(cluster.addresses(), timeout=10) as client:
         client.enqueue_many(_messages(20, "p"))
     leader = cluster.leader()
-    cluster.configs[4] = _config(cluster.root, cluster.key, 4, cluster.sites, cluster.ports, [1, 2, 3, 4])
-    prepare_join(cluster.configs[4], "t")
-    stub = admin_pb2_grpc.AdminStub(grpc.insecure_channel(leader.config.listen))
+    stub = cluster.join(4, start=False)
     req = admin_pb2.MembershipRequest
     stub.ChangeMembership(req(op=req.ADD_LEARNER, node_id=4, site="c", address=cluster.configs[4].listen))
     with pytest.raises(grpc.RpcError) as err:  # node 4 does not run
@@ -657,10 +662,7 @@ def test_a_joined_node_learns_the_founding_from_the_bootstrap_snapshot(
         with Client(c.addresses(), timeout=10) as client:
             client.enqueue_many(_messages(5, "f"))
         leader = c.leader()
-        c.configs[4] = _config(c.root, c.key, 4, c.sites, c.ports, [1, 2, 3, 4])
-        prepare_join(c.configs[4], "t")
-        c.start(4)
-        stub = admin_pb2_grpc.AdminStub(grpc.insecure_channel(leader.config.listen))
+        stub = c.join(4)
         req = admin_pb2.MembershipRequest
         stub.ChangeMembership(req(op=req.ADD_LEARNER, node_id=4, site="c", address=c.configs[4].listen))
         c.wait_applied(4, leader.node.applied_index)
@@ -693,10 +695,7 @@ def test_adding_a_node_under_another_site_than_its_own_is_refused(cluster: InPro
     it is and refuses (nothing changed). Before, the commit rule counted it in site b, and the
     node could never start again (its store named site b, its config c)."""
     leader = cluster.leader()
-    cluster.configs[4] = _config(cluster.root, cluster.key, 4, cluster.sites, cluster.ports, [1, 2, 3, 4])
-    prepare_join(cluster.configs[4], "t")
-    cluster.start(4)
-    stub = admin_pb2_grpc.AdminStub(grpc.insecure_channel(leader.config.listen))
+    stub = cluster.join(4)
     req = admin_pb2.MembershipRequest
     before = dict(leader.node.raw.conf_state.sites)
     for site, node_id, words in [("b", 4, "its config says site 'c', not 'b'"), ("c", 5, "it is node 4, not 5")]:

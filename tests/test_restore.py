@@ -26,6 +26,7 @@ from mqstore.node.raftlog import LmdbRaftStorage
 from mqstore.ops.backup import clear_restore_leftovers
 from mqstore.store import LogStore, NewMessage
 from mqstore.testing.cluster import LocalCluster
+from mqstore.testing.kill import stopped_in_write
 
 RAW = b"Subject: x\r\n\r\nbody\r\n"
 
@@ -212,35 +213,6 @@ def test_a_restore_that_fails_leaves_nothing_behind(embedded: tuple[Path, Path],
     assert _left(root) == ["r1"]
 
 
-#: A restore run in a child process that stops inside its write (its first progress call prints
-#: "writing" and waits for a line on stdin).
-_STOPPED_RESTORE = """
-import sys
-from pathlib import Path
-from mqstore.ops.backup import restore
-
-said = []
-
-def progress(done, total):
-    if not said:
-        said.append(1)
-        print("writing", flush=True)
-        sys.stdin.readline()
-
-restore(Path(sys.argv[1]), Path(sys.argv[2]), progress=progress)
-print("finished", flush=True)
-"""
-
-
-def _stopped_restore(backup: Path, data_dir: Path) -> subprocess.Popen[str]:
-    child = subprocess.Popen([sys.executable, "-c", _STOPPED_RESTORE, str(backup), str(data_dir)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert child.stdout is not None
-    line = child.stdout.readline()
-    assert line == "writing\n", (line, child.stderr.read() if child.stderr else "")
-    return child
-
-
 def test_the_restore_after_one_killed_mid_write_removes_its_leftovers(
     embedded: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -250,7 +222,7 @@ def test_the_restore_after_one_killed_mid_write_removes_its_leftovers(
     root = tmp_path / "r"
     root.mkdir()
     target = root / "spool"
-    killed = _stopped_restore(backup, target)
+    killed = stopped_in_write("restore", str(backup), str(target))
     killed.kill()
     killed.wait(timeout=60)
     left = _left(root)
@@ -263,7 +235,7 @@ def test_the_restore_after_one_killed_mid_write_removes_its_leftovers(
     assert ok("status", "--data-dir", str(target))["stats"]["messages"] == 5
     # A restore still running holds its directory: it is not taken for a leftover.
     other = root / "other"
-    running = _stopped_restore(backup, other)
+    running = stopped_in_write("restore", str(backup), str(other))
     try:
         (held,) = set(_left(root)) - {"spool"}
         assert clear_restore_leftovers(other) == [] and (root / held).is_dir()

@@ -42,3 +42,40 @@ def run_and_kill(module: str, args: list[str], delay_s: float) -> list[str]:
     stderr = proc.stderr.read().decode() if proc.stderr else ""
     assert proc.returncode == -9, f"{module} exited by itself ({proc.returncode}): {stderr}"
     return [ln.decode().rstrip("\n") for ln in lines if ln.endswith(b"\n") and ln != b"ready\n"]
+
+
+#: A child that runs ``mqstore.ops.backup.<function>(Path(argv[1]), Path(argv[2]), progress=...)``
+#: and stops inside its write: its first progress call prints "writing" and waits for a line on
+#: stdin (so a test kills or overtakes it at a point it chose, not by a timer).
+_STOPPED_OPERATION = """
+import sys
+from pathlib import Path
+from mqstore.ops import backup
+
+said = []
+
+def progress(done, total):
+    if not said:
+        said.append(1)
+        print("writing", flush=True)
+        sys.stdin.readline()
+
+getattr(backup, sys.argv[3])(Path(sys.argv[1]), Path(sys.argv[2]), progress=progress)
+print("finished", flush=True)
+"""
+
+
+def stopped_in_write(function: str, source: str, target: str) -> subprocess.Popen[str]:
+    """Start ``mqstore.ops.backup.<function>(source, target)`` (``backup_local``, ``restore``) in
+    a child process and return it once it stopped inside its write (see _STOPPED_OPERATION): a
+    line on its stdin lets it go on."""
+    child = subprocess.Popen([sys.executable, "-c", _STOPPED_OPERATION, source, target, function],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    line = child.stdout.readline()
+    if line != "writing\n":
+        child.kill()
+        child.wait(timeout=60)
+        said = child.stderr.read() if child.stderr else ""
+        raise AssertionError(f"the child did not stop in its write: {line!r} {said}")
+    return child
