@@ -917,6 +917,7 @@ def _status(p: Any) -> dict[str, Any]:
         ],
         "stats": json.loads(p.stats_json) if p.stats_json else {},
         "disk_used_bytes": p.disk_used_bytes,
+        "founding": p.founding,
     }
 
 

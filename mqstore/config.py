@@ -252,7 +252,7 @@ def parse(data: dict[str, Any], source: str = "<dict>", *, check_tls: bool = Tru
         # not open the first namespace key the leader replicates, and their Raft threads stop.
         raise ConfigError(
             f"{where} key_file is required for a cluster member: every member needs the same key-encryption "
-            "key file (the first node's `mqstore bootstrap` creates it there if missing; copy it to each node)"
+            "key file (create it once with `mqstore keys new-kek FILE` and copy it to each node)"
         )
     cluster_id = check_cluster_id(data["cluster_id"], f"{where} cluster_id") if "cluster_id" in data else ""
     log_level = data.get("log_level", "info")

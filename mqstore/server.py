@@ -449,6 +449,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             stats_json=json.dumps(stats, sort_keys=True),
             disk_used_bytes=self.node.log.stats()["file_size_bytes"],
             cluster_id=self.node.cluster_id,
+            founding=self.node.founding.hex(),
             removed_ids=self.node.removed_ids(),
             snapshot_index=self.node.storage.snapshot_meta().index,
             quarantined=len(self.node.log.quarantined()),
@@ -482,6 +483,16 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 raise errors.NotFound(f"node {node_id} is not a member")
             item = ConfChangeItem(ConfChangeType.ADD_VOTER, node_id, site)
             if node_id not in self.node.raw.conf_state.voters:
+                # A learner added while it did not answer was taken as given: a voter whose own
+                # config names another site would count in the wrong one and never start again.
+                member = self.node.members.get(node_id)
+                if member is not None:
+                    try:
+                        self._check_new_member(node_id, site, member.address)
+                    except errors.InvalidArgument as exc:
+                        raise errors.InvalidArgument(
+                            f"{exc} (promotion refused: remove node {node_id} and add the node again, under a "
+                            "new id, with its own site)") from None
                 self._wait_ready_to_vote(node_id, context)
         elif op == admin_pb2.MembershipRequest.REMOVE:
             item = ConfChangeItem(ConfChangeType.REMOVE, node_id)
@@ -534,6 +545,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             wrong.append(f"its config says site {answer.site!r}, not {site!r}")
         if answer.cluster_id and answer.cluster_id != self.node.cluster_id:
             wrong.append(f"it was prepared for cluster {answer.cluster_id!r}, not {self.node.cluster_id!r}")
+        elif answer.founding and self.node.founding and answer.founding != self.node.founding.hex():
+            wrong.append("it was bootstrapped as a cluster of its own (founding "
+                         f"{answer.founding}, this cluster's {self.node.founding.hex()}): a node added to a cluster is "
+                         "prepared with `mqstore join` (remove its data dir's data.mdb and lock.mdb and join it)")
         if wrong:
             raise errors.InvalidArgument(f"the node at {address} does not match: {'; '.join(wrong)}; nothing changed")
 
@@ -560,7 +575,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             answering = {n for n in voters if n == node.node_id or (n in progress and progress[n].recent_active)}
             quorum = majority(len(voters))
             if pr is None or not pr.recent_active or pr.match == 0:  # a new learner starts "active"
-                why = "it has not answered the leader lately (is it running, and is its address right?)"
+                why = ("it has not answered the leader lately (is it running, is its address right, can it dial the "
+                       "leader — its [[peers]] must list every member — and does its log say it refuses this "
+                       "cluster's messages?)")
             elif pr.match + limits.PROMOTE_LAG_ENTRIES_MAX < commit:
                 why = (f"its log is at index {pr.match}, the leader's commit index is {commit} (it must be within "
                        f"{limits.PROMOTE_LAG_ENTRIES_MAX} entries)")

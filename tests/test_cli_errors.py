@@ -61,6 +61,26 @@ def test_config_check_names_the_key_of_a_bad_value(tmp_path: Path, line: str, ke
     assert _refused("config", "check", str(conf)).startswith(f"mqstore: error: {conf}: {key} must be ")
 
 
+def test_a_clusters_key_file_is_made_with_keys_new_kek_and_checked_before_bootstrap(tmp_path: Path) -> None:
+    """A member's key_file must exist before `bootstrap`: `config check` says so naming the file,
+    `bootstrap` refuses writing nothing, and `mqstore keys new-kek` makes one (0600, never over an
+    existing file) with which both go through."""
+    conf = _node_toml(tmp_path, '\n[[peers]]\nid = 2\nsite = "b"\naddress = "127.0.0.1:2"\n')
+    key = tmp_path / "kek.key"
+    assert f"key file {key} does not exist" in _refused("config", "check", str(conf))
+    assert f"key file {key} does not exist" in _refused("bootstrap", "--config", str(conf), "--cluster-id", "c1")
+    assert not (tmp_path / "data").exists()
+    made = _mqstore("keys", "new-kek", str(key), "--json")
+    assert made.returncode == 0 and json.loads(made.stdout) == {"key_file": str(key)}, made.stderr
+    assert key.stat().st_mode & 0o777 == 0o600
+    before = key.read_bytes()
+    assert "refusing to overwrite a key" in _refused("keys", "new-kek", str(key))
+    assert key.read_bytes() == before
+    assert _mqstore("config", "check", str(conf)).returncode == 0
+    done = _mqstore("bootstrap", "--config", str(conf), "--cluster-id", "c1")
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.parametrize("peers, min_sites, problem", [
     ([(2, "b")], 3, "the voters span 2 site(s) (a, b); min_sites is 3"),
     ([(2, "a"), (3, "b")], None, "site 'a' holds 2 of the 3 voters, a majority"),

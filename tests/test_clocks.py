@@ -224,6 +224,60 @@ def test_a_stepped_clock_with_no_voters_to_decide_goes_back_to_its_own_after_the
     assert node.now_ms() == pytest.approx((w.t + 600) * 1000, abs=2)
 
 
+def test_fixing_a_leaders_clock_with_a_voter_down_does_not_bring_back_the_old_correction() -> None:
+    """The leader's clock is two hours ahead and corrected by the voters' median; then a voter
+    goes down and the operator fixes the leader's clock (a step back). With too few voters left
+    to decide, the leader stamps with its clock as it is now: the true time. Before, after 30 s it
+    brought back the correction of the old clock and stamped two hours behind (time stood still)."""
+    w = World()
+    offset = [2 * 3600.0]
+    leader = PeerClocks(1, lambda: w.t + offset[0], 500, monotonic=lambda: w.mono)
+    nodes = [leader, make(w, 2, 0), make(w, 3, 0)]
+    voters = [1, 2, 3]
+    exchange_all(w, leader, nodes[1:])
+    leader.update(voters, voters, leader=1)
+    assert leader.correction_ms == pytest.approx(-2 * HOUR_MS, abs=2)
+    w.advance(WINDOW_S + 1)  # node 3 is down: its samples age out, node 2 is still heard
+    exchange_all(w, leader, nodes[1:2])
+    offset[0] = 0.0  # NTP fixes the leader's clock
+    for _ in range(40):
+        w.advance(1.0)
+        exchange_all(w, leader, nodes[1:2])
+        leader.update(voters, voters, leader=1)
+        assert leader.now_ms() == pytest.approx(w.t * 1000, abs=2)
+
+
+def test_followers_keep_their_good_clocks_when_the_leaders_clock_is_stepped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The leader's clock is stepped two hours ahead. The followers' samples of the leader's old
+    clock are dropped at the first sample of the new one (beyond both error bounds), so beside the
+    leader's new correction they still find their own clocks right. Before, the quickest sample of
+    the last 30 s was often one from before the step: each follower took its good clock for one two
+    hours ahead, warned about it, and reported that correction."""
+    w = World()
+    offset = [0.0]
+    leader = PeerClocks(1, lambda: w.t + offset[0], 500, monotonic=lambda: w.mono)
+    nodes = [leader, make(w, 2, 0), make(w, 3, 0)]
+    voters = [1, 2, 3]
+    for _ in range(3):
+        w.advance(1.0)
+        exchange_all(w, leader, nodes[1:])
+        for n in nodes:
+            n.update(voters, voters, leader=1)
+    caplog.set_level(logging.WARNING, logger="mqstore.node.clocks")
+    offset[0] = 2 * 3600.0
+    for _ in range(10):
+        w.advance(0.5)
+        exchange_all(w, leader, nodes[1:])
+        for n in nodes:
+            n.update(voters, voters, leader=1)
+            assert n.now_ms() == pytest.approx(w.t * 1000, abs=2), n.node_id
+        assert [n.correction_ms for n in nodes[1:]] == [0, 0]
+    assert "this node's clock is 7200.000 s ahead of the cluster's time" not in caplog.text
+    assert "node 2: node 1's clock is 7200.000 s ahead of this node's" in caplog.text  # the truth
+
+
 def test_a_follower_with_a_wrong_clock_takes_its_leaders_time_before_it_is_elected() -> None:
     w = World()
     nodes = cluster_of(w, [0, 10, -HOUR_MS])  # node 3 an hour behind, a follower

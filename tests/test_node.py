@@ -745,3 +745,37 @@ def test_adding_a_node_under_another_id_is_refused_with_tls(tmp_path: Path) -> N
         if joined is not None:
             joined.stop(grace=1.0)
         c.close()
+
+
+def test_a_node_bootstrapped_on_its_own_is_not_added_and_a_wrong_site_is_not_promoted(
+    cluster: InProcessCluster,
+) -> None:
+    """Two operator mistakes the add check cannot see by id and site alone. A node prepared with
+    `bootstrap` (a cluster of its own) instead of `join`: refused by its founding, nothing
+    changed (before, it was added and never caught up). A learner added with a wrong site while
+    it did not run yet: added as given, but its promotion is refused once it runs (before, it
+    became a voter counted in the wrong site that could never start again)."""
+    leader = cluster.leader()
+    stub = admin_pb2_grpc.AdminStub(grpc.insecure_channel(leader.config.listen))
+    req = admin_pb2.MembershipRequest
+    alone = _config(cluster.root / "alone", cluster.key, 4, cluster.sites, cluster.ports, [4])
+    bootstrap(alone, "t")
+    cluster.configs[4] = alone
+    cluster.start(4)
+    before = dict(leader.node.raw.conf_state.sites)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ChangeMembership(req(op=req.ADD_LEARNER, node_id=4, site="c", address=alone.listen), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "it was bootstrapped as a cluster of its own" in err.value.details()
+    assert dict(leader.node.raw.conf_state.sites) == before
+    cluster.stop(4)
+    cluster.join(5, start=False)  # node 5's config says site "b"
+    stub.ChangeMembership(req(op=req.ADD_LEARNER, node_id=5, site="c", address=cluster.configs[5].listen),
+                          timeout=30)  # not running: taken as given
+    cluster.start(5)
+    cluster.wait_applied(5, leader.node.applied_index)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ChangeMembership(req(op=req.PROMOTE, node_id=5), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "its config says site 'b', not 'c'" in err.value.details() and "promotion refused" in err.value.details()
+    assert sorted(leader.node.raw.conf_state.voters) == [1, 2, 3]

@@ -186,6 +186,20 @@ def cmd_keys_shred(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_new_kek(args: argparse.Namespace) -> int:
+    """A new random KEK in a file of its own. Every member of a cluster needs the same one (what
+    replicates is ciphertext): create it once, copy it to each node before its bootstrap or join."""
+    from mqstore.crypto import create_key_file
+
+    path = create_key_file(args.file)
+    emit(args, {"key_file": str(path)}, [
+        f"created the key-encryption key {path} (mode 0600)",
+        "copy this same file to every member of the cluster before its `mqstore bootstrap` or `mqstore join`, "
+        "and keep a copy apart from the data (without it no message can be read)",
+    ])
+    return 0
+
+
 def cmd_keys_list(args: argparse.Namespace) -> int:
     with Target(args) as target:
         keys = target.queue.list_keys()
@@ -295,6 +309,10 @@ def register(sub: Any) -> None:
     ls = ksub.add_parser("list", help="every key: namespace, live or shredded, current")
     add_target_args(ls)
     ls.set_defaults(func=cmd_keys_list)
+    kek = ksub.add_parser("new-kek", help="create a key-encryption key file (0600) for a new cluster's members")
+    kek.add_argument("file", help="where to write it (an existing file is never overwritten)")
+    kek.add_argument("--json", action="store_true", help="machine-readable output")
+    kek.set_defaults(func=cmd_keys_new_kek)
 
     p = sub.add_parser("policy", help="a namespace's immutability mode and retention")
     psub = p.add_subparsers(dest="policy_command", required=True)

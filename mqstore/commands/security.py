@@ -4,7 +4,6 @@ and its configuration."""
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -132,8 +131,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def _check_node_files(c: Any, bootstrapped: bool) -> None:
     """What `serve` would refuse about the files a config names, besides its TLS files: the key
-    file (must be private and well-formed; it may be missing only before bootstrap, which creates
-    it), the audit signing key when one is named (must exist), and a bootstrapped data dir that
+    file (must exist, private and well-formed: bootstrap and join refuse a missing one too), the
+    audit signing key when one is named (must exist), and a bootstrapped data dir that
     belongs to another node, site or cluster. Raises ConfigError naming the key."""
     from mqstore import config as cfg
     from mqstore.compliance.signing import read_signing_key
@@ -143,7 +142,7 @@ def _check_node_files(c: Any, bootstrapped: bool) -> None:
 
     where = str(c.source) if c.source else "config"
     try:
-        if c.key_file is not None and (bootstrapped or os.path.lexists(c.key_file)):
+        if c.key_file is not None:
             read_secret_file(c.key_file, "key file")
         if c.audit_signing_key is not None:
             read_signing_key(c.audit_signing_key)

@@ -33,9 +33,13 @@ What a node does with them:
   than ``STEP_MS_MIN`` more (or less) than the monotonic clock since it last looked. The
   correction then takes the step back, so the time it stamps with goes on as the monotonic clock
   does, and every sample taken with the old clock is dropped; fresh samples decide again within a
-  few heartbeats. Without this a leader's clock stepped an hour ahead moved the queue's time an
-  hour ahead for good (its samples from before the step still said the voters agreed with it):
-  mail expired untried, finished mail was compacted early, and then time stood still for an hour.
+  few heartbeats; with too few voters heard from to decide within ``WINDOW_S``, it stamps with its
+  own clock as it is then. Without this a leader's clock stepped an hour ahead moved the queue's
+  time an hour ahead for good (its samples from before the step still said the voters agreed with
+  it): mail expired untried, finished mail was compacted early, then time stood still for an hour.
+  A peer's step shows as a sample beyond both error bounds of the last one: the peer's older
+  samples are dropped (else a follower would keep its leader's pre-step offset beside the
+  leader's new correction, and take its own good clock for a wrong one).
 """
 
 from __future__ import annotations
@@ -179,6 +183,10 @@ class PeerClocks:
             offset = ((echo_received_us - echo_us) + (sent_us - arrived)) / 2
             now = self._monotonic()
             slots = s.slots
+            if slots and abs(offset - slots[-1][1]) > (round_trip + slots[-1][2]) / 2 + STEP_MS_MIN * 1000:
+                # Beyond both error bounds: the peer's clock was stepped (this node's own step is
+                # noticed by _check_step). Its older samples describe a clock that is gone.
+                slots.clear()
             if slots and now - slots[-1][0] < SAMPLE_SLOT_S:
                 if round_trip < slots[-1][2]:
                     slots[-1] = (slots[-1][0], offset, round_trip)
@@ -224,11 +232,12 @@ class PeerClocks:
             self.decided = False
             if self._step_undo_ms and self._monotonic() >= self._step_undo_until:
                 # No clocks to go by since the step (too few voters heard from): this node's own
-                # clock, as it is now, is all there is.
-                self.correction_ms += self._step_undo_ms
+                # clock, as it is now, is all there is. (Not the correction from before the step:
+                # that one was for the old clock, and exactly wrong when the step was the fix.)
+                self.correction_ms = 0
                 self._step_undo_ms = 0
                 log.warning("node %d: no voters' clocks decided after this node's clock was stepped: it stamps with "
-                            "its clock as it is now (correction %d ms)", self.node_id, self.correction_ms)
+                            "its clock as it is now", self.node_id)
             return  # nothing new to go by: keep the correction as it is
         self._step_undo_ms = 0
         correction, source = decided

@@ -31,7 +31,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node_id", "site", "role", "term", "leader_id", "leader_address", "commit_index", "applied_index", "first_index", "last_index", "members", "min_sites", "stats_json", "disk_used_bytes", "cluster_id", "removed_ids", "snapshot_index", "quarantined", "clock_correction_ms")
+    __slots__ = ("node_id", "site", "role", "term", "leader_id", "leader_address", "commit_index", "applied_index", "first_index", "last_index", "members", "min_sites", "stats_json", "disk_used_bytes", "cluster_id", "removed_ids", "snapshot_index", "quarantined", "clock_correction_ms", "founding")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class StatusResponse(_message.Message):
     SNAPSHOT_INDEX_FIELD_NUMBER: _ClassVar[int]
     QUARANTINED_FIELD_NUMBER: _ClassVar[int]
     CLOCK_CORRECTION_MS_FIELD_NUMBER: _ClassVar[int]
+    FOUNDING_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     site: str
     role: str
@@ -70,7 +71,8 @@ class StatusResponse(_message.Message):
     snapshot_index: int
     quarantined: int
     clock_correction_ms: int
-    def __init__(self, node_id: _Optional[int] = ..., site: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., leader_address: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., first_index: _Optional[int] = ..., last_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., min_sites: _Optional[int] = ..., stats_json: _Optional[str] = ..., disk_used_bytes: _Optional[int] = ..., cluster_id: _Optional[str] = ..., removed_ids: _Optional[_Iterable[int]] = ..., snapshot_index: _Optional[int] = ..., quarantined: _Optional[int] = ..., clock_correction_ms: _Optional[int] = ...) -> None: ...
+    founding: str
+    def __init__(self, node_id: _Optional[int] = ..., site: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader_id: _Optional[int] = ..., leader_address: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., first_index: _Optional[int] = ..., last_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., min_sites: _Optional[int] = ..., stats_json: _Optional[str] = ..., disk_used_bytes: _Optional[int] = ..., cluster_id: _Optional[str] = ..., removed_ids: _Optional[_Iterable[int]] = ..., snapshot_index: _Optional[int] = ..., quarantined: _Optional[int] = ..., clock_correction_ms: _Optional[int] = ..., founding: _Optional[str] = ...) -> None: ...
 
 class MembershipRequest(_message.Message):
     __slots__ = ("op", "node_id", "site", "address")
