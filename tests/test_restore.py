@@ -266,6 +266,7 @@ def test_a_nodes_backup_seeds_a_new_cluster(node: tuple[Path, Path, list[str]], 
     config = _node_config(tmp_path / "node.toml", seed, key)
     result = ok("restore", "--in", str(backup), "--config", str(config), "--cluster-id", "rebuilt")
     assert result["verify"]["clean"] and result["seeded"]["action"] == "seed-from-backup"
+    assert result["seeded"]["previous_cluster_id"] == "c1"  # the backup's cluster, named in its header
     st = ok("status", "--config", str(config))
     assert st["node_id"] == 1 and st["cluster_id"] == "rebuilt"
     assert _messages(seed, key) == _messages(source, key) and _messages(seed, key) <= set(ids)

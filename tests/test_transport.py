@@ -135,3 +135,22 @@ def test_each_peer_gets_its_own_message_when_appends_share_a_build(monkeypatch: 
     assert len({id(p) for p in got}) == len(got)
     got[0].commit = 99  # the copies are copies
     assert got[1].commit == 9
+
+
+def test_a_peer_with_no_known_address_is_said_in_the_log(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node being added whose [[peers]] lacks the leader cannot answer it (it learns the member
+    directory only with its first snapshot): its messages wait, and the log says why instead of
+    nothing at all."""
+    monkeypatch.setattr("mqstore.node.transport.UNKNOWN_ADDRESS_WARN_S", 0.2)
+    transport = Transport(CLUSTER, lambda peer: None, lambda peer, down: None)
+    try:
+        transport.send([_message(1)])
+        deadline = time.monotonic() + 5
+        said = f"peer {PEER}: no address known for it"
+        while said not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert said in caplog.text and "needs every member in its [[peers]]" in caplog.text
+    finally:
+        transport.close()

@@ -1029,7 +1029,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
             from mqstore.ops.recover import reseed
 
             seeded = reseed(seed_conf, args.cluster_id, action="seed-from-backup", data_dir=work,
-                            keep_unapplied=False, reason=f"restored from {args.input} (backup of {source})")
+                            keep_unapplied=False, reason=f"restored from {args.input} (backup of {source})",
+                            previous_cluster_id=(source or {}).get("cluster_id"))
         if not args.no_verify:
             from mqstore.ops.verify import verify_path
 

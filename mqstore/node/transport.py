@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 PEER_QUEUE_MESSAGES_MAX = 4096
 GRPC_MESSAGE_BYTES_MAX = 64 * 1024 * 1024
 _RECONNECT_DELAY_S = (0.05, 1.0)  # first and longest wait between connection attempts
+#: A peer with no known address this long is said in the log (once a minute).
+UNKNOWN_ADDRESS_WARN_S = 5.0
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES_MAX),
     ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES_MAX),
@@ -91,11 +93,22 @@ class _Peer:
 
     def _run(self) -> None:
         delay = _RECONNECT_DELAY_S[0]
+        unknown_since: float | None = None
+        quiet_until = 0.0
         while not self.stopped:
             address = self.transport.address_of(self.peer_id)
             if address is None:
+                now = time.monotonic()
+                if unknown_since is None:
+                    unknown_since = now
+                elif now - unknown_since >= UNKNOWN_ADDRESS_WARN_S and now >= quiet_until:
+                    quiet_until = now + 60
+                    log.warning("peer %d: no address known for it (not in this node's [[peers]], nor in the member "
+                                "directory it has yet): its messages to it wait. A node being added needs every "
+                                "member in its [[peers]]", self.peer_id)
                 time.sleep(delay)
                 continue
+            unknown_since = None
             channel = self.transport.channel_to(address, self.peer_id)
             done = threading.Event()
             try:

@@ -76,13 +76,15 @@ def reseed(
     reason: str,
     data_dir: Path | None = None,
     keep_unapplied: bool = True,
+    previous_cluster_id: str | None = None,
 ) -> dict[str, Any]:
     """Make the (stopped) store in the config's data dir the only voter of ``cluster_id``, keeping
     its data: the shared core of ``recover --force-new-cluster`` and ``restore --config``.
 
     Entries in the log after the applied index will commit once the node leads: a survivor keeps
     them (``keep_unapplied``: they may be acknowledged writes), a restored backup is cut back to its
-    applied index (the point the backup describes). A configuration change a survivor had not
+    applied index (the point the backup describes; ``previous_cluster_id``: the cluster it came
+    from, which a restored store no longer names). A configuration change a survivor had not
     applied must not take effect after the rewrite: each one is replaced by a no-op entry of the
     same index and term (``config_replaced``), and the entries around it are kept."""
     from mqstore.node.raftlog import LmdbRaftStorage
@@ -126,7 +128,7 @@ def reseed(
             "reason": reason,
             "node_id": me,
             "cluster_id": cluster_id,
-            "previous_cluster_id": raft.cluster_id,
+            "previous_cluster_id": raft.cluster_id or previous_cluster_id or "",
             "previous_voters": sorted(old_conf.voters),
             "previous_learners": sorted(old_conf.learners),
             "removed_ids": removed,
