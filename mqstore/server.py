@@ -794,41 +794,31 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
     def __init__(self, node: Node, queue: ClusterQueue | None = None) -> None:
         self.node = node
         self.queue = queue
-        self._founding_quiet_until: dict[int, float] = {}
-
-    def _other_founding(self, sender: int, founding: bytes) -> str | None:
-        """Why a message from ``sender`` carrying ``founding`` is refused (None: it is not): both
-        digests known and different means the two nodes were founded apart (see
-        :func:`mqstore.node.runtime.founding_digest`). Logged once a minute per sender."""
-        mine = self.node.founding
-        if not founding or not mine or founding == mine:
-            return None
-        why = (
-            f"node {sender} was bootstrapped with another member list than node {self.node.node_id} (founding "
-            f"{founding.hex()} vs {mine.hex()}), or one of them was reseeded apart (recover --force-new-cluster, "
-            f"restore --cluster-id): they are two clusters under the id {self.node.cluster_id!r}. Every initial "
-            "member is bootstrapped with the same [[peers]] (ids and sites) and min_sites"
-        )
-        self._log_refusal(sender, why)
-        return why
-
-    def _log_refusal(self, sender: int, why: str) -> None:
-        """Log why ``sender``'s messages are refused, once a minute per sender."""
-        now = time.monotonic()
-        if now >= self._founding_quiet_until.get(sender, 0.0):
-            self._founding_quiet_until[sender] = now + 60
-            log.error("refusing raft messages: %s", why)
+        self._refusal_quiet_until: dict[int, float] = {}
 
     def _refused_sender(self, sender: int, founding: bytes) -> str | None:
-        """Why ``sender``'s Raft messages and snapshots are refused (None: they are not): it was
-        removed from this cluster (its id never comes back; after a reseed every old member is),
-        or it belongs to another founding (see :meth:`_other_founding`)."""
-        if sender in self.node.removed:
-            why = (f"node {sender} was removed from cluster {self.node.cluster_id!r} (or left behind by a reseed of "
-                   f"node {self.node.node_id}): a removed node id is never a member again")
-            self._log_refusal(sender, why)
-            return why
-        return self._other_founding(sender, founding)
+        """Why ``sender``'s Raft messages and snapshots are refused (None: they are not), logged
+        once a minute per sender: it was removed from this cluster (its id never comes back; after
+        a reseed every old member is), or both founding digests are known and differ, i.e. the two
+        nodes were founded apart (see :func:`mqstore.node.runtime.founding_digest`)."""
+        node = self.node
+        if sender in node.removed:
+            why = (f"node {sender} was removed from cluster {node.cluster_id!r} (or left behind by a reseed of "
+                   f"node {node.node_id}): a removed node id is never a member again")
+        elif founding and node.founding and founding != node.founding:
+            why = (
+                f"node {sender} was bootstrapped with another member list than node {node.node_id} (founding "
+                f"{founding.hex()} vs {node.founding.hex()}), or one of them was reseeded apart (recover "
+                f"--force-new-cluster, restore --cluster-id): they are two clusters under the id {node.cluster_id!r}. "
+                "Every initial member is bootstrapped with the same [[peers]] (ids and sites) and min_sites"
+            )
+        else:
+            return None
+        now = time.monotonic()
+        if now >= self._refusal_quiet_until.get(sender, 0.0):
+            self._refusal_quiet_until[sender] = now + 60
+            log.error("refusing raft messages: %s", why)
+        return why
 
     def RecordDenials(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
         """A follower's edge refused calls: append them to the audit log (leader only)."""

@@ -113,10 +113,9 @@ class PeerClocks:
         self._looked: tuple[int, float] | None = None
         #: This node's wall clock (us) right after its last step: echoes of earlier times mix clocks.
         self._stepped_at_us = 0
-        #: A step taken back into the correction and not yet confirmed by fresh samples (ms), and
-        #: until when (monotonic) it is kept without them (see :meth:`update`).
-        self._step_undo_ms = 0
-        self._step_undo_until = 0.0
+        #: Until when (monotonic) a step taken back into the correction is kept while no fresh
+        #: samples decide (None: no step waits for them; see :meth:`update`).
+        self._step_kept_until: float | None = None
 
     def _check_step(self) -> None:
         """Notice a step of this node's wall clock (see the module doc): take it back into the
@@ -134,8 +133,7 @@ class PeerClocks:
                 samples.last_in = None
             self._stepped_at_us = wall
             self.correction_ms -= round(step_ms)
-            self._step_undo_ms += round(step_ms)
-            self._step_undo_until = mono + WINDOW_S
+            self._step_kept_until = mono + WINDOW_S
             self.decided = False
         log.warning("node %d: this node's clock was stepped %.3f s %s: its stamps go on from the time before the "
                     "step (correction %d ms) until fresh samples of the voters' clocks decide again",
@@ -230,16 +228,16 @@ class PeerClocks:
         decided = self._decide(list(voters), leader)
         if decided is None:
             self.decided = False
-            if self._step_undo_ms and self._monotonic() >= self._step_undo_until:
+            if self._step_kept_until is not None and self._monotonic() >= self._step_kept_until:
                 # No clocks to go by since the step (too few voters heard from): this node's own
                 # clock, as it is now, is all there is. (Not the correction from before the step:
                 # that one was for the old clock, and exactly wrong when the step was the fix.)
                 self.correction_ms = 0
-                self._step_undo_ms = 0
+                self._step_kept_until = None
                 log.warning("node %d: no voters' clocks decided after this node's clock was stepped: it stamps with "
                             "its clock as it is now", self.node_id)
             return  # nothing new to go by: keep the correction as it is
-        self._step_undo_ms = 0
+        self._step_kept_until = None
         correction, source = decided
         if abs(correction) > CORRECTION_MS_MAX:
             self.decided = False
