@@ -779,3 +779,48 @@ def test_a_node_bootstrapped_on_its_own_is_not_added_and_a_wrong_site_is_not_pro
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "its config says site 'b', not 'c'" in err.value.details() and "promotion refused" in err.value.details()
     assert sorted(leader.node.raw.conf_state.voters) == [1, 2, 3]
+
+
+def test_a_leader_advertises_its_address_again_after_a_failed_attempt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A leader whose directory entry is stale (here: its ``advertise`` changed across a restart)
+    proposes the new one when elected; when that proposal fails (a dropped proposal, a refused
+    write) it tries again while it leads. Before, one failed attempt left clients pointed at the old
+    address until the next election."""
+    c = InProcessCluster(tmp_path, {1: "a", 2: "b", 3: "c"}, [1, 2, 3])
+    try:
+        first = c.leader().node.node_id
+        moved = next(i for i in c.servers if i != first)
+        c.stop(moved)
+        advertised = f"127.0.0.1:{free_port()}"  # what clients are to use from now on
+        c.configs[moved] = _config(c.root, c.key, moved, c.sites, c.ports, [1, 2, 3], advertise=advertised)
+        real_plan = Node._plan_member
+        attempts: list[int] = []
+
+        def plan_failing_once(self: Node, node_id: int) -> Any:
+            attempts.append(node_id)
+            if len(attempts) == 1:
+                raise Unavailable("the leader refused the write for now")
+            return real_plan(self, node_id)
+
+        monkeypatch.setattr(Node, "_plan_member", plan_failing_once)
+        c.start(moved)
+        c.wait_applied(moved, c.servers[first].node.applied_index)
+        c.servers[first].node.call(lambda: c.servers[first].node.raw.transfer_leadership(moved))
+        deadline = time.monotonic() + 15
+        while not c.servers[moved].node.is_leader and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.servers[moved].node.is_leader
+        directory: dict[int, str] = {}
+        while time.monotonic() < deadline:
+            directory = {i: m.address for i, m in c.servers[moved].node.members.items()}
+            if directory.get(moved) == advertised:
+                break
+            time.sleep(0.1)
+        assert directory.get(moved) == advertised, directory
+        assert attempts[:2] == [moved, moved]  # the first attempt failed, a later one wrote it
+        for i in c.servers:  # every member's directory says so, and each of them points clients there
+            c.wait_applied(i, c.servers[moved].node.applied_index)
+            assert c.servers[i].node.members[moved].address == advertised
+    finally:
+        c.close()

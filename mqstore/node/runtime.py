@@ -91,6 +91,9 @@ OPERATION_TIMEOUT_S = 10.0
 #: How long a new leader holds operations until it applied an entry of its term (see
 #: Node._term_ready): less than OPERATION_TIMEOUT_S, so a caller hears "nothing was written".
 TERM_WAIT_MAX_S = OPERATION_TIMEOUT_S / 2
+# A leader whose address in the replicated directory is stale proposes it again this often while
+# an attempt fails (see Node._advertise_if_stale).
+ADVERTISE_RETRY_S = 2.0
 #: Reads (ReadIndex) the raft thread holds at once; more are refused (Unavailable) until some end.
 READS_PENDING_MAX = raftcore.READ_REQUESTS_PENDING_MAX
 _U64 = struct.Struct(">Q")
@@ -347,6 +350,8 @@ class Node:
         self._hints: dict[int, tuple[int, object]] = {}  # index -> (term, what applying can reuse)
         self._new_ops: list[Operation] = []  # arrived in this loop iteration, proposed together
         self._expect_ops = 0  # callers in play when the last round was answered (see _propose_now)
+        self._advertising: Operation | None = None  # the last proposal of this node's directory entry
+        self._advertise_after = 0.0  # monotonic time before which it is not proposed again
         self._outstanding = 0  # operations submitted and not answered yet
         self._outstanding_lock = threading.Lock()
         self._hold_until: float | None = None  # until when _new_ops wait for more
@@ -615,6 +620,8 @@ class Node:
                     next_tick = now + tick_s
                     conf = self.raw.conf_state
                     self.clocks.update(conf.voters, (n for n, _ in conf.sites), self._leader)
+                    if self.is_leader:
+                        self._advertise_if_stale(now)
                 while self.raw.has_ready():
                     self._process_ready()
                 if self._incoming:
@@ -914,15 +921,30 @@ class Node:
             conf = self.raw.conf_state  # the votes just won brought clock samples: use them now
             self.clocks.update(conf.voters, (n for n, _ in conf.sites), leader)
             self._raise_stamp_from_log()
-            mine = self.members.get(self.node_id)
-            if mine is None or mine.address != self.config.address or mine.site != self.config.site:
-                # Advertise this node's address to clients through the replicated directory.
-                self._inbox.put(("op", Operation(plan=lambda node: node._plan_member(self.node_id))))
+            self._advertise_after = 0.0
+            self._advertise_if_stale(time.monotonic())
         if was_leader and role != Role.LEADER:
             log.info("node %d: no longer leader (leader now %d)", self.node_id, leader)
             for future in self._reads.values():
                 future.set_exception(self._not_leader())
             self._reads.clear()
+
+    def _advertise_if_stale(self, now: float) -> None:
+        """Advertise this node's address and site to clients through the replicated directory
+        when its entry there lacks them (a new node, a changed ``advertise``): a leader proposes
+        the entry on election and, while the attempt fails (a proposal dropped during a leadership
+        transfer, a refused write), again every ``ADVERTISE_RETRY_S`` for as long as it leads.
+        Raft thread."""
+        if self._advertising is not None and not self._advertising.future.done():
+            return
+        if now < self._advertise_after:
+            return
+        mine = self.members.get(self.node_id)
+        if mine is not None and mine.address == self.config.address and mine.site == self.config.site:
+            return
+        self._advertise_after = now + ADVERTISE_RETRY_S
+        self._advertising = Operation(plan=lambda node: node._plan_member(self.node_id))
+        self._inbox.put(("op", self._advertising))
 
     def _plan_member(self, node_id: int) -> Plan:
         info = MemberInfo(node_id, self.config.site, self.config.address)
