@@ -824,19 +824,26 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
         """A follower's edge refused calls: append them to the audit log (leader only)."""
         peer = current_peer_node.get()
         entries: list[bytes] = []
+        reporter = 0
         for r in request_iterator:
             if peer is not None and getattr(r, "from") != peer:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED,
                               f"report from node {getattr(r, 'from')} over a connection naming node {peer}")
+            if reporter and getattr(r, "from") != reporter:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "reports of two nodes in one call")
+            reporter = getattr(r, "from")
             if r.cluster_id != self.node.cluster_id:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, f"report from cluster {r.cluster_id!r}, not ours")
+            other = self._refused_sender(getattr(r, "from"), b"")
+            if other is not None:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, other)
             if len(entries) >= _DENIAL_BATCH_MAX:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"over {_DENIAL_BATCH_MAX} reports in one call")
             entries.append(r.entry)
         try:
             if self.queue is None:
                 raise errors.Unavailable("this node does not record denials")
-            self.queue.append_reported_denials(entries)
+            self.queue.append_reported_denials(entries, reporter)
         except errors.MQStoreError as exc:
             _abort(context, exc)
         return raft_pb2.SendAck()
@@ -977,6 +984,7 @@ class NodeServer:
         if config.tls is not None and "channel_factory" not in node_options:
             node_options["channel_factory"] = PeerChannelFactory(config.tls)
         self.node = Node(config, **node_options)
+        self.authenticator.removed = lambda: self.node.removed
         try:
             self.queue = ClusterQueue(self.node, audit_signer=_audit_signer(config, self.node.log))
         except BaseException:
@@ -1114,7 +1122,7 @@ class NodeServer:
     def _send_denials(self, entries: list[bytes]) -> None:
         node = self.node
         if node.is_leader:  # became leader meanwhile: propose them here
-            self.queue.append_reported_denials(entries)
+            self.queue.append_reported_denials(entries, node.node_id)
             return
         leader = node.leader_id
         address = node._address_of(leader) if leader else None

@@ -268,7 +268,7 @@ def test_a_reported_denial_never_moves_the_compliance_clock(cluster: InProcessCl
                      wall_ms=int(time.time() * 1000) + century_ms,
                      compliance_ms=leader.queue.compliance_clock.now_ms() + century_ms)
         leader.queue.append_reported_denials(
-            [DenialEntry(0, "Queue/Lease", "*", "lacks the 'lease' permission", forged).encode()])
+            [DenialEntry(0, "Queue/Lease", "*", "lacks the 'lease' permission", forged).encode()], follower)
         last_index = leader.node.applied_index
         for i in cluster.servers:
             cluster.wait_applied(i, last_index)
@@ -276,8 +276,10 @@ def test_a_reported_denial_never_moves_the_compliance_clock(cluster: InProcessCl
             client.delete(mid)
         assert client.get(mid).data == BODY
         (record,) = client.audit_query(where={"op": "Queue/Lease"})
-    # the denial is audited as reported (who, which node and site), at the leader's time
-    assert (record["actor"], record["node"], record["site"], record["outcome"]) == ("someone", follower, "b", "denied")
+    # the denial is audited as reported (who, which node), the node's site from the member
+    # directory (the report said "b" for whichever follower), at the leader's time
+    assert (record["actor"], record["node"], record["site"], record["outcome"]) == (
+        "someone", follower, cluster.sites[follower], "denied")
     assert abs(record["wall"] - time.time() * 1000) < 600_000
     for i, server in cluster.servers.items():
         ahead_ms = server.queue.compliance_clock.now_ms() - time.time() * 1000

@@ -195,3 +195,59 @@ def test_an_empty_enqueue_needs_the_enqueue_permission(cluster: Cluster) -> None
                                                         metadata=_md(cluster.tokens["producer"]), timeout=10))
         assert code != "PERMISSION_DENIED", details
     wait_until(lambda: len(cluster.leader.queue.audit_query(where={"outcome": "denied"})) >= before + 4, timeout=10)
+
+
+# --- a removed node's certificate -------------------------------------------------------------------
+
+
+def test_a_removed_nodes_certificate_admits_it_no_more(tmp_path: Path) -> None:
+    """A node's certificate lets a member read (repair fetches records from peers) and report
+    its edge's denials for the audit log. Once the node is removed from the cluster (a machine
+    decommissioned or compromised) the certificate on its disk admits it to nothing: before, it
+    still read any namespace's mail and the raw log, and appended audit records."""
+    from mqstore.actor import Actor
+    from mqstore.compliance.rules import Ctx
+    from mqstore.proto import raft_pb2, raft_pb2_grpc
+    from mqstore.queue.model import DenialEntry
+
+    pki = Pki(tmp_path / "pki")
+    c = InProcessCluster(tmp_path / "cluster", ["a", "b", "c"], pki=pki)
+    try:
+        leader = c.leader()
+        address = c.address(leader.node.node_id)
+        ops = pki.client("ops", ["admin", "producer"])
+        victim, member = (i for i in c.servers if i != leader.node.node_id)
+        with pki.channel(address, ops) as ch:
+            mid = queue_pb2_grpc.QueueStub(ch).Enqueue(queue_pb2.EnqueueRequest(message=queue_pb2.NewMessage(
+                mail_from="cfo@example.org", recipients=["board@example.net"], data=b"Subject: salaries\r\n\r\n",
+                namespace="finance")), timeout=10).message_id
+            admin_pb2_grpc.AdminStub(ch).ChangeMembership(
+                admin_pb2.MembershipRequest(op=admin_pb2.MembershipRequest.REMOVE, node_id=victim), timeout=20)
+        c.servers[victim].grpc.stop(0)
+        wait_until(lambda: victim in leader.node.removed, timeout=10)
+
+        def report(frm: int, about: int) -> Any:
+            ctx = Ctx(Actor("ceo", frozenset({"admin"}), auth="mtls", source="10.9.9.9"), node_id=about, site="a")
+            entry = DenialEntry(0, "Queue/Delete", mid, "reported by a node", ctx).encode()
+            return raft_pb2.DenialReport(cluster_id=leader.node.cluster_id, entry=entry, **{"from": frm})
+
+        get = queue_pb2.GetRequest(message_id=mid, include_data=True)
+        records = admin_pb2.ReadRecordsRequest(indices=[leader.node.raw.commit_index])
+        for who, allowed in ((member, True), (victim, False)):
+            pair = CertPair(pki.root / f"node-{who}.pem", pki.root / f"node-{who}.key")
+            with pki.channel(address, pair) as ch:
+                read = status_of(lambda ch=ch: queue_pb2_grpc.QueueStub(ch).Get(get, timeout=10))
+                raw = status_of(lambda ch=ch: admin_pb2_grpc.AdminStub(ch).ReadRecords(records, timeout=10))
+                # A node reports only the denials of its own edge, under its own id.
+                said = status_of(lambda ch=ch, who=who: raft_pb2_grpc.RaftStub(ch).RecordDenials(
+                    iter([report(who, leader.node.node_id)]), timeout=10))
+            if allowed:
+                assert read[0] == "OK" and raw[0] == "OK", (read, raw)
+                assert said[0] == "INVALID_ARGUMENT" and "reports only its own" in said[1], said
+            else:
+                assert read[0] == "UNAUTHENTICATED" and "was removed from this cluster" in read[1], read
+                assert raw[0] == "UNAUTHENTICATED", raw
+                assert said[0] == "PERMISSION_DENIED" and "was removed" in said[1], said
+        assert not [r for r in leader.queue.audit_records(limit=100_000) if "reported by a node" in str(r)]
+    finally:
+        c.close()

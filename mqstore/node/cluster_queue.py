@@ -145,14 +145,15 @@ class ClusterQueue(QueueBase):
 
     # --- denials reported by followers ------------------------------------------------------------
 
-    def append_reported_denials(self, raws: Sequence[bytes]) -> None:
+    def append_reported_denials(self, raws: Sequence[bytes], reporter: int) -> None:
         """Leader: append denials a follower's edge reported (encoded DenialEntries carrying the
         follower's request context), in one operation. Only who was refused, on which node and
         site, is taken from the report: the entry's time stamp and its request context's wall and
         compliance times are this leader's own, so a report can add an audit record and nothing
         else (a follower's clock, or a forged report, never moves the compliance clock). Raises
-        InvalidArgument if one is not a denial entry (none is appended then), NotLeader when this
-        node does not lead."""
+        InvalidArgument if one is not a denial entry or names another node than ``reporter`` (none
+        is appended then), NotLeader when this node does not lead. The site recorded is the one
+        the member directory gives the reporter."""
         reported = []
         for raw in raws:
             try:
@@ -161,6 +162,9 @@ class ClusterQueue(QueueBase):
                 raise InvalidArgument(f"not a denial entry: {exc}") from None
             if entry.op in (machine.CHECKPOINT_OP, machine.TICK_OP):
                 raise InvalidArgument("not a denial entry: a checkpoint request")
+            if entry.ctx.node_id != reporter:
+                raise InvalidArgument(f"node {reporter} reported a denial by node {entry.ctx.node_id}: a node "
+                                      "reports only its own")
             reported.append(entry)
         if not self.node.is_leader:
             raise self.node._not_leader()
@@ -172,7 +176,9 @@ class ClusterQueue(QueueBase):
             out: Plan = []
             for r in reported:
                 own = self._ctx(r.ctx.actor)
-                ctx = Ctx(r.ctx.actor, r.ctx.node_id, r.ctx.site, own.wall_ms, own.compliance_ms)
+                member = node.members.get(reporter)
+                site = member.site if member is not None else r.ctx.site
+                ctx = Ctx(r.ctx.actor, r.ctx.node_id, site, own.wall_ms, own.compliance_ms)
                 out.append(_plain(RecordType.AUDIT, DenialEntry(now, r.op, r.target, r.reason, ctx).encode()))
             return out
 

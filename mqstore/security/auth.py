@@ -229,6 +229,8 @@ class Authenticator:
         self.anonymous = auth.anonymous if auth.anonymous is not None else (config.insecure and self.tokens is None)
         self.clients = {c.name: c for c in auth.clients}
         self.tls = config.tls is not None
+        #: Node ids removed from the cluster (the node fills it in): their certificates admit nothing.
+        self.removed: Callable[[], frozenset[int]] = frozenset
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (one Authenticator per node, kept for its life)
     def _actor(self, name: str, roles: frozenset[str], auth: str, namespaces: frozenset[str] | None,
@@ -248,6 +250,8 @@ class Authenticator:
         ident = peer_identity(context) if self.tls else None
         if ident is not None:
             if ident.kind == "node":
+                if ident.node_id in self.removed():
+                    raise Unauthenticated(removed_node_refusal(ident.node_id))
                 # Nodes read from each other (repair fetches records from peers); they hold the
                 # cluster's key anyway, so reading grants them nothing they lack.
                 return self._actor(ident.name, NODE_ROLES, "mtls", None, source)
@@ -265,6 +269,11 @@ class Authenticator:
         raise Unauthenticated(
             "no credentials: send a bearer token (authorization: Bearer <token>) or connect with a client certificate"
         )
+
+
+def removed_node_refusal(node_id: int | None) -> str:
+    return (f"node {node_id} was removed from this cluster: its certificate admits it no more (a removed "
+            "node id is never a member again)")
 
 
 def unauthenticated_actor(context: Any) -> Actor:
@@ -290,5 +299,6 @@ __all__ = [
     "method_rule",
     "peer_identity",
     "register_method",
+    "removed_node_refusal",
     "unauthenticated_actor",
 ]

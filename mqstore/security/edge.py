@@ -69,6 +69,7 @@ from mqstore.security.auth import (
     current_peer_node,
     method_rule,
     peer_identity,
+    removed_node_refusal,
     unauthenticated_actor,
 )
 
@@ -448,6 +449,12 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                                              "permission"))
                 assert ident is not None
                 node_id = ident.node_id
+                if node_id in self.host.authenticator.removed():
+                    reason = removed_node_refusal(node_id)
+                    self._deny(unauthenticated_actor(context), method, reason)
+                    self._count(method, "PERMISSION_DENIED", "permission")
+                    _abort(context, _Refused(grpc.StatusCode.PERMISSION_DENIED, reason, "PermissionDenied",
+                                             "permission"))
             token = current_peer_node.set(node_id)
             try:
                 return inner(request_iterator, context)
@@ -599,7 +606,7 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if not self.tls:
             return False
         ident = peer_identity(context)
-        return ident is not None and ident.kind == "node"
+        return ident is not None and ident.kind == "node" and ident.node_id not in self.host.authenticator.removed()
 
     def _rate_key(self, actor: Actor, context: grpc.ServicerContext) -> str:
         if actor.auth == "none":
