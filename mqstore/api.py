@@ -70,6 +70,7 @@ _MAINTENANCE_ITEMS_MAX = 1_000  # expiry/compaction items per maintenance record
 #: is left to maintenance: the plan skips messages whose lifetime passed all the same).
 _LEASE_EXPIRE_RECORDS_MAX = 4
 _LOG_COMPACT_EVERY = 50_000  # compact the log after this many new records
+_REWRITE_PREFIX = ".rewrite-"  # scratch directories of a compacting rewrite (after a key shred)
 AUDIT_KEY_FILE = "audit-signing.key"  # an embedded store's audit signing key, in its directory
 _RECIPIENT_CACHE_MAX = 65_536
 
@@ -1291,6 +1292,12 @@ class Store(QueueBase):
         self.path = Path(path)
         self.disk = disk
         self._compacted_at = self.log.last_index
+        if not self.log.readonly:
+            for leftover in self.path.glob(_REWRITE_PREFIX + "*"):
+                # A copy of the database a killed rewrite left (this process holds the store's
+                # lock, so nobody else is writing one): it may hold a shredded key's bytes.
+                shutil.rmtree(leftover, ignore_errors=True)
+                log.warning("removed %s, a copy of the store a killed process left behind", leftover)
         if self.log.meta_get(META_SCRUB_PENDING) is not None:
             try:  # a key was shredded and the process died before its scrub finished: finish it
                 self._scrub()
@@ -1520,10 +1527,9 @@ class Store(QueueBase):
 
     def _rewrite_compacted(self) -> None:
         """Replace the database file by a compacted copy of itself (pauses writes briefly)."""
-        scratch = self.path / f".rewrite-{os.getpid()}-{threading.get_ident()}"
+        scratch = self.path / f"{_REWRITE_PREFIX}{os.getpid()}-{threading.get_ident()}"
         try:
-            data = self.log.copy_to(scratch)
-            self.log.replace_data(data)
+            self.log.rewrite_compacted(scratch)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

@@ -1183,7 +1183,7 @@ class Node:
         self._write_snapshot_file(index)  # the same snapshot, now without the KEY record
         scratch = self.snapshot_dir / f"scrub-{index}-{uuid.uuid4().hex[:8]}"
         try:
-            self.log.replace_data(self.log.copy_to(scratch))
+            self.log.rewrite_compacted(scratch)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         self.storage.reload()

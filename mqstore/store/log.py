@@ -1215,6 +1215,20 @@ class LogStore:
         if self.readonly or self.writer is None:
             raise InvalidArgument(f"store {self.path} is open read-only")
         self._stop_writer()
+        self._swap_data(data_file)
+        self.writer = Writer(self._run_batch, name=f"mqstore-writer:{self.path.name}")
+
+    def rewrite_compacted(self, scratch: Path) -> None:
+        """Replace the database by a compacted copy of itself (freed pages keep old bytes until
+        reused: a shredded key's must go). Writes wait meanwhile and then commit into the new
+        file; none is lost or refused, whatever commits before the copy is in it."""
+        writer = self._writer()
+        with writer.held():
+            self._swap_data(self.copy_to(scratch))
+
+    def _swap_data(self, data_file: Path) -> None:
+        """Swap the database file for ``data_file`` and reload what this object caches of it;
+        no batch may run meanwhile."""
         self.env.replace_data(data_file)
         self._first_index, self._last_index, self._term = self._load_bounds()
         raw_stamp = self.meta_get(_META_STAMP)
@@ -1225,7 +1239,6 @@ class LogStore:
         self._load_keys_and_dictionaries()
         self._quarantine_mem.clear()
         self._quarantine_recorded.clear()
-        self.writer = Writer(self._run_batch, name=f"mqstore-writer:{self.path.name}")
 
     # --- lifecycle ----------------------------------------------------------------------------------
 

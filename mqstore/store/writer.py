@@ -36,11 +36,12 @@ later, is refused with the same error at once; no write waits for a writer that 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from mqstore import limits
@@ -300,6 +301,15 @@ class Writer:
             self._inline_thread = None
         item.finish()
         return item.wait()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """No batch runs while this is held (the writer and inline callers wait for it; new
+        writes queue, subject to the queue's bound): the database can be copied or swapped under
+        it. Not from a write function."""
+        self._check_writable()
+        with self._commit_lock:
+            yield
 
     def submit_nowait(self, fn: WriteFn[Any]) -> bool:
         """Queue ``fn`` without waiting for room or for its commit; False when the queue is full."""
