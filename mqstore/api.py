@@ -32,7 +32,16 @@ from mqstore.compliance.signing import load_or_create_signing_key, public_key_fr
 from mqstore.crypto import KeyProvider
 from mqstore.crypto.keyring import META_SCRUB_PENDING, SYSTEM_NAMESPACE
 from mqstore.diskspace import DiskSpace
-from mqstore.errors import Immutable, InvalidArgument, NotFound, PermissionDenied, StaleLease, Unavailable
+from mqstore.errors import (
+    Corruption,
+    Immutable,
+    InvalidArgument,
+    MQStoreError,
+    NotFound,
+    PermissionDenied,
+    StaleLease,
+    Unavailable,
+)
 from mqstore.ids import format_id, id_time_ms, parse_id
 from mqstore.queue import machine
 from mqstore.queue.kv import KV, LmdbKV, prefix_end
@@ -57,7 +66,7 @@ from mqstore.queue.model import (
     SettleEntry,
     ns_key,
 )
-from mqstore.store import LogStore, NewMessage, WriteContext
+from mqstore.store import LogStore, NewMessage, WriteContext, keeps_live_body
 
 log = logging.getLogger(__name__)
 
@@ -962,17 +971,23 @@ class QueueBase:
         with self.log.env.read() as txn:
             return self.audit.log.export_checkpoint(LmdbKV(txn, self.log.env.dbs))
 
-    def _build_leases(self, grants: list[tuple[int, bytes, machine.Grant, int]]) -> list[Lease]:
+    def _build_leases(self, grants: list[tuple[int, bytes, machine.Grant, int]], actor: Actor | None) -> list[Lease]:
         """Lease objects for committed grants: one read transaction, each body decrypted once."""
         if not grants:
             return []
         log_db = self.log.env.dbs[b"log"]
         out = []
+        damaged: list[tuple[int, int, Corruption]] = []  # token, log index, why
         with self.log.env.read() as txn:
             get = txn.get
             for token, mid, grant, deadline_ms in grants:
                 index = grant.enqueue_index
-                stored = self.log.open_message(self.log.decode_raw(get(index.to_bytes(8, "big"), None, log_db), index))
+                try:
+                    stored = self.log.open_message(
+                        self.log.decode_raw(get(index.to_bytes(8, "big"), None, log_db), index))
+                except Corruption as bad:  # recorded in the quarantine list by the read
+                    damaged.append((token, index, bad))
+                    continue
                 env = stored.envelope
                 self._remember_recipients(mid, env.recipients)
                 out.append(
@@ -988,7 +1003,22 @@ class QueueBase:
                         priority=env.priority,
                     )
                 )
+        for token, index, why in damaged:
+            self._defer_damaged(token, index, why, actor)
         return out
+
+    def _defer_damaged(self, token: int, index: int, exc: Corruption, actor: Actor | None) -> None:
+        """A message granted whose body does not read back (damaged on disk) is left out of the
+        leases returned — the others in the call are delivered — and deferred under its lease,
+        with the damage as its reason: it comes back after the backoff (repaired by then, or
+        damaged still and deferred again) and expires at its lifetime like any other."""
+        reason = (f"4.3.0 the message body is damaged in the store (log index {index}: {exc.reason[:120]}): "
+                  "repair it (mqstore repair) or restore a backup")
+        log.error("lease: message at log index %d left out: %s", index, exc)
+        try:
+            self.defer(token, reason=reason, actor=actor)
+        except MQStoreError as failed:  # the lease then expires at its deadline
+            log.warning("lease: could not defer the damaged message at log index %d: %s", index, failed)
 
     def _ordinals(
         self, kv: LmdbKV, token: int, recipients: Iterable[str] | None
@@ -1407,7 +1437,7 @@ class Store(QueueBase):
 
         grants, c = self.log.write(fn)
         self._after_apply(c)
-        return self._build_leases(grants)
+        return self._build_leases(grants, actor)
 
     def _settle(
         self, rtype: RecordType, token: int, recipients: Iterable[str] | None, reason: str | None,
@@ -1583,13 +1613,7 @@ class Store(QueueBase):
         records (message bodies) of messages still in the store. Returns how many were removed."""
         upto = self.log.last_index + 1
 
-        def keep(ctx: WriteContext, index: int, raw: bytes) -> bool:
-            if raw[3] != RecordType.ENQUEUE or len(raw) < 56:
-                return False
-            # The sealed payload starts with the message id (readable without decrypting).
-            return ctx.txn.get(raw[40:56], db=ctx.dbs[b"messages"]) is not None
-
-        removed = self.log.compact(upto, keep)
+        removed = self.log.compact(upto, keeps_live_body)
         self._compacted_at = upto - 1
         return removed
 

@@ -292,7 +292,7 @@ class ClusterQueue(QueueBase):
         op.plan = plan
         op.finish = finish
         grants = self.node.submit(op)
-        return self._build_leases(grants)  # type: ignore[arg-type]
+        return self._build_leases(grants, actor)  # type: ignore[arg-type]
 
     def _lease_mid(self, token: int) -> bytes:
         raw = self.log.read(token).payload

@@ -63,7 +63,7 @@ from mqstore.node.replica import Applier, MemberInfo, read_members
 from mqstore.node.transport import ChannelFactory, Transport, insecure_channel
 from mqstore.queue.kv import LmdbKV
 from mqstore.standstill import StandStillWarning
-from mqstore.store import LogStore, WriteContext
+from mqstore.store import LogStore, WriteContext, keeps_live_body
 from mqstore.store.env import DATA_FILE, Environment, fsync_path
 
 log = logging.getLogger(__name__)
@@ -1211,14 +1211,8 @@ class Node:
         """Delete records up to ``upto`` except message bodies still referenced (their state
         rows point at them). Runs beside the raft thread: those records are below the
         compaction point, which nothing reads any more."""
-
-        def keep(ctx: WriteContext, index: int, raw: bytes) -> bool:
-            if raw[3] != RecordType.ENQUEUE or len(raw) < 56:
-                return False
-            return ctx.txn.get(raw[40:56], db=ctx.dbs[b"messages"]) is not None
-
         try:
-            self.log.compact(upto + 1, keep)
+            self.log.compact(upto + 1, keeps_live_body)
         except MQStoreError:
             log.warning("node %d: log compaction failed (it is retried after the next snapshot)", self.node_id)
 

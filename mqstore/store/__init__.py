@@ -11,6 +11,7 @@ from mqstore.store.log import (
     StoredMessage,
     WriteContext,
     index_key,
+    keeps_live_body,
     key_index,
 )
 from mqstore.store.writer import Pending, Writer, WriterFailed
@@ -28,5 +29,6 @@ __all__ = [
     "Writer",
     "WriterFailed",
     "index_key",
+    "keeps_live_body",
     "key_index",
 ]

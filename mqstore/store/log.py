@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, TypeVar
 import lmdb
 
 from mqstore import codec, limits, validate
-from mqstore.codec import Envelope, Flags, Record, RecordType
+from mqstore.codec import MESSAGE_ID_BYTES, Envelope, Flags, Record, RecordType
 from mqstore.crypto.keyring import ACTION_CREATE, SYSTEM_NAMESPACE, KeyEvent, KeyRing
 from mqstore.crypto.providers import FileKeyProvider, KeyProvider, create_key_file
 from mqstore.crypto.seal import Sealed, Sealer, SealRequest, train_dictionary
@@ -1263,6 +1263,21 @@ class LogStore:
         self.close()
 
 
+def keeps_live_body(ctx: WriteContext, index: int, raw: bytes) -> bool:
+    """Log compaction's rule (see :meth:`LogStore.compact`): keep the ENQUEUE record of a
+    message still in the store (its body), and any record that fails its checksum — damage is
+    never compacted away, where it would turn from Corruption into absent: ``verify`` keeps
+    naming it and ``repair`` can still put it back."""
+    try:
+        record = codec.decode_record(raw, index)
+    except Corruption:
+        return True
+    if record.type != RecordType.ENQUEUE or len(record.payload) < MESSAGE_ID_BYTES:
+        return False
+    # The sealed payload starts with the message id (readable without decrypting).
+    return ctx.txn.get(record.payload[:MESSAGE_ID_BYTES], db=ctx.dbs[b"messages"]) is not None
+
+
 def _dict_message_id(dict_id: int) -> bytes:
     # Dictionaries are sealed like messages; their "message id" is fixed by their dictionary id.
     return b"mqstore-dict" + struct.pack(">I", dict_id)
@@ -1291,5 +1306,6 @@ __all__ = [
     "StoredMessage",
     "WriteContext",
     "index_key",
+    "keeps_live_body",
     "key_index",
 ]

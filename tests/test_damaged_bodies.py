@@ -1,0 +1,90 @@
+"""A message body damaged on disk stays damage: compaction keeps the record (verify names it,
+repair can put it back), and a lease call that meets it still hands out every healthy message."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import lmdb
+import pytest
+
+import mqstore
+from mqstore.errors import Corruption
+from mqstore.ids import parse_id
+from mqstore.queue import machine
+from mqstore.queue.kv import LmdbKV
+
+pytestmark = pytest.mark.filterwarnings("ignore:mqstore created a key-encryption key")
+
+
+def _enqueue_index(store: mqstore.Store, mid: str) -> int:
+    with store.log.env.read() as txn:
+        row = machine.get_message(LmdbKV(txn, store.log.env.dbs), parse_id(mid))
+    assert row is not None
+    return int(row.enqueue_index)
+
+
+def _flip(path: Path, index: int, offset: int) -> None:
+    """Bit rot in one stored log record, behind mqstore's back."""
+    env = lmdb.open(str(path), max_dbs=32)
+    try:
+        db = env.open_db(b"log")
+        with env.begin(write=True) as txn:
+            key = struct.pack(">Q", index)
+            raw = txn.get(key, db=db)
+            assert raw is not None
+            value = bytearray(raw)
+            value[offset] ^= 0x01
+            txn.put(key, bytes(value), db=db)
+    finally:
+        env.close()
+
+
+def test_compaction_keeps_a_damaged_record_of_a_live_message(tmp_path: Path) -> None:
+    """The damage is in the bytes compaction read the message id from: before, it found no
+    such message, deleted the record, and the message's body turned from Corruption into
+    NotFound, out of the quarantine list and out of reach of repair."""
+    path = tmp_path / "s"
+    with mqstore.open(path, background=False) as store:
+        mid = store.enqueue(mail_from="a@example.org", recipients=["b@example.net"], data=b"Subject: x\r\n\r\nhi\r\n")
+        for _ in range(3):  # records compaction may drop
+            store.delete(store.enqueue(mail_from="a@example.org", recipients=["b@example.net"], data=b"x"))
+        index = _enqueue_index(store, mid)
+    _flip(path, index, 45)  # inside the sealed payload's message id
+    with mqstore.open(path, background=False) as store:
+        assert store.compact_log() > 0
+        assert store.log.first_index > index  # the log's head moved past it ...
+        with pytest.raises(Corruption, match=f"log index {index}: checksum mismatch"):
+            store.get(mid)  # ... and the record is still there, still damage
+        assert index in store.log.quarantined()
+        assert [m.message_id for m in store.list()] == [mid]
+
+
+def test_a_damaged_body_does_not_take_the_healthy_leases_of_its_call_with_it(tmp_path: Path) -> None:
+    """Before, lease() committed the grants of all five messages and then raised Corruption
+    reading the damaged one: the four healthy ones were leased to a worker that never got their
+    tokens, until the lease expired (an attempt counted), and again each time the damaged one
+    came due. Now the call returns the healthy leases and defers the damaged message under its
+    lease, the damage as its reason."""
+    path = tmp_path / "s"
+    with mqstore.open(path, background=False) as store:
+        mids = [store.enqueue(mail_from="a@example.org", recipients=[f"r{i}@example.net"], data=b"mail %d" % i)
+                for i in range(5)]
+        index = _enqueue_index(store, mids[0])
+    _flip(path, index, -1)  # the oldest message's body
+    with mqstore.open(path, background=False) as store:
+        leases = store.lease("w", max_messages=10, lease_seconds=300)
+        assert sorted(lease.message_id for lease in leases) == sorted(mids[1:])
+        for lease in leases:
+            store.ack(lease.token)
+        assert store.stats()["recipients"]["delivered"] == 4
+        damaged = store.list(state="deferred")
+        assert [m.message_id for m in damaged] == [mids[0]]
+        assert damaged[0].states == {"deferred": 1}
+        with store.log.env.read() as txn:  # get() needs the body: read the recipient's row
+            ((_, row),) = machine.recipients_of(LmdbKV(txn, store.log.env.dbs), parse_id(mids[0]))
+        assert row.attempts == 1
+        assert f"damaged in the store (log index {index}" in (store._open_reason(row.reason) or "")
+        assert index in store.log.quarantined()
+        assert store.lease("w", max_messages=10, lease_seconds=300) == []  # deferred: not due yet
