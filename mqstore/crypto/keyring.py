@@ -90,6 +90,20 @@ class KeyEvent:
         return cls(action, key_id, namespace, created, wrapped), off
 
 
+def split_key_record(payload: bytes) -> tuple[KeyEvent, bytes]:
+    """A KEY record's payload -> its event and the request context after it (b"": none); the
+    inverse of ``store.log.key_record_payload``. Corruption if either is malformed."""
+    event, used = KeyEvent.decode_prefix(payload)
+    if used == len(payload):
+        return event, b""
+    if len(payload) < used + 2:
+        raise Corruption("KEY record: truncated request context")
+    (n,) = struct.unpack_from("<H", payload, used)
+    if used + 2 + n != len(payload):
+        raise Corruption("KEY record: malformed request context")
+    return event, bytes(payload[used + 2 :])
+
+
 def wrap_context(key_id: int, namespace: str) -> bytes:
     """What a namespace key's wrapping is bound to: moving it to another id or namespace fails."""
     return b"ns-key:" + struct.pack(">I", key_id) + namespace.encode("utf-8")
@@ -347,5 +361,6 @@ __all__ = [
     "KeyShredded",
     "hkdf_expand_32",
     "hkdf_extract",
+    "split_key_record",
     "wrap_context",
 ]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from mqstore.codec import Record, RecordType
 from mqstore.compliance.rules import Ctx
 from mqstore.consensus.types import Entry
-from mqstore.crypto.keyring import ACTION_CREATE, META_SCRUB_PENDING, KeyEvent
+from mqstore.crypto.keyring import ACTION_CREATE, META_SCRUB_PENDING, split_key_record
 from mqstore.errors import Corruption
 from mqstore.node.raftlog import entry_to_record
 from mqstore.queue import machine
@@ -135,16 +135,11 @@ class Applier:
 
     def _apply_key(self, ctx: WriteContext, kv: LmdbKV, c: machine.Counters, entry: Entry,
                    shredded: set[int]) -> object:
-        payload = entry_to_record(entry).payload
-        event, used = KeyEvent.decode_prefix(payload)
-        request: Ctx | None = None
-        if used < len(payload):
-            if len(payload) < used + 2:
-                raise Corruption(f"KEY entry {entry.index}: truncated request context")
-            (n,) = struct.unpack_from("<H", payload, used)
-            if used + 2 + n != len(payload):
-                raise Corruption(f"KEY entry {entry.index}: malformed request context")
-            request = Ctx.decode(payload[used + 2 :])
+        try:
+            event, context = split_key_record(entry_to_record(entry).payload)
+        except Corruption as exc:
+            raise exc.with_index(entry.index) from None
+        request = Ctx.decode(context) if context else None
         keyring = self.log.keyring
         if event.action == ACTION_CREATE:
             if event.key_id in keyring.key_ids():

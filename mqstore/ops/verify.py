@@ -34,7 +34,8 @@ from typing import Any
 
 from mqstore import codec
 from mqstore.codec import Flags, Record, RecordType
-from mqstore.crypto.keyring import KeyEvent
+from mqstore.compliance.rules import Ctx
+from mqstore.crypto.keyring import split_key_record
 from mqstore.errors import Corruption, MQStoreError
 from mqstore.ids import format_id
 from mqstore.ops.facts import META_RESTORED_FROM, STATE_TABLES, open_env, writer_running
@@ -248,7 +249,9 @@ def _check_sealed(log: LogStore, report: VerifyReport, record: Record, seen: dic
             log.sealer.open(record)
             report.sealed_checked += 1
         elif rtype == RecordType.KEY:
-            KeyEvent.decode(record.payload)
+            _, context = split_key_record(record.payload)  # the event, then the request's context
+            if context:
+                Ctx.decode(context)
         elif rtype in (RecordType.DEFER, RecordType.BOUNCE, RecordType.BOUNCE_MESSAGE):
             entry: Any = machine.decode_entry(rtype, record.payload)
             blob = entry.reason
