@@ -14,6 +14,7 @@ from mqstore.errors import Corruption
 from mqstore.ids import parse_id
 from mqstore.queue import machine
 from mqstore.queue.kv import LmdbKV
+from mqstore.store import keeps_live_body
 
 pytestmark = pytest.mark.filterwarnings("ignore:mqstore created a key-encryption key")
 
@@ -88,3 +89,42 @@ def test_a_damaged_body_does_not_take_the_healthy_leases_of_its_call_with_it(tmp
         assert f"damaged in the store (log index {index}" in (store._open_reason(row.reason) or "")
         assert index in store.log.quarantined()
         assert store.lease("w", max_messages=10, lease_seconds=300) == []  # deferred: not due yet
+
+
+def test_a_scan_beside_compaction_reports_only_real_damage(tmp_path: Path) -> None:
+    """scan() reads in chunks, each its own read transaction. A compaction between two chunks
+    (the maintenance thread of a store in use) removed records ahead of the scan, which counted
+    every one as "record missing from the log" and quarantined it. A
+    record really missing inside the log is still reported."""
+    import threading
+
+    path = tmp_path / "s"
+    with mqstore.open(path, background=False) as store:
+        for _ in range(10):
+            store.enqueue_many([{"mail_from": "a@example.org", "recipients": ["b@example.net"], "data": b"x"}
+                                for _ in range(1000)])
+        while leases := store.lease("w", 4096, 60):
+            for lease in leases:
+                store.ack(lease.token)
+        store.maintain()  # the finished messages are compacted: their records may go
+        last = store.log.last_index
+    env = lmdb.open(str(path), max_dbs=32)  # and one record lost behind mqstore's back
+    log_db = env.open_db(b"log")
+    with env.begin(write=True) as txn:
+        assert txn.delete(struct.pack(">Q", last - 5), db=log_db)
+    env.close()
+    with mqstore.open(path, background=False) as store:
+        chunks: list[int] = []
+
+        def progress(done: int, total: int) -> None:
+            if not chunks:  # between the first chunk and the second, another thread compacts
+                compactor = threading.Thread(target=store.log.compact, args=(first + 8000, keeps_live_body))
+                compactor.start()
+                compactor.join()
+            chunks.append(done)
+
+        first = store.log.first_index
+        report = store.log.scan(progress=progress)
+        assert len(chunks) > 1 and store.log.first_index > first + 4096  # it did compact ahead of the scan
+        assert report.corrupt == ((last - 5, "record missing from the log"),)
+        assert list(store.log.quarantined()) == [last - 5]
