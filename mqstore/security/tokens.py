@@ -14,11 +14,11 @@ removed take effect without a restart.
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as _dt
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import threading
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mqstore.errors import InvalidArgument
+from mqstore.crypto.providers import read_private_file
+from mqstore.errors import InvalidArgument, KeyFileError
 from mqstore.security.certs import check_granted_namespaces, check_name, check_namespaces, check_roles
 
 FORMAT = "mqstore-tokens/1"
@@ -35,6 +36,7 @@ TOKEN_PREFIX = "mqs_"
 TOKENS_MAX = 10_000
 TOKEN_BYTES_MAX = 256
 _RELOAD_CHECK_S = 1.0
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,10 @@ class TokenInfo:
     namespaces: frozenset[str] | None
     created: str
     digest: str
+
+
+class TokensFileUnsafe(InvalidArgument):
+    """The tokens file is missing, or other users could change or read it."""
 
 
 class TokenStore:
@@ -78,8 +84,14 @@ class TokenStore:
     def _load(self) -> None:
         stamp = self._file_stamp()
         try:
-            raw = json.loads(self.path.read_text())
-        except (OSError, ValueError) as exc:
+            # Refused when other local users could change it (they would give themselves a token:
+            # the salt is in the file) or read it, as a key file is.
+            text = read_private_file(self.path, "tokens file", size_max=64 << 20)
+        except KeyFileError as exc:
+            raise TokensFileUnsafe(str(exc)) from None
+        try:
+            raw = json.loads(text)
+        except ValueError as exc:
             raise InvalidArgument(f"tokens file {self.path} cannot be read: {exc}") from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT or not isinstance(raw.get("tokens"), list):
             raise InvalidArgument(f"tokens file {self.path} is not a {FORMAT} file")
@@ -128,9 +140,21 @@ class TokenStore:
             return
         self._checked = now
         stamp = self._file_stamp()
-        if stamp is not None and stamp != self._stamp:
-            with contextlib.suppress(InvalidArgument):
-                self._load()  # on failure keep the tokens we had: a half-edited file must not lock everyone out
+        if stamp == self._stamp:
+            return
+        try:
+            self._load()
+        except TokensFileUnsafe as exc:
+            # Gone (removing the file revokes every token), or open to other users (anyone
+            # could have added a token to it): no token is trusted until it is fixed.
+            self._by_digest, self._stamp = {}, stamp
+            log.error("%s: every token is refused until it is fixed", exc)
+        except InvalidArgument as exc:
+            # A half-edited file must not lock everyone out: the tokens read last stay valid
+            # (a token removed in this edit too) until the file reads again.
+            self._stamp = stamp
+            log.error("%s: the tokens read before stay valid until it reads again (`mqstore tokens list "
+                      "--file %s` checks it)", exc, self.path)
 
     def digest(self, token: str) -> str:
         return hmac.new(self._salt, token.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
