@@ -81,6 +81,22 @@ def test_a_clusters_key_file_is_made_with_keys_new_kek_and_checked_before_bootst
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.parametrize("text, said", [
+    ("mqstore-kek-v1:" + "ab" * 4 + "\n", "32"),  # a 4-byte "KEK"
+    ("mqstore-audit-ed25519-v1:" + "11" * 32 + "\n", "is not an mqstore key file"),  # another secret file
+    ("garbage\n", ""),
+])
+def test_config_check_reads_the_key_file_as_serve_does(tmp_path: Path, text: str, said: str) -> None:
+    """Before, `config check` only parsed HEADER:HEX and called these valid; serve refused them."""
+    conf = _node_toml(tmp_path)
+    key = tmp_path / "kek.key"
+    key.write_text(text)
+    key.chmod(0o600)
+    message = _refused("config", "check", str(conf))
+    assert message.startswith(f"mqstore: error: {conf}: ") and f"key file {key}" in message and said in message
+    assert f"key file {key}" in _refused("bootstrap", "--config", str(conf), "--cluster-id", "c1")  # as serve
+
+
 @pytest.mark.parametrize("peers, min_sites, problem", [
     ([(2, "b")], 3, "the voters span 2 site(s) (a, b); min_sites is 3"),
     ([(2, "a"), (3, "b")], None, "site 'a' holds 2 of the 3 voters, a majority"),

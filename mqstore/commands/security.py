@@ -136,14 +136,14 @@ def _check_node_files(c: Any, bootstrapped: bool) -> None:
     belongs to another node, site or cluster. Raises ConfigError naming the key."""
     from mqstore import config as cfg
     from mqstore.compliance.signing import read_signing_key
-    from mqstore.crypto.providers import read_secret_file
+    from mqstore.crypto.providers import read_key_file
     from mqstore.errors import KeyFileError
     from mqstore.ops import facts
 
     where = str(c.source) if c.source else "config"
     try:
         if c.key_file is not None:
-            read_secret_file(c.key_file, "key file")
+            read_key_file(c.key_file)  # as serve reads it: the header and a 32-byte key
         if c.audit_signing_key is not None:
             read_signing_key(c.audit_signing_key)
     except KeyFileError as exc:
