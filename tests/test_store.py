@@ -17,6 +17,7 @@ from mqstore.codec import RecordType, decode_record, encode_record
 from mqstore.errors import (
     Corruption,
     InvalidArgument,
+    KeyFileError,
     NotFound,
     Overloaded,
     StoreClosed,
@@ -600,3 +601,26 @@ def test_bad_domain_filters_are_refused_with_a_clear_error(tmp_path: Path, domai
         with pytest.raises(InvalidArgument, match="domain"):
             queue.list(domain=domain)
         assert queue.log.last_index == last
+
+
+def test_a_first_open_that_failed_leaves_a_store_the_default_key_still_opens(tmp_path: Path) -> None:
+    """A first open given a key file that does not exist (a typo; or one killed between making
+    the environment and the key) used to leave data.mdb behind, and every later open with the
+    embedded default refused: "key file .../kek.key does not exist", for a store that never
+    held anything. A store that holds no key check was never written: it is still new."""
+    import mqstore
+
+    path = tmp_path / "q"
+    with pytest.raises(KeyFileError, match="does not exist"):
+        mqstore.open(path, key_file=str(tmp_path / "typo.key"))
+    assert (path / "data.mdb").exists()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with mqstore.open(path, background=False) as store:
+            mid = store.enqueue(mail_from="a@example.org", recipients=["b@example.net"], data=b"x")
+    assert any("created a key-encryption key" in str(w.message) for w in said)
+    with mqstore.open(path, background=False) as store:
+        assert store.get(mid).data == b"x"
+    (path / "kek.key").rename(tmp_path / "moved.key")
+    with pytest.raises(KeyFileError, match="does not exist"):  # a store that was written: no new key
+        mqstore.open(path)

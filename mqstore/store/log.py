@@ -37,7 +37,7 @@ from mqstore.errors import (
     UnknownKey,
     WrongKey,
 )
-from mqstore.ids import MessageIdGenerator
+from mqstore.ids import MessageIdGenerator, format_id
 from mqstore.standstill import StandStillWarning
 from mqstore.store.env import Environment
 from mqstore.store.writer import Pending, WriteFn, Writer
@@ -327,6 +327,10 @@ class LogStore:
             raise InvalidArgument("give key_provider or key_file, not both")
         self.env = Environment(self.path, map_size=map_size, map_size_max=map_size_max, readonly=readonly)
         try:
+            if not is_new and not readonly and self._kek_check_record() is None:
+                # A first open that failed or was killed before it wrote anything (the key check
+                # is the first thing a store holds): still a new store, its default key made now.
+                is_new = True
             provider = key_provider or self._default_provider(key_file, is_new)
             self.keyring = KeyRing(provider)
             self.sealer = Sealer(self.keyring, compression_level)
@@ -391,10 +395,14 @@ class LogStore:
                         last = max(last, key_index(cur.key()))
         return first, last, term
 
-    def _check_kek(self, is_new: bool) -> None:
-        provider = self.keyring.provider
+    def _kek_check_record(self) -> bytes | None:
         with self.env.read() as txn:
             raw = txn.get(_KEYS_KEK_CHECK, db=self.env.dbs[b"keys"]) if b"keys" in self.env.dbs else None
+        return None if raw is None else bytes(raw)
+
+    def _check_kek(self, is_new: bool) -> None:
+        provider = self.keyring.provider
+        raw = self._kek_check_record()
         if raw is None:
             if self.readonly:
                 raise NotFound(f"{self.path} is not an mqstore store (no key check record)")
@@ -726,8 +734,11 @@ class LogStore:
         self.queue_time_ms = queue_time_ms  # type: ignore[method-assign]
         self._standstill = None
 
-    def open_message(self, record: Record) -> StoredMessage:
-        """Decrypt and decode an ENQUEUE record.
+    def open_message(self, record: Record, message_id: bytes | None = None) -> StoredMessage:
+        """Decrypt and decode an ENQUEUE record; with ``message_id`` (the message the state tables
+        say is at this index), a record sealed for another message is Corruption: the AES-GCM tag
+        binds the payload to the message id it carries, but whole records moved to other indices
+        (re-framed by someone without the key) still open — as the wrong message.
 
         A record whose sealed content is damaged (authentication tag, framing inside the seal,
         envelope) raises Corruption naming its index and is quarantined like a bad CRC. A key
@@ -736,7 +747,11 @@ class LogStore:
         if record.type != RecordType.ENQUEUE:
             raise InvalidArgument(f"log index {record.index} is a {_type_name(record.type)} record, not a message")
         try:
-            return self._open_message(record)
+            stored = self._open_message(record)
+            if message_id is not None and stored.envelope.message_id != message_id:
+                raise Corruption(f"holds message {format_id(stored.envelope.message_id)}, not "
+                                 f"{format_id(message_id)}: log records were moved", record.index)
+            return stored
         except Corruption as exc:
             # Only errors about this record's bytes name its index (a damaged key's do not).
             if exc.index is not None and exc.index == record.index and record.index >= 1:
@@ -763,8 +778,10 @@ class LogStore:
                 raise Corruption("sealed message: request context truncated", record.index)
         return StoredMessage(record.index, record.term, envelope, opened.plaintext[used:], context)
 
-    def read_message(self, index: int) -> StoredMessage:
-        return self.open_message(self.read(index))
+    def read_message(self, index: int, message_id: bytes | None = None) -> StoredMessage:
+        """The message whose ENQUEUE record is at ``index``; with ``message_id``, checked to be that
+        message (see :meth:`open_message`)."""
+        return self.open_message(self.read(index), message_id)
 
     # --- keys and dictionaries -----------------------------------------------------------------
 
