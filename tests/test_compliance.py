@@ -1199,7 +1199,7 @@ def stop_here(*args, **kwargs):
 if where == "after-commit":
     Store.compact_log = stop_here  # the first step of the scrub
 else:
-    LogStore.replace_data = stop_here  # mid-scrub: the log is compacted, the database not yet rewritten
+    LogStore.rewrite_compacted = stop_here  # mid-scrub: the log is compacted, the database not yet rewritten
 store = mqstore.open(path, key_file=kek, background=False)
 store.shred_key(key_id)
 """

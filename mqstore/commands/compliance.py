@@ -13,14 +13,16 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from mqstore import limits
 from mqstore.api import AUDIT_KEY_FILE
 from mqstore.commands._common import emit
-from mqstore.commands.ops import Target, add_target_args
+from mqstore.commands.ops import Target, _config, add_target_args
 from mqstore.errors import InvalidArgument
 
 
@@ -81,9 +83,19 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             raise InvalidArgument("audit verify reads a store on disk: run it on a node's data dir (--data-dir), "
                                   "or on a backup restored somewhere")
         if public_key is None and trusted is None:
-            own = Path(target.where) / AUDIT_KEY_FILE  # an embedded store's own signing key
-            if own.exists():
-                public_key = signing.read_signing_key(own).public_key()
+            conf = _config(args)
+            if conf is not None and conf.audit_signing_key is not None:
+                public_key = signing.read_signing_key(conf.audit_signing_key).public_key()  # the node's key
+            else:
+                own = Path(target.where) / AUDIT_KEY_FILE  # the store's (or a node's default) own signing key
+                if own.exists():
+                    public_key = signing.read_signing_key(own).public_key()
+        if public_key is None and trusted is None:
+            # Without a key nothing tells a re-signed or unsigned rewrite from the real log.
+            raise InvalidArgument(
+                f"no audit signing key to check the checkpoints with: {Path(target.where) / AUDIT_KEY_FILE} does "
+                "not exist; give --signing-key FILE, --public-key HEX, --config (a node's audit_signing_key) or "
+                "--trusted-checkpoint FILE (a checkpoint exported earlier, with its public key)")
         report = target.queue.audit_verify(trusted=trusted, public_key=public_key)
     out = report.to_dict()
     lines = []
@@ -102,19 +114,54 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def cmd_audit_export(args: argparse.Namespace) -> int:
-    with Target(args, write=True) as target:
-        ckpt = target.queue.audit_checkpoint()
-    if ckpt is None:
-        raise InvalidArgument("the audit log is empty: nothing to checkpoint yet")
-    text = ckpt.to_json()
-    if args.out == "-":
-        sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
-        return 0
-    out = Path(args.out)
-    if out.exists() and not args.force:
+def _open_out(out: Path, force: bool) -> tuple[int, Path]:
+    """Open where ``export-checkpoint`` writes, before anything is signed: ``out`` itself,
+    created exclusively (it must not exist), or with ``force`` a new file beside it that replaces
+    it once written. Returns the descriptor and the path it has now."""
+    if os.path.isdir(out):
+        raise InvalidArgument(f"{out} is a directory: name the file to write")
+    if not force and os.path.lexists(out):
         raise InvalidArgument(f"{out} exists (pass --force to replace it)")
-    out.write_text(text if text.endswith("\n") else text + "\n")
+    try:
+        if force:
+            fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+            os.fchmod(fd, 0o644)  # as the file it replaces would be made: a checkpoint is no secret
+            return fd, Path(name)
+        return os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), out
+    except FileExistsError:
+        raise InvalidArgument(f"{out} exists (pass --force to replace it)") from None
+    except OSError as exc:
+        raise InvalidArgument(f"cannot write {out}: {exc.strerror}") from None
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    # The output is opened first: a bad --out must not sign a checkpoint (a log entry, replicated
+    # on a cluster) and then fail.
+    out = None if args.out == "-" else Path(args.out)
+    fd, written = -1, None
+    if out is not None:
+        fd, written = _open_out(out, args.force)
+    try:
+        with Target(args, write=True) as target:
+            ckpt = target.queue.audit_checkpoint()
+        if ckpt is None:
+            raise InvalidArgument("the audit log is empty: nothing to checkpoint yet")
+        text = ckpt.to_json()
+        text = text if text.endswith("\n") else text + "\n"
+        if out is None or written is None:
+            sys.stdout.write(text)
+            return 0
+        with os.fdopen(fd, "w") as f:
+            fd = -1
+            f.write(text)
+        if written != out:
+            os.replace(written, out)
+        written = None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if written is not None:
+            written.unlink(missing_ok=True)  # created above, never filled: nothing left behind
     emit(args, json.loads(text), [f"checkpoint of {ckpt.size} audit records (root {ckpt.root}) written to {out}",
                                   "keep it somewhere the store's operators cannot change it; "
                                   "check later with: mqstore audit verify --trusted-checkpoint " + str(out)])

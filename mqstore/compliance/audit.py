@@ -699,12 +699,16 @@ def query(
     until_ms: int | None = None,
     after: int | None = None,
     limit: int = 1000,
-    scan_max: int = 1_000_000,
 ) -> list[dict[str, Any]]:
     """Records whose fields equal every ``where`` item and whose time is in [since, until), ascending.
 
-    Scans at most ``scan_max`` records from ``after``; a caller paging through a large log passes
-    the last seq it saw as ``after``."""
+    Every record with a seq above ``after`` is considered, to the end of the log or the ``limit``-th
+    match: nothing matching is left out (before, the scan stopped silently after a million
+    records). Records' times never go backwards, so the records of [since, until) are found by
+    binary search, and a record is decoded only when its stored bytes contain each string value
+    of ``where`` as that field (canonical JSON): a scan for a rare record in a large log reads the
+    bytes without decoding them. A caller paging through the matches passes the last seq it saw
+    as ``after``."""
     if not isinstance(limit, int) or not 1 <= limit <= AUDIT_READ_RECORDS_MAX:
         raise InvalidArgument(f"limit is 1..{AUDIT_READ_RECORDS_MAX}")
     if where is not None and (not isinstance(where, Mapping) or not all(isinstance(k, str) for k in where)):
@@ -713,10 +717,18 @@ def query(
         if value is not None:
             validate.integer(value, name, 0, TIME_MS_MAX)
     wanted = dict(where or {})
+    needles = _needles(wanted)
+    first_seq = _start_seq(after)
+    stop_seq: int | None = None
+    if since_ms is not None:
+        first_seq = _first_seq_at(kv, first_seq, since_ms) or first_seq
+    if until_ms is not None:
+        stop_seq = _first_seq_at(kv, first_seq, until_ms)
     out: list[dict[str, Any]] = []
-    for scanned, (key, data) in enumerate(kv.scan(TABLE_AUDIT, _start_key(after))):
-        if scanned >= scan_max:
-            break
+    scan = kv.scan(TABLE_AUDIT, _seq_key(first_seq), None if stop_seq is None else _seq_key(stop_seq))
+    for key, data in scan:
+        if not all(needle in data for needle in needles):
+            continue  # a field wanted has another value (needles only rule records out)
         obj = _decoded(_U64.unpack(key)[0], data)
         if since_ms is not None and obj["time"] < since_ms:
             continue
@@ -727,6 +739,49 @@ def query(
             if len(out) >= limit:
                 break
     return out
+
+
+def _needles(wanted: Mapping[str, Any]) -> list[bytes]:
+    """For each ``where`` item with a string value, the bytes ``"name":"value"`` that a canonical
+    record whose field equals it holds (a string equals only a string, whose JSON is one text)."""
+    needles = []
+    for name, value in wanted.items():
+        if isinstance(value, str):
+            try:
+                needles.append(canonical({name: value})[1:-1])
+            except (UnicodeEncodeError, ValueError):
+                continue  # not representable in a record: the decoded comparison decides
+    return needles
+
+
+def _start_seq(after: int | None) -> int:
+    _start_key(after)  # checks it
+    return 1 if after is None else after + 1
+
+
+def _first_seq_at(kv: KV, lo: int, time_ms: int) -> int | None:
+    """The smallest seq >= ``lo`` whose record's time is >= ``time_ms``, found by binary search
+    (record times never go backwards), or the seq after the last record. None when the log
+    cannot be searched (a record missing or undecodable on the way, meta damaged): the caller's
+    scan then checks every record's time instead."""
+    try:
+        hi = head(kv).seq + 1  # exclusive
+    except Corruption:
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        data = kv.get(TABLE_AUDIT, _seq_key(mid))
+        try:
+            if data is None:
+                raise Corruption(f"audit record {mid} is missing")
+            at = _decoded(mid, data)["time"]
+        except Corruption:
+            return None
+        if at >= time_ms:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def checkpoints(kv: KV) -> Iterator[Checkpoint]:
@@ -860,6 +915,7 @@ def verify(
     progress: Callable[[int, int], None] | None = None,
     checkpoint_every: int = CHECKPOINT_EVERY_DEFAULT,
     checkpoint_ms: int = CHECKPOINT_MS_DEFAULT,
+    require_signed: bool = False,
 ) -> VerifyReport:
     """Recompute the whole audit log: hash chain, Merkle roots, checkpoints, signatures, head.
 
@@ -879,6 +935,10 @@ def verify(
     ``checkpoint_ms`` or more after the previous checkpoint, as :class:`AuditLog` writes them;
     checkpoints forced in between restart the timer), and each missing one is a problem: a log
     rewritten and re-chained whose checkpoints were deleted does not pass for an intact one.
+
+    With ``require_signed`` and no key to check signatures with, an unsigned checkpoint is a
+    problem (every mqstore store and node signs its checkpoints; a log rewritten by someone
+    without the signing key has unsigned ones), not just unchecked.
 
     ``progress(done, total)`` is called every few thousand records (total: the head in meta)."""
     report = VerifyReport()
@@ -910,7 +970,8 @@ def verify(
             if public_key is None:
                 public_key = trusted_key
     if public_key is None:
-        report.notes.append("checkpoint signatures not checked: no public key given")
+        report.notes.append("checkpoint signatures not checked: no public key given"
+                            + (" (an unsigned checkpoint is reported)" if require_signed else ""))
 
     # -- meta --
     state: _State | None
@@ -1047,6 +1108,10 @@ def verify(
                 if why is not None:
                     v.problem(f"checkpoint {ckpt.size}: {why}", checkpoint=ckpt.size)
                     good = False
+            elif require_signed and not ckpt.signed:
+                v.problem(f"checkpoint {ckpt.size}: it is not signed (mqstore signs every checkpoint it writes: "
+                          "the log was rewritten without the signing key)", checkpoint=ckpt.size)
+                good = False
             if good and all_good:
                 last_good_ckpt = ckpt.size
             all_good = all_good and good

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import struct
 import sys
 import tempfile
@@ -636,8 +637,13 @@ def verify_store(
     progress: PhaseProgress | None = None,
     replay: bool = True,
     scratch_dir: Path | None = None,
+    audit_public_key: Any = None,
 ) -> VerifyReport:
-    """Run every check on ``log`` (open it read-only, with its key) and return the report."""
+    """Run every check on ``log`` (open it read-only, with its key) and return the report.
+
+    ``audit_public_key`` (the Ed25519 public key of the audit signing key) checks the audit
+    checkpoints' signatures; without it an unsigned checkpoint is a problem and signed ones go
+    unchecked (a note says so)."""
     report = VerifyReport()
     prog = progress or (lambda phase, done, total: None)
     applied = applied_index_of(log)
@@ -663,11 +669,11 @@ def verify_store(
         except MQStoreError as exc:
             report.replay_note = f"failed: {exc}"
             report.add("replay", f"replaying the log failed: {exc}", index=getattr(exc, "index", None))
-    _check_audit(log, report, prog)
+    _check_audit(log, report, prog, audit_public_key)
     return report
 
 
-def _check_audit(log: LogStore, report: VerifyReport, progress: PhaseProgress) -> None:
+def _check_audit(log: LogStore, report: VerifyReport, progress: PhaseProgress, public_key: Any) -> None:
     if b"audit" not in log.env.dbs:
         report.audit = {"note": "this store has no audit log"}
         return
@@ -677,8 +683,8 @@ def _check_audit(log: LogStore, report: VerifyReport, progress: PhaseProgress) -
         report.audit = {"note": "audit verification is not available"}
         return
     with log.env.read() as txn:
-        result = audit.verify(LmdbKV(txn, log.env.dbs), None,
-                              progress=lambda done, total: progress("audit", done, total))
+        result = audit.verify(LmdbKV(txn, log.env.dbs), public_key,
+                              progress=lambda done, total: progress("audit", done, total), require_signed=True)
     report.audit = result.to_dict()
     for text in result.problems:
         report.add("audit", text, index=None)
@@ -692,9 +698,16 @@ def verify_path(
     progress: PhaseProgress | None = None,
     replay: bool = True,
     scratch_dir: Path | None = None,
+    audit_signing_key: str | os.PathLike[str] | None = None,
+    audit_public_key: Any = None,
 ) -> VerifyReport:
     """Verify the store in ``path`` (stopped, or in use: a running node or embedded store),
     opened read-only.
+
+    The audit checkpoints' signatures are checked with ``audit_public_key``, else with the key
+    in ``audit_signing_key`` (a node's configured one; it must exist), else with
+    ``<path>/audit-signing.key`` when there is one; with no key at all an unsigned checkpoint is
+    reported as a problem (a log rewritten without the key), signed ones are noted as unchecked.
 
     The checks read the store in several read transactions (the records in short ones, then the
     state tables, then the replay up to the applied index): beside a running writer they would
@@ -703,30 +716,46 @@ def verify_path(
     ``scratch_dir`` (default: the temp dir) and removed afterwards; the report says so."""
     with open_env(path):  # a clear NotFound when there is no store
         in_use = writer_running(path)
+    if audit_public_key is None:
+        audit_public_key = _audit_public_key(path, audit_signing_key)
     if not in_use:
         return _verify_at(path, key_file=key_file, key_provider=key_provider, progress=progress, replay=replay,
-                          scratch_dir=scratch_dir)
+                          scratch_dir=scratch_dir, audit_public_key=audit_public_key)
     with _scratch("mqstore-verify-copy-", scratch_dir) as copy:
         with open_env(path) as env:
             env.copy_to(copy)
         if key_provider is None and key_file is None:
             key_file = str(path / DEFAULT_KEY_FILE)  # the store's own default, not the copy's directory
         report = _verify_at(copy, key_file=key_file, key_provider=key_provider, progress=progress, replay=replay,
-                            scratch_dir=scratch_dir)
+                            scratch_dir=scratch_dir, audit_public_key=audit_public_key)
         report.consistent_copy = True
         return report
 
 
+def _audit_public_key(path: Path, signing_key: str | os.PathLike[str] | None) -> Any:
+    """The public key of the store's audit signing key: ``signing_key`` (must be readable), else
+    ``<path>/audit-signing.key`` if it exists (None when it does not)."""
+    from mqstore.compliance.signing import read_signing_key
+    from mqstore.ops.backup import AUDIT_KEY_FILE
+
+    if signing_key is None:
+        signing_key = path / AUDIT_KEY_FILE
+        if not os.path.lexists(signing_key):
+            return None
+    return read_signing_key(signing_key).public_key()
+
+
 def _verify_at(
     path: Path, *, key_file: str | None, key_provider: Any, progress: PhaseProgress | None, replay: bool,
-    scratch_dir: Path | None,
+    scratch_dir: Path | None, audit_public_key: Any,
 ) -> VerifyReport:
     if key_provider is not None:
         log = LogStore(path, key_provider=key_provider, readonly=True, create=False)
     else:
         log = LogStore(path, key_file=key_file, readonly=True, create=False)
     try:
-        return verify_store(log, progress=progress, replay=replay, scratch_dir=scratch_dir)
+        return verify_store(log, progress=progress, replay=replay, scratch_dir=scratch_dir,
+                            audit_public_key=audit_public_key)
     finally:
         log.close()
 

@@ -823,6 +823,17 @@ def _expire_message(kv: KV, c: Counters, mid: bytes, now_ms: int, ctx: Ctx) -> i
 _COMPACT_RETRY_MS = 60_000
 
 
+def _compact_not_before(kv: KV, mid: bytes, row: MessageRow) -> int:
+    """When scheduled compaction may look at finished message ``mid`` again after refusing it (0:
+    any time): the value of its retention index entry (empty until a refusal)."""
+    raw = kv.get(b"retention", time_key(_removable_at(row), mid))
+    return _retention_not_before(raw) if raw is not None else 0
+
+
+def _retention_not_before(value: bytes) -> int:
+    return U64.unpack(value)[0] if len(value) == 8 else 0
+
+
 def apply_compact(kv: KV, c: Counters, e: MaintenanceEntry) -> int | Denied:
     """COMPACT: drop finished messages whose retention passed, and dedup keys past their window.
 
@@ -842,7 +853,8 @@ def apply_compact(kv: KV, c: Counters, e: MaintenanceEntry) -> int | Denied:
     for kind, value in e.items:
         if kind == COMPACT_MESSAGE:
             row = get_message(kv, value)
-            if row is None or not row.finished or (scheduled and row.retain_until_ms > e.now_ms):
+            if row is None or not row.finished or (scheduled and (
+                    row.retain_until_ms > e.now_ms or _compact_not_before(kv, value, row) > e.now_ms)):
                 continue
             lock = lock_of(kv, value, row)
             # A person needs ``delete`` in the message's own namespace (an actor limited to some
@@ -853,13 +865,18 @@ def apply_compact(kv: KV, c: Counters, e: MaintenanceEntry) -> int | Denied:
                 continue
             if refusal is not None:
                 denied = _deny(kv, c, ctx, "compact", refusal, format_id(value), row.namespace, _lock_fields(lock))
-                kv.delete(b"retention", time_key(_removable_at(row), value))
-                if not lock.holds:  # look again when the lock should have ended (a hold release re-adds it)
-                    # ... but never before its own housekeeping retention: a refusal changes nothing.
-                    row.retain_until_ms = max(row.retain_until_ms, e.now_ms + max(
-                        lock.lock_until_ms - ctx.compliance_ms, _COMPACT_RETRY_MS))
-                    kv.put(b"retention", time_key(_removable_at(row), value), b"")
-                    kv.put(b"messages", value, row.encode())
+                if scheduled and not lock.holds:
+                    # Maintenance looks again when the lock should have ended, not at every pass: only
+                    # the message's retention index entry says so (its value), in place, so every path
+                    # that recomputes the entry from the row (a retention change, a hold) still finds
+                    # it and starts afresh. The row is untouched: a refusal changes nothing else, and a
+                    # person's refused forced compaction changes nothing at all (before, either moved
+                    # the message's housekeeping retention to its lock end, which a governance bypass
+                    # shortening the lock then no longer undid).
+                    key = time_key(_removable_at(row), value)
+                    if kv.get(b"retention", key) is not None:
+                        kv.put(b"retention", key, U64.pack(e.now_ms + max(
+                            lock.lock_until_ms - ctx.compliance_ms, _COMPACT_RETRY_MS)))
                 continue
             if row.lock_mode or not scheduled:
                 audit(kv, c, ctx, "compact", target=format_id(value), namespace=row.namespace,
@@ -919,7 +936,12 @@ def apply_legal_hold(kv: KV, c: Counters, e: LegalHoldEntry) -> bool | Denied:
     key = e.mid + e.case.encode("utf-8")
     present = kv.get(b"holds", key) is not None
     if e.add == present:
-        return e.add  # already held: nothing to do (True); no such hold to release (False)
+        # Already held (True), or no such hold to release (False): nothing changes, but the request
+        # is audited like any other (a second officer holding the same case leaves a trace).
+        audit(kv, c, ctx, op, target=format_id(e.mid), namespace=row.namespace, before=_lock_fields(lock),
+              after=_lock_fields(lock), case=e.case,
+              unchanged="the message already has this hold" if e.add else "the message has no such hold")
+        return e.add
     if e.add:
         kv.put(b"holds", key, _I64.pack(ctx.compliance_ms) + ctx.actor.name.encode())
         if row.finished and not lock.holds:
@@ -1203,7 +1225,9 @@ def plan_expire(kv: KV, now_ms: int, limit: int) -> list[tuple[int, bytes]]:
 def plan_compact(kv: KV, now_ms: int, limit: int) -> list[tuple[int, bytes]]:
     """Finished messages whose retention passed, and dedup keys past their window (up to limit)."""
     items: list[tuple[int, bytes]] = []
-    for key, _ in kv.scan(b"retention", b"", U64.pack(now_ms + 1)):
+    for key, value in kv.scan(b"retention", b"", U64.pack(now_ms + 1)):
+        if _retention_not_before(value) > now_ms:
+            continue  # refused by a scheduled compaction: not before its lock should have ended
         items.append((COMPACT_MESSAGE, key[8:24]))
         if len(items) >= limit:
             return items
@@ -1217,10 +1241,21 @@ def plan_compact(kv: KV, now_ms: int, limit: int) -> list[tuple[int, bytes]]:
 def next_timer_ms(kv: KV) -> int | None:
     """The earliest time at which maintenance has something to do (None: nothing pending)."""
     times = []
-    for table in (b"lease_due", b"expiry", b"retention", b"dedup_exp"):
+    for table in (b"lease_due", b"expiry", b"dedup_exp"):
         head = first(kv, table, b"")
         if head is not None:
             times.append(U64.unpack(head[0][:8])[0])
+    # The retention index: its first entry, unless a refusal put it off (see apply_compact); then
+    # the earliest of those put off and the first entry not put off (the keys are in time order).
+    retention: int | None = None
+    for key, value in kv.scan(b"retention", b""):
+        at = U64.unpack(key[:8])[0]
+        if retention is not None and at >= retention:
+            break
+        due = max(at, _retention_not_before(value))
+        retention = due if retention is None else min(retention, due)
+    if retention is not None:
+        times.append(retention)
     return min(times) if times else None
 
 
