@@ -62,6 +62,7 @@ import datetime as _dt
 import json
 import queue
 import random
+import re
 import threading
 import time
 import uuid
@@ -297,6 +298,11 @@ class _Router:
         clean = [a.strip() for a in addresses if isinstance(a, str) and a.strip()]
         if not clean or len(clean) != len(addresses):
             raise errors.InvalidArgument(f"addresses must be non-empty 'host:port' strings, not {addresses!r}")
+        for address in clean:
+            port = address.rpartition(":")[2]
+            if port.isascii() and port.isdigit() and not 0 < int(port) < 65536:
+                # gRPC would take it modulo 65536: a typo would reach whatever listens there.
+                raise errors.InvalidArgument(f"address {address!r}: the port must be 1..65535")
         self.addresses: list[str] = list(dict.fromkeys(clean))
         self.leader: str | None = None
         self._next = 0
@@ -965,6 +971,8 @@ class _StreamState:
         #: The current attempt got an answer (the asyncio client sends one frame until then).
         self.confirmed = False
         self.closed = False
+        #: Messages answered so far, over every attempt (the caller's position in its iterable).
+        self.answered_count = 0
 
     def window_open(self) -> bool:
         return not self.pending or (
@@ -988,12 +996,40 @@ class _StreamState:
             raise errors.MQStoreError("EnqueueStream answered more messages than were sent")
         _, size = self.pending.popleft()
         self.pending_bytes -= size
+        self.answered_count += 1
         self.confirmed = True
+
+    def complete(self) -> bool:
+        """Every message the caller gave was sent and answered: only the end of the stream is
+        still to come."""
+        return self.source_done and not self.outbox and not self.pending
+
+    def close(self) -> None:
+        """Stop the feeder and the attempt's request iterator (the caller holds the condition)."""
+        self.closed = True
+        self.generation += 1
 
     def finished_early(self) -> errors.MQStoreError:
         return errors.MQStoreError(
             f"the server ended EnqueueStream with {len(self.pending)} message(s) unanswered"
         )
+
+
+def _stream_position(error: errors.MQStoreError, base: int) -> errors.MQStoreError:
+    """A node's refusal of a stream's ``messages[j]``, counted from the start of one attempt,
+    as the caller's position: ``base`` messages were answered before that attempt (it resent the
+    rest in order)."""
+    text = str(error)
+    named = _BAD_MESSAGE.match(text)
+    if not base or named is None or not isinstance(error, errors.InvalidArgument):
+        return error
+    renamed = errors.InvalidArgument(f"messages[{base + int(named.group(1))}]{text[named.end():]}")
+    renamed.request_id = error.request_id
+    return renamed
+
+
+#: An enqueue error naming the message it refuses.
+_BAD_MESSAGE = re.compile(r"messages\[(\d+)\]")
 
 
 # --- what both clients share ----------------------------------------------------------------------------
@@ -1064,6 +1100,8 @@ class Client(_ClientBase):
     ) -> None:
         super().__init__(addresses, timeout=timeout, channel_factory=channel_factory, tls=tls, token=token)
         self._lock = threading.Lock()
+        #: The open enqueue streams (their state and condition): close() stops their threads.
+        self._streams: dict[_StreamState, threading.Condition] = {}
 
     # --- plumbing --------------------------------------------------------------------------------
 
@@ -1120,9 +1158,16 @@ class Client(_ClientBase):
         stream; yields their ids in order as they are stored (the server commits whatever has
         arrived together). After a failure the unanswered messages are resent with the same
         idempotency keys. ``timeout`` bounds the time without an answer while messages are
-        outstanding. A bad message raises InvalidArgument after the ids of those before it."""
+        outstanding, and the wait for the end of the stream once every message is answered. A
+        bad message raises InvalidArgument (naming its position in ``messages``) after the ids of
+        those before it. Closing the client stops the stream's threads (the iterator then raises
+        StoreClosed)."""
         stream = _StreamState()
         cond = threading.Condition()
+        with self._lock:
+            if self._closed:
+                raise errors.StoreClosed("the client was closed")
+            self._streams[stream] = cond
         feeder = threading.Thread(
             target=self._feed, args=(stream, cond, messages), name="mqstore-client-feeder", daemon=True
         )
@@ -1135,6 +1180,7 @@ class Client(_ClientBase):
                     stream.generation += 1
                     generation = stream.generation
                     resend = [m for m, _ in stream.pending]
+                    base = stream.answered_count
                     cond.notify_all()
                 answers: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
                 address = attempts.address
@@ -1151,12 +1197,22 @@ class Client(_ClientBase):
                     try:
                         kind, value = answers.get(timeout=_STREAM_TICK_S)
                     except queue.Empty:
+                        kind, value = "tick", None
+                    if kind == "tick":
                         with cond:
-                            idle = not stream.pending
+                            idle = not stream.pending and not stream.source_done
+                            complete = stream.complete()
+                            source_error = stream.source_error
                         if idle:
-                            attempts.progress()
+                            attempts.progress()  # waiting for the caller's next message
                             waiting_since = time.monotonic()
                         elif time.monotonic() - waiting_since > attempts.attempt_limit():
+                            if complete:
+                                # Every id was received: the end of the stream adds nothing (the
+                                # node hangs, or its answer is lost). Done (the call is cancelled).
+                                if source_error is not None:
+                                    raise source_error
+                                return
                             call.cancel()  # no answer for too long: try elsewhere
                             failure = _Stalled()
                         continue
@@ -1171,6 +1227,8 @@ class Client(_ClientBase):
                         yield from value
                     elif kind == "end":
                         with cond:
+                            if stream.closed:
+                                raise errors.StoreClosed("the client was closed while the stream ran")
                             if stream.pending:
                                 raise stream.finished_early()
                             if stream.source_error is not None:
@@ -1179,13 +1237,18 @@ class Client(_ClientBase):
                     else:
                         failure = value
                 call = None
-                time.sleep(attempts.failed(failure))
+                try:
+                    wait = attempts.failed(failure)
+                except errors.MQStoreError as exc:
+                    raise _stream_position(exc, base) from None
+                time.sleep(wait)
                 attempts.check_time()
         finally:
             with cond:
-                stream.closed = True
-                stream.generation += 1
+                stream.close()
                 cond.notify_all()
+            with self._lock:
+                self._streams.pop(stream, None)
             if call is not None:
                 call.cancel()
 
@@ -1390,9 +1453,16 @@ class Client(_ClientBase):
     # --- lifecycle -------------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Close the channels; calls and enqueue streams still open raise StoreClosed, and the
+        streams' threads stop."""
         with self._lock:
             self._closed = True
             stubs, self._stubs = list(self._stubs.values()), {}
+            streams, self._streams = list(self._streams.items()), {}
+        for stream, cond in streams:
+            with cond:
+                stream.close()
+                cond.notify_all()
         for s in stubs:
             s.channel.close()
 
@@ -1422,6 +1492,19 @@ class AsyncClient(_ClientBase):
 
     _tls_factory = staticmethod(tls_aio_channel_factory)
     _insecure = staticmethod(insecure_aio_channel)
+
+    def __init__(
+        self,
+        addresses: str | list[str],
+        *,
+        timeout: float = 10.0,
+        channel_factory: ChannelFactory | None = None,
+        tls: ClientTLS | None = None,
+        token: str | None = None,
+    ) -> None:
+        super().__init__(addresses, timeout=timeout, channel_factory=channel_factory, tls=tls, token=token)
+        #: The open enqueue streams (their state, condition and feeder task): close() stops them.
+        self._streams: dict[_StreamState, tuple[asyncio.Condition, asyncio.Future[None]]] = {}
 
     # --- plumbing --------------------------------------------------------------------------------
 
@@ -1486,9 +1569,12 @@ class AsyncClient(_ClientBase):
         self, messages: Iterable[Mapping[str, Any]] | AsyncIterable[Mapping[str, Any]]
     ) -> AsyncIterator[str]:
         """Like :meth:`Client.enqueue_stream`; ``messages`` may be an iterable or async iterable."""
+        if self._closed:
+            raise errors.StoreClosed("the client was closed")
         stream = _StreamState()
         cond = asyncio.Condition()
         feeder = asyncio.ensure_future(self._feed(stream, cond, messages))
+        self._streams[stream] = (cond, feeder)
         call: Any = None
         read: asyncio.Future[Any] | None = None
         try:
@@ -1499,6 +1585,7 @@ class AsyncClient(_ClientBase):
                     stream.confirmed = False
                     generation = stream.generation
                     resend = [m for m, _ in stream.pending]
+                    base = stream.answered_count
                     cond.notify_all()
                 # No call beforehand to find the leader (it would need a permission a producer
                 # may lack): a follower refuses the first frame with NotLeader, followed as the
@@ -1515,10 +1602,16 @@ class AsyncClient(_ClientBase):
                         read = asyncio.ensure_future(call.read())
                     done, _ = await asyncio.wait({read}, timeout=_STREAM_TICK_S)
                     if not done:
-                        if not stream.pending:
-                            attempts.progress()
+                        if not stream.pending and not stream.source_done:
+                            attempts.progress()  # waiting for the caller's next message
                             waiting_since = time.monotonic()
                         elif time.monotonic() - waiting_since > attempts.attempt_limit():
+                            if stream.complete():
+                                # Every id was received: the end of the stream adds nothing (the
+                                # node hangs, or its answer is lost). Done (the call is cancelled).
+                                if stream.source_error is not None:
+                                    raise stream.source_error
+                                return
                             read.cancel()  # no answer for too long: try elsewhere
                             read = None
                             failure = _Stalled()
@@ -1534,6 +1627,8 @@ class AsyncClient(_ClientBase):
                             raise errors.StoreClosed("the client was closed while the call ran") from None
                         raise
                     if response is grpc.aio.EOF:
+                        if stream.closed:
+                            raise errors.StoreClosed("the client was closed while the stream ran")
                         if stream.pending:
                             raise stream.finished_early()
                         if stream.source_error is not None:
@@ -1550,11 +1645,15 @@ class AsyncClient(_ClientBase):
                         yield mid
                 call.cancel()
                 call = None
-                await asyncio.sleep(attempts.failed(failure))
+                try:
+                    wait = attempts.failed(failure)
+                except errors.MQStoreError as exc:
+                    raise _stream_position(exc, base) from None
+                await asyncio.sleep(wait)
                 attempts.check_time()
         finally:
-            stream.closed = True
-            stream.generation += 1
+            stream.close()
+            self._streams.pop(stream, None)
             if read is not None:
                 read.cancel()
             if call is not None:
@@ -1792,8 +1891,16 @@ class AsyncClient(_ClientBase):
         return self._closed and (task is None or task.cancelling() == 0)
 
     async def close(self) -> None:
+        """Close the channels; calls and enqueue streams still open raise StoreClosed, and the
+        streams' feeder tasks stop."""
         self._closed = True
         stubs, self._stubs = list(self._stubs.values()), {}
+        streams, self._streams = list(self._streams.items()), {}
+        for stream, (cond, feeder) in streams:
+            stream.close()
+            feeder.cancel()  # it may be waiting for the caller's (async) iterable
+            async with cond:
+                cond.notify_all()  # the attempt's request iterator sees the stream closed
         for s in stubs:
             await s.channel.close()
 

@@ -101,6 +101,7 @@ class _Refused(Exception):
         self.message = message
         self.error = error  # the mqstore error class name (mqstore-error trailer)
         self.reason = reason  # metrics label
+        self.trailers: list[tuple[str, str]] = []  # more trailing metadata (a NotLeader's leader)
 
 
 def _refused(exc: errors.MQStoreError, reason: str) -> _Refused:
@@ -285,7 +286,7 @@ def add_trailers(context: grpc.ServicerContext, trailers: list[tuple[str, str]])
 
 def _abort(context: grpc.ServicerContext, refused: _Refused, *, not_applied: bool = True) -> None:
     """End the call with ``refused``: by default one refused before anything was done."""
-    trailers = [("mqstore-error", refused.error)]
+    trailers = [("mqstore-error", refused.error), *refused.trailers]
     if not_applied:
         trailers.append((NOT_APPLIED, "1"))
     add_trailers(context, trailers)
@@ -667,7 +668,16 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         tokens are small sequential numbers, so a detailed refusal would name other tenants'
         namespaces one by one)."""
         what = "message" if rule.lookup == "messages" else "lease"
-        found = self.host.namespace_of_message(key) if rule.lookup == "messages" else self.host.namespace_of_lease(key)
+        try:
+            found = (self.host.namespace_of_message(key) if rule.lookup == "messages"
+                     else self.host.namespace_of_lease(key))
+        except errors.NotLeader as exc:
+            # A node that does not lead (it may not have applied the target yet): the leader
+            # decides, as for the call itself. NotLeader naming it, which the client follows;
+            # not a denial (nothing audited here: the leader audits one if it refuses).
+            refused = _refused(exc, "not_leader")
+            refused.trailers = [("mqstore-leader", exc.leader_address), ("mqstore-leader-id", str(exc.leader_id))]
+            raise refused from None
         try:
             if found is None:
                 raise errors.PermissionDenied(f"{actor.name!r} may only act in its namespaces, and {what} {key} "
