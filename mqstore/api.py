@@ -442,7 +442,7 @@ class QueueBase:
             cached = self._rcpt_cache.get(mid)
         if cached is not None:
             return cached
-        recipients = self.log.read_message(enqueue_index).envelope.recipients
+        recipients = self.log.read_message(enqueue_index, mid).envelope.recipients
         self._remember_recipients(mid, recipients)
         return recipients
 
@@ -452,15 +452,18 @@ class QueueBase:
         sealed = self.log.sealer.seal(RecordType.DEFER, namespace, mid, reason.encode("utf-8"), compress=False)
         return struct.pack("<I", sealed.key_id) + sealed.payload
 
-    def _open_reason(self, blob: bytes) -> str | None:
+    def _open_reason(self, blob: bytes, mid: bytes | None = None) -> str | None:
         if not blob:
             return None
         (key_id,) = struct.unpack_from("<I", blob)
         record = Record(RecordType.DEFER, int(Flags.ENCRYPTED), 0, 0, key_id, 0, blob[4:])
         try:
-            return self.log.sealer.open(record).plaintext.decode("utf-8", "replace")
+            opened = self.log.sealer.open(record)
         except Exception as exc:  # a reason is informational: never fail a read because of it
             return f"<unreadable reason: {exc}>"
+        if mid is not None and opened.message_id != mid:
+            return f"<unreadable reason: sealed for message {format_id(opened.message_id)}>"
+        return opened.plaintext.decode("utf-8", "replace")
 
     @staticmethod
     def _mid(message_id: object) -> bytes:
@@ -779,6 +782,8 @@ class QueueBase:
             row = machine.get_message(kv, mid)
             if row is None:
                 raise NotFound(f"no message {format_id(mid)}")
+            if not (actor or self.default_actor).can("legal_hold", row.namespace):
+                return  # the state machine refuses it, audited (no hint about the message's holds)
             held = machine.holds_of(kv, mid)
             if case not in held and len(held) >= limits.LEGAL_HOLDS_PER_MESSAGE_MAX:
                 raise InvalidArgument(f"message {format_id(mid)} has {len(held)} legal holds, the limit")
@@ -796,8 +801,11 @@ class QueueBase:
         actor = self._actor(actor)
 
         def precheck(kv: KV) -> None:
-            if kv.get(b"messages", mid) is None:
+            row = machine.get_message(kv, mid)
+            if row is None:
                 raise NotFound(f"no message {format_id(mid)}")
+            if not (actor or self.default_actor).can("legal_hold", row.namespace):
+                return  # the state machine refuses it, audited: the permission is checked before the case
             if case not in machine.holds_of(kv, mid):
                 raise NotFound(f"message {format_id(mid)} has no legal hold {case!r}")
 
@@ -984,7 +992,7 @@ class QueueBase:
                 index = grant.enqueue_index
                 try:
                     stored = self.log.open_message(
-                        self.log.decode_raw(get(index.to_bytes(8, "big"), None, log_db), index))
+                        self.log.decode_raw(get(index.to_bytes(8, "big"), None, log_db), index), mid)
                 except Corruption as bad:  # recorded in the quarantine list by the read
                     damaged.append((token, index, bad))
                     continue
@@ -1054,7 +1062,7 @@ class QueueBase:
                 raise NotFound(f"no message {format_id(mid)}")
             rcpts = machine.recipients_of(kv, mid)
             holds = machine.holds_of(kv, mid)
-        stored = self.log.read_message(row.enqueue_index)
+        stored = self.log.read_message(row.enqueue_index, mid)
         env = stored.envelope
         statuses = []
         for ordinal, r in rcpts:
@@ -1064,7 +1072,7 @@ class QueueBase:
                     state=STATE_NAMES[r.state],
                     attempts=r.attempts,
                     next_attempt=r.due_ms / 1000 if r.state not in FINAL and r.token == 0 else None,
-                    last_reason=self._open_reason(r.reason),
+                    last_reason=self._open_reason(r.reason, mid),
                     lease_token=r.token or None,
                     lease_deadline=r.deadline_ms / 1000 if r.token else None,
                 )

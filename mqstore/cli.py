@@ -63,6 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except KeyboardInterrupt:
+        # Ctrl-C: what a command had done before it stays done (each change is its own durable
+        # write); no traceback. 130: the shell's code for a command ended by SIGINT.
+        if getattr(args, "json", False):
+            json.dump({"error": "Interrupted", "message": "interrupted (Ctrl-C)"}, sys.stdout)
+            sys.stdout.write("\n")
+        else:
+            print("mqstore: interrupted", file=sys.stderr)
+        return 130
     except (MQStoreError, OSError) as exc:
         # OSError: a path given on the command line that cannot be read or written (missing,
         # a directory where a file belongs, no permission, a full disk).

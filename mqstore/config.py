@@ -180,7 +180,19 @@ def _addr(value: object, where: str) -> str:
     host, _, port = value.rpartition(":")
     if not host or not _port_text(port) or not 0 < int(port) < 65536:
         raise ConfigError(f"{where} must be 'host:port' with a port 1..65535, not {value!r}")
+    if any(c.isspace() or c in ",/" or not c.isprintable() for c in host):
+        raise ConfigError(f"{where} must be one 'host:port' (no spaces, commas or slashes), not {value!r}")
     return value
+
+
+def check_address(value: object, where: str = "address") -> str:
+    """A node's address as a config, a membership change and the command line take it."""
+    return _addr(value, where)
+
+
+def check_site(value: object, where: str = "site") -> str:
+    """A site name as a config, a membership change and the command line take it."""
+    return _name(value, where)
 
 
 def _port_text(port: str) -> bool:
@@ -464,4 +476,4 @@ def load(path: str | Path, *, check_tls: bool = True) -> NodeConfig:
 
 
 __all__ = ["AuthConfig", "ClientRoles", "ConfigError", "EdgeLimits", "NodeConfig", "Peer", "TLSFiles", "bootstrap_conf",
-           "check_cluster_id", "check_placement", "load", "parse"]
+           "check_address", "check_cluster_id", "check_placement", "check_site", "load", "parse"]

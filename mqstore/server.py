@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -35,7 +36,7 @@ from mqstore.api import Lease, Message, MessageSummary, QueueBase
 from mqstore.codec import crc32c
 from mqstore.compliance.rules import Mode
 from mqstore.compliance.service import ComplianceService
-from mqstore.config import NodeConfig
+from mqstore.config import NodeConfig, check_address, check_site
 from mqstore.consensus.quorum import majority
 from mqstore.consensus.raft import ProgressStatus
 from mqstore.consensus.types import (
@@ -275,7 +276,41 @@ class QueueService(queue_pb2_grpc.QueueServicer):  # type: ignore[misc]
                     done = True
                     lock.notify()
 
+        def store(messages: list[Any]) -> list[str]:
+            return self.queue.enqueue_many([_message_dict(m) for m in messages])
+
+        def store_before_bad(
+            messages: list[Any], refusal: errors.InvalidArgument
+        ) -> tuple[list[str], int | None, errors.InvalidArgument]:
+            """``messages`` were refused together with ``refusal``: store those before the bad
+            one, in order (each store is all or nothing). Returns their ids, the bad one's index in
+            ``messages`` (None: stored in parts, none was refused on its own) and its error. The
+            index the error names is taken when it gives one; else the messages are halved until
+            one alone is refused."""
+            named = _BAD_MESSAGE.match(str(refusal))
+            k = int(named.group(1)) if named is not None else -1
+            if k == 0 or len(messages) == 1:
+                return [], 0, refusal
+            if 0 < k < len(messages):
+                parts, bad = [messages[:k]], k  # stored, they leave messages[k] the bad one
+            else:
+                half = len(messages) // 2
+                parts, bad = [messages[:half], messages[half:]], None
+            ids: list[str] = []
+            offset = 0
+            for part in parts:
+                try:
+                    ids += store(part)
+                except errors.InvalidArgument as again:
+                    more, j, error = store_before_bad(part, again)
+                    ids += more
+                    if j is not None:
+                        return ids, offset + j, error
+                offset += len(part)
+            return ids, bad, refusal
+
         threading.Thread(target=reader, daemon=True).start()
+        received = 0  # messages of this stream committed before the current batch
         with self.in_flight:
             while True:
                 with lock:
@@ -285,12 +320,29 @@ class QueueService(queue_pb2_grpc.QueueServicer):  # type: ignore[misc]
                     finished = done and not batch
                 if finished:
                     return
+                bad: int | None = None
+                error: errors.InvalidArgument | None = None
                 try:
-                    ids = self.queue.enqueue_many([_message_dict(m) for m in batch])
+                    try:
+                        ids = store(batch)
+                    except errors.InvalidArgument as refusal:
+                        # A message the store refuses must not take the others of its batch with
+                        # it: those before it are stored and answered, then the stream ends naming
+                        # its position in this stream (not in the batch).
+                        ids, bad, error = store_before_bad(batch, refusal)
                 except (errors.MQStoreError, ProposalDropped) as exc:
                     _abort(context, exc)
                     return
-                yield queue_pb2.EnqueueBatchResponse(message_ids=ids)
+                if ids:
+                    yield queue_pb2.EnqueueBatchResponse(message_ids=ids)
+                if bad is not None and error is not None:
+                    text = str(error)
+                    named = _BAD_MESSAGE.match(text)
+                    position = f"messages[{received + bad}]"
+                    _abort(context, errors.InvalidArgument(
+                        position + text[named.end():] if named is not None else f"{position}: {text}"))
+                    return
+                received += len(batch)
 
     @handled
     def Lease(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -413,6 +465,9 @@ class QueueService(queue_pb2_grpc.QueueServicer):  # type: ignore[misc]
         )
 
 
+#: An enqueue error that names the message it refuses (by its index in the call's list).
+_BAD_MESSAGE = re.compile(r"messages\[(\d+)\]")
+
 def ops_members(node: Node) -> list[int]:
     """Every member of the node's configuration (voters and learners)."""
     return [n for n, _ in node.raw.conf_state.sites]
@@ -465,6 +520,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         if op == admin_pb2.MembershipRequest.ADD_LEARNER:
             if not request.site or not request.address:
                 raise errors.InvalidArgument("adding a member needs its site and address")
+            # As its own config must say them (a typo would use up the node id for good).
+            check_site(request.site, "site")
+            check_address(request.address, "address")
             if node_id in self.node.removed_ids():
                 raise errors.InvalidArgument(
                     f"node id {node_id} was removed from this cluster; node ids are never reused: pick a new one"
@@ -714,6 +772,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                     report = ops_verify.verify_path(
                         work,
                         key_provider=self.node.log.keyring.provider,
+                        audit_public_key=self.queue.audit.log.public_key,  # the key this node signs with
                         progress=lambda phase, done, total: events.put(("progress", (phase, done, total))),
                         scratch_dir=self.node.snapshot_dir,
                     )
@@ -1174,13 +1233,24 @@ class NodeServer:
     def _looked_up(self, lookup: Callable[[], str | None]) -> str | None:
         """``lookup()`` in the applied state; when it finds nothing on the leader, once more after
         a read barrier. The leader answers a write while its apply is still being synced, so the
-        caller's next request may arrive before that state is readable without a barrier."""
+        caller's next request may arrive before that state is readable without a barrier.
+
+        On a node that does not lead (or stops leading before the barrier) it raises NotLeader,
+        naming the leader: the calls that name a message or lease are the leader's to answer
+        (a follower serves none of them itself), and a follower may not have applied the target
+        yet. Whatever the follower holds, it says no more: neither "not here" (a lagging follower
+        refused what the leader allows) nor "in another namespace" (beside NotLeader for the ids
+        it lacks, that would tell a caller which ids exist)."""
+        if not self.node.is_leader:
+            raise self.node._not_leader()
         try:
             found = lookup()
-            if found is None and self.node.is_leader:
+            if found is None:
                 self.node.read_barrier()
                 found = lookup()
             return found
+        except errors.NotLeader:
+            raise
         except Exception:  # unknown, malformed, or no barrier possible: refused (fail closed)
             return None
 

@@ -317,6 +317,7 @@ def test_a_sub_millisecond_backup_wait_is_not_the_nodes_default(
             return iter(())
 
     monkeypatch.setattr(remote, "stub", lambda client, address: Stub())
+    monkeypatch.setattr(remote, "answering", lambda client: (client.addresses[0], {}))  # no node there
     cli.main(["backup", "--server", "127.0.0.1:1", "--no-wait", "--wait", "0.0001", "--out",
               str(tmp_path / "b.mqbak"), "--json"])
     capsys.readouterr()

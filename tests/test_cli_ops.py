@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -682,3 +683,58 @@ def test_long_commands_are_quiet_in_a_pipe(fresh: tuple[Path, Path, dict[str, li
     assert out.returncode == 0 and out.stderr == ""
     out = run("hold", "--data-dir", str(path), "--key-file", str(key), "--all", "--json")
     assert out.returncode == 0 and out.stderr == "" and json.loads(out.stdout)["changed"] > 0
+
+
+# --- operator slips the CLI refuses or survives -------------------------------------------------
+
+
+def test_an_empty_id_prefix_selects_nothing_and_the_null_sender_is_a_sender(tmp_path: Path) -> None:
+    """`delete --id-prefix "$P"` with P unset deleted every message ("changed 10 of 10"); and
+    `--sender ""` (the null sender of bounces) was refused as needing envelopes."""
+    key = create_key_file(tmp_path / "kek.key")
+    with mqstore.open(tmp_path / "s", key_file=key, background=False) as store:
+        store.enqueue_many([{"mail_from": "" if i % 2 else f"s{i}@example.org", "recipients": [f"r{i}@example.net"],
+                             "data": RAW} for i in range(6)])
+    target = ("--data-dir", str(tmp_path / "s"), "--key-file", str(key))
+    for op in ("delete", "hold", "bounce"):
+        assert "id prefix '' is not the start of a message id" in fails(op, *target, "--id-prefix", "")["message"]
+    assert ok("queue", "list", *target)["count"] == 6
+    assert ok("queue", "list", *target, "--sender", "")["count"] == 3
+    assert ok("hold", *target, "--sender", "", "--dry-run")["would_change"] == 3
+
+
+def test_command_line_values_a_node_config_would_refuse_are_refused(tmp_path: Path) -> None:
+    for args in (["cluster", "add", "--id", "5", "--site", "a", "--address", "10.0.0.1:7001,10.0.0.2:7001"],
+                 ["cluster", "add", "--id", "5", "--site", "a b", "--address", "127.0.0.1:7001"],
+                 ["cluster", "add", "--id", "5", "--site", "a", "--address", "127.0.0.1:99999"],
+                 ["recover", "--config", str(tmp_path / "n.toml"), "--wait", "nan"],
+                 ["recover", "--config", str(tmp_path / "n.toml"), "--wait", "0"]):
+        out = run(*args, "--server", "127.0.0.1:1")
+        assert out.returncode == 2 and "argument --" in out.stderr, (args, out.stderr)
+    # A port gRPC would take modulo 65536 (83130 -> 17594) is refused before anything is dialed.
+    assert "the port must be 1..65535" in fails("status", "--server", "127.0.0.1:83130")["message"]
+    assert "(default 600)" in run("cluster", "snapshot", "--help").stdout
+
+
+def test_ctrl_c_ends_a_command_without_a_traceback(tmp_path: Path) -> None:
+    exe = shutil.which("mqstore", path=str(Path(sys.executable).parent))
+    cmd = [exe] if exe else [sys.executable, "-m", "mqstore"]
+    for extra, said in (([], "mqstore: interrupted\n"), (["--json"], "")):
+        proc = subprocess.Popen([*cmd, "status", "--server", "127.0.0.1:1", "--timeout", "60", *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2)  # retrying to reach a node that is not there
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, (out, err)
+        assert "Traceback" not in err and err.endswith(said)
+        if extra:
+            assert json.loads(out) == {"error": "Interrupted", "message": "interrupted (Ctrl-C)"}
+
+
+def test_several_servers_the_first_of_them_down(cluster: LocalCluster) -> None:
+    """status, verify and backup used only the first --server address: with that node down (the
+    moment one needs them) they failed while the others answered."""
+    srv = ("--server", "127.0.0.1:1," + cluster.servers(), "--timeout", "5")
+    st = ok("status", *srv)
+    assert st["cluster_id"] == "test" and {m["id"] for m in st["members"]} == {1, 2, 3}
+    assert ok("verify", *srv)["clean"] is True

@@ -128,3 +128,35 @@ def test_a_scan_beside_compaction_reports_only_real_damage(tmp_path: Path) -> No
         assert len(chunks) > 1 and store.log.first_index > first + 4096  # it did compact ahead of the scan
         assert report.corrupt == ((last - 5, "record missing from the log"),)
         assert list(store.log.quarantined()) == [last - 5]
+
+
+def test_records_moved_to_other_indices_read_as_damage_not_as_the_other_message(tmp_path: Path) -> None:
+    """Someone with write access to the files but not the key swaps two messages' ENQUEUE
+    records and frames each anew at the other's index (a CRC is not a MAC). Each record still
+    opens — its tag binds it to its own message id, which moved with it — so get(A) returned
+    B's sender, recipients and body. Now reading A where the state tables expect A is
+    Corruption naming the index, and lease() leaves both out."""
+    from mqstore import codec
+
+    path = tmp_path / "s"
+    with mqstore.open(path, background=False) as store:
+        a = store.enqueue(mail_from="ceo@example.org", recipients=["board@example.org"], data=b"Subject: A\r\n\r\nA")
+        b = store.enqueue(mail_from="x@example.net", recipients=["y@example.net"], data=b"Subject: B\r\n\r\nB")
+        ia, ib = _enqueue_index(store, a), _enqueue_index(store, b)
+    env = lmdb.open(str(path), max_dbs=32)
+    log_db = env.open_db(b"log")
+    with env.begin(write=True) as txn:
+        raw_a, raw_b = txn.get(struct.pack(">Q", ia), db=log_db), txn.get(struct.pack(">Q", ib), db=log_db)
+        assert raw_a is not None and raw_b is not None
+        for raw, at in ((raw_b, ia), (raw_a, ib)):
+            r = codec.decode_record(raw)
+            txn.put(struct.pack(">Q", at), codec.encode_record(r.type, r.flags, r.term, at, r.key_id, r.dict_id,
+                                                               r.payload), db=log_db)
+    env.close()
+    with mqstore.open(path, background=False) as store:
+        with pytest.raises(Corruption, match=f"log index {ia}: holds message {b}, not {a}"):
+            store.get(a)
+        with pytest.raises(Corruption, match=f"log index {ib}: holds message {a}, not {b}"):
+            store.get(b)
+        assert store.lease("w", max_messages=10, lease_seconds=60) == []
+        assert sorted(store.log.quarantined()) == sorted([ia, ib])

@@ -824,3 +824,18 @@ def test_a_leader_advertises_its_address_again_after_a_failed_attempt(
             assert c.servers[i].node.members[moved].address == advertised
     finally:
         c.close()
+
+
+def test_a_member_is_added_only_with_an_address_and_site_its_config_could_have(cluster: InProcessCluster) -> None:
+    """Each typo used up a node id for good (ids are never reused): the leader took any
+    non-empty address and site."""
+    leader = cluster.leader()
+    stub = admin_pb2_grpc.AdminStub(grpc.insecure_channel(leader.config.listen))
+    req = admin_pb2.MembershipRequest
+    for site, address in (("c", "10.0.0.1:7001,10.0.0.2:7001"), ("c", "127.0.0.1:99999"), ("c", "bogus"),
+                          ("a b", "127.0.0.1:7001")):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ChangeMembership(req(op=req.ADD_LEARNER, node_id=4, site=site, address=address), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (site, address)
+    assert sorted(dict(leader.node.raw.conf_state.sites)) == [1, 2, 3]
+    assert 4 not in leader.node.removed_ids()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mqstore.commands._common import default_data_dir, emit
+from mqstore.config import check_address, check_site
 from mqstore.errors import InvalidArgument, MQStoreError, NotFound
 from mqstore.ops.progress import Progress
 
@@ -33,12 +34,14 @@ BULK_OPS = ("hold", "release", "requeue", "delete", "bounce")
 # --- targets ---------------------------------------------------------------------------------------
 
 
-def add_target_args(p: argparse.ArgumentParser, *, server: bool = True, offline: bool = True) -> None:
+def add_target_args(p: argparse.ArgumentParser, *, server: bool = True, offline: bool = True,
+                    timeout: float = 15.0) -> None:
     """--server (a running cluster) or --data-dir/--config (a store on disk), --key-file, --json."""
     if server:
         p.add_argument("--server", default=None,
                        help=f"a running cluster: any node's host:port, or several comma-separated (${SERVER_ENV})")
-        p.add_argument("--timeout", type=float, default=15.0, help="seconds per call, retries included (default 15)")
+        p.add_argument("--timeout", type=float, default=timeout,
+                       help=f"seconds per call, retries included (default {timeout:g})")
     if offline:
         p.add_argument("--data-dir", default=None,
                        help="a store on disk: a stopped node's data dir or an embedded store "
@@ -260,6 +263,18 @@ def node_id(text: str) -> int:
     return _whole_number(text, "a node id", 1, U64_MAX)
 
 
+def _config_value(check: Callable[[object, str], str]) -> Callable[[str], str]:
+    """An argparse type checking a value as a node's config does."""
+
+    def parse(text: str) -> str:
+        try:
+            return check(text, "the value")
+        except InvalidArgument as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
 def log_index(text: str) -> int:
     """A log index: 1 to 2**64-1."""
     return _whole_number(text, "a log index", 1, U64_MAX)
@@ -297,7 +312,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         from mqstore.ops import remote
 
         with client_from_args(args) as client:
-            st = remote.cluster_status(client, client.addresses[0])
+            st = remote.cluster_status(client)
         st["target"] = args.server
     else:
         from mqstore.ops.facts import store_facts
@@ -442,7 +457,7 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     with Target(args) as target:
         flt = _filter(args)
         items = iter_matching(target.queue, flt, after=args.after, page_size=min(args.limit, 1000) if not args.all
-                              else 1000, sender_of=_sender_of(target) if flt.sender else None)
+                              else 1000, sender_of=_sender_of(target) if flt.sender is not None else None)
         if args.all:
             return _list_all(args, items)
         page: list[dict[str, Any]] = []
@@ -691,7 +706,8 @@ def cmd_bulk(args: argparse.Namespace) -> int:
                 return
             from mqstore.ops.inspect import iter_matching
 
-            for summary, _ in iter_matching(target.queue, flt, sender_of=_sender_of(target) if flt.sender else None):
+            sender_of = _sender_of(target) if flt.sender is not None else None
+            for summary, _ in iter_matching(target.queue, flt, sender_of=sender_of):
                 yield summary.message_id, _would_change(op, summary.held, summary.done, dict(summary.states))
 
         with bar:
@@ -824,13 +840,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
             from mqstore.ops import remote
 
             with client_from_args(args) as client:
-                report = remote.verify(client, client.addresses[0], _phase_progress(bar))
+                report = remote.verify(client, remote.answering(client)[0], _phase_progress(bar))
             lines = _verify_lines(report)
         else:
             from mqstore.ops.verify import verify_path
 
+            conf = _config(args)
             result = verify_path(_data_dir(args), key_file=_key_file(args), progress=_phase_progress(bar),
-                                 replay=not args.no_replay, scratch_dir=Path(args.scratch) if args.scratch else None)
+                                 replay=not args.no_replay, scratch_dir=Path(args.scratch) if args.scratch else None,
+                                 audit_signing_key=conf.audit_signing_key if conf is not None else None)
             report = result.to_dict()
             lines = result.lines()
     emit(args, report, lines)
@@ -863,7 +881,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
         from mqstore.ops import remote
 
         with client_from_args(args) as client:
-            report = remote.repair(client, client.addresses[0], indices, scan=not args.no_scan, dry_run=args.dry_run)
+            report = remote.repair(client, remote.answering(client)[0], indices, scan=not args.no_scan,
+                                   dry_run=args.dry_run)
         lines = _repair_lines(report)
         emit(args, report, lines)
         return 1 if report["unresolved"] else 0
@@ -962,7 +981,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
             from mqstore.ops import remote
 
             with client_from_args(args) as client:
-                address = client.addresses[0]
+                address = remote.answering(client)[0]
                 point = 0
                 if not args.no_wait:
                     # Everything acknowledged before now is committed at or below the leader's
@@ -1278,7 +1297,7 @@ def register(sub: Any) -> None:
     rc.add_argument("--server", default=None, help=f"the surviving cluster (any node; default ${SERVER_ENV})")
     rc.add_argument("--timeout", type=float, default=15.0, help="seconds per call")
     rc.add_argument("--replace", type=node_id, help="the failed node's id: removed once the new node is a voter")
-    rc.add_argument("--wait", type=float, default=600.0, help="seconds to wait for each step (default 600)")
+    rc.add_argument("--wait", type=wait_seconds, default=600.0, help="seconds to wait for each step (default 600)")
     rc.add_argument("--force-new-cluster", action="store_true",
                     help="majority lost: make this stopped survivor the only member (never automatic)")
     rc.add_argument(FORCE_FLAG, dest="confirm", action="store_true", help="confirm --force-new-cluster")
@@ -1291,8 +1310,8 @@ def register(sub: Any) -> None:
     csub = cl.add_subparsers(dest="cluster_command", required=True)
     add = csub.add_parser("add", help="add a node as a learner (prepare it with mqstore join, start it)")
     add.add_argument("--id", type=node_id, required=True)
-    add.add_argument("--site", required=True)
-    add.add_argument("--address", required=True, help="its advertised host:port")
+    add.add_argument("--site", type=_config_value(check_site), required=True)
+    add.add_argument("--address", type=_config_value(check_address), required=True, help="its advertised host:port")
     pro = csub.add_parser("promote", help="make a caught-up learner a voter (placement rules checked)")
     pro.add_argument("--id", type=node_id, required=True)
     rem = csub.add_parser("remove", help="remove a member (its id is never reused)")
@@ -1302,9 +1321,8 @@ def register(sub: Any) -> None:
     snap = csub.add_parser("snapshot", help="snapshot each --server node now and compact its log behind it "
                            "(a node also does so by itself every 100,000 applied entries)")
     for p in (add, pro, rem, tl, snap):
-        add_target_args(p, offline=False)
+        add_target_args(p, offline=False, timeout=600.0 if p is snap else 15.0)  # copying a store takes a while
         p.set_defaults(func=cmd_cluster)
-    snap.set_defaults(timeout=600.0)  # copying a large store takes a while
 
 
 __all__ = ["Target", "add_filter_args", "add_target_args", "client_from_args", "register"]

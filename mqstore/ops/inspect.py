@@ -241,6 +241,10 @@ class Filter:
     id_prefix: str | None = None
     sender: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.id_prefix is not None:
+            _prefix_bounds(self.id_prefix)  # an empty prefix would select every message
+
     def is_empty(self) -> bool:
         return all(getattr(self, name) is None for name in self.__slots__)
 
@@ -285,7 +289,7 @@ def iter_matching(
     Pages through ``source.list`` (memory stays at one page however many messages there are).
     ``sender_of(message_id)`` returns a message's mail_from (needed only for ``flt.sender``)."""
     lo, hi = 0, (1 << 128) - 1
-    if flt.id_prefix:
+    if flt.id_prefix is not None:
         lo, hi = _prefix_bounds(flt.id_prefix)
     if flt.newer_than is not None:
         since_ms = int(((now if now is not None else time.time()) - flt.newer_than) * 1000)

@@ -48,11 +48,25 @@ def node_status(client: Client, address: str) -> dict[str, Any]:
     return _status_dict(client._call("Status", admin_pb2.StatusRequest(), admin=True, address=address))
 
 
+def answering(client: Client) -> tuple[str, dict[str, Any]]:
+    """The first of the client's addresses whose node answers, and its status: with several
+    ``--server`` addresses a node that is down (when one runs status, recover or a backup) is
+    passed over. Raises the last node's error when none answers."""
+    last: MQStoreError | None = None
+    for address in client.addresses:
+        try:
+            return address, node_status(client, address)
+        except Unavailable as exc:  # down, or no answer within the timeout
+            last = exc
+    assert last is not None
+    raise last
+
+
 def leader_status(client: Client, first: dict[str, Any] | None = None) -> dict[str, Any]:
     """The leader's status (following the answering node's leader hint); Unavailable when no
     leader is known."""
     seen: set[str] = set()
-    st = first or node_status(client, client.addresses[0])
+    st = first or answering(client)[1]
     for _ in range(5):
         if st["role"] == "leader":
             return st
@@ -64,10 +78,11 @@ def leader_status(client: Client, first: dict[str, Any] | None = None) -> dict[s
     raise Unavailable(f"node {st['node_id']} knows no leader right now (role {st['role']}, term {st['term']})")
 
 
-def cluster_status(client: Client, address: str) -> dict[str, Any]:
-    """The status of the node at ``address``, with the leader's view of the members (replication
-    lag) and the queue counts (from the leader) when that node is not the leader."""
-    st = node_status(client, address)
+def cluster_status(client: Client, address: str | None = None) -> dict[str, Any]:
+    """The status of the node at ``address`` (default: the first that answers), with the leader's
+    view of the members (replication lag) and the queue counts (from the leader) when that node
+    is not the leader."""
+    st = node_status(client, address) if address is not None else answering(client)[1]
     try:
         lead = leader_status(client, st)
     except MQStoreError as exc:
