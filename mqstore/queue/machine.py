@@ -821,6 +821,9 @@ def _expire_message(kv: KV, c: Counters, mid: bytes, now_ms: int, ctx: Ctx) -> i
 
 #: A finished message whose compaction was refused is looked at again after at least this long.
 _COMPACT_RETRY_MS = 60_000
+#: Retention index entries put off by a refused scheduled compaction that one maintenance pass
+#: passes over (see plan_compact): bounds the pass's time however many gathered.
+PUT_OFF_SCAN_MAX = 4_096
 
 
 def _compact_not_before(kv: KV, mid: bytes, row: MessageRow) -> int:
@@ -1225,9 +1228,16 @@ def plan_expire(kv: KV, now_ms: int, limit: int) -> list[tuple[int, bytes]]:
 def plan_compact(kv: KV, now_ms: int, limit: int) -> list[tuple[int, bytes]]:
     """Finished messages whose retention passed, and dedup keys past their window (up to limit)."""
     items: list[tuple[int, bytes]] = []
+    put_off = 0
     for key, value in kv.scan(b"retention", b"", U64.pack(now_ms + 1)):
         if _retention_not_before(value) > now_ms:
-            continue  # refused by a scheduled compaction: not before its lock should have ended
+            # Refused by a scheduled compaction: not before its lock should have ended. Passed
+            # over, but only so many per pass (they gather at the head of the index after the
+            # compliance clock lagged): those behind them wait until they come due.
+            put_off += 1
+            if put_off >= PUT_OFF_SCAN_MAX:
+                break
+            continue
         items.append((COMPACT_MESSAGE, key[8:24]))
         if len(items) >= limit:
             return items
@@ -1248,10 +1258,10 @@ def next_timer_ms(kv: KV) -> int | None:
     # The retention index: its first entry, unless a refusal put it off (see apply_compact); then
     # the earliest of those put off and the first entry not put off (the keys are in time order).
     retention: int | None = None
-    for key, value in kv.scan(b"retention", b""):
+    for seen, (key, value) in enumerate(kv.scan(b"retention", b"")):
         at = U64.unpack(key[:8])[0]
-        if retention is not None and at >= retention:
-            break
+        if retention is not None and (at >= retention or seen >= PUT_OFF_SCAN_MAX):
+            break  # (as plan_compact passes over at most PUT_OFF_SCAN_MAX put-off entries)
         due = max(at, _retention_not_before(value))
         retention = due if retention is None else min(retention, due)
     if retention is not None:

@@ -60,7 +60,7 @@ class TokenStore:
         self._lock = threading.Lock()
         self._salt = b""
         self._by_digest: dict[str, TokenInfo] = {}
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, ...] | None = None
         self._checked = 0.0
         if not self.path.exists():
             if not create:
@@ -74,12 +74,14 @@ class TokenStore:
 
     # --- file ------------------------------------------------------------------------------------
 
-    def _file_stamp(self) -> tuple[int, int] | None:
+    def _file_stamp(self) -> tuple[int, ...] | None:
+        """What tells a changed file: its content (time, size), its mode (a chmod, to fix or to
+        open it up) and the file itself (replaced by a rename)."""
         try:
             st = self.path.stat()
         except OSError:
             return None
-        return st.st_mtime_ns, st.st_size
+        return st.st_mtime_ns, st.st_size, st.st_mode, st.st_ino, st.st_ctime_ns
 
     def _load(self) -> None:
         stamp = self._file_stamp()
