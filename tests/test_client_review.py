@@ -303,3 +303,59 @@ def test_stream_returns_within_timeout_when_the_node_never_ends_it(kind: str, hu
         ids = asyncio.run(asyncio.wait_for(main(), 10))
     assert len(ids) == 3
     assert time.monotonic() - started < 5
+
+
+# --- the edge's per-message checks in a stream ------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stream_message_the_edge_refuses_ends_the_stream_after_those_before_it(kind: str, tmp_path: Path) -> None:
+    """The node's edge checks each frame of up to 128 messages before any of it is stored: a
+    message over the size limit, or in a namespace the identity may not enqueue to, refused the
+    whole frame (its messages before the bad one unstored too) and the error named its position
+    in the frame. Now the messages before it are stored and yielded, and the error names its
+    position in the caller's messages."""
+    tokens = TokenStore(tmp_path / "tokens.json", create=True)
+    limited = tokens.add("alpha-app", ["producer"], ["alpha"])
+    ops = tokens.add("ops", ["reader"])
+    cluster = InProcessCluster(tmp_path / "c", ["a"], extra={
+        "auth": {"tokens_file": str(tmp_path / "tokens.json")}, "limits": {"message_bytes_max": 4096}})
+    try:
+        cluster.leader()
+        address = cluster.address(1)
+        cases: list[tuple[list[dict[str, Any]], int, type[Exception], str]] = []
+        big = [_msg("alpha", i) for i in range(300)]
+        big[200]["data"] = b"x" * 5000
+        cases.append((big, 200, InvalidArgument, "messages[200] is 5000 bytes, over this node's limit"))
+        foreign = [_msg("alpha", i) for i in range(300)]
+        foreign[150]["namespace"] = "beta"
+        cases.append((foreign, 150, PermissionDenied, "messages[150]: "))
+        stored_before = 0
+        for messages, bad, error_class, said in cases:
+            got: list[str] = []
+            error: Exception | None = None
+            if kind == "sync":
+                with Client([address], timeout=10, token=limited) as client:
+                    try:
+                        got.extend(client.enqueue_stream(messages))
+                    except (InvalidArgument, PermissionDenied) as exc:
+                        error = exc
+            else:
+                async def main(messages: list[dict[str, Any]], got: list[str]) -> Exception | None:
+                    async with AsyncClient([address], timeout=10, token=limited) as client:
+                        try:
+                            async for mid in client.enqueue_stream(messages):
+                                got.append(mid)
+                        except (InvalidArgument, PermissionDenied) as exc:
+                            return exc
+                    return None
+
+                error = asyncio.run(main(messages, got))
+            assert isinstance(error, error_class) and str(error).startswith(said), error
+            assert len(got) == bad
+            with Client([address], timeout=10, token=ops) as client:
+                stored = len(client.list(namespace="alpha", limit=1000))
+            assert stored - stored_before == bad
+            stored_before = stored
+    finally:
+        cluster.close()

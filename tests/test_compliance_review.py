@@ -251,7 +251,8 @@ def test_refused_scheduled_compaction_is_put_off_without_changing_the_message(tm
         s.close()
 
 
-def test_put_off_entries_cost_a_maintenance_pass_a_bounded_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_put_off_entries_cost_a_maintenance_pass_a_bounded_scan(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Put-off entries stay at the head of the retention index (keyed at their old due time):
     after a downtime there may be very many. A pass of plan_compact and next_timer_ms (the
     maintenance loop calls it every second) reads at most PUT_OFF_SCAN_MAX of them; before, every

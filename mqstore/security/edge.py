@@ -49,6 +49,7 @@ from __future__ import annotations
 import collections
 import contextvars
 import logging
+import re
 import threading
 import time
 import uuid
@@ -852,6 +853,7 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         lives as long as its client likes, and a revoked token must not keep enqueueing on it."""
         wait_max_s = limits.STREAM_THROTTLE_WAIT_MS_MAX / 1000
         checked = time.monotonic()
+        passed = 0  # messages of the frames let through so far
         try:
             for frame in frames:
                 if isinstance(frame, _Malformed):
@@ -868,15 +870,64 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 if wait > 0:
                     time.sleep(wait)  # the stream slows down to the client's rate
                 if rule.enqueue:
-                    self._check_messages(frame.messages)
+                    bad = self._first_refused_message(actor, method, rule, frame, passed)
+                    if bad is not None:
+                        # The messages before it are let through (stored and answered as the
+                        # caller's stream says), then the stream ends naming its position.
+                        k, refused = bad
+                        if k:
+                            yield type(frame)(messages=frame.messages[:k])
+                        raise refused
                 self._authorize(actor, method, rule, frame)
                 if rule.enqueue:
                     refusal = self.host.enqueue_refusal()
                     if refusal is not None:
                         raise _refused(refusal, "no_leader" if isinstance(refusal, errors.Unavailable) else "disk")
+                    passed += len(frame.messages)
                 yield frame
         except _Refused as refused:
             failure.append(refused)
+
+    def _first_refused_message(self, actor: Actor, method: str, rule: Method, frame: Any,
+                               passed: int) -> tuple[int, _Refused] | None:
+        """The first message of a stream's frame that this node's limits or the actor's
+        namespaces refuse: its index in the frame and the refusal, naming its position in the
+        stream (``passed`` messages came in earlier frames). A frame over the batch limit is
+        refused whole (index 0). None: every message may go on."""
+        if not frame.messages:
+            return None  # an empty frame: the frame's own check says what it needs
+        try:
+            self._check_messages(frame.messages)
+            if self._frame_allowed(actor, rule, frame):
+                return None
+            return self._first_denied(actor, method, rule, frame, passed)
+        except _Refused as refused:
+            named = re.match(r"message (\d+) ", refused.message)
+            if named is None:
+                return 0, refused
+            k = int(named.group(1))
+            refused.message = f"messages[{passed + k}]{refused.message[named.end() - 1:]}"
+            return k, refused
+
+    def _frame_allowed(self, actor: Actor, rule: Method, frame: Any) -> bool:
+        """Whether the actor holds the permission in every namespace of the frame (no audit)."""
+        assert rule.namespaces is not None
+        try:
+            for ns in rule.namespaces(frame) or ():
+                self.host.authorize(actor, rule.permission, ns)
+        except errors.PermissionDenied:
+            return False
+        return True
+
+    def _first_denied(self, actor: Actor, method: str, rule: Method, frame: Any,
+                      passed: int) -> tuple[int, _Refused]:
+        for k, m in enumerate(frame.messages):
+            try:
+                self._authorize(actor, method, rule, type(frame)(messages=[m]))
+            except _Refused as refused:
+                refused.message = f"messages[{passed + k}]: {refused.message}"
+                return k, refused
+        raise AssertionError("a frame refused as a whole but no message of it on its own")
 
     def _reauthenticate(self, method: str, metadata: Any, context: grpc.ServicerContext) -> Actor:
         """The actor of an open stream's credentials now (its roles may have changed); a token
