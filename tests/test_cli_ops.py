@@ -738,3 +738,18 @@ def test_several_servers_the_first_of_them_down(cluster: LocalCluster) -> None:
     st = ok("status", *srv)
     assert st["cluster_id"] == "test" and {m["id"] for m in st["members"]} == {1, 2, 3}
     assert ok("verify", *srv)["clean"] is True
+
+
+def test_options_that_would_be_ignored_are_refused_before_anything_runs(
+        fresh: tuple[Path, Path, dict[str, list[str]]], tmp_path: Path) -> None:
+    """Each was silently ignored (or, for --scratch, refused only after the long record check)."""
+    path, key, made = fresh
+    target = ("--data-dir", str(path), "--key-file", str(key))
+    mid = made["plain"][0]
+    said = fails("delete", mid, *target, "--reason", "cleanup")["message"]
+    assert "--reason goes with --bypass-governance" in said
+    assert ok("message", "show", mid, *target)["message_id"] == mid  # still there
+    out = str(tmp_path / "m.eml")
+    assert "--out goes with --raw" in fails("message", "show", mid, *target, "--out", out)["message"]
+    assert not (tmp_path / "m.eml").exists()
+    assert "is not a directory" in fails("verify", *target, "--scratch", str(tmp_path / "nowhere"))["message"]

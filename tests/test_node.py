@@ -141,10 +141,10 @@ def test_lagging_follower_catches_up_from_a_snapshot(cluster: InProcessCluster) 
     assert node.log.scan().clean
 
 
-def _cli_snapshot(addresses: list[str]) -> dict[str, Any]:
+def _cli_snapshot(addresses: list[str], code: int = 0) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-m", "mqstore", "cluster", "snapshot", "--server", ",".join(addresses),
-                          "--json"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
+                          "--json", "--timeout", "5"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == code, out.stdout + out.stderr
     result: dict[str, Any] = json.loads(out.stdout)
     return result
 
@@ -180,6 +180,10 @@ def test_snapshot_on_demand_on_any_node_compacts_its_log(cluster: InProcessClust
     both = _cli_snapshot([f"127.0.0.1:{cluster.ports[leader.node.node_id]}", address])["snapshots"]
     assert [s["node_id"] for s in both] == [leader.node.node_id, follower_id]
     assert all(s["index"] > taken["index"] for s in both)
+    # A node that fails (here: none listens) does not hide the snapshot taken on the others: exit 1.
+    partial = _cli_snapshot([address, f"127.0.0.1:{free_port()}"], code=1)
+    assert [s["node_id"] for s in partial["snapshots"]] == [follower_id]
+    assert [f["error"] for f in partial["failed"]] == ["Unavailable"]
     if node._compactor is not None:
         node._compactor.join(30)
     assert node.log.scan().clean

@@ -543,6 +543,8 @@ def _message_dict(m: Any) -> dict[str, Any]:
 
 
 def cmd_message_show(args: argparse.Namespace) -> int:
+    if args.out and not args.raw:
+        raise InvalidArgument("--out goes with --raw (it names where the message's bytes go)")
     with Target(args) as target:
         try:
             message = target.queue.get(args.message_id)
@@ -683,6 +685,8 @@ def cmd_bulk(args: argparse.Namespace) -> int:
         raise InvalidArgument("give message ids or filters, not both")
     if not args.ids and flt.is_empty() and not args.all:
         raise InvalidArgument(f"{op} what? give message ids (or - to read them from stdin), filters, or --all")
+    if op == "delete" and args.reason and not args.bypass_governance:
+        raise InvalidArgument("--reason goes with --bypass-governance (a plain delete records no reason)")
     ids = _ids_from(args) if args.ids else None
     with Target(args, write=not args.dry_run) as target:
         if args.dry_run and not target.remote and target.log.meta_get(b"node.id") is not None:
@@ -826,6 +830,7 @@ def _bulk_action(target: Target, op: str, args: argparse.Namespace) -> Callable[
         if not args.reason:
             raise InvalidArgument("--bypass-governance needs --reason")
         return lambda mid: queue.delete(mid, bypass_governance=True, reason=args.reason)
+
     fn: Callable[[str], Any] = getattr(queue, op)
     return fn
 
@@ -845,6 +850,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         else:
             from mqstore.ops.verify import verify_path
 
+            if args.scratch and not Path(args.scratch).is_dir():
+                raise InvalidArgument(f"--scratch {args.scratch} is not a directory")
             conf = _config(args)
             result = verify_path(_data_dir(args), key_file=_key_file(args), progress=_phase_progress(bar),
                                  replay=not args.no_replay, scratch_dir=Path(args.scratch) if args.scratch else None,
@@ -1169,12 +1176,19 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     with client_from_args(args) as client:
         if args.cluster_command == "snapshot":
             targets = list(client.addresses)  # the --server nodes (before any leader hint adds one)
-            done = [remote.snapshot(client, address) for address in targets]
-            emit(args, {"snapshots": done}, [
-                f"node {r['node_id']} ({r['address']}): snapshot at index {r['index']} (term {r['term']}); "
-                f"its log now starts at {r['first_index']}" for r in done
+            done: list[dict[str, Any]] = []
+            failed: list[dict[str, str]] = []
+            for address in targets:  # each node on its own: one that fails does not hide the others'
+                try:
+                    done.append(remote.snapshot(client, address))
+                except MQStoreError as exc:
+                    failed.append({"address": address, "error": type(exc).__name__, "message": str(exc)})
+            emit(args, {"snapshots": done, "failed": failed}, [
+                *(f"node {r['node_id']} ({r['address']}): snapshot at index {r['index']} (term {r['term']}); "
+                  f"its log now starts at {r['first_index']}" for r in done),
+                *(f"{f['address']}: no snapshot: {f['message']}" for f in failed),
             ])
-            return 0
+            return 1 if failed else 0
         if args.cluster_command == "transfer-leader":
             to = remote.transfer_leader(client, args.to or 0)
             emit(args, {"leader_id": to}, [f"leadership is being handed to node {to}"])
