@@ -265,3 +265,57 @@ def test_replace_of_an_id_that_never_was_a_member_is_refused(
     again = json.loads(capsys.readouterr().out)
     assert again["steps"][-1] == "node 3 was not a member any more"
     assert fake.proposals == [("add", 4), ("promote", 4), ("remove", 3)]
+
+
+_RESEED_KILLED = """
+import os, signal, sys
+from mqstore import config as cfg
+from mqstore.ops import recover
+from mqstore.store import LogStore
+def die(self, *a, **k):
+    os.kill(os.getpid(), signal.SIGKILL)  # power lost while the new snapshot's file is written
+LogStore.copy_to = die
+recover.force_new_cluster(cfg.load(sys.argv[1], check_tls=False), "drill")
+"""
+
+
+def test_force_new_cluster_killed_while_copying_its_snapshot_leaves_no_old_membership(tmp_path: Path) -> None:
+    """The membership rewrite committed first and the snapshot metadata only after the copy: a
+    run killed in between left the survivor leading {1} with a snapshot naming {1, 2, 3}, and a
+    node `recover` added caught up from it counting the lost nodes as voters (its members
+    differed from the leader's; once promoted, it would need their votes)."""
+    c = LocalCluster(tmp_path, ["a", "b", "c"], cluster_id="c1")
+    try:
+        c.bootstrap()
+        c.start_all()
+        c.wait_for_leader()
+        with Client(c.addresses(), timeout=15) as client:
+            client.enqueue_many([{"mail_from": "a@example.org", "recipients": [f"r{i}@d.example"], "data": RAW}
+                                 for i in range(10)])
+        c.wait_converged()
+        c.kill(2)
+        c.kill(3)
+        c.stop(1)
+        child = subprocess.run([sys.executable, "-c", _RESEED_KILLED, str(c.config_path(1))], env=c.env,
+                               capture_output=True, timeout=120)
+        assert child.returncode == -9, child.stderr
+        c.start(1)
+        assert c.wait_for_leader(among=[1], timeout=30) == 1
+        new = c.add_node("b")
+        proc = subprocess.Popen([sys.executable, "-m", "mqstore", "recover", "--config", str(c.config_path(new)),
+                                 "--server", c.nodes[1].address, "--wait", "60", "--json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=c.env)
+        assert wait_until(lambda: (c.data_dir(new) / "data.mdb").exists(), 30)
+        c.start(new)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+
+        def voters(n: int) -> list[int] | None:
+            st = c.status(n)
+            return sorted(m["id"] for m in st["members"] if m["voter"]) if st else None
+
+        assert wait_until(lambda: voters(new) == voters(1) == [1, new], 15), (voters(1), voters(new))
+        with Client([c.nodes[1].address], timeout=15) as client:
+            assert len(client.list(limit=100)) == 10
+    finally:
+        c.close()

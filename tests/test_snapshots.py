@@ -5,6 +5,7 @@ crash leaves in ``snapshots/`` is removed at the next start."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -303,3 +304,33 @@ def test_snapshot_data_received_for_an_index_already_held_is_removed(cluster: In
         time.sleep(0.05)
     assert not stale.exists()
     assert follower.applied_index >= leader.node.applied_index - 5  # and it goes on as before
+
+
+def test_a_backup_copy_a_killed_node_left_is_removed_when_it_starts(tmp_path: Path) -> None:
+    """A node killed while it streamed a backup (or a live verify) kept the copy of its whole
+    store it streams from, snapshots/ops-<hex>/, for good: sealed mail and wrapped keys (a key
+    shredded later survived in it)."""
+    from mqstore.testing.cluster import LocalCluster, wait_until
+
+    c = LocalCluster(tmp_path, ["a"], cluster_id="c1")
+    try:
+        c.bootstrap()
+        c.start_all()
+        c.wait_for_leader()
+        with Client(c.addresses(), timeout=15) as client:
+            for k in range(4):  # ~10 MB: far more than flow control lets through unread
+                client.enqueue_many([{"mail_from": "a@example.org", "recipients": [f"r{k}-{i}@d.example"],
+                                      "data": b"Subject: x\r\n\r\n" + os.urandom(50_000)} for i in range(50)])
+        channel = grpc.insecure_channel(c.addresses()[0])
+        stream = admin_pb2_grpc.AdminStub(channel).Backup(admin_pb2.BackupRequest(wait_ms=5000), timeout=60)
+        snapshots = c.data_dir(1) / "snapshots"
+        # The node makes its copy and streams from it; unread, the stream stays open (flow control).
+        assert wait_until(lambda: bool(list(snapshots.glob("ops-*"))), 30)
+        c.kill(1)
+        stream.cancel()
+        channel.close()
+        c.start(1)
+        c.wait_for_leader()
+        assert list(snapshots.glob("ops-*")) == []
+    finally:
+        c.close()

@@ -85,7 +85,9 @@ SNAPSHOT_DIR = "snapshots"
 #: What this code writes in ``snapshots/`` besides ``snap-<index>.mdb``: snapshots being received
 #: (server.py), copies being written (``_write_snapshot_file``), a scrub's copy of the database,
 #: a received snapshot being prepared for installing. Left behind only by a crash: removed at start.
-_SNAPSHOT_DIR_SCRAPS = re.compile(r"incoming-[0-9a-f]{32}\.mdb|(?:tmp|scrub|install)-[0-9]+-[0-9a-f]{8}")
+# (``ops-``: the copy a Backup or Verify call of the Admin service streams from.)
+_SNAPSHOT_DIR_SCRAPS = re.compile(r"(?:incoming-[0-9a-f]{32}\.mdb)|(?:ops-[0-9a-f]{32})"
+                                  r"|(?:tmp|scrub|install)-[0-9]+-[0-9a-f]{8}")
 _SNAPSHOT_FILE = re.compile(r"snap-[0-9]{20}\.mdb")
 OPERATION_TIMEOUT_S = 10.0
 #: How long a new leader holds operations until it applied an entry of its term (see

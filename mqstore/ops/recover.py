@@ -40,6 +40,7 @@ from mqstore.errors import InvalidArgument, MQStoreError, NotFound, NotLeader, O
 from mqstore.ops import facts
 from mqstore.ops.facts import META_FOUNDING, META_RECOVERY_LOG, META_RESTORED_FROM
 from mqstore.store import LogStore, WriteContext
+from mqstore.store.env import fsync_path
 
 BOOTSTRAP_INDEX = 1
 SNAPSHOT_DIR = "snapshots"
@@ -140,6 +141,18 @@ def reseed(
             "config_replaced": [index for index, _ in replaced],
         }
 
+        # The snapshot a new member receives first carries the new membership. Its metadata is
+        # written with the rewrite (one transaction) and its file copied after: a run killed
+        # during the copy leaves the metadata naming a file that is missing, which the node makes
+        # anew when a member needs it — never the old snapshot, whose members would come back
+        # with it (before, the old metadata stayed until the copy had finished).
+        snap_dir = path / SNAPSHOT_DIR
+        snap_dir.mkdir(mode=0o700, exist_ok=True)
+        for old in snap_dir.glob("*.mdb"):
+            old.unlink(missing_ok=True)
+        term = storage.term(applied) if applied > BOOTSTRAP_INDEX else 1
+        meta = SnapshotMeta(index=max(applied, BOOTSTRAP_INDEX), term=term, conf_state=new_conf)
+
         def fn(ctx: WriteContext) -> None:
             if cut_from is not None:
                 ctx.truncate_suffix(cut_from)
@@ -155,28 +168,19 @@ def reseed(
             ctx.put(b"meta", b"member." + str(me).encode(), MemberInfo(me, config.site, config.address).encode())
             ctx.put(b"meta", b"cluster.removed", ",".join(str(n) for n in removed).encode())
             ctx.delete(b"meta", META_RESTORED_FROM)
+            storage.set_snapshot_meta(ctx, meta)
             _record(log, ctx, entry)
 
         log.write(fn)
         if cut_from is not None:
             log.reset_bounds()
-        # A fresh snapshot with the new membership: what a new member receives first.
-        snap_dir = path / SNAPSHOT_DIR
-        snap_dir.mkdir(mode=0o700, exist_ok=True)
-        if applied > BOOTSTRAP_INDEX:
-            term = storage.term(applied)
+        if applied > BOOTSTRAP_INDEX:  # the snapshot's file (index 1 is the metadata-only bootstrap one)
             work = snap_dir / f"tmp-{applied}-{uuid.uuid4().hex[:8]}"
             copied = log.copy_to(work)
-            final = snap_dir / f"snap-{applied:020d}.mdb"
-            os.replace(copied, final)
+            fsync_path(copied)
+            os.replace(copied, snap_dir / f"snap-{applied:020d}.mdb")
             work.rmdir()
-        else:
-            term, final = 1, None
-        meta = SnapshotMeta(index=max(applied, BOOTSTRAP_INDEX), term=term, conf_state=new_conf)
-        log.write(lambda ctx: storage.set_snapshot_meta(ctx, meta))
-        for old in snap_dir.glob("*.mdb"):
-            if old != final:
-                old.unlink(missing_ok=True)
+            fsync_path(snap_dir)
         _append_file(path, entry)
         return entry
     finally:
