@@ -9,6 +9,7 @@ the same exception type as the embedded API; ``NotLeader`` adds ``mqstore-leader
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import hashlib
 import json
@@ -309,7 +310,9 @@ class QueueService(queue_pb2_grpc.QueueServicer):  # type: ignore[misc]
                 offset += len(part)
             return ids, bad, refusal
 
-        threading.Thread(target=reader, daemon=True).start()
+        # The reader runs the edge's per-frame checks: in this call's context (its request id
+        # on their log lines), which a new thread would not have.
+        threading.Thread(target=contextvars.copy_context().run, args=(reader,), daemon=True).start()
         received = 0  # messages of this stream committed before the current batch
         with self.in_flight:
             while True:

@@ -167,7 +167,9 @@ class RateLimiter:
 
     def reserve(self, key: str, wait_max: float, n: float = 1.0) -> float | None:
         """Seconds to wait before going ahead (0: now), or None: not within ``wait_max`` (nothing
-        is taken then)."""
+        is taken then). A request costing more than the whole burst costs the burst: it waits
+        for a full bucket rather than never going (a large message under a small burst)."""
+        n = min(n, self.burst)
         now = time.monotonic()
         with self._lock:
             bucket = self._buckets.get(key)
@@ -813,6 +815,7 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             try:
                 actor = self._authenticate(method, metadata, context)
                 rate_key = self._rate_key(actor, context)
+                self._wait_turn(actor, rate_key, context)  # opening a stream is a call too
                 if rule.enqueue:
                     refusal = self.host.enqueue_refusal()
                     if refusal is not None:
@@ -827,10 +830,14 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 self._count(method, refused.code.name, refused.reason, refused.error)
                 _abort(context, refused)
             failure: list[_Refused] = []
-            frames = self._stream_frames(method, rule, actor, rate_key, request_iterator, failure, metadata, context)
+            arrivals: collections.deque[tuple[float, int]] = collections.deque()  # frames let through
+            frames = self._stream_frames(method, rule, actor, rate_key, request_iterator, failure, metadata, context,
+                                         arrivals)
             actor_token = current_actor.set(actor)
             try:
-                yield from inner(frames, context)
+                for response in inner(frames, context):
+                    self._observe_stream_commit(method, rule, response, arrivals)
+                    yield response
             except Exception:
                 self._count_failure(method, context)
                 raise
@@ -845,8 +852,25 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 self.in_flight.leave(stream_key)
             logs.request_id.reset(rid)
 
+    def _observe_stream_commit(self, method: str, rule: Method, response: Any,
+                               arrivals: collections.deque[tuple[float, int]]) -> None:
+        """A stream's answer for the messages of its oldest frames let through: their commit
+        latency is from the first of those frames' arrival (as a unary write's from its own)."""
+        metrics = self.host.metrics
+        if metrics is None or not rule.write:
+            return
+        answered = len(getattr(response, "message_ids", ()))
+        first: float | None = None
+        while answered > 0 and arrivals:
+            at, count = arrivals.popleft()
+            first = at if first is None else first
+            answered -= count
+        if first is not None:
+            metrics.commit_latency.labels(_short(method)).observe(time.perf_counter() - first)
+
     def _stream_frames(self, method: str, rule: Method, actor: Actor, rate_key: str, frames: Iterator[Any],
-                       failure: list[_Refused], metadata: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                       failure: list[_Refused], metadata: Any, context: grpc.ServicerContext,
+                       arrivals: collections.deque[tuple[float, int]]) -> Iterator[Any]:
         """The stream's frames, each checked; the first that fails ends the stream (``failure``).
         Frames over the client's rate wait (back-pressure) rather than fail. The caller's
         credentials are checked again on a frame at most every STREAM_REAUTHENTICATE_S: a stream
@@ -856,6 +880,7 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         passed = 0  # messages of the frames let through so far
         try:
             for frame in frames:
+                arrived = time.perf_counter()
                 if isinstance(frame, _Malformed):
                     raise _malformed(method, frame)
                 now = time.monotonic()
@@ -876,6 +901,7 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                         # caller's stream says), then the stream ends naming its position.
                         k, refused = bad
                         if k:
+                            arrivals.append((arrived, k))
                             yield type(frame)(messages=frame.messages[:k])
                         raise refused
                 self._authorize(actor, method, rule, frame)
@@ -884,6 +910,7 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     if refusal is not None:
                         raise _refused(refusal, "no_leader" if isinstance(refusal, errors.Unavailable) else "disk")
                     passed += len(frame.messages)
+                    arrivals.append((arrived, len(frame.messages)))
                 yield frame
         except _Refused as refused:
             failure.append(refused)
