@@ -36,6 +36,7 @@ import fcntl
 import os
 import struct
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,26 @@ class _ReadGate:
                 self._cond.notify_all()
 
 
+#: Environments holding their store's process lock (a child forked from this process drops its
+#: copies of the lock's descriptors: see _drop_inherited_locks).
+_LOCK_HOLDERS: weakref.WeakSet[Environment] = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    """In a child after fork(): close the inherited descriptors of every store's lock, without
+    unlocking (the lock belongs to the parent, whose descriptor shares it). A child may not use
+    the store; before, one that outlived its parent (a pre-forked worker) kept the store locked,
+    and the restarted parent got StoreLocked naming itself."""
+    for env in list(_LOCK_HOLDERS):
+        fd, env._lock_fd = env._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class Environment:
     """An open LMDB environment with mqstore's flags, databases and process lock."""
 
@@ -305,6 +326,21 @@ class Environment:
 
     # --- process lock --------------------------------------------------------------------------
 
+    def forked(self) -> bool:
+        """Whether this is a child process forked after the store was opened (it may not use it)."""
+        return fork_generation() != self._generation
+
+    def abort(self, txn: Any) -> None:
+        """Abort a write transaction. py-lmdb (3.x) makes an abort wait until no other thread is
+        inside an LMDB call, which readers scanning in chunks back to back could put off for as
+        long as they run (a refused write then held up every write, and close()): new reads wait
+        at the gate meanwhile, and the running ones end first, as for a map resize."""
+        if self.gate.held():  # this thread reads (it would wait for itself): abort as it is
+            txn.abort()
+            return
+        with self.gate.exclusive():
+            txn.abort()
+
     def _take_lock(self) -> None:
         lock_path = self.path / LOCK_FILE
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -320,6 +356,7 @@ class Environment:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         self._lock_fd = fd
+        _LOCK_HOLDERS.add(self)
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:

@@ -536,10 +536,10 @@ class LogStore:
                                 raise
                             committed = True
                         else:
-                            txn.abort()
+                            self.env.abort(txn)
                     except BaseException:
                         if not committed:
-                            txn.abort()
+                            self.env.abort(txn)
                         raise
                 except lmdb.MapFullError:
                     grow_attempts += 1
@@ -1204,7 +1204,8 @@ class LogStore:
         self.write(lambda ctx: ctx.put(b"meta", key, value))
 
     def stats(self) -> dict[str, int]:
-        info = self.env.env.info()
+        with self.env.read():  # StoreClosed once closed (not a raw lmdb.Error)
+            info = self.env.env.info()
         data_file = self.path / "data.mdb"
         return {
             "first_index": self._first_index,
@@ -1262,9 +1263,14 @@ class LogStore:
     # --- lifecycle ----------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Finish queued writes, stop the writer and close the environment. Idempotent."""
+        """Finish queued writes, stop the writer and close the environment. Idempotent. In a
+        child forked after the store opened there is no writer to stop (its thread is the
+        parent's): it only lets go of the store."""
         if self.writer is not None:
-            self._stop_writer()
+            if self.env.forked():
+                self.writer = None
+            else:
+                self._stop_writer()
         self.env.close()
 
     def _stop_writer(self) -> None:
