@@ -53,10 +53,12 @@ def test_opening_streams_takes_turns_and_their_denials_carry_the_request_id(tmp_
     capture = Capture()
     capture.addFilter(logs.NodeContext(1))
     capture.setFormatter(logs.JsonFormatter())
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(capture)
-    root.setLevel(logging.INFO)
+    # The edge's own logger (other tests may have configured logging: levels, propagation).
+    edge_log = logging.getLogger("mqstore.security.edge")
+    level, disabled = edge_log.level, edge_log.disabled
+    edge_log.addHandler(capture)
+    edge_log.setLevel(logging.INFO)
+    edge_log.disabled = False
     c = InProcessCluster(tmp_path / "c", ["a"], extra={"auth": {"tokens_file": str(tokens_file)},
                                                        "limits": {"requests_per_second": 5, "requests_burst": 5}})
     try:
@@ -85,8 +87,9 @@ def test_opening_streams_takes_turns_and_their_denials_carry_the_request_id(tmp_
         assert denied == ["rid-stream"], denied
     finally:
         c.close()
-        root.removeHandler(capture)
-        root.setLevel(level)
+        edge_log.removeHandler(capture)
+        edge_log.setLevel(level)
+        edge_log.disabled = disabled
 
 
 def test_a_streams_commits_are_in_the_commit_latency_histogram(tmp_path: Path) -> None:

@@ -34,18 +34,23 @@ def ok(c: LocalCluster, *args: str) -> Any:
     return json.loads(out.stdout)
 
 
+def _running_with_mail(c: LocalCluster, messages: int) -> None:
+    """Bootstrap and start ``c``, enqueue ``messages`` messages, wait until every node has them."""
+    c.bootstrap()
+    c.start_all()
+    c.wait_for_leader()
+    with Client(c.addresses(), timeout=15) as client:
+        client.enqueue_many([{"mail_from": "a@example.org", "recipients": [f"r{i}@d.example"], "data": RAW}
+                             for i in range(messages)])
+    c.wait_converged()
+
+
 @pytest.fixture
 def survivor(tmp_path: Path) -> Iterator[LocalCluster]:
     """A one-node cluster with mail in it, stopped."""
     c = LocalCluster(tmp_path, ["a"], cluster_id="c1")
     try:
-        c.bootstrap()
-        c.start_all()
-        c.wait_for_leader()
-        with Client(c.addresses(), timeout=15) as client:
-            client.enqueue_many([{"mail_from": "a@example.org", "recipients": [f"r{i}@d.example"], "data": RAW}
-                                 for i in range(5)])
-        c.wait_converged()
+        _running_with_mail(c, 5)
         c.stop(1)
         yield c
     except BaseException:
@@ -286,13 +291,7 @@ def test_force_new_cluster_killed_while_copying_its_snapshot_leaves_no_old_membe
     differed from the leader's; once promoted, it would need their votes)."""
     c = LocalCluster(tmp_path, ["a", "b", "c"], cluster_id="c1")
     try:
-        c.bootstrap()
-        c.start_all()
-        c.wait_for_leader()
-        with Client(c.addresses(), timeout=15) as client:
-            client.enqueue_many([{"mail_from": "a@example.org", "recipients": [f"r{i}@d.example"], "data": RAW}
-                                 for i in range(10)])
-        c.wait_converged()
+        _running_with_mail(c, 10)
         c.kill(2)
         c.kill(3)
         c.stop(1)
