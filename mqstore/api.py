@@ -906,6 +906,7 @@ class QueueBase:
 
     def list_keys(self) -> list[dict[str, Any]]:
         """Every namespace key: id, namespace, created, shredded, and whether new records use it."""
+        self.log.env.check_open()  # (the keyring is in memory: a closed store still has it)
         self._sync()
         keyring = self.log.keyring
         out = []

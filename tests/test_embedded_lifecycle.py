@@ -153,3 +153,13 @@ def test_stats_after_close_is_store_closed(tmp_path: Path) -> None:
     store.close()
     with pytest.raises(StoreClosed):
         store.log.stats()
+
+
+def test_list_keys_after_close_is_store_closed(tmp_path: Path) -> None:
+    """It answered from memory after close(), where every other call raises StoreClosed."""
+    store = mqstore.open(tmp_path / "s", background=False)
+    store.enqueue(mail_from="a@example.org", recipients=["b@example.net"], data=b"x")
+    assert store.list_keys()
+    store.close()
+    with pytest.raises(StoreClosed):
+        store.list_keys()

@@ -349,9 +349,12 @@ class Environment:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
+            if holder == str(os.getpid()):
+                raise StoreLocked(f"store {self.path} is already open in this process: use the store object "
+                                  "that has it open, or close that one first") from None
             raise StoreLocked(
-                f"store {self.path} is open for writing by another process (pid {holder}); "
-                "stop it first, or open read-only"
+                f"store {self.path} is open for writing by another process (pid {holder}); stop it first, or "
+                "read it without writing (the CLI's inspection commands, or LogStore(path, readonly=True))"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
