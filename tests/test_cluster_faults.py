@@ -253,7 +253,11 @@ def test_followers_elect_at_once_when_the_leader_process_dies(tmp_path: Path, tl
                 elected = new_leader_after(cluster, leader, t0)
             finally:
                 cluster.resume(leader)
-            assert elected >= 5.0, f"a new leader after {elected:.2f} s although the paused leader's connections held"
+            # Not at once: a follower waits its election timeout (50 ticks, 5-10 s), counted from
+            # the last heartbeat it had (up to a heartbeat before t0) in whole ticks of its own (up
+            # to one more): so at least ~4.8 s after t0 (a CI run measured 4.96 s against the 5.0
+            # this asserted before), where "at once" is ~0.1 s.
+            assert elected >= 4.5, f"a new leader after {elected:.2f} s although the paused leader's connections held"
             assert client.get(after).data == b"after"
 
 
