@@ -375,7 +375,7 @@ def test_a_second_hold_on_the_same_case_is_audited(tmp_path: Path) -> None:
         assert (rec["op"], rec["actor"], rec["outcome"], rec["case"]) == ("legal_hold", "bob", "allowed", "SEC-1")
         assert rec["before"] == rec["after"] and rec["after"]["holds"] == ["SEC-1"]
         assert "already" in rec["unchanged"]
-        assert s.get(mid).legal_holds == ("SEC-1",) or list(s.get(mid).legal_holds) == ["SEC-1"]
+        assert list(s.get(mid).legal_holds) == ["SEC-1"]
     finally:
         s.close()
 

@@ -49,7 +49,6 @@ from __future__ import annotations
 import collections
 import contextvars
 import logging
-import re
 import threading
 import time
 import uuid
@@ -103,6 +102,7 @@ class _Refused(Exception):
         self.error = error  # the mqstore error class name (mqstore-error trailer)
         self.reason = reason  # metrics label
         self.trailers: list[tuple[str, str]] = []  # more trailing metadata (a NotLeader's leader)
+        self.index: int | None = None  # the message of the request refused (None: the request)
 
 
 def _refused(exc: errors.MQStoreError, reason: str) -> _Refused:
@@ -618,7 +618,10 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             return "peer:" + (context.peer() or "")
         return f"{actor.auth}:{actor.name}"
 
-    def _check_messages(self, messages: Any) -> None:
+    def _check_messages(self, messages: Any, name: Callable[[int], str] = "message {}".format) -> None:
+        """Refuse a request over the limits; ``name(i)`` names its message ``i`` in the error
+        (a stream names its position in the stream). The refusal carries ``index``: the message
+        refused (None: the request as a whole)."""
         lim = self.limits
         if len(messages) > lim.batch_messages_max:
             raise _refused(errors.InvalidArgument(
@@ -626,14 +629,17 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 "(limits.batch_messages_max): send fewer per request"), "limit")
         for i, m in enumerate(messages):
             size = len(m.data)
+            why = None
             if size > lim.message_bytes_max:
-                raise _refused(errors.InvalidArgument(
-                    f"message {i} is {size} bytes, over this node's limit of {lim.message_bytes_max} bytes "
-                    "(limits.message_bytes_max)"), "limit")
-            if len(m.recipients) > lim.recipients_max:
-                raise _refused(errors.InvalidArgument(
-                    f"message {i} has {len(m.recipients)} recipients, over this node's limit of "
-                    f"{lim.recipients_max} (limits.recipients_max): split it"), "limit")
+                why = (f"{name(i)} is {size} bytes, over this node's limit of {lim.message_bytes_max} bytes "
+                       "(limits.message_bytes_max)")
+            elif len(m.recipients) > lim.recipients_max:
+                why = (f"{name(i)} has {len(m.recipients)} recipients, over this node's limit of "
+                       f"{lim.recipients_max} (limits.recipients_max): split it")
+            if why is not None:
+                refused = _refused(errors.InvalidArgument(why), "limit")
+                refused.index = i
+                raise refused
 
     def _authorize(self, actor: Actor, method: str, rule: Method, request: Any) -> None:
         try:
@@ -924,17 +930,12 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if not frame.messages:
             return None  # an empty frame: the frame's own check says what it needs
         try:
-            self._check_messages(frame.messages)
-            if self._frame_allowed(actor, rule, frame):
-                return None
-            return self._first_denied(actor, method, rule, frame, passed)
+            self._check_messages(frame.messages, lambda i: f"messages[{passed + i}]")
         except _Refused as refused:
-            named = re.match(r"message (\d+) ", refused.message)
-            if named is None:
-                return 0, refused
-            k = int(named.group(1))
-            refused.message = f"messages[{passed + k}]{refused.message[named.end() - 1:]}"
-            return k, refused
+            return refused.index or 0, refused
+        if self._frame_allowed(actor, rule, frame):
+            return None
+        return self._first_denied(actor, method, rule, frame, passed)
 
     def _frame_allowed(self, actor: Actor, rule: Method, frame: Any) -> bool:
         """Whether the actor holds the permission in every namespace of the frame (no audit)."""
