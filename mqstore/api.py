@@ -1380,7 +1380,7 @@ class Store(QueueBase):
             raise refusal
         ctx = self._ctx(actor)
         staged = self.log.stage_messages(new, ctx.encode())
-        sizes = [len(n.data) for n in new]
+        sizes = [validate.nbytes(n.data) for n in new]
 
         def fn(wctx: WriteContext) -> tuple[list[bytes], Counters]:
             kv = self._kv(wctx)

@@ -150,6 +150,12 @@ def data(value: object, field: str = "data") -> bytes:
     return out
 
 
+def nbytes(value: bytes | bytearray | memoryview) -> int:
+    """The size in bytes of message data :func:`data` accepted (a memoryview's ``len`` counts its
+    items, which may be wider than a byte)."""
+    return value.nbytes if isinstance(value, memoryview) else len(value)
+
+
 def listed(value: object, field: str, noun: str) -> list[Any]:
     """``value`` (any iterable but text) as a list; InvalidArgument naming ``field`` otherwise."""
     if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Iterable):

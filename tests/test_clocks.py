@@ -582,3 +582,41 @@ def test_a_nodes_queue_time_never_goes_back_after_its_clock_steps_back(tmp_path:
         assert queue.stats()["oldest_age_seconds"] >= 0
     finally:
         c.close()
+
+
+def test_a_new_leader_stamps_no_earlier_than_what_its_predecessor_stamped_long_ago(tmp_path: Path) -> None:
+    """Node 1's clock is an hour ahead and, with node 3 down, no majority of clocks corrects it
+    (documented). It leads, enqueues A, then writes many entries that carry no message (audit
+    checkpoints). Node 2, a follower all along, then leads with the true time: the queue's time
+    must stand still until its clock catches up, not go an hour back (B enqueued after A would be
+    created before it, leased while A waits)."""
+    from mqstore.server import NodeServer
+
+    c = InProcessCluster(tmp_path, ["a", "b", "c"],
+                         node_options={1: {"clock": lambda: time.time() + HOUR_MS / 1000}})
+    try:
+        c.servers.pop(3).stop(grace=0)
+        lead = c.leader(among=[1, 2])
+        if lead.node.node_id != 1:
+            lead.node.call(lambda: lead.node.raw.transfer_leadership(1))
+        l1 = c.leader(among=[1])
+        mail = {"mail_from": "a@example.org", "data": b"Subject: t\r\n\r\nx\r\n"}
+        a = l1.queue.enqueue(recipients=["a@example.net"], **mail)
+        created_a = l1.queue.get(a).created
+        assert created_a > time.time() + HOUR_MS / 1000 - 60  # stamped by node 1's clock
+        for _ in range(70):  # more than a new leader's look back into its log
+            l1.queue.audit_checkpoint()
+        n2 = c.servers[2].node
+        _wait(lambda: n2.applied_index >= l1.node.applied_index, "node 2 to apply node 1's entries")
+        c.servers.pop(1).stop(grace=0)
+        c.servers[3] = NodeServer(c.configs[3])
+        c.servers[3].start()
+        l2 = c.leader(among=[2, 3], timeout=30)
+        b = l2.queue.enqueue(recipients=["b@example.net"], **mail)
+        assert l2.queue.get(b).created >= created_a
+        # the queue's time stands at A's: both are due, A (the older) first
+        assert [x.message_id for x in l2.queue.lease(worker="w", max_messages=10)] == [a, b]
+        # every replica keeps the largest stamp it applied (and writes it with what it applies)
+        assert n2.stamp_ms >= created_a * 1000
+    finally:
+        c.close()

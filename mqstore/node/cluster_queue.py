@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from mqstore import validate
 from mqstore.actor import Actor
 from mqstore.api import _LEASE_EXPIRE_RECORDS_MAX, _MAINTENANCE_ITEMS_MAX, QueueBase, token_list
 from mqstore.codec import RecordType
@@ -26,6 +27,7 @@ from mqstore.node.runtime import Node, Operation, Plan
 from mqstore.queue import machine
 from mqstore.queue.kv import KV, LmdbKV
 from mqstore.queue.model import (
+    EXPIRE_LEASE,
     DenialEntry,
     LeaseEntry,
     MaintenanceEntry,
@@ -237,7 +239,7 @@ class ClusterQueue(QueueBase):
                 self._raise_denied(result)  # sealed under a key shredded meanwhile: not stored
             return [format_id(mid) for _, mid in results]  # type: ignore[arg-type]
 
-        sizes = [len(n.data) for n in new]
+        sizes = [validate.nbytes(n.data) for n in new]
         hints: list[object] = [(st.envelope, size, ctx) for st, size in zip(staged, sizes, strict=True)]
         ids = self.node.submit(Operation(plan=plan, finish=finish, hints=hints))
         for st in staged:
@@ -258,9 +260,31 @@ class ClusterQueue(QueueBase):
         lease_ms, domain = self._lease_args(worker, max_messages, lease_seconds, namespace, domain)
         actor = self._actor(actor)
         self._require(actor, "lease", namespace, "lease", namespace or "*")
+        grants, expired = self._lease_round(worker, max_messages, lease_ms, namespace, domain, actor)
+        if expired and len(grants) < max_messages:
+            # The leases this call expired were planned against the state before their expiry
+            # applied: their recipients, due again now, are planned in a second round (as the
+            # embedded store grants them in the same call). Its failure (a leader change) must
+            # not lose the grants already made: they are returned, and it is logged.
+            try:
+                more, _ = self._lease_round(worker, max_messages - len(grants), lease_ms, namespace, domain, actor)
+                grants += more
+            except MQStoreError as exc:
+                log.info("lease: the round after expiring leases failed (%s); returning the first round's", exc)
+        return self._build_leases(grants, actor)
+
+    def _lease_round(
+        self, worker: str, max_messages: int, lease_ms: int, namespace: str | None, domain: str | None,
+        actor: Actor | None,
+    ) -> tuple[list[tuple[int, bytes, machine.Grant, int]], int]:
+        """One LEASE operation (after the expiries that are due): its grants, and how many lapsed
+        leases it expired."""
         op = Operation(plan=lambda node: [])
+        deadlines: dict[bytes, int] = {}
+        expired = 0
 
         def plan(node: Node) -> Plan:
+            nonlocal expired
             now = node.now_ms()
             ctx = self._ctx(actor)
             out: Plan = []
@@ -268,6 +292,7 @@ class ClusterQueue(QueueBase):
                 # A backlog of expiries (after downtime) is written first, in records of at most
                 # a page each and up to as many as the embedded store's lease writes.
                 expire = machine.plan_expire(kv, now, _MAINTENANCE_ITEMS_MAX * _LEASE_EXPIRE_RECORDS_MAX)
+                expired = sum(1 for kind, _ in expire if kind == EXPIRE_LEASE)
                 system = self._ctx(SYSTEM_ACTOR)
                 for at in range(0, len(expire), _MAINTENANCE_ITEMS_MAX):
                     page = tuple(expire[at : at + _MAINTENANCE_ITEMS_MAX])
@@ -278,8 +303,6 @@ class ClusterQueue(QueueBase):
                     op.reserved.add(p.mid)
                     deadlines[p.mid] = entry.deadline_ms
             return out
-
-        deadlines: dict[bytes, int] = {}
 
         def finish(results: list[tuple[int, object]]) -> list[tuple[int, bytes, machine.Grant, int]]:
             grants = []
@@ -292,7 +315,7 @@ class ClusterQueue(QueueBase):
         op.plan = plan
         op.finish = finish
         grants = self.node.submit(op)
-        return self._build_leases(grants, actor)  # type: ignore[arg-type]
+        return grants, expired  # type: ignore[return-value]
 
     def _lease_mid(self, token: int) -> bytes:
         raw = self.log.read(token).payload

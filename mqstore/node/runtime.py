@@ -58,7 +58,7 @@ from mqstore.crypto import KeyProvider
 from mqstore.crypto.keyring import ACTION_CREATE, META_SCRUB_PENDING, KeyEvent
 from mqstore.errors import InvalidArgument, MQStoreError, NotLeader, Unavailable
 from mqstore.node.clocks import PeerClocks
-from mqstore.node.raftlog import LmdbRaftStorage, entry_payload, split_payload
+from mqstore.node.raftlog import RECORD_META_BYTES, LmdbRaftStorage, entry_payload, split_payload
 from mqstore.node.replica import Applier, MemberInfo, read_members
 from mqstore.node.transport import ChannelFactory, Transport, insecure_channel
 from mqstore.queue.kv import LmdbKV
@@ -812,7 +812,14 @@ class Node:
         entries = rd.entries
         committed = rd.committed_entries
         hard = rd.hard_state
+        # Every replica keeps the largest stamp applied (not only the stamps it made as leader):
+        # it becomes the floor of its own stamps once it leads, even after the entries that
+        # carried it were compacted away, and its snapshots carry it to the nodes they seed.
         stamp = self.stamp_ms
+        for e in committed:
+            entry_stamp = entry_stamp_ms(e.rtype, e.payload)
+            if entry_stamp > stamp:
+                stamp = entry_stamp
         hints = {}
         for e in committed:
             hint = self._hints.pop(e.index, None)
@@ -857,6 +864,7 @@ class Node:
             if m.snapshot is not None and m.snapshot.meta.index != BOOTSTRAP_INDEX:
                 self._send_snapshot(m)
         if committed:
+            self._raise_stamp(stamp)
             self._applied = committed[-1].index
             self._applied_term = committed[-1].term
             for e in committed:
@@ -1341,7 +1349,7 @@ _CACHED_TYPES = frozenset((RecordType.POLICY, RecordType.DROP))
 _STAMPED = frozenset(
     (RecordType.LEASE, RecordType.ACK, RecordType.DEFER, RecordType.BOUNCE, RecordType.HOLD, RecordType.RELEASE,
      RecordType.REQUEUE, RecordType.DELETE, RecordType.EXPIRE, RecordType.COMPACT, RecordType.POLICY,
-     RecordType.BOUNCE_MESSAGE)
+     RecordType.BOUNCE_MESSAGE, RecordType.LEGAL_HOLD, RecordType.RETENTION, RecordType.AUDIT, RecordType.DROP)
 )
 
 
@@ -1356,12 +1364,12 @@ _ANSWER_BEFORE_SYNC = frozenset({
 
 def entry_stamp_ms(rtype: int, payload: bytes) -> int:
     """The time stamped on an entry (0 when it has none): queue entries start with a version byte
-    and the i64 stamp; a message's id carries its creation time."""
-    body = payload[10:]  # after the record meta (flags, key id, dict id)
-    if rtype in _STAMPED and len(body) >= 9:
-        return int.from_bytes(body[1:9], "little", signed=True)
-    if rtype == RecordType.ENQUEUE and len(body) >= 16:
-        return int.from_bytes(body[:6], "big")
+    and the i64 stamp; a message's id carries its creation time. (Reads only those bytes: called
+    for every committed entry.)"""
+    if rtype in _STAMPED and len(payload) >= RECORD_META_BYTES + 9:
+        return int.from_bytes(payload[RECORD_META_BYTES + 1:RECORD_META_BYTES + 9], "little", signed=True)
+    if rtype == RecordType.ENQUEUE and len(payload) >= RECORD_META_BYTES + 16:
+        return int.from_bytes(payload[RECORD_META_BYTES:RECORD_META_BYTES + 6], "big")
     return 0
 
 

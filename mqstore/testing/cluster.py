@@ -37,6 +37,24 @@ STATE_TABLES = (
 )
 
 
+def state_digest(data_dir: Path, key_file: Path) -> tuple[int, str]:
+    """(applied index, SHA-256 of the state tables) of the store in ``data_dir`` (not running):
+    replicas that applied the same log have equal digests."""
+    from mqstore.node.raftlog import LmdbRaftStorage
+    from mqstore.store import LogStore
+
+    digest = hashlib.sha256()
+    with LogStore(data_dir, key_file=key_file, readonly=True, create=False) as store:
+        applied = LmdbRaftStorage(store).applied_index()
+        with store.env.read() as txn:
+            for table in STATE_TABLES:
+                digest.update(b"\x00table:" + table)
+                with txn.cursor(db=store.env.dbs[table]) as cur:
+                    for key, value in cur:
+                        digest.update(len(key).to_bytes(4, "big") + key + len(value).to_bytes(4, "big") + value)
+    return applied, digest.hexdigest()
+
+
 _PORTS_GIVEN: set[int] = set()
 _PORTS_LOW = 10_000
 
@@ -456,21 +474,9 @@ class LocalCluster:
     def state_digest(self, node_id: int) -> tuple[int, str]:
         """(applied index, SHA-256 of the state tables) of a stopped node's data dir: replicas that
         applied the same log have equal digests."""
-        from mqstore.node.raftlog import LmdbRaftStorage
-        from mqstore.store import LogStore
-
         if self.alive(node_id):
             raise RuntimeError(f"node {node_id} is running: stop it before reading its data dir")
-        digest = hashlib.sha256()
-        with LogStore(self.data_dir(node_id), key_file=self.key_file, readonly=True, create=False) as store:
-            applied = LmdbRaftStorage(store).applied_index()
-            with store.env.read() as txn:
-                for table in STATE_TABLES:
-                    digest.update(b"\x00table:" + table)
-                    with txn.cursor(db=store.env.dbs[table]) as cur:
-                        for key, value in cur:
-                            digest.update(len(key).to_bytes(4, "big") + key + len(value).to_bytes(4, "big") + value)
-        return applied, digest.hexdigest()
+        return state_digest(self.data_dir(node_id), self.key_file)
 
 
     # --- operations drills (mqstore/ops, tests/test_drills.py) ----------------------------------
