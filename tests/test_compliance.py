@@ -923,6 +923,15 @@ def test_policy_keys_retention_and_audit_commands(qpath: Path, kek: Path, clock:
     assert run("keys", "shred", str(bulk_key), "--yes")["key_id"] == bulk_key
     after = {k["key_id"]: k for k in run("keys", "list")}
     assert after[bulk_key]["shredded"] and not after[rotated["key_id"]]["shredded"]
+    # shredding a namespace's current key makes its older live key current again: the command says so
+    third = run("keys", "rotate", "bulk")["key_id"]
+    shred_current = run("keys", "shred", str(third), "--yes")
+    assert (shred_current["namespace"], shred_current["current_key_id"]) == ("bulk", rotated["key_id"])
+    fourth = run("keys", "rotate", "bulk")["key_id"]
+    text = _cli("keys", "shred", str(fourth), "--yes", *common[:-1])
+    assert text.returncode == 0, text.stderr
+    assert (f"it was namespace 'bulk''s current key: new messages are now sealed under its older key "
+            f"{rotated['key_id']} (run `mqstore keys rotate bulk` for a new one)") in text.stdout
 
     tail = run("audit", "tail", "-n", "3")
     assert [r["op"] for r in tail][-1] == "shred_key" and len(tail) == 3

@@ -23,7 +23,7 @@ from mqstore import limits
 from mqstore.api import AUDIT_KEY_FILE
 from mqstore.commands._common import emit
 from mqstore.commands.ops import Target, _config, add_target_args
-from mqstore.errors import InvalidArgument
+from mqstore.errors import InvalidArgument, PermissionDenied
 
 
 def _when(text: str) -> float:
@@ -227,10 +227,33 @@ def cmd_keys_shred(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"shredding key {args.key_id} makes every record sealed under it unreadable forever: "
                               "pass --yes to confirm")
     with Target(args, write=True) as target:
+        before = _keys_if_listable(target)
         removed = target.queue.shred_key(args.key_id)
-    emit(args, {"key_id": args.key_id, "messages_removed": removed},
-         [f"key {args.key_id} shredded; {removed} finished message(s) sealed under it removed"])
+        after = _keys_if_listable(target) if before else []
+    out: dict[str, Any] = {"key_id": args.key_id, "messages_removed": removed}
+    lines = [f"key {args.key_id} shredded; {removed} finished message(s) sealed under it removed"]
+    shredded = next((k for k in before if k["key_id"] == args.key_id), None)
+    if shredded is not None and shredded["current"]:
+        # Shredding a namespace's current key makes its newest live key current again: say so,
+        # for an operator who rotated away from that older key because it was suspect.
+        ns = shredded["namespace"]
+        current = next((k["key_id"] for k in after if k["namespace"] == ns and k["current"]), None)
+        out.update(namespace=ns, current_key_id=current)
+        lines.append(f"it was namespace {ns!r}'s current key: new messages are now sealed under its older key "
+                     f"{current} (run `mqstore keys rotate {ns}` for a new one)" if current is not None
+                     else f"it was namespace {ns!r}'s last live key: its next message creates a new one")
+    emit(args, out, lines)
     return 0
+
+
+def _keys_if_listable(target: Target) -> list[dict[str, Any]]:
+    """Every key (list_keys), or [] when this caller may not list them (listing needs read
+    access to every namespace; shredding may be allowed without it)."""
+    try:
+        keys: list[dict[str, Any]] = target.queue.list_keys()
+        return keys
+    except PermissionDenied:
+        return []
 
 
 def cmd_keys_new_kek(args: argparse.Namespace) -> int:
