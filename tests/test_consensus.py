@@ -296,6 +296,7 @@ def test_valid_configurations() -> None:
         (conf_of(SITES3, min_sites=0), "min_sites must be at least 1"),
         (ConfState(min_sites=1), "no voters"),
         (conf_of({**SITES3, 9: "z"}, voters=[1, 2, 3], learners=[]), "not members"),
+        (conf_of({1: "a", 2: "b", 2**64: "c"}), "node id must be 1"),
     ],
 )
 def test_invalid_configurations(conf: ConfState, message: str) -> None:
@@ -893,6 +894,7 @@ def test_invalid_change_is_refused_without_effect() -> None:
         (ConfChange((), leave_joint=True), "not in a joint"),
         (ConfChange(()), "at least one item"),
         (ConfChange((remove(1), remove(1))), "each node once"),
+        (ConfChange((add(2**64, "c"),)), r"node id must be 1\.\.18446744073709551615"),  # was struct.error
     ]
     for cc, message in bad:
         with pytest.raises(InvalidConfig, match=message):

@@ -126,6 +126,10 @@ def is_joint(conf: ConfState) -> bool:
     return bool(conf.voters_outgoing)
 
 
+#: Node ids are u64 on the wire and in CONFIG entries.
+NODE_ID_MAX = 2**64 - 1
+
+
 def validate_conf(conf: ConfState) -> None:
     """Raise ``InvalidConfig`` unless ``conf`` follows the placement rules.
 
@@ -143,8 +147,8 @@ def validate_conf(conf: ConfState) -> None:
     if len(members) > CONF_MEMBERS_MAX:
         raise InvalidConfig(f"{len(members)} members: at most {CONF_MEMBERS_MAX}")
     for node in sorted(members):
-        if node <= NONE:
-            raise InvalidConfig(f"node id must be > 0, got {node}")
+        if not NONE < node <= NODE_ID_MAX:
+            raise InvalidConfig(f"node id must be 1..{NODE_ID_MAX}, got {node}")
     both = conf.voters & conf.learners
     if both:
         raise InvalidConfig(f"nodes {sorted(both)} are both voters and learners")
@@ -257,8 +261,8 @@ def _apply_item(
     joint: bool,
 ) -> None:
     node = item.node
-    if node <= NONE:
-        raise InvalidConfig(f"node id must be > 0, got {node}")
+    if not NONE < node <= NODE_ID_MAX:
+        raise InvalidConfig(f"node id must be 1..{NODE_ID_MAX}, got {node}")
     if item.type in (ConfChangeType.ADD_VOTER, ConfChangeType.ADD_LEARNER):
         known = sites.get(node)
         if known is None:
