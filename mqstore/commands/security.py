@@ -31,19 +31,36 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The passphrase of an encrypted ca.key, for `certs issue` (never a command-line argument: others
+#: could read it in the process list).
+CA_PASSPHRASE_ENV = "MQSTORE_CA_PASSPHRASE"
+
+
 def cmd_certs_issue(args: argparse.Namespace) -> int:
+    import os
+
+    from cryptography import x509
+
     from mqstore.security.certs import CA
 
-    ca = CA.load(args.dir)
+    ca = CA.load(args.dir, passphrase=os.environ.get(CA_PASSPHRASE_ENV) or None)
     out = args.out or args.dir
+    capped = ca.capped(args.days)
+    force = bool(getattr(args, "force", False))
     if args.kind == "node":
-        pair = ca.issue_node(args.id, out, hosts=args.host or (), days=args.days)
+        pair = ca.issue_node(args.id, out, hosts=args.host or (), days=args.days, overwrite=force)
         what = f"node {args.id}"
     else:
         pair = ca.issue_client(args.name, out, roles=_list(args.roles) or [], namespaces=_list(args.namespaces),
-                               days=args.days)
+                               days=args.days, overwrite=force)
         what = f"client {args.name!r} (roles {args.roles or 'none'})"
-    emit(args, {"cert": str(pair.cert), "key": str(pair.key)}, [f"issued {what}: {pair.cert} (key {pair.key})"])
+    not_after = x509.load_pem_x509_certificate(pair.cert.read_bytes()).not_valid_after_utc
+    lines = [f"issued {what}: {pair.cert} (key {pair.key}), valid until {not_after:%Y-%m-%d %H:%M} UTC"]
+    if capped:
+        lines.append(f"note: cut to end with the CA ({not_after:%Y-%m-%d %H:%M} UTC), not in {args.days} days: no "
+                     "certificate outlives its CA; create a new CA before then")
+    emit(args, {"cert": str(pair.cert), "key": str(pair.key), "not_after": not_after.isoformat(),
+                "capped_to_ca": capped}, lines)
     return 0
 
 
@@ -90,9 +107,11 @@ def cmd_tokens_remove(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     from mqstore import config as cfg
+    from mqstore.security.certs import tls_warnings
     from mqstore.security.tokens import TokenStore
 
     c = cfg.load(args.file)
+    warnings = tls_warnings(c.tls.ca, c.tls.cert, where=str(args.file)) if c.tls is not None else []
     tokens = len(TokenStore(c.auth.tokens_file).list()) if c.auth.tokens_file is not None else None
     bootstrapped = (Path(c.data_dir) / "data.mdb").exists()
     if not bootstrapped:
@@ -113,6 +132,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         "data_dir": str(c.data_dir),
         "bootstrapped": bootstrapped,
         "peers": [p.id for p in c.peers],
+        "warnings": warnings,
     }
     lines = [
         f"{args.file}: valid",
@@ -125,6 +145,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         lines.append(f"tokens file {c.auth.tokens_file}: {tokens} token(s)")
     if c.metrics_listen:
         lines.append(f"metrics on http://{c.metrics_listen}/metrics")
+    lines += [f"warning: {w}" for w in warnings]
     emit(args, payload, lines)
     return 0
 
@@ -177,7 +198,8 @@ def register(sub: Any) -> None:
     init.add_argument("--json", action="store_true", help="machine-readable output")
     init.set_defaults(func=cmd_certs_init)
 
-    issue = certs_sub.add_parser("issue", help="issue a node's or a client's certificate, signed by the CA")
+    issue = certs_sub.add_parser("issue", help="issue a node's or a client's certificate, signed by the CA "
+                                               f"(an encrypted ca.key: its passphrase in ${CA_PASSPHRASE_ENV})")
     issue.add_argument("kind", choices=["node", "client"])
     issue.add_argument("--dir", required=True, help="the CA's directory")
     issue.add_argument("--out", default=None, help="where to write the certificate and key (default: --dir)")
@@ -187,7 +209,9 @@ def register(sub: Any) -> None:
     issue.add_argument("--name", help="client: its name")
     issue.add_argument("--roles", help="client: roles, comma-separated (producer, worker, reader, admin, compliance)")
     issue.add_argument("--namespaces", help="client: limit its roles to these namespaces (comma-separated)")
-    issue.add_argument("--days", type=int, default=397, help="validity (1..36500; default: %(default)s days)")
+    issue.add_argument("--days", type=int, default=397, help="validity (1..36500; default: %(default)s days; "
+                                                              "never beyond the CA's)")
+    issue.add_argument("--force", action="store_true", help="replace the certificate and key if they exist")
     issue.add_argument("--json", action="store_true", help="machine-readable output")
     issue.set_defaults(func=_checked_issue)
 

@@ -11,13 +11,19 @@ Identities live in the subject alternative name, as URIs a verifier can match ex
   every namespace). The CA vouches for the roles; ``[[auth.clients]]`` in a node's config can
   override them per name.
 
-Keys are ECDSA P-256 (fast handshakes), written with mode 0600. Certificates are for a test or a
-first deployment: an organisation with its own PKI issues certificates with the same SAN URIs.
+Keys are ECDSA P-256 (fast handshakes), written with mode 0600 (certificates 0644, directories
+created 0700, whatever the umask), each file replaced atomically. The CA is checked before it signs
+anything: its certificate must say CA:TRUE and be valid now, and ``ca.key`` must be its key and
+private to its owner (it may be passphrase-protected: ``CA.load(..., passphrase=)``, the CLI's
+``MQSTORE_CA_PASSPHRASE``). A certificate never outlives its CA: its end is capped at the CA's.
+Certificates are for a test or a first deployment: an organisation with its own PKI issues
+certificates with the same SAN URIs.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import functools
 import ipaddress
 import os
@@ -27,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -108,20 +114,72 @@ def check_granted_namespaces(namespaces: object, what: str = "namespaces") -> fr
 # --- writing -----------------------------------------------------------------------------------
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)
+def _make_dirs(directory: Path) -> None:
+    """Create ``directory`` and its missing parents with mode 0700 (whatever the umask); an
+    existing directory is left as it is."""
+    missing: list[Path] = []
+    d = directory
+    while not d.exists() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(d, 0o700)
+    if not directory.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory))
 
 
-def _write_pair(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, cert_path: Path, key_path: Path) -> CertPair:
+def _write_file(path: Path, data: bytes, mode: int, *, overwrite: bool) -> None:
+    """Write ``path`` with ``mode`` (whatever the umask), never visible half-written or with a
+    wider mode: a temporary file created with ``mode`` in the same directory, then renamed over
+    ``path`` (``overwrite``) or linked to it (refused when ``path`` exists)."""
+    _make_dirs(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    except OSError as exc:  # named as the file it was to be, not the temporary one
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    try:
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise InvalidArgument(f"{path} already exists: refusing to replace it") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _check_new(paths: tuple[Path, ...], overwrite: bool) -> None:
+    if overwrite:
+        return
+    for path in paths:
+        if os.path.lexists(path):
+            raise InvalidArgument(f"{path} already exists: refusing to replace it (--force replaces it)")
+
+
+def _write_pair(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, cert_path: Path, key_path: Path, *,
+                overwrite: bool = True) -> CertPair:
+    """Write a certificate (0644) and its key (0600); with ``overwrite`` false, refuse (before
+    writing anything) when either file exists."""
+    _check_new((cert_path, key_path), overwrite)
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-    _write_private(key_path, key_pem)
-    cert_path.parent.mkdir(parents=True, exist_ok=True)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_file(key_path, key_pem, 0o600, overwrite=overwrite)
+    _write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644, overwrite=overwrite)
     return CertPair(cert_path, key_path)
 
 
@@ -204,7 +262,46 @@ def init_ca(directory: str | os.PathLike[str], *, name: str = "mqstore cluster C
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    return _write_pair(cert, key, pair.cert, pair.key)
+    return _write_pair(cert, key, pair.cert, pair.key, overwrite=overwrite)
+
+
+def _spki(public_key: object) -> bytes:
+    return public_key.public_bytes(  # type: ignore[attr-defined, no-any-return]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _period(cert: x509.Certificate) -> str:
+    return f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} to {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+
+
+def _not_a_ca(cert: x509.Certificate) -> str | None:
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        is_ca = constraints.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        return "is not a CA certificate (its basic constraints do not say CA:TRUE)"
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        if not usage.key_cert_sign:
+            return "is not a CA certificate (its key usage does not allow signing certificates)"
+    except x509.ExtensionNotFound:
+        pass
+    return None
+
+
+def _not_valid_now(cert: x509.Certificate, now: _dt.datetime) -> str | None:
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        state = "expired" if now > cert.not_valid_after_utc else "not valid yet"
+        return f"is valid from {_period(cert)}, not now ({state})"
+    return None
+
+
+def ca_problem(cert: x509.Certificate, now: _dt.datetime | None = None) -> str | None:
+    """What makes ``cert`` unable to be a CA that a TLS handshake accepts (None: nothing): it
+    must say CA:TRUE, may sign certificates when it has a key usage, and must be valid now."""
+    return _not_a_ca(cert) or _not_valid_now(cert, now or _dt.datetime.now(_dt.UTC))
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,24 +310,78 @@ class CA:
     key: ec.EllipticCurvePrivateKey
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> CA:
+    def load(cls, directory: str | os.PathLike[str], *, passphrase: bytes | str | None = None) -> CA:
+        """The CA in ``directory`` (``ca.pem``, ``ca.key``), refused (InvalidArgument naming the
+        file) unless it can sign certificates a handshake accepts: ``ca.pem`` a CA certificate
+        valid now, ``ca.key`` its key, private to its owner (as a node's TLS key), decrypted
+        with ``passphrase`` when it is encrypted."""
         d = Path(directory)
+        cert_path, key_path = d / "ca.pem", d / "ca.key"
+        missing = f"no CA in {d} (ca.pem and ca.key): create one with `mqstore certs init`"
         try:
-            cert = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
-            key = serialization.load_pem_private_key((d / "ca.key").read_bytes(), password=None)
+            cert_pem = cert_path.read_bytes()
         except FileNotFoundError:
-            raise InvalidArgument(f"no CA in {d} (ca.pem and ca.key): create one with `mqstore certs init`") from None
-        except ValueError as exc:
-            raise InvalidArgument(f"the CA in {d} cannot be read: {exc}") from None
+            raise InvalidArgument(missing) from None
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read the CA certificate {cert_path}: {exc.strerror}") from None
+        if not os.path.lexists(key_path):
+            raise InvalidArgument(missing)
+        try:
+            # Whoever reads the CA key can issue certificates for any node or client.
+            key_pem = read_private_file(key_path, "the CA key")
+        except KeyFileError as exc:
+            raise InvalidArgument(str(exc)) from None
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+        except ValueError:
+            raise InvalidArgument(f"the CA certificate {cert_path} is not a PEM certificate") from None
+        password = passphrase.encode() if isinstance(passphrase, str) else passphrase
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=password or None)
+        except TypeError:
+            if not password:  # encrypted, and no passphrase given
+                raise InvalidArgument(
+                    f"the CA key {key_path} is encrypted: set MQSTORE_CA_PASSPHRASE to its passphrase") from None
+            try:  # a passphrase given for a key that is not encrypted: it needs none
+                key = serialization.load_pem_private_key(key_pem, password=None)
+            except (ValueError, TypeError):
+                raise InvalidArgument(f"the CA key {key_path} is not a PEM private key") from None
+        except ValueError:
+            if password:
+                raise InvalidArgument(f"the CA key {key_path} cannot be decrypted with the passphrase given "
+                                      "(MQSTORE_CA_PASSPHRASE), or is not a PEM private key") from None
+            raise InvalidArgument(f"the CA key {key_path} is not a PEM private key") from None
+        except UnsupportedAlgorithm:
+            raise InvalidArgument(f"the CA key {key_path} is of an unsupported kind") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise InvalidArgument(f"the CA key in {d} is not an EC key")
+            raise InvalidArgument(f"the CA key {key_path} is not an EC key")
+        problem = _not_a_ca(cert)
+        if problem is not None:
+            raise InvalidArgument(f"the CA certificate {cert_path} {problem}: --dir must hold the CA's own "
+                                  "certificate and key")
+        problem = _not_valid_now(cert, _dt.datetime.now(_dt.UTC))
+        if problem is not None:
+            raise InvalidArgument(f"the CA certificate {cert_path} {problem}: certificates it signed would not "
+                                  "verify; create a new CA (`mqstore certs init`) and issue every certificate again")
+        if _spki(key.public_key()) != _spki(cert.public_key()):
+            raise InvalidArgument(f"the CA key {key_path} is not the key of the CA certificate {cert_path}: "
+                                  "certificates it signed would not verify")
         return cls(cert, key)
+
+    def capped(self, days: int) -> bool:
+        """Whether a certificate of ``days`` from now would outlive the CA (and so be cut to end with it)."""
+        return _dt.datetime.now(_dt.UTC) + _dt.timedelta(days=days) > self.cert.not_valid_after_utc
 
     def _issue(self, subject_cn: str, sans: list[x509.GeneralName], usages: list[x509.ObjectIdentifier], days: int,
                not_before: _dt.datetime | None, not_after: _dt.datetime | None,
                ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-        key = ec.generate_private_key(ec.SECP256R1())
         start, end = _validity(days, not_before, not_after)
+        # A certificate is worthless once its CA expires: it ends with the CA at the latest.
+        end = min(end, self.cert.not_valid_after_utc)
+        if end <= start:
+            raise InvalidArgument(f"a certificate must end after it starts, and the CA ends "
+                                  f"{self.cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+        key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]))
@@ -252,9 +403,11 @@ class CA:
 
     def issue_node(self, node_id: int, out_dir: str | os.PathLike[str], *, hosts: list[str] | tuple[str, ...] = (),
                    days: int = CERT_DAYS_DEFAULT, not_before: _dt.datetime | None = None,
-                   not_after: _dt.datetime | None = None, prefix: str | None = None) -> CertPair:
+                   not_after: _dt.datetime | None = None, prefix: str | None = None,
+                   overwrite: bool = True) -> CertPair:
         """A node's certificate (``node-<id>.pem``/``.key``): server and client use, naming the node
-        and every host name or IP address in ``hosts`` (default: localhost, 127.0.0.1)."""
+        and every host name or IP address in ``hosts`` (default: localhost, 127.0.0.1). Ends with
+        the CA at the latest. ``overwrite`` false: refuse when either file exists."""
         if isinstance(node_id, bool) or not isinstance(node_id, int) or node_id < 1:
             raise InvalidArgument(f"a node id is an integer >= 1, not {node_id!r}")
         sans: list[x509.GeneralName] = [
@@ -262,19 +415,21 @@ class CA:
             x509.DNSName(node_dns_name(node_id)),
             *check_hosts(list(hosts or ("localhost", "127.0.0.1"))),
         ]
+        d = Path(out_dir)
+        name = prefix or f"node-{node_id}"
+        _check_new((d / f"{name}.pem", d / f"{name}.key"), overwrite)
         cert, key = self._issue(f"node-{node_id}", sans, [ExtendedKeyUsageOID.SERVER_AUTH,
                                                           ExtendedKeyUsageOID.CLIENT_AUTH],
                                 days, not_before, not_after)
-        d = Path(out_dir)
-        name = prefix or f"node-{node_id}"
-        return _write_pair(cert, key, d / f"{name}.pem", d / f"{name}.key")
+        return _write_pair(cert, key, d / f"{name}.pem", d / f"{name}.key", overwrite=overwrite)
 
     def issue_client(self, name: str, out_dir: str | os.PathLike[str], *, roles: list[str] | tuple[str, ...] = (),
                      namespaces: list[str] | tuple[str, ...] | None = None, days: int = CERT_DAYS_DEFAULT,
                      not_before: _dt.datetime | None = None, not_after: _dt.datetime | None = None,
-                     prefix: str | None = None) -> CertPair:
+                     prefix: str | None = None, overwrite: bool = True) -> CertPair:
         """A client's certificate (``client-<name>.pem``/``.key``) carrying its roles (and, when
-        given, the namespaces they are limited to)."""
+        given, the namespaces they are limited to). Ends with the CA at the latest. ``overwrite``
+        false: refuse when either file exists."""
         check_name(name, "a client's name")
         role_set = check_roles(list(roles))
         spaces = check_granted_namespaces(namespaces)
@@ -283,10 +438,11 @@ class CA:
             query["namespaces"] = ",".join(sorted(spaces))
         uri = f"{CLIENT_URI_PREFIX}{urllib.parse.quote(name)}?{urllib.parse.urlencode(query, safe=',')}"
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
-        cert, key = self._issue(name, sans, [ExtendedKeyUsageOID.CLIENT_AUTH], days, not_before, not_after)
         d = Path(out_dir)
         base = prefix or f"client-{name}"
-        return _write_pair(cert, key, d / f"{base}.pem", d / f"{base}.key")
+        _check_new((d / f"{base}.pem", d / f"{base}.key"), overwrite)
+        cert, key = self._issue(name, sans, [ExtendedKeyUsageOID.CLIENT_AUTH], days, not_before, not_after)
+        return _write_pair(cert, key, d / f"{base}.pem", d / f"{base}.key", overwrite=overwrite)
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -335,8 +491,9 @@ def check_tls_files(ca_path: Path, cert_path: Path, key_path: Path, *, node_id: 
                     where: str = "") -> None:
     """Check a node's TLS material; raises InvalidArgument naming the key and the problem: files
     readable and PEM, the key private to its owner (no access for other users, no group write),
-    the key matches the certificate, the CA signed it, it is valid now, and
-    (with ``node_id``) it names that node."""
+    the key matches the certificate, the CA is a CA certificate (CA:TRUE) valid now and signed it,
+    it is valid now, and (with ``node_id``) it names that node. (A certificate that outlives its
+    CA is valid until the CA expires: :func:`tls_warnings` says so.)"""
     def read(path: Path, key: str) -> bytes:
         try:
             return path.read_bytes()
@@ -361,14 +518,20 @@ def check_tls_files(ca_path: Path, cert_path: Path, key_path: Path, *, node_id: 
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError):
         raise InvalidArgument(f"{where} tls.key: {key_path} is not an unencrypted PEM private key") from None
-    if key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) != \
-            cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+    if _spki(key.public_key()) != _spki(cert.public_key()):
         raise InvalidArgument(f"{where} tls.key: {key_path} is not the key of the certificate {cert_path}")
+    problem = _not_a_ca(ca)
+    if problem is not None:  # said before "not signed by", which would hide it
+        raise InvalidArgument(f"{where} tls.ca: {ca_path} {problem}: every handshake would fail")
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
         raise InvalidArgument(f"{where} tls.cert: {cert_path} is not signed by the CA in {ca_path}") from None
     now = _dt.datetime.now(_dt.UTC)
+    problem = _not_valid_now(ca, now)
+    if problem is not None:
+        raise InvalidArgument(f"{where} tls.ca: {ca_path} {problem}: every handshake would fail (create a new CA "
+                              "with `mqstore certs init` and issue every certificate again)")
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise InvalidArgument(
             f"{where} tls.cert: {cert_path} is valid from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} to "
@@ -384,6 +547,21 @@ def check_tls_files(ca_path: Path, cert_path: Path, key_path: Path, *, node_id: 
             )
 
 
+def tls_warnings(ca_path: Path, cert_path: Path, *, where: str = "") -> list[str]:
+    """What is not yet wrong with TLS files :func:`check_tls_files` accepted but will be: a
+    certificate that outlives its CA stops working the day the CA expires."""
+    try:
+        ca = x509.load_pem_x509_certificate(Path(ca_path).read_bytes())
+        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    except (OSError, ValueError):
+        return []
+    if cert.not_valid_after_utc > ca.not_valid_after_utc:
+        return [f"{where} tls.cert: {cert_path} is valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, but "
+                f"its CA {ca_path} expires {ca.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: every handshake fails from "
+                "then on (create a new CA before then)".strip()]
+    return []
+
+
 __all__ = [
     "CA",
     "CA_DAYS_DEFAULT",
@@ -393,6 +571,7 @@ __all__ = [
     "NODE_URI_PREFIX",
     "CertPair",
     "Identity",
+    "ca_problem",
     "check_ca_name",
     "check_days",
     "check_hosts",
@@ -404,4 +583,5 @@ __all__ = [
     "identity_of",
     "init_ca",
     "node_dns_name",
+    "tls_warnings",
 ]

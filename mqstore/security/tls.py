@@ -17,6 +17,7 @@ whoever reads it can join the cluster as that node.
 
 from __future__ import annotations
 
+import datetime as _dt
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from mqstore.config import TLSFiles
 from mqstore.crypto.providers import read_private_file
 from mqstore.errors import InvalidArgument, KeyFileError
 from mqstore.node.transport import CHANNEL_OPTIONS
-from mqstore.security.certs import node_dns_name
+from mqstore.security.certs import ca_problem, node_dns_name
 
 AUTHORIZATION = "authorization"
 BEARER = "Bearer "
@@ -130,18 +131,88 @@ class ClientTLS:
     def credentials(self) -> grpc.ChannelCredentials:
         if (self.cert is None) != (self.key is None):
             raise InvalidArgument("give both a client certificate and its key, or neither")
-        if self.cert is None:
+        if self.cert is None or self.key is None:
             # Refused here rather than by every node's handshake, which a client only sees as
             # "Socket closed" after retrying until its timeout.
             raise InvalidArgument(
                 "mqstore nodes require a client certificate on every TLS connection: give the certificate and "
                 "its key (MQSTORE_CERT and MQSTORE_KEY); a bearer token only sets the roles the calls get"
             )
-        return grpc.ssl_channel_credentials(
-            root_certificates=_read(self.ca, "CA certificate"),
-            private_key=_read(self.key, "client key") if self.key else None,
-            certificate_chain=_read(self.cert, "client certificate") if self.cert else None,
-        )
+        ca_pem = _read(self.ca, "CA certificate")
+        key_pem = _read(self.key, "client key")
+        cert_pem = _read(self.cert, "client certificate")
+        check_client_files(self.ca, ca_pem, self.cert, cert_pem, self.key, key_pem)
+        return grpc.ssl_channel_credentials(root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem)
+
+
+#: How far a client's clock may be from the nodes' when its own certificate's dates are checked
+#: (the nodes check them with theirs).
+_CLIENT_CLOCK_SKEW = _dt.timedelta(minutes=5)
+
+
+def check_client_files(ca_path: Path, ca_pem: bytes, cert_path: Path, cert_pem: bytes, key_path: Path,
+                       key_pem: bytes) -> None:
+    """What every node's handshake (or this client's) would refuse about a client's TLS files,
+    refused at once with InvalidArgument naming the file and the problem, rather than seen as
+    "Socket closed" after retrying until the timeout: the CA, the certificate (chain) and the key
+    must be PEM, the key the certificate's, the certificate valid now and signed (through the
+    chain it carries) by a certificate of the CA file that is valid now."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        roots = x509.load_pem_x509_certificates(ca_pem)
+    except ValueError:
+        raise InvalidArgument(f"the CA certificate {ca_path} is not a PEM certificate") from None
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        raise InvalidArgument(f"the client certificate {cert_path} is not a PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise InvalidArgument(f"the client key {key_path} is not an unencrypted PEM private key") from None
+
+    def spki(public_key: Any) -> bytes:
+        return public_key.public_bytes(  # type: ignore[no-any-return]
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    leaf = chain[0]
+    if spki(key.public_key()) != spki(leaf.public_key()):
+        raise InvalidArgument(f"the client key {key_path} is not the key of the client certificate "
+                              f"{cert_path}")
+    now = _dt.datetime.now(_dt.UTC)
+    if not leaf.not_valid_before_utc - _CLIENT_CLOCK_SKEW <= now <= leaf.not_valid_after_utc + _CLIENT_CLOCK_SKEW:
+        state = "expired" if now > leaf.not_valid_after_utc else "not valid yet"
+        raise InvalidArgument(
+            f"the client certificate {cert_path} is valid from {leaf.not_valid_before_utc:%Y-%m-%d %H:%M}"
+            f" to {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now ({state}): nodes refuse it")
+
+    def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+        try:
+            cert.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+            return False
+        return True
+
+    cert, seen = leaf, 0
+    while seen <= len(chain):
+        root = next((r for r in roots if issued_by(cert, r)), None)
+        if root is not None:
+            problem = ca_problem(root, now)
+            if problem is not None:
+                raise InvalidArgument(f"the CA certificate {ca_path} {problem}: nodes refuse the "
+                                      "certificates it signed")
+            return
+        nxt = next((c for c in chain[1:] if c is not cert and issued_by(cert, c)), None)
+        if nxt is None:
+            break
+        cert, seen = nxt, seen + 1
+    raise InvalidArgument(
+        f"the client certificate {cert_path} is not signed by the CA in {ca_path}: "
+        "the nodes' CA must sign it, and the CA file (MQSTORE_CA) must be that CA: the cluster's ca.pem"
+    )
 
 
 def client_settings_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -298,6 +369,7 @@ __all__ = [
     "PeerChannelFactory",
     "aio_channel_factory",
     "channel_factory",
+    "check_client_files",
     "client_settings_from_env",
     "server_credentials",
 ]
