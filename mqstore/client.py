@@ -82,6 +82,7 @@ from mqstore.api import (
     MessageSummary,
     Page,
     QShape,
+    QueueBase,
     RecipientStatus,
     _duration_ms,
     _seconds,
@@ -452,6 +453,15 @@ class _Attempts:
     def _name(self) -> str:
         return _NOT_RESENT.get(self.method, (self.method, ""))[0]
 
+    def closed_error(self) -> errors.StoreClosed:
+        """The error for a call the client's close() ended while it ran (a write that is not
+        resent says that it may have been applied, and how to check)."""
+        text = "the client was closed while the call ran"
+        if not self.resend:
+            check = _NOT_RESENT.get(self.method, ("", "read the state it changes"))[1]
+            text += f" ({self._name()} may or may not have been applied: {check})"
+        return errors.StoreClosed(text)
+
     def outcome_unknown(self, error: errors.MQStoreError) -> errors.Unavailable:
         """The error for a write that is not resent after a failure that leaves open whether the
         node applied it (the answer was lost, the attempt timed out, "it may still commit")."""
@@ -490,8 +500,11 @@ def _optional(value: Any, check: Callable[[Any, str], Any], name: str) -> str:
     return str(check(value, name))
 
 
-def _new_message(m: object, i: int) -> Any:
-    """A message dict (enqueue's keyword names) as a NewMessage, with an idempotency key."""
+def _new_message(m: object, i: int, *, stream: bool = False) -> Any:
+    """A message dict (enqueue's keyword names) as a NewMessage, with an idempotency key. In a
+    ``stream`` a refused recipient list or data names the message's position in the caller's
+    iterable, as the node's refusal did when it made those checks ("messages[150]: recipients[0]
+    ..."); elsewhere the messages are the embedded store's."""
     if not isinstance(m, Mapping):
         raise errors.InvalidArgument(f"messages[{i}] must be a dict, not {type(m).__name__}")
     unknown = set(m) - _ENQUEUE_FIELDS
@@ -504,21 +517,18 @@ def _new_message(m: object, i: int) -> Any:
     expires_in = m.get("expires_in")
     expires_in_ms = 0 if expires_in is None else _duration_ms(expires_in, f"messages[{i}].expires_in")
     not_before_ms = _to_ms(m.get("not_before"), f"messages[{i}].not_before")
+    # The log's checks (mqstore.store.log stage_messages), with its validators and in its order.
     mail_from = validate.address(m["mail_from"], "mail_from", allow_null=True)  # None is not "" (the null path)
-    recipients = m["recipients"]
-    if isinstance(recipients, (str, bytes)) or not isinstance(recipients, Iterable):
-        raise errors.InvalidArgument(f"recipients must be a list of addresses, not {type(recipients).__name__}")
-    data = m["data"]
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise errors.InvalidArgument(f"data must be bytes (the raw RFC 5322 message), not {type(data).__name__}")
+    where = f"messages[{i}]: " if stream else ""
+    recipients = validate.recipients(m["recipients"], f"{where}recipients")
     priority = validate.integer(m.get("priority", 0), "priority", limits.PRIORITY_MIN, limits.PRIORITY_MAX)
-    key = m.get("idempotency_key")
-    key = uuid.uuid4().hex if key is None else validate.idempotency_key(key)
+    key = validate.idempotency_key(m.get("idempotency_key")) or uuid.uuid4().hex
+    data = validate.data(m["data"], f"{where}data")
     with _building(f"messages[{i}]"):
         return queue_pb2.NewMessage(
             mail_from=mail_from,
-            recipients=list(recipients),
-            data=bytes(data),
+            recipients=recipients,
+            data=data,
             namespace=namespace,
             priority=priority,
             not_before_ms=not_before_ms,
@@ -565,8 +575,9 @@ def _enqueue_dict(
 def _lease_request(
     worker: str, max_messages: int, lease_seconds: float, namespace: str | None, domain: str | None
 ) -> Any:
-    validate.integer(max_messages, "max_messages", 1, limits.APPEND_RECORDS_MAX)  # 0 would mean "100"
-    lease_ms = _duration_ms(lease_seconds, "lease_seconds")  # 0 would mean "300 s": refused, as embedded
+    # The embedded lease's checks (worker, max_messages: 0 would mean "100" on the wire,
+    # lease_seconds: 0 would mean "300 s", namespace, domain), with its messages.
+    lease_ms, _ = QueueBase._lease_args(worker, max_messages, lease_seconds, namespace, domain)
     with _building("lease"):
         return queue_pb2.LeaseRequest(
             worker=worker,
@@ -605,8 +616,7 @@ def _settle_request(token: int, recipients: Iterable[str] | None, reason: str | 
             raise errors.InvalidArgument("recipients must be a list of addresses (strings)")
         if not wanted:  # on the wire, empty means "all of the lease's recipients"
             raise errors.InvalidArgument("recipients is empty (pass None for all of the lease's recipients)")
-    if reason is not None and (not isinstance(reason, str) or len(reason.encode("utf-8", "replace")) > 4096):
-        raise errors.InvalidArgument("reason must be a string of at most 4096 bytes")
+    QueueBase._check_reason(reason)  # as the embedded store checks it
     with _building("settle"):
         return queue_pb2.SettleRequest(token=_token(token), recipients=wanted, reason=reason or "")
 
@@ -712,10 +722,11 @@ def _delete_request(message_id: str, bypass_governance: bool, reason: str | None
 
 
 def _bounce_message_request(message_id: str, reason: str | None) -> Any:
-    if reason is not None and not isinstance(reason, str):
-        raise errors.InvalidArgument(f"reason must be a string, not {type(reason).__name__}")
+    mid = _message_id(message_id)
+    ids.parse_id(mid)  # the embedded bounce_message's checks, in its order: the id, then the reason
+    QueueBase._check_reason(reason)
     with _building("bounce_message"):
-        return queue_pb2.BounceMessageRequest(message_id=_message_id(message_id), reason=reason or "")
+        return queue_pb2.BounceMessageRequest(message_id=mid, reason=reason or "")
 
 
 def _bounce_result(message_id: str, response: Any) -> BounceResult:
@@ -1114,6 +1125,12 @@ class Client(_ClientBase):
                 stubs = self._stubs[address] = _Stubs(self._channel_factory(address))
             return stubs
 
+    def _raise_if_closed(self) -> None:
+        """StoreClosed if close() ran: a call that took a channel just before close() closed it
+        gets gRPC's ValueError ("Cannot invoke RPC on closed channel!") when it starts the RPC."""
+        if self._closed:
+            raise errors.StoreClosed("the client was closed") from None
+
     def _call(self, method: str, request: Any, *, admin: bool = False, address: str | None = None,
               compliance: bool = False) -> Any:
         attempts = _Attempts(self._router, self.timeout, address, method)
@@ -1123,9 +1140,14 @@ class Client(_ClientBase):
             try:
                 response = rpc(request, timeout=attempts.attempt_timeout(), wait_for_ready=False)
             except grpc.RpcError as exc:
+                if self._closed:  # close() closed the channel under the call (CANCELLED)
+                    raise attempts.closed_error() from None
                 time.sleep(attempts.failed(exc))
                 attempts.check_time()
                 continue
+            except ValueError:
+                self._raise_if_closed()  # close() closed the channel after _get_stubs: nothing was sent
+                raise
             if not admin:
                 self._router.succeeded(attempts.address)
             return response
@@ -1185,9 +1207,13 @@ class Client(_ClientBase):
                 answers: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
                 address = attempts.address
                 stubs = self._get_stubs(address)
-                call = stubs.queue.EnqueueStream(
-                    self._stream_requests(stream, cond, generation, resend), wait_for_ready=False
-                )
+                try:
+                    call = stubs.queue.EnqueueStream(
+                        self._stream_requests(stream, cond, generation, resend), wait_for_ready=False
+                    )
+                except ValueError:
+                    self._raise_if_closed()  # closed between _get_stubs and here
+                    raise
                 threading.Thread(
                     target=_read_answers, args=(call, answers), name="mqstore-client-reader", daemon=True
                 ).start()
@@ -1235,6 +1261,8 @@ class Client(_ClientBase):
                                 raise stream.source_error
                         return
                     else:
+                        if isinstance(value, ValueError):
+                            self._raise_if_closed()
                         failure = value
                 call = None
                 try:
@@ -1256,7 +1284,7 @@ class Client(_ClientBase):
     def _feed(stream: _StreamState, cond: threading.Condition, messages: Iterable[Mapping[str, Any]]) -> None:
         try:
             for i, item in enumerate(messages):
-                m = _new_message(item, i)
+                m = _new_message(item, i, stream=True)
                 with cond:
                     while len(stream.outbox) >= _STREAM_OUTBOX_MAX and not stream.closed:
                         cond.wait(_STREAM_TICK_S)
@@ -1487,8 +1515,13 @@ def _read_answers(call: Any, answers: queue.SimpleQueue[tuple[str, Any]]) -> Non
 
 class AsyncClient(_ClientBase):
     """The asyncio twin of :class:`Client` (grpc.aio): the same methods, as coroutines;
-    ``enqueue_stream`` is an async iterator. Use it from one event loop. ``tls`` and ``token`` as
-    for :class:`Client`; ``channel_factory(address)`` must return a ``grpc.aio.Channel``."""
+    ``enqueue_stream`` is an async iterator. ``tls`` and ``token`` as for :class:`Client`;
+    ``channel_factory(address)`` must return a ``grpc.aio.Channel``.
+
+    A client is bound to the event loop it is first used in (grpc.aio channels belong to one
+    loop): a call from another loop while that one is still open raises InvalidArgument (make
+    one client per loop). Once that loop is closed, the next call's loop takes over (new
+    channels), so ``asyncio.run`` twice with one client works."""
 
     _tls_factory = staticmethod(tls_aio_channel_factory)
     _insecure = staticmethod(insecure_aio_channel)
@@ -1505,12 +1538,32 @@ class AsyncClient(_ClientBase):
         super().__init__(addresses, timeout=timeout, channel_factory=channel_factory, tls=tls, token=token)
         #: The open enqueue streams (their state, condition and feeder task): close() stops them.
         self._streams: dict[_StreamState, tuple[asyncio.Condition, asyncio.Future[None]]] = {}
+        #: The event loop the channels (and streams) belong to: the first one the client was used in.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- plumbing --------------------------------------------------------------------------------
+
+    def _bind_loop(self) -> None:
+        """Tie the client to the running loop: the first one it is used in, or a new one once that
+        is closed (its channels, which cannot be used from another loop, are dropped). A call
+        from another loop while the first is open is refused."""
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            raise errors.InvalidArgument(
+                "an AsyncClient is bound to the event loop it was first used in; make one per loop"
+            )
+        # The first use, or the first loop is gone (asyncio.run twice): its channels and streams
+        # died with it (they cannot be closed from here); this loop gets channels of its own.
+        self._loop = loop
+        self._stubs = {}
+        self._streams = {}
 
     def _get_stubs(self, address: str) -> _Stubs:
         if self._closed:
             raise errors.StoreClosed("the client was closed")
+        self._bind_loop()
         stubs = self._stubs.get(address)
         if stubs is None:
             stubs = self._stubs[address] = _Stubs(self._channel_factory(address))
@@ -1538,7 +1591,7 @@ class AsyncClient(_ClientBase):
                 continue
             except asyncio.CancelledError:
                 if self._cancelled_by_close():
-                    raise errors.StoreClosed("the client was closed while the call ran") from None
+                    raise attempts.closed_error() from None
                 raise
             if not admin:
                 self._router.succeeded(attempts.address)
@@ -1571,6 +1624,7 @@ class AsyncClient(_ClientBase):
         """Like :meth:`Client.enqueue_stream`; ``messages`` may be an iterable or async iterable."""
         if self._closed:
             raise errors.StoreClosed("the client was closed")
+        self._bind_loop()
         stream = _StreamState()
         cond = asyncio.Condition()
         feeder = asyncio.ensure_future(self._feed(stream, cond, messages))
@@ -1681,12 +1735,12 @@ class AsyncClient(_ClientBase):
             i = 0
             if isinstance(messages, AsyncIterable):
                 async for item in messages:
-                    if not await put(_new_message(item, i)):
+                    if not await put(_new_message(item, i, stream=True)):
                         return
                     i += 1
             else:
                 for item in messages:
-                    if not await put(_new_message(item, i)):
+                    if not await put(_new_message(item, i, stream=True)):
                         return
                     i += 1
         except asyncio.CancelledError:
@@ -1896,6 +1950,20 @@ class AsyncClient(_ClientBase):
         self._closed = True
         stubs, self._stubs = list(self._stubs.values()), {}
         streams, self._streams = list(self._streams.items()), {}
+        owner = self._loop
+        if owner is not None and owner is not asyncio.get_running_loop():
+            # Closed from another loop: the channels and streams belong to the one they were made
+            # in. Close them there if it still runs; a closed loop took them with it.
+            if not owner.is_closed() and owner.is_running():
+                asyncio.run_coroutine_threadsafe(self._close_all(stubs, streams), owner)
+            return
+        await self._close_all(stubs, streams)
+
+    @staticmethod
+    async def _close_all(
+        stubs: builtins.list[_Stubs],
+        streams: builtins.list[tuple[_StreamState, tuple[asyncio.Condition, asyncio.Future[None]]]],
+    ) -> None:
         for stream, (cond, feeder) in streams:
             stream.close()
             feeder.cancel()  # it may be waiting for the caller's (async) iterable
