@@ -1,12 +1,13 @@
 """A node's health: the standard gRPC health service (``grpc.health.v1.Health``), a watcher
 that keeps it current, and the refusal of new enqueues while the node cannot take them.
 
-A node reports NOT_SERVING (for ``""`` and ``mqstore.v1.Queue``) while it knows no leader, or
-while its disk is nearly full: less free space than the larger of ``health.disk_free_min_bytes``
-and ``health.disk_free_min_percent`` of the disk. Meanwhile it refuses new enqueues at the edge,
-before anything is written, with UNAVAILABLE (no leader: retry elsewhere or later) or
-RESOURCE_EXHAUSTED (disk nearly full: nothing is taken until space is freed), instead of failing
-half-way through a commit. Leasing, settling and reading go on: they free space.
+A node reports NOT_SERVING (for ``""`` and ``mqstore.v1.Queue``) while it knows no leader, once
+it was removed from the cluster, or while its disk is nearly full: less free space than the
+larger of ``health.disk_free_min_bytes`` and ``health.disk_free_min_percent`` of the disk.
+Meanwhile it refuses new enqueues at the edge, before anything is written, with UNAVAILABLE (no
+leader: retry elsewhere or later) or RESOURCE_EXHAUSTED (disk nearly full: nothing is taken until
+space is freed), instead of failing half-way through a commit. Leasing, settling and reading go
+on: they free space.
 """
 
 from __future__ import annotations
@@ -77,11 +78,13 @@ class NodeHealth:
         disk_free_min_bytes: int,
         disk_free_min_percent: float,
         on_leader_change: Callable[[int, int], None] | None = None,
+        removed: Callable[[], bool] | None = None,
     ) -> None:
         self.node_id = node_id
         self.data_dir = Path(data_dir)
         self.leader_id = leader_id
         self.on_leader_change = on_leader_change
+        self.removed = removed
         self.servicer = NodeHealthServicer()
         self.disk = DiskSpace(self.data_dir, disk_free_min_bytes, disk_free_min_percent, what=f"node {node_id}",
                               settings="health.disk_free_min_bytes / disk_free_min_percent")
@@ -98,7 +101,8 @@ class NodeHealth:
             if leader and self.on_leader_change is not None:
                 self.on_leader_change(self._last_leader, leader)
             self._last_leader = leader
-        serving = leader != 0 and not nearly_full
+        # A node removed from the cluster serves nothing any more (it may still know a leader).
+        serving = leader != 0 and not nearly_full and not (self.removed is not None and self.removed())
         if serving != self.serving or self._thread is None:
             status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
             for service in SERVICES:

@@ -494,7 +494,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         return admin_pb2.StatusResponse(
             node_id=st["node_id"],
             site=st["site"],
-            role=st["role"],
+            role="removed" if self.node.is_removed else st["role"],
             term=st["term"],
             leader_id=st["leader_id"],
             leader_address=st["leader_address"],
@@ -857,12 +857,20 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
         self.node = node
         self.queue = queue
         self._refusal_quiet_until: dict[int, float] = {}
+        # The fingerprint of this node's KEK (empty: its key provider cannot give one): checked
+        # against each sender's, and sent with this node's own messages, so that a node given
+        # another key file can neither lead nor take entries whose keys it cannot open.
+        self.kek_fingerprint: bytes = getattr(getattr(node, "log", None), "kek_fingerprint", b"")
+        transport = getattr(node, "transport", None)
+        if transport is not None:
+            transport.kek_fingerprint = self.kek_fingerprint
 
-    def _refused_sender(self, sender: int, founding: bytes) -> str | None:
+    def _refused_sender(self, sender: int, founding: bytes, kek_fingerprint: bytes = b"") -> str | None:
         """Why ``sender``'s Raft messages and snapshots are refused (None: they are not), logged
         once a minute per sender: it was removed from this cluster (its id never comes back; after
         a reseed every old member is), or both founding digests are known and differ, i.e. the two
-        nodes were founded apart (see :func:`mqstore.node.runtime.founding_digest`)."""
+        nodes were founded apart (see :func:`mqstore.node.runtime.founding_digest`), or both KEK
+        fingerprints are known and differ (see :func:`mqstore.crypto.providers.kek_fingerprint`)."""
         node = self.node
         if sender in node.removed:
             why = (f"node {sender} was removed from cluster {node.cluster_id!r} (or left behind by a reseed of "
@@ -873,6 +881,13 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
                 f"{founding.hex()} vs {node.founding.hex()}), or one of them was reseeded apart (recover "
                 f"--force-new-cluster, restore --cluster-id): they are two clusters under the id {node.cluster_id!r}. "
                 "Every initial member is bootstrapped with the same [[peers]] (ids and sites) and min_sites"
+            )
+        elif kek_fingerprint and self.kek_fingerprint and kek_fingerprint != self.kek_fingerprint:
+            why = (
+                f"node {sender} uses a different key-encryption key than this node (node {node.node_id}; KEK "
+                f"fingerprint {kek_fingerprint.hex()} vs {self.kek_fingerprint.hex()}): every node of a cluster "
+                "needs the same key_file (copy the cluster's key file to the node that differs; `mqstore keys "
+                "new-kek` makes a new key, not a copy). Neither takes the other's votes or entries"
             )
         else:
             return None
@@ -920,7 +935,7 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
                 )
             if p.cluster_id != self.node.cluster_id:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, f"message from cluster {p.cluster_id!r}, not ours")
-            other = self._refused_sender(getattr(p, "from"), p.founding)
+            other = self._refused_sender(getattr(p, "from"), p.founding, p.kek_fingerprint)
             if other is not None:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, other)
             if p.to != self.node.node_id:
@@ -963,7 +978,7 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
                         )
                     if chunk.cluster_id != node.cluster_id or chunk.to != node.node_id:
                         return raft_pb2.SnapshotAck(ok=False, error="snapshot for another cluster or node")
-                    other = self._refused_sender(getattr(chunk, "from"), chunk.founding)
+                    other = self._refused_sender(getattr(chunk, "from"), chunk.founding, chunk.kek_fingerprint)
                     if other is not None:
                         return raft_pb2.SnapshotAck(ok=False, error=other)
                     if header is None:
@@ -1060,6 +1075,7 @@ class NodeServer:
                 config.node_id, config.data_dir, lambda: self.node.leader_id,
                 disk_free_min_bytes=config.disk_free_min_bytes, disk_free_min_percent=config.disk_free_min_percent,
                 on_leader_change=lambda _old, _new: self._leader_changed(),
+                removed=lambda: self.node.is_removed,
             )
             self.queue.disk = self.health.disk  # stats() reports the disk the watcher reads
             self.edge = EdgeInterceptor(self, config.limits, client_calls_max=workers - limits.PEER_THREADS_RESERVED,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 from mqstore.commands._common import default_data_dir, emit
+from mqstore.errors import MQStoreError, WrongKey
 
 TRIAL_LISTEN = "127.0.0.1:7070"
 
@@ -31,6 +33,31 @@ def _load_config(args: argparse.Namespace) -> Any:
         },
         "<trial defaults>",
     )
+
+
+def _check_listen_free(listen: str) -> None:
+    """Raise InvalidArgument (as NodeServer would) when ``listen`` cannot be listened on."""
+    from mqstore.errors import InvalidArgument
+
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: a port in TIME_WAIT is free
+            sock.bind(infos[0][4])
+    except (OSError, ValueError, IndexError):
+        raise InvalidArgument(f"cannot listen on {listen} (listen): the address is in use or not one of this "
+                              "machine's") from None
+
+
+def _failed_to_start(config: Any, exc: MQStoreError) -> int:
+    """A node that could not start (an address in use...): exit status 2, the error said as every
+    other error of the command line, or with log_json as a JSON log line (logger mqstore.serve)."""
+    if not config.log_json:
+        raise exc
+    logging.getLogger("mqstore.serve").error("error: %s", exc)
+    return 2
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -61,10 +88,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             + ". Use it for tests and trials only.",
             logging.WARNING,
         )
-    if not args.config and not (Path(config.data_dir) / "data.mdb").exists():
-        bootstrap(config, "trial")
-        say(f"bootstrapped a single-node trial store in {config.data_dir}")
-    server = NodeServer(config)
+    try:
+        if not args.config and not (Path(config.data_dir) / "data.mdb").exists():
+            _check_listen_free(config.listen)  # a trial that cannot start leaves no store behind
+            bootstrap(config, "trial")
+            say(f"bootstrapped a single-node trial store in {config.data_dir}")
+        server = NodeServer(config)
+    except MQStoreError as exc:
+        return _failed_to_start(config, exc)
     logs.set_term_source(handler, lambda: server.node.raw.term)
     stop = threading.Event()
 
@@ -76,7 +107,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # A write past the process's file size limit (ulimit -f) then fails with EFBIG, which the
     # node reports and stops on like a full disk, instead of the kernel killing it without a word.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    server.start()
+    try:
+        server.start()
+    except MQStoreError as exc:
+        return _failed_to_start(config, exc)
 
     def watch_failure() -> None:
         server.node.failed.wait()
@@ -92,8 +126,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     stop.wait()
     if server.node.failed.is_set():
-        say(f"node {config.node_id} failed ({server.node.failure!r}); stopping so that it can be "
-            "restarted (it applies its log again on start)", logging.ERROR)
+        failure = server.node.failure
+        advice = ("a restart fails the same way until its key_file holds the cluster's key-encryption key"
+                  if isinstance(failure, WrongKey) else "it applies its log again on start")
+        say(f"node {config.node_id} failed ({failure!r}); stopping so that it can be restarted ({advice})",
+            logging.ERROR)
         server.stop(grace=1.0)
         return 1
     say(f"node {config.node_id} shutting down")

@@ -11,6 +11,7 @@ from mqstore.crypto.providers import (
     FileKeyProvider,
     KeyProvider,
     create_key_file,
+    kek_fingerprint,
     read_key_file,
 )
 from mqstore.crypto.seal import Opened, Sealed, Sealer, train_dictionary
@@ -27,6 +28,7 @@ __all__ = [
     "Sealed",
     "Sealer",
     "create_key_file",
+    "kek_fingerprint",
     "read_key_file",
     "train_dictionary",
 ]

@@ -4,10 +4,17 @@ mqstore never stores a data key in the clear. Namespace keys are wrapped (encryp
 provider and only the wrapped form is written to the store. A provider is anything with
 ``wrap``/``unwrap``: the default reads a KEK from a key file; a KMS or HSM provider implements the
 same two methods by calling its service, so the KEK never has to leave it.
+
+A provider may also have ``fingerprint()``: a short digest naming its KEK without revealing it
+(:func:`kek_fingerprint`). Nodes send it with their Raft messages and refuse a peer whose KEK
+differs: a node given another key file can then neither lead nor receive entries it could not
+read.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import stat
 from pathlib import Path
@@ -16,12 +23,15 @@ from typing import Protocol, runtime_checkable
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from mqstore.errors import KeyFileError, WrongKey
+from mqstore.errors import InvalidArgument, KeyFileError, WrongKey
 
 KEK_BYTES = 32
 _WRAP_VERSION = 1
 _WRAP_AAD_PREFIX = b"mqstore-wrap-v1:"
 _KEY_FILE_HEADER = "mqstore-kek-v1"
+#: Length of a KEK fingerprint (:func:`kek_fingerprint`).
+KEK_FINGERPRINT_BYTES = 16
+_FINGERPRINT_LABEL = b"mqstore kek fingerprint v1"
 
 
 @runtime_checkable
@@ -55,10 +65,17 @@ class AesKeyProvider:
             raise KeyFileError(f"a key-encryption key is {KEK_BYTES} bytes")
         self._aead = AESGCM(kek)
         self._description = description
+        # HMAC-SHA256 is a PRF keyed by the KEK: its output names the key without revealing it.
+        self._fingerprint = hmac.new(kek, _FINGERPRINT_LABEL, hashlib.sha256).digest()[:KEK_FINGERPRINT_BYTES]
 
     @property
     def description(self) -> str:
         return self._description
+
+    def fingerprint(self) -> bytes:
+        """HMAC-SHA256(KEK, "mqstore kek fingerprint v1"), first 16 bytes: the same for every
+        provider holding this KEK, different for another KEK, and no help to find the KEK."""
+        return self._fingerprint
 
     def wrap(self, secret: bytes, context: bytes) -> bytes:
         nonce = os.urandom(12)
@@ -187,6 +204,24 @@ def create_key_file(path: str | os.PathLike[str]) -> Path:
     return write_secret_file(path, "key file", _KEY_FILE_HEADER, os.urandom(KEK_BYTES))
 
 
+def kek_fingerprint(provider: object) -> bytes:
+    """The fingerprint of ``provider``'s KEK (see :meth:`AesKeyProvider.fingerprint`); empty
+    when the provider has no ``fingerprint()`` (a KMS provider with just ``wrap``/``unwrap``:
+    its wrapping is randomized, so nothing common to every node holding the same KEK can be
+    derived from it), and then no peer is refused for its key. Raises
+    :class:`~mqstore.errors.InvalidArgument` for a fingerprint that is not 8 to 64 bytes."""
+    method = getattr(provider, "fingerprint", None)
+    if method is None:
+        return b""
+    value = method()
+    if not isinstance(value, bytes) or not 8 <= len(value) <= 64:
+        raise InvalidArgument(
+            f"key provider {getattr(provider, 'description', type(provider).__name__)}: fingerprint() "
+            "must return 8 to 64 bytes"
+        )
+    return value
+
+
 class FileKeyProvider(AesKeyProvider):
     """The default provider: a KEK read from a key file (mode 0600, see :func:`read_key_file`)."""
 
@@ -197,10 +232,12 @@ class FileKeyProvider(AesKeyProvider):
 
 __all__ = [
     "KEK_BYTES",
+    "KEK_FINGERPRINT_BYTES",
     "AesKeyProvider",
     "FileKeyProvider",
     "KeyProvider",
     "create_key_file",
+    "kek_fingerprint",
     "read_key_file",
     "read_private_file",
 ]

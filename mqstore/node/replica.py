@@ -16,7 +16,7 @@ from mqstore.codec import Record, RecordType
 from mqstore.compliance.rules import Ctx
 from mqstore.consensus.types import Entry
 from mqstore.crypto.keyring import ACTION_CREATE, META_SCRUB_PENDING, split_key_record
-from mqstore.errors import Corruption
+from mqstore.errors import Corruption, WrongKey
 from mqstore.node.raftlog import entry_to_record
 from mqstore.queue import machine
 from mqstore.queue.kv import LmdbKV
@@ -107,7 +107,10 @@ class Applier:
                 if isinstance(hint, tuple):
                     envelope, size, request = hint
                 else:
-                    stored = self.log.open_message(record)
+                    try:
+                        stored = self.log.open_message(record)
+                    except WrongKey as exc:
+                        raise self._not_the_cluster_kek(record.key_id, entry.index) from exc
                     envelope, size = stored.envelope, len(stored.data)
                     request = Ctx.decode(stored.context) if stored.context else None
                 self.log.ids.observe(envelope.message_id)  # a later leader issues larger ids
@@ -116,7 +119,11 @@ class Applier:
             elif rtype == RecordType.KEY:
                 results[entry.index] = self._apply_key(ctx, kv, c, entry, shredded)
             elif rtype == RecordType.DICTIONARY:
-                results[entry.index] = self._apply_dictionary(ctx, entry_to_record(entry))
+                record = entry_to_record(entry)
+                try:
+                    results[entry.index] = self._apply_dictionary(ctx, record)
+                except WrongKey as exc:
+                    raise self._not_the_cluster_kek(record.key_id, entry.index) from exc
             elif rtype == RecordType.MEMBERS:
                 info = MemberInfo.decode(entry_to_record(entry).payload)
                 ctx.put(b"meta", MEMBER_PREFIX + str(info.node_id).encode(), info.encode())
@@ -132,6 +139,22 @@ class Applier:
             done = self.on_applied
             ctx.on_commit(lambda: done(c))
         return results
+
+    def _not_the_cluster_kek(self, key_id: int, index: int) -> WrongKey:
+        """The error for a committed entry this node's KEK cannot open. Its own store opened (the
+        KEK check passed), so the store is not to blame: the key was wrapped by the leader under
+        the cluster's KEK, which this node's key_file does not hold."""
+        provider = self.log.keyring.provider
+        where = getattr(provider, "description", type(provider).__name__)
+        try:
+            whose = f"key {key_id} of namespace {self.log.keyring.namespace_of(key_id)!r}"
+        except Exception:
+            whose = f"key {key_id}"
+        return WrongKey(
+            f"this node's key-encryption key (from {where}) does not open {whose}, which committed log entry "
+            f"{index} is sealed under: this node's key_file is not the cluster's KEK. Every node of a cluster needs "
+            "the same key_file: copy the cluster's key file to this node (restarting with this one fails again)"
+        )
 
     def _apply_key(self, ctx: WriteContext, kv: LmdbKV, c: machine.Counters, entry: Entry,
                    shredded: set[int]) -> object:

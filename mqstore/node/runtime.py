@@ -347,6 +347,7 @@ class Node:
         # a shred applied before a crash, whose scrub did not finish: do it once running
         self._scrub_pending = self.log.meta_get(META_SCRUB_PENDING) is not None
         self._incoming: dict[int, Path] = {}  # snapshot index -> received data file
+        self._heard: dict[int, float] = {}  # peer -> when its last message arrived (monotonic)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._pending: dict[int, tuple[int, Operation]] = {}  # index -> (term, operation)
         self._hints: dict[int, tuple[int, object]] = {}  # index -> (term, what applying can reuse)
@@ -411,6 +412,16 @@ class Node:
     @property
     def applied_index(self) -> int:
         return self._applied
+
+    @property
+    def is_removed(self) -> bool:
+        """Whether this node was removed from the cluster (it may keep running: it then serves
+        nothing, reports NOT_SERVING and the role "removed"). A node that knows no membership
+        yet (joined, before the leader's snapshot arrived) is not removed."""
+        if self.node_id in self.removed:
+            return True
+        sites = self.raw.conf_state.sites
+        return bool(sites) and all(n != self.node_id for n, _ in sites)
 
     def removed_ids(self) -> list[int]:
         """Ids of members removed from the cluster: they are never given to a node again."""
@@ -477,18 +488,51 @@ class Node:
         return future.result(timeout)
 
     def hand_over_leadership(self, timeout: float = 5.0) -> bool:
-        """If leader, transfer leadership to the most up-to-date voter and wait for it to take
-        over. Returns True when this node is no longer leader."""
+        """If leader, transfer leadership to the most up-to-date voter in contact (see
+        :meth:`transfer_candidates`) and wait for it to take over; when that transfer is abandoned
+        (the core gives up after one election timeout), try the next such voter, within
+        ``timeout`` in all. Returns True when this node is no longer leader; a False is logged
+        (the node then stops as leader: the others elect a new one after an election timeout)."""
         if not self.is_leader or len(self.raw.conf_state.voters) < 2:
             return not self.is_leader
-        try:
-            self.call(self._transfer_to_best, timeout=1.0)
-        except Exception:
-            log.warning("node %d: leadership transfer failed", self.node_id, exc_info=True)
-            return False
         deadline = time.monotonic() + timeout
+        tried: list[int] = []
+
+        def next_target() -> int:  # raft thread; 0: this node leads no more
+            if self.raw.role != Role.LEADER:
+                return 0
+            return self._transfer_to_best(exclude=set(tried))
+
+        # A voter may be out of the replicate state for a moment (a new leader's first round, a
+        # message lost): candidates are looked for during one election timeout.
+        look_until = time.monotonic() + self.config.election_tick * self.config.heartbeat_ms / 1000
         while self.is_leader and time.monotonic() < deadline:
-            time.sleep(0.02)
+            try:
+                target = int(self.call(next_target, timeout=1.0))  # type: ignore[call-overload]
+            except Unavailable as exc:
+                if self.is_leader and time.monotonic() < min(look_until, deadline):
+                    time.sleep(self.config.heartbeat_ms / 1000)
+                    continue
+                if self.is_leader and not tried:  # else said below
+                    log.warning("node %d: leadership not handed over: %s", self.node_id, exc)
+                break
+            except Exception as exc:
+                if self.is_leader:
+                    log.warning("node %d: leadership not handed over: %s", self.node_id, exc)
+                break
+            if target == 0:
+                break
+            tried.append(target)
+            log.info("node %d: handing leadership over to node %d", self.node_id, target)
+            while self.is_leader and time.monotonic() < deadline and self.raw.lead_transferee == target:
+                time.sleep(0.02)
+            time.sleep(0.05)  # a transfer that just completed: the new role is being taken up
+        while self.is_leader and self.raw.role != Role.LEADER and time.monotonic() < deadline:
+            time.sleep(0.01)  # stepped down in the core: the driver takes it up at once
+        if self.is_leader and tried:
+            log.warning("node %d: leadership not handed over within %.1f s (node(s) %s did not take over): the "
+                        "other voters elect a new leader after an election timeout", self.node_id, timeout,
+                        ", ".join(str(n) for n in tried))
         return not self.is_leader
 
     def stop(self, transfer_leadership: bool = True, timeout: float = 5.0) -> None:
@@ -688,6 +732,7 @@ class Node:
 
     def _handle(self, kind: str, item: Any) -> None:
         if kind == "msg":
+            self._heard[item.frm] = time.monotonic()
             try:
                 self.raw.step(item)
             except (InvalidArgument, AssertionError):
@@ -1015,6 +1060,7 @@ class Node:
                 fsync_path(data)
                 self._adopt_snapshot_copy(staging, meta, hard, founding)
                 final = self.snapshot_file(meta.index)
+                os.chmod(received, 0o600)  # received with the umask's mode: private, as data.mdb
                 os.replace(received, final)  # fsynced by the receiver; named before it is needed
                 fsync_path(self.snapshot_dir)
                 self.log.replace_data(data)  # the swap (renamed, the directory fsynced); the same
@@ -1118,6 +1164,8 @@ class Node:
             if _SNAPSHOT_DIR_SCRAPS.fullmatch(name) or (_SNAPSHOT_FILE.fullmatch(name) and name != keep):
                 log.info("node %d: removing %s (left by an earlier run)", self.node_id, path)
                 _remove(path)
+            elif name == keep and path.is_file():
+                os.chmod(path, 0o600)  # one an earlier version wrote with the umask's mode
 
     def create_snapshot(self) -> SnapshotMeta:
         """Raft thread, between Readys (so the copy is exactly the applied state): copy the store
@@ -1205,6 +1253,9 @@ class Node:
         """Copy the store (compacted) to the snapshot file of ``index``, atomically."""
         work = self.snapshot_dir / f"tmp-{index}-{uuid.uuid4().hex[:8]}"
         copied = self.log.copy_to(work)
+        # LMDB makes the copy with the umask's mode: a snapshot is the whole store, as private as
+        # data.mdb (the directories above are 0700, so nobody else could open it meanwhile).
+        os.chmod(copied, 0o600)
         fsync_path(copied)  # whole before it has its name: a crash never leaves half a snapshot
         final = self.snapshot_file(index)
         os.replace(copied, final)
@@ -1256,12 +1307,35 @@ class Node:
         """The Raft service received and verified a snapshot's data in ``path``."""
         self._inbox.put(("snapshot-received", (message, path)))
 
-    def _transfer_to_best(self) -> int:
+    def transfer_candidates(self, exclude: set[int] | frozenset[int] = frozenset()) -> list[int]:
+        """The voters leadership may be handed to, best first (raft thread, on the leader): only
+        those in contact (heard from within an election timeout) whose log is streamed to
+        (replicate state, not probed or being sent a snapshot: a crashed or lagging voter would
+        never take over); the most up-to-date first, then the most recently heard from."""
         progress = self.raw.progress()
+        now = time.monotonic()
+        recent_s = self.config.election_tick * self.config.heartbeat_ms / 1000
+        ranked: list[tuple[int, float, int]] = []
+        for n in self.raw.conf_state.voters:
+            pr = progress.get(n)
+            if n == self.node_id or n in exclude or pr is None or pr.is_learner:
+                continue
+            heard = self._heard.get(n)
+            if pr.state != raftcore.ProgressState.REPLICATE or heard is None or now - heard >= recent_s:
+                continue
+            ranked.append((pr.match, heard, n))
+        return [n for _, _, n in sorted(ranked, reverse=True)]
+
+    def _transfer_to_best(self, exclude: set[int] | frozenset[int] = frozenset()) -> int:
         voters = [n for n in self.raw.conf_state.voters if n != self.node_id]
         if not voters:
             raise InvalidArgument("no other voter to transfer leadership to")
-        best = max(voters, key=lambda n: getattr(progress.get(n), "match", 0))
+        candidates = self.transfer_candidates(exclude)
+        if not candidates:
+            raise Unavailable(
+                "no other voter is in contact with the leader and caught up (down, unreachable or lagging: see "
+                "`mqstore status`): leadership stays here; name one with --to to try anyway", not_applied=True)
+        best = candidates[0]
         self.raw.transfer_leadership(best)
         return best
 

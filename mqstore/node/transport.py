@@ -138,11 +138,11 @@ SNAPSHOT_TIMEOUT_S = 600.0
 
 
 def _snapshot_chunks(
-    message: Message, f: BinaryIO, cluster_id: str, founding: bytes = b""
+    message: Message, f: BinaryIO, cluster_id: str, founding: bytes = b"", kek_fingerprint: bytes = b""
 ) -> Iterator[raft_pb2.SnapshotChunk]:
     """The chunks of the snapshot file open as ``f`` (opened, and closed, by the caller: a file
     that cannot be opened fails the transfer before it starts, not inside gRPC's request stream)."""
-    header = message_to_proto(message, cluster_id, founding).SerializeToString()
+    header = message_to_proto(message, cluster_id, founding, kek_fingerprint).SerializeToString()
     digest = hashlib.sha256()
     offset = 0
     first = True
@@ -153,6 +153,7 @@ def _snapshot_chunks(
         yield raft_pb2.SnapshotChunk(
             cluster_id=cluster_id,
             founding=founding,
+            kek_fingerprint=kek_fingerprint,
             to=message.to,
             meta=header if first else b"",
             offset=offset,
@@ -204,6 +205,9 @@ class Transport:
         self.cluster_id = cluster_id
         #: The founding digest sent with every message (the node sets it; see founding_digest).
         self.founding = b""
+        #: The fingerprint of this node's key-encryption key sent with every message (empty: not
+        #: known; see mqstore.crypto.providers.kek_fingerprint): a peer with another KEK refuses them.
+        self.kek_fingerprint = b""
         self.stamp = stamp  # sets a message's clock fields as it leaves (PeerClocks.stamp)
         self.address_of = address_of
         self.on_unreachable = on_unreachable
@@ -236,7 +240,7 @@ class Transport:
                 proto.CopyFrom(built[1])
                 proto.to = m.to
             else:
-                proto = message_to_proto(m, self.cluster_id, self.founding)
+                proto = message_to_proto(m, self.cluster_id, self.founding, self.kek_fingerprint)
                 if m.entries:
                     built = (m, proto)
             if not peer.send(proto):
@@ -269,7 +273,8 @@ class Transport:
                     channel = self.channel_to(address, message.to)
                     try:
                         ack = raft_pb2_grpc.RaftStub(channel).InstallSnapshot(
-                            _snapshot_chunks(message, f, self.cluster_id, self.founding), timeout=SNAPSHOT_TIMEOUT_S
+                            _snapshot_chunks(message, f, self.cluster_id, self.founding, self.kek_fingerprint),
+                            timeout=SNAPSHOT_TIMEOUT_S,
                         )
                         ok = bool(ack.ok)
                         if not ok:

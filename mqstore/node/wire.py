@@ -8,7 +8,9 @@ from mqstore.errors import Corruption, InvalidArgument
 from mqstore.proto import raft_pb2
 
 
-def message_to_proto(m: Message, cluster_id: str, founding: bytes = b"") -> raft_pb2.RaftMessage:
+def message_to_proto(
+    m: Message, cluster_id: str, founding: bytes = b"", kek_fingerprint: bytes = b""
+) -> raft_pb2.RaftMessage:
     return raft_pb2.RaftMessage(
         type=int(m.type),
         to=m.to,
@@ -24,6 +26,7 @@ def message_to_proto(m: Message, cluster_id: str, founding: bytes = b"") -> raft
         context=m.context,
         cluster_id=cluster_id,
         founding=founding,
+        kek_fingerprint=kek_fingerprint,
     )
 
 

@@ -22,7 +22,7 @@ from mqstore.ids import id_time_ms
 from mqstore.queue import machine
 from mqstore.queue.kv import LmdbKV
 from mqstore.queue.model import STATE_NAMES
-from mqstore.store.env import DATABASES, LOCK_FILE, Environment
+from mqstore.store.env import DATA_FILE, DATABASES, LOCK_FILE, Environment
 
 _U64 = struct.Struct(">Q")
 _HARD = struct.Struct(">QQQ")
@@ -147,7 +147,15 @@ def log_bounds(env: Environment) -> tuple[int, int]:
     return first, last
 
 
+def data_file_size(path: Path) -> int:
+    """The size of the store's data file (what a running node's status reports as its disk use)."""
+    with contextlib.suppress(OSError):
+        return (path / DATA_FILE).stat().st_size
+    return 0
+
+
 def disk_use(path: Path) -> int:
+    """Bytes of every file under ``path`` (the data file, snapshots, keys...)."""
     total = 0
     for p in path.rglob("*"):
         with contextlib.suppress(OSError):
@@ -172,7 +180,16 @@ def queue_counts(env: Environment, now_ms: int) -> dict[str, Any]:
         "messages_active": overall["messages.live"],
         "bytes": overall["bytes"],
         "oldest_age_seconds": max(0, now_ms - id_time_ms(oldest[0])) / 1000 if oldest else 0.0,
-        "namespaces": sorted(per_ns),
+        # per namespace, as a running node's status shows them (QueueBase.stats)
+        "namespaces": {
+            ns: {
+                "recipients": {s: v.get(s, 0) for s in states},
+                "messages": v.get("messages.stored", 0),
+                "messages_active": v.get("messages.live", 0),
+                "bytes": v.get("bytes", 0),
+            }
+            for ns, v in sorted(per_ns.items())
+        },
     }
 
 
@@ -216,7 +233,7 @@ def store_facts(path: str | os.PathLike[str], now_ms: int) -> dict[str, Any]:
         "first_index": first,
         "last_index": last,
         "quarantined": quarantined,
-        "disk_used_bytes": disk_use(path),
+        "disk_used_bytes": data_file_size(path),  # as online: data.mdb (snapshots etc. not counted)
         "stats": counts,
         "recoveries": recoveries,
     }
@@ -256,6 +273,7 @@ __all__ = [
     "META_RESTORED_FROM",
     "STATE_TABLES",
     "RaftFacts",
+    "data_file_size",
     "disk_use",
     "log_bounds",
     "open_env",

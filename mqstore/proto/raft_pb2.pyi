@@ -20,7 +20,7 @@ class RaftEntry(_message.Message):
     def __init__(self, term: _Optional[int] = ..., index: _Optional[int] = ..., rtype: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class RaftMessage(_message.Message):
-    __slots__ = ("type", "to", "term", "log_term", "index", "entries", "commit", "reject", "reject_hint", "snapshot_meta", "context", "cluster_id", "clock_sent_us", "clock_echo_us", "clock_echo_received_us", "clock_correction_ms", "founding")
+    __slots__ = ("type", "to", "term", "log_term", "index", "entries", "commit", "reject", "reject_hint", "snapshot_meta", "context", "cluster_id", "clock_sent_us", "clock_echo_us", "clock_echo_received_us", "clock_correction_ms", "founding", "kek_fingerprint")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
     FROM_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class RaftMessage(_message.Message):
     CLOCK_ECHO_RECEIVED_US_FIELD_NUMBER: _ClassVar[int]
     CLOCK_CORRECTION_MS_FIELD_NUMBER: _ClassVar[int]
     FOUNDING_FIELD_NUMBER: _ClassVar[int]
+    KEK_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     type: int
     to: int
     term: int
@@ -56,14 +57,15 @@ class RaftMessage(_message.Message):
     clock_echo_received_us: int
     clock_correction_ms: int
     founding: bytes
-    def __init__(self, type: _Optional[int] = ..., to: _Optional[int] = ..., term: _Optional[int] = ..., log_term: _Optional[int] = ..., index: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[RaftEntry, _Mapping]]] = ..., commit: _Optional[int] = ..., reject: _Optional[bool] = ..., reject_hint: _Optional[int] = ..., snapshot_meta: _Optional[bytes] = ..., context: _Optional[bytes] = ..., cluster_id: _Optional[str] = ..., clock_sent_us: _Optional[int] = ..., clock_echo_us: _Optional[int] = ..., clock_echo_received_us: _Optional[int] = ..., clock_correction_ms: _Optional[int] = ..., founding: _Optional[bytes] = ..., **kwargs) -> None: ...
+    kek_fingerprint: bytes
+    def __init__(self, type: _Optional[int] = ..., to: _Optional[int] = ..., term: _Optional[int] = ..., log_term: _Optional[int] = ..., index: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[RaftEntry, _Mapping]]] = ..., commit: _Optional[int] = ..., reject: _Optional[bool] = ..., reject_hint: _Optional[int] = ..., snapshot_meta: _Optional[bytes] = ..., context: _Optional[bytes] = ..., cluster_id: _Optional[str] = ..., clock_sent_us: _Optional[int] = ..., clock_echo_us: _Optional[int] = ..., clock_echo_received_us: _Optional[int] = ..., clock_correction_ms: _Optional[int] = ..., founding: _Optional[bytes] = ..., kek_fingerprint: _Optional[bytes] = ..., **kwargs) -> None: ...
 
 class SendAck(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class SnapshotChunk(_message.Message):
-    __slots__ = ("cluster_id", "to", "meta", "offset", "data", "crc32c", "last", "sha256", "founding")
+    __slots__ = ("cluster_id", "to", "meta", "offset", "data", "crc32c", "last", "sha256", "founding", "kek_fingerprint")
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +76,7 @@ class SnapshotChunk(_message.Message):
     LAST_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     FOUNDING_FIELD_NUMBER: _ClassVar[int]
+    KEK_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     cluster_id: str
     to: int
     meta: bytes
@@ -83,7 +86,8 @@ class SnapshotChunk(_message.Message):
     last: bool
     sha256: bytes
     founding: bytes
-    def __init__(self, cluster_id: _Optional[str] = ..., to: _Optional[int] = ..., meta: _Optional[bytes] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ..., last: _Optional[bool] = ..., sha256: _Optional[bytes] = ..., founding: _Optional[bytes] = ..., **kwargs) -> None: ...
+    kek_fingerprint: bytes
+    def __init__(self, cluster_id: _Optional[str] = ..., to: _Optional[int] = ..., meta: _Optional[bytes] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ..., last: _Optional[bool] = ..., sha256: _Optional[bytes] = ..., founding: _Optional[bytes] = ..., kek_fingerprint: _Optional[bytes] = ..., **kwargs) -> None: ...
 
 class SnapshotAck(_message.Message):
     __slots__ = ("ok", "error")

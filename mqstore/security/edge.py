@@ -844,6 +844,12 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 for response in inner(frames, context):
                     self._observe_stream_commit(method, rule, response, arrivals)
                     yield response
+            except GeneratorExit:
+                # gRPC stops taking answers from a call the client cancelled or whose deadline
+                # passed (while an answer was being sent): closed here, counted as it ended.
+                code = _ended_code(context)
+                self._count(method, "CANCELLED" if code == "OK" else code)
+                raise
             except Exception:
                 self._count_failure(method, context)
                 raise
@@ -852,7 +858,12 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             if failure:
                 self._count(method, failure[0].code.name, failure[0].reason, failure[0].error)
                 _abort(context, failure[0], not_applied=False)  # earlier frames may be stored
-            self._count(method, "OK")
+            # A stream the client cancelled, or whose deadline passed, ends here too (the servicer
+            # stops reading): it is counted as the client saw it, not as OK — once gRPC finished
+            # the call, which is when it knows (the request side of a cancelled stream ends like
+            # a closed one, and the cancellation is marked just after); the answer is not held.
+            if not context.add_callback(lambda: self._count(method, _finished_code(context))):
+                self._count(method, _ended_code(context))
         finally:
             if stream_key is not None:
                 self.in_flight.leave(stream_key)
@@ -976,6 +987,32 @@ def _cost(request: Any) -> float:
 
 #: gRPC reports "no deadline" as about 2**63 seconds remaining.
 _NO_DEADLINE_S = 10 * 365 * 86400
+
+
+_DEADLINE_SLACK_S = 0.25
+
+
+def _ended_code(context: grpc.ServicerContext) -> str:
+    """The status a call that returned normally ends with: OK, unless the client cancelled it or
+    its deadline passed meanwhile (the client then saw CANCELLED or DEADLINE_EXCEEDED)."""
+    is_active = getattr(context, "is_active", None)
+    return "OK" if is_active is None or is_active() else _cancelled_code(context)
+
+
+def _finished_code(context: grpc.ServicerContext) -> str:
+    """:func:`_ended_code` of a call gRPC has finished (from its termination callback, when
+    ``is_active()`` is False either way): whether the client cancelled it is in the call's state
+    (grpc's server context keeps it; a context without it counts as OK)."""
+    cancelled = getattr(getattr(context, "_state", None), "client", None) == "cancelled"
+    return _cancelled_code(context) if cancelled else "OK"
+
+
+def _cancelled_code(context: grpc.ServicerContext) -> str:
+    remaining = _time_remaining(context)
+    # The client's own deadline timer cancels the call a moment before the node's copy of the
+    # deadline (set on arrival, after the call travelled) passes: a cancellation that close to
+    # the deadline is the deadline's.
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining < _DEADLINE_SLACK_S else "CANCELLED"
 
 
 def _time_remaining(context: grpc.ServicerContext) -> float | None:

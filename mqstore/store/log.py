@@ -25,7 +25,7 @@ import lmdb
 from mqstore import codec, limits, validate
 from mqstore.codec import MESSAGE_ID_BYTES, Envelope, Flags, Record, RecordType
 from mqstore.crypto.keyring import ACTION_CREATE, SYSTEM_NAMESPACE, KeyEvent, KeyRing
-from mqstore.crypto.providers import FileKeyProvider, KeyProvider, create_key_file
+from mqstore.crypto.providers import FileKeyProvider, KeyProvider, create_key_file, kek_fingerprint
 from mqstore.crypto.seal import Sealed, Sealer, SealRequest, train_dictionary
 from mqstore.diskspace import write_failure
 from mqstore.errors import (
@@ -402,6 +402,9 @@ class LogStore:
 
     def _check_kek(self, is_new: bool) -> None:
         provider = self.keyring.provider
+        #: Names the KEK without revealing it (empty: the provider cannot say); a replicated node
+        #: sends it with its Raft messages and refuses a peer whose KEK differs.
+        self.kek_fingerprint = kek_fingerprint(provider)
         raw = self._kek_check_record()
         if raw is None:
             if self.readonly:
@@ -412,15 +415,27 @@ class LogStore:
                 txn.put(_META_FORMAT, bytes([codec.FORMAT_VERSION]), db=self.env.dbs[b"meta"])
                 txn.put(_META_CREATED, _U64.pack(self.clock_ms()), db=self.env.dbs[b"meta"])
             return
+        # Only wrap/unwrap is required of a provider (a KMS client): its description is optional,
+        # and a wrong key may raise its own error (cryptography's InvalidTag, a KMS exception).
+        description = getattr(provider, "description", type(provider).__name__)
+        failure: Exception | None = None
         try:
             ok = provider.unwrap(bytes(raw), _KEYS_KEK_CHECK) == _KEK_CHECK_PLAINTEXT
         except WrongKey:
             ok = False
+        except Exception as exc:
+            ok, failure = False, exc
+        if failure is not None and str(failure):
+            raise WrongKey(
+                f"the key provider {description} cannot open the key check of store {self.path} "
+                f"({type(failure).__name__}: {failure}): its key-encryption key is not the one the store was "
+                "created with, or the provider failed; nothing was read or written"
+            ) from failure
         if not ok:
             raise WrongKey(
-                f"the key-encryption key from {provider.description} is not the one store {self.path} "
+                f"the key-encryption key from {description} is not the one store {self.path} "
                 "was created with; nothing was read or written"
-            )
+            ) from failure
 
     def _load_keys_and_dictionaries(self) -> None:
         with self.env.read() as txn:
