@@ -216,6 +216,10 @@ def test_config_check_warns_about_a_certificate_that_outlives_its_ca(tmp_path: P
     assert f"but its CA {pki / 'ca.pem'} expires {ca.not_valid_after_utc:%Y-%m-%d %H:%M} UTC" in out
     code, out, err = _cli("config", "check", str(conf), "--json")
     assert code == 0 and len(json.loads(out)["warnings"]) == 1
+    # serve says it too, first thing (here it then stops: the data dir was never bootstrapped)
+    served = subprocess.run([sys.executable, "-m", "mqstore", "serve", "--config", str(conf)],
+                            capture_output=True, text=True, timeout=60)
+    assert f"mqstore: WARNING: {conf} tls.cert: {cert} is valid until" in served.stderr, served.stderr
 
 
 # --- 2. an encrypted ca.key ------------------------------------------------------------------------

@@ -88,6 +88,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             + ". Use it for tests and trials only.",
             logging.WARNING,
         )
+    if config.tls is not None:
+        from mqstore.security.certs import tls_warnings
+
+        for warning in tls_warnings(config.tls.ca, config.tls.cert, where=str(args.config or "")):
+            say(warning, logging.WARNING)  # a certificate that outlives its CA: as config check says
     try:
         if not args.config and not (Path(config.data_dir) / "data.mdb").exists():
             _check_listen_free(config.listen)  # a trial that cannot start leaves no store behind
