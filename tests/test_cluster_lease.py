@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,3 +82,31 @@ def test_data_given_as_a_memoryview_of_wide_items_counts_its_bytes_everywhere(tm
         assert len(set(digests.values())) == 1, digests  # the same state on every replica
     finally:
         c.close()
+
+
+def test_a_message_with_a_lapsed_lease_and_other_due_recipients_gets_one_lease_as_embedded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One recipient's lease lapsed, another recipient is due: the next lease() grants one lease
+    covering both, on a cluster as in the embedded store (this stop's first second-round fix
+    granted two leases for the message in one call)."""
+    import mqstore
+
+    monkeypatch.setattr(cluster_queue, "_MAINTENANCE_PERIOD_S", 3600.0)  # no background maintenance
+
+    def scenario(queue: Any) -> list[tuple[str, tuple[str, ...], int]]:
+        mid = queue.enqueue(recipients=["r1@a.example", "r2@b.example"], **MAIL)
+        (first,) = queue.lease(worker="w1", domain="a.example", lease_seconds=0.5)
+        assert first.recipients == ("r1@a.example",)
+        time.sleep(0.7)
+        return [(x.message_id == mid, tuple(sorted(x.recipients)), x.attempts)
+                for x in queue.lease(worker="w2", max_messages=10, lease_seconds=60)]
+
+    with mqstore.open(tmp_path / "embedded", background=False) as store:
+        embedded = scenario(store)
+    c = InProcessCluster(tmp_path / "cluster", ["a", "b", "c"])
+    try:
+        cluster = scenario(c.leader().queue)
+    finally:
+        c.close()
+    assert embedded == [(True, ("r1@a.example", "r2@b.example"), 1)]
+    assert cluster == embedded

@@ -260,25 +260,24 @@ class ClusterQueue(QueueBase):
         lease_ms, domain = self._lease_args(worker, max_messages, lease_seconds, namespace, domain)
         actor = self._actor(actor)
         self._require(actor, "lease", namespace, "lease", namespace or "*")
-        grants, expired = self._lease_round(worker, max_messages, lease_ms, namespace, domain, actor)
-        if expired and len(grants) < max_messages:
-            # The leases this call expired were planned against the state before their expiry
-            # applied: their recipients, due again now, are planned in a second round (as the
-            # embedded store grants them in the same call). Its failure (a leader change) must
-            # not lose the grants already made: they are returned, and it is logged.
-            try:
-                more, _ = self._lease_round(worker, max_messages - len(grants), lease_ms, namespace, domain, actor)
-                grants += more
-            except MQStoreError as exc:
-                log.info("lease: the round after expiring leases failed (%s); returning the first round's", exc)
+        grants, expired = self._lease_round(worker, max_messages, lease_ms, namespace, domain, actor,
+                                            expire_first=True)
+        if expired:
+            # Leases planned against the state before this call's expiries applied would leave
+            # out the recipients those make due, or lease a message twice in one call (one lease
+            # for its recipients due before, one for those just expired): the first round wrote
+            # only the expiries, this one leases against the state they left, as the embedded
+            # store does in one transaction.
+            grants, _ = self._lease_round(worker, max_messages, lease_ms, namespace, domain, actor)
         return self._build_leases(grants, actor)
 
     def _lease_round(
         self, worker: str, max_messages: int, lease_ms: int, namespace: str | None, domain: str | None,
-        actor: Actor | None,
+        actor: Actor | None, expire_first: bool = False,
     ) -> tuple[list[tuple[int, bytes, machine.Grant, int]], int]:
         """One LEASE operation (after the expiries that are due): its grants, and how many lapsed
-        leases it expired."""
+        leases it expired. ``expire_first``: when there are lapsed leases to expire, write only
+        the expiries (no grants)."""
         op = Operation(plan=lambda node: [])
         deadlines: dict[bytes, int] = {}
         expired = 0
@@ -297,6 +296,8 @@ class ClusterQueue(QueueBase):
                 for at in range(0, len(expire), _MAINTENANCE_ITEMS_MAX):
                     page = tuple(expire[at : at + _MAINTENANCE_ITEMS_MAX])
                     out.append(_plain(RecordType.EXPIRE, MaintenanceEntry(now, page, system).encode()))
+                if expire_first and expired:
+                    return out
                 for p in machine.plan_lease(kv, now, max_messages, namespace, domain, exclude=node._reserved):
                     entry = LeaseEntry(now, now + lease_ms, p.mid, p.ordinals, worker, ctx)
                     out.append(_plain(RecordType.LEASE, entry.encode()))
