@@ -236,7 +236,9 @@ class PeerClocks:
                 self._step_kept_until = None
                 log.warning("node %d: no voters' clocks decided after this node's clock was stepped: it stamps with "
                             "its clock as it is now", self.node_id)
-            return  # nothing new to go by: keep the correction as it is
+            if leader == self.node_id:
+                self._cap_ahead(voters, limit)
+            return  # nothing new to go by: keep the correction as it is (capped)
         self._step_kept_until = None
         correction, source = decided
         if abs(correction) > CORRECTION_MS_MAX:
@@ -256,6 +258,28 @@ class PeerClocks:
                          source)
         self.correction_ms = correction
         self.decided = True
+
+    def _cap_ahead(self, voters: Iterable[int], limit: int) -> None:
+        """A leader whose voters' clocks cannot decide (too few heard from) never stamps ahead of
+        a voter it hears from by more than ``limit``: its corrected clock is moved back to the
+        earliest such voter's. Of two clocks that disagree nobody can tell which is right, but
+        only one ahead does lasting harm: stamps never go back, so time it moved ahead stays
+        (leases and lifetimes end early, then the queue stands still until the clocks catch up),
+        where one behind only holds the queue still. (Before, a node an hour ahead elected after
+        a restart — no correction learned yet — with one voter down moved the queue an hour ahead.)"""
+        ahead = [(round(est.offset_ms), peer) for peer, est in self.offsets(voters).items()
+                 if est is not None and self.correction_ms - est.offset_ms > limit + est.error_ms]
+        if not ahead:
+            return
+        correction, peer = min(ahead)
+        if abs(correction) > CORRECTION_MS_MAX:
+            return
+        log.warning(
+            "node %d: too few voters' clocks to decide the cluster's time, and this node's is %.3f s ahead of node "
+            "%d's: it stamps with node %d's time (a clock ahead would move the queue's time ahead for good; check "
+            "NTP)", self.node_id, (self.correction_ms - correction) / 1000, peer, peer,
+        )
+        self.correction_ms = correction
 
     def _decide(self, voters: list[int], leader: int) -> tuple[int, str] | None:
         """The correction the clocks heard call for, and whose clocks those are; None when they
