@@ -160,6 +160,31 @@ def _duration_ms(value: object, field_name: str, *, allow_zero: bool = False) ->
     return ms
 
 
+def stats_counts(per_ns: Mapping[str, Mapping[str, int]], oldest_id: bytes | None, now_ms: int) -> dict[str, Any]:
+    """The queue's counts as ``stats()`` gives them: recipients per state, messages, bytes and the
+    oldest unfinished message's age (``oldest_id``, None: no such message), overall and per
+    namespace, from the state machine's counters (``machine.read_stats``). The one place that
+    shape is built: a running node's status (:meth:`QueueBase.stats`) and a stopped one's
+    (:func:`mqstore.ops.facts.queue_counts`) must stay alike."""
+    states = list(STATE_NAMES.values())
+    keys = [*states, "messages.live", "messages.stored", "bytes"]
+
+    def counts(c: Mapping[str, int]) -> dict[str, Any]:
+        return {
+            "recipients": {s: c.get(s, 0) for s in states},
+            "messages": c.get("messages.stored", 0),
+            "messages_active": c.get("messages.live", 0),
+            "bytes": c.get("bytes", 0),
+        }
+
+    overall = counts({k: sum(v.get(k, 0) for v in per_ns.values()) for k in keys})
+    return {
+        **overall,
+        "oldest_age_seconds": max(0, now_ms - id_time_ms(oldest_id)) / 1000 if oldest_id else 0.0,
+        "namespaces": {ns: counts(v) for ns, v in sorted(per_ns.items())},
+    }
+
+
 # --- results --------------------------------------------------------------------------------------
 
 
@@ -1237,25 +1262,8 @@ class QueueBase:
             kv = LmdbKV(txn, self.log.env.dbs)
             per_ns = machine.read_stats(kv)
             oldest = next(iter(kv.scan(b"live", b"")), None)
-        now = self._now_ms()
-        states = list(STATE_NAMES.values())
-        keys = [*states, "messages.live", "messages.stored", "bytes"]
-        overall = {k: sum(v.get(k, 0) for v in per_ns.values()) for k in keys}
         return {
-            "recipients": {s: overall[s] for s in states},
-            "messages": overall["messages.stored"],
-            "messages_active": overall["messages.live"],
-            "bytes": overall["bytes"],
-            "oldest_age_seconds": (now - id_time_ms(oldest[0])) / 1000 if oldest else 0.0,
-            "namespaces": {
-                ns: {
-                    "recipients": {s: v.get(s, 0) for s in states},
-                    "messages": v.get("messages.stored", 0),
-                    "messages_active": v.get("messages.live", 0),
-                    "bytes": v.get("bytes", 0),
-                }
-                for ns, v in sorted(per_ns.items())
-            },
+            **stats_counts(per_ns, oldest[0] if oldest else None, self._now_ms()),
             "log": self.log.stats(),
             "disk": self._disk_stats(),
             # The time retention and legal holds are judged at (epoch seconds): the store's

@@ -74,11 +74,11 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey, password: bytes | No
         f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc))
 
 
-def _make_ca(d: Path, *, start: dt.datetime, end: dt.datetime, ca: bool = True) -> tuple[x509.Certificate,
-                                                                                        ec.EllipticCurvePrivateKey]:
+def _make_ca(d: Path, *, start: dt.datetime, end: dt.datetime, ca: bool = True,
+             cn: str = "hand-made CA") -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     d.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(_name("hand-made CA")).issuer_name(_name("hand-made CA"))
+    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(start).not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None if not ca else 0), critical=True)
@@ -418,3 +418,150 @@ def test_a_node_still_refuses_what_the_client_now_refuses_up_front(tmp_path: Pat
         assert stats(grpc.secure_channel(address, creds)) == "UNAVAILABLE"
     finally:
         cluster.close()
+
+
+# --- 5. a CA bundle (a CA rotation): the node checks its files as the client and gRPC do ---------------
+
+
+def _rotation(tmp_path: Path, *, old_end: dt.datetime, new_cn: str = "new CA") -> dict[str, Path]:
+    """An old CA (ending ``old_end``) and a new one, a node and a client certificate of each (made by
+    hand: no key identifiers), and the bundles [new, old] and [old, new] as a ca.pem during the rotation."""
+    old, old_key = _make_ca(tmp_path / "old", start=NOW - dt.timedelta(days=400), end=old_end, cn="old CA")
+    new, new_key = _make_ca(tmp_path / "new", start=NOW - dt.timedelta(days=1), end=NOW + dt.timedelta(days=3650),
+                            cn=new_cn)
+    out: dict[str, Path] = {}
+    for tag, ca, key in (("old", old, old_key), ("new", new, new_key)):
+        end = min(NOW + dt.timedelta(days=30), ca.not_valid_after_utc)
+        out[f"node.{tag}"], out[f"node.{tag}.key"] = _make_leaf(
+            tmp_path / tag, "node-1", ca, key, start=NOW - dt.timedelta(days=100), end=end, uri="mqstore://node/1")
+        out[f"client.{tag}"], out[f"client.{tag}.key"] = _make_leaf(
+            tmp_path / tag, "client-ops", ca, key, start=NOW - dt.timedelta(days=100), end=end,
+            uri="mqstore://client/ops?roles=reader")
+    (tmp_path / "new-old.pem").write_bytes(_pem(new) + _pem(old))
+    (tmp_path / "old-new.pem").write_bytes(_pem(old) + _pem(new))
+    out["new-old"], out["old-new"] = tmp_path / "new-old.pem", tmp_path / "old-new.pem"
+    return out
+
+
+def _handshake(ca: Path, node: tuple[Path, Path], client: tuple[Path, Path]) -> bool:
+    """Whether gRPC completes a mutual TLS handshake between a node and a client, both with ``ca``."""
+    from concurrent import futures
+
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(1))
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+        [(node[1].read_bytes(), node[0].read_bytes())], root_certificates=ca.read_bytes(), require_client_auth=True))
+    server.start()
+    try:
+        creds = grpc.ssl_channel_credentials(ca.read_bytes(), client[1].read_bytes(), client[0].read_bytes())
+        with grpc.secure_channel(f"127.0.0.1:{port}", creds,
+                                 options=[("grpc.ssl_target_name_override", "localhost")]) as channel:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=2)
+            except grpc.FutureTimeoutError:
+                return False
+            return True
+    finally:
+        server.stop(0)
+
+
+def test_a_ca_bundle_vouches_for_a_node_signed_by_its_second_ca(tmp_path: Path) -> None:
+    """During a CA rotation ca.pem holds the new CA and the old one: a node whose certificate the
+    old CA signed is accepted by `config check` and `serve` (until stop 30 only the first CA of
+    tls.ca was read: "is not signed by the CA in"), as gRPC and a client with the same bundle do."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    for args in (["init", "--dir", str(old)], ["issue", "node", "--dir", str(old), "--id", "1"],
+                 ["issue", "client", "--dir", str(old), "--name", "ops", "--roles", "reader"],
+                 ["init", "--dir", str(new)]):  # both CAs named as `certs init` names them
+        assert _cli("certs", *args)[0] == 0
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes((new / "ca.pem").read_bytes() + (old / "ca.pem").read_bytes())
+    node, client = (old / "node-1.pem", old / "node-1.key"), (old / "client-ops.pem", old / "client-ops.key")
+    check_tls_files(bundle, *node, node_id=1, where="cfg")
+    conf = _node_config(tmp_path, bundle, *node)
+    code, out, err = _cli("config", "check", str(conf), "--json")
+    assert code == 0, (out, err)
+    assert json.loads(out)["valid"] is True and json.loads(out)["warnings"] == []
+    Client("127.0.0.1:1", timeout=1, tls=ClientTLS(bundle, *client)).close()  # the client side: as before
+    assert _handshake(bundle, node, client)  # what both checks stand for
+    # CAs made elsewhere (no key identifiers) with names of their own: the same.
+    f = _rotation(tmp_path / "by-hand", old_end=NOW + dt.timedelta(days=365))
+    for tag in ("old", "new"):
+        check_tls_files(f["new-old"], f[f"node.{tag}"], f[f"node.{tag}.key"], node_id=1, where="cfg")
+        Client("127.0.0.1:1", timeout=1, tls=ClientTLS(f["new-old"], f[f"client.{tag}"], f[f"client.{tag}.key"])
+               ).close()
+    assert _handshake(f["new-old"], (f["node.old"], f["node.old.key"]), (f["client.old"], f["client.old.key"]))
+
+
+def test_same_named_cas_a_certificate_cannot_tell_apart_are_refused(tmp_path: Path) -> None:
+    """Two CAs of one name, and certificates that do not say which signed them (no key identifiers):
+    a handshake tries one CA of that name, here the wrong one, and fails: both checks say so."""
+    f = _rotation(tmp_path, old_end=NOW + dt.timedelta(days=365), new_cn="old CA")
+    assert not _handshake(f["new-old"], (f["node.old"], f["node.old.key"]), (f["client.old"], f["client.old.key"]))
+    message = (f"{f['new-old']} holds several CA certificates named CN=old CA and nothing in the certificate that "
+               "one of them signed says which (no matching key identifiers): a handshake may check it against the "
+               "wrong one and fail")
+    with pytest.raises(InvalidArgument) as err:
+        check_tls_files(f["new-old"], f["node.old"], f["node.old.key"], node_id=1, where="cfg")
+    assert str(err.value).startswith(f"cfg tls.ca: {message}"), str(err.value)
+    with pytest.raises(InvalidArgument) as err:
+        Client("127.0.0.1:1", timeout=1, tls=ClientTLS(f["new-old"], f["client.old"], f["client.old.key"]))
+    assert str(err.value).startswith(f"the CA certificate {message}"), str(err.value)
+
+
+def test_an_expired_ca_in_a_bundle_is_named_and_only_when_it_is_the_one_that_counts(tmp_path: Path) -> None:
+    f = _rotation(tmp_path, old_end=NOW - dt.timedelta(days=1))  # the old CA has expired
+    # [old, new]: the certificate the new CA signed is fine (until stop 30: the old, first, CA was
+    # read and found expired).
+    check_tls_files(f["old-new"], f["node.new"], f["node.new.key"], node_id=1, where="cfg")
+    # The certificate the expired CA signed: refused, naming which CA of the bundle, on both sides.
+    with pytest.raises(InvalidArgument) as err:
+        check_tls_files(f["new-old"], f["node.old"], f["node.old.key"], node_id=1, where="cfg")
+    assert str(err.value).startswith(f"cfg tls.ca: {f['new-old']} (its certificate 2 of 2, CN=old CA) "
+                                     "is valid from "), str(err.value)
+    assert "not now (expired): every handshake would fail (create a new CA" in str(err.value)
+    with pytest.raises(InvalidArgument) as err:
+        Client("127.0.0.1:1", timeout=1, tls=ClientTLS(f["new-old"], f["client.old"], f["client.old.key"]))
+    assert str(err.value).startswith(f"the CA certificate {f['new-old']} (its certificate 2 of 2, CN=old CA) "
+                                     "is valid from "), str(err.value)
+    assert str(err.value).endswith("not now (expired): nodes refuse the certificates it signed")
+
+
+def test_the_outlives_its_ca_warning_is_about_the_ca_that_signed_the_certificate(tmp_path: Path) -> None:
+    f = _rotation(tmp_path, old_end=NOW + dt.timedelta(days=10))  # the old CA ends before the certificates
+    # A certificate the old CA signed that outlives it (made by hand: `certs issue` cuts it): warned
+    # about the OLD CA, though the bundle's first CA (the new one) lasts ten years.
+    old_ca = x509.load_pem_x509_certificates(f["new-old"].read_bytes())[1]
+    long_cert, long_key = _make_leaf(tmp_path, "node-1-long", old_ca,
+                                     serialization.load_pem_private_key(  # type: ignore[arg-type]
+                                         (tmp_path / "old" / "ca.key").read_bytes(), None),
+                                     start=NOW - dt.timedelta(days=1), end=NOW + dt.timedelta(days=30),
+                                     uri="mqstore://node/1")
+    conf = _node_config(tmp_path, f["new-old"], long_cert, long_key)
+    code, out, err = _cli("config", "check", str(conf), "--json")
+    assert code == 0, (out, err)
+    assert json.loads(out)["warnings"] == [
+        f"{conf} tls.cert: {long_cert} is valid until {NOW + dt.timedelta(days=30):%Y-%m-%d %H:%M} UTC, but its CA "
+        f"{f['new-old']} (its certificate 2 of 2, CN=old CA) expires "
+        f"{old_ca.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: every handshake fails from then on (create a new CA "
+        "before then)"]
+    # The certificate the new CA signed, with the short-lived old CA first in the bundle: nothing to
+    # warn about (until stop 30: measured against the bundle's first certificate, the old CA).
+    (tmp_path / "second").mkdir()
+    conf = _node_config(tmp_path / "second", f["old-new"], f["node.new"], f["node.new.key"])
+    code, out, err = _cli("config", "check", str(conf), "--json")
+    assert code == 0, (out, err)
+    assert json.loads(out)["warnings"] == []
+
+
+def test_a_ca_file_that_holds_no_ca_is_named_on_both_sides(tmp_path: Path) -> None:
+    f = _rotation(tmp_path, old_end=NOW + dt.timedelta(days=365))
+    # The node's own certificate given as tls.ca (tls.ca and tls.cert swapped, say).
+    with pytest.raises(InvalidArgument) as err:
+        check_tls_files(f["node.new"], f["node.new"], f["node.new.key"], node_id=1, where="cfg")
+    assert str(err.value) == (f"cfg tls.cert: {f['node.new']} is not signed by the CA in {f['node.new']}; "
+                              f"{f['node.new']} is not a CA certificate (its basic constraints do not say CA:TRUE)")
+    with pytest.raises(InvalidArgument, match=r"is not signed by the CA in .*; .* is not a CA certificate .*: the "
+                                              r"nodes' CA must sign it"):
+        Client("127.0.0.1:1", timeout=1, tls=ClientTLS(f["client.new"], f["client.new"], f["client.new.key"]))

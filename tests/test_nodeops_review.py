@@ -257,3 +257,28 @@ def test_snapshot_files_are_private(tmp_path: Path) -> None:
             cluster.close()
     finally:
         os.umask(old)
+
+
+def test_offline_counts_are_built_as_the_online_stats(tmp_path: Path) -> None:
+    """Offline status (``facts.queue_counts``, the store's files read without its key) and a running
+    store's ``stats()`` give the same counts, overall and per namespace: one function builds both
+    (``mqstore.api.stats_counts``), so they cannot drift apart when one is edited."""
+    import mqstore
+    from mqstore.ops import facts
+
+    key = create_key_file(tmp_path / "kek.key")
+    with mqstore.open(tmp_path / "store", key_file=key, background=False) as s:
+        s.enqueue(mail_from="a@example.org", recipients=["b@example.net", "c@example.net"], data=MAIL,
+                  namespace="default")
+        s.enqueue(mail_from="a@example.org", recipients=["d@example.com"], data=MAIL * 3, namespace="bulk")
+        (lease,) = s.lease("w", max_messages=1, namespace="default")
+        s.ack(lease.token, [lease.recipients[0]])
+        online = s.stats()
+    with facts.open_env(tmp_path / "store") as env:
+        offline = facts.queue_counts(env, int(time.time() * 1000))
+    shared = ["recipients", "messages", "messages_active", "bytes", "namespaces"]
+    assert {k: offline[k] for k in shared} == {k: online[k] for k in shared}
+    assert set(offline) == {*shared, "oldest_age_seconds"} and offline["oldest_age_seconds"] >= 0
+    assert sorted(offline["namespaces"]) == ["bulk", "default"]
+    assert offline["namespaces"]["default"]["messages"] == 1 and offline["messages"] == 2
+    assert sum(offline["namespaces"]["default"]["recipients"].values()) == 2

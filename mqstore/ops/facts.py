@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mqstore.api import stats_counts
 from mqstore.consensus.raft import decode_conf_state, decode_snapshot_meta
 from mqstore.consensus.types import ConfState
 from mqstore.errors import NotFound
-from mqstore.ids import id_time_ms
 from mqstore.queue import machine
 from mqstore.queue.kv import LmdbKV
-from mqstore.queue.model import STATE_NAMES
 from mqstore.store.env import DATA_FILE, DATABASES, LOCK_FILE, Environment
 
 _U64 = struct.Struct(">Q")
@@ -171,26 +170,8 @@ def queue_counts(env: Environment, now_ms: int) -> dict[str, Any]:
         kv = LmdbKV(txn, env.dbs)
         per_ns = machine.read_stats(kv) if b"stats" in env.dbs else {}
         oldest = next(iter(kv.scan(b"live", b"")), None) if b"live" in env.dbs else None
-    states = list(STATE_NAMES.values())
-    overall = {k: sum(v.get(k, 0) for v in per_ns.values()) for k in [*states, "messages.live", "messages.stored",
-                                                                         "bytes"]}
-    return {
-        "recipients": {s: overall[s] for s in states},
-        "messages": overall["messages.stored"],
-        "messages_active": overall["messages.live"],
-        "bytes": overall["bytes"],
-        "oldest_age_seconds": max(0, now_ms - id_time_ms(oldest[0])) / 1000 if oldest else 0.0,
-        # per namespace, as a running node's status shows them (QueueBase.stats)
-        "namespaces": {
-            ns: {
-                "recipients": {s: v.get(s, 0) for s in states},
-                "messages": v.get("messages.stored", 0),
-                "messages_active": v.get("messages.live", 0),
-                "bytes": v.get("bytes", 0),
-            }
-            for ns, v in sorted(per_ns.items())
-        },
-    }
+    # the shape a running node's status shows (QueueBase.stats): built by the same function
+    return stats_counts(per_ns, oldest[0] if oldest else None, now_ms)
 
 
 def writer_running(path: Path) -> bool:

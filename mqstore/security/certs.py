@@ -487,13 +487,179 @@ def identity_from_pem(pem: bytes) -> Identity | None:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class TLSWording:
+    """How :func:`check_tls_material` names TLS files in what it refuses, and what it adds: a
+    node's checks say ``node.toml tls.cert: /etc/mqstore/node-1.pem ...``, a client's ``the client
+    certificate /home/ops/client.pem ...``."""
+
+    ca_path: Path
+    cert_path: Path
+    key_path: Path
+    ca: str  # a problem of the CA file starts with this, then the path: "node.toml tls.ca:"
+    cert: str  # ... of the certificate file: "node.toml tls.cert:"
+    key: str  # ... of the key file: "node.toml tls.key:"
+    cert_object: str  # the certificate as the key's: "... is not the key of <cert_object> <cert_path>"
+    ca_refused: str  # what follows from a problem of a CA: "every handshake would fail"
+    ca_expired: str = ""  # added after ca_refused when a CA is not valid now
+    cert_refused: str = ""  # added after a certificate's dates that are not now: ": nodes refuse it"
+    not_signed: str = ""  # added after "... is not signed by the CA in <ca_path>"
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+_PATHS_MAX = 64  # ways from a certificate to the CA file considered (a file of many cross-signed certificates)
+
+
+def _trust_paths(leaf: x509.Certificate, carried: list[x509.Certificate], roots: list[x509.Certificate],
+                 ) -> list[tuple[tuple[x509.Certificate, ...], x509.Certificate]]:
+    """Every way ``leaf`` is signed by a certificate of the CA file (``roots``), directly or
+    through intermediates ``carried`` after it in its own file (as a handshake sends them): the
+    intermediates on the way and the root, shortest first."""
+    out: list[tuple[tuple[x509.Certificate, ...], x509.Certificate]] = []
+    frontier: list[tuple[x509.Certificate, tuple[x509.Certificate, ...]]] = [(leaf, ())]
+    for _ in range(len(carried) + 1):
+        following: list[tuple[x509.Certificate, tuple[x509.Certificate, ...]]] = []
+        for cert, via in frontier:
+            out.extend((via, root) for root in roots if _issued_by(cert, root))
+            following.extend((c, (*via, c)) for c in carried
+                             if c != leaf and c not in via and _issued_by(cert, c))
+        frontier = following[:_PATHS_MAX]
+        if not frontier or len(out) >= _PATHS_MAX:
+            break
+    return out[:_PATHS_MAX]
+
+
+def _in_file(path: Path, certs: list[x509.Certificate], cert: x509.Certificate) -> str:
+    """``path``, and which of its certificates ``cert`` is when it holds several (a CA bundle)."""
+    if len(certs) < 2:
+        return str(path)
+    return f"{path} (its certificate {certs.index(cert) + 1} of {len(certs)}, {cert.subject.rfc4514_string()})"
+
+
+def _key_id(cert: x509.Certificate, kind: type[x509.AuthorityKeyIdentifier | x509.SubjectKeyIdentifier],
+            ) -> bytes | None:
+    try:
+        value = cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+    return value.key_identifier if isinstance(value, x509.AuthorityKeyIdentifier) else value.digest
+
+
+def _may_have_issued(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether a TLS library would try ``issuer``'s signature on ``cert`` (OpenSSL's
+    X509_check_issued): the names match, and the key identifiers when both have one."""
+    if cert.issuer != issuer.subject:
+        return False
+    akid, skid = _key_id(cert, x509.AuthorityKeyIdentifier), _key_id(issuer, x509.SubjectKeyIdentifier)
+    return akid is None or skid is None or akid == skid
+
+
+def _path_problem(leaf: x509.Certificate, via: tuple[x509.Certificate, ...], root: x509.Certificate,
+                  roots: list[x509.Certificate], words: TLSWording, now: _dt.datetime) -> str | None:
+    """What a handshake would refuse about the CAs on one way from a certificate to the CA file."""
+    signed = via[-1] if via else leaf
+    if any(not _issued_by(signed, other) for other in roots if _may_have_issued(signed, other)):
+        # A handshake tries one CA of those it cannot tell apart, maybe the wrong one.
+        return (f"{words.ca} {words.ca_path} holds several CA certificates named {root.subject.rfc4514_string()} "
+                "and nothing in the certificate that one of them signed says which (no matching key "
+                "identifiers): a handshake may check it against the wrong one and fail; give the CAs different "
+                "names, or issue the certificate again (`mqstore certs issue` says which CA signed it)")
+    for middle in via:
+        problem = ca_problem(middle, now)
+        if problem is not None:
+            return (f"{words.cert} {words.cert_path}: the intermediate certificate it carries "
+                    f"({middle.subject.rfc4514_string()}) {problem}: {words.ca_refused}")
+    problem = _not_a_ca(root)
+    if problem is not None:
+        return f"{words.ca} {_in_file(words.ca_path, roots, root)} {problem}: {words.ca_refused}"
+    problem = _not_valid_now(root, now)
+    if problem is not None:
+        return f"{words.ca} {_in_file(words.ca_path, roots, root)} {problem}: {words.ca_refused}{words.ca_expired}"
+    return None
+
+
+def _anchor(leaf: x509.Certificate, carried: list[x509.Certificate], roots: list[x509.Certificate],
+            words: TLSWording, now: _dt.datetime,
+            ) -> tuple[tuple[x509.Certificate, ...], x509.Certificate] | str | None:
+    """The way from ``leaf`` to the CA file a handshake would take: the first with nothing wrong
+    (a CA bundle may hold an expired CA beside the one that counts), else what is wrong with the
+    first (a str); None when no certificate of the CA file signs it."""
+    paths = _trust_paths(leaf, carried, roots)
+    problems = []
+    for via, root in paths:
+        problem = _path_problem(leaf, via, root, roots, words, now)
+        if problem is None:
+            return via, root
+        problems.append(problem)
+    return problems[0] if problems else None
+
+
+def check_tls_material(ca_pem: bytes, cert_pem: bytes, key_pem: bytes, words: TLSWording, *,
+                       skew: _dt.timedelta = _dt.timedelta(0), now: _dt.datetime | None = None,
+                       ) -> x509.Certificate:
+    """What a TLS handshake would refuse about a certificate, its key and the CA file that must
+    vouch for it, raised as InvalidArgument worded by ``words`` (naming the file and the problem);
+    returns the certificate. The checks of a node's files (:func:`check_tls_files`) and of a
+    client's (:func:`mqstore.security.tls.check_client_files`), so that both accept what gRPC does:
+
+    - the CA file, the certificate file and the key are PEM; the CA file may hold several
+      certificates (a bundle: during a CA rotation, the old CA and the new one), the certificate
+      file the intermediates after the certificate (its chain);
+    - the key is the certificate's;
+    - a certificate of the CA file signs the certificate, directly or through the chain it
+      carries; that CA (and every intermediate) says CA:TRUE, may sign certificates and is valid now;
+    - the certificate is valid now, give or take ``skew``."""
+    try:
+        roots = x509.load_pem_x509_certificates(ca_pem)
+    except ValueError:
+        raise InvalidArgument(f"{words.ca} {words.ca_path} is not a PEM certificate") from None
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        raise InvalidArgument(f"{words.cert} {words.cert_path} is not a PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise InvalidArgument(f"{words.key} {words.key_path} is not an unencrypted PEM private key") from None
+    leaf = chain[0]
+    if _spki(key.public_key()) != _spki(leaf.public_key()):
+        raise InvalidArgument(f"{words.key} {words.key_path} is not the key of {words.cert_object} "
+                              f"{words.cert_path}")
+    now = now or _dt.datetime.now(_dt.UTC)
+    found = _anchor(leaf, chain[1:], roots, words, now)
+    if isinstance(found, str):
+        raise InvalidArgument(found)
+    if found is None:
+        hint = ""  # a node's or a client's certificate named as the CA, say:
+        if len(roots) == 1 and _not_a_ca(roots[0]) is not None:
+            hint = f"; {words.ca_path} {_not_a_ca(roots[0])}"
+        elif all(_not_a_ca(root) is not None for root in roots):
+            hint = f"; no certificate of {words.ca_path} is a CA certificate"
+        raise InvalidArgument(f"{words.cert} {words.cert_path} is not signed by the CA in {words.ca_path}"
+                              f"{hint}{words.not_signed}")
+    if not leaf.not_valid_before_utc - skew <= now <= leaf.not_valid_after_utc + skew:
+        state = "expired" if now > leaf.not_valid_after_utc else "not valid yet"
+        raise InvalidArgument(f"{words.cert} {words.cert_path} is valid from {_period(leaf)}, not now ({state})"
+                              f"{words.cert_refused}")
+    return leaf
+
+
 def check_tls_files(ca_path: Path, cert_path: Path, key_path: Path, *, node_id: int | None = None,
                     where: str = "") -> None:
     """Check a node's TLS material; raises InvalidArgument naming the key and the problem: files
-    readable and PEM, the key private to its owner (no access for other users, no group write),
-    the key matches the certificate, the CA is a CA certificate (CA:TRUE) valid now and signed it,
-    it is valid now, and (with ``node_id``) it names that node. (A certificate that outlives its
-    CA is valid until the CA expires: :func:`tls_warnings` says so.)"""
+    readable, the key private to its owner (no access for other users, no group write), what
+    :func:`check_tls_material` checks (the CA file may be a bundle of several CAs, as during a CA
+    rotation; the certificate file may carry its chain; its dates are taken as they are, with no
+    clock skew allowed: a client allows some, as the nodes judge its certificate with their clocks),
+    and (with ``node_id``) the certificate names that node. (A certificate that outlives its CA is
+    valid until the CA expires: :func:`tls_warnings` says so.)"""
     def read(path: Path, key: str) -> bytes:
         try:
             return path.read_bytes()
@@ -506,37 +672,7 @@ def check_tls_files(ca_path: Path, cert_path: Path, key_path: Path, *, node_id: 
         key_pem = read_private_file(key_path, "the TLS key")
     except KeyFileError as exc:
         raise InvalidArgument(f"{where} tls.key: {exc}") from None
-    try:
-        ca = x509.load_pem_x509_certificate(ca_pem)
-    except ValueError:
-        raise InvalidArgument(f"{where} tls.ca: {ca_path} is not a PEM certificate") from None
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-    except ValueError:
-        raise InvalidArgument(f"{where} tls.cert: {cert_path} is not a PEM certificate") from None
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError):
-        raise InvalidArgument(f"{where} tls.key: {key_path} is not an unencrypted PEM private key") from None
-    if _spki(key.public_key()) != _spki(cert.public_key()):
-        raise InvalidArgument(f"{where} tls.key: {key_path} is not the key of the certificate {cert_path}")
-    problem = _not_a_ca(ca)
-    if problem is not None:  # said before "not signed by", which would hide it
-        raise InvalidArgument(f"{where} tls.ca: {ca_path} {problem}: every handshake would fail")
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        raise InvalidArgument(f"{where} tls.cert: {cert_path} is not signed by the CA in {ca_path}") from None
-    now = _dt.datetime.now(_dt.UTC)
-    problem = _not_valid_now(ca, now)
-    if problem is not None:
-        raise InvalidArgument(f"{where} tls.ca: {ca_path} {problem}: every handshake would fail (create a new CA "
-                              "with `mqstore certs init` and issue every certificate again)")
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise InvalidArgument(
-            f"{where} tls.cert: {cert_path} is valid from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} to "
-            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now"
-        )
+    cert = check_tls_material(ca_pem, cert_pem, key_pem, _node_wording(ca_path, cert_path, key_path, where))
     if node_id is not None:
         ident = identity_of(cert)
         if ident is None or ident.kind != "node" or ident.node_id != node_id:
@@ -547,18 +683,33 @@ def check_tls_files(ca_path: Path, cert_path: Path, key_path: Path, *, node_id: 
             )
 
 
+def _node_wording(ca_path: Path, cert_path: Path, key_path: Path, where: str) -> TLSWording:
+    return TLSWording(
+        Path(ca_path), Path(cert_path), Path(key_path), f"{where} tls.ca:", f"{where} tls.cert:",
+        f"{where} tls.key:", "the certificate", "every handshake would fail",
+        ca_expired=" (create a new CA with `mqstore certs init` and issue every certificate again)",
+    )
+
+
 def tls_warnings(ca_path: Path, cert_path: Path, *, where: str = "") -> list[str]:
     """What is not yet wrong with TLS files :func:`check_tls_files` accepted but will be: a
-    certificate that outlives its CA stops working the day the CA expires."""
+    certificate that outlives the CA that signed it (of a bundle: the one a handshake verifies it
+    with) stops working the day that CA expires."""
     try:
-        ca = x509.load_pem_x509_certificate(Path(ca_path).read_bytes())
-        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+        roots = x509.load_pem_x509_certificates(Path(ca_path).read_bytes())
+        chain = x509.load_pem_x509_certificates(Path(cert_path).read_bytes())
     except (OSError, ValueError):
         return []
+    cert = chain[0]
+    found = _anchor(cert, chain[1:], roots, _node_wording(ca_path, cert_path, Path(), where),
+                    _dt.datetime.now(_dt.UTC))
+    if not isinstance(found, tuple):
+        return []
+    ca = found[1]
     if cert.not_valid_after_utc > ca.not_valid_after_utc:
         return [f"{where} tls.cert: {cert_path} is valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, but "
-                f"its CA {ca_path} expires {ca.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: every handshake fails from "
-                "then on (create a new CA before then)".strip()]
+                f"its CA {_in_file(Path(ca_path), roots, ca)} expires {ca.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: "
+                "every handshake fails from then on (create a new CA before then)".strip()]
     return []
 
 
@@ -571,6 +722,7 @@ __all__ = [
     "NODE_URI_PREFIX",
     "CertPair",
     "Identity",
+    "TLSWording",
     "ca_problem",
     "check_ca_name",
     "check_days",
@@ -579,6 +731,7 @@ __all__ = [
     "check_namespaces",
     "check_roles",
     "check_tls_files",
+    "check_tls_material",
     "identity_from_pem",
     "identity_of",
     "init_ca",

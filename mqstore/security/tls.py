@@ -31,7 +31,7 @@ from mqstore.config import TLSFiles
 from mqstore.crypto.providers import read_private_file
 from mqstore.errors import InvalidArgument, KeyFileError
 from mqstore.node.transport import CHANNEL_OPTIONS
-from mqstore.security.certs import ca_problem, node_dns_name
+from mqstore.security.certs import TLSWording, check_tls_material, node_dns_name
 
 AUTHORIZATION = "authorization"
 BEARER = "Bearer "
@@ -155,64 +155,17 @@ def check_client_files(ca_path: Path, ca_pem: bytes, cert_path: Path, cert_pem: 
     """What every node's handshake (or this client's) would refuse about a client's TLS files,
     refused at once with InvalidArgument naming the file and the problem, rather than seen as
     "Socket closed" after retrying until the timeout: the CA, the certificate (chain) and the key
-    must be PEM, the key the certificate's, the certificate valid now and signed (through the
-    chain it carries) by a certificate of the CA file that is valid now."""
-    from cryptography import x509
-    from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import serialization
-
-    try:
-        roots = x509.load_pem_x509_certificates(ca_pem)
-    except ValueError:
-        raise InvalidArgument(f"the CA certificate {ca_path} is not a PEM certificate") from None
-    try:
-        chain = x509.load_pem_x509_certificates(cert_pem)
-    except ValueError:
-        raise InvalidArgument(f"the client certificate {cert_path} is not a PEM certificate") from None
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise InvalidArgument(f"the client key {key_path} is not an unencrypted PEM private key") from None
-
-    def spki(public_key: Any) -> bytes:
-        return public_key.public_bytes(  # type: ignore[no-any-return]
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-    leaf = chain[0]
-    if spki(key.public_key()) != spki(leaf.public_key()):
-        raise InvalidArgument(f"the client key {key_path} is not the key of the client certificate "
-                              f"{cert_path}")
-    now = _dt.datetime.now(_dt.UTC)
-    if not leaf.not_valid_before_utc - _CLIENT_CLOCK_SKEW <= now <= leaf.not_valid_after_utc + _CLIENT_CLOCK_SKEW:
-        state = "expired" if now > leaf.not_valid_after_utc else "not valid yet"
-        raise InvalidArgument(
-            f"the client certificate {cert_path} is valid from {leaf.not_valid_before_utc:%Y-%m-%d %H:%M}"
-            f" to {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now ({state}): nodes refuse it")
-
-    def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-        try:
-            cert.verify_directly_issued_by(issuer)
-        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-            return False
-        return True
-
-    cert, seen = leaf, 0
-    while seen <= len(chain):
-        root = next((r for r in roots if issued_by(cert, r)), None)
-        if root is not None:
-            problem = ca_problem(root, now)
-            if problem is not None:
-                raise InvalidArgument(f"the CA certificate {ca_path} {problem}: nodes refuse the "
-                                      "certificates it signed")
-            return
-        nxt = next((c for c in chain[1:] if c is not cert and issued_by(cert, c)), None)
-        if nxt is None:
-            break
-        cert, seen = nxt, seen + 1
-    raise InvalidArgument(
-        f"the client certificate {cert_path} is not signed by the CA in {ca_path}: "
-        "the nodes' CA must sign it, and the CA file (MQSTORE_CA) must be that CA: the cluster's ca.pem"
+    must be PEM, the key the certificate's, the certificate valid now (give or take
+    ``_CLIENT_CLOCK_SKEW``) and signed (through the chain it carries) by a certificate of the CA
+    file (a bundle may hold several) that is a CA valid now. The same checks as a node's files
+    (:func:`mqstore.security.certs.check_tls_material`), worded for a client."""
+    words = TLSWording(
+        Path(ca_path), Path(cert_path), Path(key_path), "the CA certificate", "the client certificate",
+        "the client key", "the client certificate", "nodes refuse the certificates it signed",
+        cert_refused=": nodes refuse it",
+        not_signed=": the nodes' CA must sign it, and the CA file (MQSTORE_CA) must be that CA: the cluster's ca.pem",
     )
+    check_tls_material(ca_pem, cert_pem, key_pem, words, skew=_CLIENT_CLOCK_SKEW)
 
 
 def client_settings_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
