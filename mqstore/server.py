@@ -55,7 +55,7 @@ from mqstore.node.cluster_queue import ClusterQueue
 from mqstore.node.raftlog import entry_payload
 from mqstore.node.replica import MemberInfo
 from mqstore.node.runtime import OPERATION_TIMEOUT_S, Node, Operation
-from mqstore.node.transport import CHANNEL_OPTIONS
+from mqstore.node.transport import CHANNEL_OPTIONS, SERVER_PING_OPTIONS
 from mqstore.node.wire import message_from_proto
 from mqstore.ops import backup as ops_backup
 from mqstore.ops import inspect as ops_inspect
@@ -779,6 +779,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                         progress=lambda phase, done, total: events.put(("progress", (phase, done, total))),
                         scratch_dir=self.node.snapshot_dir,
                     )
+                    report.consistent_copy = True  # the node's own copy of itself (_copy): not in use
                     result.update(report.to_dict())
                     result["node_id"] = self.node.node_id
                     events.put(("done", None))
@@ -1083,7 +1084,7 @@ class NodeServer:
             # No SO_REUSEPORT (gRPC's default): a second node on an address in use must fail to
             # start, not share the port and answer every other connection from another store.
             options = [*CHANNEL_OPTIONS, ("grpc.max_concurrent_streams", limits.CONNECTION_STREAMS_MAX),
-                       ("grpc.so_reuseport", 0)]
+                       ("grpc.so_reuseport", 0), *SERVER_PING_OPTIONS]
             self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[self.edge],
                                     options=options)
             self.in_flight = InFlight()

@@ -606,6 +606,7 @@ def test_cluster_membership_and_verify_over_the_cluster(cluster: LocalCluster) -
     report = ok("verify", "--server", cluster.nodes[lead].address)
     assert report["clean"] and report["replayed"] and report["node_id"] == lead
     assert report["messages_checked"] == 30
+    assert report["consistent_copy"] is True  # checked on the node's own copy (until stop 30: false)
 
 
 def test_history_of_a_deleted_message(cluster: LocalCluster) -> None:

@@ -282,3 +282,34 @@ def test_offline_counts_are_built_as_the_online_stats(tmp_path: Path) -> None:
     assert sorted(offline["namespaces"]) == ["bulk", "default"]
     assert offline["namespaces"]["default"]["messages"] == 1 and offline["messages"] == 2
     assert sum(offline["namespaces"]["default"]["recipients"].values()) == 2
+
+
+_PINGING_CLIENT = """
+import sys, time
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+options = [("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_timeout_ms", 5000),
+           ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1)]
+with grpc.insecure_channel(sys.argv[1], options=options) as channel:
+    stub = health_pb2_grpc.HealthStub(channel)
+    stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+    time.sleep(6)  # idle: keepalive pings only
+    stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+print("ok")
+"""
+
+
+def test_a_node_takes_its_clients_keepalive_pings_without_goaway(tmp_path: Path) -> None:
+    """Nodes and clients ping every 10 s, calls or not; gRPC's server default allows one ping per
+    5 minutes without data and answered the third with GOAWAY "too_many_pings" (the connection
+    dropped, a gRPC core error line on an idle client's stderr every ~30 s). Pings here come every
+    second, so the default's GOAWAY comes within ~3 s."""
+    c = InProcessCluster(tmp_path, ["a"])
+    try:
+        c.leader()
+        out = subprocess.run([sys.executable, "-c", _PINGING_CLIENT, c.address(1)], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+        assert "too_many_pings" not in out.stderr and "GOAWAY" not in out.stderr, out.stderr
+    finally:
+        c.close()

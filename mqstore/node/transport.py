@@ -42,6 +42,14 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
+#: A node takes the keepalive pings CHANNEL_OPTIONS send (every 10 s, calls or not) from peers and
+#: clients: gRPC's server default allows one ping per 5 minutes without data and answers a third
+#: early one with GOAWAY "too_many_pings" (the connection dropped, a core error line on the
+#: client's stderr, every 30 s on an idle client).
+SERVER_PING_OPTIONS = [
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
 
 ChannelFactory = Callable[[str], grpc.Channel]
 
@@ -300,4 +308,11 @@ class Transport:
             p.thread.join(2)
 
 
-__all__ = ["CHANNEL_OPTIONS", "GRPC_MESSAGE_BYTES_MAX", "SNAPSHOT_CHUNK_BYTES", "Transport", "insecure_channel"]
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "GRPC_MESSAGE_BYTES_MAX",
+    "SERVER_PING_OPTIONS",
+    "SNAPSHOT_CHUNK_BYTES",
+    "Transport",
+    "insecure_channel",
+]
