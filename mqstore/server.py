@@ -35,7 +35,7 @@ from mqstore import errors, limits
 from mqstore.actor import Actor
 from mqstore.api import Lease, Message, MessageSummary, QueueBase
 from mqstore.codec import crc32c
-from mqstore.compliance.rules import Mode
+from mqstore.compliance.rules import Ctx, Mode
 from mqstore.compliance.service import ComplianceService
 from mqstore.config import NodeConfig, check_address, check_site
 from mqstore.consensus.quorum import majority
@@ -861,10 +861,8 @@ class RaftService(raft_pb2_grpc.RaftServicer):  # type: ignore[misc]
         # The fingerprint of this node's KEK (empty: its key provider cannot give one): checked
         # against each sender's, and sent with this node's own messages, so that a node given
         # another key file can neither lead nor take entries whose keys it cannot open.
-        self.kek_fingerprint: bytes = getattr(getattr(node, "log", None), "kek_fingerprint", b"")
-        transport = getattr(node, "transport", None)
-        if transport is not None:
-            transport.kek_fingerprint = self.kek_fingerprint
+        self.kek_fingerprint: bytes = node.log.kek_fingerprint
+        node.transport.kek_fingerprint = self.kek_fingerprint
 
     def _refused_sender(self, sender: int, founding: bytes, kek_fingerprint: bytes = b"") -> str | None:
         """Why ``sender``'s Raft messages and snapshots are refused (None: they are not), logged
@@ -1161,7 +1159,13 @@ class NodeServer:
             except errors.MQStoreError as exc:
                 log.error("refused %s for %s, and auditing the refusal failed (%s): %s", rpc, actor.name, exc, reason)
             return
-        entry = DenialEntry(self.node.now_ms(), op, "", reason, self.queue._ctx(actor)).encode()
+        # The leader stamps the entry and its context with its own times (append_reported_denials):
+        # none of this node's are sent. Taking them would do harm here: Node.now_ms() raises the
+        # node's stamp floor (kept on disk, the floor of its stamps once it leads) and the queue's
+        # context starts its compliance clock, both from a clock no leader has corrected yet (an
+        # hour ahead: the queue's time and retention moved an hour ahead for good once it led).
+        ctx = Ctx(actor, self.node.node_id, self.node.config.site, 0, 0)
+        entry = DenialEntry(0, op, "", reason, ctx).encode()
         try:
             self._denials.put_nowait(entry)
         except queue.Full:

@@ -641,3 +641,89 @@ def test_a_new_leader_stamps_no_earlier_than_what_its_predecessor_stamped_long_a
         assert [x.message_id for x in l2.queue.lease(worker="w", max_messages=10)] == [a, b]
     finally:
         c.close()
+
+
+def test_a_follower_ahead_refusing_a_call_does_not_move_its_stamp_floor_or_compliance_clock(tmp_path: Path) -> None:
+    """A follower whose clock is an hour ahead, with no correction (two voters: the leader's clocks
+    cannot decide), refuses a call with a bad token. Its report of the refusal went through
+    Node.now_ms(), which raised its stamp floor (kept on disk; the floor of its stamps once it
+    leads) and started its compliance clock, from its own clock: the queue's time and retention
+    then moved an hour ahead for good when it led."""
+    from mqstore.client import Client
+    from mqstore.errors import MQStoreError
+    from mqstore.security.tokens import TokenStore
+    from mqstore.testing.secure import Pki
+
+    pki = Pki(tmp_path / "pki")
+    tokens_file = tmp_path / "tokens.json"
+    TokenStore(tokens_file, create=True).add("ops", ["admin", "reader", "producer", "worker"])
+    c = InProcessCluster(tmp_path / "c", ["a", "b"], pki=pki, extra={"auth": {"tokens_file": str(tokens_file)}},
+                         node_options={2: {"clock": lambda: time.time() + HOUR_MS / 1000}})
+    try:
+        lead = c.leader()
+        if lead.node.node_id == 2:
+            lead.node.call(lambda: lead.node.raw.transfer_leadership(1))
+            lead = c.leader(among=[1])
+        n2, q2 = c.servers[2].node, c.servers[2].queue
+        _wait(lambda: n2.clocks.correction_ms == 0, "node 2, a follower, to stamp with its own clock")  # (uncapped)
+        tls = pki.client_tls(pki.client("nobody", []))
+        with Client(c.address(2), timeout=3, tls=tls, token="bogus") as cl, pytest.raises(MQStoreError):
+            cl.stats()
+        _wait(lambda: any(r["op"] == "Queue/Stats" for r in lead.queue.audit_records()), "the refusal's audit record")
+        now_ms = time.time() * 1000
+        assert n2.stamp_ms <= now_ms + 5_000  # was an hour ahead
+        assert q2.compliance_clock.now_ms() <= now_ms + 5_000
+    finally:
+        c.close()
+
+
+def test_a_leaders_cap_ends_when_the_voters_clock_agrees_again() -> None:
+    """Two voters: the follower's clock is set back an hour for a few seconds. The leader, unable
+    to decide, stamps with the follower's time meanwhile (never ahead of a voter); once the
+    follower's clock is fixed it stamps with its own again (this stop's first cap kept the hour
+    for good: the queue stood still for an hour, then ran an hour behind)."""
+    w = World()
+    off2 = [0.0]
+    leader = make(w, 1, 0)
+    follower = PeerClocks(2, lambda: w.t + off2[0], 500, monotonic=lambda: w.mono)
+    voters = [1, 2]
+
+    def beat() -> None:
+        for _ in range(3):
+            w.advance(1.0)
+            exchange_all(w, leader, [follower])
+            follower.update(voters, voters, leader=1)
+            leader.update(voters, voters, leader=1)
+
+    beat()
+    assert leader.correction_ms == 0
+    off2[0] = -3600.0
+    beat()
+    assert leader.correction_ms == pytest.approx(-HOUR_MS, abs=2)
+    off2[0] = 0.0
+    beat()
+    assert leader.correction_ms == 0 and leader.now_ms() == pytest.approx(w.t * 1000, abs=2)
+
+
+def test_a_clock_the_voters_showed_wrong_does_not_cap_the_leader_when_a_voter_goes_down() -> None:
+    """Node 3 is an hour behind; with all three up the median decides and node 3 takes the
+    leader's time (+1 h). Node 2 then goes down: too few clocks to decide, but node 3's time is
+    its clock plus the correction it had, the true time, so the leader keeps stamping the true
+    time (this stop's first cap took node 3's raw clock: the queue stood still)."""
+    w = World()
+    nodes = cluster_of(w, [0, 0, -HOUR_MS])
+    voters = [1, 2, 3]
+    exchange_all(w, nodes[0], nodes[1:])
+    nodes[0].update(voters, voters, leader=1)
+    exchange_all(w, nodes[0], nodes[1:])  # carries the leader's correction
+    for n in nodes[1:]:
+        n.update(voters, voters, leader=1)
+    exchange_all(w, nodes[0], nodes[1:])  # the followers' answers carry theirs
+    assert nodes[2].correction_ms == pytest.approx(HOUR_MS, abs=2)
+    for _ in range(int(WINDOW_S) + 10):  # node 2 down: its samples age out
+        w.advance(1.0)
+        exchange_all(w, nodes[0], [nodes[2]])
+        nodes[2].update(voters, voters, leader=1)
+        nodes[0].update(voters, voters, leader=1)
+        assert nodes[0].now_ms() == pytest.approx(w.t * 1000, abs=2)
+    assert not nodes[0].decided

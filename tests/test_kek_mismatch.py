@@ -9,11 +9,9 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -22,13 +20,10 @@ import mqstore.testing.secure as secure
 from mqstore.client import Client
 from mqstore.codec import RecordType
 from mqstore.config import parse as real_parse
-from mqstore.consensus.types import MessageType
 from mqstore.crypto import AesKeyProvider, FileKeyProvider, create_key_file, kek_fingerprint, read_key_file
 from mqstore.errors import InvalidArgument, WrongKey
 from mqstore.node.raftlog import record_to_entry
 from mqstore.node.replica import Applier
-from mqstore.proto import raft_pb2
-from mqstore.server import RaftService
 from mqstore.store import LogStore
 from mqstore.testing.secure import InProcessCluster
 
@@ -100,88 +95,6 @@ def test_a_wrap_unwrap_provider_with_the_wrong_key_gets_wrong_key_errors(tmp_pat
     # Any other error of the provider: WrongKey too, saying what the provider said.
     with pytest.raises(WrongKey, match=r"ConnectionError: kms\.example\.net: connection refused"):
         mqstore.open(tmp_path / "st", key_provider=Unreachable(b"k" * 32), background=False)
-
-
-# --- the Raft service's check, called directly ----------------------------------------------------
-
-
-class Aborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-
-
-class Context:
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise Aborted(code, details)
-
-
-class Clocks:
-    def observe(self, *args: Any) -> None:
-        pass
-
-
-class FakeLog:
-    def __init__(self, fingerprint: bytes) -> None:
-        self.kek_fingerprint = fingerprint
-
-
-class FakeTransport:
-    kek_fingerprint = b""
-
-
-class FakeNode:
-    def __init__(self, fingerprint: bytes) -> None:
-        self.node_id = 1
-        self.cluster_id = "t"
-        self.founding = b"F" * 16
-        self.removed: frozenset[int] = frozenset()
-        self.clocks = Clocks()
-        self.log = FakeLog(fingerprint)
-        self.transport = FakeTransport()
-        self.received: list[int] = []
-
-    def receive(self, message: Any) -> None:
-        self.received.append(message.frm)
-
-    def note_snapshot_founding(self, index: int, founding: bytes) -> None:
-        pass
-
-
-def _heartbeat(fingerprint: bytes) -> Iterator[raft_pb2.RaftMessage]:
-    message = raft_pb2.RaftMessage(type=int(MessageType.HEARTBEAT), to=1, term=2, cluster_id="t",
-                                   founding=b"F" * 16, kek_fingerprint=fingerprint)
-    setattr(message, "from", 2)
-    yield message
-
-
-@pytest.mark.parametrize(
-    ("mine", "theirs", "refused"),
-    [
-        (b"A" * 16, b"A" * 16, False),
-        (b"A" * 16, b"", False),  # an older node, or a provider that cannot give one
-        (b"", b"B" * 16, False),
-        (b"A" * 16, b"B" * 16, True),
-    ],
-)
-def test_raft_messages_of_a_node_with_another_kek_are_refused(
-    mine: bytes, theirs: bytes, refused: bool, caplog: pytest.LogCaptureFixture
-) -> None:
-    node = FakeNode(mine)
-    service = RaftService(node)  # type: ignore[arg-type]
-    assert node.transport.kek_fingerprint == mine  # what this node's own messages carry
-    if not refused:
-        service.Send(_heartbeat(theirs), Context())
-        assert node.received == [2]
-        return
-    with caplog.at_level(logging.ERROR, logger="mqstore.server"), pytest.raises(Aborted) as err:
-        service.Send(_heartbeat(theirs), Context())
-    assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
-    assert "node 2 uses a different key-encryption key than this node" in err.value.details
-    assert "every node of a cluster needs the same key_file" in err.value.details
-    assert node.received == []
-    assert "node 2 uses a different key-encryption key" in caplog.text
 
 
 # --- a replica applying an entry its KEK cannot open ----------------------------------------------

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -33,12 +35,14 @@ class Clocks:
 class FakeNode:
     """What RaftService.Send uses of a node."""
 
-    def __init__(self, founding: bytes, removed: set[int]) -> None:
+    def __init__(self, founding: bytes, removed: set[int], kek_fingerprint: bytes = b"") -> None:
         self.node_id = 1
         self.cluster_id = "t"
         self.founding = founding
         self.removed = frozenset(removed)
         self.clocks = Clocks()
+        self.log = SimpleNamespace(kek_fingerprint=kek_fingerprint)
+        self.transport = SimpleNamespace(kek_fingerprint=b"")
         self.received: list[int] = []
 
     def receive(self, message: Any) -> None:
@@ -48,8 +52,9 @@ class FakeNode:
         pass
 
 
-def _heartbeat(sender: int, founding: bytes) -> Iterator[raft_pb2.RaftMessage]:
-    message = raft_pb2.RaftMessage(type=int(MessageType.HEARTBEAT), to=1, term=2, cluster_id="t", founding=founding)
+def _heartbeat(sender: int, founding: bytes, kek_fingerprint: bytes = b"") -> Iterator[raft_pb2.RaftMessage]:
+    message = raft_pb2.RaftMessage(type=int(MessageType.HEARTBEAT), to=1, term=2, cluster_id="t", founding=founding,
+                                   kek_fingerprint=kek_fingerprint)
     setattr(message, "from", sender)  # ("from" is a Python keyword)
     yield message
 
@@ -78,3 +83,31 @@ def test_send_refuses_removed_nodes_and_other_foundings(
         service.Send(_heartbeat(2, theirs), Context())
     assert err.value.code == grpc.StatusCode.PERMISSION_DENIED and refused in err.value.details
     assert node.received == []
+
+
+@pytest.mark.parametrize(
+    ("mine", "theirs", "refused"),
+    [
+        (b"A" * 16, b"A" * 16, False),
+        (b"A" * 16, b"", False),  # an older node, or a provider that cannot give one
+        (b"", b"B" * 16, False),
+        (b"A" * 16, b"B" * 16, True),
+    ],
+)
+def test_raft_messages_of_a_node_with_another_kek_are_refused(
+    mine: bytes, theirs: bytes, refused: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = FakeNode(b"F" * 16, set(), kek_fingerprint=mine)
+    service = RaftService(node)  # type: ignore[arg-type]
+    assert node.transport.kek_fingerprint == mine  # what this node's own messages carry
+    if not refused:
+        service.Send(_heartbeat(2, b"F" * 16, theirs), Context())
+        assert node.received == [2]
+        return
+    with caplog.at_level(logging.ERROR, logger="mqstore.server"), pytest.raises(Aborted) as err:
+        service.Send(_heartbeat(2, b"F" * 16, theirs), Context())
+    assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert "node 2 uses a different key-encryption key than this node" in err.value.details
+    assert "every node of a cluster needs the same key_file" in err.value.details
+    assert node.received == []
+    assert "node 2 uses a different key-encryption key" in caplog.text

@@ -76,11 +76,14 @@ class ClockOffset:
 
 
 class _PeerSamples:
-    __slots__ = ("correction_ms", "last_in", "slots")
+    __slots__ = ("correction_ms", "known_correction_ms", "last_in", "slots")
 
     def __init__(self) -> None:
         self.last_in: tuple[int, int] | None = None  # (peer's send time, our arrival time), us
         self.correction_ms: int | None = None  # the peer's own correction, as it last said
+        #: The last correction the peer said it had decided (kept when it stops saying, until its
+        #: clock steps): its clock plus this is the cluster's time as last decided.
+        self.known_correction_ms: int | None = None
         # (slot start on the monotonic clock, offset us, round trip us): the best of each slot
         self.slots: deque[tuple[float, float, int]] = deque(maxlen=int(WINDOW_S / SAMPLE_SLOT_S) + 1)
 
@@ -103,8 +106,12 @@ class PeerClocks:
         self.max_offset_ms = max_offset_ms
         self._peers: dict[int, _PeerSamples] = {}
         self._lock = threading.Lock()
+        #: The correction as decided (or kept, or set back by a step), before any cap (see
+        #: _capped): what :attr:`correction_ms` is unless this node leads undecided.
+        self._uncapped_ms = 0
         #: Milliseconds added to this node's clock for the stamps of new entries (see module doc).
-        self.correction_ms = 0
+        self._correction_ms = 0
+        self._capped_by: int | None = None  # the voter whose time caps this leader's (logged)
         #: Whether :attr:`correction_ms` was decided from the voters' clocks or a leader's
         #: (sent to peers only then).
         self.decided = False
@@ -116,6 +123,15 @@ class PeerClocks:
         #: Until when (monotonic) a step taken back into the correction is kept while no fresh
         #: samples decide (None: no step waits for them; see :meth:`update`).
         self._step_kept_until: float | None = None
+
+    @property
+    def correction_ms(self) -> int:
+        """Milliseconds added to this node's clock for the stamps of new entries."""
+        return self._correction_ms
+
+    @correction_ms.setter
+    def correction_ms(self, value: int) -> None:
+        self._correction_ms = self._uncapped_ms = value
 
     def _check_step(self) -> None:
         """Notice a step of this node's wall clock (see the module doc): take it back into the
@@ -132,7 +148,8 @@ class PeerClocks:
                 samples.slots.clear()
                 samples.last_in = None
             self._stepped_at_us = wall
-            self.correction_ms -= round(step_ms)
+            self._correction_ms -= round(step_ms)
+            self._uncapped_ms -= round(step_ms)
             self._step_kept_until = mono + WINDOW_S
             self.decided = False
         log.warning("node %d: this node's clock was stepped %.3f s %s: its stamps go on from the time before the "
@@ -171,6 +188,8 @@ class PeerClocks:
             s = self._samples(peer)
             s.last_in = (sent_us, arrived)
             s.correction_ms = correction_ms
+            if correction_ms is not None:
+                s.known_correction_ms = correction_ms
             if echo_us <= 0 or echo_received_us <= 0 or echo_us < self._stepped_at_us:
                 return  # (an echo of a time before this node's clock was stepped: no sample)
             round_trip = (arrived - echo_us) - (sent_us - echo_received_us)
@@ -183,8 +202,11 @@ class PeerClocks:
             slots = s.slots
             if slots and abs(offset - slots[-1][1]) > (round_trip + slots[-1][2]) / 2 + STEP_MS_MIN * 1000:
                 # Beyond both error bounds: the peer's clock was stepped (this node's own step is
-                # noticed by _check_step). Its older samples describe a clock that is gone.
+                # noticed by _check_step). Its older samples describe a clock that is gone, and
+                # so does the correction it had.
                 slots.clear()
+                if correction_ms is None:
+                    s.known_correction_ms = None
             if slots and now - slots[-1][0] < SAMPLE_SLOT_S:
                 if round_trip < slots[-1][2]:
                     slots[-1] = (slots[-1][0], offset, round_trip)
@@ -232,13 +254,14 @@ class PeerClocks:
                 # No clocks to go by since the step (too few voters heard from): this node's own
                 # clock, as it is now, is all there is. (Not the correction from before the step:
                 # that one was for the old clock, and exactly wrong when the step was the fix.)
-                self.correction_ms = 0
+                self._uncapped_ms = 0
                 self._step_kept_until = None
                 log.warning("node %d: no voters' clocks decided after this node's clock was stepped: it stamps with "
                             "its clock as it is now", self.node_id)
-            if leader == self.node_id:
-                self._cap_ahead(voters, limit)
-            return  # nothing new to go by: keep the correction as it is (capped)
+            # Nothing new to go by: keep the correction as it is, capped while this node leads
+            # (recomputed each time: a cap ends when the voter's clock agrees again).
+            self._correction_ms = self._capped(voters, limit) if leader == self.node_id else self._uncapped_ms
+            return
         self._step_kept_until = None
         correction, source = decided
         if abs(correction) > CORRECTION_MS_MAX:
@@ -257,29 +280,45 @@ class PeerClocks:
                 log.info("node %d: this node's clock agrees with %s again: it stamps with its own", self.node_id,
                          source)
         self.correction_ms = correction
+        self._capped_by = None
         self.decided = True
 
-    def _cap_ahead(self, voters: Iterable[int], limit: int) -> None:
-        """A leader whose voters' clocks cannot decide (too few heard from) never stamps ahead of
-        a voter it hears from by more than ``limit``: its corrected clock is moved back to the
-        earliest such voter's. Of two clocks that disagree nobody can tell which is right, but
-        only one ahead does lasting harm: stamps never go back, so time it moved ahead stays
-        (leases and lifetimes end early, then the queue stands still until the clocks catch up),
-        where one behind only holds the queue still. (Before, a node an hour ahead elected after
-        a restart — no correction learned yet — with one voter down moved the queue an hour ahead.)"""
-        ahead = [(round(est.offset_ms), peer) for peer, est in self.offsets(voters).items()
-                 if est is not None and self.correction_ms - est.offset_ms > limit + est.error_ms]
+    def _capped(self, voters: Iterable[int], limit: int) -> int:
+        """The correction a leader whose voters' clocks cannot decide (too few heard from) stamps
+        with: its own (uncapped), but never more than ``limit`` ahead of a voter it hears from —
+        else the earliest such voter's time. A voter's time is its clock plus the correction it
+        last said it had decided (a clock the voters' median showed wrong is not taken as it is).
+        Of two clocks that disagree nobody can tell which is right, but only one ahead does lasting
+        harm: stamps never go back, so time it moved ahead stays (leases and lifetimes end early,
+        then the queue stands still until the clocks catch up), where one behind only holds the
+        queue still while it lasts. (Before, a node an hour ahead elected after a restart — no
+        correction learned yet — with one voter down moved the queue an hour ahead for good.)"""
+        base = self._uncapped_ms
+        ahead: list[tuple[int, int]] = []
+        for peer, est in self.offsets(voters).items():
+            if est is None:
+                continue
+            with self._lock:
+                s = self._peers.get(peer)
+                known = s.known_correction_ms if s is not None else None
+            their_time = est.offset_ms + (known or 0)
+            if base - their_time > limit + est.error_ms and abs(their_time) <= CORRECTION_MS_MAX:
+                ahead.append((round(their_time), peer))
         if not ahead:
-            return
-        correction, peer = min(ahead)
-        if abs(correction) > CORRECTION_MS_MAX:
-            return
-        log.warning(
-            "node %d: too few voters' clocks to decide the cluster's time, and this node's is %.3f s ahead of node "
-            "%d's: it stamps with node %d's time (a clock ahead would move the queue's time ahead for good; check "
-            "NTP)", self.node_id, (self.correction_ms - correction) / 1000, peer, peer,
-        )
-        self.correction_ms = correction
+            if self._capped_by is not None:
+                log.info("node %d: no voter's clock is behind this node's any more: it stamps with its own",
+                         self.node_id)
+                self._capped_by = None
+            return base
+        capped, peer = min(ahead)
+        if self._capped_by != peer:
+            log.warning(
+                "node %d: too few voters' clocks to decide the cluster's time, and this node's is %.3f s ahead of "
+                "node %d's: it stamps with node %d's time while that lasts (a clock ahead would move the queue's "
+                "time ahead for good; check NTP)", self.node_id, (base - capped) / 1000, peer, peer,
+            )
+            self._capped_by = peer
+        return capped
 
     def _decide(self, voters: list[int], leader: int) -> tuple[int, str] | None:
         """The correction the clocks heard call for, and whose clocks those are; None when they
