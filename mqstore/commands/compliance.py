@@ -14,6 +14,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 from mqstore import limits
 from mqstore.api import AUDIT_KEY_FILE
 from mqstore.commands._common import emit
-from mqstore.commands.ops import Target, _config, add_target_args
+from mqstore.commands.ops import Target, _config, _data_dir, add_target_args
 from mqstore.errors import InvalidArgument, PermissionDenied
 
 
@@ -82,7 +83,10 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         if target.remote:
             raise InvalidArgument("audit verify reads a store on disk: run it on a node's data dir (--data-dir), "
                                   "or on a backup restored somewhere")
-        if public_key is None and trusted is None:
+        if public_key is None:
+            # The store's own key checks its own checkpoints, with or without a trusted checkpoint:
+            # on a cluster that one may have been signed by another node (each signs with its own
+            # key; the records and roots are the same on every replica).
             conf = _config(args)
             if conf is not None and conf.audit_signing_key is not None:
                 public_key = signing.read_signing_key(conf.audit_signing_key).public_key()  # the node's key
@@ -144,6 +148,8 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     try:
         with Target(args, write=True) as target:
             ckpt = target.queue.audit_checkpoint()
+            node = None if ckpt is None else _signing_node(target, ckpt.size)
+            remote = target.remote
         if ckpt is None:
             raise InvalidArgument("the audit log is empty: nothing to checkpoint yet")
         text = ckpt.to_json()
@@ -162,10 +168,56 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
             os.close(fd)
         if written is not None:
             written.unlink(missing_ok=True)  # created above, never filled: nothing left behind
-    emit(args, json.loads(text), [f"checkpoint of {ckpt.size} audit records (root {ckpt.root}) written to {out}",
-                                  "keep it somewhere the store's operators cannot change it; "
-                                  "check later with: mqstore audit verify --trusted-checkpoint " + str(out)])
+    signer = f"key {ckpt.key_id}" if ckpt.signed else "no key (unsigned)"
+    if node is not None:
+        signer = f"node {node}'s {signer}"
+    out_json = json.loads(text)
+    out_json["node_id"] = node  # not part of the checkpoint (the file holds the checkpoint alone)
+    emit(args, out_json, [
+        f"checkpoint of {ckpt.size} audit records (root {ckpt.root}) signed with {signer}, written to {out}",
+        "keep it somewhere the store's operators cannot change it; check later with: "
+        + _verify_hint(args, out, remote),
+    ])
     return 0
+
+
+def _signing_node(target: Target, size: int) -> int | None:
+    """The node that signed the checkpoint ``audit export-checkpoint`` just got: the node the
+    checkpoint request's audit record (the last record it covers) names. None when that record is
+    not the request (another checkpoint came in between) or cannot be read."""
+    from mqstore.errors import MQStoreError
+    from mqstore.queue.machine import CHECKPOINT_OP
+
+    try:
+        records = target.queue.audit_records(after=size - 1, limit=1)
+    except MQStoreError:
+        return None
+    if not records or records[0].get("seq") != size or records[0].get("op") != CHECKPOINT_OP:
+        return None
+    node = records[0].get("node")
+    return node if isinstance(node, int) and not isinstance(node, bool) and node > 0 else None
+
+
+def _verify_hint(args: argparse.Namespace, out: Path, remote: bool) -> str:
+    """The ``audit verify`` command that checks a store against the checkpoint just written: the
+    same store on disk, or after an export from a cluster any node's data dir (each node's log
+    verifies against it, with that node's own key for its own checkpoints)."""
+    words = ["mqstore", "audit", "verify", "--trusted-checkpoint", shlex.quote(str(out))]
+    if remote:
+        words += ["--config", "NODE.toml", "(any node's config, or --data-dir DIR --key-file KEK: each node's log "
+                  "checks against it)"]
+        return " ".join(words)
+    if getattr(args, "data_dir", None):
+        words += ["--data-dir", shlex.quote(str(args.data_dir))]
+    elif getattr(args, "config", None):
+        words += ["--config", shlex.quote(str(args.config))]
+    else:
+        words += ["--data-dir", shlex.quote(str(_data_dir(args)))]
+    if getattr(args, "key_file", None):
+        words += ["--key-file", shlex.quote(str(args.key_file))]
+    if getattr(args, "data_dir", None) and getattr(args, "config", None):
+        words += ["--config", shlex.quote(str(args.config))]
+    return " ".join(words)
 
 
 def cmd_audit_tail(args: argparse.Namespace) -> int:
@@ -342,7 +394,8 @@ def register(sub: Any) -> None:
     v = asub.add_parser("verify", help="recompute the hash chain, Merkle checkpoints and signatures (exit 1: bad)")
     add_target_args(v, server=False)
     v.add_argument("--trusted-checkpoint", default=None, help="a checkpoint exported earlier: detects truncation "
-                   "and rewriting up to it, and a log re-signed with another key")
+                   "and rewriting up to it (checked with its own key; on a cluster any node's export checks every "
+                   "node's log, whose checkpoints are checked with that node's key)")
     v.add_argument("--public-key", default=None, help="the signing key's public key (hex)")
     v.add_argument("--signing-key", default=None, help="the audit signing key file (default: <data-dir>'s own)")
     v.set_defaults(func=cmd_audit_verify)

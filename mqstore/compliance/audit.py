@@ -923,12 +923,16 @@ def verify(
     incrementally and compared at every stored checkpoint's size). Checks: seq keys contiguous
     from 1 and equal to each record's ``seq``; each record decodes and is canonical; times never
     go backwards; each ``prev`` is the SHA-256 of the previous record's stored bytes; every stored
-    checkpoint's root, time and signature (with ``public_key``; unchecked when None and no trusted
-    checkpoint gives one); the head in meta names the last record. With ``trusted`` (an exported
-    checkpoint): its signature is valid for its own public key, that key equals ``public_key``
-    when given (a log re-signed with another key fails), the log has at least ``trusted.size``
-    records (else it was truncated) and its root at that size equals ``trusted.root`` (else
-    records up to there were rewritten).
+    checkpoint's root, time and signature (with ``public_key``, the log's own key; unchecked when
+    None and no trusted checkpoint gives one); the head in meta names the last record. With
+    ``trusted`` (an exported checkpoint): its signature is valid for its own public key (the one
+    it carries, else ``public_key``), the log has at least ``trusted.size`` records (else it was
+    truncated) and its root at that size equals ``trusted.root`` (else records up to there were
+    rewritten, re-signed or not). The log's own checkpoints are checked with ``public_key`` when
+    given, which may be another key than the trusted checkpoint's: on a cluster the records and
+    roots are the same on every replica but each node signs with its own key, so a checkpoint
+    exported from one node checks every node's log (a note names both keys). Only without
+    ``public_key`` are they checked with the trusted checkpoint's key.
 
     The checkpoints the writer must have written are required too: the schedule is recomputed
     during the walk (after every ``checkpoint_every`` records, and after the first record
@@ -961,14 +965,19 @@ def verify(
             why = trusted.signature_problem(trusted_key)
             if why is not None:
                 v.problem(f"the trusted checkpoint (size {trusted.size}) is not valid: {why}", checkpoint=trusted.size)
-            if public_key is not None and public_key_hex(trusted_key) != public_key_hex(public_key):
-                v.problem(
-                    f"the trusted checkpoint (size {trusted.size}) was signed by key {key_id(trusted_key)}, "
-                    f"but the log's key is {key_id(public_key)}",
-                    checkpoint=trusted.size,
-                )
             if public_key is None:
                 public_key = trusted_key
+                report.notes.append(f"the log's checkpoints are checked with the trusted checkpoint's key "
+                                    f"{key_id(trusted_key)} (no key of the log's own was given)")
+            elif public_key_hex(trusted_key) != public_key_hex(public_key):
+                # Another node's checkpoint (each replica signs with its own key): its signature is
+                # checked with its key, its size and root against this log's records; this log's
+                # own checkpoints with this log's key.
+                report.notes.append(
+                    f"the trusted checkpoint (size {trusted.size}) was signed by key {key_id(trusted_key)}, this "
+                    f"log's checkpoints are checked with its own key {key_id(public_key)} (on a cluster each node "
+                    f"signs with its own key): records 1..{trusted.size} are compared with the trusted root"
+                )
     if public_key is None:
         report.notes.append("checkpoint signatures not checked: no public key given"
                             + (" (an unsigned checkpoint is reported)" if require_signed else ""))
