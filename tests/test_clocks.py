@@ -727,3 +727,31 @@ def test_a_clock_the_voters_showed_wrong_does_not_cap_the_leader_when_a_voter_go
         nodes[0].update(voters, voters, leader=1)
         assert nodes[0].now_ms() == pytest.approx(w.t * 1000, abs=2)
     assert not nodes[0].decided
+
+
+@pytest.mark.parametrize("step_s", [-3600.0, 3600.0])  # NTP fixes the leader's clock; or moves it further
+def test_a_capped_leader_whose_clock_is_stepped_stays_capped_until_a_fresh_sample(step_s: float) -> None:
+    """A leader an hour ahead of the only voter it hears, capped to that voter's time, has its own
+    clock stepped. Every sample is dropped with the step; until a fresh one comes the capped time
+    carries on (before, the next heartbeat's update fell back to the uncapped correction — the
+    clock the cap held back — and any entry stamped then moved the queue an hour ahead)."""
+    w = World()
+    off1 = [HOUR_MS / 1000]
+    leader = PeerClocks(1, lambda: w.t + off1[0], 500, monotonic=lambda: w.mono)
+    follower = make(w, 2, 0)
+    voters = [1, 2]
+    for _ in range(5):
+        w.advance(0.1)
+        leader.update(voters, voters, leader=1)
+        follower.update(voters, voters, leader=1)
+        exchange_all(w, leader, [follower])
+    assert leader.now_ms() == pytest.approx(w.t * 1000, abs=2)  # capped
+    off1[0] += step_s
+    assert leader.now_ms() == pytest.approx(w.t * 1000, abs=2)  # the step taken back
+    w.advance(0.1)
+    leader.update(voters, voters, leader=1)  # the next tick, before any answer
+    assert leader.now_ms() == pytest.approx(w.t * 1000, abs=2)  # was an hour ahead
+    exchange_all(w, leader, [follower])
+    w.advance(0.1)
+    leader.update(voters, voters, leader=1)
+    assert leader.now_ms() == pytest.approx(w.t * 1000, abs=2)

@@ -112,6 +112,7 @@ class PeerClocks:
         #: Milliseconds added to this node's clock for the stamps of new entries (see module doc).
         self._correction_ms = 0
         self._capped_by: int | None = None  # the voter whose time caps this leader's (logged)
+        self._steps = 0  # this node's clock steps noticed (update() does not overwrite one's effect)
         #: Whether :attr:`correction_ms` was decided from the voters' clocks or a leader's
         #: (sent to peers only then).
         self.decided = False
@@ -150,6 +151,7 @@ class PeerClocks:
             self._stepped_at_us = wall
             self._correction_ms -= round(step_ms)
             self._uncapped_ms -= round(step_ms)
+            self._steps += 1
             self._step_kept_until = mono + WINDOW_S
             self.decided = False
         log.warning("node %d: this node's clock was stepped %.3f s %s: its stamps go on from the time before the "
@@ -232,6 +234,7 @@ class PeerClocks:
         the module doc; ``leader``: the leader this node knows, itself included, 0: none).
         Called by the Raft thread every heartbeat and when it becomes leader."""
         self._check_step()
+        steps = self._steps
         limit = self.max_offset_ms
         for peer, est in self.offsets(members).items():
             off = est is not None and abs(est.offset_ms) - est.error_ms > limit
@@ -260,7 +263,10 @@ class PeerClocks:
                             "its clock as it is now", self.node_id)
             # Nothing new to go by: keep the correction as it is, capped while this node leads
             # (recomputed each time: a cap ends when the voter's clock agrees again).
-            self._correction_ms = self._capped(voters, limit) if leader == self.node_id else self._uncapped_ms
+            effective = self._capped(voters, limit) if leader == self.node_id else self._uncapped_ms
+            with self._lock:
+                if self._steps == steps:  # else a step (another thread) moved it meanwhile: next time
+                    self._correction_ms = effective
             return
         self._step_kept_until = None
         correction, source = decided
@@ -294,6 +300,12 @@ class PeerClocks:
         queue still while it lasts. (Before, a node an hour ahead elected after a restart — no
         correction learned yet — with one voter down moved the queue an hour ahead for good.)"""
         base = self._uncapped_ms
+        if (self._capped_by is not None and self._step_kept_until is not None
+                and self.offset(self._capped_by) is None):
+            # This node's clock was stepped while capped: every sample was dropped, so nothing
+            # says yet where the capping voter is. The capped time carries on (the step taken back)
+            # until a fresh sample does; the uncapped one would jump to the clock the cap held back.
+            return min(base, self._correction_ms)
         ahead: list[tuple[int, int]] = []
         for peer, est in self.offsets(voters).items():
             if est is None:
