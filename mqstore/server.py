@@ -750,7 +750,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         """qshape for queued, deferred or held recipients (on the leader, after a read barrier)."""
         self.node.read_barrier()
         shape = ops_inspect.qshape_by_state(self.node.log, request.namespace or None, request.state,
-                                            self.node.now_ms())
+                                            self.queue._now_ms())  # the queue's time, read (no stamp taken)
         return admin_pb2.StateShapeResponse(json=json.dumps(shape))
 
     def _copy(self) -> Path:

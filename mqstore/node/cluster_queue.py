@@ -414,7 +414,8 @@ class ClusterQueue(QueueBase):
             try:
                 with self.node.read_state() as kv:
                     due = machine.next_timer_ms(kv)
-                    tick = self._audit_tick_due(kv, self.compliance_clock.now_ms(), self.node.now_ms())
+                    # The queue's time read, not a stamp taken (Node.now_ms() would raise the floor)
+                    tick = self._audit_tick_due(kv, self.compliance_clock.now_ms(), self._now_ms())
                 if tick or (due is not None and due <= self._now_ms()):
                     self.maintain()
             except (NotLeader, Unavailable):
