@@ -153,16 +153,6 @@ def data_file_size(path: Path) -> int:
     return 0
 
 
-def disk_use(path: Path) -> int:
-    """Bytes of every file under ``path`` (the data file, snapshots, keys...)."""
-    total = 0
-    for p in path.rglob("*"):
-        with contextlib.suppress(OSError):
-            if p.is_file():
-                total += p.stat().st_size
-    return total
-
-
 def queue_counts(env: Environment, now_ms: int) -> dict[str, Any]:
     """Recipients per state, messages, bytes and the oldest unfinished message's age (from the
     counters the state machine keeps; no decryption)."""
@@ -255,7 +245,6 @@ __all__ = [
     "STATE_TABLES",
     "RaftFacts",
     "data_file_size",
-    "disk_use",
     "log_bounds",
     "open_env",
     "queue_counts",
