@@ -242,6 +242,15 @@ def _summary_proto(s: MessageSummary) -> queue_pb2.MessageSummary:
     )
 
 
+#: EnqueueStream commits up to this many of the messages that arrived while its previous commit ran.
+_STREAM_BATCH_MESSAGES = limits.BATCH_MESSAGES_MAX
+#: EnqueueStream reads its client's next frame only while it holds fewer than a batch of messages
+#: (above) and fewer than this many bytes not yet being stored: one largest request's worth. So
+#: a stream holds at most the batch being stored plus under one batch and one frame read ahead;
+#: a client sending faster than the node commits is held back by HTTP/2 flow control.
+_STREAM_READ_AHEAD_BYTES_MAX = limits.REQUEST_BYTES_MAX
+
+
 class QueueService(queue_pb2_grpc.QueueServicer):  # type: ignore[misc]
     def __init__(self, queue: ClusterQueue, in_flight: InFlight) -> None:
         self.queue = queue
@@ -258,24 +267,70 @@ class QueueService(queue_pb2_grpc.QueueServicer):  # type: ignore[misc]
         return queue_pb2.EnqueueBatchResponse(message_ids=ids)
 
     def EnqueueStream(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        """Commits whatever has arrived (up to 4096 messages) while the previous commit ran."""
-        pending: list[Any] = []
+        """Commits whatever has arrived (up to 4096 messages) while the previous commit ran. The
+        reader takes the next frame from gRPC only while what it holds is under a batch (by count
+        and by bytes, see _STREAM_READ_AHEAD_BYTES_MAX), so a fast client waits on flow control."""
+        frames: list[list[Any]] = []  # [messages, bytes] per frame read and not yet taken
+        held_messages = 0
+        held_bytes = 0  # a frame's bytes count until its last message is taken
         lock = threading.Condition()
-        done = False
+        done = False  # the reader stopped reading
+        stopped = False  # the call ended or the loop below returned: the reader must stop
 
         def reader() -> None:
-            nonlocal done
+            nonlocal done, held_messages, held_bytes
             try:
                 for request in request_iterator:
+                    messages = list(request.messages)
+                    if not messages:
+                        continue
+                    size = request.ByteSize()
                     with lock:
-                        pending.extend(request.messages)
-                        lock.notify()
+                        if stopped:
+                            return
+                        frames.append([messages, size])
+                        held_messages += len(messages)
+                        held_bytes += size
+                        lock.notify_all()
+                        while not stopped and (held_messages >= _STREAM_BATCH_MESSAGES
+                                               or held_bytes >= _STREAM_READ_AHEAD_BYTES_MAX):
+                            lock.wait()
+                        if stopped:
+                            return
             except grpc.RpcError:
                 pass  # the client went away or the call was aborted: nothing more to read
             finally:
                 with lock:
                     done = True
-                    lock.notify()
+                    lock.notify_all()
+
+        def stop() -> None:
+            nonlocal stopped
+            with lock:
+                stopped = True
+                lock.notify_all()
+
+        def take() -> list[Any]:
+            """Up to a batch of the messages read, in order (the caller holds ``lock``)."""
+            nonlocal held_messages, held_bytes
+            batch: list[Any] = []
+            whole = 0
+            for entry in frames:
+                room = _STREAM_BATCH_MESSAGES - len(batch)
+                if room <= 0:
+                    break
+                messages, size = entry
+                if len(messages) > room:
+                    batch += messages[:room]
+                    entry[0] = messages[room:]
+                    break
+                batch += messages
+                held_bytes -= size
+                whole += 1
+            del frames[:whole]
+            held_messages -= len(batch)
+            lock.notify_all()  # room for the reader
+            return batch
 
         def store(messages: list[Any]) -> list[str]:
             return self.queue.enqueue_many([_message_dict(m) for m in messages])
@@ -310,42 +365,49 @@ class QueueService(queue_pb2_grpc.QueueServicer):  # type: ignore[misc]
                 offset += len(part)
             return ids, bad, refusal
 
+        # A reader waiting for room wakes when the call ends (cancelled, deadline, node stopping)
+        # even while the loop below waits for a commit or for gRPC to take an answer.
+        if not context.add_callback(stop):
+            stop()  # already ended
         # The reader runs the edge's per-frame checks: in this call's context (its request id
         # on their log lines), which a new thread would not have.
         threading.Thread(target=contextvars.copy_context().run, args=(reader,), daemon=True).start()
         received = 0  # messages of this stream committed before the current batch
         with self.in_flight:
-            while True:
-                with lock:
-                    while not pending and not done:
-                        lock.wait()
-                    batch, pending[:] = list(pending[:4096]), pending[4096:]
-                    finished = done and not batch
-                if finished:
-                    return
-                bad: int | None = None
-                error: errors.InvalidArgument | None = None
-                try:
+            try:
+                while True:
+                    with lock:
+                        while not frames and not done:
+                            lock.wait()
+                        batch = take()
+                        finished = done and not batch
+                    if finished:
+                        return
+                    bad: int | None = None
+                    error: errors.InvalidArgument | None = None
                     try:
-                        ids = store(batch)
-                    except errors.InvalidArgument as refusal:
-                        # A message the store refuses must not take the others of its batch with
-                        # it: those before it are stored and answered, then the stream ends naming
-                        # its position in this stream (not in the batch).
-                        ids, bad, error = store_before_bad(batch, refusal)
-                except (errors.MQStoreError, ProposalDropped) as exc:
-                    _abort(context, exc)
-                    return
-                if ids:
-                    yield queue_pb2.EnqueueBatchResponse(message_ids=ids)
-                if bad is not None and error is not None:
-                    text = str(error)
-                    named = _BAD_MESSAGE.match(text)
-                    position = f"messages[{received + bad}]"
-                    _abort(context, errors.InvalidArgument(
-                        position + text[named.end():] if named is not None else f"{position}: {text}"))
-                    return
-                received += len(batch)
+                        try:
+                            ids = store(batch)
+                        except errors.InvalidArgument as refusal:
+                            # A message the store refuses must not take the others of its batch with
+                            # it: those before it are stored and answered, then the stream ends naming
+                            # its position in this stream (not in the batch).
+                            ids, bad, error = store_before_bad(batch, refusal)
+                    except (errors.MQStoreError, ProposalDropped) as exc:
+                        _abort(context, exc)
+                        return
+                    if ids:
+                        yield queue_pb2.EnqueueBatchResponse(message_ids=ids)
+                    if bad is not None and error is not None:
+                        text = str(error)
+                        named = _BAD_MESSAGE.match(text)
+                        position = f"messages[{received + bad}]"
+                        _abort(context, errors.InvalidArgument(
+                            position + text[named.end():] if named is not None else f"{position}: {text}"))
+                        return
+                    received += len(batch)
+            finally:
+                stop()
 
     @handled
     def Lease(self, request: Any, context: grpc.ServicerContext) -> Any:
