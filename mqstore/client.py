@@ -236,9 +236,34 @@ def _map_error(exc: Any) -> errors.MQStoreError:
     return error
 
 
+#: gRPC's refusal of a message over a size limit (RESOURCE_EXHAUSTED, as a full queue is).
+_TOO_LARGE = re.compile(r"(CLIENT|SERVER): (Sent|Received) message larger than max \((\d+) vs\. (\d+)\)")
+
+
+def _too_large(details: str) -> errors.MQStoreError | None:
+    """The error for a request or an answer over gRPC's message size limit: not Overloaded (a
+    retry of the same call fails the same way). A request that big was never served (nothing
+    done); an answer that big was not delivered, after the node served the call."""
+    found = _TOO_LARGE.search(details)
+    if found is None:
+        return None
+    side, verb, size, limit = found.groups()
+    if (side, verb) in (("CLIENT", "Sent"), ("SERVER", "Received")):
+        return errors.InvalidArgument(
+            f"the request is {size} bytes, over the {limit}-byte gRPC message limit: nothing was done "
+            f"(send less per call) [{details}]")
+    return errors.MQStoreError(
+        f"the answer is {size} bytes, over the {limit}-byte gRPC message limit: it was not delivered, "
+        f"though the node served the call; ask for less per call (a retry gets the same) [{details}]")
+
+
 def _error_of(exc: Any) -> errors.MQStoreError:
     name = _trailer(exc, "mqstore-error")
     details = _details(exc)
+    if not name and _code(exc) == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        too_large = _too_large(details)
+        if too_large is not None:
+            return too_large
     if name == "NotLeader":
         leader_id = _trailer(exc, "mqstore-leader-id")
         return errors.NotLeader(

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from mqstore import validate
+from mqstore import limits, validate
 from mqstore.actor import Actor
 from mqstore.api import _LEASE_EXPIRE_RECORDS_MAX, _MAINTENANCE_ITEMS_MAX, QueueBase, token_list
 from mqstore.codec import RecordType
@@ -24,6 +24,7 @@ from mqstore.errors import InvalidArgument, MQStoreError, NotLeader, StaleLease,
 from mqstore.ids import format_id
 from mqstore.node.raftlog import entry_payload
 from mqstore.node.runtime import Node, Operation, Plan
+from mqstore.node.transport import GRPC_MESSAGE_BYTES_MAX
 from mqstore.queue import machine
 from mqstore.queue.kv import KV, LmdbKV
 from mqstore.queue.model import (
@@ -39,6 +40,14 @@ from mqstore.store.log import key_record_payload
 log = logging.getLogger(__name__)
 
 _MAINTENANCE_PERIOD_S = 1.0
+
+#: The most one lease() plans to return, in bytes of its answer (bodies plus each lease's envelope,
+#: counted by machine.lease_answer_bytes): under gRPC's message limit with a margin, so a node's
+#: answer is always sent. A lease committed but never sent would hold its messages for nobody
+#: until it expired, and the next call would do the same. One message is always planned, and the
+#: largest allowed fits.
+LEASE_ANSWER_BYTES_MAX = GRPC_MESSAGE_BYTES_MAX - 4 * 1024 * 1024
+assert machine.lease_answer_bytes(limits.MESSAGE_BYTES_MAX, limits.RECIPIENTS_MAX) <= LEASE_ANSWER_BYTES_MAX
 
 
 def _plain(rtype: int, payload: bytes) -> tuple[int, bytes]:
@@ -298,7 +307,8 @@ class ClusterQueue(QueueBase):
                     out.append(_plain(RecordType.EXPIRE, MaintenanceEntry(now, page, system).encode()))
                 if expire_first and expired:
                     return out
-                for p in machine.plan_lease(kv, now, max_messages, namespace, domain, exclude=node._reserved):
+                for p in machine.plan_lease(kv, now, max_messages, namespace, domain, exclude=node._reserved,
+                                            bytes_max=LEASE_ANSWER_BYTES_MAX):
                     entry = LeaseEntry(now, now + lease_ms, p.mid, p.ordinals, worker, ctx)
                     out.append(_plain(RecordType.LEASE, entry.encode()))
                     op.reserved.add(p.mid)

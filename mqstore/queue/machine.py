@@ -1135,6 +1135,18 @@ class LeasePlan:
     ordinals: tuple[int, ...]
 
 
+#: What a lease answer carries besides the body, at most, for plan_lease's ``bytes_max``: per lease
+#: its id, token, namespace, sender, counters and framing; per recipient its address and framing.
+LEASE_OVERHEAD_BYTES = 1024
+LEASE_RECIPIENT_BYTES = limits.ADDRESS_BYTES_MAX + 8
+assert 26 + limits.NAMESPACE_BYTES_MAX + limits.ADDRESS_BYTES_MAX + 128 <= LEASE_OVERHEAD_BYTES
+
+
+def lease_answer_bytes(body_bytes: int, recipients: int) -> int:
+    """Upper bound of the bytes a lease of a ``body_bytes`` body to ``recipients`` adds to an answer."""
+    return body_bytes + LEASE_OVERHEAD_BYTES + recipients * LEASE_RECIPIENT_BYTES
+
+
 def _due_in_namespace(kv: KV, ns: str, domain: str | None, now_ms: int) -> Iterator[tuple[bytes, bytes, int]]:
     """Waiting recipients of one namespace that are due, by (priority, due time, id, ordinal).
 
@@ -1166,10 +1178,14 @@ def plan_lease(
     namespace: str | None = None,
     domain: str | None = None,
     exclude: set[bytes] | None = None,
+    bytes_max: int | None = None,
 ) -> list[LeasePlan]:
     """Choose up to ``max_messages`` messages with due recipients: highest priority first, then
     the longest-due; each plan holds all of that message's due recipients (in ``domain`` if given).
     Messages in ``exclude`` are skipped (a replicated leader's grants not yet applied).
+    ``bytes_max``: stop before the message whose lease would take the answer's size (bodies plus
+    :func:`lease_answer_bytes`' overhead) over it; the first message is always planned. None: no
+    bound (the embedded store, whose leases are not sent anywhere).
     """
     spaces = [namespace] if namespace is not None else namespaces(kv)
     streams = [_due_in_namespace(kv, ns, domain, now_ms) for ns in spaces]
@@ -1194,20 +1210,33 @@ def plan_lease(
             break
     # Collect each message's due recipients after the scan (never write while scanning).
     if _fast is not None and isinstance(kv, LmdbKV):
-        db, dom = kv._dbs[b"recipients"], None if domain is None else domain.encode()
-        for mid in picked:
-            ords = _fast.due_ordinals(kv._txn, db, mid, now_ms, dom)
-            if ords:
-                plans.append(LeasePlan(mid, ords))
-        return plans
+        fast, txn, db = _fast, kv._txn, kv._dbs[b"recipients"]
+        dom = None if domain is None else domain.encode()
+
+        def due(mid: bytes) -> tuple[int, ...]:
+            ords: tuple[int, ...] = fast.due_ordinals(txn, db, mid, now_ms, dom)
+            return ords
+    else:
+
+        def due(mid: bytes) -> tuple[int, ...]:
+            return tuple(
+                o
+                for o, r in recipients_of(kv, mid)
+                if r.state in WAITING and r.due_ms <= now_ms and (domain is None or r.domain == domain)
+            )
+
+    left = bytes_max
     for mid in picked:
-        ords = tuple(
-            o
-            for o, r in recipients_of(kv, mid)
-            if r.state in WAITING and r.due_ms <= now_ms and (domain is None or r.domain == domain)
-        )
-        if ords:
-            plans.append(LeasePlan(mid, ords))
+        ords = due(mid)
+        if not ords:
+            continue
+        if left is not None:
+            row = get_message(kv, mid)
+            size = lease_answer_bytes(row.size_bytes if row is not None else 0, len(ords))
+            if plans and size > left:
+                break  # the rest stay due, for the next call (in order: a large one is not passed over)
+            left -= size
+        plans.append(LeasePlan(mid, ords))
     return plans
 
 
