@@ -9,25 +9,82 @@ with :class:`~mqstore.errors.StorageFull` and everything else goes on. If the di
 (another program wrote to it, a file size limit), a failed commit changes nothing, and the
 caller hears why in words an operator can act on, not only the kernel's (a short write on a
 full disk comes back from LMDB as "Input/output error").
+
+The space a store can write into is the disk's free space plus the pages its data file has free
+inside: an LMDB file never shrinks, so mail settled, deleted and compacted away frees pages that
+LMDB reuses before it grows the file, not space on the disk. Only counting both lets a store that
+filled its disk to the floor take new mail again once it has drained.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import shutil
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mqstore import limits
 from mqstore.errors import InvalidArgument, MQStoreError, StorageFull
 
+if TYPE_CHECKING:
+    from mqstore.store.env import Environment
+
 log = logging.getLogger(__name__)
+
+_PAGE_ID_BYTES = 8  # a free page's number in LMDB's freelist (a 64-bit word)
+_SLACK_PAGES = 16  # the freelist's own leaf and branch pages, and then some
+
+
+def unused_bytes(env: Environment) -> int | None:
+    """Bytes of the pages ``env``'s data file holds but its database does not use (LMDB reuses
+    them before it grows the file); None when it cannot tell just now (commits landed during
+    three readings, or this thread is inside a read of its own, which must not nest). Cheap: a
+    short read transaction, no page is read.
+
+    LMDB (0.9) does not report its freelist, so this is the pages up to the last one in use
+    minus those every database uses (branch, leaf and overflow pages of the main database and
+    of each named one) and the two meta pages, all at one snapshot, minus an allowance for the
+    pages the freelist itself takes. It counts as free the pages that an old read transaction
+    still sees and those the last commit freed (LMDB reuses them after the next commit), which
+    mqstore's short reads keep few; it errs low rather than high: a main database holding
+    records other than ``env.dbs`` (a database this version does not open) gives 0."""
+    if env.gate.held():
+        return None
+    for _ in range(3):
+        with env.read() as txn:
+            lmdb_env = env.env
+            snapshot = txn.id()
+            info = lmdb_env.info()
+            main = lmdb_env.stat()  # the newest meta page: the same snapshot if no commit landed
+            if int(info["last_txnid"]) != snapshot:
+                continue
+            dbs = list(env.dbs.values())
+            if int(main["entries"]) != len(dbs):
+                return 0
+            used = 2 + _pages(main) + sum(_pages(txn.stat(db)) for db in dbs)
+            if int(lmdb_env.info()["last_txnid"]) != snapshot:
+                continue
+        psize = int(main["psize"])
+        free = int(info["last_pgno"]) + 1 - used
+        free -= free * _PAGE_ID_BYTES // psize + _SLACK_PAGES
+        return max(free, 0) * psize
+    return None
+
+
+def _pages(stat: dict[str, int]) -> int:
+    return int(stat["branch_pages"]) + int(stat["leaf_pages"]) + int(stat["overflow_pages"])
 
 
 class DiskSpace:
-    """The free space of the disk holding ``path``, read at most every ``interval_s``."""
+    """The free space of the disk holding ``path``, read at most every ``interval_s``, plus the
+    free pages inside the data file of the store this process has open at ``path``
+    (:func:`unused_bytes`; ``unused_in_file`` replaces how they are read: None from it keeps the
+    last reading)."""
 
     def __init__(
         self,
@@ -39,6 +96,7 @@ class DiskSpace:
         what: str = "store",
         settings: str = "disk_free_min_bytes / disk_free_min_percent",
         monotonic: Callable[[], float] = time.monotonic,
+        unused_in_file: Callable[[], int | None] | None = None,
     ) -> None:
         if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0:
             raise InvalidArgument(f"disk_free_min_bytes must be an integer >= 0, not {min_bytes!r}")
@@ -51,14 +109,39 @@ class DiskSpace:
         self.what = what
         self.settings = settings
         self._monotonic = monotonic
-        self.free_bytes = 0
+        self._unused_in_file = unused_in_file if unused_in_file is not None else self._unused_in_open_store
+        self._env: weakref.ref[Environment] | None = None
+        self.free_bytes = 0  # on the disk
         self.total_bytes = 0
+        self.reusable_bytes = 0  # free inside the data file (see unused_bytes)
         self.nearly_full = False
         self._read_at: float | None = None
         self.update()
 
     def floor_bytes(self) -> int:
         return max(self.min_bytes, int(self.total_bytes * self.min_percent / 100))
+
+    def available_bytes(self) -> int:
+        """What the floor is compared with: free on the disk plus free inside the data file."""
+        return self.free_bytes + self.reusable_bytes
+
+    def _unused_in_open_store(self) -> int | None:
+        """:func:`unused_bytes` of the store at ``path`` this process has open for writing
+        (an embedded store, or a node's data directory); 0 while there is none."""
+        env = self._env() if self._env is not None else None
+        if env is None or not _usable(env):
+            env = None
+            from mqstore.store import env as store_env  # imported here: mqstore.store imports this module
+
+            for candidate in list(store_env._LOCK_HOLDERS):  # each writable store open in this process
+                try:
+                    if _usable(candidate) and os.path.samefile(candidate.path, self.path):
+                        env = candidate
+                        break
+                except OSError:
+                    continue
+            self._env = weakref.ref(env) if env is not None else None
+        return unused_bytes(env) if env is not None else 0
 
     def update(self) -> bool:
         """Read the free space now; returns whether the disk is below the floor."""
@@ -70,13 +153,20 @@ class DiskSpace:
             self.free_bytes, self.total_bytes = usage.free, usage.total
         except OSError:
             log.warning("%s: cannot read the free space of %s", self.what, self.path)
+        try:
+            reusable = self._unused_in_file()
+        except Exception as exc:  # a store closing meanwhile, say: count nothing inside the file
+            log.debug("%s: cannot read the free pages of its data file: %s", self.what, exc)
+            reusable = 0
+        if reusable is not None:  # None: unknown just now, the last reading stands
+            self.reusable_bytes = reusable
         self._read_at = self._monotonic()
-        nearly_full = self.free_bytes < self.floor_bytes()
+        nearly_full = self.available_bytes() < self.floor_bytes()
         if nearly_full != self.nearly_full:
             (log.error if nearly_full else log.info)(
-                "%s: disk %s: %d bytes free, the floor is %d bytes", self.what,
+                "%s: disk %s: %d bytes free (%d of them inside the data file), the floor is %d bytes", self.what,
                 "nearly full, refusing new enqueues" if nearly_full else "has room again",
-                self.free_bytes, self.floor_bytes(),
+                self.available_bytes(), self.reusable_bytes, self.floor_bytes(),
             )
         self.nearly_full = nearly_full
         return nearly_full
@@ -92,11 +182,22 @@ class DiskSpace:
         """Why a new enqueue must be refused, by the last reading (None: it may go ahead)."""
         if not self.nearly_full:
             return None
+        inside = (f"; {self.reusable_bytes} of them free pages inside the data file, which never shrinks"
+                  if self.reusable_bytes else "")
         return StorageFull(
-            f"{self.what}: disk nearly full ({self.free_bytes} bytes free, below the floor of "
-            f"{self.floor_bytes()} bytes: {self.settings}); nothing was stored, "
-            "and new enqueues are refused until space is freed (leasing, settling and deleting go on)"
+            f"{self.what}: disk nearly full ({self.available_bytes()} bytes free, below the floor of "
+            f"{self.floor_bytes()} bytes: {self.settings}{inside}); nothing was stored, and new enqueues "
+            "are refused until space is freed (leasing, settling and deleting go on: the pages they free "
+            "inside the data file count)"
         )
+
+
+def _usable(env: Environment) -> bool:
+    try:
+        env.check_open()
+    except MQStoreError:  # closed, or opened before this process forked
+        return False
+    return True
 
 
 def write_failure(data_file: Path, exc: BaseException, size: int = 0) -> MQStoreError:
@@ -128,4 +229,4 @@ def write_failure(data_file: Path, exc: BaseException, size: int = 0) -> MQStore
     return MQStoreError(f"write failed, nothing was committed: {exc}")
 
 
-__all__ = ["DiskSpace", "write_failure"]
+__all__ = ["DiskSpace", "unused_bytes", "write_failure"]

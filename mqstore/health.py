@@ -3,7 +3,9 @@ that keeps it current, and the refusal of new enqueues while the node cannot tak
 
 A node reports NOT_SERVING (for ``""`` and ``mqstore.v1.Queue``) while it knows no leader, once
 it was removed from the cluster, or while its disk is nearly full: less free space than the
-larger of ``health.disk_free_min_bytes`` and ``health.disk_free_min_percent`` of the disk.
+larger of ``health.disk_free_min_bytes`` and ``health.disk_free_min_percent`` of the disk. The
+pages its data file has free inside count as free space (the file never shrinks; LMDB reuses
+them first: see :mod:`mqstore.diskspace`), so a node that drained serves again.
 Meanwhile it refuses new enqueues at the edge, before anything is written, with UNAVAILABLE (no
 leader: retry elsewhere or later) or RESOURCE_EXHAUSTED (disk nearly full: nothing is taken until
 space is freed), instead of failing half-way through a commit. Leasing, settling and reading go
