@@ -30,17 +30,19 @@ from mqstore.compliance import audit as audit_log
 from mqstore.compliance.rules import COMPLIANCE_AHEAD_MAX_MS, SYSTEM_ACTOR, ComplianceClock, Ctx, Mode, check_reason
 from mqstore.compliance.signing import load_or_create_signing_key, public_key_from_hex
 from mqstore.crypto import KeyProvider
-from mqstore.crypto.keyring import META_SCRUB_PENDING, SYSTEM_NAMESPACE
+from mqstore.crypto.keyring import META_SCRUB_PENDING, SYSTEM_NAMESPACE, KeyShredded
 from mqstore.diskspace import DiskSpace
 from mqstore.errors import (
     Corruption,
     Immutable,
     InvalidArgument,
+    KeyError_,
     MQStoreError,
     NotFound,
     PermissionDenied,
     StaleLease,
     Unavailable,
+    UnknownKey,
 )
 from mqstore.ids import format_id, id_time_ms, parse_id
 from mqstore.queue import machine
@@ -67,6 +69,8 @@ from mqstore.queue.model import (
     ns_key,
 )
 from mqstore.store import LogStore, NewMessage, WriteContext, keeps_live_body
+from mqstore.store.env import REPLACE_WAIT_S, StoreInUse
+from mqstore.store.log import Staged
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +84,21 @@ _MAINTENANCE_ITEMS_MAX = 1_000  # expiry/compaction items per maintenance record
 _LEASE_EXPIRE_RECORDS_MAX = 4
 _LOG_COMPACT_EVERY = 50_000  # compact the log after this many new records
 _REWRITE_PREFIX = ".rewrite-"  # scratch directories of a compacting rewrite (after a key shred)
+_SCRUB_RETRY_S = 2  # a scrub put off while another process had the store open: tried again after this
+_SCRUB_WAIT_AT_OPEN_S = 1.0  # how long an open waits for such a process to finish a scrub (then: later)
 AUDIT_KEY_FILE = "audit-signing.key"  # an embedded store's audit signing key, in its directory
 _RECIPIENT_CACHE_MAX = 65_536
+#: Times one enqueue call is sealed again after a shred of its namespace's key took the key away
+#: in the writer (each time a shred of the key it was sealed under next): then Unavailable.
+_ENQUEUE_RESEAL_ATTEMPTS = 4
+
+
+class _ShreddedMeanwhile(Unavailable):
+    """An enqueue's records were sealed under a key that a shred earlier in the same group commit
+    (or before it) removed: nothing of the call is stored; :meth:`Store.enqueue_many` seals the
+    messages again under the namespace's next key."""
+
+
 
 
 def token_list(tokens: object) -> list[int]:
@@ -1011,7 +1028,7 @@ class QueueBase:
             return []
         log_db = self.log.env.dbs[b"log"]
         out = []
-        damaged: list[tuple[int, int, Corruption]] = []  # token, log index, why
+        damaged: list[tuple[int, int, MQStoreError]] = []  # token, log index, why
         with self.log.env.read() as txn:
             get = txn.get
             for token, mid, grant, deadline_ms in grants:
@@ -1019,7 +1036,9 @@ class QueueBase:
                 try:
                     stored = self.log.open_message(
                         self.log.decode_raw(get(index.to_bytes(8, "big"), None, log_db), index), mid)
-                except Corruption as bad:  # recorded in the quarantine list by the read
+                except (Corruption, KeyShredded, KeyError_) as bad:
+                    # Damaged (recorded in the quarantine list by the read), or sealed under a key
+                    # shredded or not opened by this KEK: the lease is committed, so no raising.
                     damaged.append((token, index, bad))
                     continue
                 env = stored.envelope
@@ -1041,16 +1060,27 @@ class QueueBase:
             self._defer_damaged(token, index, why, actor)
         return out
 
-    def _defer_damaged(self, token: int, index: int, exc: Corruption, actor: Actor | None) -> None:
-        """A message granted whose body does not read back (damaged on disk) is left out of the
-        leases returned — the others in the call are delivered — and deferred under its lease,
-        with the damage as its reason: it comes back after the backoff (repaired by then, or
-        damaged still and deferred again) and expires at its lifetime like any other."""
-        reason = (f"4.3.0 the message body is damaged in the store (log index {index}: {exc.reason[:120]}): "
-                  "repair it (mqstore repair) or restore a backup")
+    def _defer_damaged(self, token: int, index: int, exc: MQStoreError, actor: Actor | None) -> None:
+        """A message granted whose body does not read back (damaged on disk, or sealed under a
+        key that is shredded or that the KEK does not open) is left out of the leases returned —
+        the others in the call are delivered — and deferred under its lease, with why as its
+        reason: it comes back after the backoff (repaired by then, or still unreadable and
+        deferred again) and expires at its lifetime like any other."""
+        if isinstance(exc, Corruption):
+            reason = (f"4.3.0 the message body is damaged in the store (log index {index}: {exc.reason[:120]}): "
+                      "repair it (mqstore repair) or restore a backup")
+        elif isinstance(exc, KeyShredded):
+            reason = (f"4.3.0 the message body cannot be opened (log index {index}: {str(exc)[:120]}): "
+                      "it can never be delivered; delete it or let it expire")
+        else:
+            reason = (f"4.3.0 the message body cannot be opened (log index {index}: {str(exc)[:120]}): "
+                      "check the store's key-encryption key")
         log.error("lease: message at log index %d left out: %s", index, exc)
         try:
-            self.defer(token, reason=reason, actor=actor)
+            try:
+                self.defer(token, reason=reason, actor=actor)
+            except UnknownKey:  # its namespace has no key to seal the reason under (all shredded)
+                self.defer(token, actor=actor)
         except MQStoreError as failed:  # the lease then expires at its deadline
             log.warning("lease: could not defer the damaged message at log index %d: %s", index, failed)
 
@@ -1345,9 +1375,11 @@ class Store(QueueBase):
                 # lock, so nobody else is writing one): it may hold a shredded key's bytes.
                 shutil.rmtree(leftover, ignore_errors=True)
                 log.warning("removed %s, a copy of the store a killed process left behind", leftover)
+        self._scrub_lock = threading.Lock()
+        self._scrub_retry_at: float | None = None  # a scrub put off (see _scrub): when to try again
         if self.log.meta_get(META_SCRUB_PENDING) is not None:
             try:  # a key was shredded and the process died before its scrub finished: finish it
-                self._scrub()
+                self._scrub(wait_s=_SCRUB_WAIT_AT_OPEN_S)
             except BaseException:
                 self.log.close()
                 raise
@@ -1387,30 +1419,57 @@ class Store(QueueBase):
         if refusal is not None:
             raise refusal
         ctx = self._ctx(actor)
-        staged = self.log.stage_messages(new, ctx.encode())
-        sizes = [validate.nbytes(n.data) for n in new]
+        keyring = self.log.keyring
+        attempt = 0
+        while True:
+            attempt += 1
+            # (Staging creates the key of a namespace that has none: its first, or its next after
+            # a shred took the last one.)
+            staged = self.log.stage_messages(new, ctx.encode())  # (validates: before nbytes)
+            sizes = [validate.nbytes(n.data) for n in new]
+            staged_keys = [keyring.current_key_id(ns) for ns in {st.envelope.namespace for st in staged}]
 
-        def fn(wctx: WriteContext) -> tuple[list[bytes], Counters]:
-            kv = self._kv(wctx)
-            c = self._counters()
-            out = []
-            for st, sealed, size in zip(staged, wctx.sealed, sizes, strict=True):
-                env = st.envelope
-                if env.idempotency_key:
-                    dup = machine.find_duplicate(kv, env.namespace, env.idempotency_key, env.created_at_ms)
-                    if dup is not None:
-                        out.append(dup)
-                        continue
-                index = wctx.append(RecordType.ENQUEUE, sealed.payload, flags=sealed.flags,
-                                    key_id=sealed.key_id, dict_id=sealed.dict_id)
-                c.index = index
-                out.append(machine.apply_enqueue(kv, c, index, env, size, ctx, sealed.key_id))
-            c.flush(kv)
-            return out, c
+            def fn(wctx: WriteContext, staged: list[Staged] = staged,
+                   sizes: list[int] = sizes) -> tuple[list[bytes], Counters]:
+                kv = self._kv(wctx)
+                c = self._counters()
+                out = []
+                live_keys: set[int] = set()  # keys looked at already (one look each, not per message)
+                for st, sealed, size in zip(staged, wctx.sealed, sizes, strict=True):
+                    env = st.envelope
+                    if env.idempotency_key:
+                        dup = machine.find_duplicate(kv, env.namespace, env.idempotency_key, env.created_at_ms)
+                        if dup is not None:
+                            out.append(dup)
+                            continue
+                    if sealed.key_id not in live_keys:
+                        if wctx.key_shredded(sealed.key_id):
+                            # The writer sealed the batch before a shred in it (or just before
+                            # it) removed the key: stored so, the message could never be read.
+                            raise _ShreddedMeanwhile(f"key {sealed.key_id} of namespace {env.namespace!r} was "
+                                                     "shredded while the message was being stored")
+                        live_keys.add(sealed.key_id)
+                    index = wctx.append(RecordType.ENQUEUE, sealed.payload, flags=sealed.flags,
+                                        key_id=sealed.key_id, dict_id=sealed.dict_id)
+                    c.index = index
+                    out.append(machine.apply_enqueue(kv, c, index, env, size, ctx, sealed.key_id))
+                c.flush(kv)
+                return out, c
 
-        requests = [(int(RecordType.ENQUEUE), st.envelope.namespace, st.envelope.message_id, st.plaintext,
-                     st.flags) for st in staged]
-        mids, c = self.log.write(fn, size=sum(sizes), seal=requests)
+            requests = [(int(RecordType.ENQUEUE), st.envelope.namespace, st.envelope.message_id, st.plaintext,
+                         st.flags) for st in staged]
+            try:
+                mids, c = self.log.write(fn, size=sum(sizes), seal=requests)
+                break
+            except (_ShreddedMeanwhile, UnknownKey) as exc:
+                # Nothing of the call was stored. A shred took the key it was staged under (in its
+                # group commit, or in the one before, which left the namespace no key to seal
+                # under): seal it again under the namespace's next key, as a later call would.
+                if isinstance(exc, UnknownKey) and not any(k is None or keyring.is_shredded(k) for k in staged_keys):
+                    raise
+                if attempt >= _ENQUEUE_RESEAL_ATTEMPTS:
+                    raise Unavailable(f"{exc}: nothing was stored, enqueue it again", not_applied=True) from exc
+                log.info("enqueue: %s; sealing the message(s) again under the namespace's next key", exc)
         self._after_apply(c)
         for st in staged:
             self._remember_recipients(st.envelope.message_id, st.envelope.recipients)
@@ -1564,19 +1623,53 @@ class Store(QueueBase):
         assert isinstance(result, int)
         return result
 
-    def _scrub(self) -> None:
+    def _scrub(self, wait_s: float = REPLACE_WAIT_S) -> bool:
         """After a shred: the wrapped key must not survive anywhere in the files. Drop the log
         records that held it, rewrite the database compactly (freed pages keep old bytes until
-        reused), then clear the marker the shred set; a crash before that redoes it at open."""
-        self.compact_log()
-        self._rewrite_compacted()
-        self.log.write(lambda wctx: wctx.delete(b"meta", META_SCRUB_PENDING))
+        reused), then clear the marker the shred set; a crash before that redoes it at open.
 
-    def _rewrite_compacted(self) -> None:
-        """Replace the database file by a compacted copy of itself (pauses writes briefly)."""
+        The file is not rewritten while another process has the store open (read-only, e.g.
+        `mqstore queue list --data-dir`; see Environment.replace_data): after ``wait_s`` seconds
+        the rewrite is put off, said in a warning, and tried again by the maintenance (every
+        ``_SCRUB_RETRY_S`` s, or at each maintain() call) and when the store is next opened, the
+        marker staying until it is done. Returns whether it was done."""
+        with self._scrub_lock:
+            self.compact_log()
+            try:
+                self._rewrite_compacted(wait_s)
+            except StoreInUse as exc:
+                # the marker again: a scrub that finished meanwhile cleared it (this shred's too)
+                self.log.write(lambda wctx: wctx.put(b"meta", META_SCRUB_PENDING, b"\x01"))
+                if self._scrub_retry_at is None:
+                    log.warning("store %s: a key was shredded (its records can no longer be opened, its wrapped "
+                                "key is out of the log), but the database file, whose freed pages may still hold "
+                                "it, is not rewritten yet: %s. It is tried again every %d s while this store is "
+                                "open, and when it is opened next", self.path, exc, _SCRUB_RETRY_S)
+                self._scrub_retry_at = time.monotonic() + _SCRUB_RETRY_S
+                return False
+            self.log.write(lambda wctx: wctx.delete(b"meta", META_SCRUB_PENDING))
+            if self._scrub_retry_at is not None:
+                log.warning("store %s: the database file was rewritten: the shredded key is in none of its files",
+                            self.path)
+            self._scrub_retry_at = None
+            return True
+
+    def _scrub_if_due(self) -> None:
+        """The scrub a reader put off (see _scrub), once it is due and nobody else has the store
+        open: tried without waiting."""
+        if self._scrub_retry_at is None or time.monotonic() < self._scrub_retry_at:
+            return
+        if self.log.env.in_use_elsewhere() is not None:
+            self._scrub_retry_at = time.monotonic() + _SCRUB_RETRY_S
+            return
+        self._scrub(wait_s=0.0)
+
+    def _rewrite_compacted(self, wait_s: float = REPLACE_WAIT_S) -> None:
+        """Replace the database file by a compacted copy of itself (pauses writes briefly);
+        StoreInUse while another process has the store open (nothing changed)."""
         scratch = self.path / f"{_REWRITE_PREFIX}{os.getpid()}-{threading.get_ident()}"
         try:
-            self.log.rewrite_compacted(scratch)
+            self.log.rewrite_compacted(scratch, wait_s=wait_s)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -1593,6 +1686,7 @@ class Store(QueueBase):
     def maintain(self) -> dict[str, int]:
         """Expire leases and messages that are due, compact finished messages whose retention
         passed, and compact the log when it has grown. Returns what was done."""
+        self._scrub_if_due()
         done = {"expired": 0, "compacted": 0, "log_records_removed": 0}
 
         def fn(wctx: WriteContext) -> tuple[int, int, Counters]:
@@ -1637,6 +1731,7 @@ class Store(QueueBase):
     def _maintain_loop(self) -> None:
         while not self._closed.is_set():
             try:
+                self._scrub_if_due()
                 with self.log.env.read() as txn:
                     kv = LmdbKV(txn, self.log.env.dbs)
                     due = machine.next_timer_ms(kv)

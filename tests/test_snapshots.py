@@ -116,10 +116,10 @@ def die(where):
     print("killed", where, flush=True)
     os._exit(9)
 
-def patched_replace(self, path):  # the swap of the whole database for the installed one
+def patched_replace(self, path, **options):  # the swap of the whole database for the installed one
     if point == "before-swap":
         die(point)
-    replace_data(self, path)
+    replace_data(self, path, **options)
     if point == "after-swap":
         die(point)
 

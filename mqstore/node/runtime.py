@@ -64,7 +64,7 @@ from mqstore.node.transport import ChannelFactory, Transport, insecure_channel
 from mqstore.queue.kv import LmdbKV
 from mqstore.standstill import StandStillWarning
 from mqstore.store import LogStore, WriteContext, keeps_live_body
-from mqstore.store.env import DATA_FILE, Environment, fsync_path
+from mqstore.store.env import DATA_FILE, Environment, StoreInUse, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,9 @@ _LINGER_ENTRIES_MAX = 64
 SNAPSHOT_EVERY_ENTRIES = 100_000
 KEEP_ENTRIES_AFTER_SNAPSHOT = 10_000
 SNAPSHOT_DIR = "snapshots"
+SCRUB_RETRY_S = 5  # a scrub put off while another process had the store open: tried again after this
+INSTALL_WAIT_S = 1.0  # how long a snapshot install waits for such a process before swapping anyway
+SCRUB_REWRITE_WAIT_S = 1.0  # how long a scrub waits for such a process (the raft thread waits with it)
 #: What this code writes in ``snapshots/`` besides ``snap-<index>.mdb``: snapshots being received
 #: (server.py), copies being written (``_write_snapshot_file``), a scrub's copy of the database,
 #: a received snapshot being prepared for installing. Left behind only by a crash: removed at start.
@@ -346,6 +349,7 @@ class Node:
         self._shreds_scrubbed = 0
         # a shred applied before a crash, whose scrub did not finish: do it once running
         self._scrub_pending = self.log.meta_get(META_SCRUB_PENDING) is not None
+        self._scrub_retry_at = 0.0  # a scrub put off while another process had the store open: not before this
         self._incoming: dict[int, Path] = {}  # snapshot index -> received data file
         self._heard: dict[int, float] = {}  # peer -> when its last message arrived (monotonic)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -672,7 +676,8 @@ class Node:
                     self._process_ready()
                 if self._incoming:
                     self._drop_stale_incoming()
-                if self._scrub_pending:  # a scrub a crash interrupted: between Readys, as usual
+                if self._scrub_pending and time.monotonic() >= self._scrub_retry_at:
+                    # a scrub a crash interrupted, or one put off: between Readys, as usual
                     self._scrub_pending = False
                     self.scrub_after_shred()
                 if self._snapshot_wanted:
@@ -935,6 +940,7 @@ class Node:
         if self.applier.shreds != self._shreds_scrubbed:
             self._shreds_scrubbed = self.applier.shreds
             self._scrub_pending = False
+            self._scrub_retry_at = 0.0  # a new shred: compact the log now, even if a rewrite was put off
             self.scrub_after_shred()
         elif self._applied - self._snapshot_index >= self.snapshot_every:
             self.create_snapshot()
@@ -1063,8 +1069,13 @@ class Node:
                 os.chmod(received, 0o600)  # received with the umask's mode: private, as data.mdb
                 os.replace(received, final)  # fsynced by the receiver; named before it is needed
                 fsync_path(self.snapshot_dir)
-                self.log.replace_data(data)  # the swap (renamed, the directory fsynced); the same
-            finally:                         # LogStore: the applier and the queue's hooks stay
+                # The swap (renamed, the directory fsynced); the same LogStore: the applier and
+                # the queue's hooks stay. A process reading the store (`mqstore verify`/`backup
+                # --data-dir` beside the node) is waited for a second (the raft thread waits with
+                # it), then left reading the old file (force, the default): the node cannot go on
+                # without the snapshot.
+                self.log.replace_data(data, wait_s=INSTALL_WAIT_S)
+            finally:
                 shutil.rmtree(staging, ignore_errors=True)
             for other in self._incoming.values():
                 other.unlink(missing_ok=True)
@@ -1215,13 +1226,24 @@ class Node:
         assert isinstance(meta, SnapshotMeta)
         return meta
 
-    def scrub_after_shred(self) -> SnapshotMeta:
+    def scrub_after_shred(self) -> SnapshotMeta | None:
         """Raft thread, after a KEY shred was applied: no copy of the shredded key's wrapped bytes
         may stay in this node's files. Snapshot at the applied index and compact the log right up
         to it (the KEY record that carried the key goes; a follower further behind catches up
         from the snapshot), write the snapshot again from the compacted log, then replace the
         database by a compacted copy of itself (LMDB keeps old bytes in freed pages until they
-        are reused). Each step leaves a usable snapshot on disk should the node crash."""
+        are reused). Each step leaves a usable snapshot on disk should the node crash.
+
+        The database is not replaced while another process has the store open (`mqstore
+        verify`/`backup --data-dir` beside the node, see Environment.replace_data): then the
+        rewrite is put off (None; the log is compacted already), said in a warning, and the scrub
+        tried again between Readys every SCRUB_RETRY_S seconds once that process is gone (and
+        after a restart: the marker stays until it is done)."""
+        if self._scrub_retry_at:  # put off before: nothing to redo while the other process is there
+            holder = self.log.env.in_use_elsewhere()
+            if holder is not None:
+                self._put_off_scrub(holder)
+                return None
         index = self._applied
         term = self.storage.term(index)
         meta = SnapshotMeta(index=index, term=term, conf_state=self.raw.conf_state)
@@ -1241,13 +1263,25 @@ class Node:
         self._write_snapshot_file(index)  # the same snapshot, now without the KEY record
         scratch = self.snapshot_dir / f"scrub-{index}-{uuid.uuid4().hex[:8]}"
         try:
-            self.log.rewrite_compacted(scratch)
+            self.log.rewrite_compacted(scratch, wait_s=SCRUB_REWRITE_WAIT_S)
+        except StoreInUse as exc:  # another process has the store open: the database is as it was
+            self.storage.reload()
+            self._put_off_scrub(str(exc))
+            return None
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         self.storage.reload()
         self.log.write(lambda ctx: ctx.delete(b"meta", META_SCRUB_PENDING))  # done (a crash before: redo)
+        self._scrub_retry_at = 0.0
         log.info("node %d: a key was shredded: log compacted up to %d and the database rewritten", self.node_id, index)
         return meta
+
+    def _put_off_scrub(self, why: str) -> None:
+        if not self._scrub_retry_at:
+            log.warning("node %d: a key was shredded, but the database file is not rewritten while another process "
+                        "has the store open (%s); it is tried again every %d s", self.node_id, why, SCRUB_RETRY_S)
+        self._scrub_pending = True
+        self._scrub_retry_at = time.monotonic() + SCRUB_RETRY_S
 
     def _write_snapshot_file(self, index: int) -> Path:
         """Copy the store (compacted) to the snapshot file of ``index``, atomically."""

@@ -23,6 +23,14 @@ Environment flags, set explicitly (never left to library defaults):
 
 ``reader_check()`` runs at open to clear reader slots left by crashed processes.
 
+LMDB keeps its reader table and the id of the last committed transaction in ``lock.mdb``, shared
+by every process that has the store open: each holds a read lock (``fcntl``) on its first byte
+for as long as it has it open, and only an opener that gets the lock exclusively resets the
+table from ``data.mdb``. Replacing ``data.mdb`` (:meth:`Environment.replace_data`) therefore
+waits until no other process has the store open (or, forced — a snapshot install — leaves those
+reading the old file), and drops ``lock.mdb`` with it: a table left over from the old file would
+make the writer read the new one by a stale transaction id (an empty database).
+
 Before LMDB maps the data file, its two meta pages are read here (:func:`check_data_file`): a
 file shorter than the pages its newest meta page says are in use would be mapped anyway, and the
 first read past its end kills the process with SIGBUS. Such a file, and one LMDB refuses (meta
@@ -33,9 +41,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import struct
+import sys
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +57,12 @@ import lmdb
 from mqstore import limits
 from mqstore._proc import fork_generation
 from mqstore.errors import Corruption, InvalidArgument, MQStoreError, StoreClosed, StoreLocked
+
+
+class StoreInUse(StoreLocked):
+    """Another process (or another store object of this process) has the store open, read-only
+    (an inspection command, ``LogStore(readonly=True)``): its database file cannot be replaced
+    now. Nothing was changed; try again once it has closed the store."""
 
 #: Named databases of a store (see ../shared/DESIGN.md "Storage").
 DATABASES = (
@@ -80,6 +97,14 @@ LOCK_FILE = "mqstore.lock"
 
 
 DATA_FILE = "data.mdb"
+LMDB_LOCK_FILE = "lock.mdb"
+#: How long :meth:`Environment.replace_data` waits, by default, for other processes to close the
+#: store (the CLI's inspection commands are short-lived).
+REPLACE_WAIT_S = 5.0
+#: How often an open or a copy is tried again when another process grows the map meanwhile.
+_RESIZE_TRIES = 5
+# struct flock of Linux (l_type, l_whence, l_start, l_len, l_pid), for F_GETLK.
+_FLOCK = struct.Struct("hhqqi4x")
 
 # LMDB's meta pages (lmdb.h / mdb.c of LMDB 0.9, the format py-lmdb bundles), in the machine's
 # byte order: pages 0 and 1 each hold a page header (``mp_pgno``: a word; ``mp_pad``,
@@ -143,6 +168,28 @@ def check_data_file(data_file: Path) -> None:
         )
 
 
+def _lock_holder(fd: int) -> int | None:
+    """The pid of a process holding a lock on byte 0 of the file ``fd`` is open on (LMDB's
+    "this process has the store open" lock; 0 if its pid is not known here), or None: none, not
+    counting this process's own locks, or no way to ask on this platform."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        raw = fcntl.fcntl(fd, fcntl.F_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0))
+    except OSError:
+        return None
+    l_type, _, _, _, pid = _FLOCK.unpack(raw)
+    return None if l_type == fcntl.F_UNLCK else max(int(pid), 0)
+
+
+def _in_use_message(path: Path, holder: str) -> str:
+    return (
+        f"store {path} is open in {holder} (read-only: `mqstore queue list/status`, `verify` or "
+        "`backup --data-dir`, or LogStore(readonly=True)): its database file cannot be replaced while "
+        "another opener has it; nothing was changed, try again once that has closed the store"
+    )
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file, or a directory (the names in it: a rename or a new file survives a crash)."""
     fd = os.open(path, os.O_RDONLY)
@@ -202,6 +249,10 @@ class _ReadGate:
                 self._cond.notify_all()
 
 
+#: Environments open in this process (a database file is replaced only when no other one has it).
+_OPEN_ENVS: weakref.WeakSet[Environment] = weakref.WeakSet()
+log = logging.getLogger(__name__)
+
 #: Environments holding their store's process lock (a child forked from this process drops its
 #: copies of the lock's descriptors: see _drop_inherited_locks).
 _LOCK_HOLDERS: weakref.WeakSet[Environment] = weakref.WeakSet()
@@ -213,10 +264,12 @@ def _drop_inherited_locks() -> None:
     the store; before, one that outlived its parent (a pre-forked worker) kept the store locked,
     and the restarted parent got StoreLocked naming itself."""
     for env in list(_LOCK_HOLDERS):
-        fd, env._lock_fd = env._lock_fd, None
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        for attr in ("_lock_fd", "_probe_fd"):
+            fd = getattr(env, attr)
+            setattr(env, attr, None)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 os.register_at_fork(after_in_child=_drop_inherited_locks)
@@ -246,6 +299,10 @@ class Environment:
         self._pid = os.getpid()
         self._generation = fork_generation()
         self._lock_fd: int | None = None
+        #: lock.mdb, open while LMDB has it open (writable stores): asks whether another process
+        #: has the store open. Closed only after LMDB closed the store: closing any descriptor of
+        #: a file drops every fcntl lock this process holds on it, LMDB's own included.
+        self._probe_fd: int | None = None
         self._closed = False
         self.gate = _ReadGate()
         self.dbs: dict[bytes, Any] = {}
@@ -263,20 +320,56 @@ class Environment:
         except BaseException:
             self._release_lock()
             raise
+        _OPEN_ENVS.add(self)
 
     def _open_lmdb(self) -> None:
         data_file = self.path / DATA_FILE
         check_data_file(data_file)
-        try:
-            self._open_env()
-        except _DAMAGE as exc:
-            raise Corruption(f"{data_file} is damaged: LMDB cannot open it ({exc})") from None
-        except lmdb.Error as exc:
-            raise MQStoreError(f"cannot open store {self.path}: {exc}") from None
+        for _ in range(_RESIZE_TRIES):
+            try:
+                self._open_env()
+            except lmdb.MapResizedError:
+                # Another process grew the map between LMDB reading its size and this open's first
+                # transaction (a read-only open beside a running store): open again at the new size.
+                continue
+            except lmdb.InvalidParameterError:
+                # The lock table this open waited for was emptied: the store's writer replaced the
+                # database meanwhile (see replace_data). Open again, on the new lock table.
+                time.sleep(0.05)
+                continue
+            except _DAMAGE as exc:
+                raise Corruption(f"{data_file} is damaged: LMDB cannot open it ({exc})") from None
+            except lmdb.Error as exc:
+                raise MQStoreError(f"cannot open store {self.path}: {exc}") from None
+            if not self.readonly:
+                self._probe_fd = os.open(self.path / LMDB_LOCK_FILE, os.O_RDWR)
+            return
+        raise MQStoreError(f"cannot open store {self.path}: its map kept growing while it was opened "
+                           f"({_RESIZE_TRIES} tries); retry")
 
     def _open_env(self) -> None:
+        env = self._lmdb_open()
+        try:
+            env.reader_check()
+            dbs: dict[bytes, Any] = {}
+            if self.readonly:
+                for name in DATABASES:
+                    # A read-only open cannot create databases: a store without one of them was
+                    # never written by this version, and callers check ``name in dbs``.
+                    with contextlib.suppress(lmdb.NotFoundError):
+                        dbs[name] = env.open_db(name, create=False)
+            else:
+                with env.begin(write=True) as txn:
+                    for name in DATABASES:
+                        dbs[name] = env.open_db(name, txn=txn, create=True)
+        except BaseException:
+            env.close()
+            raise
+        self.env, self.dbs = env, dbs
+
+    def _lmdb_open(self) -> Any:
         # A store that already has a bigger map keeps it: LMDB adopts the larger size on open.
-        self.env = lmdb.open(
+        return lmdb.open(
             str(self.path),
             map_size=self._map_size,
             subdir=True,
@@ -294,35 +387,103 @@ class Environment:
             lock=True,
             mode=0o600,
         )
-        self.env.reader_check()
-        self.dbs = {}
-        if self.readonly:
-            for name in DATABASES:
-                # A read-only open cannot create databases: a store without one of them was
-                # never written by this version, and callers check ``name in dbs``.
-                with contextlib.suppress(lmdb.NotFoundError):
-                    self.dbs[name] = self.env.open_db(name, create=False)
-        else:
-            with self.env.begin(write=True) as txn:
-                for name in DATABASES:
-                    self.dbs[name] = self.env.open_db(name, txn=txn, create=True)
 
-    def replace_data(self, data_file: Path) -> None:
+    def in_use_elsewhere(self) -> str | None:
+        """Who else has this store open — "process N", or another store object of this process —
+        or None: nobody (then :meth:`replace_data` would not have to wait). Writable stores only;
+        a process opening the store right now is not seen."""
+        here = self._open_here()
+        if here is not None or self._probe_fd is None:
+            return here
+        pid = _lock_holder(self._probe_fd)
+        return None if pid is None else (f"process {pid}" if pid else "another process")
+
+    def _open_here(self) -> str | None:
+        for other in list(_OPEN_ENVS):
+            if other is not self and not other._closed and not other.forked() and _same_dir(other.path, self.path):
+                return "another store object of this process"
+        return None
+
+    def wait_alone(self, wait_s: float) -> None:
+        """Wait up to ``wait_s`` seconds until no other process (or store object of this one) has
+        the store open; :class:`StoreInUse` naming it if one still has."""
+        deadline = time.monotonic() + wait_s
+        while (holder := self.in_use_elsewhere()) is not None:
+            if time.monotonic() >= deadline:
+                raise StoreInUse(_in_use_message(self.path, holder))
+            time.sleep(0.05)
+
+    def replace_data(self, data_file: Path, *, wait_s: float = REPLACE_WAIT_S, force: bool = False) -> None:
         """Swap the whole database for ``data_file`` (a verified copy of another store, e.g. a
-        snapshot from the leader). The caller must have stopped every writer; readers wait."""
+        snapshot from the leader). The caller must have stopped every writer; readers of this
+        process wait.
+
+        Another process that has the store open (read-only) shares LMDB's lock table, which holds
+        the id of the last transaction of the OLD file: the swap waits up to ``wait_s`` seconds
+        for every other opener to close the store, then swaps and starts a new lock table. When
+        one still has it open, :class:`StoreInUse` is raised and the store stays as it was — or,
+        with ``force``, the swap is done anyway with a new lock table (``lock.mdb`` unlinked, not
+        emptied: the other process keeps reading the old file, consistent but no longer updated,
+        until it reopens the store)."""
         self.check_open()
         os.chmod(data_file, 0o600)  # a copy is made with the umask's mode: the store stays private
+        if self._probe_fd is None:
+            raise InvalidArgument(f"store {self.path} is open read-only")
         with self.gate.exclusive():
-            self.env.close()
-            os.replace(data_file, self.path / "data.mdb")
-            fsync_path(self.path)  # the rename is durable before anything relies on it
-            self._open_lmdb()
+            self.check_open()
+            here = self._open_here()
+            if here is not None and not force:
+                raise StoreInUse(_in_use_message(self.path, here))
+            self.env.close()  # LMDB's lock on lock.mdb goes with it; the probe keeps the file open
+            probe, self._probe_fd = self._probe_fd, None
+            try:
+                alone = here is None and _lock_alone(probe, wait_s)
+                if not alone and not force:
+                    holder = _lock_holder(probe)
+                    raise StoreInUse(_in_use_message(self.path, f"process {holder}" if holder else "another process"))
+                if not alone:
+                    holder = _lock_holder(probe)
+                    log.warning("store %s: its database file is replaced while %s has the store open (read-only); "
+                                "that one goes on reading the old file until it opens the store again", self.path,
+                                here or (f"process {holder}" if holder else "another process"))
+                os.replace(data_file, self.path / DATA_FILE)
+                if alone:
+                    # Nobody else has the table mapped: an opener waiting for the lock meanwhile
+                    # finds it empty and fails (it retries) instead of adopting the stale table.
+                    os.ftruncate(probe, 0)
+                # The next opener creates a new table, set up from the new file.
+                (self.path / LMDB_LOCK_FILE).unlink(missing_ok=True)
+                fsync_path(self.path)  # the rename is durable before anything relies on it
+            finally:
+                os.close(probe)  # our lock goes: only now may LMDB take it again (on the new file)
+                self._open_lmdb()
 
     def copy_to(self, target: Path) -> None:
-        """A consistent, compacted copy of the database (one read transaction) in ``target``."""
+        """A consistent, compacted copy of the database (one read transaction) in ``target``.
+        Another process growing the map meanwhile (a read-only opener beside a running store)
+        is followed, as :meth:`read` does."""
         self.check_open()
-        with self.gate.reading():
-            self.env.copy(str(target), compact=True)
+        for _ in range(_RESIZE_TRIES):
+            with self.gate.reading():
+                self.check_open()
+                try:
+                    self.env.copy(str(target), compact=True)
+                    return
+                except lmdb.MapResizedError:
+                    # LMDB created the copy's file before its read transaction failed
+                    (Path(target) / DATA_FILE).unlink(missing_ok=True)
+            self._adopt_map_size()
+        raise MQStoreError(f"store {self.path}: the map kept growing during the copy ({_RESIZE_TRIES} tries); retry")
+
+    def _adopt_map_size(self) -> None:
+        """Another process grew the map: adopt its size. set_mapsize invalidates every read
+        transaction of this process, so it waits (outside the reading gate) until the other
+        threads' reads have ended, and none starts meanwhile."""
+        if self.gate.held():  # a read nested in this thread's own: it would wait for itself
+            raise MQStoreError(f"store {self.path}: another process grew the map during this read; retry")
+        with self.gate.exclusive():
+            self.check_open()
+            self.env.set_mapsize(0)
 
     # --- process lock --------------------------------------------------------------------------
 
@@ -396,14 +557,7 @@ class Environment:
                     finally:
                         txn.abort()
                     return
-            # Another process grew the map: adopt its size, then read again. set_mapsize
-            # invalidates every read transaction of this process, so it waits (outside the
-            # reading gate) until the other threads' reads have ended, and none starts meanwhile.
-            if self.gate.held():  # a read nested in this thread's own: it would wait for itself
-                raise MQStoreError(f"store {self.path}: another process grew the map during this read; retry")
-            with self.gate.exclusive():
-                self.check_open()
-                self.env.set_mapsize(0)
+            self._adopt_map_size()  # another process grew the map: adopt its size, then read again
         raise MQStoreError(f"store {self.path}: the map kept growing under this reader ({tries} tries); retry")
 
     def map_size(self) -> int:
@@ -437,7 +591,32 @@ class Environment:
             else:
                 with self.gate.exclusive():
                     self.env.close()
+            if self._probe_fd is not None:  # after LMDB closed (see _probe_fd)
+                os.close(self._probe_fd)
+                self._probe_fd = None
             self._release_lock()
 
 
-__all__ = ["DATABASES", "DATA_FILE", "LOCK_FILE", "Environment", "check_data_file", "fsync_path"]
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _lock_alone(fd: int, wait_s: float) -> bool:
+    """Take the exclusive lock on byte 0 of lock.mdb (``fd``), as LMDB's first opener does:
+    granted only when no other process has the store open. Tries for up to ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0, os.SEEK_SET)
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
+__all__ = ["DATABASES", "DATA_FILE", "LMDB_LOCK_FILE", "LOCK_FILE", "REPLACE_WAIT_S", "Environment", "StoreInUse",
+           "check_data_file", "fsync_path"]

@@ -34,12 +34,13 @@ from mqstore.errors import (
     MQStoreError,
     NotFound,
     StorageFull,
+    Unavailable,
     UnknownKey,
     WrongKey,
 )
 from mqstore.ids import MessageIdGenerator, format_id
 from mqstore.standstill import StandStillWarning
-from mqstore.store.env import Environment
+from mqstore.store.env import REPLACE_WAIT_S, Environment
 from mqstore.store.writer import Pending, WriteFn, Writer
 
 _FLAG_CONTEXT = int(Flags.CONTEXT)  # a plain int: `int & Flags.X` goes through enum's slow path
@@ -161,6 +162,16 @@ class _Batch:
         self.first_index = 0  # the log's first index once committed (0: unchanged)
 
 
+#: Times :meth:`LogStore.append_messages` seals its messages again when a shred took the key
+#: they were sealed under in the writer (then Unavailable; Store.enqueue_many does the same).
+_RESEAL_ATTEMPTS = 4
+
+
+class _ShreddedMeanwhile(Exception):
+    """Records of a write were sealed under a key a shred took away before they were appended:
+    the write function refuses, nothing of it is stored."""
+
+
 class WriteContext:
     """What a write function gets: the (nested) write transaction and log-append helpers.
 
@@ -179,6 +190,15 @@ class WriteContext:
         self.now_ms = now_ms
         #: What the writer sealed for this request (see ``Writer.submit(seal=...)``), in order.
         self.sealed = sealed
+
+    def key_shredded(self, key_id: int) -> bool:
+        """Whether key ``key_id`` is shredded as this transaction sees it: by a commit before it,
+        or by a write function earlier in the same group commit (the keyring learns of that one
+        only once it commits; the keys table has it at once). The writer seals a whole batch
+        before its functions run, so a record sealed under such a key must not be appended."""
+        if self.store.keyring.is_shredded(key_id):
+            return True
+        return self.txn.get(_SHRED_PREFIX + struct.pack(">I", key_id), db=self.dbs[b"keys"]) is not None
 
     @property
     def next_index(self) -> int:
@@ -721,13 +741,31 @@ class LogStore:
         batch at once (CPython threads that each compress a little contend for the GIL so much
         that 16 of them seal slower than one), then appends and commits.
         """
-        staged = self.stage_messages(messages)
+        attempt = 0
+        while True:
+            attempt += 1
+            staged = self.stage_messages(messages)  # (creates the key of a namespace that has none)
 
-        def fn(ctx: WriteContext) -> range:
-            return ctx.append_many(RecordType.ENQUEUE, ctx.sealed)
+            def fn(ctx: WriteContext) -> range:
+                for key_id in {sealed.key_id for sealed in ctx.sealed}:
+                    if ctx.key_shredded(key_id):  # a shred in this group commit, or just before it
+                        raise _ShreddedMeanwhile(f"key {key_id} was shredded while the messages were being stored")
+                return ctx.append_many(RecordType.ENQUEUE, ctx.sealed)
 
-        size = sum(len(st.plaintext) for st in staged)
-        indices = self._writer().write(fn, size=size, seal=[_seal_request(st) for st in staged])
+            size = sum(len(st.plaintext) for st in staged)
+            try:
+                indices = self._writer().write(fn, size=size, seal=[_seal_request(st) for st in staged])
+                break
+            except (_ShreddedMeanwhile, UnknownKey) as exc:
+                # Nothing was stored. A shred took the key they were staged under (in this group
+                # commit, or in the one before, which left a namespace no key to seal under):
+                # seal them again under the namespace's next key.
+                namespaces = {st.envelope.namespace for st in staged}
+                if isinstance(exc, UnknownKey) and all(self.keyring.current_key_id(ns) is not None
+                                                       for ns in namespaces):
+                    raise
+                if attempt >= _RESEAL_ATTEMPTS:
+                    raise Unavailable(f"{exc}: nothing was stored, append them again", not_applied=True) from exc
         return [Appended(i, st.envelope.message_id) for i, st in zip(indices, staged, strict=True)]
 
     def append_message(self, **fields: Any) -> Appended:
@@ -1243,28 +1281,39 @@ class LogStore:
         """Re-read the log bounds after the log was rewritten wholesale (snapshot install)."""
         self._first_index, self._last_index, self._term = self._load_bounds()
 
-    def replace_data(self, data_file: Path) -> None:
+    def replace_data(self, data_file: Path, *, wait_s: float = REPLACE_WAIT_S, force: bool = True) -> None:
         """Replace this store's whole database by ``data_file`` (a copy of another store of the
         same cluster, i.e. under the same KEK). Stops and restarts the writer; reloads the log
-        bounds, keys and dictionaries."""
+        bounds, keys and dictionaries. Another process having the store open (read-only) is
+        waited for up to ``wait_s`` seconds; then, with ``force`` (a snapshot install cannot be
+        put off), the file is swapped anyway, with a new lock table (see
+        :meth:`Environment.replace_data <mqstore.store.env.Environment.replace_data>`), else it
+        is :class:`~mqstore.store.env.StoreInUse` and nothing changed."""
         if self.readonly or self.writer is None:
             raise InvalidArgument(f"store {self.path} is open read-only")
         self._stop_writer()
-        self._swap_data(data_file)
-        self.writer = Writer(self._run_batch, name=f"mqstore-writer:{self.path.name}")
+        try:
+            self._swap_data(data_file, wait_s=wait_s, force=force)
+        finally:
+            self.writer = Writer(self._run_batch, name=f"mqstore-writer:{self.path.name}")
 
-    def rewrite_compacted(self, scratch: Path) -> None:
+    def rewrite_compacted(self, scratch: Path, *, wait_s: float = REPLACE_WAIT_S) -> None:
         """Replace the database by a compacted copy of itself (freed pages keep old bytes until
         reused: a shredded key's must go). Writes wait meanwhile and then commit into the new
-        file; none is lost or refused, whatever commits before the copy is in it."""
+        file; none is lost or refused, whatever commits before the copy is in it.
+
+        Only when no other process has the store open (see :meth:`replace_data`): one that still
+        has after ``wait_s`` seconds makes it :class:`~mqstore.store.env.StoreInUse`, nothing
+        changed. It is waited for before the copy is made (writes go on meanwhile)."""
+        self.env.wait_alone(wait_s)
         writer = self._writer()
         with writer.held():
-            self._swap_data(self.copy_to(scratch))
+            self._swap_data(self.copy_to(scratch), wait_s=wait_s)
 
-    def _swap_data(self, data_file: Path) -> None:
+    def _swap_data(self, data_file: Path, *, wait_s: float, force: bool = False) -> None:
         """Swap the database file for ``data_file`` and reload what this object caches of it;
-        no batch may run meanwhile."""
-        self.env.replace_data(data_file)
+        no batch may run meanwhile. StoreInUse: nothing changed (nothing to reload)."""
+        self.env.replace_data(data_file, wait_s=wait_s, force=force)
         self._first_index, self._last_index, self._term = self._load_bounds()
         raw_stamp = self.meta_get(_META_STAMP)
         self._last_stamp_ms = max(self._last_stamp_ms, _U64.unpack(raw_stamp)[0] if raw_stamp else 0)
