@@ -1307,7 +1307,7 @@ class QueueBase:
             return {}
         refused = disk.check()
         return {"free_bytes": disk.free_bytes, "total_bytes": disk.total_bytes, "floor_bytes": disk.floor_bytes(),
-                "accepting_enqueues": refused is None}
+                "reusable_bytes": disk.reusable_bytes, "accepting_enqueues": refused is None}
 
 
 

@@ -82,6 +82,7 @@ def test_a_store_drained_after_filling_its_disk_to_the_floor_takes_enqueues_agai
         disk = store.stats()["disk"]
         assert disk["free_bytes"] < disk["floor_bytes"]  # the disk has no more free than when full
         assert disk["accepting_enqueues"] is True  # but the data file's free pages take new mail
+        assert disk["free_bytes"] + disk["reusable_bytes"] >= disk["floor_bytes"]  # and stats() says so
         assert store.disk.reusable_bytes >= (stored - 2) * BODY
         # New mail goes into the freed pages: about as much as was drained, the file barely grows.
         for _ in range(stored // 2):
