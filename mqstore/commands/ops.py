@@ -24,7 +24,16 @@ from typing import Any
 
 from mqstore.commands._common import default_data_dir, emit
 from mqstore.config import check_address, check_site
-from mqstore.errors import InvalidArgument, MQStoreError, NotFound
+from mqstore.errors import (
+    InvalidArgument,
+    MQStoreError,
+    NotFound,
+    NotLeader,
+    Overloaded,
+    StoreClosed,
+    Unauthenticated,
+    Unavailable,
+)
 from mqstore.ops.progress import Progress
 
 SERVER_ENV = "MQSTORE_SERVER"
@@ -33,12 +42,30 @@ BULK_OPS = ("hold", "release", "requeue", "delete", "bounce")
 
 # --- targets ---------------------------------------------------------------------------------------
 
+EMPTY_SERVER = ("--server is empty (an unset shell variable?): give a running cluster's node as host:port, or "
+                "leave --server out")
+
+
+def server_arg(text: str) -> str:
+    """An argparse type for --server: a blank value is refused, never taken as "no --server" (that
+    would run the command on the store on disk, or on $MQSTORE_SERVER's cluster, instead)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(EMPTY_SERVER)
+    return text
+
+
+def _check_server(args: argparse.Namespace) -> None:
+    """Refuse a blank --server (for a Namespace not made by the parser, which checks it)."""
+    server = getattr(args, "server", None)
+    if server is not None and not str(server).strip():
+        raise InvalidArgument(EMPTY_SERVER)
+
 
 def add_target_args(p: argparse.ArgumentParser, *, server: bool = True, offline: bool = True,
                     timeout: float = 15.0) -> None:
     """--server (a running cluster) or --data-dir/--config (a store on disk), --key-file, --json."""
     if server:
-        p.add_argument("--server", default=None,
+        p.add_argument("--server", default=None, type=server_arg,
                        help=f"a running cluster: any node's host:port, or several comma-separated (${SERVER_ENV})")
         p.add_argument("--timeout", type=float, default=timeout,
                        help=f"seconds per call, retries included (default {timeout:g})")
@@ -80,7 +107,9 @@ def _key_file(args: argparse.Namespace) -> str | None:
 
 def _remote(args: argparse.Namespace) -> bool:
     """Whether the command talks to a cluster: --server, or $MQSTORE_SERVER when no store on disk
-    is named (an explicit --data-dir/--config wins over the environment)."""
+    is named (an explicit --data-dir/--config wins over the environment). A blank --server is
+    refused."""
+    _check_server(args)
     on_disk = getattr(args, "data_dir", None) or getattr(args, "config", None)
     if getattr(args, "server", None) and on_disk:
         raise InvalidArgument("give --server (a running cluster) or --data-dir/--config (a store on disk), not both")
@@ -435,9 +464,12 @@ def _filter(args: argparse.Namespace) -> Any:
                   newer_than=args.newer_than, id_prefix=args.id_prefix, sender=args.sender)
 
 
-def _sender_of(target: Target) -> Callable[[str], str]:
-    def sender(message_id: str) -> str:
-        return str(target.queue.get(message_id).mail_from)
+def _sender_of(target: Target) -> Callable[[str], str | None]:
+    def sender(message_id: str) -> str | None:
+        try:
+            return str(target.queue.get(message_id).mail_from)
+        except NotFound:  # gone since it was listed (delivered and removed, deleted): no match
+            return None
 
     return sender
 
@@ -490,9 +522,10 @@ def _list_all(args: argparse.Namespace, items: Iterator[tuple[Any, str | None]])
         # The first match is read before anything is written, so bad arguments give the usual
         # error document; an error later (a damaged row, say) still ends a valid document: it
         # names the error and, as "next_after", the cursor to resume after the last message.
+        # Ctrl-C too ends the document (error "Interrupted", exit 130), not cli.main's second one.
         first = next(items, None)
         out.write('{"messages": [')
-        error: MQStoreError | None = None
+        error: dict[str, str] | None = None
         last: str | None = None
         try:
             for summary, cursor in itertools.chain([first] if first is not None else [], items):
@@ -500,12 +533,17 @@ def _list_all(args: argparse.Namespace, items: Iterator[tuple[Any, str | None]])
                 count += 1
                 last = cursor
         except MQStoreError as exc:
-            error = exc
-        tail = {"count": count, "next_after": last if error is not None else None}
+            error = {"error": type(exc).__name__, "message": str(exc)}
+        except KeyboardInterrupt:
+            error = {"error": "Interrupted", "message": "interrupted (Ctrl-C)"}
+        tail: dict[str, Any] = {"count": count, "next_after": last if error is not None else None}
         if error is not None:
-            tail |= {"error": type(error).__name__, "message": str(error)}
+            tail |= error
         out.write("\n], " + json.dumps(tail)[1:] + "\n")
-        return 2 if error is not None else 0
+        out.flush()
+        if error is None:
+            return 0
+        return 130 if error["error"] == "Interrupted" else 2
     headers = ["ID", "AGE", "NAMESPACE", "PRIO", "SIZE", "RCPTS", "FLAGS", "STATES"]
     block: list[list[object]] = []
     for summary, _ in items:
@@ -664,11 +702,36 @@ def _would_change(op: str, held: bool, done: bool, states: dict[str, int]) -> bo
         return not held and not done
     if op == "release":
         return held
-    if op == "requeue":
+    if op == "requeue":  # only if one is still waiting: see _requeue_changes
         return states.get("deferred", 0) > 0
     if op == "bounce":  # leased recipients are left to their worker: only waiting ones bounce
         return any(states.get(s, 0) for s in ("queued", "deferred"))
     return True  # delete
+
+
+def _requeue_changes(message: Any, now_ms: int) -> bool:
+    """Whether a requeue changes the message: it makes due a deferred recipient whose next attempt
+    is still ahead (as the state machine does: one already due is left as it is)."""
+    return any(r.state == "deferred" and r.next_attempt is not None and round(r.next_attempt * 1000) > now_ms
+               for r in message.recipients)
+
+
+def _queue_now(target: Target) -> Callable[[], int]:
+    """The queue's time (ms) a requeue is judged at: a store's own (offline), or the leader's
+    compliance time (--server, read once and advanced by the time passed since; this host's clock
+    from a node that does not report it)."""
+    if target.remote:
+        judged_at = target.queue.stats().get("compliance_time")
+        base = round(judged_at * 1000) if isinstance(judged_at, (int, float)) else int(time.time() * 1000)
+        start = time.monotonic()
+        return lambda: base + int((time.monotonic() - start) * 1000)
+    return lambda: max(int(time.time() * 1000), target.log.last_stamp_ms)
+
+
+#: Errors that mean the cluster (or store) cannot take changes now, not that this message was
+#: refused: a bulk change stops at the first one (the next messages would each wait out --timeout).
+_BULK_STOPS = (Unavailable, NotLeader, Overloaded, Unauthenticated, StoreClosed)
+_PAST = {"hold": "held", "release": "released", "requeue": "requeued", "delete": "deleted", "bounce": "bounced"}
 
 
 def _states_of(message: Any) -> dict[str, int]:
@@ -702,28 +765,63 @@ def cmd_bulk(args: argparse.Namespace) -> int:
         recipients = {"bounced_recipients": 0, "left_leased": 0}
         refusals: list[dict[str, str]] = []
         bar = Progress.for_args(args, f"{op}:")
+        now_ms = _queue_now(target) if op == "requeue" else None
 
-        def candidates() -> Iterator[tuple[str, bool | None]]:
+        def candidates() -> Iterator[tuple[str, bool | None, dict[str, int]]]:
+            """(id, whether it would change or None: read the message to tell, recipient states)."""
             if ids is not None:
                 for mid in ids:
-                    yield mid, None
+                    yield mid, None, {}
                 return
             from mqstore.ops.inspect import iter_matching
 
             sender_of = _sender_of(target) if flt.sender is not None else None
             for summary, _ in iter_matching(target.queue, flt, sender_of=sender_of):
-                yield summary.message_id, _would_change(op, summary.held, summary.done, dict(summary.states))
+                states = dict(summary.states)
+                change: bool | None = _would_change(op, summary.held, summary.done, states)
+                if op == "requeue" and change:
+                    change = None  # deferred, but still waiting or already due? its recipients tell
+                yield summary.message_id, change, states
 
+        # A run ends early on an error that is not about one message (the cluster unreachable, its
+        # quorum lost, a listing that fails): the summary says how far it got, and exit 2.
+        stop: MQStoreError | None = None
+        uncertain: str | None = None  # the message whose change was sent without an answer
+        attempted = 0
+        items = candidates()
         with bar:
-            for mid, change in candidates():
+            while True:
+                try:
+                    item = next(items, None)
+                except MQStoreError as exc:  # listing the candidates (or reading their envelopes) failed
+                    stop = exc
+                    break
+                if item is None:
+                    break
+                mid, change, states = item
                 if change is None:
                     try:
                         m = target.queue.get(mid)
                     except NotFound:
+                        attempted += 1
                         counts["missing"] += 1
                         bar.update(counts["matched"] + counts["missing"], len(ids or ()))
                         continue
-                    change = _would_change(op, m.held, m.done, _states_of(m))
+                    except _BULK_STOPS as exc:
+                        stop = exc
+                        break
+                    except MQStoreError as exc:  # this message cannot be read (a damaged row, say)
+                        attempted += 1
+                        counts["matched"] += 1
+                        counts["refused"] += 1
+                        if len(refusals) < 1000:
+                            refusals.append({"message_id": mid, "error": type(exc).__name__, "message": str(exc)})
+                        bar.update(counts["matched"] + counts["missing"], len(ids or ()))
+                        continue
+                    states = _states_of(m)
+                    change = (_requeue_changes(m, now_ms()) if now_ms is not None
+                              else _would_change(op, m.held, m.done, states))
+                attempted += 1
                 counts["matched"] += 1
                 refusal = refusal_of(mid) if change and refusal_of is not None else None
                 if refusal is not None:  # a dry run: the real run would be refused this one
@@ -732,6 +830,8 @@ def cmd_bulk(args: argparse.Namespace) -> int:
                         refusals.append({"message_id": mid, **refusal})
                 elif not change:
                     counts["unchanged"] += 1
+                    if op == "bounce":  # every waiting recipient leased: all left to their worker
+                        recipients["left_leased"] += states.get("leased", 0)
                 else:
                     counts["would_change"] += 1
                 if refusal is None and change and not args.dry_run:
@@ -743,6 +843,12 @@ def cmd_bulk(args: argparse.Namespace) -> int:
                             recipients["left_leased"] += result.left_leased
                     except NotFound:
                         counts["missing"] += 1
+                    except _BULK_STOPS as exc:
+                        stop = exc
+                        if not (isinstance(exc, Unavailable) and exc.not_applied) and not isinstance(
+                                exc, (Overloaded, Unauthenticated)):  # those refused it before doing anything
+                            uncertain = mid
+                        break
                     except MQStoreError as exc:
                         counts["refused"] += 1
                         if len(refusals) < 1000:
@@ -750,6 +856,11 @@ def cmd_bulk(args: argparse.Namespace) -> int:
                 bar.update(counts["matched"] + counts["missing"], len(ids or ()))
     payload = {"operation": op, "dry_run": args.dry_run, "selection": "ids" if ids is not None else flt.describe(),
                **counts, **(recipients if op == "bounce" and not args.dry_run else {}), "refusals": refusals}
+    not_attempted = len(ids) - attempted if ids is not None else None
+    if stop is not None:
+        # not_attempted: None when selected by filter (the rest of the selection, not counted)
+        payload |= {"error": type(stop).__name__, "message": str(stop), "not_attempted": not_attempted,
+                    "uncertain": uncertain}
     if args.dry_run:
         lines = [f"dry run: {op} would change {counts['would_change']} of {counts['matched']} matching message(s)"
                  + (f", {counts['refused']} would be REFUSED" if counts["refused"] else "")
@@ -765,7 +876,18 @@ def cmd_bulk(args: argparse.Namespace) -> int:
                          + (f"; {recipients['left_leased']} leased recipient(s) left to their worker (a delivery "
                             "may be in flight: the worker settles them)" if recipients["left_leased"] else ""))
         lines += [f"  {r['message_id']}: {r['error']}: {r['message']}" for r in refusals[:50]]
+    if stop is not None:
+        rest = (f"{not_attempted} message(s) not attempted" if not_attempted is not None
+                else "the rest of the selection not attempted")
+        lines.append(f"STOPPED: {type(stop).__name__}: {stop}")
+        lines.append(f"  {rest}: run the same command again once the cluster answers")
+        if uncertain is not None:
+            lines.append(f"  {uncertain} may or may not have been {_PAST[op]} (the call got no answer that says)")
+        if not args.json:
+            print(f"mqstore: error: {op} stopped early: {type(stop).__name__}: {stop}", file=sys.stderr)
     emit(args, payload, lines)
+    if stop is not None:
+        return 2
     return 1 if counts["refused"] or (ids is not None and counts["missing"]) else 0
 
 
@@ -1127,9 +1249,10 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
     # Forcing a new cluster works on the survivor's stopped data dir: its TLS files are not needed
     # (replacing a node starts a new one, which serves: its config is checked whole).
+    _check_server(args)
     conf = cfg.load(args.config, check_tls=not args.force_new_cluster)
     if args.force_new_cluster:
-        if args.server:
+        if args.server is not None:
             raise InvalidArgument("--force-new-cluster works on a stopped survivor's data dir (no --server)")
         if not args.confirm:
             raise InvalidArgument(
@@ -1150,6 +1273,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
             f"next: start it (mqstore serve --config {args.config}), then add new nodes with mqstore recover",
         ])
         return 0
+    _check_server(args)
     args.server = args.server or os.environ.get(SERVER_ENV)
     if not args.server:
         raise InvalidArgument("recover needs --server (the surviving cluster), or --force-new-cluster")
@@ -1170,6 +1294,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 def cmd_cluster(args: argparse.Namespace) -> int:
     from mqstore.ops import remote
 
+    _check_server(args)
     args.server = args.server or os.environ.get(SERVER_ENV)
     if not args.server:
         raise InvalidArgument(f"cluster commands need --server (a running cluster) or ${SERVER_ENV}")
@@ -1308,7 +1433,8 @@ def register(sub: Any) -> None:
                         "after losing a majority, --force-new-cluster on a survivor (explicit, recorded)")
     rc.add_argument("--config", required=True,
                     help="the new node's config (or, with --force-new-cluster, the survivor's)")
-    rc.add_argument("--server", default=None, help=f"the surviving cluster (any node; default ${SERVER_ENV})")
+    rc.add_argument("--server", default=None, type=server_arg,
+                    help=f"the surviving cluster (any node; default ${SERVER_ENV})")
     rc.add_argument("--timeout", type=float, default=15.0, help="seconds per call")
     rc.add_argument("--replace", type=node_id, help="the failed node's id: removed once the new node is a voter")
     rc.add_argument("--wait", type=wait_seconds, default=600.0, help="seconds to wait for each step (default 600)")

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from mqstore import codec
+from mqstore import codec, validate
 from mqstore.codec import Flags, Record, RecordType
 from mqstore.errors import Corruption, InvalidArgument, MQStoreError
 from mqstore.ids import MESSAGE_ID_CHARS, format_id, id_time_ms, parse_id
@@ -172,6 +172,8 @@ def qshape_by_state(log: LogStore, namespace: str | None, state: str, now_ms: in
 
     if state not in SHAPE_STATES:
         raise InvalidArgument(f"state must be one of {list(SHAPE_STATES)}, not {state!r}")
+    if namespace is not None:  # as the queue's qshape: a name no message can have is an error, not "none"
+        validate.namespace(namespace)
     labels = [*(f"{a}-{b}" for a, b in itertools.pairwise(QSHAPE_BUCKETS_MIN)), f"{QSHAPE_BUCKETS_MIN[-1]}+"]
     n = len(labels)
     domains: dict[str, list[int]] = {}
@@ -281,13 +283,15 @@ def iter_matching(
     *,
     after: str | None = None,
     page_size: int = 1000,
-    sender_of: Callable[[str], str] | None = None,
+    sender_of: Callable[[str], str | None] | None = None,
     now: float | None = None,
 ) -> Iterator[tuple[Any, str | None]]:
     """Every message summary matching ``flt``, in id order, with the cursor to resume after it.
 
     Pages through ``source.list`` (memory stays at one page however many messages there are).
-    ``sender_of(message_id)`` returns a message's mail_from (needed only for ``flt.sender``)."""
+    ``sender_of(message_id)`` returns a message's mail_from (needed only for ``flt.sender``), or
+    None for a message gone since it was listed (delivered and removed, deleted): it no longer
+    matches."""
     lo, hi = 0, (1 << 128) - 1
     if flt.id_prefix is not None:
         lo, hi = _prefix_bounds(flt.id_prefix)
@@ -309,7 +313,8 @@ def iter_matching(
                 return
             if sender is not None:
                 assert sender_of is not None
-                if sender_of(summary.message_id).lower() != sender:
+                found = sender_of(summary.message_id)
+                if found is None or found.lower() != sender:
                     continue
             yield summary, summary.message_id
         if page.next_after is None:
