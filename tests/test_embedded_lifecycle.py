@@ -163,3 +163,25 @@ def test_list_keys_after_close_is_store_closed(tmp_path: Path) -> None:
     store.close()
     with pytest.raises(StoreClosed):
         store.list_keys()
+
+
+def test_a_message_enqueued_after_the_clock_was_set_back_is_new_to_stats_and_qshape(tmp_path: Path) -> None:
+    """A message created at the queue's time (the clock never goes back past the latest stamp)
+    must be as young to stats() and qshape() as to get() and list(older_than=...). Until stop 31
+    its id carried the raw clock, so one enqueued a moment after the clock was set back an hour
+    showed oldest_age_seconds 3600 and sat in qshape's 40-80 minute bucket."""
+    t0 = 1_800_000_000.0
+    now = [t0]
+    with mqstore.open(tmp_path / "s", clock=lambda: now[0], background=False) as store:
+        store.enqueue(mail_from="a@example.org", recipients=["b@example.net"], data=b"x")
+        for lease in store.lease("w"):
+            store.ack(lease.token)
+        now[0] = t0 + 7200
+        store.maintain()  # a stamp at the queue's time, two hours on
+        now[0] = t0 + 3600  # the clock is stepped back an hour
+        mid = store.enqueue(mail_from="a@example.org", recipients=["new@fresh.example"], data=b"x")
+        assert store.get(mid).created == t0 + 7200
+        assert store.list(older_than=60) == []
+        assert store.stats()["oldest_age_seconds"] < 60
+        shape = store.qshape()
+        assert shape.domains["fresh.example"][0] == 1  # the youngest bucket

@@ -354,7 +354,10 @@ class LogStore:
             provider = key_provider or self._default_provider(key_file, is_new)
             self.keyring = KeyRing(provider)
             self.sealer = Sealer(self.keyring, compression_level)
-            self.ids = MessageIdGenerator(self.clock_ms)
+            # Ids carry the queue's time, as the messages' created times do: after the clock is set
+            # back, an id from the raw clock made a new message look old to stats() and qshape(),
+            # which take ages from ids (a node gives its own clock: see use_clock).
+            self.ids = MessageIdGenerator(lambda: self.queue_time_ms())
             #: Held while a key id is chosen and its key written: two threads must never pick one id.
             self.key_lock = threading.RLock()
             # Held by the writer from a commit until the bounds in memory match it (see
