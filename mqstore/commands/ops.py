@@ -788,79 +788,91 @@ def cmd_bulk(args: argparse.Namespace) -> int:
         stop: MQStoreError | None = None
         uncertain: str | None = None  # the message whose change was sent without an answer
         attempted = 0
+        interrupted = False
+        calling: str | None = None  # the message whose change is being sent
         items = candidates()
         with bar:
-            while True:
-                try:
-                    item = next(items, None)
-                except MQStoreError as exc:  # listing the candidates (or reading their envelopes) failed
-                    stop = exc
-                    break
-                if item is None:
-                    break
-                mid, change, states = item
-                if change is None:
+            try:
+                while True:
+                    calling = None
                     try:
-                        m = target.queue.get(mid)
-                    except NotFound:
-                        attempted += 1
-                        counts["missing"] += 1
-                        bar.update(counts["matched"] + counts["missing"], len(ids or ()))
-                        continue
-                    except _BULK_STOPS as exc:
+                        item = next(items, None)
+                    except MQStoreError as exc:  # listing the candidates (or reading their envelopes) failed
                         stop = exc
                         break
-                    except MQStoreError as exc:  # this message cannot be read (a damaged row, say)
-                        attempted += 1
-                        counts["matched"] += 1
-                        counts["refused"] += 1
-                        if len(refusals) < 1000:
-                            refusals.append({"message_id": mid, "error": type(exc).__name__, "message": str(exc)})
-                        bar.update(counts["matched"] + counts["missing"], len(ids or ()))
-                        continue
-                    states = _states_of(m)
-                    change = (_requeue_changes(m, now_ms()) if now_ms is not None
-                              else _would_change(op, m.held, m.done, states))
-                attempted += 1
-                counts["matched"] += 1
-                refusal = refusal_of(mid) if change and refusal_of is not None else None
-                if refusal is not None:  # a dry run: the real run would be refused this one
-                    counts["refused"] += 1
-                    if len(refusals) < 1000:
-                        refusals.append({"message_id": mid, **refusal})
-                elif not change:
-                    counts["unchanged"] += 1
-                    if op == "bounce":  # every waiting recipient leased: all left to their worker
-                        recipients["left_leased"] += states.get("leased", 0)
-                else:
-                    counts["would_change"] += 1
-                if refusal is None and change and not args.dry_run:
-                    try:
-                        result = action(mid)
-                        counts["changed"] += 1
-                        if op == "bounce":
-                            recipients["bounced_recipients"] += result.bounced
-                            recipients["left_leased"] += result.left_leased
-                    except NotFound:
-                        counts["missing"] += 1
-                    except _BULK_STOPS as exc:
-                        stop = exc
-                        if not (isinstance(exc, Unavailable) and exc.not_applied) and not isinstance(
-                                exc, (Overloaded, Unauthenticated)):  # those refused it before doing anything
-                            uncertain = mid
+                    if item is None:
                         break
-                    except MQStoreError as exc:
+                    mid, change, states = item
+                    if change is None:
+                        try:
+                            m = target.queue.get(mid)
+                        except NotFound:
+                            attempted += 1
+                            counts["missing"] += 1
+                            bar.update(counts["matched"] + counts["missing"], len(ids or ()))
+                            continue
+                        except _BULK_STOPS as exc:
+                            stop = exc
+                            break
+                        except MQStoreError as exc:  # this message cannot be read (a damaged row, say)
+                            attempted += 1
+                            counts["matched"] += 1
+                            counts["refused"] += 1
+                            if len(refusals) < 1000:
+                                refusals.append({"message_id": mid, "error": type(exc).__name__, "message": str(exc)})
+                            bar.update(counts["matched"] + counts["missing"], len(ids or ()))
+                            continue
+                        states = _states_of(m)
+                        change = (_requeue_changes(m, now_ms()) if now_ms is not None
+                                  else _would_change(op, m.held, m.done, states))
+                    attempted += 1
+                    counts["matched"] += 1
+                    refusal = refusal_of(mid) if change and refusal_of is not None else None
+                    if refusal is not None:  # a dry run: the real run would be refused this one
                         counts["refused"] += 1
                         if len(refusals) < 1000:
-                            refusals.append({"message_id": mid, "error": type(exc).__name__, "message": str(exc)})
-                bar.update(counts["matched"] + counts["missing"], len(ids or ()))
+                            refusals.append({"message_id": mid, **refusal})
+                    elif not change:
+                        counts["unchanged"] += 1
+                        if op == "bounce":  # every waiting recipient leased: all left to their worker
+                            recipients["left_leased"] += states.get("leased", 0)
+                    else:
+                        counts["would_change"] += 1
+                    if refusal is None and change and not args.dry_run:
+                        try:
+                            calling = mid
+                            result = action(mid)
+                            calling = None
+                            counts["changed"] += 1
+                            if op == "bounce":
+                                recipients["bounced_recipients"] += result.bounced
+                                recipients["left_leased"] += result.left_leased
+                        except NotFound:
+                            counts["missing"] += 1
+                        except _BULK_STOPS as exc:
+                            stop = exc
+                            if not (isinstance(exc, Unavailable) and exc.not_applied) and not isinstance(
+                                    exc, (Overloaded, Unauthenticated)):  # those refused it before doing anything
+                                uncertain = mid
+                            break
+                        except MQStoreError as exc:
+                            counts["refused"] += 1
+                            if len(refusals) < 1000:
+                                refusals.append({"message_id": mid, "error": type(exc).__name__, "message": str(exc)})
+                    bar.update(counts["matched"] + counts["missing"], len(ids or ()))
+            except KeyboardInterrupt:
+                # Ctrl-C: the summary so far, as for a stop (exit 130); a change sent without an
+                # answer may or may not have been made.
+                interrupted = True
+                uncertain = calling
     payload = {"operation": op, "dry_run": args.dry_run, "selection": "ids" if ids is not None else flt.describe(),
                **counts, **(recipients if op == "bounce" and not args.dry_run else {}), "refusals": refusals}
     not_attempted = len(ids) - attempted if ids is not None else None
-    if stop is not None:
+    ended = stop is not None or interrupted
+    error, message = ("Interrupted", "interrupted (Ctrl-C)") if interrupted else (type(stop).__name__, str(stop))
+    if ended:
         # not_attempted: None when selected by filter (the rest of the selection, not counted)
-        payload |= {"error": type(stop).__name__, "message": str(stop), "not_attempted": not_attempted,
-                    "uncertain": uncertain}
+        payload |= {"error": error, "message": message, "not_attempted": not_attempted, "uncertain": uncertain}
     if args.dry_run:
         lines = [f"dry run: {op} would change {counts['would_change']} of {counts['matched']} matching message(s)"
                  + (f", {counts['refused']} would be REFUSED" if counts["refused"] else "")
@@ -876,18 +888,20 @@ def cmd_bulk(args: argparse.Namespace) -> int:
                          + (f"; {recipients['left_leased']} leased recipient(s) left to their worker (a delivery "
                             "may be in flight: the worker settles them)" if recipients["left_leased"] else ""))
         lines += [f"  {r['message_id']}: {r['error']}: {r['message']}" for r in refusals[:50]]
-    if stop is not None:
+    if ended:
         rest = (f"{not_attempted} message(s) not attempted" if not_attempted is not None
                 else "the rest of the selection not attempted")
-        lines.append(f"STOPPED: {type(stop).__name__}: {stop}")
-        lines.append(f"  {rest}: run the same command again once the cluster answers")
+        lines.append(f"STOPPED: {error}: {message}")
+        lines.append(f"  {rest}: run the same command again"
+                     + (" to go on" if interrupted else " once the cluster answers"))
         if uncertain is not None:
             lines.append(f"  {uncertain} may or may not have been {_PAST[op]} (the call got no answer that says)")
         if not args.json:
-            print(f"mqstore: error: {op} stopped early: {type(stop).__name__}: {stop}", file=sys.stderr)
+            print(f"mqstore: {op} interrupted" if interrupted else
+                  f"mqstore: error: {op} stopped early: {error}: {message}", file=sys.stderr)
     emit(args, payload, lines)
-    if stop is not None:
-        return 2
+    if ended:
+        return 130 if interrupted else 2
     return 1 if counts["refused"] or (ids is not None and counts["missing"]) else 0
 
 
@@ -1182,7 +1196,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         if not args.no_verify:
             from mqstore.ops.verify import verify_path
 
-            bar.phase("verify:")
+            bar.phase("verify:", unit="")  # verify counts records, not the restore's bytes
             report = verify_path(work, key_file=key, progress=_phase_progress(bar)).to_dict()
 
     leftovers = [str(p) for p in backup.clear_restore_leftovers(path)]
@@ -1195,8 +1209,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
                                   finish=finish, signing_key_file=Path(signing_key_file))
         header = restored["header"]
     signing = restored["audit_signing_key"]
+    leases = _lease_tokens(header["applied_index"])
     payload = {"data_dir": str(path), "header": header, "log": restored["log"], "verify": report, "seeded": seeded,
-               "audit_signing_key": signing, "leftovers_removed": leftovers + restored["leftovers_removed"]}
+               "audit_signing_key": signing, "lease_tokens": leases,
+               "leftovers_removed": leftovers + restored["leftovers_removed"]}
     lines = [f"restored {args.input} into {path}: applied index {header['applied_index']}, "
              f"{header['messages']} messages"]
     cut = restored["log"]
@@ -1217,8 +1233,22 @@ def cmd_restore(args: argparse.Namespace) -> int:
         lines.append("verify: " + ("clean" if report["clean"] else f"NOT CLEAN ({report['problems_total']} problems)"))
     if signing is not None:
         lines.append(_signing_key_line(signing))
+    lines.append(f"ACTION NEEDED: {leases['action']}")
     emit(args, payload, lines)
     return 0 if report is None or report["clean"] else 1
+
+
+def _lease_tokens(applied_index: int) -> dict[str, Any]:
+    """What a restored (or seeded) store means for the leases workers hold: a lease token is the
+    log index of its LEASE record, and the restored store's log goes on after the backup's applied
+    index, so it grants again the tokens the lost store granted after the backup."""
+    return {
+        "reissued_above": applied_index,
+        "action": (f"lease tokens are log indices, and this store's log goes on after index {applied_index} (the "
+                   "backup's): it grants again the tokens the lost store granted after the backup. Before workers "
+                   "use this store, every worker must drop every lease it holds from before the restore (and "
+                   "restart): an ack, defer or bounce with an old token may settle ANOTHER message's lease"),
+    }
 
 
 def _signing_key_line(signing: dict[str, Any]) -> str:

@@ -44,13 +44,16 @@ class Progress:
         """A bar unless the command runs with ``--json`` (or without a terminal on stderr)."""
         return cls(label, enabled=not getattr(args, "json", False), unit=unit)
 
-    def phase(self, label: str) -> None:
-        """Start a new phase on a new line."""
+    def phase(self, label: str, *, unit: str | None = None) -> None:
+        """Start a new phase on a new line; ``unit`` (None: the current one) is what it counts
+        ("B": bytes; "": records, messages)."""
         if self._drawn:
             self._draw(force=True)
             self.stream.write("\n")
             self._drawn = False
         self.label = label
+        if unit is not None:
+            self.unit = unit
         self.done = self.total = 0
         self._start = time.monotonic()
 

@@ -5,7 +5,9 @@ Replacing a node (the normal case: a disk died, a site burned down). A data dir 
 under another id and an id never comes back: the replacement gets a new node id, is added as a
 learner, catches up from the leader (snapshot, then log), is promoted to voter once caught up, and
 only then is the failed id removed (and recorded as removed, so it can never rejoin). Placement
-rules are checked by the leader at each step.
+rules are checked by the leader at each step, and by ``recover`` on every step of its plan before
+it does anything (a membership that ends or passes through a refused configuration is refused
+up front; when only the promoted step would be refused, the failed id is removed first).
 
 Losing a majority (``--force-new-cluster``). With a majority of voters gone for good no entry can
 commit, and nothing in mqstore will ever decide on its own to continue without them. An operator
@@ -34,8 +36,16 @@ from typing import Any
 from mqstore import codec
 from mqstore.codec import RecordType
 from mqstore.config import NodeConfig
-from mqstore.consensus.raft import members_of, validate_conf
-from mqstore.consensus.types import ConfState, HardState, SnapshotMeta
+from mqstore.consensus.raft import members_of, next_conf_state, validate_conf
+from mqstore.consensus.types import (
+    ConfChange,
+    ConfChangeItem,
+    ConfChangeType,
+    ConfState,
+    HardState,
+    InvalidConfig,
+    SnapshotMeta,
+)
 from mqstore.errors import InvalidArgument, MQStoreError, NotFound, NotLeader, Overloaded, Unavailable
 from mqstore.ops import facts
 from mqstore.ops.facts import META_FOUNDING, META_RECOVERY_LOG, META_RESTORED_FROM
@@ -243,6 +253,10 @@ def replace_node(
                             for m in lead["members"])
         raise InvalidArgument(f"--replace {replace}: node {replace} is not a member of cluster {cluster_id!r} and "
                               f"never was (members: {members or 'none'}): give the lost node's id")
+    # The placement rules are the leader's to enforce at each step, but a step it refuses after
+    # the new node was added (or promoted) leaves the cluster half changed: check every step of
+    # the plan against them first, from the membership the leader shows.
+    order = _plan(lead, me, config.site, replace)
     steps: list[str] = []
     path = Path(config.data_dir)
     if not (path / "data.mdb").exists():
@@ -266,18 +280,87 @@ def replace_node(
     remote.wait_member(client, me, caught_up, wait_s, progress, "catching up")
     steps.append(f"node {me} caught up with the leader")
     say(steps[-1])
-    waiter.change("promote", me, lambda m: m is not None and bool(m["voter"]))
-    steps.append(f"node {me} promoted to voter")
-    say(steps[-1])
-    if replace is not None:
+
+    def promote() -> None:
+        waiter.change("promote", me, lambda m: m is not None and bool(m["voter"]))
+        steps.append(f"node {me} promoted to voter")
+        say(steps[-1])
+
+    def remove() -> None:
+        assert replace is not None
         if waiter.change("remove", replace, lambda m: m is None):
-            steps.append(f"removed node {replace} (its id is never reused)")
+            steps.append(f"removed node {replace} (its id is never reused)"
+                         + (" before promoting the new node (the placement rules refuse the other order)"
+                            if order == _REMOVE_FIRST else ""))
         else:
             steps.append(f"node {replace} was not a member any more")
         say(steps[-1])
+
+    if order == _REMOVE_FIRST:
+        remove()
+        promote()
+    else:
+        promote()
+        if replace is not None:
+            remove()
     final = waiter.leader("the final membership")
     return {"node_id": me, "cluster_id": cluster_id, "replaced": replace, "steps": steps,
             "members": final["members"]}
+
+
+_PROMOTE_FIRST = "promote first"
+_REMOVE_FIRST = "remove first"
+
+
+def _plan(lead: dict[str, Any], me: int, site: str, replace: int | None) -> str:
+    """The order of :func:`replace_node`'s membership steps (promote the new node, then remove
+    ``replace``; or, when the placement rules refuse the promoted step only, the other way round),
+    each step checked against the placement rules (``validate_conf``, as the leader checks it) from
+    the leader's membership ``lead``. Raises InvalidArgument, before anything is done, when the
+    membership it ends with breaks them, or when neither order gets there one step at a time."""
+    members = lead["members"]
+    sites = {m["id"]: m["site"] for m in members}
+    current = ConfState(voters=frozenset(m["id"] for m in members if m["voter"]),
+                        learners=frozenset(m["id"] for m in members if not m["voter"]),
+                        sites=tuple(sorted(sites.items())), min_sites=int(lead.get("min_sites") or 1))
+    site = sites.get(me, site)  # a re-run: the leader keeps the site it was added with
+    gone = replace is not None and replace in sites
+    add = [] if me in sites else [ConfChangeItem(ConfChangeType.ADD_LEARNER, me, site)]
+    promote = [] if me in current.voters else [ConfChangeItem(ConfChangeType.ADD_VOTER, me)]
+    remove = [ConfChangeItem(ConfChangeType.REMOVE, replace)] if gone and replace is not None else []
+
+    def refusal(items: list[ConfChangeItem]) -> str | None:
+        conf = current
+        try:
+            for item in items:
+                conf = next_conf_state(conf, ConfChange(items=(item,)))
+        except InvalidConfig as exc:
+            return str(exc)
+        return None
+
+    voters = sorted(current.voters - ({replace} if replace is not None else set()) | {me})
+    final = ", ".join(f"{n} ({sites.get(n, site)})" for n in voters)
+    what = (f"replacing node {replace} by node {me} in site {site!r}" if gone
+            else f"adding node {me} in site {site!r} as a voter")
+    try:
+        validate_conf(ConfState(voters=frozenset(voters),
+                                sites=tuple(sorted((n, sites.get(n, site)) for n in voters)),
+                                min_sites=current.min_sites))
+    except InvalidConfig as exc:
+        raise InvalidArgument(
+            f"{what} would break the placement rules: {exc} (voters {final}, min_sites "
+            f"{current.min_sites}); nothing was done: give the new node a site that keeps them"
+        ) from None
+    first = refusal(add + promote + remove)
+    if first is None:
+        return _PROMOTE_FIRST
+    if refusal(add + remove + promote) is None:
+        return _REMOVE_FIRST
+    raise InvalidArgument(
+        f"{what} ends in a valid membership (voters {final}), but the placement rules refuse a step on the way "
+        f"(one change at a time, whichever of promoting it and removing node {replace} comes first): "
+        f"{first}; nothing was done"
+    )
 
 
 #: How long a proposed membership change may take to show in the leader's membership before it is
