@@ -41,6 +41,7 @@ import hmac
 import json
 import re
 import struct
+import time as _time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,8 +52,10 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mqstore import validate
+from mqstore.compliance.rules import COMPLIANCE_AHEAD_MAX_MS
 from mqstore.compliance.signing import key_id, public_key_from_hex, public_key_hex
 from mqstore.errors import Corruption, InvalidArgument
+from mqstore.ids import MESSAGE_ID_CHARS, format_id, parse_id
 from mqstore.limits import TIME_MS_MAX
 from mqstore.queue.kv import KV
 
@@ -77,6 +80,17 @@ VERIFY_PROGRESS_EVERY = 4096
 CHECKPOINT_EVERY_DEFAULT = 256
 CHECKPOINT_MS_DEFAULT = 60_000
 HMAC_KEY_BYTES_MIN = 16
+#: How far two nodes' wall clocks may legitimately differ: the largest ``max_clock_offset_ms`` a
+#: node's config takes (mqstore/config.py). A leader whose own clock is off by less is trusted.
+CLOCK_OFFSET_TOLERANCE_MS = 86_400_000
+#: How far a record's compliance time may run ahead of the wall clock it was written at
+#: (``wall``), and jump ahead of the previous record's by more than the wall clock advanced:
+#: a request's compliance time counts at most :data:`~mqstore.compliance.rules.COMPLIANCE_AHEAD_MAX_MS`
+#: ahead of its entry's stamp, and the stamp is the writer's clock (or the latest stamp, never
+#: later than a clock that ran before), within :data:`CLOCK_OFFSET_TOLERANCE_MS` of any other
+#: node's. Further ahead, the compliance clock was moved forward behind mqstore's back (the
+#: persisted clock and stamp edited in the database), and retention was judged at a false time.
+CLOCK_LEAD_MAX_MS = COMPLIANCE_AHEAD_MAX_MS + CLOCK_OFFSET_TOLERANCE_MS
 
 # --- names -----------------------------------------------------------------------------------------
 
@@ -849,6 +863,9 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     problems_omitted: int = 0
+    #: The messages' locks and holds and the namespaces' policies the records derive (see
+    #: :class:`ComplianceFold`): ``mqstore verify`` compares them with the state tables.
+    fold: ComplianceFold | None = None
 
     @property
     def ok(self) -> bool:
@@ -908,6 +925,299 @@ class _Verifier:
         return b
 
 
+# --- what the records say about time, locks and holds ----------------------------------------------
+
+
+def _iso(ms: int) -> str:
+    return _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime(ms / 1000))
+
+
+def _days(ms: int) -> str:
+    return f"{ms / 86_400_000:.1f} days"
+
+
+def _label(obj: Mapping[str, Any]) -> str:
+    """``record 12 (delete 01M9...)``: a record as problems name it."""
+    what = " ".join(x for x in (obj.get("op"), obj.get("target")) if isinstance(x, str) and x)
+    return f"record {obj['seq']}" + (f" ({what})" if what else "")
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_or(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+class _ClockCheck:
+    """Finds the records whose compliance time was moved forward behind mqstore's back.
+
+    A record's ``time`` is the compliance clock; ``wall`` is the wall clock of the writer that
+    made the request (0 or absent: none, e.g. an entry without a request context). The
+    compliance clock advances with the writers' monotonic clocks, so its lead over the latest
+    wall time recorded so far (the latest: a wall clock set back is not held against it) stays
+    what it was, give or take :data:`CLOCK_LEAD_MAX_MS` (see there): a request's compliance time
+    counts at most a day ahead of its entry's stamp, and the stamp never passes the writer's
+    clock (or the latest stamp). The lead itself may be anything (a store created while its
+    clock was ahead keeps its compliance clock ahead: it never goes back); a jump of it is what
+    someone who edits the persisted compliance clock and the latest batch stamp in the database
+    leaves: the time moves ahead and the cap of a day ahead of the stamp with it, and only the
+    wall clock recorded beside the time shows it.
+
+    So a record is reported when its lead exceeds the smallest lead before it by more than
+    :data:`CLOCK_LEAD_MAX_MS`, when its time jumped past the previous record's by more than that
+    beyond what the wall clock advanced between them, or (with a trusted checkpoint) past the
+    trusted checkpoint's time by more than that beyond what the wall clock advanced since. Each
+    jump is reported once: later records are measured from it."""
+
+    def __init__(self, problem: Callable[[str, int], None], lead_max_ms: int = CLOCK_LEAD_MAX_MS) -> None:
+        self._problem = problem
+        self._lead_max = lead_max_ms
+        self._wall_max = 0
+        self._last: tuple[int, int, int] | None = None  # seq, time, wall of the last record with a wall
+        self._anchor: tuple[int, int, int] | None = None  # size, time, wall: the trusted checkpoint
+        self._base: int | None = None  # the smallest lead so far (after a jump reported: that one's)
+        self._excused_anchor = 0
+        #: How far the jumps reported so far moved the compliance clock forward (0: none).
+        self.moved_ms = 0
+
+    def trusted(self, size: int, time_ms: int) -> None:
+        """Records up to ``size`` match a trusted checkpoint of time ``time_ms``."""
+        if self._last is not None:
+            self._anchor = (size, time_ms, self._last[2])
+
+    def record(self, obj: Mapping[str, Any]) -> None:
+        wall = _int_or(obj.get("wall"), 0)
+        if wall <= 0:
+            return
+        t: int = obj["time"]
+        found: list[tuple[int, str]] = []
+        ref = max(wall, self._wall_max)
+        lead = t - ref
+        base = lead if self._base is None else self._base
+        if lead - base > self._lead_max:
+            at = (f"the wall clock it was written at ({_iso(wall)})" if ref == wall
+                  else f"the latest wall clock recorded up to it ({_iso(ref)}; its own: {_iso(wall)})")
+            before = f", where the records before it ran at most {_days(base)} ahead" if base > 0 else ""
+            found.append((lead - base, f"its time {_iso(t)} runs {_days(lead)} ahead of {at}{before}"))
+        jump = 0
+        if self._last is not None:
+            seq, last_t, last_w = self._last
+            jump = t - last_t - max(wall - last_w, 0)
+            if jump > self._lead_max:
+                found.append((jump, f"its time {_iso(t)} is {_days(t - last_t)} past record {seq}'s "
+                                    f"({_iso(last_t)}), while the wall clock advanced {_days(max(wall - last_w, 0))}"))
+        gain = 0
+        if self._anchor is not None:
+            size, anchor_t, anchor_w = self._anchor
+            gain = t - anchor_t - max(wall - anchor_w, 0)
+            if gain - self._excused_anchor > self._lead_max:
+                found.append((gain - self._excused_anchor,
+                              f"its time {_iso(t)} is {_days(t - anchor_t)} past the trusted checkpoint's "
+                              f"(size {size}, {_iso(anchor_t)}), while the wall clock advanced "
+                              f"{_days(max(wall - anchor_w, 0))}"))
+        if found:
+            detail = max(found)[1]
+            self._problem(
+                f"{_label(obj)}: the compliance clock was moved forward: {detail} (a record's compliance time never "
+                f"leads the wall clock by more than {_days(self._lead_max)}: a day ahead of its entry's stamp, plus "
+                "the offset nodes' clocks may have): retention and legal holds were judged at a false time from "
+                "here on",
+                obj["seq"],
+            )
+            self._base = max(base, lead)
+            self._excused_anchor = max(self._excused_anchor, gain)
+            self.moved_ms = max(self.moved_ms + max(lead - base, jump, 0), gain)
+        else:
+            self._base = min(base, lead)
+        self._wall_max = max(self._wall_max, wall)
+        self._last = (obj["seq"], t, wall)
+
+
+_MODES = ("none", "governance", "compliance")
+#: Ops whose allowed record removed the message it names (its ``before``: the lock it had).
+_REMOVING = ("delete", "compact")
+#: Ops whose allowed record changed the lock of the message it names (``after``: the new lock).
+_CHANGING = ("retention", "legal_hold", "release_legal_hold")
+#: The policy fields a ``policy`` record's ``after`` holds.
+POLICY_FIELDS = ("mode", "lock_retention_ms", "lifetime_ms", "retention_ms")
+
+
+@dataclass(slots=True)
+class MessageLock:
+    """A message's lock as the audit records derive it."""
+
+    namespace: str
+    mode: str  # "none", "governance", "compliance"
+    until: int  # retain_until_ms
+    holds: tuple[str, ...]  # legal holds' case ids, sorted
+    key_id: int | None  # the key it was sealed under (None: not known, no enqueue record seen)
+
+    def fields(self) -> tuple[str, int, tuple[str, ...]]:
+        return self.mode, self.until, self.holds
+
+
+def describe_lock(mode: str, until: int, holds: tuple[str, ...]) -> str:
+    return (f"mode {mode}, retained until {_iso(until) if until > 0 else '-'}, "
+            f"legal holds [{', '.join(holds)}]")
+
+
+def lock_difference(have: tuple[str, int, tuple[str, ...]], want: tuple[str, int, tuple[str, ...]],
+                    have_name: str = "", want_name: str = "the audit records before it say") -> str:
+    """What differs between two locks (mode, until, holds), e.g. ``legal holds [] (the audit
+    records before it say [SEC-1])``."""
+    parts = []
+    if have[0] != want[0]:
+        parts.append(f"mode {have[0]} ({want_name} {want[0]})")
+    if have[1] != want[1]:
+        parts.append(f"retention until {_iso(have[1]) if have[1] > 0 else '-'} ({want_name} "
+                     f"{_iso(want[1]) if want[1] > 0 else '-'})")
+    if have[2] != want[2]:
+        parts.append(f"legal holds [{', '.join(have[2])}] ({want_name} [{', '.join(want[2])}])")
+    return (have_name + " " if have_name else "") + "; ".join(parts)
+
+
+def _lock_fields(value: Any) -> tuple[str, int, tuple[str, ...]] | None:
+    """(mode, until, holds) from a record's ``before``/``after`` (None: not a lock)."""
+    if not isinstance(value, Mapping):
+        return None
+    mode, until, holds = value.get("mode"), _int_or(value.get("retain_until_ms"), -1), value.get("holds")
+    if mode not in _MODES or until < 0 or not isinstance(holds, list):
+        return None
+    if not all(isinstance(h, str) for h in holds):
+        return None
+    return str(mode), until, tuple(sorted(holds))
+
+
+class ComplianceFold:
+    """Folds the audit records, oldest first, into the compliance state they derive: each
+    message's lock mode and end and its legal holds (from its ``enqueue`` record's ``after``, then
+    allowed ``retention``, ``legal_hold`` and ``release_legal_hold`` records; gone with an allowed
+    ``delete``, ``compact``, ``drop_namespace`` or ``shred_key``), and each namespace's policy
+    (allowed ``policy`` records). Only what a lock protects is kept: messages with a retention
+    mode or a legal hold.
+
+    While folding it reports a record whose ``before`` (the lock as the message's row and the
+    holds table had it when the record was written) differs from what the records before it
+    derive — the row or the holds were changed behind mqstore's back — and an allowed removal of
+    a message the records before it say was locked at the record's time. ``mqstore verify``
+    then compares :attr:`messages` and :attr:`policies` with the state tables."""
+
+    def __init__(self, problem: Callable[[str, int], None]) -> None:
+        self._problem = problem
+        self.messages: dict[bytes, MessageLock] = {}
+        self.policies: dict[str, dict[str, Any]] = {}
+        self._names: dict[str, str] = {}  # one string per namespace name
+
+    def _ns(self, obj: Mapping[str, Any]) -> str:
+        ns = obj.get("namespace")
+        if not isinstance(ns, str):
+            return ""
+        return self._names.setdefault(ns, ns)
+
+    def record(self, obj: Mapping[str, Any], moved_ms: int = 0) -> None:
+        """Fold record ``obj``; ``moved_ms``: how far its time is known to have been moved forward
+        (removals are judged at its time less that)."""
+        op = obj.get("op")
+        allowed = obj.get("outcome") == "allowed"
+        target = obj.get("target")
+        if op == "policy":
+            after = obj.get("after")
+            if allowed and isinstance(target, str) and isinstance(after, Mapping):
+                self.policies[target] = {name: after.get(name) for name in POLICY_FIELDS}
+            return
+        if op in ("drop_namespace", "shred_key"):
+            if allowed:
+                self._removed_together(obj, str(op), target, moved_ms)
+            return
+        if not isinstance(target, str) or len(target) != MESSAGE_ID_CHARS:
+            return
+        try:
+            mid = parse_id(target)
+        except InvalidArgument:
+            return
+        if op == "enqueue":
+            lock = _lock_fields(obj.get("after"))
+            if allowed and lock is not None:
+                key = obj.get("key_id")
+                self._keep(mid, MessageLock(self._ns(obj), *lock, key_id=key if _int(key) else None))
+            return
+        current = self.messages.get(mid)
+        derived = current
+        before = _lock_fields(obj.get("before"))
+        if before is not None:
+            if current is None:
+                current = MessageLock(self._ns(obj), *before, key_id=None)
+            elif current.fields() != before:
+                self._problem(
+                    f"{_label(obj)}: when this record was written the message had "
+                    f"{lock_difference(before, current.fields())}: its lock or legal holds were changed behind "
+                    "mqstore's back", obj["seq"])
+                current = MessageLock(current.namespace, *before, key_id=current.key_id)
+        if not allowed:
+            self._keep(mid, current)
+            return
+        if op in _REMOVING:
+            judged = derived if derived is not None else current
+            if judged is not None:
+                why = _locked_at(judged, obj, moved_ms)
+                if why is not None:
+                    self._problem(f"{_label(obj)}: allowed, but by the audit records before it {why}: the message "
+                                  "was removed while it was locked", obj["seq"])
+            self.messages.pop(mid, None)
+            return
+        if op in _CHANGING:
+            after = _lock_fields(obj.get("after"))
+            if after is not None:
+                namespace = current.namespace if current is not None else self._ns(obj)
+                current = MessageLock(namespace, *after, key_id=current.key_id if current is not None else None)
+        self._keep(mid, current)
+
+    def _keep(self, mid: bytes, lock: MessageLock | None) -> None:
+        if lock is None or (lock.mode == "none" and not lock.holds):
+            self.messages.pop(mid, None)  # nothing to protect
+        else:
+            self.messages[mid] = lock
+
+    def _removed_together(self, obj: Mapping[str, Any], op: str, target: Any, moved_ms: int) -> None:
+        """An allowed ``drop_namespace`` removed every message of its namespace; an allowed
+        ``shred_key`` those sealed under the key (every one finished and unlocked, else it is
+        refused)."""
+        ns = self._ns(obj)
+        key: int | None = None
+        if op == "shred_key":
+            if not isinstance(target, str) or not target.isdigit():
+                return
+            key = int(target)
+        for mid, lock in list(self.messages.items()):
+            if lock.namespace != ns:
+                continue
+            if key is not None and lock.key_id not in (key, 0):
+                if lock.key_id is None and not lock.holds:
+                    del self.messages[mid]  # under an unknown key: it may have gone with this one
+                continue
+            why = _locked_at(lock, obj, moved_ms)
+            if why is not None:
+                self._problem(f"{_label(obj)}: allowed, but by the audit records before it message "
+                              f"{format_id(mid)} {why}: it was removed while it was locked", obj["seq"])
+            del self.messages[mid]
+
+
+def _locked_at(lock: MessageLock, obj: Mapping[str, Any], moved_ms: int = 0) -> str | None:
+    """Why ``lock`` forbade the removal that record ``obj`` says was allowed (None: it did not),
+    judged at the record's time less ``moved_ms`` (how far the compliance clock was moved forward)."""
+    t = obj["time"] - max(moved_ms, 0)
+    at = f" (at {_iso(t)}, the record's time before the compliance clock was moved forward)" if moved_ms > 0 else ""
+    if lock.holds:
+        return f"it was under legal hold(s) {', '.join(lock.holds)}"
+    if lock.mode == "compliance" and t < lock.until:
+        return f"its COMPLIANCE retention ran until {_iso(lock.until)}{at}"
+    if lock.mode == "governance" and t < lock.until and not (obj.get("op") == "delete" and obj.get("bypass") is True):
+        return f"its GOVERNANCE retention ran until {_iso(lock.until)} and the record names no bypass{at}"
+    return None
+
+
 def verify(
     kv: KV,
     public_key: Ed25519PublicKey | None,
@@ -916,6 +1226,7 @@ def verify(
     checkpoint_every: int = CHECKPOINT_EVERY_DEFAULT,
     checkpoint_ms: int = CHECKPOINT_MS_DEFAULT,
     require_signed: bool = False,
+    clock_lead_max_ms: int = CLOCK_LEAD_MAX_MS,
 ) -> VerifyReport:
     """Recompute the whole audit log: hash chain, Merkle roots, checkpoints, signatures, head.
 
@@ -944,9 +1255,22 @@ def verify(
     problem (every mqstore store and node signs its checkpoints; a log rewritten by someone
     without the signing key has unsigned ones), not just unchecked.
 
+    What the records say is checked too (see :class:`_ClockCheck` and :class:`ComplianceFold`): a
+    record whose compliance time runs more than ``clock_lead_max_ms`` ahead of the wall clocks
+    recorded up to it, or jumped that much further than the wall clock advanced since the
+    previous record (or the trusted checkpoint), is reported: the compliance clock was moved
+    forward; and a record whose ``before`` contradicts the locks and legal holds the records
+    before it derive, or that allowed removing a message they say was locked. The state they
+    derive is in the report's ``fold`` (``mqstore verify`` compares it with the state tables).
+
     ``progress(done, total)`` is called every few thousand records (total: the head in meta)."""
     report = VerifyReport()
     v = _Verifier(report)
+    def record_problem(text: str, seq: int) -> None:
+        v.problem(text, record=seq)
+
+    clock = _ClockCheck(record_problem, clock_lead_max_ms)
+    fold = report.fold = ComplianceFold(record_problem)
 
     # -- keys --
     if trusted is not None:
@@ -1062,6 +1386,8 @@ def verify(
                         f"(record {seq - 1} or {seq} was changed)",
                     )
             prev_time = max(prev_time, obj["time"])
+            clock.record(obj)
+            fold.record(obj, clock.moved_ms)
             if pending_time_check is not None and pending_time_check.time > obj["time"]:
                 v.problem(
                     f"checkpoint {pending_time_check.size}: its time {pending_time_check.time} is after record "
@@ -1142,6 +1468,8 @@ def verify(
                     f"{root}, it says {trusted.root} (the log was rewritten)",
                     checkpoint=trusted.size,
                 )
+            else:
+                clock.trusted(trusted.size, trusted.time)
         if progress is not None and n % VERIFY_PROGRESS_EVERY == 0:
             progress(n, total)
 
@@ -1212,6 +1540,7 @@ __all__ = [
     "ADDRESS_FIELDS",
     "AUDIT_RECORD_BYTES_MAX",
     "CHECKPOINT_FORMAT",
+    "CLOCK_LEAD_MAX_MS",
     "META_STATE",
     "TABLE_AUDIT",
     "TABLE_CHECKPOINTS",
@@ -1220,6 +1549,8 @@ __all__ = [
     "AuditHead",
     "AuditLog",
     "Checkpoint",
+    "ComplianceFold",
+    "MessageLock",
     "VerifyReport",
     "canonical",
     "checkpoints",

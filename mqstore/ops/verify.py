@@ -12,7 +12,10 @@ Phases (each reports progress):
 ``replay``    when the log still holds every entry since the store began (no compaction yet), the
               state tables are rebuilt from the log in a scratch directory and compared table by
               table, key by key;
-``audit``     the compliance audit chain, when the store has one.
+``audit``     the compliance audit chain, when the store has one; and the compliance state the
+              audit records derive (each message's lock mode and end and legal holds, each
+              namespace's policy) against the ``messages``, ``holds`` and ``policies`` tables —
+              on a compacted store too, where the replay cannot run.
 
 The store is read in read-only mode; nothing is written to it. A store in use (a running node or
 embedded store, its writer appending) is verified on a consistent copy of it, taken in one read
@@ -51,6 +54,7 @@ from mqstore.queue.model import (
     WAITING,
     LeaseRow,
     MessageRow,
+    Policy,
     RecipientRow,
     domain_of,
     mid_ord,
@@ -683,11 +687,104 @@ def _check_audit(log: LogStore, report: VerifyReport, progress: PhaseProgress, p
         report.audit = {"note": "audit verification is not available"}
         return
     with log.env.read() as txn:
-        result = audit.verify(LmdbKV(txn, log.env.dbs), public_key,
-                              progress=lambda done, total: progress("audit", done, total), require_signed=True)
-    report.audit = result.to_dict()
-    for text in result.problems:
-        report.add("audit", text, index=None)
+        kv = LmdbKV(txn, log.env.dbs)
+        result = audit.verify(kv, public_key, progress=lambda done, total: progress("audit", done, total),
+                              require_signed=True)
+        report.audit = result.to_dict()
+        for text in result.problems:
+            report.add("audit", text, index=None)
+        if result.problems_omitted:
+            report.problems_total += result.problems_omitted
+            report.by_check["audit"] += result.problems_omitted
+        if result.fold is not None:
+            _check_compliance_state(kv, report, result.fold)
+
+
+def _check_compliance_state(kv: LmdbKV, report: VerifyReport, fold: Any) -> None:
+    """The locks, legal holds and policies the audit records derive (``fold``, see
+    :class:`mqstore.compliance.audit.ComplianceFold`) against the state tables. The audit log is
+    signed and never compacted, so this holds on a compacted store too, where the replay cannot
+    run: a legal hold's row deleted, a lock shortened or its mode changed in a message's row, a
+    policy row edited — behind mqstore's back — is named with its message or namespace."""
+    from mqstore.compliance.audit import POLICY_FIELDS, describe_lock, lock_difference
+    from mqstore.compliance.rules import Mode
+
+    messages = fold.messages
+    for mid, lock in messages.items():
+        raw = kv.get(b"messages", mid)
+        if raw is None:
+            report.add("compliance", f"the audit log records no removal of this message, but its row is gone; by "
+                       f"the audit records it is locked ({describe_lock(*lock.fields())})", table="messages",
+                       message_id=mid)
+            continue
+        try:
+            row = MessageRow.decode(raw)
+        except Corruption:
+            continue  # reported by the state check
+        try:
+            mode = Mode(row.lock_mode).name.lower()
+        except ValueError:
+            mode = f"unknown ({row.lock_mode})"
+        holds = tuple(sorted(machine.holds_of(kv, mid)))
+        have = (mode, row.lock_until_ms, holds)
+        if have != lock.fields():
+            what = []
+            if mode != lock.mode or row.lock_until_ms != lock.until:
+                what.append("its row in `messages`")
+            if holds != lock.holds:
+                what.append("its legal holds (`holds`)")
+            report.add("compliance", f"{' and '.join(what)} changed behind mqstore's back: the store has "
+                       f"{lock_difference(have, lock.fields(), want_name='the audit records say')}",
+                       table="messages" if "holds" not in what[0] else "holds", message_id=mid)
+    for key, _ in kv.scan(b"holds", b""):
+        mid, case = key[:16], key[16:].decode("utf-8", "replace")
+        lock = messages.get(mid)
+        if lock is None or case not in lock.holds:
+            if lock is None and kv.get(b"messages", mid) is None:
+                problem = f"a legal hold ({case}) on a message that does not exist"
+            elif lock is None:
+                problem = f"a legal hold ({case}) that no audit record placed"
+            else:
+                continue  # the message's own comparison above names it
+            report.add("compliance", problem, table="holds", key=key, message_id=mid)
+    policies = fold.policies
+    for ns, fields in sorted(policies.items()):
+        raw = kv.get(b"policies", ns.encode())
+        if raw is None:
+            report.add("compliance", f"namespace {ns!r}: the audit records set its policy "
+                       f"({_policy_text(fields)}), but the store has none", table="policies")
+            continue
+        try:
+            policy = Policy.decode(raw)
+        except Corruption as exc:
+            report.add("compliance", f"namespace {ns!r}: the policy row does not decode: {exc.reason}",
+                       table="policies")
+            continue
+        stored = _policy_fields_of(policy)
+        if stored != {name: fields.get(name) for name in POLICY_FIELDS}:
+            report.add("compliance", f"namespace {ns!r}: the store's policy is {_policy_text(stored)}, the audit "
+                       f"records set {_policy_text(fields)}: changed behind mqstore's back", table="policies")
+    for key, _ in kv.scan(b"policies", b""):
+        ns = key.decode("utf-8", "replace")
+        if ns not in policies:
+            report.add("compliance", f"namespace {ns!r}: a policy that no audit record set", table="policies",
+                       key=key)
+
+
+def _policy_fields_of(policy: Policy) -> dict[str, Any]:
+    from mqstore.compliance.rules import Mode
+
+    try:
+        mode: Any = Mode(policy.mode).name.lower()
+    except ValueError:
+        mode = policy.mode
+    return {"mode": mode, "lock_retention_ms": policy.lock_retention_ms, "lifetime_ms": policy.lifetime_ms,
+            "retention_ms": policy.retention_ms}
+
+
+def _policy_text(fields: dict[str, Any]) -> str:
+    return ", ".join(f"{name} {fields.get(name)}" for name in ("mode", "lock_retention_ms", "lifetime_ms",
+                                                               "retention_ms"))
 
 
 def verify_path(
