@@ -247,6 +247,9 @@ def test_drill_majority_lost_force_new_cluster(cluster: LocalCluster) -> None:
     entry = ok(c, "recover", "--force-new-cluster", "--config", config,
                "--i-understand-acknowledged-writes-may-be-lost", "--reason", "sites b and c destroyed")
     assert entry["removed_ids"] == [2, 3] and entry["operator"] and entry["reason"] == "sites b and c destroyed"
+    # Tokens after the survivor's applied index are granted again: workers must drop their leases.
+    assert entry["lease_tokens"]["reissued_above"] == entry["applied_index"]
+    assert "must drop every lease" in entry["lease_tokens"]["action"]
     st = ok(c, "status", "--config", config)
     assert st["recoveries"][-1]["action"] == "force-new-cluster"
     assert [m["id"] for m in st["members"]] == [survivor] and st["removed_ids"] == [2, 3]

@@ -1293,6 +1293,13 @@ def cmd_recover(args: argparse.Namespace) -> int:
         print("mqstore: WARNING: forcing a new cluster from the survivor's data: this is never automatic, it is "
               "recorded, and acknowledged writes that only the lost members held are lost", file=sys.stderr)
         entry = recover.force_new_cluster(conf, args.reason)
+        entry["lease_tokens"] = {
+            "reissued_above": entry["applied_index"],
+            "action": (f"lease tokens are log indices: entries after index {entry['applied_index']} that only the "
+                       "lost members held are gone, and this node grants their tokens again. Before workers use "
+                       "the cluster, every worker must drop every lease it holds from before the recovery (and "
+                       "restart): an ack, defer or bounce with an old token may settle ANOTHER message's lease"),
+        }
         emit(args, entry, [
             f"node {entry['node_id']} is now the only voter of cluster {entry['cluster_id']!r} "
             f"(term {entry['term']}, applied {entry['applied_index']})",
@@ -1301,6 +1308,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
                "replaced by no-op entries; every other entry of the log is kept"] if entry["config_replaced"] else []),
             f"recorded in the store and in {Path(conf.data_dir) / recover.RECOVERY_FILE}",
             f"next: start it (mqstore serve --config {args.config}), then add new nodes with mqstore recover",
+            f"ACTION NEEDED: {entry['lease_tokens']['action']}",
         ])
         return 0
     _check_server(args)
