@@ -350,3 +350,36 @@ def test_qshape_by_state_refuses_an_invalid_namespace(
         assert qshape_by_state(log, "default", "queued", 0)["total"] is not None
     finally:
         log.close()
+
+
+def test_requeue_over_a_node_works_for_an_identity_limited_to_a_namespace(tmp_path: Path) -> None:
+    """requeue --server reads the queue's time first (to count only what it changes); that read
+    (Stats) needs every namespace, so an admin limited to one namespace, which may hold and
+    release there, had its requeue refused before anything was done."""
+    import os
+    import subprocess
+    import sys
+
+    from mqstore.client import Client
+    from mqstore.testing.secure import InProcessCluster, Pki
+
+    pki = Pki(tmp_path / "pki")
+    cluster = InProcessCluster(tmp_path / "c", ["a"], pki=pki)
+    try:
+        addr = cluster.address(1)
+        cluster.leader()
+        full = pki.client("root", ["admin", "producer", "worker"])
+        with Client(addr, tls=pki.client_tls(full)) as client:
+            mid = client.enqueue(mail_from="a@example.org", recipients=["b@example.net"], data=b"x", namespace="ns1")
+            lease = client.lease("w", max_messages=1)[0]
+            client.defer(lease.token, reason="4.0.0 try later")
+        scoped = pki.client("ops-ns1", ["admin"], namespaces=["ns1"])
+        env = dict(os.environ, MQSTORE_CA=str(pki.ca_pem), MQSTORE_CERT=str(scoped.cert), MQSTORE_KEY=str(scoped.key))
+        done = subprocess.run([sys.executable, "-m", "mqstore", "requeue", "--server", addr, "--timeout", "10",
+                               "--json", mid], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert json.loads(done.stdout)["changed"] == 1
+        with Client(addr, tls=pki.client_tls(full)) as client:
+            assert [lease.message_id for lease in client.lease("w", max_messages=5)] == [mid]  # due again
+    finally:
+        cluster.close()

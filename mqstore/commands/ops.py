@@ -30,6 +30,7 @@ from mqstore.errors import (
     NotFound,
     NotLeader,
     Overloaded,
+    PermissionDenied,
     StoreClosed,
     Unauthenticated,
     Unavailable,
@@ -716,13 +717,24 @@ def _requeue_changes(message: Any, now_ms: int) -> bool:
                for r in message.recipients)
 
 
+def _leader_time_ms(target: Target) -> int:
+    """The cluster's compliance time (ms), from the leader's stats; this host's clock from a node
+    that does not report it, or for an identity limited to some namespaces (Stats covers every
+    namespace: until stop 31 such an admin's requeue, and delete --dry-run --bypass-governance,
+    were refused before doing anything)."""
+    try:
+        judged_at = target.queue.stats().get("compliance_time")
+    except PermissionDenied:
+        judged_at = None
+    return round(judged_at * 1000) if isinstance(judged_at, (int, float)) else int(time.time() * 1000)
+
+
 def _queue_now(target: Target) -> Callable[[], int]:
     """The queue's time (ms) a requeue is judged at: a store's own (offline), or the leader's
     compliance time (--server, read once and advanced by the time passed since; this host's clock
     from a node that does not report it)."""
     if target.remote:
-        judged_at = target.queue.stats().get("compliance_time")
-        base = round(judged_at * 1000) if isinstance(judged_at, (int, float)) else int(time.time() * 1000)
+        base = _leader_time_ms(target)
         start = time.monotonic()
         return lambda: base + int((time.monotonic() - start) * 1000)
     return lambda: max(int(time.time() * 1000), target.log.last_stamp_ms)
@@ -929,8 +941,7 @@ def _dry_run_refusal(target: Target, op: str, args: argparse.Namespace) -> Calla
             until = round(m.locked_until * 1000) if m.locked_until is not None else 0
             return rules.Lock(m.namespace, rules.Mode.parse(m.retention_mode), until, tuple(m.legal_holds))
 
-        judged_at = target.queue.stats().get("compliance_time")  # the cluster's (a node older than it: ours)
-        now_ms = round(judged_at * 1000) if isinstance(judged_at, (int, float)) else int(time.time() * 1000)
+        now_ms = _leader_time_ms(target)
     else:
         from mqstore.queue import machine
         from mqstore.queue.kv import LmdbKV
