@@ -14,6 +14,20 @@ The space a store can write into is the disk's free space plus the pages its dat
 inside: an LMDB file never shrinks, so mail settled, deleted and compacted away frees pages that
 LMDB reuses before it grows the file, not space on the disk. Only counting both lets a store that
 filled its disk to the floor take new mail again once it has drained.
+
+But those pages count for at most half the floor, and the other half is a hard minimum of the
+disk's own free space (:meth:`DiskSpace.hard_min_bytes`): new enqueues are refused while the disk
+itself has less than half the floor free, however many free pages the file holds. The pages are
+not as good as space on the disk: a body larger than a page needs a run of adjacent pages, and the
+scattered pages a drained queue leaves (every other message settled, say) cannot give it one, so
+LMDB grows the file for it even with megabytes free inside. Counted in full, they let large mail
+fill the disk to its last byte while the store went on saying it took enqueues; capped, a drained
+store whose disk sits at the floor takes mail again (until its own free space is down to half the
+floor), and the disk always keeps half the floor for other programs, a node's snapshots and the
+writes that drain the queue. So that a burst cannot run past that minimum between two readings,
+:meth:`DiskSpace.check` reads the disk's free space again before every enqueue once it has less
+than twice the floor free (a ``statvfs``; the file's free pages are read every ``interval_s``):
+only enqueues already admitted can take the disk below the minimum, by what they write.
 """
 
 from __future__ import annotations
@@ -81,10 +95,11 @@ def _pages(stat: dict[str, int]) -> int:
 
 
 class DiskSpace:
-    """The free space of the disk holding ``path``, read at most every ``interval_s``, plus the
-    free pages inside the data file of the store this process has open at ``path``
-    (:func:`unused_bytes`; ``unused_in_file`` replaces how they are read: None from it keeps the
-    last reading)."""
+    """The free space of the disk holding ``path``, read at most every ``interval_s`` (by
+    :meth:`check` before every call once it is under twice the floor), plus the free pages inside
+    the data file of the store this process has open at ``path``, which count for at most half the
+    floor (:func:`unused_bytes`; ``unused_in_file`` replaces how they are read: None from it keeps
+    the last reading)."""
 
     def __init__(
         self,
@@ -121,9 +136,21 @@ class DiskSpace:
     def floor_bytes(self) -> int:
         return max(self.min_bytes, int(self.total_bytes * self.min_percent / 100))
 
+    def hard_min_bytes(self) -> int:
+        """Half the floor: enqueues are refused while the disk itself has less free than this,
+        whatever the data file holds free inside."""
+        return self.floor_bytes() // 2
+
+    def counted_reusable_bytes(self) -> int:
+        """The free pages inside the data file that count against the floor: at most the floor
+        less :meth:`hard_min_bytes` (a large body cannot use scattered pages; see the module)."""
+        return min(self.reusable_bytes, self.floor_bytes() - self.hard_min_bytes())
+
     def available_bytes(self) -> int:
-        """What the floor is compared with: free on the disk plus free inside the data file."""
-        return self.free_bytes + self.reusable_bytes
+        """What the floor is compared with: free on the disk plus free inside the data file, the
+        latter counting for at most half the floor, so that it is below the floor whenever the
+        disk's own free space is below :meth:`hard_min_bytes`."""
+        return self.free_bytes + self.counted_reusable_bytes()
 
     def _unused_in_open_store(self) -> int | None:
         """:func:`unused_bytes` of the store at ``path`` this process has open for writing
@@ -143,8 +170,7 @@ class DiskSpace:
             self._env = weakref.ref(env) if env is not None else None
         return unused_bytes(env) if env is not None else 0
 
-    def update(self) -> bool:
-        """Read the free space now; returns whether the disk is below the floor."""
+    def _read_disk(self) -> None:
         target = self.path.absolute()
         while not target.exists() and target != target.parent:  # a store not created yet
             target = target.parent
@@ -153,6 +179,10 @@ class DiskSpace:
             self.free_bytes, self.total_bytes = usage.free, usage.total
         except OSError:
             log.warning("%s: cannot read the free space of %s", self.what, self.path)
+
+    def update(self) -> bool:
+        """Read the free space now; returns whether the disk is below the floor."""
+        self._read_disk()
         try:
             reusable = self._unused_in_file()
         except Exception as exc:  # a store closing meanwhile, say: count nothing inside the file
@@ -161,34 +191,50 @@ class DiskSpace:
         if reusable is not None:  # None: unknown just now, the last reading stands
             self.reusable_bytes = reusable
         self._read_at = self._monotonic()
+        return self._judge()
+
+    def _judge(self) -> bool:
         nearly_full = self.available_bytes() < self.floor_bytes()
         if nearly_full != self.nearly_full:
             (log.error if nearly_full else log.info)(
-                "%s: disk %s: %d bytes free (%d of them inside the data file), the floor is %d bytes", self.what,
+                "%s: disk %s: %d bytes free (%d of them inside the data file, which count for at most half "
+                "the floor), the floor is %d bytes", self.what,
                 "nearly full, refusing new enqueues" if nearly_full else "has room again",
-                self.available_bytes(), self.reusable_bytes, self.floor_bytes(),
+                self.available_bytes(), self.counted_reusable_bytes(), self.floor_bytes(),
             )
         self.nearly_full = nearly_full
         return nearly_full
 
     def check(self) -> StorageFull | None:
         """:meth:`refusal`, reading the disk again first when the last reading is older than
-        ``interval_s`` (for a caller with no thread that keeps the reading current)."""
+        ``interval_s`` (for a caller with no thread that keeps the reading current), and the
+        disk's free space alone before every call while the last reading found less than twice
+        the floor free, so that a burst of enqueues cannot take the disk below
+        :meth:`hard_min_bytes` between two readings."""
         if self._read_at is None or self._monotonic() - self._read_at >= self.interval_s:
             self.update()
+        elif self.free_bytes < 2 * self.floor_bytes():
+            self._read_disk()
+            self._judge()
         return self.refusal()
 
     def refusal(self) -> StorageFull | None:
         """Why a new enqueue must be refused, by the last reading (None: it may go ahead)."""
         if not self.nearly_full:
             return None
-        inside = (f"; {self.reusable_bytes} of them free pages inside the data file, which never shrinks"
-                  if self.reusable_bytes else "")
+        counted = self.counted_reusable_bytes()
+        inside = (f"; {counted} of them free pages inside the data file, which never shrinks (they count for at "
+                  f"most half the floor: the disk itself must keep {self.hard_min_bytes()} bytes free)"
+                  if counted else "")
+        if self.free_bytes < self.hard_min_bytes():
+            freed = (f"leasing, settling and deleting go on, but the disk itself has {self.free_bytes} bytes free, "
+                     "under half the floor: only space freed on the disk lets enqueues in again")
+        else:
+            freed = "leasing, settling and deleting go on: the pages they free inside the data file count"
         return StorageFull(
             f"{self.what}: disk nearly full ({self.available_bytes()} bytes free, below the floor of "
             f"{self.floor_bytes()} bytes: {self.settings}{inside}); nothing was stored, and new enqueues "
-            "are refused until space is freed (leasing, settling and deleting go on: the pages they free "
-            "inside the data file count)"
+            f"are refused until space is freed ({freed})"
         )
 
 

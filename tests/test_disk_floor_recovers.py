@@ -1,7 +1,8 @@
 """A store that filled its disk to the free-space floor takes mail again once it has drained.
 
 An LMDB data file never shrinks: the pages that settled, deleted and compacted mail frees are
-reused inside the file, not given back to the disk. The floor counts them as free space (until
+reused inside the file, not given back to the disk. The floor counts them as free space, for at
+most half the floor (test_disk_floor_hard_minimum.py says why; until
 stop 31 it compared only the disk's free space with the floor, so a drained store went on
 refusing enqueues for good, and a node stayed NOT_SERVING). The disk here is a stand-in whose
 free space is a fixed amount minus what the store's directory takes, so nothing fills a real disk.
