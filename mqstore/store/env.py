@@ -28,8 +28,10 @@ by every process that has the store open: each holds a read lock (``fcntl``) on 
 for as long as it has it open, and only an opener that gets the lock exclusively resets the
 table from ``data.mdb``. Replacing ``data.mdb`` (:meth:`Environment.replace_data`) therefore
 waits until no other process has the store open (or, forced — a snapshot install — leaves those
-reading the old file), and drops ``lock.mdb`` with it: a table left over from the old file would
-make the writer read the new one by a stale transaction id (an empty database).
+reading the old file), and starts a new table with it: a table left over from the old file would
+make the writer read the new one by a stale transaction id (an empty database). Every open checks
+that ``lock.mdb`` and ``data.mdb`` are still the files at their paths once LMDB has them open, and
+opens again if a swap came in between (see :meth:`Environment.replace_data`).
 
 Before LMDB maps the data file, its two meta pages are read here (:func:`check_data_file`): a
 file shorter than the pages its newest meta page says are in use would be mapped anyway, and the
@@ -299,9 +301,10 @@ class Environment:
         self._pid = os.getpid()
         self._generation = fork_generation()
         self._lock_fd: int | None = None
-        #: lock.mdb, open while LMDB has it open (writable stores): asks whether another process
-        #: has the store open. Closed only after LMDB closed the store: closing any descriptor of
-        #: a file drops every fcntl lock this process holds on it, LMDB's own included.
+        #: lock.mdb, open while LMDB has it open (opened just before LMDB opens it: see
+        #: _open_lmdb): asks whether another process has the store open (writable stores). Closed
+        #: only after LMDB closed the store: closing any descriptor of a file drops every fcntl
+        #: lock this process holds on it, LMDB's own included.
         self._probe_fd: int | None = None
         self._closed = False
         self.gate = _ReadGate()
@@ -322,34 +325,74 @@ class Environment:
             raise
         _OPEN_ENVS.add(self)
 
-    def _open_lmdb(self) -> None:
-        data_file = self.path / DATA_FILE
-        check_data_file(data_file)
-        for _ in range(_RESIZE_TRIES):
-            try:
-                self._open_env()
-            except lmdb.MapResizedError:
-                # Another process grew the map between LMDB reading its size and this open's first
-                # transaction (a read-only open beside a running store): open again at the new size.
-                continue
-            except lmdb.InvalidParameterError:
-                # The lock table this open waited for was emptied: the store's writer replaced the
-                # database meanwhile (see replace_data). Open again, on the new lock table.
-                time.sleep(0.05)
-                continue
-            except _DAMAGE as exc:
-                raise Corruption(f"{data_file} is damaged: LMDB cannot open it ({exc})") from None
-            except lmdb.Error as exc:
-                raise MQStoreError(f"cannot open store {self.path}: {exc}") from None
-            if not self.readonly:
-                self._probe_fd = os.open(self.path / LMDB_LOCK_FILE, os.O_RDWR)
-            return
-        raise MQStoreError(f"cannot open store {self.path}: its map kept growing while it was opened "
-                           f"({_RESIZE_TRIES} tries); retry")
+    def _open_lmdb(self, probe: int | None = None) -> None:
+        """Open LMDB on the store; ``probe``: a descriptor of the ``lock.mdb`` to open (its lock
+        held by :meth:`replace_data`), which this takes over (closed if the open fails).
 
-    def _open_env(self) -> None:
+        ``lock.mdb`` and ``data.mdb`` are opened here first (``probe``, and a descriptor of the
+        data file held for the open): if both paths still name those files once LMDB has opened
+        them, LMDB has them, and no swap of :meth:`replace_data` came in between, so the lock
+        table LMDB joined (or set up) is that of this data file. Otherwise LMDB may hold a
+        ``lock.mdb`` a forced swap replaced (a table nobody else uses, or one of the old file),
+        or the old ``data.mdb`` under the new table: it is closed and opened again."""
+        data_file, lock_file = self.path / DATA_FILE, self.path / LMDB_LOCK_FILE
+        try:
+            for _ in range(_RESIZE_TRIES):
+                check_data_file(data_file)  # again on each try: a swap may have brought another file
+                if probe is None:
+                    probe = self._open_probe(lock_file)
+                data_fd = _open_or_none(data_file)
+                try:
+                    self._open_env(((probe, lock_file), (data_fd, data_file)))
+                except _SwappedMeanwhile:
+                    pass  # opened the files of a swap half done: open again, on the new ones
+                except lmdb.MapResizedError:
+                    # Another process grew the map between LMDB reading its size and this open's
+                    # first transaction (a read-only open beside a running store): open again at
+                    # the new size.
+                    pass
+                except lmdb.InvalidParameterError:
+                    # The lock table this open waited for was emptied: the store's writer replaced
+                    # the database meanwhile (see replace_data). Open again, on the new lock table.
+                    time.sleep(0.05)
+                except _DAMAGE as exc:
+                    raise Corruption(f"{data_file} is damaged: LMDB cannot open it ({exc})") from None
+                except lmdb.Error as exc:
+                    raise MQStoreError(f"cannot open store {self.path}: {exc}") from None
+                else:
+                    self._probe_fd, probe = probe, None
+                    return
+                finally:
+                    if data_fd is not None:
+                        os.close(data_fd)
+                # LMDB closed its descriptor of lock.mdb (and with it this process's locks on it):
+                # the next try opens it anew, at its path.
+                if probe is not None:
+                    os.close(probe)
+                    probe = None
+            raise MQStoreError(f"cannot open store {self.path}: its map kept growing, or its database was "
+                               f"replaced, while it was opened ({_RESIZE_TRIES} tries); retry")
+        finally:
+            if probe is not None:
+                os.close(probe)
+
+    def _open_probe(self, lock_file: Path) -> int | None:
+        """A descriptor of ``lock.mdb`` (created if missing, as LMDB does); None for a read-only
+        open that cannot open it (a read-only file system: LMDB then reads without a lock table)."""
+        try:
+            return os.open(lock_file, (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_CREAT, 0o600)
+        except OSError as exc:
+            if self.readonly:
+                return None
+            raise MQStoreError(f"cannot open store {self.path}: {lock_file}: {exc.strerror}") from None
+
+    def _open_env(self, same_files: tuple[tuple[int | None, Path], ...] = ()) -> None:
+        """Open LMDB; ``same_files``: descriptors, each of the file its path named before the
+        open, which must still be the one there (see _open_lmdb)."""
         env = self._lmdb_open()
         try:
+            if not all(_names(fd, path) for fd, path in same_files):
+                raise _SwappedMeanwhile
             env.reader_check()
             dbs: dict[bytes, Any] = {}
             if self.readonly:
@@ -393,7 +436,7 @@ class Environment:
         or None: nobody (then :meth:`replace_data` would not have to wait). Writable stores only;
         a process opening the store right now is not seen."""
         here = self._open_here()
-        if here is not None or self._probe_fd is None:
+        if here is not None or self.readonly or self._probe_fd is None:
             return here
         pid = _lock_holder(self._probe_fd)
         return None if pid is None else (f"process {pid}" if pid else "another process")
@@ -422,12 +465,35 @@ class Environment:
         the id of the last transaction of the OLD file: the swap waits up to ``wait_s`` seconds
         for every other opener to close the store, then swaps and starts a new lock table. When
         one still has it open, :class:`StoreInUse` is raised and the store stays as it was — or,
-        with ``force``, the swap is done anyway with a new lock table (``lock.mdb`` unlinked, not
-        emptied: the other process keeps reading the old file, consistent but no longer updated,
-        until it reopens the store)."""
+        with ``force``, the swap is done anyway with a new lock table (a new ``lock.mdb`` in place
+        of the old one, which is not emptied: the other process keeps reading the old file,
+        consistent but no longer updated, until it reopens the store).
+
+        How each swap meets another process R opening the store (LMDB opens ``data.mdb``, then
+        ``lock.mdb``, then locks byte 0 of it; :meth:`_open_lmdb` checks afterwards that both are
+        still the files at their paths, else opens again):
+
+        * Alone: this process holds the exclusive lock on ``lock.mdb`` from before the swap until
+          its own LMDB, reopened in this process (so granted the lock at once), has set the table
+          up again from the new file and shared the lock; the file stays (truncated first).
+          R locking meanwhile waits for that, and then joins the new table: if it opened the old
+          ``data.mdb`` before the swap, the data path has changed: it opens again. If the reopen
+          fails the lock goes with the descriptor; R then finds the table empty (EINVAL, it
+          retries) or, exclusive, sets it up from the new file. (Before: ``lock.mdb`` was
+          unlinked and the lock dropped before the reopen: R, holding the unlinked file, took its
+          lock and kept a table of its own, unseen by the writer.)
+        * Forced: a new ``lock.mdb``, locked exclusively by this process, is renamed over the
+          old one, then ``data.mdb`` is replaced, then this process reopens as above. R that
+          opened the old ``lock.mdb`` finds another at the path afterwards: it opens again; if
+          the rename came after its open, so did the data swap: R has the old pair, like a
+          reader that had the store open before (it reads the old file, unseen by the writer).
+          R that opened the new ``lock.mdb`` waits for the writer's table, set up from the new
+          file, and opens the new ``data.mdb`` after it.
+        * Readers open before the swap: an alone swap waits for them (or is refused); a forced
+          one leaves them the old pair, whole."""
         self.check_open()
         os.chmod(data_file, 0o600)  # a copy is made with the umask's mode: the store stays private
-        if self._probe_fd is None:
+        if self.readonly or self._probe_fd is None:
             raise InvalidArgument(f"store {self.path} is open read-only")
         with self.gate.exclusive():
             self.check_open()
@@ -435,28 +501,33 @@ class Environment:
             if here is not None and not force:
                 raise StoreInUse(_in_use_message(self.path, here))
             self.env.close()  # LMDB's lock on lock.mdb goes with it; the probe keeps the file open
+            probe: int | None
             probe, self._probe_fd = self._probe_fd, None
             try:
                 alone = here is None and _lock_alone(probe, wait_s)
                 if not alone and not force:
                     holder = _lock_holder(probe)
                     raise StoreInUse(_in_use_message(self.path, f"process {holder}" if holder else "another process"))
-                if not alone:
+                if alone:
+                    # Nobody else has the table: it is set up again by this process's reopen,
+                    # before anyone else gets the lock (emptied, in case that reopen fails: an
+                    # opener waiting for the lock then fails, and retries, instead of adopting it).
+                    os.ftruncate(probe, 0)
+                else:
                     holder = _lock_holder(probe)
                     log.warning("store %s: its database file is replaced while %s has the store open (read-only); "
                                 "that one goes on reading the old file until it opens the store again", self.path,
                                 here or (f"process {holder}" if holder else "another process"))
+                    # Those still open keep the old table (on the old file); a new one, locked by
+                    # this process until its reopen has set it up, comes first: before the data file.
+                    os.close(probe)
+                    probe = None
+                    probe = _new_lock_file(self.path)
                 os.replace(data_file, self.path / DATA_FILE)
-                if alone:
-                    # Nobody else has the table mapped: an opener waiting for the lock meanwhile
-                    # finds it empty and fails (it retries) instead of adopting the stale table.
-                    os.ftruncate(probe, 0)
-                # The next opener creates a new table, set up from the new file.
-                (self.path / LMDB_LOCK_FILE).unlink(missing_ok=True)
                 fsync_path(self.path)  # the rename is durable before anything relies on it
             finally:
-                os.close(probe)  # our lock goes: only now may LMDB take it again (on the new file)
-                self._open_lmdb()
+                # With the probe's lock: LMDB's exclusive lock is granted at once (same process).
+                self._open_lmdb(probe)
 
     def copy_to(self, target: Path) -> None:
         """A consistent, compacted copy of the database (one read transaction) in ``target``.
@@ -602,6 +673,46 @@ def _same_dir(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+class _SwappedMeanwhile(Exception):
+    """LMDB opened a ``lock.mdb`` or ``data.mdb`` that is no longer the one at its path."""
+
+
+def _open_or_none(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError:
+        return None  # missing (a new store): LMDB creates it, or refuses the open
+
+
+def _names(fd: int | None, path: Path) -> bool:
+    """Whether ``path`` names the file ``fd`` is open on (True with no ``fd``: nothing to check)."""
+    if fd is None:
+        return True
+    mine = os.fstat(fd)
+    try:
+        there = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _new_lock_file(store: Path) -> int:
+    """Put a new, empty ``lock.mdb`` in place of the store's one (a forced swap), locked
+    exclusively (byte 0, as LMDB's first opener) through the descriptor returned: an opener that
+    finds it waits until this process's LMDB has set up its table."""
+    tmp = store / (LMDB_LOCK_FILE + ".new")
+    tmp.unlink(missing_ok=True)  # left by a swap that was killed
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0, os.SEEK_SET)
+        os.replace(tmp, store / LMDB_LOCK_FILE)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    return fd
 
 
 def _lock_alone(fd: int, wait_s: float) -> bool:
