@@ -358,3 +358,125 @@ def test_a_cluster_with_leader_changes_verifies_clean_on_every_node(tmp_path: Pa
         report = verify_path(data_dir, key_file=str(cluster.key))
         assert report.clean, (i, report.lines())
         assert report.audit is not None and report.audit["ok"] and report.audit["records_checked"] >= 8, report.audit
+
+
+# --- a wall clock set ahead, then corrected (until stop 31 reported as a forged clock) ------------------
+
+
+def _ahead_then_corrected(path: Path, retention_days: int, days_after: int) -> tuple[Any, str]:
+    """A store whose wall clock ran three days ahead for one write and was corrected at once, then
+    written to once a day for ``days_after`` days (real time passes the mistaken one)."""
+    clock = Clock()
+    s = mqstore.open(path, clock=clock, monotonic=clock.monotonic, background=False)
+    s.set_policy("finance", mode="compliance", retention_days=retention_days)
+    mid = _enqueue(s, "finance")[0]
+    for lease in s.lease("w1", namespace="finance"):
+        s.ack(lease.token)
+    clock.wall += 3 * DAY  # NTP or an operator set it three days ahead
+    _enqueue(s, "finance")
+    clock.wall -= 3 * DAY  # corrected a moment later
+    for _ in range(days_after):
+        clock.advance(DAY)
+        _enqueue(s, "finance")
+    return s, mid
+
+
+def test_a_wall_clock_set_ahead_then_corrected_verifies_clean(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    s, _ = _ahead_then_corrected(path, 30, 4)
+    s.close()
+    code, report = _verify(path)
+    assert code == 0, report["problems"]
+    code, audit_report = _audit_verify(path)
+    assert code == 0, audit_report["problems"]
+
+
+def test_a_compaction_after_retention_on_a_store_whose_wall_clock_once_ran_ahead_verifies_clean(
+        tmp_path: Path) -> None:
+    """The message's five-day COMPLIANCE retention really ended: its compaction on day six is no
+    removal of a locked message (until stop 31 it was judged three days early: "removed while it
+    was locked")."""
+    path = tmp_path / "store"
+    s, mid = _ahead_then_corrected(path, 5, 6)
+    s.maintain()
+    compacted = [r for r in s.audit_records(limit=1000) if r["op"] == "compact" and r["target"] == mid]
+    assert compacted and compacted[0]["outcome"] == "allowed"
+    trusted = _export(s, tmp_path / "ckpt.json")
+    s.close()
+    code, audit_report = _audit_verify(path)
+    assert code == 0, audit_report["problems"]
+    assert _audit_verify(path, trusted)[0] == 0
+    code, report = _verify(path)
+    assert code == 0, report["problems"]
+
+
+_DAY_MS = 86_400_000
+_HOUR_MS = 3_600_000
+
+
+def _clock_problems(walls_and_times: list[tuple[int, int]], trusted_at: int | None = None) -> list[tuple[str, int]]:
+    found: list[tuple[str, int]] = []
+    check = audit_mod._ClockCheck(lambda text, seq: found.append((text, seq)))
+    for i, (wall, t) in enumerate(walls_and_times, 1):
+        check.record({"seq": i, "time": t, "wall": wall, "op": "enqueue", "target": "x"})
+        if trusted_at == i:
+            check.trusted(i, t)
+    return found
+
+
+def _honest(events: list[tuple[str, int]], start: int = 1_800_000_000_000) -> list[tuple[int, int]]:
+    """(wall, time) of an honest writer's records: ("write", wall offset), ("run", ms) or ("down", ms).
+    Its compliance time follows real time while it runs, counted at most a day ahead of its stamps
+    (which follow the wall clock and never go back)."""
+    real = comp = stamp = time_ = start
+    out = []
+    for what, ms in events:
+        if what == "run":
+            real += ms
+            comp += ms
+        elif what == "down":
+            real += ms
+        else:
+            wall = real + ms
+            stamp = max(stamp, wall)
+            time_ = max(time_, min(comp, stamp + _DAY_MS))
+            comp = max(comp, time_)
+            out.append((wall, time_))
+    return out
+
+
+@pytest.mark.parametrize("name, events", [
+    # the reproducer: three days ahead for one write, corrected, a write a day for four days
+    ("ahead once, dense", [("write", 0), ("write", 3 * _DAY_MS)] + [("run", _DAY_MS), ("write", 0)] * 5),
+    # corrected while no write came: the next one after real time passed the mistaken one
+    ("ahead once, sparse", [("write", 0), ("write", 3 * _DAY_MS), ("run", 4 * _DAY_MS), ("write", 0),
+                            ("run", 4 * _DAY_MS), ("write", 0)]),
+    ("ten years ahead for an hour of writes", [("write", 0)] + [("run", 600_000), ("write", 3650 * _DAY_MS)] * 6
+     + [("run", _HOUR_MS), ("write", 0)] + [("run", 12 * _HOUR_MS), ("write", 0)] * 10),
+    ("a day and a half ahead, then set back three days after a stop",
+     [("write", 0), ("write", 36 * _HOUR_MS), ("run", 60_000), ("write", 0), ("down", 3 * _DAY_MS),
+      ("write", 0), ("write", 0), ("run", _HOUR_MS), ("write", -3 * _DAY_MS)]
+     + [("run", 12 * _HOUR_MS), ("write", -3 * _DAY_MS)] * 8 + [("write", 0), ("run", _DAY_MS), ("write", 0)]),
+    # nodes' clocks a few hundred ms apart, one three days ahead serving a request, one 1.5 days behind
+    ("a cluster's clocks", [step for i in range(60) for step in (
+        ("run", 2 * _HOUR_MS),
+        ("write", (300, -200, 3 * _DAY_MS if i == 6 else 0, -36 * _HOUR_MS if 20 <= i < 30 else 100)[i % 4]))]),
+])
+def test_wall_clocks_ahead_back_and_apart_are_no_moved_compliance_clock(name: str,
+                                                                        events: list[tuple[str, int]]) -> None:
+    records = _honest(events)
+    assert _clock_problems(records) == [], name
+    assert _clock_problems(records, trusted_at=2) == [], name
+
+
+def test_a_forged_clock_is_still_reported_after_downtime_and_a_wall_clock_once_ahead() -> None:
+    day = _DAY_MS
+    records = _honest([("write", 0), ("write", 3 * day), ("run", 60_000), ("write", 0), ("down", 5 * day)]
+                      + [("write", 0), ("run", _HOUR_MS)] * 4)
+    wall, t = records[-1]
+    # the persisted clock moved three days ahead: a jump, and the lead over the downtime's lag
+    assert [seq for _, seq in _clock_problems([*records, (wall + 60_000, t + 3 * day)])] == [len(records) + 1]
+    # ten years ahead on the next write after a wall clock set back (as a forger might)
+    forged = _clock_problems([*records, (wall - 3 * day, t + 3650 * day)])
+    assert [seq for _, seq in forged] == [len(records) + 1]
+    assert "the compliance clock was moved forward" in forged[0][0]

@@ -950,34 +950,55 @@ def _int_or(value: Any, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
+#: A wall clock recorded this much behind the latest one went back (set back, or corrected after it
+#: ran ahead): :class:`_ClockCheck` then measures from it. Less is what nodes' clocks differ by.
+WALL_BACK_MS = 60_000
+
+
 class _ClockCheck:
     """Finds the records whose compliance time was moved forward behind mqstore's back.
 
     A record's ``time`` is the compliance clock; ``wall`` is the wall clock of the writer that
     made the request (0 or absent: none, e.g. an entry without a request context). The
-    compliance clock advances with the writers' monotonic clocks, so its lead over the latest
-    wall time recorded so far (the latest: a wall clock set back is not held against it) stays
-    what it was, give or take :data:`CLOCK_LEAD_MAX_MS` (see there): a request's compliance time
-    counts at most a day ahead of its entry's stamp, and the stamp never passes the writer's
-    clock (or the latest stamp). The lead itself may be anything (a store created while its
-    clock was ahead keeps its compliance clock ahead: it never goes back); a jump of it is what
-    someone who edits the persisted compliance clock and the latest batch stamp in the database
-    leaves: the time moves ahead and the cap of a day ahead of the stamp with it, and only the
-    wall clock recorded beside the time shows it.
+    compliance clock advances with the writers' monotonic clocks, never faster than real time, so
+    its lead over the latest wall time recorded so far (the latest: a wall clock set back is not
+    held against it) never grows by more than :data:`CLOCK_LEAD_MAX_MS` (see there): a request's
+    compliance time counts at most a day ahead of its entry's stamp, and the stamp never passes
+    the writer's clock (or the latest stamp). The lead itself may be anything (a store created
+    while its clock was ahead keeps its compliance clock ahead; one stopped for a while lags by
+    the downtime); a rise of it is what someone who edits the persisted compliance clock and the
+    latest batch stamp in the database leaves: the time moves ahead and the cap of a day ahead of
+    the stamp with it, and only the wall clock recorded beside the time shows it.
 
-    So a record is reported when its lead exceeds the smallest lead before it by more than
-    :data:`CLOCK_LEAD_MAX_MS`, when its time jumped past the previous record's by more than that
-    beyond what the wall clock advanced between them, or (with a trusted checkpoint) past the
+    So a record is reported when its lead exceeds the base (the smallest lead before it) by more
+    than :data:`CLOCK_LEAD_MAX_MS`, when its time jumped past the previous record's by more than
+    that beyond what the wall clock advanced between them, or (with a trusted checkpoint) past the
     trusted checkpoint's time by more than that beyond what the wall clock advanced since. Each
-    jump is reported once: later records are measured from it."""
+    jump is reported once: later records are measured from it.
+
+    A wall clock running ahead lowers a record's lead just as downtime does, and only what comes
+    after tells them apart (until stop 31 such a record lowered the base at once, so a wall clock
+    set days ahead for one write, then corrected, had every record reported once real time passed
+    the mistaken one). So a lower lead becomes the base only when the next record's lead stays
+    within the bound of it (downtime: the lag stays); if the next one's lead is back up, the record
+    is taken for a wall clock that ran ahead and ignored, also as the previous record the next
+    jump is measured from. A wall clock recorded more than :data:`WALL_BACK_MS` behind the latest
+    one went back (set back, or corrected after it ran ahead): it tells nothing of the time since
+    the record before, so that record is held only to the cap (its lead over the latest wall at
+    most the bound above the base, or above 0 when the base is below it); later records are
+    measured from it (the latest wall, the base, the trusted checkpoint's wall), and a lower lead
+    waiting for the next record is dropped."""
 
     def __init__(self, problem: Callable[[str, int], None], lead_max_ms: int = CLOCK_LEAD_MAX_MS) -> None:
         self._problem = problem
         self._lead_max = lead_max_ms
         self._wall_max = 0
-        self._last: tuple[int, int, int] | None = None  # seq, time, wall of the last record with a wall
+        #: seq, time, wall of the last record with a wall the next jump is measured from (not one
+        #: whose lower lead waits for the next record).
+        self._last: tuple[int, int, int] | None = None
         self._anchor: tuple[int, int, int] | None = None  # size, time, wall: the trusted checkpoint
         self._base: int | None = None  # the smallest lead so far (after a jump reported: that one's)
+        self._pending: int | None = None  # a lead below the base the next record has to confirm
         self._excused_anchor = 0
         #: How far the jumps reported so far moved the compliance clock forward (0: none).
         self.moved_ms = 0
@@ -996,20 +1017,30 @@ class _ClockCheck:
         ref = max(wall, self._wall_max)
         lead = t - ref
         base = lead if self._base is None else self._base
-        if lead - base > self._lead_max:
+        # A wall clock that went back tells nothing of the time since the record before: only the cap
+        # of a day ahead of the entry's stamp (which never passed the latest wall, plus the offset
+        # nodes' clocks may have, unless the log began ahead of it) bounds the lead then.
+        went_back = wall < self._wall_max - WALL_BACK_MS
+        floor = max(base, 0) if went_back else base
+        if lead - floor > self._lead_max:
+            base = floor
             at = (f"the wall clock it was written at ({_iso(wall)})" if ref == wall
                   else f"the latest wall clock recorded up to it ({_iso(ref)}; its own: {_iso(wall)})")
-            before = f", where the records before it ran at most {_days(base)} ahead" if base > 0 else ""
+            before = ""
+            if base > 0:
+                before = f", where the records before it ran at most {_days(base)} ahead"
+            elif base < 0:  # a compliance clock behind the wall clock (downtime): it ran up
+                before = f", where the records before it ran {_days(-base)} behind the wall clock"
             found.append((lead - base, f"its time {_iso(t)} runs {_days(lead)} ahead of {at}{before}"))
         jump = 0
-        if self._last is not None:
+        if self._last is not None and not went_back:
             seq, last_t, last_w = self._last
             jump = t - last_t - max(wall - last_w, 0)
             if jump > self._lead_max:
                 found.append((jump, f"its time {_iso(t)} is {_days(t - last_t)} past record {seq}'s "
                                     f"({_iso(last_t)}), while the wall clock advanced {_days(max(wall - last_w, 0))}"))
         gain = 0
-        if self._anchor is not None:
+        if self._anchor is not None and not went_back:
             size, anchor_t, anchor_w = self._anchor
             gain = t - anchor_t - max(wall - anchor_w, 0)
             if gain - self._excused_anchor > self._lead_max:
@@ -1017,6 +1048,7 @@ class _ClockCheck:
                               f"its time {_iso(t)} is {_days(t - anchor_t)} past the trusted checkpoint's "
                               f"(size {size}, {_iso(anchor_t)}), while the wall clock advanced "
                               f"{_days(max(wall - anchor_w, 0))}"))
+        settled = True  # measure the next jump from this record
         if found:
             detail = max(found)[1]
             self._problem(
@@ -1027,12 +1059,33 @@ class _ClockCheck:
                 obj["seq"],
             )
             self._base = max(base, lead)
+            self._pending = None
             self._excused_anchor = max(self._excused_anchor, gain)
             self.moved_ms = max(self.moved_ms + max(lead - base, jump, 0), gain)
+            self._wall_max = max(self._wall_max, wall)
+        elif went_back:
+            # The wall clock went back (set back, or corrected after running ahead): measure from it.
+            # The compliance time went on meanwhile, so this record's own lead is the base now,
+            # unless the base is higher; the trusted checkpoint's wall moves back alike.
+            self._base = max(base, t - wall)
+            self._pending = None
+            self._wall_max = wall
+            if self._anchor is not None:
+                size, anchor_t, anchor_w = self._anchor
+                self._anchor = (size, anchor_t, min(anchor_w, wall - (t - anchor_t)))
         else:
-            self._base = min(base, lead)
-        self._wall_max = max(self._wall_max, wall)
-        self._last = (obj["seq"], t, wall)
+            self._base = base
+            if self._pending is not None:
+                if lead - self._pending <= self._lead_max:
+                    self._base = min(base, self._pending)  # the lag stayed: downtime
+                # else: the lead is back up: the record before ran on a wall clock set ahead
+                self._pending = None
+            if lead < self._base:
+                self._pending = lead
+                settled = False
+            self._wall_max = max(self._wall_max, wall)
+        if settled:
+            self._last = (obj["seq"], t, wall)
 
 
 _MODES = ("none", "governance", "compliance")
