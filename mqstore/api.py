@@ -88,17 +88,6 @@ _SCRUB_RETRY_S = 2  # a scrub put off while another process had the store open: 
 _SCRUB_WAIT_AT_OPEN_S = 1.0  # how long an open waits for such a process to finish a scrub (then: later)
 AUDIT_KEY_FILE = "audit-signing.key"  # an embedded store's audit signing key, in its directory
 _RECIPIENT_CACHE_MAX = 65_536
-#: Times one enqueue call is sealed again after a shred of its namespace's key took the key away
-#: in the writer (each time a shred of the key it was sealed under next): then Unavailable.
-_ENQUEUE_RESEAL_ATTEMPTS = 4
-
-
-class _ShreddedMeanwhile(Unavailable):
-    """An enqueue's records were sealed under a key that a shred earlier in the same group commit
-    (or before it) removed: nothing of the call is stored; :meth:`Store.enqueue_many` seals the
-    messages again under the namespace's next key."""
-
-
 
 
 def token_list(tokens: object) -> list[int]:
@@ -1419,57 +1408,32 @@ class Store(QueueBase):
         if refusal is not None:
             raise refusal
         ctx = self._ctx(actor)
-        keyring = self.log.keyring
-        attempt = 0
-        while True:
-            attempt += 1
-            # (Staging creates the key of a namespace that has none: its first, or its next after
-            # a shred took the last one.)
-            staged = self.log.stage_messages(new, ctx.encode())  # (validates: before nbytes)
-            sizes = [validate.nbytes(n.data) for n in new]
-            staged_keys = [keyring.current_key_id(ns) for ns in {st.envelope.namespace for st in staged}]
+        sizes: list[int] = []
 
-            def fn(wctx: WriteContext, staged: list[Staged] = staged,
-                   sizes: list[int] = sizes) -> tuple[list[bytes], Counters]:
-                kv = self._kv(wctx)
-                c = self._counters()
-                out = []
-                live_keys: set[int] = set()  # keys looked at already (one look each, not per message)
-                for st, sealed, size in zip(staged, wctx.sealed, sizes, strict=True):
-                    env = st.envelope
-                    if env.idempotency_key:
-                        dup = machine.find_duplicate(kv, env.namespace, env.idempotency_key, env.created_at_ms)
-                        if dup is not None:
-                            out.append(dup)
-                            continue
-                    if sealed.key_id not in live_keys:
-                        if wctx.key_shredded(sealed.key_id):
-                            # The writer sealed the batch before a shred in it (or just before
-                            # it) removed the key: stored so, the message could never be read.
-                            raise _ShreddedMeanwhile(f"key {sealed.key_id} of namespace {env.namespace!r} was "
-                                                     "shredded while the message was being stored")
-                        live_keys.add(sealed.key_id)
-                    index = wctx.append(RecordType.ENQUEUE, sealed.payload, flags=sealed.flags,
-                                        key_id=sealed.key_id, dict_id=sealed.dict_id)
-                    c.index = index
-                    out.append(machine.apply_enqueue(kv, c, index, env, size, ctx, sealed.key_id))
-                c.flush(kv)
-                return out, c
+        def stage() -> list[Staged]:
+            staged = self.log.stage_messages(new, ctx.encode())  # validates new: before nbytes
+            sizes[:] = [validate.nbytes(n.data) for n in new]
+            return staged
 
-            requests = [(int(RecordType.ENQUEUE), st.envelope.namespace, st.envelope.message_id, st.plaintext,
-                         st.flags) for st in staged]
-            try:
-                mids, c = self.log.write(fn, size=sum(sizes), seal=requests)
-                break
-            except (_ShreddedMeanwhile, UnknownKey) as exc:
-                # Nothing of the call was stored. A shred took the key it was staged under (in its
-                # group commit, or in the one before, which left the namespace no key to seal
-                # under): seal it again under the namespace's next key, as a later call would.
-                if isinstance(exc, UnknownKey) and not any(k is None or keyring.is_shredded(k) for k in staged_keys):
-                    raise
-                if attempt >= _ENQUEUE_RESEAL_ATTEMPTS:
-                    raise Unavailable(f"{exc}: nothing was stored, enqueue it again", not_applied=True) from exc
-                log.info("enqueue: %s; sealing the message(s) again under the namespace's next key", exc)
+        def fn(wctx: WriteContext, staged: list[Staged]) -> tuple[list[bytes], Counters]:
+            kv = self._kv(wctx)
+            c = self._counters()
+            out = []
+            for st, sealed, size in zip(staged, wctx.sealed, sizes, strict=True):
+                env = st.envelope
+                if env.idempotency_key:
+                    dup = machine.find_duplicate(kv, env.namespace, env.idempotency_key, env.created_at_ms)
+                    if dup is not None:
+                        out.append(dup)
+                        continue
+                index = wctx.append(RecordType.ENQUEUE, sealed.payload, flags=sealed.flags,
+                                    key_id=sealed.key_id, dict_id=sealed.dict_id)
+                c.index = index
+                out.append(machine.apply_enqueue(kv, c, index, env, size, ctx, sealed.key_id))
+            c.flush(kv)
+            return out, c
+
+        staged, (mids, c) = self.log.write_messages(stage, fn, size=lambda _staged: sum(sizes))
         self._after_apply(c)
         for st in staged:
             self._remember_recipients(st.envelope.message_id, st.envelope.recipients)

@@ -102,7 +102,7 @@ def test_restore_says_workers_must_drop_the_leases_they_held(
     assert cli.main(["restore", "--in", str(backup), "--data-dir", str(tmp_path / "r2"), "--key-file", str(key)]) == 0
     human = capsys.readouterr().out
     assert re.search(r"^ACTION NEEDED: lease tokens are log indices, and this store's log goes on after index "
-                     rf"{applied} .*drop every lease it holds from before the restore", human, re.M), human
+                     rf"{applied}\b.*drop every lease it holds from before the restore", human, re.M), human
 
 
 def _bulk(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any, str]:

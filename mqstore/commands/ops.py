@@ -1249,16 +1249,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0 if report is None or report["clean"] else 1
 
 
-def _lease_tokens(applied_index: int) -> dict[str, Any]:
-    """What a restored (or seeded) store means for the leases workers hold: a lease token is the
-    log index of its LEASE record, and the restored store's log goes on after the backup's applied
-    index, so it grants again the tokens the lost store granted after the backup."""
+def _lease_tokens(applied_index: int, lost: str = "the lost store's entries after the backup",
+                  event: str = "the restore") -> dict[str, Any]:
+    """What a restored (or seeded, or force-recovered) store means for the leases workers hold: a
+    lease token is the log index of its LEASE record, and the store's log goes on after
+    ``applied_index``, so it grants again the tokens of ``lost``."""
     return {
         "reissued_above": applied_index,
-        "action": (f"lease tokens are log indices, and this store's log goes on after index {applied_index} (the "
-                   "backup's): it grants again the tokens the lost store granted after the backup. Before workers "
-                   "use this store, every worker must drop every lease it holds from before the restore (and "
-                   "restart): an ack, defer or bounce with an old token may settle ANOTHER message's lease"),
+        "action": (f"lease tokens are log indices, and this store's log goes on after index {applied_index}: it "
+                   f"grants again the tokens of {lost}. Before workers use it, every worker must drop every lease "
+                   f"it holds from before {event} (and restart): an ack, defer or bounce with an old token may "
+                   "settle ANOTHER message's lease"),
     }
 
 
@@ -1304,13 +1305,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
         print("mqstore: WARNING: forcing a new cluster from the survivor's data: this is never automatic, it is "
               "recorded, and acknowledged writes that only the lost members held are lost", file=sys.stderr)
         entry = recover.force_new_cluster(conf, args.reason)
-        entry["lease_tokens"] = {
-            "reissued_above": entry["applied_index"],
-            "action": (f"lease tokens are log indices: entries after index {entry['applied_index']} that only the "
-                       "lost members held are gone, and this node grants their tokens again. Before workers use "
-                       "the cluster, every worker must drop every lease it holds from before the recovery (and "
-                       "restart): an ack, defer or bounce with an old token may settle ANOTHER message's lease"),
-        }
+        entry["lease_tokens"] = _lease_tokens(entry["applied_index"], "the entries only the lost members held",
+                                              "the recovery")
         emit(args, entry, [
             f"node {entry['node_id']} is now the only voter of cluster {entry['cluster_id']!r} "
             f"(term {entry['term']}, applied {entry['applied_index']})",

@@ -162,8 +162,8 @@ class _Batch:
         self.first_index = 0  # the log's first index once committed (0: unchanged)
 
 
-#: Times :meth:`LogStore.append_messages` seals its messages again when a shred took the key
-#: they were sealed under in the writer (then Unavailable; Store.enqueue_many does the same).
+#: Times :meth:`LogStore.write_messages` seals messages again when a shred took the key they
+#: were sealed under in the writer (then Unavailable).
 _RESEAL_ATTEMPTS = 4
 
 
@@ -199,6 +199,13 @@ class WriteContext:
         if self.store.keyring.is_shredded(key_id):
             return True
         return self.txn.get(_SHRED_PREFIX + struct.pack(">I", key_id), db=self.dbs[b"keys"]) is not None
+
+    def require_live_keys(self) -> None:
+        """Refuse (nothing of this write stored) when a key the writer sealed this request's
+        records under is shredded as this transaction sees it (see :meth:`key_shredded`)."""
+        for key_id in {sealed.key_id for sealed in self.sealed}:
+            if self.key_shredded(key_id):
+                raise _ShreddedMeanwhile(f"key {key_id} was shredded while the message(s) were being stored")
 
     @property
     def next_index(self) -> int:
@@ -744,32 +751,45 @@ class LogStore:
         batch at once (CPython threads that each compress a little contend for the GIL so much
         that 16 of them seal slower than one), then appends and commits.
         """
+        staged, indices = self.write_messages(
+            lambda: self.stage_messages(messages), lambda ctx, _staged: ctx.append_many(RecordType.ENQUEUE, ctx.sealed),
+            size=lambda staged: sum(len(st.plaintext) for st in staged))
+        return [Appended(i, st.envelope.message_id) for i, st in zip(indices, staged, strict=True)]
+
+    def write_messages(
+        self,
+        stage: Callable[[], list[Staged]],
+        fn: Callable[[WriteContext, list[Staged]], T],
+        *,
+        size: Callable[[list[Staged]], int],
+    ) -> tuple[list[Staged], T]:
+        """Stage messages (``stage()``: validated, encoded), have the writer seal them and run
+        ``fn(ctx, staged)`` in its group commit, the sealed records in ``ctx.sealed``; returns the
+        staged messages and what ``fn`` returned. Every enqueue goes this way.
+
+        The writer seals a whole batch before its functions run, so a shred earlier in the same
+        group commit (or in the one just before, which may leave the namespace no key to seal
+        under) can take the key away: then nothing is stored, and the messages are staged and
+        sealed again under the namespace's next key (staging creates one when it has none), up to
+        ``_RESEAL_ATTEMPTS`` times, then Unavailable."""
         attempt = 0
         while True:
             attempt += 1
-            staged = self.stage_messages(messages)  # (creates the key of a namespace that has none)
+            staged = stage()
 
-            def fn(ctx: WriteContext) -> range:
-                for key_id in {sealed.key_id for sealed in ctx.sealed}:
-                    if ctx.key_shredded(key_id):  # a shred in this group commit, or just before it
-                        raise _ShreddedMeanwhile(f"key {key_id} was shredded while the messages were being stored")
-                return ctx.append_many(RecordType.ENQUEUE, ctx.sealed)
+            def run(ctx: WriteContext, staged: list[Staged] = staged) -> T:
+                ctx.require_live_keys()
+                return fn(ctx, staged)
 
-            size = sum(len(st.plaintext) for st in staged)
             try:
-                indices = self._writer().write(fn, size=size, seal=[_seal_request(st) for st in staged])
-                break
+                return staged, self.write(run, size=size(staged), seal=[_seal_request(st) for st in staged])
             except (_ShreddedMeanwhile, UnknownKey) as exc:
-                # Nothing was stored. A shred took the key they were staged under (in this group
-                # commit, or in the one before, which left a namespace no key to seal under):
-                # seal them again under the namespace's next key.
-                namespaces = {st.envelope.namespace for st in staged}
-                if isinstance(exc, UnknownKey) and all(self.keyring.current_key_id(ns) is not None
-                                                       for ns in namespaces):
-                    raise
+                if isinstance(exc, UnknownKey) and all(self.keyring.current_key_id(st.envelope.namespace) is not None
+                                                       for st in staged):
+                    raise  # not a key a shred took away
                 if attempt >= _RESEAL_ATTEMPTS:
-                    raise Unavailable(f"{exc}: nothing was stored, append them again", not_applied=True) from exc
-        return [Appended(i, st.envelope.message_id) for i, st in zip(indices, staged, strict=True)]
+                    raise Unavailable(f"{exc}: nothing was stored, enqueue it again", not_applied=True) from exc
+                log.info("%s; sealing the message(s) again under the namespace's next key", exc)
 
     def append_message(self, **fields: Any) -> Appended:
         return self.append_messages([NewMessage(**fields)])[0]
